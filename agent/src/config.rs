@@ -1,0 +1,856 @@
+//! The agent's TOML configuration: parsing with unknown keys rejected, then validation that
+//! reports every problem with the key it concerns and the reason.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{FlowProtocol, Mode, PeerConnection, ProtectedFlow, Vip};
+
+pub const DEFAULT_API_ENDPOINT: &str = "unix:///run/vipsec/agent.sock";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name as recorded in the cluster store.
+    pub node: String,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub keying: KeyingConfig,
+    #[serde(default)]
+    pub kernel: KernelConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+    /// VIPs this node may host (back-end side).
+    #[serde(default, rename = "hosted_vip")]
+    pub hosted_vips: Vec<HostedVipConfig>,
+    /// VIPs this node talks to (front-end side).
+    #[serde(default, rename = "peer_vip")]
+    pub peer_vips: Vec<PeerVipConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `unix:///path` (created 0600) or `tcp://host:port` (TLS required).
+    #[serde(default = "default_api_endpoint")]
+    pub endpoint: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA.
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            endpoint: default_api_endpoint(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+        }
+    }
+}
+
+fn default_api_endpoint() -> String {
+    DEFAULT_API_ENDPOINT.to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for the Prometheus `/metrics` endpoint; disabled when absent.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing EnvFilter syntax, e.g. `info,vipsec::keying=debug`.
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: default_log_filter(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+fn default_log_filter() -> String {
+    "info".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// In-process store for a single machine; no server needed.
+    #[default]
+    Embedded,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    #[serde(default = "default_etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub username: Option<String>,
+    /// File holding the etcd password, so the secret never sits in this config.
+    pub password_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::default(),
+            endpoints: default_etcd_endpoints(),
+            prefix: default_prefix(),
+            lease_ttl: default_lease_ttl(),
+            request_timeout: default_store_timeout(),
+            username: None,
+            password_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+fn default_etcd_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".to_string()]
+}
+fn default_prefix() -> String {
+    "/vipsec/".to_string()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyingBackend {
+    /// No keying daemon: the agent tracks ownership only.
+    #[default]
+    None,
+    /// strongSwan charon over its VICI socket.
+    Strongswan,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyingConfig {
+    #[serde(default)]
+    pub backend: KeyingBackend,
+    #[serde(default = "default_vici_socket")]
+    pub vici_socket: PathBuf,
+    /// How often SA counters are sampled for the idle detector.
+    #[serde(default = "default_sample_interval", with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// Upper bound for one initiate request.
+    #[serde(default = "default_initiate_timeout", with = "humantime_serde")]
+    pub initiate_timeout: Duration,
+    /// First and longest wait between reconnection attempts to the daemon.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for KeyingConfig {
+    fn default() -> Self {
+        KeyingConfig {
+            backend: KeyingBackend::default(),
+            vici_socket: default_vici_socket(),
+            sample_interval: default_sample_interval(),
+            initiate_timeout: default_initiate_timeout(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+        }
+    }
+}
+
+fn default_vici_socket() -> PathBuf {
+    PathBuf::from("/var/run/charon.vici")
+}
+fn default_sample_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_initiate_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(2)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelBackend {
+    #[default]
+    None,
+    /// Linux XFRM over netlink.
+    Xfrm,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    #[serde(default)]
+    pub backend: KernelBackend,
+    /// Block protected flows in the kernel while the keying daemon is down.
+    #[serde(default = "default_true")]
+    pub fail_secure: bool,
+    /// Bind block policies to this interface. With charon's kernel-libipsec the tunnel's
+    /// own packets pass the kernel's policy lookup too; binding the block to the physical
+    /// interface lets them through while clear text on that interface is refused.
+    pub interface: Option<String>,
+    /// XFRM priority of block policies; larger numbers lose to the keying daemon's own.
+    #[serde(default = "default_block_priority")]
+    pub block_priority: u32,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            backend: KernelBackend::default(),
+            fail_secure: true,
+            interface: None,
+            block_priority: default_block_priority(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_block_priority() -> u32 {
+    // charon uses priorities around 200000-400000 for its own policies; stay below them.
+    1_000_000
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Idle timeout in fast mode: outbound traffic with nothing back for this long.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Idle timeout in normal mode (the classic five minutes).
+    #[serde(default = "default_normal_idle_timeout", with = "humantime_serde")]
+    pub normal_idle_timeout: Duration,
+    /// First wait after a failed initiation; doubles up to `retry_max`.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// A renegotiation cycle gives up after this long ...
+    #[serde(default = "default_retry_deadline", with = "humantime_serde")]
+    pub retry_deadline: Duration,
+    /// ... and a new cycle starts after this pause, so recovery never ends for good.
+    #[serde(default = "default_retry_cooldown", with = "humantime_serde")]
+    pub retry_cooldown: Duration,
+    /// With a cluster store, how long to wait for a new owner record before initiating anyway.
+    #[serde(default = "default_owner_wait", with = "humantime_serde")]
+    pub owner_wait: Duration,
+    /// After `vipsec drain`, publish ownership again if the VIP is still here this long after.
+    #[serde(default = "default_drain_hold", with = "humantime_serde")]
+    pub drain_hold: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            mode: Mode::default(),
+            idle_timeout: default_idle_timeout(),
+            normal_idle_timeout: default_normal_idle_timeout(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+            retry_deadline: default_retry_deadline(),
+            retry_cooldown: default_retry_cooldown(),
+            owner_wait: default_owner_wait(),
+            drain_hold: default_drain_hold(),
+        }
+    }
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_normal_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_deadline() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retry_cooldown() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_owner_wait() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_drain_hold() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedVipConfig {
+    pub address: IpAddr,
+    /// Only count the address as present on this interface.
+    pub interface: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerVipConfig {
+    pub address: IpAddr,
+    /// The IKE connection (swanctl `connections.<name>`) toward the VIP.
+    pub connection: String,
+    /// The CHILD_SA to initiate; defaults to the connection's name.
+    pub child: Option<String>,
+    /// Flows that must never leave in clear text, e.g. `["tcp/143", "tcp/110", "tcp/80"]`;
+    /// `"any"` protects all traffic to the VIP.
+    #[serde(default)]
+    pub protect: Vec<String>,
+}
+
+impl PeerVipConfig {
+    pub fn peer_connection(&self) -> PeerConnection {
+        PeerConnection {
+            connection: self.connection.clone(),
+            child: self
+                .child
+                .clone()
+                .unwrap_or_else(|| self.connection.clone()),
+        }
+    }
+
+    pub fn flows(&self) -> Result<Vec<ProtectedFlow>, String> {
+        self.protect
+            .iter()
+            .map(|s| parse_flow(self.address, s))
+            .collect()
+    }
+}
+
+/// Parses `tcp/143`, `udp/53`, `tcp` (all ports) or `any`.
+pub fn parse_flow(vip: Vip, s: &str) -> Result<ProtectedFlow, String> {
+    let (proto, port) = match s.split_once('/') {
+        Some((p, port)) => (p, Some(port)),
+        None => (s, None),
+    };
+    let protocol = match proto {
+        "tcp" => FlowProtocol::Tcp,
+        "udp" => FlowProtocol::Udp,
+        "any" => FlowProtocol::Any,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown protocol {other:?} (expected tcp, udp or any)"
+            ));
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(_) if protocol == FlowProtocol::Any => {
+            return Err(format!("{s:?}: \"any\" takes no port"));
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                return Err(format!("{s:?}: port {p:?} is not a number from 1 to 65535"));
+            }
+            Ok(n) => Some(n),
+        },
+    };
+    Ok(ProtectedFlow {
+        vip,
+        protocol,
+        port,
+    })
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn render_problems(file: &Path, problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {p}", file.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|problems| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses and validates; every problem found is returned, not only the first.
+    pub fn parse(text: &str) -> Result<Config, Vec<ConfigProblem>> {
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            vec![ConfigProblem {
+                key: "(syntax)".into(),
+                reason: one_line(&e.to_string()),
+            }]
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." || key.is_empty() {
+                "(top level)".to_string()
+            } else {
+                key
+            };
+            vec![ConfigProblem {
+                key,
+                reason: one_line(&e.into_inner().to_string()),
+            }]
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, reason: String| {
+            p.push(ConfigProblem {
+                key: key.into(),
+                reason,
+            })
+        };
+
+        if self.node.trim().is_empty() {
+            bad("node", "must not be empty".into());
+        } else if !self
+            .node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bad(
+                "node",
+                format!(
+                    "{:?} may only hold letters, digits, '-', '_' and '.'",
+                    self.node
+                ),
+            );
+        }
+
+        match ApiEndpoint::parse(&self.api.endpoint) {
+            Err(e) => bad("api.endpoint", e),
+            Ok(ApiEndpoint::Tcp(_)) => {
+                if self.api.tls_cert.is_none() || self.api.tls_key.is_none() {
+                    bad(
+                        "api.endpoint",
+                        format!(
+                            "{:?} is TCP; TCP needs TLS (set api.tls_cert and api.tls_key) or use a unix:// socket",
+                            self.api.endpoint
+                        ),
+                    );
+                }
+            }
+            Ok(ApiEndpoint::Unix(_)) => {}
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            bad(
+                "api.tls_key",
+                "api.tls_cert and api.tls_key must be set together".into(),
+            );
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            bad("log.filter", format!("{:?}: {e}", self.log.filter));
+        }
+
+        if self.store.backend == StoreBackend::Etcd {
+            if self.store.endpoints.is_empty() {
+                bad("store.endpoints", "etcd needs at least one endpoint".into());
+            }
+            for (i, ep) in self.store.endpoints.iter().enumerate() {
+                if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                    bad(
+                        &format!("store.endpoints[{i}]"),
+                        format!("{ep:?} must start with http:// or https://"),
+                    );
+                }
+            }
+            if self.store.password_file.is_some() && self.store.username.is_none() {
+                bad("store.password_file", "set store.username too".into());
+            }
+            if self.store.tls_cert.is_some() != self.store.tls_key.is_some() {
+                bad(
+                    "store.tls_key",
+                    "store.tls_cert and store.tls_key must be set together".into(),
+                );
+            }
+        }
+        if !self.store.prefix.starts_with('/') || !self.store.prefix.ends_with('/') {
+            bad(
+                "store.prefix",
+                format!("{:?} must start and end with '/'", self.store.prefix),
+            );
+        }
+        if self.store.lease_ttl < Duration::from_secs(1) {
+            bad(
+                "store.lease_ttl",
+                format!("{:?} is below etcd's minimum of 1s", self.store.lease_ttl),
+            );
+        }
+
+        let positive = |key: &str, d: Duration, p: &mut Vec<ConfigProblem>| {
+            if d.is_zero() {
+                p.push(ConfigProblem {
+                    key: key.into(),
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        };
+        positive(
+            "keying.sample_interval",
+            self.keying.sample_interval,
+            &mut p,
+        );
+        positive(
+            "keying.initiate_timeout",
+            self.keying.initiate_timeout,
+            &mut p,
+        );
+        positive("keying.reconnect_min", self.keying.reconnect_min, &mut p);
+        positive("failover.idle_timeout", self.failover.idle_timeout, &mut p);
+        positive(
+            "failover.normal_idle_timeout",
+            self.failover.normal_idle_timeout,
+            &mut p,
+        );
+        positive(
+            "failover.retry_initial",
+            self.failover.retry_initial,
+            &mut p,
+        );
+        positive(
+            "failover.retry_deadline",
+            self.failover.retry_deadline,
+            &mut p,
+        );
+        let mut bad = |key: &str, reason: String| {
+            p.push(ConfigProblem {
+                key: key.into(),
+                reason,
+            })
+        };
+        if self.keying.reconnect_max < self.keying.reconnect_min {
+            bad(
+                "keying.reconnect_max",
+                "must not be shorter than keying.reconnect_min".into(),
+            );
+        }
+        if self.failover.retry_max < self.failover.retry_initial {
+            bad(
+                "failover.retry_max",
+                "must not be shorter than failover.retry_initial".into(),
+            );
+        }
+        if self.failover.idle_timeout < self.keying.sample_interval * 2 {
+            bad(
+                "failover.idle_timeout",
+                format!(
+                    "{} is shorter than two counter samples ({} each); the idle detector needs at least two",
+                    humantime::format_duration(self.failover.idle_timeout),
+                    humantime::format_duration(self.keying.sample_interval)
+                ),
+            );
+        }
+
+        let mut seen = BTreeSet::new();
+        for (i, v) in self.hosted_vips.iter().enumerate() {
+            if !seen.insert(v.address) {
+                bad(
+                    &format!("hosted_vip[{i}].address"),
+                    format!("{} is listed twice", v.address),
+                );
+            }
+        }
+        let mut seen_peer = BTreeSet::new();
+        for (i, v) in self.peer_vips.iter().enumerate() {
+            if !seen_peer.insert(v.address) {
+                bad(
+                    &format!("peer_vip[{i}].address"),
+                    format!("{} is listed twice", v.address),
+                );
+            }
+            if seen.contains(&v.address) {
+                bad(
+                    &format!("peer_vip[{i}].address"),
+                    format!(
+                        "{} is also a hosted_vip; a node either hosts a VIP or talks to it",
+                        v.address
+                    ),
+                );
+            }
+            if v.connection.trim().is_empty() {
+                bad(
+                    &format!("peer_vip[{i}].connection"),
+                    "must name the IKE connection".into(),
+                );
+            }
+            for (j, f) in v.protect.iter().enumerate() {
+                if let Err(e) = parse_flow(v.address, f) {
+                    bad(&format!("peer_vip[{i}].protect[{j}]"), e);
+                }
+            }
+        }
+        if self.kernel.backend == KernelBackend::None
+            && self.kernel.fail_secure
+            && self.peer_vips.iter().any(|v| !v.protect.is_empty())
+        {
+            // Not an error: the VICI backend alone cannot block; say so where it matters.
+            tracing::debug!(
+                "fail_secure requested without a kernel backend; nothing will be blocked"
+            );
+        }
+        p
+    }
+
+    pub fn hosted_addresses(&self) -> Vec<Vip> {
+        self.hosted_vips.iter().map(|v| v.address).collect()
+    }
+
+    pub fn peer_addresses(&self) -> Vec<Vip> {
+        self.peer_vips.iter().map(|v| v.address).collect()
+    }
+
+    pub fn peer(&self, vip: Vip) -> Option<&PeerVipConfig> {
+        self.peer_vips.iter().find(|p| p.address == vip)
+    }
+
+    /// Every protected flow of every peer VIP (validated, so parsing cannot fail here).
+    pub fn protected_flows(&self) -> Vec<ProtectedFlow> {
+        self.peer_vips
+            .iter()
+            .flat_map(|v| v.flows().unwrap_or_default())
+            .collect()
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where the API listens (daemon) or connects (CLI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiEndpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl ApiEndpoint {
+    pub fn parse(s: &str) -> Result<ApiEndpoint, String> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: the socket path must be absolute (unix:///run/...)"
+                ));
+            }
+            Ok(ApiEndpoint::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s
+            .strip_prefix("tcp://")
+            .or_else(|| s.strip_prefix("https://"))
+        {
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("{s:?}: expected tcp://HOST:PORT"));
+            }
+            Ok(ApiEndpoint::Tcp(addr.to_string()))
+        } else {
+            Err(format!("{s:?}: expected unix:///path or tcp://host:port"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRONTEND: &str = r#"
+node = "fe1"
+[failover]
+mode = "fast"
+idle_timeout = "1500ms"
+[[peer_vip]]
+address = "192.0.2.100"
+connection = "vip100"
+protect = ["tcp/143", "tcp/110", "tcp/80"]
+"#;
+
+    #[test]
+    fn parses_humantime_durations_and_defaults() {
+        let c = Config::parse(FRONTEND).unwrap();
+        assert_eq!(c.failover.idle_timeout, Duration::from_millis(1500));
+        assert_eq!(c.failover.mode, Mode::Fast);
+        assert_eq!(c.store.lease_ttl, Duration::from_secs(2));
+        assert_eq!(c.keying.sample_interval, Duration::from_millis(250));
+        assert_eq!(c.api.endpoint, DEFAULT_API_ENDPOINT);
+        assert_eq!(c.peer_vips[0].peer_connection().child, "vip100");
+        assert_eq!(c.protected_flows().len(), 3);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_path() {
+        let text = FRONTEND.replace("mode = \"fast\"", "mode = \"fast\"\nidle_timout = \"2s\"");
+        let problems = Config::parse(&text).unwrap_err();
+        assert_eq!(problems[0].key, "failover");
+        assert!(problems[0].reason.contains("idle_timout"), "{problems:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = FRONTEND.replace("1500ms", "soon");
+        let problems = Config::parse(&text).unwrap_err();
+        assert_eq!(problems[0].key, "failover.idle_timeout");
+    }
+
+    #[test]
+    fn all_semantic_problems_are_reported_at_once() {
+        let text = r#"
+node = ""
+[api]
+endpoint = "tcp://0.0.0.0:7443"
+[store]
+prefix = "vipsec"
+[[peer_vip]]
+address = "192.0.2.100"
+connection = "vip100"
+protect = ["tcp/0", "sctp/5"]
+"#;
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "node",
+                "api.endpoint",
+                "store.prefix",
+                "peer_vip[0].protect[0]",
+                "peer_vip[0].protect[1]"
+            ]
+        );
+    }
+
+    #[test]
+    fn same_vip_hosted_and_peer_is_refused() {
+        let text = format!("{FRONTEND}\n[[hosted_vip]]\naddress = \"192.0.2.100\"\n");
+        let problems = Config::parse(&text).unwrap_err();
+        assert_eq!(problems[0].key, "peer_vip[0].address");
+    }
+
+    #[test]
+    fn example_configs_are_valid() {
+        for name in ["backend.toml", "frontend.toml", "single-node.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/examples")
+                .join(name);
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn flows_parse() {
+        let vip: Vip = "192.0.2.1".parse().unwrap();
+        assert_eq!(parse_flow(vip, "any").unwrap().protocol, FlowProtocol::Any);
+        assert_eq!(parse_flow(vip, "udp/53").unwrap().port, Some(53));
+        assert!(parse_flow(vip, "any/5").is_err());
+        assert!(parse_flow(vip, "tcp/70000").is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! What the failover core is told (inputs) and what it asks for (actions and notices).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::model::{IkeId, Mode, TrafficCounters, Vip, VipOwner, VipRole};
+
+/// Everything that can happen to the agent, as the failover core sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A hosted VIP was added to one of this node's interfaces (or was there at start-up).
+    VipAppeared(Vip),
+    /// A hosted VIP was removed from this node.
+    VipDisappeared(Vip),
+    /// The full set of owner records, after every (re)connection to the store.
+    OwnerSnapshot(Vec<(Vip, Option<VipOwner>)>),
+    /// One VIP's owner record changed; `None` means the record was withdrawn or expired.
+    OwnerChanged {
+        vip: Vip,
+        owner: Option<VipOwner>,
+    },
+    StoreHealth {
+        healthy: bool,
+        detail: String,
+    },
+    /// The keying daemon answers; `established` is its current inventory of SAs.
+    KeyingUp {
+        established: Vec<SaRef>,
+    },
+    KeyingDown {
+        detail: String,
+    },
+    SaUp(SaRef),
+    SaDown {
+        sa: SaRef,
+        reason: String,
+    },
+    /// Summed counters of the CHILD_SAs toward a peer VIP.
+    CountersSampled {
+        vip: Vip,
+        counters: TrafficCounters,
+    },
+    InitiateFinished {
+        vip: Vip,
+        attempt: u32,
+        result: Result<(), String>,
+    },
+    TimerFired(Timer),
+    SetMode {
+        mode: Mode,
+        idle_timeout: Option<Duration>,
+    },
+    Drain(Vip),
+}
+
+/// An SA the keying daemon (or the kernel) reported, mapped to its VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaRef {
+    pub vip: Vip,
+    pub role: VipRole,
+    pub ike_id: IkeId,
+}
+
+/// Timers the core asks the runtime to start; a fired timer whose generation no longer
+/// matches the VIP's state is ignored, so the core never has to cancel one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// Try to initiate again after a failed attempt.
+    Retry { vip: Vip, generation: u64 },
+    /// The owner record vanished; stop waiting for a new one and initiate anyway.
+    OwnerWait { vip: Vip, generation: u64 },
+    /// A renegotiation cycle gave up; start a new one.
+    Cooldown { vip: Vip, generation: u64 },
+    /// A drained VIP is still here; publish ownership again.
+    DrainHold { vip: Vip, generation: u64 },
+}
+
+/// What the core wants done. The runtime performs each action and reports results back
+/// as inputs (e.g. `InitiateFinished`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Record this node as the VIP's owner (the store picks the next epoch).
+    PublishOwnership {
+        vip: Vip,
+    },
+    WithdrawOwnership {
+        vip: Vip,
+    },
+    /// Delete every SA of the VIP with an IKE DELETE to each peer.
+    DeleteSas {
+        vip: Vip,
+        role: VipRole,
+    },
+    /// Remove the IKE_SAs toward a peer VIP at once, without waiting for the dead peer.
+    DropStaleSas {
+        vip: Vip,
+    },
+    /// Start a fresh IKE_SA (IKE_SA_INIT) and its CHILD_SA toward the VIP.
+    Initiate {
+        vip: Vip,
+        attempt: u32,
+    },
+    StartTimer {
+        timer: Timer,
+        after: Duration,
+    },
+    /// Block the VIP's protected flows in the kernel: nothing may leave in clear text.
+    EngageFailSecure {
+        vip: Vip,
+    },
+    ReleaseFailSecure {
+        vip: Vip,
+    },
+    Notify(Notice),
+}
+
+/// A failover event for logs, metrics and the `WatchEvents` stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Notice {
+    pub kind: NoticeKind,
+    pub vip: Option<Vip>,
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub duration: Option<Duration>,
+    pub detail: String,
+}
+
+impl Notice {
+    pub fn new(kind: NoticeKind, vip: Option<Vip>) -> Self {
+        Notice {
+            kind,
+            vip,
+            owner: None,
+            epoch: 0,
+            duration: None,
+            detail: String::new(),
+        }
+    }
+    pub fn owner(mut self, owner: Option<&VipOwner>) -> Self {
+        if let Some(o) = owner {
+            self.owner = Some(o.node.clone());
+            self.epoch = o.epoch;
+        }
+        self
+    }
+    pub fn epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+    pub fn duration(mut self, d: Duration) -> Self {
+        self.duration = Some(d);
+        self
+    }
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = d.into();
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoticeKind {
+    VipAcquired,
+    VipReleased,
+    OwnerChanged,
+    SaUp,
+    SaDeleted,
+    RenegotiationStarted,
+    RenegotiationFinished,
+    RenegotiationFailed,
+    IdlePeerDetected,
+    FailSecureEngaged,
+    FailSecureReleased,
+    KeyingDown,
+    KeyingUp,
+    StoreDown,
+    StoreUp,
+    ModeChanged,
+    Drained,
+    StaleRecordIgnored,
+    ActionFailed,
+}
+
+impl NoticeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::VipAcquired => "vip-acquired",
+            NoticeKind::VipReleased => "vip-released",
+            NoticeKind::OwnerChanged => "owner-changed",
+            NoticeKind::SaUp => "sa-up",
+            NoticeKind::SaDeleted => "sa-deleted",
+            NoticeKind::RenegotiationStarted => "renegotiation-started",
+            NoticeKind::RenegotiationFinished => "renegotiation-finished",
+            NoticeKind::RenegotiationFailed => "renegotiation-failed",
+            NoticeKind::IdlePeerDetected => "idle-peer-detected",
+            NoticeKind::FailSecureEngaged => "fail-secure-engaged",
+            NoticeKind::FailSecureReleased => "fail-secure-released",
+            NoticeKind::KeyingDown => "keying-down",
+            NoticeKind::KeyingUp => "keying-up",
+            NoticeKind::StoreDown => "store-down",
+            NoticeKind::StoreUp => "store-up",
+            NoticeKind::ModeChanged => "mode-changed",
+            NoticeKind::Drained => "drained",
+            NoticeKind::StaleRecordIgnored => "stale-record-ignored",
+            NoticeKind::ActionFailed => "action-failed",
+        }
+    }
+}

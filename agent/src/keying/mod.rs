@@ -1,0 +1,63 @@
+//! Keying daemon: lists, deletes, drops and initiates SAs.
+//!
+//! One trait, one file per implementation: `none` (no daemon) and `strongswan` (charon
+//! over VICI).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::InputSink;
+use crate::config::{Config, KeyingBackend};
+use crate::model::{IkeSaInfo, PeerConnection, Vip, VipRole};
+
+pub mod none;
+pub mod strongswan;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyingError {
+    #[error("keying daemon unreachable: {0}")]
+    Unreachable(String),
+    #[error("keying daemon refused {command}: {reason}")]
+    Refused { command: String, reason: String },
+    #[error("{command} timed out after {after:?}")]
+    Timeout { command: String, after: Duration },
+}
+
+#[async_trait]
+pub trait Keying: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+
+    /// Until cancelled: connects (reconnecting with backoff), reports `KeyingUp` with the
+    /// inventory of SAs or `KeyingDown`, turns the daemon's events into `SaUp`/`SaDown`,
+    /// and samples counters of peer VIPs' SAs into `CountersSampled`.
+    async fn run(&self, sink: InputSink, cancel: CancellationToken);
+
+    /// Every IKE_SA the daemon holds, with its CHILD_SAs and counters.
+    async fn list_sas(&self) -> Result<Vec<IkeSaInfo>, KeyingError>;
+
+    /// Deletes every SA of the VIP, sending an IKE DELETE to each peer; returns how many
+    /// IKE_SAs were deleted.
+    async fn delete_sas(&self, vip: Vip, role: VipRole) -> Result<u32, KeyingError>;
+
+    /// Removes the IKE_SAs toward a peer VIP at once, without waiting for the peer.
+    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError>;
+
+    /// Starts a fresh IKE_SA and CHILD_SA toward the VIP; returns when the CHILD_SA is
+    /// installed or the timeout passes.
+    async fn initiate(
+        &self,
+        vip: Vip,
+        conn: &PeerConnection,
+        timeout: Duration,
+    ) -> Result<(), KeyingError>;
+}
+
+pub fn from_config(config: &Config) -> Arc<dyn Keying> {
+    match config.keying.backend {
+        KeyingBackend::None => Arc::new(none::NoKeying),
+        KeyingBackend::Strongswan => Arc::new(strongswan::StrongswanKeying::new(config)),
+    }
+}

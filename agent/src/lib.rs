@@ -1,0 +1,16 @@
+//! vipsec: keeps IPsec-protected traffic alive across virtual IP moves.
+//!
+//! The failover policy lives in [`failover`], free of I/O. Each outside system sits behind
+//! one small trait ([`store`], [`addrwatch`], [`keying`], [`kernel`]); [`runtime`] is the
+//! only place that spawns tasks and carries out the core's actions.
+
+pub mod addrwatch;
+pub mod config;
+pub mod failover;
+pub mod kernel;
+pub mod keying;
+pub mod model;
+pub mod store;
+
+/// Where backends send what they observe; the runtime feeds it to the failover core.
+pub type InputSink = tokio::sync::mpsc::Sender<failover::Input>;

@@ -1,0 +1,244 @@
+//! Domain types shared by the failover core, the backends and the API.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// A virtual IP address that moves between cluster nodes.
+pub type Vip = IpAddr;
+
+/// Failover mode: how quickly a silent peer is declared dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The cluster store drives failover; the idle detector uses the long normal timeout.
+    #[default]
+    Normal,
+    /// The NLBSFlags idea: a short idle timeout finds a dead peer in seconds.
+    Fast,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Normal => "normal",
+            Mode::Fast => "fast",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(Mode::Normal),
+            "fast" => Ok(Mode::Fast),
+            other => Err(format!(
+                "unknown mode {other:?} (expected \"normal\" or \"fast\")"
+            )),
+        }
+    }
+}
+
+/// Who holds a VIP according to the cluster store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipOwner {
+    pub node: String,
+    /// Grows by one with every acquisition; a record with a lower epoch is stale.
+    pub epoch: u64,
+    /// Wall-clock time the owner took the VIP (milliseconds since the Unix epoch).
+    pub taken_at_ms: u64,
+}
+
+impl VipOwner {
+    pub fn taken_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.taken_at_ms)
+    }
+}
+
+/// Which side of an SA the VIP is on, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipRole {
+    /// This node may host the VIP: the SA's local host is the VIP.
+    Hosted,
+    /// This node talks to the VIP: the SA's remote host is the VIP.
+    Peer,
+}
+
+/// One protected flow toward a VIP: traffic that must never leave in clear text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProtectedFlow {
+    pub vip: Vip,
+    pub protocol: FlowProtocol,
+    /// `None` protects every port of the protocol.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowProtocol {
+    Tcp,
+    Udp,
+    /// Every IP protocol toward the VIP.
+    Any,
+}
+
+impl FlowProtocol {
+    pub fn ip_number(self) -> Option<u8> {
+        match self {
+            FlowProtocol::Tcp => Some(6),
+            FlowProtocol::Udp => Some(17),
+            FlowProtocol::Any => None,
+        }
+    }
+}
+
+impl fmt::Display for ProtectedFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            FlowProtocol::Tcp => "tcp",
+            FlowProtocol::Udp => "udp",
+            FlowProtocol::Any => "any",
+        };
+        match self.port {
+            Some(p) => write!(f, "{}:{proto}/{p}", self.vip),
+            None => write!(f, "{}:{proto}", self.vip),
+        }
+    }
+}
+
+/// Identifies one IKE_SA in the keying daemon (charon's unique id).
+pub type IkeId = u64;
+
+/// Traffic counters of all CHILD_SAs toward or from one VIP, summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+}
+
+/// A CHILD_SA as the keying daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ChildSaInfo {
+    pub name: String,
+    pub unique_id: u64,
+    pub state: String,
+    pub mode: String,
+    pub protocol: String,
+    pub encap: bool,
+    pub spi_in: String,
+    pub spi_out: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub use_in_secs: Option<u64>,
+    pub use_out_secs: Option<u64>,
+    pub install_secs: u64,
+    pub local_ts: Vec<String>,
+    pub remote_ts: Vec<String>,
+}
+
+/// An IKE_SA and its CHILD_SAs as the keying daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IkeSaInfo {
+    pub name: String,
+    pub unique_id: IkeId,
+    pub state: String,
+    pub local_host: String,
+    pub local_port: u16,
+    pub remote_host: String,
+    pub remote_port: u16,
+    pub local_id: String,
+    pub remote_id: String,
+    pub initiator_spi: String,
+    pub responder_spi: String,
+    pub initiator: bool,
+    pub established_secs: u64,
+    pub children: Vec<ChildSaInfo>,
+}
+
+impl IkeSaInfo {
+    pub fn is_established(&self) -> bool {
+        self.state == "ESTABLISHED"
+    }
+
+    pub fn has_installed_child(&self) -> bool {
+        self.children.iter().any(|c| c.state == "INSTALLED")
+    }
+
+    /// The VIP this SA belongs to and this node's role, if any configured VIP matches.
+    pub fn vip_role(&self, hosted: &[Vip], peers: &[Vip]) -> Option<(Vip, VipRole)> {
+        let local: Option<IpAddr> = self.local_host.parse().ok();
+        let remote: Option<IpAddr> = self.remote_host.parse().ok();
+        if let Some(r) = remote.filter(|r| peers.contains(r)) {
+            return Some((r, VipRole::Peer));
+        }
+        if let Some(l) = local.filter(|l| hosted.contains(l)) {
+            return Some((l, VipRole::Hosted));
+        }
+        None
+    }
+
+    pub fn counters(&self) -> TrafficCounters {
+        self.children
+            .iter()
+            .fold(TrafficCounters::default(), |acc, c| TrafficCounters {
+                bytes_in: acc.bytes_in + c.bytes_in,
+                bytes_out: acc.bytes_out + c.bytes_out,
+                packets_in: acc.packets_in + c.packets_in,
+                packets_out: acc.packets_out + c.packets_out,
+            })
+    }
+}
+
+/// The IKE connection and child that bring up protection toward a VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConnection {
+    pub connection: String,
+    pub child: String,
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sa_maps_to_peer_vip_by_remote_and_hosted_vip_by_local() {
+        let vip: Vip = "192.0.2.100".parse().unwrap();
+        let sa = IkeSaInfo {
+            local_host: "192.0.2.11".into(),
+            remote_host: "192.0.2.100".into(),
+            ..Default::default()
+        };
+        assert_eq!(sa.vip_role(&[], &[vip]), Some((vip, VipRole::Peer)));
+        assert_eq!(sa.vip_role(&[vip], &[]), None);
+        let be = IkeSaInfo {
+            local_host: "192.0.2.100".into(),
+            remote_host: "192.0.2.11".into(),
+            ..Default::default()
+        };
+        assert_eq!(be.vip_role(&[vip], &[]), Some((vip, VipRole::Hosted)));
+    }
+
+    #[test]
+    fn flow_display_names_vip_protocol_and_port() {
+        let f = ProtectedFlow {
+            vip: "192.0.2.100".parse().unwrap(),
+            protocol: FlowProtocol::Tcp,
+            port: Some(143),
+        };
+        assert_eq!(f.to_string(), "192.0.2.100:tcp/143");
+    }
+}

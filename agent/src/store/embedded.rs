@@ -1,0 +1,174 @@
+//! In-process ownership store for a single machine: same contract as etcd, no server.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{OwnershipStore, StoreError};
+use crate::InputSink;
+use crate::failover::Input;
+use crate::model::{Vip, VipOwner, unix_ms};
+
+#[derive(Default)]
+struct Records {
+    owners: BTreeMap<Vip, VipOwner>,
+    /// Highest epoch ever written per VIP, kept after a withdrawal so epochs only grow.
+    epochs: BTreeMap<Vip, u64>,
+}
+
+pub struct EmbeddedStore {
+    node: String,
+    records: Mutex<Records>,
+    changes: broadcast::Sender<(Vip, Option<VipOwner>)>,
+}
+
+impl EmbeddedStore {
+    pub fn new(node: String) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        EmbeddedStore {
+            node,
+            records: Mutex::new(Records::default()),
+            changes,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(Vip, Option<VipOwner>)> {
+        let r = self.records.lock().expect("store lock");
+        r.owners
+            .iter()
+            .map(|(v, o)| (*v, Some(o.clone())))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl OwnershipStore for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn describe(&self) -> String {
+        "in-process".into()
+    }
+
+    async fn run(&self, sink: InputSink, cancel: CancellationToken) {
+        // Subscribe before the snapshot so no change can fall between the two.
+        let mut rx = self.changes.subscribe();
+        let snapshot = self.snapshot();
+        if sink
+            .send(Input::StoreHealth {
+                healthy: true,
+                detail: "in-process".into(),
+            })
+            .await
+            .is_err()
+            || sink.send(Input::OwnerSnapshot(snapshot)).await.is_err()
+        {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                change = rx.recv() => match change {
+                    Ok((vip, owner)) => {
+                        if sink.send(Input::OwnerChanged { vip, owner }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if sink.send(Input::OwnerSnapshot(self.snapshot())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError> {
+        let owner = {
+            let mut r = self.records.lock().expect("store lock");
+            if let Some(cur) = r.owners.get(&vip).filter(|o| o.node == self.node) {
+                return Ok(cur.clone());
+            }
+            let epoch = r.epochs.get(&vip).copied().unwrap_or(0) + 1;
+            let owner = VipOwner {
+                node: self.node.clone(),
+                epoch,
+                taken_at_ms: unix_ms(SystemTime::now()),
+            };
+            r.epochs.insert(vip, epoch);
+            r.owners.insert(vip, owner.clone());
+            owner
+        };
+        let _ = self.changes.send((vip, Some(owner.clone())));
+        Ok(owner)
+    }
+
+    async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {
+        let removed = {
+            let mut r = self.records.lock().expect("store lock");
+            match r.owners.get(&vip) {
+                Some(o) if o.node == self.node => r.owners.remove(&vip).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            let _ = self.changes.send((vip, None));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn epochs_grow_across_withdrawals_and_republish_keeps_epoch() {
+        let s = EmbeddedStore::new("be1".into());
+        let vip: Vip = "192.0.2.100".parse().unwrap();
+        assert_eq!(s.publish(vip).await.unwrap().epoch, 1);
+        assert_eq!(
+            s.publish(vip).await.unwrap().epoch,
+            1,
+            "own live record keeps its epoch"
+        );
+        s.withdraw(vip).await.unwrap();
+        assert_eq!(s.publish(vip).await.unwrap().epoch, 2);
+    }
+
+    #[tokio::test]
+    async fn watcher_gets_snapshot_then_changes() {
+        let s = std::sync::Arc::new(EmbeddedStore::new("be1".into()));
+        let vip: Vip = "192.0.2.100".parse().unwrap();
+        s.publish(vip).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let s = s.clone();
+            let cancel = cancel.clone();
+            async move { s.run(tx, cancel).await }
+        });
+        assert!(matches!(
+            rx.recv().await,
+            Some(Input::StoreHealth { healthy: true, .. })
+        ));
+        match rx.recv().await {
+            Some(Input::OwnerSnapshot(v)) => assert_eq!(v[0].1.as_ref().unwrap().epoch, 1),
+            other => panic!("{other:?}"),
+        }
+        s.withdraw(vip).await.unwrap();
+        assert_eq!(
+            rx.recv().await,
+            Some(Input::OwnerChanged { vip, owner: None })
+        );
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,55 @@
+//! Ownership store: who holds each VIP, with leases and epochs.
+//!
+//! One trait, one file per implementation: `embedded` (in-process, single machine) and
+//! `etcd` (cluster-wide, leases, watch, transactions).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::InputSink;
+use crate::config::{Config, StoreBackend};
+use crate::model::{Vip, VipOwner};
+
+pub mod embedded;
+pub mod etcd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{vip} is owned by {owner} at epoch {epoch}; refusing a stale write")]
+    Fenced { vip: Vip, owner: String, epoch: u64 },
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+#[async_trait]
+pub trait OwnershipStore: Send + Sync + 'static {
+    /// "embedded" or "etcd", for status and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Where it points (endpoints), for status; never includes credentials.
+    fn describe(&self) -> String;
+
+    /// Feeds the core until cancelled: `StoreHealth`, an `OwnerSnapshot` after every
+    /// (re)connection, then one `OwnerChanged` per change. Never returns an error: an
+    /// outage is reported as `StoreHealth { healthy: false }` and retried.
+    async fn run(&self, sink: InputSink, cancel: CancellationToken);
+
+    /// Records this node as the VIP's owner. Keeps the epoch when the live record is
+    /// already this node's; otherwise writes the highest epoch seen plus one, atomically.
+    async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError>;
+
+    /// Removes the VIP's record if, and only if, this node holds it.
+    async fn withdraw(&self, vip: Vip) -> Result<(), StoreError>;
+}
+
+/// Builds the store the config names.
+pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn OwnershipStore>> {
+    Ok(match config.store.backend {
+        StoreBackend::Embedded => Arc::new(embedded::EmbeddedStore::new(config.node.clone())),
+        StoreBackend::Etcd => Arc::new(etcd::EtcdStore::new(config)?),
+    })
+}
