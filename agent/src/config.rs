@@ -790,7 +790,7 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
     fn unknown_key_is_rejected_with_its_path() {
         let text = FRONTEND.replace("mode = \"fast\"", "mode = \"fast\"\nidle_timout = \"2s\"");
         let problems = Config::parse(&text).unwrap_err();
-        assert_eq!(problems[0].key, "failover");
+        assert_eq!(problems[0].key, "failover.idle_timout");
         assert!(problems[0].reason.contains("idle_timout"), "{problems:?}");
     }
 
