@@ -1,5 +1,985 @@
 //! The failover core: `(state, input) -> actions`, with no I/O.
+//!
+//! The whole failover policy of vipsec is in this module. On a back-end it publishes
+//! ownership when a hosted VIP appears and, when the VIP leaves, withdraws the record and
+//! deletes the SAs gracefully. On a front-end it watches each peer VIP's owner record, its
+//! SAs and their counters; when the owner changes, the SA is deleted, or the peer goes
+//! silent, it drops the stale IKE_SA and starts a fresh one at once, retrying on a bounded
+//! schedule. While the keying daemon is down it keeps the protected flows blocked.
+//!
+//! Time comes in as an argument (`tokio::time::Instant`), so tests drive the core with
+//! paused time and scripted inputs.
 
+mod idle;
 mod input;
+mod retry;
+#[cfg(test)]
+mod tests;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use idle::IdleDetector;
 pub use input::{Action, Input, Notice, NoticeKind, SaRef, Timer};
+pub use retry::RetrySchedule;
+
+use crate::config::{Config, StoreBackend};
+use crate::model::{IkeId, Mode, TrafficCounters, Vip, VipOwner, VipRole};
+
+/// The knobs of the failover policy, taken from the config.
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    pub node: String,
+    pub mode: Mode,
+    pub fast_idle_timeout: Duration,
+    pub normal_idle_timeout: Duration,
+    pub retry: RetrySchedule,
+    pub owner_wait: Duration,
+    pub drain_hold: Duration,
+    pub fail_secure: bool,
+    /// The store is shared by the cluster, so a missing owner record means "in transit"
+    /// and is worth waiting for. The embedded store only knows this node.
+    pub cluster_store: bool,
+}
+
+impl CoreSettings {
+    pub fn from_config(c: &Config) -> CoreSettings {
+        CoreSettings {
+            node: c.node.clone(),
+            mode: c.failover.mode,
+            fast_idle_timeout: c.failover.idle_timeout,
+            normal_idle_timeout: c.failover.normal_idle_timeout,
+            retry: RetrySchedule {
+                initial: c.failover.retry_initial,
+                max: c.failover.retry_max,
+                deadline: c.failover.retry_deadline,
+                cooldown: c.failover.retry_cooldown,
+            },
+            owner_wait: c.failover.owner_wait,
+            drain_hold: c.failover.drain_hold,
+            fail_secure: c.kernel.fail_secure,
+            cluster_store: c.store.backend == StoreBackend::Etcd,
+        }
+    }
+}
+
+/// A VIP this node may host.
+#[derive(Debug, Clone, Default)]
+pub struct HostedVip {
+    pub present: bool,
+    pub owner: Option<VipOwner>,
+    /// Highest epoch seen; kept after the record is withdrawn.
+    pub epoch: u64,
+    pub draining: bool,
+    pub sas: BTreeSet<IkeId>,
+    generation: u64,
+}
+
+/// One SA toward a peer VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSa {
+    pub since: Instant,
+    /// Owner epoch when the SA came up; 0 when the owner was unknown then.
+    pub epoch: u64,
+}
+
+/// A running attempt to bring protection toward a peer VIP back.
+#[derive(Debug, Clone)]
+pub struct Renegotiation {
+    pub started: Instant,
+    pub reason: String,
+    pub attempts: u32,
+    pub in_flight: bool,
+    pub owner_wait: OwnerWait,
+    pub waiting_for_keying: bool,
+    /// Something worth an immediate new attempt happened while one was in flight.
+    retry_now: bool,
+}
+
+/// Whether a renegotiation holds back for a new owner record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerWait {
+    NotYet,
+    Waiting,
+    /// Waited `owner_wait` in vain; initiate whoever answers.
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverOutcome {
+    Recovered,
+    Running,
+    GaveUp,
+}
+
+impl FailoverOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverOutcome::Recovered => "recovered",
+            FailoverOutcome::Running => "running",
+            FailoverOutcome::GaveUp => "gave-up",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FailoverSummary {
+    pub started: Instant,
+    pub duration: Option<Duration>,
+    pub reason: String,
+    pub outcome: FailoverOutcome,
+    pub attempts: u32,
+}
+
+/// A VIP this node talks to.
+#[derive(Debug, Clone)]
+pub struct PeerVip {
+    /// The VIP has flows to block while the keying daemon is down.
+    pub protected: bool,
+    pub owner: Option<VipOwner>,
+    pub epoch: u64,
+    /// The first owner snapshot has been seen.
+    synced: bool,
+    pub sas: BTreeMap<IkeId, PeerSa>,
+    pub idle: IdleDetector,
+    pub renegotiation: Option<Renegotiation>,
+    pub last_failover: Option<FailoverSummary>,
+    pub fail_secure_since: Option<Instant>,
+    generation: u64,
+}
+
+impl PeerVip {
+    fn new(protected: bool) -> Self {
+        PeerVip {
+            protected,
+            owner: None,
+            epoch: 0,
+            synced: false,
+            sas: BTreeMap::new(),
+            idle: IdleDetector::default(),
+            renegotiation: None,
+            last_failover: None,
+            fail_secure_since: None,
+            generation: 0,
+        }
+    }
+
+    pub fn established_since(&self) -> Option<Instant> {
+        self.sas.values().map(|s| s.since).min()
+    }
+}
+
+/// The failover state machine of one node.
+#[derive(Debug, Clone)]
+pub struct FailoverCore {
+    settings: CoreSettings,
+    hosted: BTreeMap<Vip, HostedVip>,
+    peers: BTreeMap<Vip, PeerVip>,
+    /// `None` until the keying backend first reports.
+    keying_up: Option<bool>,
+    /// `None` until the store first reports.
+    store_healthy: Option<bool>,
+}
+
+type Out = Vec<Action>;
+
+impl FailoverCore {
+    /// `peers` lists each peer VIP and whether it has protected flows.
+    pub fn new(settings: CoreSettings, hosted: &[Vip], peers: &[(Vip, bool)]) -> FailoverCore {
+        FailoverCore {
+            settings,
+            hosted: hosted.iter().map(|v| (*v, HostedVip::default())).collect(),
+            peers: peers.iter().map(|(v, p)| (*v, PeerVip::new(*p))).collect(),
+            keying_up: None,
+            store_healthy: None,
+        }
+    }
+
+    pub fn settings(&self) -> &CoreSettings {
+        &self.settings
+    }
+    pub fn hosted(&self) -> &BTreeMap<Vip, HostedVip> {
+        &self.hosted
+    }
+    pub fn peers(&self) -> &BTreeMap<Vip, PeerVip> {
+        &self.peers
+    }
+    pub fn keying_up(&self) -> bool {
+        self.keying_up == Some(true)
+    }
+    pub fn store_healthy(&self) -> bool {
+        self.store_healthy == Some(true)
+    }
+
+    /// The idle timeout in force: fast mode's, or normal mode's unless the cluster store
+    /// is unreachable, in which case the idle detector is the only failure detector left.
+    pub fn idle_timeout(&self) -> Duration {
+        let store_lost = self.settings.cluster_store && self.store_healthy == Some(false);
+        if self.settings.mode == Mode::Fast || store_lost {
+            self.settings.fast_idle_timeout
+        } else {
+            self.settings.normal_idle_timeout
+        }
+    }
+
+    /// Actions at start-up: until the keying daemon is confirmed up, protected flows are
+    /// blocked.
+    pub fn start(&mut self, now: Instant) -> Out {
+        let mut out = Vec::new();
+        if self.settings.fail_secure {
+            let vips: Vec<Vip> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.protected)
+                .map(|(v, _)| *v)
+                .collect();
+            for vip in vips {
+                self.engage(
+                    &mut out,
+                    now,
+                    vip,
+                    "agent starting; keying daemon not confirmed up yet",
+                );
+            }
+        }
+        out
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input) -> Out {
+        let mut out = Vec::new();
+        match input {
+            Input::VipAppeared(vip) => self.vip_appeared(&mut out, vip),
+            Input::VipDisappeared(vip) => self.vip_disappeared(&mut out, vip),
+            Input::OwnerSnapshot(records) => {
+                let records: BTreeMap<Vip, Option<VipOwner>> = records.into_iter().collect();
+                let vips: Vec<Vip> = self
+                    .hosted
+                    .keys()
+                    .chain(self.peers.keys())
+                    .copied()
+                    .collect();
+                for vip in vips {
+                    let owner = records.get(&vip).cloned().flatten();
+                    self.owner_update(&mut out, now, vip, owner, true);
+                }
+            }
+            Input::OwnerChanged { vip, owner } => {
+                self.owner_update(&mut out, now, vip, owner, false)
+            }
+            Input::StoreHealth { healthy, detail } => self.store_health(&mut out, healthy, detail),
+            Input::KeyingUp { established } => self.keying_came_up(&mut out, now, established),
+            Input::KeyingDown { detail } => self.keying_went_down(&mut out, now, detail),
+            Input::SaUp(sa) => self.sa_up(&mut out, now, sa),
+            Input::SaDown { sa, reason } => self.sa_down(&mut out, now, sa, reason),
+            Input::CountersSampled { vip, counters } => self.counters(&mut out, now, vip, counters),
+            Input::InitiateFinished {
+                vip,
+                attempt,
+                result,
+            } => self.initiate_finished(&mut out, now, vip, attempt, result),
+            Input::TimerFired(timer) => self.timer(&mut out, now, timer),
+            Input::SetMode { mode, idle_timeout } => {
+                self.settings.mode = mode;
+                if let Some(t) = idle_timeout {
+                    match mode {
+                        Mode::Fast => self.settings.fast_idle_timeout = t,
+                        Mode::Normal => self.settings.normal_idle_timeout = t,
+                    }
+                }
+                let detail = format!(
+                    "{mode}, idle timeout {}",
+                    humantime::format_duration(self.idle_timeout())
+                );
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::ModeChanged, None).detail(detail),
+                ));
+            }
+            Input::Drain(vip) => self.drain(&mut out, vip),
+        }
+        out
+    }
+
+    // ----- back-end side: hosted VIPs -----
+
+    fn vip_appeared(&mut self, out: &mut Out, vip: Vip) {
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            return;
+        };
+        if h.present {
+            return;
+        }
+        h.present = true;
+        h.draining = false;
+        h.generation += 1;
+        out.push(Action::PublishOwnership { vip });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::VipAcquired, Some(vip)).epoch(h.epoch),
+        ));
+    }
+
+    fn vip_disappeared(&mut self, out: &mut Out, vip: Vip) {
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            return;
+        };
+        if !h.present {
+            return;
+        }
+        h.present = false;
+        h.draining = false;
+        h.generation += 1;
+        // Withdraw first: front-ends learn from the store within milliseconds, while the
+        // DELETEs need the keying daemon and the peers.
+        out.push(Action::WithdrawOwnership { vip });
+        out.push(Action::DeleteSas {
+            vip,
+            role: VipRole::Hosted,
+        });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::VipReleased, Some(vip)).epoch(h.epoch),
+        ));
+    }
+
+    fn drain(&mut self, out: &mut Out, vip: Vip) {
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::ActionFailed, Some(vip))
+                    .detail("drain: not a hosted VIP of this node"),
+            ));
+            return;
+        };
+        h.draining = true;
+        h.generation += 1;
+        out.push(Action::WithdrawOwnership { vip });
+        out.push(Action::DeleteSas {
+            vip,
+            role: VipRole::Hosted,
+        });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::Drained, Some(vip)).epoch(h.epoch),
+        ));
+        if h.present {
+            let timer = Timer::DrainHold {
+                vip,
+                generation: h.generation,
+            };
+            out.push(Action::StartTimer {
+                timer,
+                after: self.settings.drain_hold,
+            });
+        }
+    }
+
+    // ----- ownership records -----
+
+    fn owner_update(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        owner: Option<VipOwner>,
+        snapshot: bool,
+    ) {
+        if let Some(h) = self.hosted.get_mut(&vip) {
+            if let Some(o) = &owner
+                && o.epoch < h.epoch
+            {
+                out.push(stale_notice(vip, o, h.epoch));
+                return;
+            }
+            if h.owner == owner {
+                return;
+            }
+            let mut notice = Notice::new(NoticeKind::OwnerChanged, Some(vip)).owner(owner.as_ref());
+            if let Some(o) = &owner {
+                h.epoch = o.epoch;
+                if h.present && o.node != self.settings.node {
+                    notice = notice.detail(format!(
+                        "{vip} is present here but recorded as owned by {}",
+                        o.node
+                    ));
+                }
+            } else {
+                notice = notice.epoch(h.epoch);
+            }
+            h.owner = owner;
+            out.push(Action::Notify(notice));
+            if h.owner.is_none() && h.present && !h.draining {
+                // The record vanished while the VIP is still here (lease lost in an outage,
+                // or removed by hand): put it back.
+                out.push(Action::PublishOwnership { vip });
+            }
+            return;
+        }
+
+        let cluster = self.settings.cluster_store;
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return;
+        };
+        let first_sync = snapshot && !p.synced;
+        if snapshot {
+            p.synced = true;
+        }
+        match owner {
+            Some(o) if o.epoch < p.epoch => out.push(stale_notice(vip, &o, p.epoch)),
+            Some(o) if p.owner.as_ref() == Some(&o) => {}
+            Some(o) => {
+                p.epoch = o.epoch;
+                let node = o.node.clone();
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::OwnerChanged, Some(vip)).owner(Some(&o)),
+                ));
+                p.owner = Some(o);
+                // SAs that came up while the owner was unknown are taken to belong to the
+                // owner we now learn of; the idle detector still guards them.
+                for sa in p.sas.values_mut().filter(|s| s.epoch == 0) {
+                    sa.epoch = p.epoch;
+                }
+                if first_sync {
+                    if p.sas.is_empty() && self.keying_up == Some(true) {
+                        self.renegotiate(out, now, vip, "no SA toward the VIP".into(), false);
+                    }
+                    return;
+                }
+                let stale = p.sas.values().any(|s| s.epoch < p.epoch);
+                let reason = format!("owner changed to {node} (epoch {})", p.epoch);
+                if stale || p.sas.is_empty() {
+                    self.renegotiate(out, now, vip, reason, stale);
+                }
+            }
+            None => {
+                if p.owner.is_none() {
+                    return;
+                }
+                p.owner = None;
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::OwnerChanged, Some(vip))
+                        .epoch(p.epoch)
+                        .detail("no owner"),
+                ));
+                if !p.sas.is_empty() && cluster {
+                    // The owner released the VIP or its lease expired: whoever our SA
+                    // leads to no longer holds the VIP.
+                    self.renegotiate(out, now, vip, "owner record withdrawn".into(), true);
+                }
+            }
+        }
+    }
+
+    fn store_health(&mut self, out: &mut Out, healthy: bool, detail: String) {
+        if self.store_healthy == Some(healthy) {
+            return;
+        }
+        let first = self.store_healthy.is_none();
+        self.store_healthy = Some(healthy);
+        if first && healthy {
+            return;
+        }
+        let kind = if healthy {
+            NoticeKind::StoreUp
+        } else {
+            NoticeKind::StoreDown
+        };
+        out.push(Action::Notify(Notice::new(kind, None).detail(detail)));
+        if !healthy {
+            // No record will come: stop waiting for one.
+            let waiting: Vec<Vip> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| {
+                    p.renegotiation
+                        .as_ref()
+                        .is_some_and(|r| r.owner_wait == OwnerWait::Waiting)
+                })
+                .map(|(v, _)| *v)
+                .collect();
+            for vip in waiting {
+                self.kick(out, vip);
+            }
+        }
+    }
+
+    // ----- keying daemon and SAs -----
+
+    fn keying_went_down(&mut self, out: &mut Out, now: Instant, detail: String) {
+        if self.keying_up == Some(false) {
+            return;
+        }
+        self.keying_up = Some(false);
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::KeyingDown, None).detail(detail),
+        ));
+        for h in self.hosted.values_mut() {
+            h.sas.clear();
+        }
+        let vips: Vec<Vip> = self.peers.keys().copied().collect();
+        for vip in vips {
+            let p = self.peers.get_mut(&vip).expect("known peer");
+            // The daemon's SAs died with it.
+            p.sas.clear();
+            p.idle.reset();
+            if self.settings.fail_secure && p.protected {
+                self.engage(out, now, vip, "keying daemon down");
+            }
+        }
+    }
+
+    fn keying_came_up(&mut self, out: &mut Out, now: Instant, established: Vec<SaRef>) {
+        let was = self.keying_up;
+        self.keying_up = Some(true);
+        if was != Some(true) {
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::KeyingUp, None)
+                    .detail(format!("{} SAs established", established.len())),
+            ));
+        }
+        for h in self.hosted.values_mut() {
+            h.sas.clear();
+        }
+        for p in self.peers.values_mut() {
+            p.sas.clear();
+            p.idle.reset();
+        }
+        for sa in established {
+            match sa.role {
+                VipRole::Hosted => {
+                    if let Some(h) = self.hosted.get_mut(&sa.vip) {
+                        h.sas.insert(sa.ike_id);
+                    }
+                }
+                VipRole::Peer => {
+                    let tag = self.sa_epoch_tag(sa.vip);
+                    if let Some(p) = self.peers.get_mut(&sa.vip) {
+                        p.sas.insert(
+                            sa.ike_id,
+                            PeerSa {
+                                since: now,
+                                epoch: tag,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let vips: Vec<Vip> = self.peers.keys().copied().collect();
+        for vip in vips {
+            let p = &self.peers[&vip];
+            let (has_sa, renegotiating, owner_known) = (
+                !p.sas.is_empty(),
+                p.renegotiation.is_some(),
+                p.owner.is_some(),
+            );
+            if has_sa {
+                self.release(out, vip);
+                if renegotiating {
+                    self.finish(out, now, vip);
+                }
+            } else if renegotiating {
+                self.kick(out, vip);
+            } else if !self.waits_for_owner_record(vip) || owner_known {
+                self.renegotiate(out, now, vip, "no SA toward the VIP".into(), false);
+            }
+        }
+    }
+
+    fn sa_epoch_tag(&self, vip: Vip) -> u64 {
+        let store_ok = self.store_healthy == Some(true);
+        match self.peers.get(&vip) {
+            Some(p) if store_ok && p.synced && p.owner.is_some() => p.epoch,
+            _ => 0,
+        }
+    }
+
+    fn sa_up(&mut self, out: &mut Out, now: Instant, sa: SaRef) {
+        match sa.role {
+            VipRole::Hosted => {
+                if let Some(h) = self.hosted.get_mut(&sa.vip)
+                    && h.sas.insert(sa.ike_id)
+                {
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::SaUp, Some(sa.vip)).detail(ike(sa.ike_id)),
+                    ));
+                }
+            }
+            VipRole::Peer => {
+                let tag = self.sa_epoch_tag(sa.vip);
+                let Some(p) = self.peers.get_mut(&sa.vip) else {
+                    return;
+                };
+                if p.sas.contains_key(&sa.ike_id) {
+                    return;
+                }
+                p.sas.insert(
+                    sa.ike_id,
+                    PeerSa {
+                        since: now,
+                        epoch: tag,
+                    },
+                );
+                p.idle.reset();
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaUp, Some(sa.vip))
+                        .owner(p.owner.as_ref())
+                        .detail(ike(sa.ike_id)),
+                ));
+                self.release(out, sa.vip);
+                if self.peers[&sa.vip].renegotiation.is_some() {
+                    self.finish(out, now, sa.vip);
+                }
+            }
+        }
+    }
+
+    fn sa_down(&mut self, out: &mut Out, now: Instant, sa: SaRef, reason: String) {
+        match sa.role {
+            VipRole::Hosted => {
+                if let Some(h) = self.hosted.get_mut(&sa.vip)
+                    && h.sas.remove(&sa.ike_id)
+                {
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::SaDeleted, Some(sa.vip))
+                            .detail(format!("{}: {reason}", ike(sa.ike_id))),
+                    ));
+                }
+            }
+            VipRole::Peer => {
+                let keying_up = self.keying_up == Some(true);
+                let Some(p) = self.peers.get_mut(&sa.vip) else {
+                    return;
+                };
+                // Unknown SAs are ones we dropped ourselves: already handled.
+                if p.sas.remove(&sa.ike_id).is_none() {
+                    return;
+                }
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaDeleted, Some(sa.vip))
+                        .detail(format!("{}: {reason}", ike(sa.ike_id))),
+                ));
+                if p.sas.is_empty() && keying_up {
+                    self.renegotiate(out, now, sa.vip, format!("SA deleted ({reason})"), false);
+                }
+            }
+        }
+    }
+
+    fn counters(&mut self, out: &mut Out, now: Instant, vip: Vip, counters: TrafficCounters) {
+        let timeout = self.idle_timeout();
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return;
+        };
+        if p.sas.is_empty() || p.renegotiation.is_some() {
+            p.idle.reset();
+            return;
+        }
+        if let Some(silent) = p.idle.observe(now, counters, timeout) {
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::IdlePeerDetected, Some(vip))
+                    .owner(p.owner.as_ref())
+                    .duration(silent)
+                    .detail("outbound traffic with nothing back"),
+            ));
+            self.renegotiate(out, now, vip, "idle peer".into(), true);
+        }
+    }
+
+    // ----- renegotiation -----
+
+    fn waits_for_owner_record(&self, vip: Vip) -> bool {
+        self.settings.cluster_store
+            && self.store_healthy == Some(true)
+            && self
+                .peers
+                .get(&vip)
+                .is_some_and(|p| p.synced && p.owner.is_none())
+    }
+
+    /// Starts bringing protection toward `vip` back, or hurries a running attempt.
+    fn renegotiate(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        reason: String,
+        drop_stale: bool,
+    ) {
+        let p = self.peers.get_mut(&vip).expect("known peer");
+        if drop_stale && !p.sas.is_empty() {
+            p.sas.clear();
+            out.push(Action::DropStaleSas { vip });
+        }
+        p.idle.reset();
+        if p.renegotiation.is_some() {
+            self.kick(out, vip);
+            return;
+        }
+        p.renegotiation = Some(Renegotiation {
+            started: now,
+            reason: reason.clone(),
+            attempts: 0,
+            in_flight: false,
+            owner_wait: OwnerWait::NotYet,
+            waiting_for_keying: false,
+            retry_now: false,
+        });
+        p.last_failover = Some(FailoverSummary {
+            started: now,
+            duration: None,
+            reason: reason.clone(),
+            outcome: FailoverOutcome::Running,
+            attempts: 0,
+        });
+        let epoch = p.epoch;
+        let owner = p.owner.clone();
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::RenegotiationStarted, Some(vip))
+                .owner(owner.as_ref())
+                .epoch(epoch)
+                .detail(reason),
+        ));
+        self.advance(out, vip);
+    }
+
+    /// Decides the next step of a renegotiation: wait for the daemon, wait for an owner,
+    /// or initiate now.
+    fn advance(&mut self, out: &mut Out, vip: Vip) {
+        let keying_up = self.keying_up == Some(true);
+        let wait_owner = self.waits_for_owner_record(vip);
+        let owner_wait = self.settings.owner_wait;
+        let p = self.peers.get_mut(&vip).expect("known peer");
+        let Some(r) = p.renegotiation.as_mut() else {
+            return;
+        };
+        if r.in_flight {
+            r.retry_now = true;
+            return;
+        }
+        if !keying_up {
+            r.waiting_for_keying = true;
+            return;
+        }
+        r.waiting_for_keying = false;
+        if wait_owner {
+            match r.owner_wait {
+                OwnerWait::NotYet if r.attempts == 0 => {
+                    r.owner_wait = OwnerWait::Waiting;
+                    p.generation += 1;
+                    let timer = Timer::OwnerWait {
+                        vip,
+                        generation: p.generation,
+                    };
+                    out.push(Action::StartTimer {
+                        timer,
+                        after: owner_wait,
+                    });
+                    return;
+                }
+                OwnerWait::Waiting => return,
+                _ => {}
+            }
+        }
+        r.attempts += 1;
+        r.in_flight = true;
+        p.generation += 1;
+        out.push(Action::Initiate {
+            vip,
+            attempt: r.attempts,
+        });
+    }
+
+    /// Something changed that makes an immediate attempt worthwhile.
+    fn kick(&mut self, out: &mut Out, vip: Vip) {
+        self.advance(out, vip);
+    }
+
+    fn initiate_finished(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        attempt: u32,
+        result: Result<(), String>,
+    ) {
+        let retry = self.settings.retry;
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return;
+        };
+        let Some(r) = p.renegotiation.as_mut() else {
+            return;
+        };
+        if attempt != r.attempts {
+            return;
+        }
+        r.in_flight = false;
+        match result {
+            Ok(()) => self.finish(out, now, vip),
+            Err(e) => {
+                let elapsed = now.saturating_duration_since(r.started);
+                if elapsed >= retry.deadline {
+                    let attempts = r.attempts;
+                    let started = r.started;
+                    let reason = r.reason.clone();
+                    p.renegotiation = None;
+                    p.generation += 1;
+                    p.last_failover = Some(FailoverSummary {
+                        started,
+                        duration: Some(elapsed),
+                        reason,
+                        outcome: FailoverOutcome::GaveUp,
+                        attempts,
+                    });
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::RenegotiationFailed, Some(vip))
+                            .duration(elapsed)
+                            .detail(format!(
+                                "gave up after {attempts} attempts: {e}; next cycle in {:?}",
+                                retry.cooldown
+                            )),
+                    ));
+                    let timer = Timer::Cooldown {
+                        vip,
+                        generation: p.generation,
+                    };
+                    out.push(Action::StartTimer {
+                        timer,
+                        after: retry.cooldown,
+                    });
+                } else if r.retry_now {
+                    r.retry_now = false;
+                    self.advance(out, vip);
+                } else {
+                    p.generation += 1;
+                    let after = retry.delay_after(r.attempts).min(retry.deadline - elapsed);
+                    let timer = Timer::Retry {
+                        vip,
+                        generation: p.generation,
+                    };
+                    out.push(Action::StartTimer { timer, after });
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Out, now: Instant, vip: Vip) {
+        let p = self.peers.get_mut(&vip).expect("known peer");
+        let Some(r) = p.renegotiation.take() else {
+            return;
+        };
+        p.generation += 1;
+        let took = now.saturating_duration_since(r.started);
+        p.last_failover = Some(FailoverSummary {
+            started: r.started,
+            duration: Some(took),
+            reason: r.reason.clone(),
+            outcome: FailoverOutcome::Recovered,
+            attempts: r.attempts,
+        });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::RenegotiationFinished, Some(vip))
+                .owner(p.owner.as_ref())
+                .epoch(p.epoch)
+                .duration(took)
+                .detail(format!("{} after {} attempt(s)", r.reason, r.attempts)),
+        ));
+    }
+
+    fn timer(&mut self, out: &mut Out, now: Instant, timer: Timer) {
+        match timer {
+            Timer::Retry { vip, generation } => {
+                if self
+                    .peers
+                    .get(&vip)
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    self.advance(out, vip);
+                }
+            }
+            Timer::OwnerWait { vip, generation } => {
+                let Some(p) = self.peers.get_mut(&vip) else {
+                    return;
+                };
+                if p.generation != generation {
+                    return;
+                }
+                if let Some(r) = p.renegotiation.as_mut()
+                    && r.owner_wait == OwnerWait::Waiting
+                {
+                    // No new owner showed up: try the VIP anyway, whoever answers.
+                    r.owner_wait = OwnerWait::Expired;
+                    self.advance(out, vip);
+                }
+            }
+            Timer::Cooldown { vip, generation } => {
+                let Some(p) = self.peers.get(&vip) else {
+                    return;
+                };
+                if p.generation == generation && p.sas.is_empty() && p.renegotiation.is_none() {
+                    self.renegotiate(out, now, vip, "new cycle after giving up".into(), false);
+                }
+            }
+            Timer::DrainHold { vip, generation } => {
+                let Some(h) = self.hosted.get_mut(&vip) else {
+                    return;
+                };
+                if h.generation == generation && h.present && h.draining {
+                    h.draining = false;
+                    out.push(Action::PublishOwnership { vip });
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::VipAcquired, Some(vip))
+                            .epoch(h.epoch)
+                            .detail("still here after the drain hold; ownership published again"),
+                    ));
+                }
+            }
+        }
+    }
+
+    // ----- fail-secure -----
+
+    fn engage(&mut self, out: &mut Out, now: Instant, vip: Vip, why: &str) {
+        let p = self.peers.get_mut(&vip).expect("known peer");
+        if p.fail_secure_since.is_some() {
+            return;
+        }
+        p.fail_secure_since = Some(now);
+        out.push(Action::EngageFailSecure { vip });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::FailSecureEngaged, Some(vip)).detail(why),
+        ));
+    }
+
+    fn release(&mut self, out: &mut Out, vip: Vip) {
+        let p = self.peers.get_mut(&vip).expect("known peer");
+        if p.fail_secure_since.take().is_some() {
+            out.push(Action::ReleaseFailSecure { vip });
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::FailSecureReleased, Some(vip))
+                    .detail("SA established again"),
+            ));
+        }
+    }
+
+    /// Adopts block policies found in the kernel at start-up (left by an earlier run).
+    pub fn adopt_fail_secure(&mut self, now: Instant, vips: &[Vip]) {
+        for vip in vips {
+            if let Some(p) = self.peers.get_mut(vip) {
+                p.fail_secure_since.get_or_insert(now);
+            }
+        }
+    }
+}
+
+fn stale_notice(vip: Vip, o: &VipOwner, known: u64) -> Action {
+    Action::Notify(
+        Notice::new(NoticeKind::StaleRecordIgnored, Some(vip))
+            .owner(Some(o))
+            .detail(format!(
+                "epoch {} is older than the known epoch {known}",
+                o.epoch
+            )),
+    )
+}
+
+fn ike(id: IkeId) -> String {
+    format!("IKE_SA #{id}")
+}

@@ -1,0 +1,770 @@
+//! Scenario tests of the failover core, driven with paused tokio time. The `Node` harness
+//! plays the runtime: it keeps the timers the core starts and fires them as time advances.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tokio::time::{self, Instant};
+
+use super::*;
+use crate::model::{Mode, TrafficCounters, VipOwner, VipRole};
+
+const VIP: &str = "192.0.2.100";
+
+fn vip() -> IpAddr {
+    VIP.parse().unwrap()
+}
+
+fn owner(node: &str, epoch: u64) -> Option<VipOwner> {
+    Some(VipOwner {
+        node: node.into(),
+        epoch,
+        taken_at_ms: 0,
+    })
+}
+
+fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
+    CoreSettings {
+        node: "me".into(),
+        mode,
+        fast_idle_timeout: Duration::from_secs(2),
+        normal_idle_timeout: Duration::from_secs(300),
+        retry: RetrySchedule {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+        },
+        owner_wait: Duration::from_secs(3),
+        drain_hold: Duration::from_secs(10),
+        fail_secure: true,
+        cluster_store,
+    }
+}
+
+fn peer_sa(id: u64) -> SaRef {
+    SaRef {
+        vip: vip(),
+        role: VipRole::Peer,
+        ike_id: id,
+    }
+}
+
+struct Node {
+    core: FailoverCore,
+    timers: Vec<(Instant, Timer)>,
+}
+
+impl Node {
+    fn front_end(cluster_store: bool, mode: Mode) -> Node {
+        let core = FailoverCore::new(settings(cluster_store, mode), &[], &[(vip(), true)]);
+        Node {
+            core,
+            timers: Vec::new(),
+        }
+    }
+
+    fn back_end() -> Node {
+        let core = FailoverCore::new(settings(true, Mode::Normal), &[vip()], &[]);
+        Node {
+            core,
+            timers: Vec::new(),
+        }
+    }
+
+    fn take_timers(&mut self, actions: &[Action]) {
+        for a in actions {
+            if let Action::StartTimer { timer, after } = a {
+                self.timers.push((Instant::now() + *after, *timer));
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) -> Vec<Action> {
+        let actions = self.core.handle(Instant::now(), input);
+        self.take_timers(&actions);
+        actions
+    }
+
+    fn start(&mut self) -> Vec<Action> {
+        let actions = self.core.start(Instant::now());
+        self.take_timers(&actions);
+        actions
+    }
+
+    /// Advances paused time by `d`, firing the timers that fall due on the way.
+    async fn advance(&mut self, d: Duration) -> Vec<Action> {
+        let end = Instant::now() + d;
+        let mut all = Vec::new();
+        loop {
+            self.timers.sort_by_key(|(at, _)| *at);
+            let due = self.timers.first().filter(|(at, _)| *at <= end).copied();
+            let Some((at, timer)) = due else { break };
+            self.timers.remove(0);
+            time::advance(at.saturating_duration_since(Instant::now())).await;
+            all.extend(self.feed(Input::TimerFired(timer)));
+        }
+        time::advance(end.saturating_duration_since(Instant::now())).await;
+        all
+    }
+
+    /// Advances paused time to the next timer and fires it; returns the wait and actions.
+    async fn next_timer(&mut self) -> (Duration, Vec<Action>) {
+        self.timers.sort_by_key(|(at, _)| *at);
+        let (at, timer) = self.timers.remove(0);
+        let waited = at.saturating_duration_since(Instant::now());
+        time::advance(waited).await;
+        (waited, self.feed(Input::TimerFired(timer)))
+    }
+
+    /// A front-end with the daemon up, the store synced to `owner` and one SA up.
+    fn established(cluster_store: bool, mode: Mode, owner_rec: Option<VipOwner>) -> Node {
+        let mut n = Node::front_end(cluster_store, mode);
+        n.start();
+        n.feed(Input::StoreHealth {
+            healthy: true,
+            detail: String::new(),
+        });
+        n.feed(Input::OwnerSnapshot(vec![(vip(), owner_rec)]));
+        n.feed(Input::KeyingUp {
+            established: vec![peer_sa(1)],
+        });
+        assert!(n.core.peers()[&vip()].renegotiation.is_none());
+        n
+    }
+}
+
+fn initiates(actions: &[Action]) -> Vec<u32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Initiate { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(actions: &[Action], want: &Action) -> bool {
+    actions.contains(want)
+}
+
+fn notices(actions: &[Action]) -> Vec<NoticeKind> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Notify(n) => Some(n.kind),
+            _ => None,
+        })
+        .collect()
+}
+
+fn notice(actions: &[Action], kind: NoticeKind) -> Notice {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Notify(n) if n.kind == kind => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no {kind:?} in {actions:#?}"))
+}
+
+// ----- back-end (old owner) -----
+
+#[tokio::test(start_paused = true)]
+async fn planned_move_on_the_old_owner_withdraws_and_deletes_gracefully() {
+    let mut be = Node::back_end();
+    let a = be.feed(Input::VipAppeared(vip()));
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    be.feed(Input::SaUp(SaRef {
+        vip: vip(),
+        role: VipRole::Hosted,
+        ike_id: 7,
+    }));
+
+    let a = be.feed(Input::VipDisappeared(vip()));
+    assert_eq!(
+        a[..2],
+        [
+            Action::WithdrawOwnership { vip: vip() },
+            Action::DeleteSas {
+                vip: vip(),
+                role: VipRole::Hosted
+            }
+        ]
+    );
+    assert_eq!(notices(&a), [NoticeKind::VipReleased]);
+    // A second "disappeared" (duplicate netlink event) does nothing.
+    assert!(be.feed(Input::VipDisappeared(vip())).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_deletes_while_the_vip_is_still_here_and_republishes_if_it_stays() {
+    let mut be = Node::back_end();
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 4),
+    });
+    let a = be.feed(Input::Drain(vip()));
+    assert!(has(
+        &a,
+        &Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }
+    ));
+    assert!(has(&a, &Action::WithdrawOwnership { vip: vip() }));
+    // Our own withdrawal comes back from the store: no republish while draining.
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(!has(&a, &Action::PublishOwnership { vip: vip() }));
+    // The cluster manager never moved the VIP: after the hold, publish again.
+    let a = be.advance(Duration::from_secs(10)).await;
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }), "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_followed_by_the_move_does_not_republish() {
+    let mut be = Node::back_end();
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::Drain(vip()));
+    be.feed(Input::VipDisappeared(vip()));
+    let a = be.advance(Duration::from_secs(30)).await;
+    assert!(a.is_empty(), "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_record_of_a_present_vip_is_published_again() {
+    let mut be = Node::back_end();
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 2),
+    });
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+}
+
+// ----- front-end -----
+
+#[tokio::test(start_paused = true)]
+async fn planned_move_on_the_front_end_waits_for_the_new_owner_then_initiates_at_once() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    let t0 = Instant::now();
+
+    // The old owner withdraws before deleting: drop what is left, and wait for the owner.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }));
+    assert!(initiates(&a).is_empty(), "no owner yet: {a:#?}");
+    // Its DELETE arrives for an SA we already dropped: nothing more to do.
+    assert!(
+        fe.feed(Input::SaDown {
+            sa: peer_sa(1),
+            reason: "deleted by peer".into()
+        })
+        .is_empty()
+    );
+
+    time::advance(Duration::from_millis(600)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1]);
+
+    time::advance(Duration::from_millis(30)).await;
+    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    let done = notice(&a, NoticeKind::RenegotiationFinished);
+    assert_eq!(done.duration, Some(Duration::from_millis(630)));
+    assert_eq!(done.owner.as_deref(), Some("be2"));
+    let p = &fe.core.peers()[&vip()];
+    assert_eq!(p.sas[&2].epoch, 2);
+    assert_eq!(
+        p.last_failover.as_ref().unwrap().outcome,
+        FailoverOutcome::Recovered
+    );
+    assert_eq!(p.established_since(), Some(t0 + Duration::from_millis(630)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn planned_move_with_delete_first_initiates_immediately_and_retries_until_the_new_owner() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    // The DELETE arrives while the record still names the old owner.
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(
+        notices(&a)[..2],
+        [NoticeKind::SaDeleted, NoticeKind::RenegotiationStarted]
+    );
+    assert_eq!(initiates(&a), [1]);
+    // The VIP is in transit: the attempt fails and a retry is scheduled.
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    assert!(
+        matches!(a[..], [Action::StartTimer { timer: Timer::Retry { .. }, after }] if after == Duration::from_millis(50))
+    );
+    // The new owner appears before the retry fires: attempt at once, not at the timer.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [2]);
+    // The stale retry timer fires later and must not start a third attempt.
+    let a = fe.advance(Duration::from_millis(100)).await;
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Ok(()),
+    });
+    assert_eq!(
+        notice(&a, NoticeKind::RenegotiationFinished).detail,
+        "SA deleted (deleted by peer) after 2 attempt(s)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_delete() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    let drop_at = a
+        .iter()
+        .position(|x| *x == Action::DropStaleSas { vip: vip() })
+        .expect("drop");
+    let init_at = a
+        .iter()
+        .position(|x| matches!(x, Action::Initiate { .. }))
+        .expect("initiate");
+    assert!(
+        drop_at < init_at,
+        "drop the stale IKE_SA before initiating: {a:#?}"
+    );
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationStarted));
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_of_the_owner_seen_as_lease_expiry_then_takeover() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }));
+    assert!(initiates(&a).is_empty());
+    time::advance(Duration::from_secs(1)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_new_owner_the_front_end_initiates_after_owner_wait() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    let a = fe.advance(Duration::from_millis(2999)).await;
+    assert!(initiates(&a).is_empty());
+    let a = fe.advance(Duration::from_millis(1)).await;
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_record_arriving_late_is_ignored() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    fe.feed(Input::SaUp(peer_sa(2)));
+    // The old owner's late write (epoch 1) must not move us back.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be1", 1),
+    });
+    assert_eq!(notices(&a), [NoticeKind::StaleRecordIgnored]);
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DropStaleSas { .. } | Action::Initiate { .. }))
+    );
+    let p = &fe.core.peers()[&vip()];
+    assert_eq!(p.owner.as_ref().unwrap().node, "be2");
+    assert_eq!(p.epoch, 2);
+
+    // The same holds on a back-end.
+    let mut be = Node::back_end();
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 5),
+    });
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 3),
+    });
+    assert_eq!(notices(&a), [NoticeKind::StaleRecordIgnored]);
+    assert_eq!(be.core.hosted()[&vip()].owner.as_ref().unwrap().epoch, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_moving_away_and_back_renegotiates_each_time() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    let mut ike = 1;
+    for (node, epoch) in [("be2", 2), ("be1", 3), ("be2", 4), ("be1", 5)] {
+        let a = fe.feed(Input::OwnerChanged {
+            vip: vip(),
+            owner: owner(node, epoch),
+        });
+        assert!(
+            has(&a, &Action::DropStaleSas { vip: vip() }),
+            "move to {node}: {a:#?}"
+        );
+        assert_eq!(initiates(&a), [1], "move to {node}");
+        ike += 1;
+        fe.feed(Input::SaUp(peer_sa(ike)));
+        assert_eq!(fe.core.peers()[&vip()].sas[&ike].epoch, epoch);
+        assert!(fe.core.peers()[&vip()].renegotiation.is_none());
+    }
+
+    let mut be = Node::back_end();
+    for epoch in 1..=3 {
+        let a = be.feed(Input::VipAppeared(vip()));
+        assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+        be.feed(Input::OwnerChanged {
+            vip: vip(),
+            owner: owner("me", epoch * 2 - 1),
+        });
+        let a = be.feed(Input::VipDisappeared(vip()));
+        assert!(has(&a, &Action::WithdrawOwnership { vip: vip() }));
+        be.feed(Input::OwnerChanged {
+            vip: vip(),
+            owner: owner("other", epoch * 2),
+        });
+    }
+    assert_eq!(be.core.hosted()[&vip()].epoch, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sas_up_before_the_first_snapshot_are_adopted_not_dropped() {
+    let mut fe = Node::front_end(true, Mode::Normal);
+    fe.start();
+    fe.feed(Input::KeyingUp {
+        established: vec![peer_sa(9)],
+    });
+    fe.feed(Input::StoreHealth {
+        healthy: true,
+        detail: String::new(),
+    });
+    let a = fe.feed(Input::OwnerSnapshot(vec![(vip(), owner("be1", 7))]));
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DropStaleSas { .. } | Action::Initiate { .. })),
+        "{a:#?}"
+    );
+    assert_eq!(fe.core.peers()[&vip()].sas[&9].epoch, 7);
+}
+
+// ----- fast-mode idle detector -----
+
+fn sample(out: u64, inn: u64) -> Input {
+    Input::CountersSampled {
+        vip: vip(),
+        counters: TrafficCounters {
+            bytes_in: inn * 60,
+            bytes_out: out * 60,
+            packets_in: inn,
+            packets_out: out,
+        },
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fast_mode_idle_peer_is_dropped_and_renegotiated() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    let t0 = Instant::now();
+    fe.feed(sample(100, 100));
+    let mut out = 100;
+    let mut fired = None;
+    for _ in 0..20 {
+        time::advance(Duration::from_millis(250)).await;
+        out += 3;
+        let a = fe.feed(sample(out, 100));
+        if notices(&a).contains(&NoticeKind::IdlePeerDetected) {
+            assert!(has(&a, &Action::DropStaleSas { vip: vip() }));
+            // No cluster store: nothing to wait for, initiate at once.
+            assert_eq!(initiates(&a), [1]);
+            fired = Some(Instant::now() - t0);
+            break;
+        }
+    }
+    // First unanswered growth at 250 ms, timeout 2 s: detected at the 2.25 s sample.
+    assert_eq!(fired, Some(Duration::from_millis(2250)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_link_with_no_traffic_never_fails_over() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    for _ in 0..400 {
+        let a = fe.feed(sample(100, 100));
+        assert!(a.is_empty(), "{a:#?}");
+        time::advance(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn normal_mode_waits_for_the_long_idle_timeout() {
+    let mut fe = Node::established(false, Mode::Normal, None);
+    fe.feed(sample(0, 0));
+    for i in 1..=40 {
+        time::advance(Duration::from_millis(250)).await;
+        let a = fe.feed(sample(i, 0));
+        assert!(
+            a.is_empty(),
+            "normal mode must not fail over after {}ms",
+            i * 250
+        );
+    }
+    // Switching to fast mode at run time takes effect on the next samples.
+    let a = fe.feed(Input::SetMode {
+        mode: Mode::Fast,
+        idle_timeout: Some(Duration::from_secs(1)),
+    });
+    assert_eq!(
+        notice(&a, NoticeKind::ModeChanged).detail,
+        "fast, idle timeout 1s"
+    );
+    time::advance(Duration::from_millis(250)).await;
+    let a = fe.feed(sample(41, 0));
+    assert!(
+        notices(&a).contains(&NoticeKind::IdlePeerDetected),
+        "{a:#?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_outage_falls_back_to_the_fast_idle_timeout() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    assert_eq!(fe.core.idle_timeout(), Duration::from_secs(300));
+    let a = fe.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "connection refused".into(),
+    });
+    assert_eq!(notices(&a), [NoticeKind::StoreDown]);
+    assert_eq!(fe.core.idle_timeout(), Duration::from_secs(2));
+    fe.feed(Input::StoreHealth {
+        healthy: true,
+        detail: String::new(),
+    });
+    assert_eq!(fe.core.idle_timeout(), Duration::from_secs(300));
+}
+
+// ----- retries -----
+
+#[tokio::test(start_paused = true)]
+async fn renegotiation_retries_on_a_bounded_schedule_then_starts_a_new_cycle() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    let t0 = Instant::now();
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "expired".into(),
+    });
+    assert_eq!(initiates(&a), [1]);
+    let mut gaps = Vec::new();
+    let mut attempt = 1;
+    loop {
+        // Each attempt takes 100 ms to fail.
+        time::advance(Duration::from_millis(100)).await;
+        let a = fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt,
+            result: Err("peer not answering".into()),
+        });
+        if notices(&a).contains(&NoticeKind::RenegotiationFailed) {
+            assert!(
+                Instant::now() - t0 >= Duration::from_secs(10),
+                "gave up before the deadline"
+            );
+            break;
+        }
+        let (waited, a) = fe.next_timer().await;
+        assert_eq!(initiates(&a), [attempt + 1], "{a:#?}");
+        gaps.push(waited.as_millis());
+        attempt += 1;
+        assert!(attempt < 100, "unbounded");
+    }
+    // Waits double from 50 ms up to the 1 s cap; the last one is cut at the deadline.
+    assert_eq!(gaps[..7], [50, 100, 200, 400, 800, 1000, 1000]);
+    assert!(
+        Instant::now() - t0 < Duration::from_millis(10_200),
+        "{:?}",
+        Instant::now() - t0
+    );
+    let p = &fe.core.peers()[&vip()];
+    assert_eq!(
+        p.last_failover.as_ref().unwrap().outcome,
+        FailoverOutcome::GaveUp
+    );
+    assert_eq!(p.last_failover.as_ref().unwrap().attempts, attempt);
+    assert!(p.renegotiation.is_none());
+    // Recovery never ends for good: after the cooldown a new cycle starts.
+    let a = fe.advance(Duration::from_secs(5)).await;
+    assert_eq!(initiates(&a), [1]);
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationStarted));
+}
+
+#[tokio::test(start_paused = true)]
+async fn renegotiation_succeeds_mid_schedule() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("no answer".into()),
+    });
+    let a = fe.advance(Duration::from_millis(50)).await;
+    assert_eq!(initiates(&a), [2]);
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Err("no answer".into()),
+    });
+    let a = fe.advance(Duration::from_millis(100)).await;
+    assert_eq!(initiates(&a), [3]);
+    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    let done = notice(&a, NoticeKind::RenegotiationFinished);
+    assert_eq!(done.duration, Some(Duration::from_millis(150)));
+    // The late result of attempt 3 changes nothing.
+    assert!(
+        fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt: 3,
+            result: Ok(())
+        })
+        .is_empty()
+    );
+    assert!(fe.advance(Duration::from_secs(60)).await.is_empty());
+}
+
+// ----- fail-secure -----
+
+#[tokio::test(start_paused = true)]
+async fn fail_secure_is_engaged_at_start_until_the_daemon_and_the_sa_are_up() {
+    let mut fe = Node::front_end(false, Mode::Fast);
+    let a = fe.start();
+    assert_eq!(a[0], Action::EngageFailSecure { vip: vip() });
+    // The daemon answers but holds no SA yet: keep blocking, initiate.
+    let a = fe.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    assert!(!has(&a, &Action::ReleaseFailSecure { vip: vip() }));
+    assert_eq!(initiates(&a), [1]);
+    let a = fe.feed(Input::SaUp(peer_sa(3)));
+    assert!(has(&a, &Action::ReleaseFailSecure { vip: vip() }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keying_daemon_loss_engages_fail_secure_and_recovery_releases_it() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    assert!(fe.core.peers()[&vip()].fail_secure_since.is_none());
+    let a = fe.feed(Input::KeyingDown {
+        detail: "socket closed".into(),
+    });
+    assert!(has(&a, &Action::EngageFailSecure { vip: vip() }));
+    assert_eq!(
+        notices(&a),
+        [NoticeKind::KeyingDown, NoticeKind::FailSecureEngaged]
+    );
+    assert!(fe.core.peers()[&vip()].sas.is_empty());
+    // Repeated "down" reports while reconnecting change nothing.
+    assert!(
+        fe.feed(Input::KeyingDown {
+            detail: "connection refused".into()
+        })
+        .is_empty()
+    );
+    // Idle detection cannot act without SAs, and nothing is initiated while down.
+    assert!(fe.advance(Duration::from_secs(30)).await.is_empty());
+
+    let a = fe.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    assert_eq!(initiates(&a), [1]);
+    assert!(
+        !has(&a, &Action::ReleaseFailSecure { vip: vip() }),
+        "still no SA: keep blocking"
+    );
+    let a = fe.feed(Input::SaUp(peer_sa(4)));
+    assert!(has(&a, &Action::ReleaseFailSecure { vip: vip() }));
+    assert!(fe.core.peers()[&vip()].fail_secure_since.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_secure_disabled_never_blocks() {
+    let mut s = settings(false, Mode::Fast);
+    s.fail_secure = false;
+    let mut fe = Node {
+        core: FailoverCore::new(s, &[], &[(vip(), true)]),
+        timers: Vec::new(),
+    };
+    assert!(fe.start().is_empty());
+    fe.feed(Input::KeyingUp {
+        established: vec![peer_sa(1)],
+    });
+    let a = fe.feed(Input::KeyingDown {
+        detail: "gone".into(),
+    });
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::EngageFailSecure { .. }))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renegotiation_waits_for_the_daemon_when_it_is_down() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    fe.feed(Input::KeyingDown {
+        detail: "socket closed".into(),
+    });
+    // The owner changes while the daemon is down: nothing can be initiated yet.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert!(initiates(&a).is_empty());
+    assert!(
+        fe.core.peers()[&vip()]
+            .renegotiation
+            .as_ref()
+            .unwrap()
+            .waiting_for_keying
+    );
+    let a = fe.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    assert_eq!(initiates(&a), [1]);
+}
