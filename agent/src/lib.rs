@@ -5,11 +5,16 @@
 //! only place that spawns tasks and carries out the core's actions.
 
 pub mod addrwatch;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod failover;
 pub mod kernel;
 pub mod keying;
+pub mod logging;
+pub mod metrics;
 pub mod model;
+pub mod runtime;
 pub mod store;
 
 /// Where backends send what they observe; the runtime feeds it to the failover core.

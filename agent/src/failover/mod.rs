@@ -709,7 +709,17 @@ impl FailoverCore {
             out.push(Action::DropStaleSas { vip });
         }
         p.idle.reset();
-        if p.renegotiation.is_some() {
+        if let Some(r) = p.renegotiation.as_mut() {
+            if r.in_flight {
+                // The attempt under way was aimed at whoever held the VIP before this news
+                // (often nobody: the VIP in transit). Abort it rather than wait out its
+                // timeout, and start over toward the VIP's new owner.
+                r.in_flight = false;
+                r.retry_now = false;
+                if !out.contains(&Action::DropStaleSas { vip }) {
+                    out.push(Action::DropStaleSas { vip });
+                }
+            }
             self.kick(out, vip);
             return;
         }

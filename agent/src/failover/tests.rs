@@ -341,6 +341,44 @@ async fn planned_move_with_delete_first_initiates_immediately_and_retries_until_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_new_owner_preempts_an_attempt_still_waiting_on_nobody() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(initiates(&a), [1]);
+    // Attempt 1 hangs (the VIP is in transit); the new owner shows up meanwhile.
+    time::advance(Duration::from_millis(40)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert!(
+        has(&a, &Action::DropStaleSas { vip: vip() }),
+        "abort the half-open IKE_SA: {a:#?}"
+    );
+    assert_eq!(initiates(&a), [2]);
+    // Attempt 1's late failure changes nothing.
+    time::advance(Duration::from_millis(2000)).await;
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    assert!(a.is_empty(), "{a:#?}");
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Ok(()),
+    });
+    assert_eq!(
+        notice(&a, NoticeKind::RenegotiationFinished).duration,
+        Some(Duration::from_millis(2040))
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_delete() {
     let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
     let a = fe.feed(Input::OwnerChanged {

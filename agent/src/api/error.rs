@@ -1,0 +1,70 @@
+//! The one place where domain errors become gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::keying::KeyingError;
+use crate::logging::LogError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = match &e {
+            ApiError::InvalidArgument(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<KeyingError> for ApiError {
+    fn from(e: KeyingError) -> ApiError {
+        match e {
+            KeyingError::Unreachable(_) | KeyingError::Timeout { .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
+            KeyingError::Refused { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> ApiError {
+        match e {
+            LogError::InvalidFilter { .. } => ApiError::InvalidArgument(e.to_string()),
+            LogError::Reload(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        assert_eq!(
+            Status::from(ApiError::InvalidArgument("x".into())).code(),
+            Code::InvalidArgument
+        );
+        let refused = KeyingError::Refused {
+            command: "terminate".into(),
+            reason: "no such SA".into(),
+        };
+        assert_eq!(Status::from(ApiError::from(refused)).code(), Code::Internal);
+        let down = KeyingError::Unreachable("connection refused".into());
+        assert_eq!(Status::from(ApiError::from(down)).code(), Code::Unavailable);
+    }
+}

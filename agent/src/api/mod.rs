@@ -1,0 +1,354 @@
+//! The gRPC API (`vipsec.v1.Agent`), served on a root-only Unix socket by default, or on
+//! TCP with TLS.
+
+mod convert;
+mod error;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use vipsec_proto::v1 as pb;
+use vipsec_proto::v1::agent_server::{Agent as AgentApi, AgentServer};
+
+pub use error::ApiError;
+
+use crate::config::{ApiConfig, ApiEndpoint};
+use crate::model::{Mode, VipRole};
+use crate::runtime::{AgentHandle, Command};
+
+/// A listening API endpoint, bound before the agent reports itself running.
+pub enum BoundApi {
+    Unix {
+        listener: tokio::net::UnixListener,
+        path: PathBuf,
+    },
+    Tcp {
+        listener: tokio::net::TcpListener,
+        tls: ServerTlsConfig,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("api.endpoint {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("{path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+    #[error("TLS file {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
+}
+
+fn read_tls(path: &Path) -> Result<Vec<u8>, BindError> {
+    std::fs::read(path).map_err(|e| BindError::Tls {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+pub async fn bind(api: &ApiConfig) -> Result<BoundApi, BindError> {
+    let endpoint = ApiEndpoint::parse(&api.endpoint).map_err(|reason| BindError::Endpoint {
+        endpoint: api.endpoint.clone(),
+        reason,
+    })?;
+    match endpoint {
+        ApiEndpoint::Unix(path) => bind_unix(&path).await,
+        ApiEndpoint::Tcp(addr) => {
+            let (Some(cert), Some(key)) = (&api.tls_cert, &api.tls_key) else {
+                return Err(BindError::Endpoint {
+                    endpoint: api.endpoint.clone(),
+                    reason: "TCP requires api.tls_cert and api.tls_key".into(),
+                });
+            };
+            let mut tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(read_tls(cert)?, read_tls(key)?));
+            if let Some(ca) = &api.tls_client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read_tls(ca)?));
+            }
+            let listener =
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| BindError::Endpoint {
+                        endpoint: api.endpoint.clone(),
+                        reason: e.to_string(),
+                    })?;
+            Ok(BoundApi::Tcp { listener, tls })
+        }
+    }
+}
+
+async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
+    let err = |reason: String| BindError::Socket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(err("another agent is already listening there".into()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    // connect() needs write permission on the socket: 0600 leaves it to root.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(BoundApi::Unix {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Removes the socket file at shutdown.
+pub fn cleanup(api: &ApiConfig) {
+    if let Ok(ApiEndpoint::Unix(path)) = ApiEndpoint::parse(&api.endpoint) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+pub async fn serve(bound: BoundApi, handle: AgentHandle, cancel: CancellationToken) {
+    let svc = AgentServer::new(AgentService { handle });
+    let shutdown = async move { cancel.cancelled().await };
+    let result = match bound {
+        BoundApi::Unix { listener, path } => {
+            info!(path = %path.display(), "API listening on unix socket");
+            Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await
+        }
+        BoundApi::Tcp { listener, tls } => {
+            info!(addr = ?listener.local_addr().ok(), "API listening on TCP with TLS");
+            match Server::builder().tls_config(tls) {
+                Ok(mut b) => {
+                    b.add_service(svc)
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "API server stopped");
+    }
+}
+
+pub struct AgentService {
+    handle: AgentHandle,
+}
+
+fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
+    s.trim().parse().map_err(|_| {
+        ApiError::InvalidArgument(format!("{field} {s:?} is not an IPv4 or IPv6 address"))
+    })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        Ok(Response::new(convert::status(&self.handle.status())))
+    }
+
+    async fn list_sas(
+        &self,
+        req: Request<pb::ListSasRequest>,
+    ) -> Result<Response<pb::ListSasResponse>, Status> {
+        let req = req.into_inner();
+        let only = if req.vip.is_empty() {
+            None
+        } else {
+            Some(parse_vip("vip", &req.vip)?)
+        };
+        let config = &self.handle.config;
+        let (hosted, peers) = (config.hosted_addresses(), config.peer_addresses());
+        let sas = self
+            .handle
+            .keying
+            .list_sas()
+            .await
+            .map_err(ApiError::from)?;
+        let mut groups: BTreeMap<(IpAddr, i32), Vec<pb::IkeSa>> = BTreeMap::new();
+        for v in &hosted {
+            groups.entry((*v, pb::VipRole::Hosted as i32)).or_default();
+        }
+        for v in &peers {
+            groups.entry((*v, pb::VipRole::Peer as i32)).or_default();
+        }
+        let mut unmapped = Vec::new();
+        for sa in &sas {
+            match sa.vip_role(&hosted, &peers) {
+                Some((vip, role)) => {
+                    let role = match role {
+                        VipRole::Hosted => pb::VipRole::Hosted,
+                        VipRole::Peer => pb::VipRole::Peer,
+                    } as i32;
+                    groups
+                        .entry((vip, role))
+                        .or_default()
+                        .push(convert::ike_sa(sa));
+                }
+                None => unmapped.push(convert::ike_sa(sa)),
+            }
+        }
+        let vips = groups
+            .into_iter()
+            .filter(|((vip, _), _)| only.is_none_or(|o| o == *vip))
+            .map(|((vip, role), sas)| pb::VipSas {
+                vip: vip.to_string(),
+                role,
+                sas,
+            })
+            .collect();
+        if only.is_some() {
+            unmapped.clear();
+        }
+        Ok(Response::new(pb::ListSasResponse { vips, unmapped }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = req.into_inner();
+        let only = if req.vip.is_empty() {
+            None
+        } else {
+            Some(parse_vip("vip", &req.vip)?)
+        };
+        let rx = self.handle.subscribe();
+        let stream = BroadcastStream::new(rx).filter_map(move |item| match item {
+            Ok(e) if only.is_none() || e.notice.vip == only => Some(Ok(convert::event(&e))),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                warn!(missed = n, "event subscriber too slow; events skipped");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let vip = parse_vip("vip", &req.into_inner().vip)?;
+        if !self.handle.config.hosted_addresses().contains(&vip) {
+            return Err(
+                ApiError::NotFound(format!("{vip} is not a hosted VIP of this node")).into(),
+            );
+        }
+        let (reply, rx) = oneshot::channel();
+        self.handle
+            .command(Command::Drain { vip, reply })
+            .await
+            .map_err(ApiError::Unavailable)?;
+        let deleted = rx
+            .await
+            .map_err(|_| ApiError::Unavailable("the agent is shutting down".into()))?
+            .map_err(ApiError::Unavailable)?;
+        Ok(Response::new(pb::DrainResponse { deleted }))
+    }
+
+    async fn set_mode(
+        &self,
+        req: Request<pb::SetModeRequest>,
+    ) -> Result<Response<pb::SetModeResponse>, Status> {
+        let req = req.into_inner();
+        let mode = match pb::Mode::try_from(req.mode) {
+            Ok(pb::Mode::Normal) => Mode::Normal,
+            Ok(pb::Mode::Fast) => Mode::Fast,
+            _ => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "mode {} is not normal (1) or fast (2)",
+                    req.mode
+                ))
+                .into());
+            }
+        };
+        let idle_timeout = match req.idle_timeout {
+            None => None,
+            Some(d) => {
+                let d = Duration::try_from(d).map_err(|_| {
+                    ApiError::InvalidArgument("idle_timeout must not be negative".into())
+                })?;
+                let min = self.handle.config.keying.sample_interval * 2;
+                if d < min {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "idle_timeout {} is shorter than two counter samples ({})",
+                        humantime::format_duration(d),
+                        humantime::format_duration(min)
+                    ))
+                    .into());
+                }
+                if d > Duration::from_secs(86_400) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "idle_timeout {} is longer than a day",
+                        humantime::format_duration(d)
+                    ))
+                    .into());
+                }
+                Some(d)
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        self.handle
+            .command(Command::SetMode {
+                mode,
+                idle_timeout,
+                reply,
+            })
+            .await
+            .map_err(ApiError::Unavailable)?;
+        let (mode, timeout) = rx
+            .await
+            .map_err(|_| ApiError::Unavailable("the agent is shutting down".into()))?;
+        Ok(Response::new(pb::SetModeResponse {
+            mode: convert::mode(mode) as i32,
+            idle_timeout: Some(convert::duration(timeout)),
+        }))
+    }
+
+    async fn set_log_level(
+        &self,
+        req: Request<pb::SetLogLevelRequest>,
+    ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
+        let filter = req.into_inner().filter;
+        if filter.trim().is_empty() {
+            return Err(ApiError::InvalidArgument("filter must not be empty".into()).into());
+        }
+        let Some(log) = &self.handle.log else {
+            return Err(ApiError::Unavailable(
+                "this agent runs without a reloadable log filter".into(),
+            )
+            .into());
+        };
+        let filter = log.set(&filter).map_err(ApiError::from)?;
+        Ok(Response::new(pb::SetLogLevelResponse { filter }))
+    }
+}

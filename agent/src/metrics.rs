@@ -1,0 +1,284 @@
+//! Prometheus metrics and the `/metrics` endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::failover::{Notice, NoticeKind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VipLabel {
+    pub vip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabel {
+    pub vip: String,
+    pub outcome: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub events: Family<EventLabel, Counter>,
+    pub failovers: Family<FailoverLabel, Counter>,
+    pub renegotiation_seconds: Family<VipLabel, Histogram>,
+    pub idle_peers: Family<VipLabel, Counter>,
+    pub fail_secure_engaged: Family<VipLabel, Gauge>,
+    pub fail_secure_transitions: Family<EventLabel, Counter>,
+    pub store_healthy: Gauge,
+    pub keying_up: Gauge,
+    pub vip_present: Family<VipLabel, Gauge>,
+    pub vip_epoch: Family<VipLabel, Gauge>,
+    pub action_failures: Family<EventLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("vipsec");
+        let events = Family::<EventLabel, Counter>::default();
+        registry.register("events", "Failover events by kind", events.clone());
+        let failovers = Family::<FailoverLabel, Counter>::default();
+        registry.register(
+            "failovers",
+            "Renegotiations toward a peer VIP by outcome",
+            failovers.clone(),
+        );
+        let renegotiation_seconds = Family::<VipLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+            ])
+        });
+        registry.register(
+            "renegotiation_duration_seconds",
+            "From the failover trigger to the new SA being up",
+            renegotiation_seconds.clone(),
+        );
+        let idle_peers = Family::<VipLabel, Counter>::default();
+        registry.register(
+            "idle_peers_detected",
+            "Peers declared dead by the idle detector",
+            idle_peers.clone(),
+        );
+        let fail_secure_engaged = Family::<VipLabel, Gauge>::default();
+        registry.register(
+            "fail_secure_engaged",
+            "1 while the VIP's protected flows are blocked",
+            fail_secure_engaged.clone(),
+        );
+        let fail_secure_transitions = Family::<EventLabel, Counter>::default();
+        registry.register(
+            "fail_secure_transitions",
+            "Fail-secure engage and release operations",
+            fail_secure_transitions.clone(),
+        );
+        let store_healthy = Gauge::default();
+        registry.register(
+            "store_healthy",
+            "1 while the ownership store answers",
+            store_healthy.clone(),
+        );
+        let keying_up = Gauge::default();
+        registry.register(
+            "keying_up",
+            "1 while the keying daemon answers",
+            keying_up.clone(),
+        );
+        let vip_present = Family::<VipLabel, Gauge>::default();
+        registry.register(
+            "vip_present",
+            "1 while a hosted VIP is on this node",
+            vip_present.clone(),
+        );
+        let vip_epoch = Family::<VipLabel, Gauge>::default();
+        registry.register(
+            "vip_epoch",
+            "Highest ownership epoch seen per VIP",
+            vip_epoch.clone(),
+        );
+        let action_failures = Family::<EventLabel, Counter>::default();
+        registry.register(
+            "action_failures",
+            "Actions that failed, by kind",
+            action_failures.clone(),
+        );
+        Metrics {
+            registry,
+            events,
+            failovers,
+            renegotiation_seconds,
+            idle_peers,
+            fail_secure_engaged,
+            fail_secure_transitions,
+            store_healthy,
+            keying_up,
+            vip_present,
+            vip_epoch,
+            action_failures,
+        }
+    }
+
+    /// Counts a failover event.
+    pub fn record(&self, n: &Notice) {
+        self.events
+            .get_or_create(&EventLabel {
+                kind: n.kind.as_str().into(),
+            })
+            .inc();
+        let vip = VipLabel {
+            vip: n.vip.map(|v| v.to_string()).unwrap_or_default(),
+        };
+        match n.kind {
+            NoticeKind::RenegotiationFinished => {
+                let label = FailoverLabel {
+                    vip: vip.vip.clone(),
+                    outcome: "recovered".into(),
+                };
+                self.failovers.get_or_create(&label).inc();
+                if let Some(d) = n.duration {
+                    self.renegotiation_seconds
+                        .get_or_create(&vip)
+                        .observe(d.as_secs_f64());
+                }
+            }
+            NoticeKind::RenegotiationFailed => {
+                let label = FailoverLabel {
+                    vip: vip.vip.clone(),
+                    outcome: "gave-up".into(),
+                };
+                self.failovers.get_or_create(&label).inc();
+            }
+            NoticeKind::IdlePeerDetected => {
+                self.idle_peers.get_or_create(&vip).inc();
+            }
+            NoticeKind::FailSecureEngaged => {
+                self.fail_secure_engaged.get_or_create(&vip).set(1);
+                self.fail_secure_transitions
+                    .get_or_create(&EventLabel {
+                        kind: "engage".into(),
+                    })
+                    .inc();
+            }
+            NoticeKind::FailSecureReleased => {
+                self.fail_secure_engaged.get_or_create(&vip).set(0);
+                self.fail_secure_transitions
+                    .get_or_create(&EventLabel {
+                        kind: "release".into(),
+                    })
+                    .inc();
+            }
+            NoticeKind::StoreUp => {
+                self.store_healthy.set(1);
+            }
+            NoticeKind::StoreDown => {
+                self.store_healthy.set(0);
+            }
+            NoticeKind::KeyingUp => {
+                self.keying_up.set(1);
+            }
+            NoticeKind::KeyingDown => {
+                self.keying_up.set(0);
+            }
+            NoticeKind::VipAcquired => {
+                self.vip_present.get_or_create(&vip).set(1);
+            }
+            NoticeKind::VipReleased => {
+                self.vip_present.get_or_create(&vip).set(0);
+            }
+            NoticeKind::OwnerChanged => {
+                self.vip_epoch.get_or_create(&vip).set(n.epoch as i64);
+            }
+            NoticeKind::ActionFailed => {
+                let kind = n.detail.split(':').next().unwrap_or("unknown").to_string();
+                self.action_failures
+                    .get_or_create(&EventLabel { kind })
+                    .inc();
+            }
+            _ => {}
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` until cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renegotiations_feed_the_histogram_and_counters() {
+        let m = Metrics::new();
+        let vip = "192.0.2.100".parse().ok();
+        m.record(
+            &Notice::new(NoticeKind::RenegotiationFinished, vip)
+                .duration(Duration::from_millis(80)),
+        );
+        m.record(&Notice::new(NoticeKind::FailSecureEngaged, vip));
+        let text = m.encode();
+        assert!(
+            text.contains("vipsec_failovers_total{vip=\"192.0.2.100\",outcome=\"recovered\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vipsec_renegotiation_duration_seconds_bucket{le=\"0.1\",vip=\"192.0.2.100\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vipsec_fail_secure_engaged{vip=\"192.0.2.100\"} 1"),
+            "{text}"
+        );
+    }
+}

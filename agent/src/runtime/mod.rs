@@ -1,0 +1,441 @@
+//! The runtime: the only place that spawns tasks. It feeds backend observations to the
+//! failover core, carries out the core's actions, serves the API and metrics, and shuts
+//! everything down on one cancellation token.
+
+mod lanes;
+pub mod status;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::addrwatch::AddressWatcher;
+use crate::config::Config;
+use crate::failover::{Action, CoreSettings, FailoverCore, Input, Notice, NoticeKind};
+use crate::kernel::Kernel;
+use crate::keying::Keying;
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::model::{Mode, Vip};
+use crate::store::OwnershipStore;
+use lanes::Lanes;
+pub use status::{Health, HealthView, StatusView};
+
+/// The outside systems the agent works with, one trait object each.
+pub struct Backends {
+    pub store: Arc<dyn OwnershipStore>,
+    pub watcher: Arc<dyn AddressWatcher>,
+    pub keying: Arc<dyn Keying>,
+    pub kernel: Arc<dyn Kernel>,
+}
+
+impl Backends {
+    pub async fn from_config(config: &Config) -> anyhow::Result<Backends> {
+        Ok(Backends {
+            store: crate::store::from_config(config).await?,
+            watcher: crate::addrwatch::from_config(),
+            keying: crate::keying::from_config(config),
+            kernel: crate::kernel::from_config(config)?,
+        })
+    }
+}
+
+/// A failover event with the time it happened, as streamed by `WatchEvents`.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub at: SystemTime,
+    pub node: String,
+    pub notice: Notice,
+}
+
+/// Requests from the API that need the core.
+pub enum Command {
+    Drain {
+        vip: Vip,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    SetMode {
+        mode: Mode,
+        idle_timeout: Option<Duration>,
+        reply: oneshot::Sender<(Mode, Duration)>,
+    },
+}
+
+/// What the API holds of the running agent.
+#[derive(Clone)]
+pub struct AgentHandle {
+    pub config: Arc<Config>,
+    pub keying: Arc<dyn Keying>,
+    pub log: Option<Arc<LogControl>>,
+    pub metrics: Arc<Metrics>,
+    status: watch::Receiver<StatusView>,
+    events: broadcast::Sender<EventRecord>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl AgentHandle {
+    pub fn status(&self) -> StatusView {
+        self.status.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    pub async fn command(&self, cmd: Command) -> Result<(), String> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())
+    }
+
+    /// Waits until the status satisfies `f` (for tests and the lab), up to `timeout`.
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&StatusView) -> bool,
+    ) -> Option<StatusView> {
+        let mut rx = self.status.clone();
+        tokio::time::timeout(timeout, async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if f(&s) {
+                        return Some(s.clone());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// How long shutdown waits for tasks before giving up on them.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A started agent: its handle and the task tracker to join at shutdown.
+pub struct Agent {
+    pub handle: AgentHandle,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Agent {
+    /// Starts every task: backends, the core loop, the API server and metrics.
+    pub async fn start(
+        config: Config,
+        backends: Backends,
+        log: Option<Arc<LogControl>>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Agent> {
+        let config = Arc::new(config);
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::new());
+        let (input_tx, input_rx) = mpsc::channel::<Input>(4096);
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
+        let (events, _) = broadcast::channel::<EventRecord>(1024);
+
+        let peers: Vec<(Vip, bool)> = config
+            .peer_vips
+            .iter()
+            .map(|p| (p.address, !p.protect.is_empty()))
+            .collect();
+        let mut core = FailoverCore::new(
+            CoreSettings::from_config(&config),
+            &config.hosted_addresses(),
+            &peers,
+        );
+        let mut health = Health {
+            store: HealthView::new(backends.store.kind(), "connecting"),
+            keying: HealthView::new(backends.keying.kind(), "connecting"),
+            kernel: HealthView::new(backends.kernel.kind(), "starting"),
+        };
+
+        // Block policies left by an earlier run stay in force until the SAs are back.
+        match backends.kernel.reconcile().await {
+            Ok(vips) => {
+                if !vips.is_empty() {
+                    info!(vips = ?vips, "adopted fail-secure block policies from an earlier run");
+                }
+                core.adopt_fail_secure(Instant::now(), &vips);
+                health.kernel.report(true, String::new());
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read kernel policies at start-up");
+                health.kernel.report(false, e.to_string());
+            }
+        }
+
+        let (status_tx, status_rx) = watch::channel(StatusView::build(&core, &health, &config));
+        let handle = AgentHandle {
+            config: config.clone(),
+            keying: backends.keying.clone(),
+            log,
+            metrics: metrics.clone(),
+            status: status_rx,
+            events: events.clone(),
+            commands: cmd_tx,
+        };
+
+        // The API comes up first so operators can look at an agent that is still starting.
+        let api = crate::api::bind(&config.api).await?;
+        tracker.spawn(
+            crate::api::serve(api, handle.clone(), cancel.clone()).instrument(info_span!("api")),
+        );
+
+        if let Some(addr) = config.metrics.listen {
+            let (m, c) = (metrics.clone(), cancel.clone());
+            tracker.spawn(
+                async move {
+                    if let Err(e) = crate::metrics::serve(addr, m, c).await {
+                        warn!(%addr, error = %e, "metrics endpoint failed");
+                    }
+                }
+                .instrument(info_span!("metrics")),
+            );
+        }
+
+        {
+            let (store, tx, c) = (backends.store.clone(), input_tx.clone(), cancel.clone());
+            tracker.spawn(async move { store.run(tx, c).await }.instrument(info_span!("store")));
+        }
+        {
+            let (keying, tx, c) = (backends.keying.clone(), input_tx.clone(), cancel.clone());
+            tracker.spawn(async move { keying.run(tx, c).await }.instrument(info_span!("keying")));
+        }
+        {
+            let (kernel, tx, c) = (backends.kernel.clone(), input_tx.clone(), cancel.clone());
+            tracker.spawn(async move { kernel.run(tx, c).await }.instrument(info_span!("kernel")));
+        }
+        if !config.hosted_vips.is_empty() {
+            let (watcher, tx, c) = (backends.watcher.clone(), input_tx.clone(), cancel.clone());
+            let vips = config.hosted_vips.clone();
+            tracker.spawn(
+                async move {
+                    if let Err(e) = watcher.run(vips, tx, c).await {
+                        tracing::error!(error = %e, "address watcher stopped; VIP moves on this node go unseen");
+                    }
+                }
+                .instrument(info_span!("addrwatch")),
+            );
+        }
+
+        let sink = EventSink {
+            events: events.clone(),
+            metrics: metrics.clone(),
+            node: config.node.clone(),
+        };
+        let lanes = Lanes::new(
+            &backends,
+            config.clone(),
+            input_tx.clone(),
+            tracker.clone(),
+            cancel.clone(),
+            sink.clone(),
+            health.kernel.clone(),
+        );
+        let mut core_loop = CoreLoop {
+            core,
+            health,
+            config: config.clone(),
+            lanes,
+            status: status_tx,
+            sink,
+            inputs: input_rx,
+            commands: cmd_rx,
+            pending_drains: Vec::new(),
+        };
+        let c = cancel.clone();
+        tracker.spawn(
+            async move { core_loop.run(c).await }
+                .instrument(info_span!("core", node = %config.node)),
+        );
+        Ok(Agent {
+            handle,
+            tracker,
+            cancel,
+        })
+    }
+
+    /// Waits for cancellation, then for every task, up to the shutdown deadline.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.cancel.cancelled().await;
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.tracker.len(),
+                "tasks still running at the shutdown deadline; leaving them"
+            );
+        }
+        crate::api::cleanup(&self.handle.config.api);
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: Config, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let backends = Backends::from_config(&config).await?;
+    let agent = Agent::start(config, backends, log, cancel.clone()).await?;
+    info!("agent running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        _ = cancel.cancelled() => {}
+    }
+    cancel.cancel();
+    agent.wait().await
+}
+
+/// Where failover events go: the log, the metrics and the `WatchEvents` subscribers.
+#[derive(Clone)]
+pub(crate) struct EventSink {
+    events: broadcast::Sender<EventRecord>,
+    metrics: Arc<Metrics>,
+    node: String,
+}
+
+impl EventSink {
+    pub(crate) fn emit(&self, notice: Notice) {
+        let vip = notice
+            .vip
+            .map(|v: IpAddr| v.to_string())
+            .unwrap_or_default();
+        let (event, owner, epoch, duration, detail) = (
+            notice.kind.as_str(),
+            &notice.owner,
+            notice.epoch,
+            &notice.duration,
+            &notice.detail,
+        );
+        match notice.kind {
+            NoticeKind::ActionFailed
+            | NoticeKind::RenegotiationFailed
+            | NoticeKind::KeyingDown
+            | NoticeKind::StoreDown => {
+                warn!(event, vip, ?owner, epoch, ?duration, %detail, "failover event")
+            }
+            _ => info!(event, vip, ?owner, epoch, ?duration, %detail, "failover event"),
+        }
+        self.metrics.record(&notice);
+        let _ = self.events.send(EventRecord {
+            at: SystemTime::now(),
+            node: self.node.clone(),
+            notice,
+        });
+    }
+}
+
+struct CoreLoop {
+    core: FailoverCore,
+    health: Health,
+    config: Arc<Config>,
+    lanes: Lanes,
+    status: watch::Sender<StatusView>,
+    sink: EventSink,
+    inputs: mpsc::Receiver<Input>,
+    commands: mpsc::Receiver<Command>,
+    pending_drains: Vec<(Vip, oneshot::Sender<Result<u32, String>>)>,
+}
+
+impl CoreLoop {
+    async fn run(&mut self, cancel: CancellationToken) {
+        let start = self.core.start(Instant::now());
+        self.apply(start);
+        self.publish_status();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(input) = self.inputs.recv() => {
+                    self.note_health(&input);
+                    let actions = self.core.handle(Instant::now(), input);
+                    self.apply(actions);
+                }
+                Some(cmd) = self.commands.recv() => self.command(cmd),
+            }
+            self.publish_status();
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Drain { vip, reply } => {
+                let actions = self.core.handle(Instant::now(), Input::Drain(vip));
+                self.pending_drains.push((vip, reply));
+                self.apply(actions);
+            }
+            Command::SetMode {
+                mode,
+                idle_timeout,
+                reply,
+            } => {
+                let actions = self
+                    .core
+                    .handle(Instant::now(), Input::SetMode { mode, idle_timeout });
+                self.apply(actions);
+                let _ = reply.send((self.core.settings().mode, self.core.idle_timeout()));
+            }
+        }
+    }
+
+    fn note_health(&mut self, input: &Input) {
+        match input {
+            Input::StoreHealth { healthy, detail } => {
+                self.health.store.report(*healthy, detail.clone())
+            }
+            Input::KeyingUp { established } => self
+                .health
+                .keying
+                .report(true, format!("{} SAs at (re)connect", established.len())),
+            Input::KeyingDown { detail } => self.health.keying.report(false, detail.clone()),
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Notify(notice) => self.sink.emit(notice),
+                Action::DeleteSas { vip, role } => {
+                    let reply = self
+                        .pending_drains
+                        .iter()
+                        .position(|(v, _)| *v == vip)
+                        .map(|i| self.pending_drains.remove(i).1);
+                    self.lanes.delete_sas(vip, role, reply);
+                }
+                other => self.lanes.submit(other),
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let mut health = self.health.clone();
+        health.kernel = self.lanes.kernel_health();
+        let view = StatusView::build(&self.core, &health, &self.config);
+        self.status.send_if_modified(|old| {
+            if *old == view {
+                false
+            } else {
+                *old = view;
+                true
+            }
+        });
+    }
+}

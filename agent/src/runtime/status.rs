@@ -1,0 +1,196 @@
+//! The agent's state as the API and the CLI see it: the core's view plus backend health,
+//! with wall-clock times.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::failover::FailoverCore;
+use crate::model::{Mode, VipOwner};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HealthView {
+    pub kind: String,
+    pub healthy: bool,
+    pub detail: String,
+    pub since: SystemTime,
+}
+
+impl HealthView {
+    pub fn new(kind: &str, detail: &str) -> HealthView {
+        HealthView {
+            kind: kind.into(),
+            healthy: false,
+            detail: detail.into(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Records a health report; `since` only moves when the state flips.
+    pub fn report(&mut self, healthy: bool, detail: String) {
+        if self.healthy != healthy {
+            self.since = SystemTime::now();
+        }
+        self.healthy = healthy;
+        self.detail = detail;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailSecureView {
+    pub enabled: bool,
+    pub engaged: bool,
+    pub since: Option<SystemTime>,
+    pub flows: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HostedView {
+    pub address: IpAddr,
+    pub present: bool,
+    pub owner: Option<VipOwner>,
+    pub epoch: u64,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailoverView {
+    pub started_at: SystemTime,
+    pub duration: Option<Duration>,
+    pub reason: String,
+    pub outcome: String,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SaStateView {
+    Down,
+    Connecting,
+    Established,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PeerView {
+    pub address: IpAddr,
+    pub connection: String,
+    pub child: String,
+    pub owner: Option<VipOwner>,
+    pub epoch: u64,
+    pub ike_state: SaStateView,
+    pub child_state: SaStateView,
+    pub established_since: Option<SystemTime>,
+    pub renegotiating: bool,
+    pub fail_secure: bool,
+    pub last_failover: Option<FailoverView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusView {
+    pub node: String,
+    pub mode: Mode,
+    pub idle_timeout: Duration,
+    pub store: HealthView,
+    pub keying: HealthView,
+    pub kernel: HealthView,
+    pub fail_secure: FailSecureView,
+    pub hosted: Vec<HostedView>,
+    pub peers: Vec<PeerView>,
+}
+
+/// Backend health the runtime tracks beside the core.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub store: HealthView,
+    pub keying: HealthView,
+    pub kernel: HealthView,
+}
+
+fn wall(now: Instant, wall_now: SystemTime, t: Instant) -> SystemTime {
+    wall_now
+        .checked_sub(now.saturating_duration_since(t))
+        .unwrap_or(wall_now)
+}
+
+impl StatusView {
+    pub fn build(core: &FailoverCore, health: &Health, config: &Config) -> StatusView {
+        let now = Instant::now();
+        let wall_now = SystemTime::now();
+        let s = core.settings();
+        let hosted = core
+            .hosted()
+            .iter()
+            .map(|(vip, h)| HostedView {
+                address: *vip,
+                present: h.present,
+                owner: h.owner.clone(),
+                epoch: h.epoch,
+                draining: h.draining,
+            })
+            .collect();
+        let mut engaged_since: Option<SystemTime> = None;
+        let mut flows = 0u32;
+        let peers = core
+            .peers()
+            .iter()
+            .map(|(vip, p)| {
+                let conn = config.peer(*vip).map(|c| c.peer_connection());
+                let established = !p.sas.is_empty();
+                let connecting = p.renegotiation.as_ref().is_some_and(|r| r.in_flight);
+                let state = if established {
+                    SaStateView::Established
+                } else if connecting {
+                    SaStateView::Connecting
+                } else {
+                    SaStateView::Down
+                };
+                if let Some(since) = p.fail_secure_since {
+                    let t = wall(now, wall_now, since);
+                    engaged_since = Some(engaged_since.map_or(t, |e| e.min(t)));
+                    flows += config.peer(*vip).map_or(0, |c| c.protect.len() as u32);
+                }
+                PeerView {
+                    address: *vip,
+                    connection: conn
+                        .as_ref()
+                        .map(|c| c.connection.clone())
+                        .unwrap_or_default(),
+                    child: conn.map(|c| c.child).unwrap_or_default(),
+                    owner: p.owner.clone(),
+                    epoch: p.epoch,
+                    ike_state: state,
+                    child_state: state,
+                    established_since: p.established_since().map(|t| wall(now, wall_now, t)),
+                    renegotiating: p.renegotiation.is_some(),
+                    fail_secure: p.fail_secure_since.is_some(),
+                    last_failover: p.last_failover.as_ref().map(|f| FailoverView {
+                        started_at: wall(now, wall_now, f.started),
+                        duration: f.duration,
+                        reason: f.reason.clone(),
+                        outcome: f.outcome.as_str().into(),
+                        attempts: f.attempts,
+                    }),
+                }
+            })
+            .collect();
+        StatusView {
+            node: s.node.clone(),
+            mode: s.mode,
+            idle_timeout: core.idle_timeout(),
+            store: health.store.clone(),
+            keying: health.keying.clone(),
+            kernel: health.kernel.clone(),
+            fail_secure: FailSecureView {
+                enabled: s.fail_secure,
+                engaged: engaged_since.is_some(),
+                since: engaged_since,
+                flows,
+            },
+            hosted,
+            peers,
+        }
+    }
+}

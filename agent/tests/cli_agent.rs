@@ -1,0 +1,265 @@
+//! The `vipsec` binary end to end: the daemon with the embedded store, and every client
+//! subcommand against it over its Unix socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use vipsec_testbed::process::{ProcessGuard, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    proc: ProcessGuard,
+}
+
+fn write_config(dir: &Path, socket: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    let text = format!(
+        r#"node = "solo"
+[api]
+endpoint = "unix://{}"
+[store]
+backend = "embedded"
+[failover]
+mode = "normal"
+[[hosted_vip]]
+address = "192.0.2.100"
+{extra}"#,
+        socket.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let config = write_config(dir.path(), &socket, "");
+    let proc = ProcessGuard::spawn(
+        "vipsec agent",
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null()),
+    )
+    .unwrap();
+    wait_for("the API socket", Duration::from_secs(10), || {
+        socket.exists().then_some(())
+    })
+    .unwrap();
+    Agent {
+        _dir: dir,
+        socket,
+        proc,
+    }
+}
+
+impl Agent {
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--endpoint")
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn status_json_reports_the_node_and_its_vips_over_a_root_only_socket() {
+    let agent = start_agent();
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "API socket must be root-only");
+    let out = agent.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["node"], "solo");
+    assert_eq!(v["mode"], "normal");
+    assert_eq!(v["store"]["kind"], "embedded");
+    assert_eq!(v["hosted_vips"][0]["address"], "192.0.2.100");
+    assert_eq!(v["hosted_vips"][0]["present_locally"], false);
+
+    let table = agent.cli(&["status"]);
+    assert!(table.status.success());
+    assert!(stdout(&table).contains("HOSTED VIP"), "{}", stdout(&table));
+}
+
+#[test]
+fn mode_and_log_level_change_at_run_time_and_events_stream_them() {
+    let agent = start_agent();
+    let events = Command::new(BIN)
+        .arg("--endpoint")
+        .arg(agent.endpoint())
+        .args(["events", "--json", "--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = agent.cli(&["mode", "fast", "--idle-timeout", "2s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "mode fast (idle timeout 2s)");
+
+    let out = agent.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["mode"], "fast");
+    assert_eq!(v["idle_timeout_ms"], 2000.0);
+
+    let out = agent.cli(&["log-level", "debug,h2=info"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli(&["log-level", "not a [filter"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid log filter"),
+        "{}",
+        stderr(&out)
+    );
+
+    let collected = std::thread::spawn(move || {
+        let out = events.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    // The watcher may have subscribed after the first change: keep producing changes until
+    // it has seen two, rather than guessing a delay.
+    let mut n = 0;
+    while !collected.is_finished() {
+        let m = if n % 2 == 0 { "normal" } else { "fast" };
+        assert!(agent.cli(&["mode", m]).status.success());
+        n += 1;
+        assert!(n < 500, "events never arrived");
+    }
+    let lines = collected.join().unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["event"], "mode-changed");
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
+    let agent = start_agent();
+    let out = agent.cli(&["drain", "not-an-ip"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not-an-ip"), "{}", stderr(&out));
+    let out = agent.cli(&["drain", "192.0.2.77"]);
+    assert_eq!(out.status.code(), Some(2), "unknown VIP is a usage error");
+    let out = agent.cli(&["mode", "fast", "--idle-timeout", "10ms"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("shorter than two counter samples"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["mode", "sideways"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = Command::new(BIN)
+        .args(["--endpoint", "unix:///nonexistent/agent.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one-line reason: {err}");
+    assert!(err.contains("is it running?"), "{err}");
+}
+
+#[test]
+fn drain_of_a_hosted_vip_succeeds() {
+    let agent = start_agent();
+    let out = agent.cli(&["drain", "192.0.2.100"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("drained 192.0.2.100"));
+}
+
+#[test]
+fn config_check_names_the_file_the_key_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "node = \"x\"\n[failover]\nidle_timeout = \"fast\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(text.contains("bad.toml: failover.idle_timeout:"), "{text}");
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        "node = \"x\"\n[store]\nbackend = \"embedded\"\nleas_ttl = \"2s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("store.leas_ttl"), "{}", stdout(&out));
+
+    // The daemon refuses the same file with the same reason and exit code 2.
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("store.leas_ttl"), "{}", stderr(&out));
+
+    for example in ["backend.toml", "frontend.toml", "single-node.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples")
+            .join(example);
+        let out = Command::new(BIN)
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{example}: {}", stdout(&out));
+    }
+}
+
+#[test]
+fn sigterm_stops_the_agent_cleanly_and_removes_its_socket() {
+    let mut agent = start_agent();
+    agent.proc.signal(15).unwrap();
+    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!agent.socket.exists());
+}
+
+#[test]
+fn a_second_agent_on_the_same_socket_is_refused() {
+    let agent = start_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &agent.socket, "");
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already listening"),
+        "{}",
+        stderr(&out)
+    );
+}
