@@ -181,6 +181,19 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
 }
 
 #[test]
+fn health_reports_healthy_parts_with_exit_0() {
+    let agent = start_agent();
+    let out = agent.cli(&["health"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "healthy");
+    let out = Command::new(BIN)
+        .args(["--endpoint", "unix:///nonexistent/agent.sock", "health"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
 fn drain_of_a_hosted_vip_succeeds() {
     let agent = start_agent();
     let out = agent.cli(&["drain", "192.0.2.100"]);

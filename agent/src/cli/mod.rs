@@ -6,6 +6,7 @@ mod client;
 mod config_check;
 mod drain;
 mod events;
+mod health;
 mod log_level;
 mod mode;
 mod render;
@@ -71,6 +72,12 @@ pub enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// Exit 0 when the agent and the parts failover depends on are healthy, 1 otherwise.
+    Health {
+        /// Print nothing on success.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Before a planned move: gracefully delete this node's SAs for a hosted VIP.
     Drain { vip: String },
@@ -178,6 +185,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Status { json } => status::run(&target, json).await,
         Command::Sas { vip, json } => sas::run(&target, vip, json).await,
         Command::Events { vip, json, count } => events::run(&target, vip, json, count).await,
+        Command::Health { quiet } => health::run(&target, quiet).await,
         Command::Drain { vip } => drain::run(&target, &vip).await,
         Command::Mode { mode, idle_timeout } => mode::run(&target, mode, idle_timeout).await,
         Command::LogLevel { filter } => log_level::run(&target, &filter).await,
