@@ -136,6 +136,31 @@ impl Metrics {
         }
     }
 
+    /// Creates every per-VIP series at start-up, so dashboards show zeros rather than gaps.
+    pub fn init_vips(&self, hosted: &[std::net::IpAddr], peers: &[std::net::IpAddr]) {
+        for vip in peers {
+            let label = VipLabel {
+                vip: vip.to_string(),
+            };
+            let _ = self.renegotiation_seconds.get_or_create(&label);
+            let _ = self.idle_peers.get_or_create(&label);
+            let _ = self.fail_secure_engaged.get_or_create(&label);
+            for outcome in ["recovered", "gave-up"] {
+                let _ = self.failovers.get_or_create(&FailoverLabel {
+                    vip: vip.to_string(),
+                    outcome: outcome.into(),
+                });
+            }
+        }
+        for vip in hosted {
+            let label = VipLabel {
+                vip: vip.to_string(),
+            };
+            let _ = self.vip_present.get_or_create(&label);
+            let _ = self.vip_epoch.get_or_create(&label);
+        }
+    }
+
     /// Counts a failover event.
     pub fn record(&self, n: &Notice) {
         self.events

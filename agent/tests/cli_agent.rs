@@ -36,9 +36,13 @@ address = "192.0.2.100"
 }
 
 fn start_agent() -> Agent {
+    start_agent_with("")
+}
+
+fn start_agent_with(extra: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/agent.sock");
-    let config = write_config(dir.path(), &socket, "");
+    let config = write_config(dir.path(), &socket, extra);
     let proc = ProcessGuard::spawn(
         "vipsec agent",
         Command::new(BIN)
@@ -178,6 +182,45 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one-line reason: {err}");
     assert!(err.contains("is it running?"), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+#[test]
+fn metrics_endpoint_counts_failover_events() {
+    let port = free_port();
+    let agent = start_agent_with(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    assert!(agent.cli(&["mode", "fast"]).status.success());
+    let body = wait_for("the metrics endpoint", Duration::from_secs(10), || {
+        http_get(port, "/metrics")
+            .filter(|b| b.contains("vipsec_events_total{kind=\"mode-changed\"} 1"))
+    })
+    .unwrap();
+    assert!(body.contains("vipsec_keying_up 1"), "{body}");
+    assert!(body.contains("vipsec_store_healthy 1"), "{body}");
+    assert!(
+        body.contains("vipsec_vip_present{vip=\"192.0.2.100\"} 0"),
+        "{body}"
+    );
 }
 
 #[test]

@@ -471,11 +471,7 @@ impl FailoverCore {
         if self.store_healthy == Some(healthy) {
             return;
         }
-        let first = self.store_healthy.is_none();
         self.store_healthy = Some(healthy);
-        if first && healthy {
-            return;
-        }
         let kind = if healthy {
             NoticeKind::StoreUp
         } else {

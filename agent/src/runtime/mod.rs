@@ -142,6 +142,7 @@ impl Agent {
         let config = Arc::new(config);
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
+        metrics.init_vips(&config.hosted_addresses(), &config.peer_addresses());
         let (input_tx, input_rx) = mpsc::channel::<Input>(4096);
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
         let (events, _) = broadcast::channel::<EventRecord>(1024);
@@ -289,14 +290,16 @@ impl Agent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run_until_signal(config: Config, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives while the agent starts must still stop it cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let cancel = CancellationToken::new();
     let backends = Backends::from_config(&config).await?;
     let agent = Agent::start(config, backends, log, cancel.clone()).await?;
     info!("agent running");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
         _ = cancel.cancelled() => {}
     }
     cancel.cancel();
