@@ -8,7 +8,10 @@ use tokio_util::sync::CancellationToken;
 use crate::InputSink;
 use crate::config::HostedVipConfig;
 
+mod presence;
 pub mod rtnetlink;
+
+pub use presence::{AddressSeen, PresenceTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddrWatchError {
