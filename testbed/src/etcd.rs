@@ -60,7 +60,8 @@ impl EtcdServer {
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no free port pair in {PORT_FIRST}..{PORT_LAST}")))
+        Err(last_err
+            .unwrap_or_else(|| anyhow::anyhow!("no free port pair in {PORT_FIRST}..{PORT_LAST}")))
     }
 
     pub fn endpoint(&self) -> String {
@@ -150,8 +151,7 @@ fn healthy(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;

@@ -32,5 +32,5 @@ pub trait AddressWatcher: Send + Sync + 'static {
 }
 
 pub fn from_config() -> Arc<dyn AddressWatcher> {
-    Arc::new(rtnetlink::NetlinkAddressWatcher::default())
+    Arc::new(rtnetlink::NetlinkAddressWatcher)
 }

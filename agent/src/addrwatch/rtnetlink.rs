@@ -95,9 +95,7 @@ async fn watch(
             return Ok(());
         }
     }
-    Err(AddrWatchError::Netlink(
-        "notification stream ended".into(),
-    ))
+    Err(AddrWatchError::Netlink("notification stream ended".into()))
 }
 
 /// Dumps every address and reports the differences; false when the sink is gone.

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -135,7 +135,10 @@ impl EtcdStore {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(unavailable(what, self.settings.scrub(&e.to_string()))),
-            Err(_) => Err(unavailable(what, format!("no answer within {:?}", self.timeout))),
+            Err(_) => Err(unavailable(
+                what,
+                format!("no answer within {:?}", self.timeout),
+            )),
         }
     }
 
@@ -168,19 +171,17 @@ impl EtcdStore {
         });
         let owner_kv = gets.next().and_then(|g| g.kvs().first().cloned());
         let epoch_kv = gets.next().and_then(|g| g.kvs().first().cloned());
-        let owner = owner_kv.and_then(|kv| {
-            match decode_owner(kv.value()) {
-                Ok(o) => Some((
-                    o,
-                    KvMeta {
-                        mod_revision: kv.mod_revision(),
-                        lease: kv.lease(),
-                    },
-                )),
-                Err(reason) => {
-                    tracing::warn!(key = %owner_key, %reason, "ignoring unreadable owner record");
-                    None
-                }
+        let owner = owner_kv.and_then(|kv| match decode_owner(kv.value()) {
+            Ok(o) => Some((
+                o,
+                KvMeta {
+                    mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
+                },
+            )),
+            Err(reason) => {
+                tracing::warn!(key = %owner_key, %reason, "ignoring unreadable owner record");
+                None
             }
         });
         let (stored_epoch, mod_revision) = match &epoch_kv {
@@ -230,11 +231,7 @@ impl EtcdStore {
             )])
             .and_then([
                 TxnOp::put(epoch_key.clone(), owner.epoch.to_string(), None),
-                TxnOp::put(
-                    owner_key,
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
+                TxnOp::put(owner_key, value, Some(PutOptions::new().with_lease(lease))),
             ]);
         let mut c = client.clone();
         let resp = self.timed("claim VIP", c.txn(txn)).await?;
@@ -282,7 +279,11 @@ impl EtcdStore {
                             Some(PutOptions::new().with_lease(lease)),
                         )]);
                     let mut c = client.clone();
-                    if self.timed("re-attach record", c.txn(txn)).await?.succeeded() {
+                    if self
+                        .timed("re-attach record", c.txn(txn))
+                        .await?
+                        .succeeded()
+                    {
                         tracing::info!(%vip, epoch = own.epoch, lease, "record moved to current lease");
                         return Ok(own);
                     }
@@ -389,7 +390,10 @@ impl EtcdStore {
         }
     }
 
-    async fn snapshot(&self, client: &Client) -> Result<(Vec<(Vip, Option<VipOwner>)>, i64), StoreError> {
+    async fn snapshot(
+        &self,
+        client: &Client,
+    ) -> Result<(Vec<(Vip, Option<VipOwner>)>, i64), StoreError> {
         let mut c = client.clone();
         let resp = self
             .timed(

@@ -25,14 +25,19 @@ impl ConnectSettings {
         let user = match (&c.username, &c.password_file) {
             (Some(u), Some(f)) => {
                 let raw = read("store.password_file", f)?;
-                let password = String::from_utf8(raw)
-                    .map_err(|_| anyhow::anyhow!("store.password_file {}: not UTF-8", f.display()))?;
+                let password = String::from_utf8(raw).map_err(|_| {
+                    anyhow::anyhow!("store.password_file {}: not UTF-8", f.display())
+                })?;
                 // A trailing newline from `echo secret > file` is not part of the password.
                 let password = password.trim_end_matches(['\n', '\r']).to_string();
                 Some((u.clone(), password))
             }
-            (Some(_), None) => anyhow::bail!("store.username is set but store.password_file is not"),
-            (None, Some(_)) => anyhow::bail!("store.password_file is set but store.username is not"),
+            (Some(_), None) => {
+                anyhow::bail!("store.username is set but store.password_file is not")
+            }
+            (None, Some(_)) => {
+                anyhow::bail!("store.password_file is set but store.username is not")
+            }
             (None, None) => None,
         };
         let tls = if c.tls_ca.is_some() || c.tls_cert.is_some() {
@@ -130,6 +135,9 @@ mod tests {
             strip_userinfo("https://root:s3cret@10.0.0.1:2379"),
             "https://10.0.0.1:2379"
         );
-        assert_eq!(strip_userinfo("http://127.0.0.1:2379"), "http://127.0.0.1:2379");
+        assert_eq!(
+            strip_userinfo("http://127.0.0.1:2379"),
+            "http://127.0.0.1:2379"
+        );
     }
 }

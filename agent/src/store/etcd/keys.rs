@@ -73,7 +73,10 @@ mod tests {
             let vip: Vip = vip.parse().unwrap();
             assert_eq!(k.vip_of(k.owner(vip).as_bytes()), Ok(vip));
         }
-        assert_eq!(k.epoch("192.0.2.1".parse().unwrap()), "/vipsec/epochs/192.0.2.1");
+        assert_eq!(
+            k.epoch("192.0.2.1".parse().unwrap()),
+            "/vipsec/epochs/192.0.2.1"
+        );
         assert!(k.vip_of(b"/vipsec/vips/not-an-ip").is_err());
         assert!(k.vip_of(b"/other/vips/192.0.2.1").is_err());
     }
