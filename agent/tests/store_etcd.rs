@@ -240,44 +240,50 @@ async fn etcd_outage_and_lost_lease_are_recovered() {
     let owner = a.store.publish(vip).await.unwrap();
     b.expect("A's record", owner_change(vip, Some("be1"))).await;
 
-    let t = Instant::now();
-    tokio::task::block_in_place(|| server.stop());
-    for n in [&mut a, &mut b] {
-        let detail = n
-            .expect("StoreHealth down", |i| match i {
-                Input::StoreHealth {
-                    healthy: false,
-                    detail,
-                } => Some(detail.clone()),
-                _ => None,
-            })
-            .await;
-        eprintln!("store down reported after {:?}: {detail}", t.elapsed());
-    }
-    // While etcd is down the store answers with an error, not a hang or a panic.
-    assert!(matches!(
-        a.store.publish("192.0.2.103".parse().unwrap()).await,
-        Err(StoreError::Unavailable(_))
-    ));
-    a.store.withdraw("192.0.2.103".parse().unwrap()).await.ok();
+    // Two outages: each is reported once (down), then up with a fresh snapshot.
+    for outage in 1..=2 {
+        let t = Instant::now();
+        tokio::task::block_in_place(|| server.stop());
+        for n in [&mut a, &mut b] {
+            let detail = n
+                .expect("StoreHealth down", |i| match i {
+                    Input::StoreHealth {
+                        healthy: false,
+                        detail,
+                    } => Some(detail.clone()),
+                    _ => None,
+                })
+                .await;
+            eprintln!(
+                "outage {outage}: store down reported {:?} after the kill: {detail}",
+                t.elapsed()
+            );
+        }
+        // While etcd is down the store answers with an error, not a hang or a panic.
+        assert!(matches!(
+            a.store.publish("192.0.2.103".parse().unwrap()).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        a.store.withdraw("192.0.2.103".parse().unwrap()).await.ok();
 
-    tokio::task::block_in_place(|| server.start_again()).expect("etcd restart");
-    let t = Instant::now();
-    for n in [&mut a, &mut b] {
-        let snap = n.expect_connected().await;
-        eprintln!(
-            "store up and re-synced {:?} after etcd answered",
-            t.elapsed()
-        );
-        let rec = snap
-            .iter()
-            .find(|(v, _)| *v == vip)
-            .and_then(|(_, o)| o.clone());
-        assert_eq!(
-            rec.map(|o| o.node),
-            Some("be1".to_string()),
-            "A's record is back: {snap:?}"
-        );
+        tokio::task::block_in_place(|| server.start_again()).expect("etcd restart");
+        let t = Instant::now();
+        for n in [&mut a, &mut b] {
+            let snap = n.expect_connected().await;
+            eprintln!(
+                "outage {outage}: store up and re-synced {:?} after etcd answered",
+                t.elapsed()
+            );
+            let rec = snap
+                .iter()
+                .find(|(v, _)| *v == vip)
+                .and_then(|(_, o)| o.clone());
+            assert_eq!(
+                rec.map(|o| o.node),
+                Some("be1".to_string()),
+                "A's record is back: {snap:?}"
+            );
+        }
     }
 
     // The lease is revoked behind A's back (as if it had expired): A notices at its next

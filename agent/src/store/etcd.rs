@@ -417,6 +417,7 @@ impl EtcdStore {
         sink: &InputSink,
         cancel: &CancellationToken,
         backoff: &mut Duration,
+        reported_down: &mut bool,
     ) -> Result<SessionEnd, StoreError> {
         let client = self.client().await?;
         let mut keeper = None;
@@ -447,6 +448,7 @@ impl EtcdStore {
             return Ok(SessionEnd::SinkClosed);
         }
         *backoff = BACKOFF_MIN;
+        *reported_down = false;
         let mut tick = tokio::time::interval((self.lease_ttl / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -503,14 +505,11 @@ impl OwnershipStore for EtcdStore {
         loop {
             let end = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.session(&sink, &cancel, &mut backoff) => r,
+                r = self.session(&sink, &cancel, &mut backoff, &mut reported_down) => r,
             };
             match end {
                 Ok(SessionEnd::Cancelled) | Ok(SessionEnd::SinkClosed) => return,
-                Ok(SessionEnd::Resync) => {
-                    reported_down = false;
-                    continue;
-                }
+                Ok(SessionEnd::Resync) => continue,
                 Err(e) => {
                     let detail = self.settings.scrub(&e.to_string());
                     tracing::warn!(endpoints = %self.settings.describe(), error = %detail, retry_in = ?backoff, "store unavailable");
