@@ -510,3 +510,41 @@ fn tls_and_credential_settings_are_checked_at_construction() {
     let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["store.password_file", "store.tls_key"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let pki = vipsec_testbed::pki::TestPki::generate().expect("test certificates");
+    let server = EtcdServer::start_tls(&pki).unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    assert!(server.endpoint().starts_with("https://"));
+    let prefix = unique_prefix("tls");
+
+    let with_cert = format!(
+        "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        pki.ca().display(),
+        pki.client_cert().display(),
+        pki.client_key().display()
+    );
+    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, &with_cert));
+    a.expect_connected().await;
+    let vip: Vip = "192.0.2.130".parse().unwrap();
+    assert_eq!(a.store.publish(vip).await.unwrap().epoch, 1);
+    a.expect("own record over TLS", owner_change(vip, Some("be1")))
+        .await;
+
+    // The server demands a client certificate: without one the store stays unhealthy.
+    let ca_only = format!("tls_ca = \"{}\"", pki.ca().display());
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, &ca_only));
+    let detail = b
+        .expect("StoreHealth down", |i| match i {
+            Input::StoreHealth {
+                healthy: false,
+                detail,
+            } => Some(detail.clone()),
+            Input::StoreHealth { healthy: true, .. } => {
+                panic!("connected without a client certificate")
+            }
+            _ => None,
+        })
+        .await;
+    eprintln!("TLS without client certificate: {detail}");
+}

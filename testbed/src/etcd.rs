@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use crate::process::{ProcessGuard, wait_for};
 
-/// The loopback ports this crate may use for etcd: client port and peer port + 1.
+/// The loopback ports this crate may use for etcd: per server the client port, the peer
+/// port (+1) and a plain-HTTP metrics port (+2) that answers `/health` even under TLS.
 const PORT_FIRST: u16 = 23700;
-const PORT_LAST: u16 = 23798;
+const PORT_LAST: u16 = 23797;
 static NEXT_PORT: AtomicU16 = AtomicU16::new(PORT_FIRST);
 
 pub struct EtcdServer {
@@ -20,6 +21,7 @@ pub struct EtcdServer {
     data: tempfile::TempDir,
     process: Option<ProcessGuard>,
     extra_args: Vec<String>,
+    tls: bool,
 }
 
 fn port_free(p: u16) -> bool {
@@ -32,21 +34,43 @@ impl EtcdServer {
         Self::start_with_args(&[])
     }
 
+    /// Serves clients over TLS only and requires a client certificate signed by the CA.
+    pub fn start_tls(pki: &crate::pki::TestPki) -> anyhow::Result<EtcdServer> {
+        let files = [pki.server_cert(), pki.server_key(), pki.ca()];
+        let [cert, key, ca] = files.map(|p| p.to_string_lossy().into_owned());
+        Self::start_inner(
+            &[
+                "--cert-file",
+                &cert,
+                "--key-file",
+                &key,
+                "--trusted-ca-file",
+                &ca,
+                "--client-cert-auth",
+            ],
+            true,
+        )
+    }
+
     /// Same, with extra command-line flags (e.g. `--auth-token=simple`).
     pub fn start_with_args(extra: &[&str]) -> anyhow::Result<EtcdServer> {
+        Self::start_inner(extra, false)
+    }
+
+    fn start_inner(extra: &[&str], tls: bool) -> anyhow::Result<EtcdServer> {
         crate::require_program("etcd")?;
         let mut last_err = None;
         // Two tries per port pair at most over the whole range; a pair can be taken
         // between the probe and etcd's bind by someone else, so a failed start moves on.
-        for _ in 0..(PORT_LAST - PORT_FIRST) / 2 {
-            let p = NEXT_PORT.fetch_add(2, Ordering::Relaxed);
-            let p = if p >= PORT_LAST {
-                NEXT_PORT.store(PORT_FIRST + 2, Ordering::Relaxed);
+        for _ in 0..(PORT_LAST - PORT_FIRST) / 3 {
+            let p = NEXT_PORT.fetch_add(3, Ordering::Relaxed);
+            let p = if p + 2 > PORT_LAST {
+                NEXT_PORT.store(PORT_FIRST + 3, Ordering::Relaxed);
                 PORT_FIRST
             } else {
                 p
             };
-            if !port_free(p) || !port_free(p + 1) {
+            if !(p..=p + 2).all(port_free) {
                 continue;
             }
             let mut server = EtcdServer {
@@ -54,6 +78,7 @@ impl EtcdServer {
                 data: tempfile::Builder::new().prefix("vipsec-etcd-").tempdir()?,
                 process: None,
                 extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                tls,
             };
             match server.start_again() {
                 Ok(()) => return Ok(server),
@@ -65,7 +90,8 @@ impl EtcdServer {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -98,8 +124,9 @@ impl EtcdServer {
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.stop();
         let p = self.client_port;
-        let client = format!("http://127.0.0.1:{p}");
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", p + 1);
+        let metrics = format!("http://127.0.0.1:{}", p + 2);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,6 +147,8 @@ impl EtcdServer {
             &peer,
             "--initial-cluster",
             &format!("vt={peer}"),
+            "--listen-metrics-urls",
+            &metrics,
         ])
         .args(&self.extra_args)
         .stdin(Stdio::null())
@@ -130,7 +159,7 @@ impl EtcdServer {
             if !guard.is_running() {
                 return Some(false);
             }
-            healthy(p).then_some(true)
+            healthy(p + 2).then_some(true)
         });
         match answered {
             Ok(true) => {
@@ -143,6 +172,7 @@ impl EtcdServer {
     }
 }
 
+/// etcd's `/health` on the plain-HTTP metrics port.
 fn healthy(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),

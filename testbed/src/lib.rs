@@ -6,6 +6,7 @@
 
 pub mod etcd;
 pub mod netns;
+pub mod pki;
 pub mod process;
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).
