@@ -11,8 +11,6 @@ use crate::config::HostedVipConfig;
 mod presence;
 pub mod rtnetlink;
 
-pub use presence::{AddressSeen, PresenceTable};
-
 #[derive(Debug, thiserror::Error)]
 pub enum AddrWatchError {
     #[error("netlink: {0}")]

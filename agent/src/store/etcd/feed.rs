@@ -129,6 +129,7 @@ impl EtcdStore {
             }
         }
     }
+
     /// The body of `run`: sessions one after another, with backoff between failures.
     pub(super) async fn follow(&self, sink: InputSink, cancel: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
