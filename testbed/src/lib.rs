@@ -4,7 +4,9 @@
 //! Everything is named uniquely per run and torn down by Drop guards, so a failed or
 //! crashed test never breaks the next one.
 
+pub mod etcd;
 pub mod netns;
+pub mod pki;
 pub mod process;
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::InputSink;
 use crate::config::HostedVipConfig;
 
+mod presence;
 pub mod rtnetlink;
 
 #[derive(Debug, thiserror::Error)]

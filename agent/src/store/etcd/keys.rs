@@ -1,0 +1,102 @@
+//! Where ownership lives in etcd and how records are encoded, decoded defensively.
+//!
+//! `<prefix>vips/<vip>`   the live owner record, `VipOwner` as JSON, under the owner's lease;
+//! `<prefix>epochs/<vip>` the highest epoch ever written (decimal), never deleted, so the
+//!                        next owner of a withdrawn or expired VIP still gets a higher one.
+
+use crate::model::{Vip, VipOwner};
+
+#[derive(Debug, Clone)]
+pub struct KeyLayout {
+    prefix: String,
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str) -> Self {
+        KeyLayout {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The range every owner record lives under (watched and snapshotted).
+    pub fn owners(&self) -> String {
+        format!("{}vips/", self.prefix)
+    }
+
+    pub fn owner(&self, vip: Vip) -> String {
+        format!("{}vips/{vip}", self.prefix)
+    }
+
+    pub fn epoch(&self, vip: Vip) -> String {
+        format!("{}epochs/{vip}", self.prefix)
+    }
+
+    /// The VIP an owner key names.
+    pub fn vip_of(&self, key: &[u8]) -> Result<Vip, String> {
+        let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+        let rest = key
+            .strip_prefix(&self.owners())
+            .ok_or_else(|| format!("key is outside {}", self.owners()))?;
+        rest.parse()
+            .map_err(|_| format!("{rest:?} is not an IP address"))
+    }
+}
+
+pub fn encode_owner(owner: &VipOwner) -> Result<String, String> {
+    serde_json::to_string(owner).map_err(|e| e.to_string())
+}
+
+pub fn decode_owner(value: &[u8]) -> Result<VipOwner, String> {
+    let owner: VipOwner =
+        serde_json::from_slice(value).map_err(|e| format!("not an owner record: {e}"))?;
+    if owner.node.is_empty() {
+        return Err("owner record names no node".into());
+    }
+    Ok(owner)
+}
+
+pub fn decode_epoch(value: &[u8]) -> Result<u64, String> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("epoch {:?} is not a number", String::from_utf8_lossy(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_ipv4_and_ipv6() {
+        let k = KeyLayout::new("/vipsec/");
+        for vip in ["192.0.2.100", "2001:db8::1"] {
+            let vip: Vip = vip.parse().unwrap();
+            assert_eq!(k.vip_of(k.owner(vip).as_bytes()), Ok(vip));
+        }
+        assert_eq!(
+            k.epoch("192.0.2.1".parse().unwrap()),
+            "/vipsec/epochs/192.0.2.1"
+        );
+        assert!(k.vip_of(b"/vipsec/vips/not-an-ip").is_err());
+        assert!(k.vip_of(b"/other/vips/192.0.2.1").is_err());
+    }
+
+    #[test]
+    fn record_is_the_vip_owner_serde_form_and_garbage_is_refused() {
+        let o = VipOwner {
+            node: "be1".into(),
+            epoch: 7,
+            taken_at_ms: 1_700_000_000_000,
+        };
+        let text = encode_owner(&o).unwrap();
+        assert_eq!(
+            text,
+            r#"{"node":"be1","epoch":7,"taken_at_ms":1700000000000}"#
+        );
+        assert_eq!(decode_owner(text.as_bytes()), Ok(o));
+        assert!(decode_owner(b"\xff garbage").is_err());
+        assert!(decode_owner(br#"{"node":"","epoch":1,"taken_at_ms":0}"#).is_err());
+        assert_eq!(decode_epoch(b"12"), Ok(12));
+        assert!(decode_epoch(b"-1").is_err());
+    }
+}

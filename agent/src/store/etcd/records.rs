@@ -1,0 +1,211 @@
+//! Reading and writing one VIP's records: the consistent view, the fenced claim, the
+//! re-attachment of our own record to a new lease, the restoration and the withdrawal.
+
+use std::time::SystemTime;
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use super::keys::{decode_epoch, decode_owner, encode_owner};
+use super::{Claim, EpochMark, EtcdStore, KvMeta, VipView};
+use crate::model::{Vip, VipOwner, unix_ms};
+use crate::store::StoreError;
+
+impl EtcdStore {
+    /// Reads the owner record and the epoch key at one revision.
+    pub(super) async fn view(&self, client: &Client, vip: Vip) -> Result<VipView, StoreError> {
+        let owner_key = self.keys.owner(vip);
+        let epoch_key = self.keys.epoch(vip);
+        let txn = Txn::new().and_then([
+            TxnOp::get(owner_key.clone(), None),
+            TxnOp::get(epoch_key.clone(), None),
+        ]);
+        let mut c = client.clone();
+        let resp = self.timed("read VIP records", c.txn(txn)).await?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let owner_kv = gets.next().and_then(|g| g.kvs().first().cloned());
+        let epoch_kv = gets.next().and_then(|g| g.kvs().first().cloned());
+        let owner = owner_kv.and_then(|kv| match decode_owner(kv.value()) {
+            Ok(o) => Some((
+                o,
+                KvMeta {
+                    mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
+                },
+            )),
+            Err(reason) => {
+                tracing::warn!(key = %owner_key, %reason, "ignoring unreadable owner record");
+                None
+            }
+        });
+        let (stored_epoch, mod_revision) = match &epoch_kv {
+            Some(kv) => match decode_epoch(kv.value()) {
+                Ok(e) => (e, kv.mod_revision()),
+                Err(reason) => {
+                    tracing::warn!(key = %epoch_key, %reason, "ignoring unreadable epoch");
+                    (0, kv.mod_revision())
+                }
+            },
+            None => (0, 0),
+        };
+        // The owner record's epoch counts too, in case the epoch key was damaged.
+        let epoch = stored_epoch.max(owner.as_ref().map_or(0, |(o, _)| o.epoch));
+        Ok(VipView {
+            owner,
+            mark: EpochMark {
+                epoch,
+                mod_revision,
+            },
+        })
+    }
+
+    /// The epoch mark a writer would act on now (exposed so tests can replay a stale one).
+    pub async fn epoch_mark(&self, vip: Vip) -> Result<EpochMark, StoreError> {
+        let client = self.client().await?;
+        Ok(self.view(&client, vip).await?.mark)
+    }
+
+    /// Takes the VIP at `seen.epoch + 1` if no epoch was written since `seen` was read.
+    pub async fn claim(&self, vip: Vip, seen: EpochMark) -> Result<VipOwner, StoreError> {
+        let client = self.client().await?;
+        let lease = self.current_lease(&client).await?;
+        let owner = VipOwner {
+            node: self.node.clone(),
+            epoch: seen.epoch + 1,
+            taken_at_ms: unix_ms(SystemTime::now()),
+        };
+        let value = encode_owner(&owner).map_err(StoreError::Other)?;
+        let epoch_key = self.keys.epoch(vip);
+        let owner_key = self.keys.owner(vip);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                epoch_key.clone(),
+                CompareOp::Equal,
+                seen.mod_revision,
+            )])
+            .and_then([
+                TxnOp::put(epoch_key.clone(), owner.epoch.to_string(), None),
+                TxnOp::put(owner_key, value, Some(PutOptions::new().with_lease(lease))),
+            ]);
+        let mut c = client.clone();
+        let resp = self.timed("claim VIP", c.txn(txn)).await?;
+        if resp.succeeded() {
+            tracing::info!(%vip, epoch = owner.epoch, lease, "ownership published");
+            return Ok(owner);
+        }
+        let now = self.view(&client, vip).await?;
+        let (holder, epoch) = match now.owner {
+            Some((o, _)) => (o.node, o.epoch.max(now.mark.epoch)),
+            None => ("(nobody)".to_string(), now.mark.epoch),
+        };
+        tracing::warn!(%vip, seen = seen.epoch, current = epoch, %holder, "stale ownership write refused");
+        Err(StoreError::Fenced {
+            vip,
+            owner: holder,
+            epoch,
+        })
+    }
+
+    pub(super) async fn publish_with(
+        &self,
+        vip: Vip,
+        claim: Claim,
+    ) -> Result<VipOwner, StoreError> {
+        let client = self.client().await?;
+        let lease = self.current_lease(&client).await?;
+        // A lost race only retries when the record vanished or is ours; another owner's
+        // newer record ends in `Fenced` (or, for a takeover, in a claim on a fresh view).
+        for _ in 0..3 {
+            let view = self.view(&client, vip).await?;
+            match view.owner {
+                Some((own, meta)) if own.node == self.node => {
+                    if meta.lease == lease {
+                        return Ok(own);
+                    }
+                    // Our record under an old lease: move it to the current one, same epoch.
+                    let value = encode_owner(&own).map_err(StoreError::Other)?;
+                    let key = self.keys.owner(vip);
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            meta.mod_revision,
+                        )])
+                        .and_then([TxnOp::put(
+                            key,
+                            value,
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]);
+                    let mut c = client.clone();
+                    if self
+                        .timed("re-attach record", c.txn(txn))
+                        .await?
+                        .succeeded()
+                    {
+                        tracing::info!(%vip, epoch = own.epoch, lease, "record moved to current lease");
+                        return Ok(own);
+                    }
+                }
+                Some((other, _)) if claim == Claim::RestoreOnly => {
+                    return Err(StoreError::Fenced {
+                        vip,
+                        owner: other.node,
+                        epoch: other.epoch,
+                    });
+                }
+                _ => return self.claim(vip, view.mark).await,
+            }
+        }
+        Err(StoreError::Other(format!(
+            "{vip}: owner record kept changing; try again"
+        )))
+    }
+
+    /// After a reconnection or a new lease: make sure every VIP the core published is
+    /// still recorded as ours, without taking any from a newer owner.
+    pub(super) async fn restore_published(&self) -> Result<(), StoreError> {
+        let vips: Vec<Vip> = self.published().iter().copied().collect();
+        for vip in vips {
+            match self.publish_with(vip, Claim::RestoreOnly).await {
+                Ok(_) => {}
+                Err(StoreError::Fenced { owner, epoch, .. }) => {
+                    tracing::warn!(%vip, %owner, epoch, "VIP taken by another node meanwhile; not restoring it");
+                    self.published().remove(&vip);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the owner record only while it is this node's (compared in the transaction).
+    pub(super) async fn withdraw_own(&self, vip: Vip) -> Result<(), StoreError> {
+        // Forget it first: even if etcd is unreachable now, never restore it later.
+        self.published().remove(&vip);
+        let client = self.client().await?;
+        for _ in 0..3 {
+            let view = self.view(&client, vip).await?;
+            let Some((own, meta)) = view.owner.filter(|(o, _)| o.node == self.node) else {
+                return Ok(());
+            };
+            let key = self.keys.owner(vip);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    meta.mod_revision,
+                )])
+                .and_then([TxnOp::delete(key, None)]);
+            let mut c = client.clone();
+            if self.timed("withdraw", c.txn(txn)).await?.succeeded() {
+                tracing::info!(%vip, epoch = own.epoch, "ownership withdrawn");
+                return Ok(());
+            }
+        }
+        Err(StoreError::Other(format!(
+            "{vip}: owner record kept changing; try again"
+        )))
+    }
+}

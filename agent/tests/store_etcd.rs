@@ -1,0 +1,550 @@
+//! The etcd ownership store against a real etcd server: two nodes, planned moves, a killed
+//! owner, fencing of a stale write, an etcd outage, a lost lease, corrupt records and auth.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vipsec::config::Config;
+use vipsec::failover::Input;
+use vipsec::model::{Vip, VipOwner};
+use vipsec::store::etcd::EtcdStore;
+use vipsec::store::{OwnershipStore, StoreError};
+use vipsec_testbed::etcd::EtcdServer;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(node: &str, endpoint: &str, prefix: &str, extra: &str) -> Config {
+    let text = format!(
+        "node = \"{node}\"\n[store]\nbackend = \"etcd\"\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\"\n{extra}\n"
+    );
+    Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+/// A store with its `run` task feeding a channel, as the runtime would.
+struct Node {
+    store: Arc<EtcdStore>,
+    inputs: mpsc::Receiver<Input>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn start(config: &Config) -> Node {
+        let store = Arc::new(EtcdStore::new(config).expect("store from config"));
+        let (tx, inputs) = mpsc::channel(1024);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let store = store.clone();
+            let cancel = cancel.clone();
+            async move { store.run(tx, cancel).await }
+        });
+        Node {
+            store,
+            inputs,
+            cancel,
+            task,
+        }
+    }
+
+    /// Waits for the first input matching `want`, skipping others.
+    async fn expect<T>(&mut self, what: &str, mut want: impl FnMut(&Input) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inputs.recv()).await {
+                Ok(Some(i)) => {
+                    if let Some(v) = want(&i) {
+                        return v;
+                    }
+                }
+                Ok(None) => panic!("input channel closed while waiting for {what}"),
+                Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+            }
+        }
+    }
+
+    async fn expect_connected(&mut self) -> Vec<(Vip, Option<VipOwner>)> {
+        self.expect("StoreHealth up", |i| {
+            matches!(i, Input::StoreHealth { healthy: true, .. }).then_some(())
+        })
+        .await;
+        self.expect("OwnerSnapshot", |i| match i {
+            Input::OwnerSnapshot(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Stops `run` and drops the store: no withdraw, no revoke (a crash, as etcd sees it).
+    async fn kill(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        drop(self.store);
+    }
+}
+
+fn owner_change(vip: Vip, node: Option<&str>) -> impl FnMut(&Input) -> Option<Option<VipOwner>> {
+    move |i| match i {
+        Input::OwnerChanged { vip: v, owner } if *v == vip => {
+            (owner.as_ref().map(|o| o.node.as_str()) == node).then(|| owner.clone())
+        }
+        _ => None,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn unique_prefix(tag: &str) -> String {
+    format!("/vt-{tag}-{}/", std::process::id())
+}
+
+fn etcd() -> EtcdServer {
+    EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd: {e}"))
+}
+
+async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
+    etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .expect("raw etcd client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_withdraw_reach_the_other_node() {
+    let server = etcd();
+    let prefix = unique_prefix("pw");
+    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, ""));
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    assert!(a.expect_connected().await.is_empty());
+    assert!(b.expect_connected().await.is_empty());
+    assert_eq!(a.store.describe(), server.endpoint());
+
+    let vip: Vip = "192.0.2.100".parse().unwrap();
+    let (mut publish, mut withdraw) = (Vec::new(), Vec::new());
+    for round in 1..=20u64 {
+        let t = Instant::now();
+        let owner = a.store.publish(vip).await.expect("publish");
+        let seen = b
+            .expect("B sees A's record", owner_change(vip, Some("be1")))
+            .await;
+        publish.push(t.elapsed());
+        assert_eq!(
+            owner.epoch, round,
+            "a withdrawn VIP's next owner gets a higher epoch"
+        );
+        assert_eq!(seen, Some(owner.clone()));
+        // Publishing again while the record is ours keeps the epoch.
+        assert_eq!(a.store.publish(vip).await.unwrap().epoch, round);
+
+        let t = Instant::now();
+        a.store.withdraw(vip).await.expect("withdraw");
+        b.expect("B sees the release", owner_change(vip, None))
+            .await;
+        withdraw.push(t.elapsed());
+    }
+    // B withdrawing a record it does not hold changes nothing.
+    a.store.publish(vip).await.unwrap();
+    b.store.withdraw(vip).await.unwrap();
+    let mut c = raw_client(&server).await;
+    let kvs = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    assert_eq!(
+        kvs.kvs().len(),
+        1,
+        "B's withdraw must not delete A's record"
+    );
+
+    eprintln!(
+        "etcd publish -> other node's OwnerChanged: median {:?} (min {:?}, max {:?}) over {} rounds",
+        median(publish.clone()),
+        publish.iter().min().unwrap(),
+        publish.iter().max().unwrap(),
+        publish.len()
+    );
+    eprintln!(
+        "etcd withdraw -> other node's OwnerChanged(None): median {:?} (min {:?}, max {:?}) over {} rounds",
+        median(withdraw.clone()),
+        withdraw.iter().min().unwrap(),
+        withdraw.iter().max().unwrap(),
+        withdraw.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_owner_expires_and_its_stale_write_is_fenced() {
+    let server = etcd();
+    let prefix = unique_prefix("kill");
+    let cfg_a = config("be1", &server.endpoint(), &prefix, "lease_ttl = \"2s\"");
+    let mut a = Node::start(&cfg_a);
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    a.expect_connected().await;
+    b.expect_connected().await;
+
+    let vip: Vip = "192.0.2.101".parse().unwrap();
+    let first = a.store.publish(vip).await.unwrap();
+    b.expect("A's record", owner_change(vip, Some("be1"))).await;
+    // What A saw when it last decided; a delayed write by A would act on this.
+    let stale = a.store.epoch_mark(vip).await.unwrap();
+    assert_eq!(stale.epoch, first.epoch);
+
+    let t = Instant::now();
+    a.kill().await;
+    b.expect("A's record to expire", owner_change(vip, None))
+        .await;
+    let expiry = t.elapsed();
+    eprintln!("killed owner's record gone after {expiry:?} (lease_ttl 2s)");
+    assert!(
+        expiry >= Duration::from_millis(1500),
+        "the record left before the lease could expire: {expiry:?}"
+    );
+
+    let taken = b.store.publish(vip).await.unwrap();
+    assert_eq!(taken.epoch, first.epoch + 1);
+    b.expect("B's record", owner_change(vip, Some("be2"))).await;
+
+    // A comes back (same node name, new process) and its late write arrives now.
+    let a_again = EtcdStore::new(&cfg_a).unwrap();
+    match a_again.claim(vip, stale).await {
+        Err(StoreError::Fenced { owner, epoch, .. }) => {
+            assert_eq!(owner, "be2");
+            assert_eq!(epoch, taken.epoch);
+        }
+        other => panic!("a stale write must be fenced, got {other:?}"),
+    }
+    let mut c = raw_client(&server).await;
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    assert_eq!(rec, taken, "the record stays B's");
+
+    // A deliberate takeover (the VIP really moved back) wins with a higher epoch.
+    let back = a_again.publish(vip).await.unwrap();
+    assert_eq!(back.epoch, taken.epoch + 1);
+    // And B's withdraw after losing it leaves A's record alone.
+    b.store.withdraw(vip).await.unwrap();
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    assert_eq!(rec.node, "be1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_and_lost_lease_are_recovered() {
+    let mut server = etcd();
+    let prefix = unique_prefix("out");
+    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, ""));
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let vip: Vip = "192.0.2.102".parse().unwrap();
+    let owner = a.store.publish(vip).await.unwrap();
+    b.expect("A's record", owner_change(vip, Some("be1"))).await;
+
+    // Two outages: each is reported once (down), then up with a fresh snapshot.
+    for outage in 1..=2 {
+        let t = Instant::now();
+        tokio::task::block_in_place(|| server.stop());
+        for n in [&mut a, &mut b] {
+            let detail = n
+                .expect("StoreHealth down", |i| match i {
+                    Input::StoreHealth {
+                        healthy: false,
+                        detail,
+                    } => Some(detail.clone()),
+                    _ => None,
+                })
+                .await;
+            eprintln!(
+                "outage {outage}: store down reported {:?} after the kill: {detail}",
+                t.elapsed()
+            );
+        }
+        // While etcd is down the store answers with an error, not a hang or a panic.
+        assert!(matches!(
+            a.store.publish("192.0.2.103".parse().unwrap()).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        a.store.withdraw("192.0.2.103".parse().unwrap()).await.ok();
+
+        tokio::task::block_in_place(|| server.start_again()).expect("etcd restart");
+        let t = Instant::now();
+        for n in [&mut a, &mut b] {
+            let snap = n.expect_connected().await;
+            eprintln!(
+                "outage {outage}: store up and re-synced {:?} after etcd answered",
+                t.elapsed()
+            );
+            let rec = snap
+                .iter()
+                .find(|(v, _)| *v == vip)
+                .and_then(|(_, o)| o.clone());
+            assert_eq!(
+                rec.map(|o| o.node),
+                Some("be1".to_string()),
+                "A's record is back: {snap:?}"
+            );
+        }
+    }
+
+    // The lease is revoked behind A's back (as if it had expired): A notices at its next
+    // keep-alive, takes a new lease and restores its record with a new epoch.
+    let mut c = raw_client(&server).await;
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    let lease = kv.kvs()[0].lease();
+    let t = Instant::now();
+    c.lease_revoke(lease).await.unwrap();
+    b.expect("record gone with the lease", owner_change(vip, None))
+        .await;
+    let restored = b
+        .expect("A's record restored", owner_change(vip, Some("be1")))
+        .await
+        .unwrap();
+    eprintln!(
+        "record restored under a new lease {:?} after the revoke",
+        t.elapsed()
+    );
+    assert!(restored.epoch > owner.epoch);
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    assert_ne!(kv.kvs()[0].lease(), lease);
+}
+
+/// Collects log lines so the test can check the warning.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+// Single-threaded so the log subscriber set for this thread sees the store's task.
+#[tokio::test]
+async fn corrupt_records_are_skipped_with_a_warning() {
+    let logs = LogBuf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = etcd();
+    let prefix = unique_prefix("bad");
+    let mut c = raw_client(&server).await;
+    c.put(format!("{prefix}vips/192.0.2.110"), "{not json", None)
+        .await
+        .unwrap();
+    c.put(
+        format!("{prefix}vips/not-an-address"),
+        r#"{"node":"x","epoch":1,"taken_at_ms":0}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        format!("{prefix}vips/192.0.2.111"),
+        r#"{"node":"be9","epoch":4,"taken_at_ms":5}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    let snap = b.expect_connected().await;
+    let good: Vip = "192.0.2.111".parse().unwrap();
+    assert_eq!(
+        snap,
+        vec![(
+            good,
+            Some(VipOwner {
+                node: "be9".into(),
+                epoch: 4,
+                taken_at_ms: 5
+            })
+        )]
+    );
+    // Garbage arriving through the watch is skipped too; the next good change still comes.
+    c.put(format!("{prefix}vips/192.0.2.112"), "\u{1}\u{2}", None)
+        .await
+        .unwrap();
+    c.delete(format!("{prefix}vips/192.0.2.111"), None)
+        .await
+        .unwrap();
+    let next = b.expect("next input", |i| Some(i.clone())).await;
+    assert_eq!(
+        next,
+        Input::OwnerChanged {
+            vip: good,
+            owner: None
+        }
+    );
+
+    // A corrupt record does not stop this node from taking the VIP.
+    let vip: Vip = "192.0.2.110".parse().unwrap();
+    assert_eq!(b.store.publish(vip).await.unwrap().epoch, 1);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for key in [
+        "vips/192.0.2.110",
+        "vips/not-an-address",
+        "vips/192.0.2.112",
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN") && l.contains(key)),
+            "no warning naming {key}:\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_wrong_password_is_reported_without_the_password() {
+    let server = etcd();
+    let mut root = raw_client(&server).await;
+    root.user_add("root", "Right-Pw-77", None).await.unwrap();
+    root.user_grant_role("root", "root").await.unwrap();
+    root.auth_enable().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "Wr0ng-S3cret-991\n").unwrap();
+    let right = dir.path().join("right");
+    std::fs::write(&right, "Right-Pw-77\n").unwrap();
+    let prefix = unique_prefix("auth");
+
+    let extra = format!(
+        "username = \"root\"\npassword_file = \"{}\"",
+        wrong.display()
+    );
+    let mut bad = Node::start(&config("be1", &server.endpoint(), &prefix, &extra));
+    let detail = bad
+        .expect("StoreHealth down", |i| match i {
+            Input::StoreHealth {
+                healthy: false,
+                detail,
+            } => Some(detail.clone()),
+            Input::StoreHealth { healthy: true, .. } => panic!("a wrong password must not connect"),
+            _ => None,
+        })
+        .await;
+    eprintln!("wrong password: {detail}");
+    assert!(
+        !detail.contains("Wr0ng-S3cret-991"),
+        "password leaked: {detail}"
+    );
+    assert!(
+        detail.contains("authentication failed"),
+        "unclear detail: {detail}"
+    );
+    let err = bad
+        .store
+        .publish("192.0.2.120".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("Wr0ng-S3cret-991"));
+
+    let extra = format!(
+        "username = \"root\"\npassword_file = \"{}\"",
+        right.display()
+    );
+    let mut good = Node::start(&config("be2", &server.endpoint(), &prefix, &extra));
+    good.expect_connected().await;
+    let vip: Vip = "192.0.2.121".parse().unwrap();
+    assert_eq!(good.store.publish(vip).await.unwrap().epoch, 1);
+    good.expect("own record", owner_change(vip, Some("be2")))
+        .await;
+}
+
+#[test]
+fn tls_and_credential_settings_are_checked_at_construction() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.pem");
+    let cfg = config(
+        "be1",
+        "https://root:Secret1@127.0.0.1:23799",
+        "/vipsec/",
+        &format!("tls_ca = \"{}\"", missing.display()),
+    );
+    assert_eq!(cfg.store.tls_ca.as_deref(), Some(missing.as_path()));
+    let err = EtcdStore::new(&cfg)
+        .err()
+        .expect("a missing CA file is an error")
+        .to_string();
+    assert!(
+        err.contains("store.tls_ca") && err.contains("nope.pem"),
+        "{err}"
+    );
+
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cfg = config(
+        "be1",
+        "https://root:Secret1@127.0.0.1:23799",
+        "/vipsec/",
+        &format!("tls_ca = \"{}\"", pem.display()),
+    );
+    let store = EtcdStore::new(&cfg).unwrap();
+    assert_eq!(
+        store.describe(),
+        "https://127.0.0.1:23799",
+        "no credentials in describe()"
+    );
+
+    let problems = Config::parse(
+        "node = \"be1\"\n[store]\nbackend = \"etcd\"\npassword_file = \"/x\"\ntls_cert = \"/c\"\n",
+    )
+    .unwrap_err();
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["store.password_file", "store.tls_key"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let pki = vipsec_testbed::pki::TestPki::generate().expect("test certificates");
+    let server = EtcdServer::start_tls(&pki).unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    assert!(server.endpoint().starts_with("https://"));
+    let prefix = unique_prefix("tls");
+
+    let with_cert = format!(
+        "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        pki.ca().display(),
+        pki.client_cert().display(),
+        pki.client_key().display()
+    );
+    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, &with_cert));
+    a.expect_connected().await;
+    let vip: Vip = "192.0.2.130".parse().unwrap();
+    assert_eq!(a.store.publish(vip).await.unwrap().epoch, 1);
+    a.expect("own record over TLS", owner_change(vip, Some("be1")))
+        .await;
+
+    // The server demands a client certificate: without one the store stays unhealthy.
+    let ca_only = format!("tls_ca = \"{}\"", pki.ca().display());
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, &ca_only));
+    let detail = b
+        .expect("StoreHealth down", |i| match i {
+            Input::StoreHealth {
+                healthy: false,
+                detail,
+            } => Some(detail.clone()),
+            Input::StoreHealth { healthy: true, .. } => {
+                panic!("connected without a client certificate")
+            }
+            _ => None,
+        })
+        .await;
+    eprintln!("TLS without client certificate: {detail}");
+}
