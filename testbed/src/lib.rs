@@ -6,6 +6,7 @@
 
 pub mod netns;
 pub mod process;
+pub mod vm;
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).
 pub fn can_use_netns() -> bool {
