@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vipsec::config::Config;
 use vipsec::kernel::Kernel;
-use vipsec::kernel::xfrm::XfrmKernel;
+use vipsec::kernel::xfrm::{XfrmEvent, XfrmKernel, policy};
 use vipsec_testbed::netns::Netns;
 
 const VIP: &str = "192.0.2.100";
@@ -347,15 +347,18 @@ fn engage_and_release_many_flows_with_the_event_watcher_running() {
     let protect: Vec<String> = (0..FLOWS).map(|i| format!("tcp/{}", 10_000 + i)).collect();
     let protect: Vec<&str> = protect.iter().map(String::as_str).collect();
     let cfg = config(Some("fe0"), &protect);
-    let (n, engage, engage_again, release, watcher_stopped) = in_ns(&lab.fe, move || {
+    let (n, engage, engage_again, release, watcher_stopped, events) = in_ns(&lab.fe, move || {
         Box::pin(async move {
             let kernel = std::sync::Arc::new(XfrmKernel::new(&cfg).unwrap());
             let cancel = tokio_util::sync::CancellationToken::new();
-            let (tx, _rx) = tokio::sync::mpsc::channel(16);
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4 * usize::from(FLOWS));
             let watcher = tokio::spawn({
                 let (k, c) = (kernel.clone(), cancel.clone());
-                async move { k.run(tx, c).await }
+                async move { k.watch_events(tx, c).await }
             });
+            // On this single-threaded runtime one yield lets the watcher run up to its
+            // first await, by which point it has joined the multicast groups.
+            tokio::task::yield_now().await;
             let t = Instant::now();
             let n = kernel.engage_fail_secure(vip()).await.unwrap();
             let engage = t.elapsed();
@@ -365,11 +368,25 @@ fn engage_and_release_many_flows_with_the_event_watcher_running() {
             let t = Instant::now();
             kernel.release_fail_secure(vip()).await.unwrap();
             let release = t.elapsed();
+            // Wait for the deletions to be reported (bounded: "did not hang").
+            let mut events = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while events
+                .iter()
+                .filter(|e| matches!(e, XfrmEvent::PolicyDeleted { agent: true, .. }))
+                .count()
+                < usize::from(FLOWS)
+            {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(e)) => events.push(e),
+                    _ => break,
+                }
+            }
             cancel.cancel();
             let stopped = tokio::time::timeout(Duration::from_secs(5), watcher)
                 .await
                 .is_ok();
-            (n, engage, engage_again, release, stopped)
+            (n, engage, engage_again, release, stopped, events)
         })
     });
     eprintln!(
@@ -377,5 +394,17 @@ fn engage_and_release_many_flows_with_the_event_watcher_running() {
     );
     assert_eq!(n, u32::from(FLOWS));
     assert!(watcher_stopped, "event watcher did not stop on cancel");
+    let added = events
+        .iter()
+        .filter(
+            |e| matches!(e, XfrmEvent::PolicyAdded { index, .. } if policy::is_agent_index(*index)),
+        )
+        .count();
+    let deleted = events
+        .iter()
+        .filter(|e| matches!(e, XfrmEvent::PolicyDeleted { agent: true, .. }))
+        .count();
+    eprintln!("events seen: {added} agent policies added, {deleted} deleted");
+    assert_eq!(deleted, usize::from(FLOWS), "policy deletions reported");
     assert_eq!(count_policies(&lab.fe, VIP), 0);
 }

@@ -1,11 +1,13 @@
 //! Kernel XFRM events (acquire, expire, SA and policy changes), logged with tracing.
 //!
-//! A hard expire of an SA toward a peer VIP is not turned into `Input::SaDown`: the
-//! failover core speaks of IKE_SAs (charon's unique ids), and the kernel's SA carries
-//! only SPI and reqid, which charon does not expose as a mapping to the IKE id. The
-//! keying backend reports the same loss as `SaDown` with the right id (charon sees the
-//! expire first, as the kernel's registered key manager), so the kernel side only logs.
+//! A hard expire of an SA toward a peer VIP is not turned into `Input::SaDown`: the core
+//! names IKE_SAs by charon's unique id, and the kernel's SA carries only addresses, SPI
+//! and reqid. Mapping SPIs to IKE ids needs charon's inventory (VICI `list-sas`), which
+//! belongs to the keying backend; that backend reports the loss as `SaDown` with the
+//! right id (charon, the registered key manager, hears the same expire). So the kernel
+//! backend logs expires, with the VIP and role when the addresses map to one.
 
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
@@ -14,13 +16,14 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_xfrm::{
     XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XfrmMessage,
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::netlink::ip_of;
 use super::policy::is_agent_index;
 use super::state::VipMap;
-use crate::InputSink;
+use crate::model::{Vip, VipRole};
 
 const GROUPS: [u32; 4] = [
     XFRMNLGRP_ACQUIRE,
@@ -30,10 +33,65 @@ const GROUPS: [u32; 4] = [
 ];
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
-/// Logs kernel events until cancelled; re-subscribes if the socket fails.
-pub(super) async fn watch(vips: &VipMap, _sink: InputSink, cancel: CancellationToken) {
+/// One kernel XFRM event, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XfrmEvent {
+    /// Traffic hit a policy whose template has no SA yet (the kernel asks for keys).
+    Acquire {
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+        proto: u8,
+        dport: u16,
+        policy_index: u32,
+    },
+    /// An SA reached a soft or hard lifetime limit.
+    Expire {
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+        spi: u32,
+        reqid: u32,
+        hard: bool,
+        vip: Option<Vip>,
+        role: Option<VipRole>,
+    },
+    SaAdded {
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+        spi: u32,
+    },
+    SaDeleted {
+        dst: Option<IpAddr>,
+        spi: u32,
+    },
+    SasFlushed,
+    PolicyAdded {
+        index: u32,
+        action: u8,
+    },
+    PolicyDeleted {
+        index: u32,
+        /// One of the agent's block policies.
+        agent: bool,
+    },
+    PoliciesFlushed,
+    PolicyExpire {
+        index: u32,
+        hard: bool,
+    },
+    Other {
+        message_type: u16,
+    },
+}
+
+/// Decodes and logs kernel events until cancelled, sending each to `events` if given;
+/// re-subscribes if the socket fails.
+pub(super) async fn watch(
+    vips: &VipMap,
+    events: Option<mpsc::Sender<XfrmEvent>>,
+    cancel: CancellationToken,
+) {
     while !cancel.is_cancelled() {
-        if let Err(e) = watch_once(vips, &cancel).await {
+        if let Err(e) = watch_once(vips, events.as_ref(), &cancel).await {
             warn!(error = %e, "XFRM event subscription failed; retrying");
         }
         tokio::select! {
@@ -43,12 +101,14 @@ pub(super) async fn watch(vips: &VipMap, _sink: InputSink, cancel: CancellationT
     }
 }
 
-async fn watch_once(vips: &VipMap, cancel: &CancellationToken) -> std::io::Result<()> {
+async fn watch_once(
+    vips: &VipMap,
+    events: Option<&mpsc::Sender<XfrmEvent>>,
+    cancel: &CancellationToken,
+) -> std::io::Result<()> {
     let (mut conn, _handle, mut messages) = xfrmnetlink::new_connection()?;
     let fd = conn.socket_mut().as_raw_fd();
-    for group in GROUPS {
-        add_membership(fd, group)?;
-    }
+    bind_groups(fd, &GROUPS)?;
     let task = tokio::spawn(conn);
     let _stop = AbortOnDrop(task);
     info!("watching XFRM events (acquire, expire, sa, policy)");
@@ -58,7 +118,12 @@ async fn watch_once(vips: &VipMap, cancel: &CancellationToken) -> std::io::Resul
             msg = messages.next() => match msg {
                 Some((msg, _)) => {
                     if let NetlinkPayload::InnerMessage(m) = msg.payload {
-                        log_event(vips, &m);
+                        let event = decode(vips, &m);
+                        log_event(&event);
+                        if let Some(tx) = events {
+                            // A slow consumer loses events rather than stall the socket.
+                            let _ = tx.try_send(event);
+                        }
                     }
                 }
                 None => return Err(std::io::Error::other("XFRM netlink socket closed")),
@@ -67,19 +132,24 @@ async fn watch_once(vips: &VipMap, cancel: &CancellationToken) -> std::io::Resul
     }
 }
 
-/// Joins a netlink multicast group. xfrmnetlink's socket type comes from netlink-sys 0.8,
-/// whose `AsyncSocket` trait this crate cannot name (it uses netlink-sys 0.9), so the
-/// membership is set on the raw descriptor, as `Socket::add_membership` itself does.
-fn add_membership(fd: RawFd, group: u32) -> std::io::Result<()> {
-    // SAFETY: `fd` is an open netlink socket owned by the connection, and the option value
-    // points to a live u32 of the given size.
+/// Binds the socket to the multicast groups. xfrmnetlink's socket type comes from
+/// netlink-sys 0.8, whose `AsyncSocket` trait this crate cannot name (it uses netlink-sys
+/// 0.9), so this is done on the raw descriptor. Binding (rather than only joining groups
+/// with NETLINK_ADD_MEMBERSHIP) also gives the socket a port id: the kernel skips
+/// listeners whose port id is 0 when it broadcasts, and this socket never sends anything
+/// that would bind it automatically.
+fn bind_groups(fd: RawFd, groups: &[u32]) -> std::io::Result<()> {
+    // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = groups.iter().fold(0, |mask, g| mask | 1 << (g - 1));
+    // SAFETY: `fd` is an open netlink socket owned by the connection, and `addr` is a
+    // live sockaddr_nl of the given size.
     let rc = unsafe {
-        libc::setsockopt(
+        libc::bind(
             fd,
-            libc::SOL_NETLINK,
-            libc::NETLINK_ADD_MEMBERSHIP,
-            (&group as *const u32).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
         )
     };
     if rc < 0 {
@@ -96,77 +166,119 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn log_event(vips: &VipMap, m: &XfrmMessage) {
+fn decode(vips: &VipMap, m: &XfrmMessage) -> XfrmEvent {
     match m {
         XfrmMessage::Acquire(a) => {
             let a = &a.acquire;
             let fam = a.selector.family;
-            info!(
-                event = "acquire",
-                src = ?ip_of(&a.saddr, fam), dst = ?ip_of(&a.id.daddr, fam),
-                proto = a.selector.proto, dport = a.selector.dport,
-                policy_index = a.policy.index,
-                "XFRM acquire: traffic hit a policy without an SA"
-            );
+            XfrmEvent::Acquire {
+                src: ip_of(&a.saddr, fam),
+                dst: ip_of(&a.id.daddr, fam),
+                proto: a.selector.proto,
+                dport: a.selector.dport,
+                policy_index: a.policy.index,
+            }
         }
         XfrmMessage::Expire(e) => {
             let s = &e.expire.state;
             let (src, dst) = (ip_of(&s.saddr, s.family), ip_of(&s.id.daddr, s.family));
             let mapped = src.zip(dst).and_then(|(s, d)| vips.classify(s, d));
-            let hard = e.expire.hard != 0;
-            info!(
-                event = "expire", hard, src = ?src, dst = ?dst,
-                spi = format_args!("{:#010x}", s.id.spi), reqid = s.reqid,
-                vip = ?mapped.map(|m| m.0), role = ?mapped.map(|m| m.1),
-                "XFRM SA expire (no IKE id in the kernel: left to the keying backend)"
-            );
+            XfrmEvent::Expire {
+                src,
+                dst,
+                spi: s.id.spi,
+                reqid: s.reqid,
+                hard: e.expire.hard != 0,
+                vip: mapped.map(|m| m.0),
+                role: mapped.map(|m| m.1),
+            }
         }
         XfrmMessage::AddSa(s) | XfrmMessage::UpdateSa(s) => {
             let s = &s.user_sa_info;
-            debug!(event = "sa-new", src = ?ip_of(&s.saddr, s.family),
-                dst = ?ip_of(&s.id.daddr, s.family), spi = format_args!("{:#010x}", s.id.spi),
-                "XFRM SA added");
-        }
-        XfrmMessage::DeleteSa(s) => {
-            let id = &s.user_sa_id;
-            debug!(event = "sa-delete", dst = ?ip_of(&id.daddr, id.family),
-                spi = format_args!("{:#010x}", id.spi), "XFRM SA deleted");
-        }
-        XfrmMessage::FlushSa(_) => info!(event = "sa-flush", "XFRM SAs flushed"),
-        XfrmMessage::AddPolicy(p) | XfrmMessage::UpdatePolicy(p) => {
-            let p = &p.user_policy_info;
-            debug!(
-                event = "policy-new",
-                index = p.index,
-                dir = p.direction,
-                action = p.action,
-                priority = p.priority,
-                "XFRM policy added"
-            );
-        }
-        XfrmMessage::DeletePolicy(p) => {
-            let index = p.user_policy_id.index;
-            if is_agent_index(index) {
-                // Expected on release; unexpected if someone else removed a block.
-                info!(event = "policy-delete", index, "agent block policy removed");
-            } else {
-                debug!(event = "policy-delete", index, "XFRM policy deleted");
+            XfrmEvent::SaAdded {
+                src: ip_of(&s.saddr, s.family),
+                dst: ip_of(&s.id.daddr, s.family),
+                spi: s.id.spi,
             }
         }
-        XfrmMessage::FlushPolicy(_) => {
-            warn!(
-                event = "policy-flush",
-                "XFRM policies flushed (agent block policies too)"
-            )
+        XfrmMessage::DeleteSa(s) => XfrmEvent::SaDeleted {
+            dst: ip_of(&s.user_sa_id.daddr, s.user_sa_id.family),
+            spi: s.user_sa_id.spi,
+        },
+        XfrmMessage::FlushSa(_) => XfrmEvent::SasFlushed,
+        XfrmMessage::AddPolicy(p) | XfrmMessage::UpdatePolicy(p) => XfrmEvent::PolicyAdded {
+            index: p.user_policy_info.index,
+            action: p.user_policy_info.action,
+        },
+        XfrmMessage::DeletePolicy(p) => XfrmEvent::PolicyDeleted {
+            index: p.user_policy_id.index,
+            agent: is_agent_index(p.user_policy_id.index),
+        },
+        XfrmMessage::FlushPolicy(_) => XfrmEvent::PoliciesFlushed,
+        XfrmMessage::PolicyExpire(p) => XfrmEvent::PolicyExpire {
+            index: p.expire.pol.index,
+            hard: p.expire.hard != 0,
+        },
+        other => XfrmEvent::Other {
+            message_type: other.message_type(),
+        },
+    }
+}
+
+fn log_event(event: &XfrmEvent) {
+    match event {
+        XfrmEvent::Acquire {
+            src,
+            dst,
+            proto,
+            dport,
+            policy_index,
+        } => info!(
+            event = "acquire", src = ?src, dst = ?dst, proto, dport, policy_index,
+            "XFRM acquire: traffic hit a policy without an SA"
+        ),
+        XfrmEvent::Expire {
+            src,
+            dst,
+            spi,
+            reqid,
+            hard,
+            vip,
+            role,
+        } => info!(
+            event = "expire", hard, src = ?src, dst = ?dst,
+            spi = format_args!("{spi:#010x}"), reqid, vip = ?vip, role = ?role,
+            "XFRM SA expire (the kernel has no IKE id; the keying backend reports SaDown)"
+        ),
+        XfrmEvent::SaAdded { src, dst, spi } => debug!(
+            event = "sa-new", src = ?src, dst = ?dst, spi = format_args!("{spi:#010x}"),
+            "XFRM SA added"
+        ),
+        XfrmEvent::SaDeleted { dst, spi } => debug!(
+            event = "sa-delete", dst = ?dst, spi = format_args!("{spi:#010x}"),
+            "XFRM SA deleted"
+        ),
+        XfrmEvent::SasFlushed => info!(event = "sa-flush", "XFRM SAs flushed"),
+        XfrmEvent::PolicyAdded { index, action } => {
+            debug!(event = "policy-new", index, action, "XFRM policy added")
         }
-        XfrmMessage::PolicyExpire(p) => {
-            info!(
-                event = "policy-expire",
-                index = p.expire.pol.index,
-                hard = p.expire.hard != 0,
-                "XFRM policy expire"
-            );
+        // Expected on release; worth seeing when someone else removes a block.
+        XfrmEvent::PolicyDeleted { index, agent: true } => {
+            info!(event = "policy-delete", index, "agent block policy removed")
         }
-        other => debug!(message_type = other.message_type(), "XFRM event"),
+        XfrmEvent::PolicyDeleted {
+            index,
+            agent: false,
+        } => {
+            debug!(event = "policy-delete", index, "XFRM policy deleted")
+        }
+        XfrmEvent::PoliciesFlushed => warn!(
+            event = "policy-flush",
+            "XFRM policies flushed (agent block policies too)"
+        ),
+        XfrmEvent::PolicyExpire { index, hard } => {
+            info!(event = "policy-expire", index, hard, "XFRM policy expire")
+        }
+        XfrmEvent::Other { message_type } => debug!(message_type, "XFRM event"),
     }
 }

@@ -7,6 +7,7 @@
 //! the next run adopts them through [`Kernel::reconcile`].
 
 mod events;
+pub use events::XfrmEvent;
 mod netlink;
 pub mod policy;
 pub mod state;
@@ -70,6 +71,16 @@ impl XfrmKernel {
         &self,
     ) -> Result<std::collections::BTreeMap<Vip, TrafficCounters>, KernelError> {
         Ok(state::counters_by_vip(&self.vip_states().await?))
+    }
+
+    /// Decodes kernel XFRM events (acquire, expire, SA and policy changes) into `events`
+    /// until cancelled; each is logged as in [`Kernel::run`].
+    pub async fn watch_events(
+        &self,
+        events: tokio::sync::mpsc::Sender<XfrmEvent>,
+        cancel: CancellationToken,
+    ) {
+        events::watch(&self.vips, Some(events), cancel).await;
     }
 
     /// The agent's block policies currently in the kernel.
@@ -299,7 +310,9 @@ impl Kernel for XfrmKernel {
         Ok(deleted)
     }
 
+    /// Logs kernel events; sends nothing to the core (see [`events`] for why).
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
-        events::watch(&self.vips, sink, cancel).await;
+        drop(sink);
+        events::watch(&self.vips, None, cancel).await;
     }
 }
