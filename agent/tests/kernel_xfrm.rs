@@ -252,7 +252,22 @@ fn foreign_policies_are_never_touched() {
     // second policy with an identical selector, whatever its priority) and a lower
     // priority; a block toward another VIP.
     let prio = BLOCK_PRIORITY.to_string();
-    let foreign: [(&str, &[&str]); 3] = [
+    // And an `allow` that holds the first index of the agent's range.
+    let first_agent_index = policy::slot_index(0).to_string();
+    let foreign: [(&str, &[&str]); 4] = [
+        (
+            VIP,
+            &[
+                "proto",
+                "tcp",
+                "dport",
+                "80",
+                "action",
+                "allow",
+                "index",
+                &first_agent_index,
+            ],
+        ),
         (
             VIP,
             &[
@@ -303,7 +318,7 @@ fn foreign_policies_are_never_touched() {
         without_times(&after),
         "foreign policies changed"
     );
-    assert_eq!(count_policies(&lab.fe, VIP), 2);
+    assert_eq!(count_policies(&lab.fe, VIP), 3);
     assert_eq!(count_policies(&lab.fe, OTHER_VIP), 1);
 }
 

@@ -245,9 +245,16 @@ impl Kernel for XfrmKernel {
                 if table.agent_for(vip).any(|p| p.selector == *sel) {
                     continue;
                 }
-                if let Some((index, _)) = table.foreign.iter().find(|(_, s)| s == sel) {
-                    warn!(%vip, index, "block policy got an index outside the agent's range; replacing it");
-                    delete_policy(&session, *index).await?;
+                // The add succeeded, so no untagged policy had this selector before: the
+                // untagged block with it now is the one just added.
+                if let Some(p) = table.foreign.iter().find(|p| {
+                    p.selector == *sel
+                        && !p.tagged
+                        && p.action == XFRM_POLICY_BLOCK
+                        && p.priority == self.block_priority
+                }) {
+                    warn!(%vip, index = p.index, "block policy got an index outside the agent's range; replacing it");
+                    delete_policy(&session, p.index).await?;
                     replaced = true;
                 }
             }

@@ -84,13 +84,23 @@ pub struct AgentPolicy {
     pub selector: BlockSelector,
 }
 
+/// An outbound host policy that is not the agent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForeignPolicy {
+    pub index: u32,
+    pub selector: BlockSelector,
+    pub action: u8,
+    pub priority: u32,
+    /// Carries a mark or an `if_id` (the agent's policies never do).
+    pub tagged: bool,
+}
+
 /// Every policy seen in one dump: the agent's, and the indexes in use (to pick free slots).
 #[derive(Debug, Default)]
 pub struct PolicyTable {
     pub agent: Vec<AgentPolicy>,
     pub used_indexes: BTreeSet<u32>,
-    /// Outbound policies outside the agent's range, by selector (for diagnostics).
-    pub foreign: Vec<(u32, BlockSelector)>,
+    pub foreign: Vec<ForeignPolicy>,
 }
 
 impl PolicyTable {
@@ -109,7 +119,13 @@ impl PolicyTable {
                     selector: sel,
                 });
             } else if info.direction == XFRM_POLICY_OUT {
-                table.foreign.push((info.index, sel));
+                table.foreign.push(ForeignPolicy {
+                    index: info.index,
+                    selector: sel,
+                    action: info.action,
+                    priority: info.priority,
+                    tagged: is_tagged(msg),
+                });
             }
         }
         table
@@ -148,10 +164,20 @@ fn is_agent_policy(msg: &ModifyMessage) -> bool {
     info.direction == XFRM_POLICY_OUT
         && info.action == XFRM_POLICY_BLOCK
         && is_agent_index(info.index)
+        && !is_tagged(msg)
         && !msg
             .nlas
             .iter()
             .any(|a| matches!(a, XfrmAttrs::Template(t) if !t.is_empty()))
+}
+
+/// A mark or an `if_id` narrows what a policy matches; the agent never sets either.
+fn is_tagged(msg: &ModifyMessage) -> bool {
+    msg.nlas.iter().any(|a| match a {
+        XfrmAttrs::Mark(m) => m.mask != 0 || m.value != 0,
+        XfrmAttrs::IfId(id) => *id != 0,
+        _ => false,
+    })
 }
 
 /// The distinct VIPs that have at least one agent block policy.
@@ -172,6 +198,46 @@ mod tests {
         assert!(!is_agent_index(INDEX_BASE)); // direction in
         assert!(!is_agent_index(9)); // a kernel-generated outbound index
         assert_eq!(slot_index(0) & 7, u32::from(XFRM_POLICY_OUT));
+    }
+
+    fn policy(index: u32, action: u8, dport: u16) -> ModifyMessage {
+        let mut m = ModifyMessage::default();
+        let info = &mut m.user_policy_info;
+        info.selector.source_prefix(&"0.0.0.0".parse().unwrap(), 0);
+        info.selector
+            .destination_prefix(&"192.0.2.100".parse().unwrap(), 32);
+        info.selector.proto = 6;
+        info.selector.dport = dport;
+        info.selector.dport_mask = u16::MAX;
+        info.direction = XFRM_POLICY_OUT;
+        info.action = action;
+        info.index = index;
+        m
+    }
+
+    #[test]
+    fn only_untagged_blocks_in_the_range_are_the_agents() {
+        let mut marked = policy(slot_index(2), XFRM_POLICY_BLOCK, 110);
+        marked.nlas.push(XfrmAttrs::Mark(netlink_packet_xfrm::Mark {
+            value: 1,
+            mask: 0xffff_ffff,
+        }));
+        let dump = vec![
+            policy(slot_index(0), XFRM_POLICY_BLOCK, 143),
+            policy(9, XFRM_POLICY_BLOCK, 25),
+            policy(slot_index(1), netlink_packet_xfrm::XFRM_POLICY_ALLOW, 22),
+            marked,
+        ];
+        let table = PolicyTable::from_dump(&dump);
+        assert_eq!(table.agent.len(), 1);
+        assert_eq!(table.agent[0].selector.dport, Some(143));
+        assert_eq!(table.foreign.len(), 3);
+        assert_eq!(
+            blocked_vips(&table),
+            vec!["192.0.2.100".parse::<IpAddr>().unwrap()]
+        );
+        // Slot 0 and 1 are taken (by whoever), slot 2 too.
+        assert_eq!(table.free_indexes().next(), Some(slot_index(3)));
     }
 
     #[test]
