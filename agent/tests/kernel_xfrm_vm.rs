@@ -90,6 +90,7 @@ fn add_state(ns: &Netns, src: &str, dst: &str, spi: &str, reqid: &str, auth: &st
     .unwrap();
 }
 
+/// An ESP transport policy with the priority charon gives a host-to-host policy.
 fn add_policy(ns: &Netns, dir: &str, src: &str, dst: &str, reqid: &str) {
     ns.ip(&[
         "xfrm",
@@ -112,6 +113,8 @@ fn add_policy(ns: &Netns, dir: &str, src: &str, dst: &str, reqid: &str) {
         reqid,
         "mode",
         "transport",
+        "priority",
+        "375423",
     ])
     .unwrap();
 }

@@ -1,7 +1,8 @@
 //! Linux XFRM over netlink: fail-secure block policies, SA dumps with counters, SA
 //! deletion and kernel events.
 //!
-//! Everything goes through `xfrmnetlink`'s request builders; no raw messages were needed.
+//! Requests go through `xfrmnetlink`'s builders; no raw messages were needed. Only the
+//! event socket's multicast bind is done with libc (see `events` for why).
 //! Block policies are recognised by a reserved index range ([`policy`] explains why not
 //! marks). Nothing removes them on drop: if the agent dies, they stay (fail closed) and
 //! the next run adopts them through [`Kernel::reconcile`].
