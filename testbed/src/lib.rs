@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod vm;
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).
 pub fn can_use_netns() -> bool {

@@ -94,6 +94,36 @@ impl Netns {
         Ok(())
     }
 
+    /// Runs `f` on a new thread that has joined this namespace (setns), and returns what
+    /// it returns. Sockets `f` opens (netlink included) live in the namespace, and keep
+    /// living there when handed back; processes it spawns start inside it.
+    pub fn run_in<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("open {path}: {e}"))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("in-{}", self.name))
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on an open namespace file; it only changes this thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(anyhow::anyhow!(
+                        "setns {path}: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                drop(ns);
+                Ok(f())
+            })?;
+        match thread.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
     pub fn link_set(&self, ifname: &str, up: bool) -> anyhow::Result<()> {
         self.ip(&["link", "set", ifname, if up { "up" } else { "down" }])
             .map(|_| ())

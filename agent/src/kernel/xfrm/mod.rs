@@ -1,0 +1,326 @@
+//! Linux XFRM over netlink: fail-secure block policies, SA dumps with counters, SA
+//! deletion and kernel events.
+//!
+//! Requests go through `xfrmnetlink`'s builders; no raw messages were needed. Only the
+//! event socket's multicast bind is done with libc (see `events` for why).
+//! Block policies are recognised by a reserved index range ([`policy`] explains why not
+//! marks). Nothing removes them on drop: if the agent dies, they stay (fail closed) and
+//! the next run adopts them through [`Kernel::reconcile`].
+
+mod events;
+pub use events::XfrmEvent;
+mod netlink;
+pub mod policy;
+pub mod state;
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use netlink_packet_xfrm::{XFRM_INF, XFRM_POLICY_BLOCK, XFRM_POLICY_OUT};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::netlink::{Session, errno, full_prefix, netlink_error, unspecified_like};
+use self::policy::{BlockSelector, PolicyTable};
+use self::state::{KernelSa, VipMap, VipSa};
+use super::{Kernel, KernelError};
+use crate::InputSink;
+use crate::config::Config;
+use crate::model::{ProtectedFlow, TrafficCounters, Vip};
+
+/// How often engage re-adds a policy whose requested index was taken meanwhile.
+const INDEX_RETRIES: usize = 3;
+
+pub struct XfrmKernel {
+    flows: Vec<ProtectedFlow>,
+    interface: Option<String>,
+    block_priority: u32,
+    vips: VipMap,
+    /// Engage and release read, then change the policy table; one at a time keeps two
+    /// calls from picking the same free index.
+    policy_ops: Mutex<()>,
+}
+
+impl XfrmKernel {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(XfrmKernel {
+            flows: config.protected_flows(),
+            interface: config.kernel.interface.clone(),
+            block_priority: config.kernel.block_priority,
+            vips: VipMap::from_config(config),
+            policy_ops: Mutex::new(()),
+        })
+    }
+
+    /// Every SA the kernel holds, with its counters.
+    pub async fn states(&self) -> Result<Vec<KernelSa>, KernelError> {
+        let session = Session::open()?;
+        dump_states(&session).await
+    }
+
+    /// The SAs of the configured VIPs (hosted: the VIP is the source of outbound SAs;
+    /// peer: the VIP is the destination of outbound SAs), with counters and last use.
+    pub async fn vip_states(&self) -> Result<Vec<VipSa>, KernelError> {
+        Ok(self.vips.map(self.states().await?))
+    }
+
+    /// Summed counters per configured VIP.
+    pub async fn vip_counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<Vip, TrafficCounters>, KernelError> {
+        Ok(state::counters_by_vip(&self.vip_states().await?))
+    }
+
+    /// Decodes kernel XFRM events (acquire, expire, SA and policy changes) into `events`
+    /// until cancelled; each is logged as in [`Kernel::run`].
+    pub async fn watch_events(
+        &self,
+        events: tokio::sync::mpsc::Sender<XfrmEvent>,
+        cancel: CancellationToken,
+    ) {
+        events::watch(&self.vips, Some(events), cancel).await;
+    }
+
+    /// The agent's block policies currently in the kernel.
+    pub async fn block_policies(&self) -> Result<Vec<policy::AgentPolicy>, KernelError> {
+        let session = Session::open()?;
+        Ok(dump_policies(&session).await?.agent)
+    }
+
+    /// The selector ifindex for block policies: the configured interface, or 0 (any).
+    fn ifindex(&self) -> Result<i32, KernelError> {
+        let Some(name) = &self.interface else {
+            return Ok(0);
+        };
+        let c = CString::new(name.as_str())
+            .map_err(|_| KernelError::Other(format!("interface name {name:?}")))?;
+        // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if index == 0 {
+            return Err(KernelError::Other(format!(
+                "kernel.interface {name:?}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        i32::try_from(index).map_err(|_| KernelError::Other(format!("ifindex {index}")))
+    }
+
+    /// Adds one block policy; `Ok(false)` when a policy with the same selector exists.
+    async fn add_block(
+        &self,
+        session: &Session,
+        sel: &BlockSelector,
+        index: u32,
+    ) -> Result<bool, KernelError> {
+        let vip = sel.vip;
+        let mut req = session
+            .handle
+            .policy()
+            .add(unspecified_like(&vip), 0, vip, full_prefix(&vip))
+            .direction(XFRM_POLICY_OUT)
+            .action(XFRM_POLICY_BLOCK)
+            .priority(self.block_priority)
+            .index(index)
+            // No byte or packet limits, as `ip xfrm policy add` sets them.
+            .byte_limit(XFRM_INF, XFRM_INF)
+            .packet_limit(XFRM_INF, XFRM_INF);
+        if sel.proto != 0 {
+            req = req.selector_protocol(sel.proto);
+        }
+        if let Some(port) = sel.dport {
+            req = req.selector_protocol_dst_port(port);
+        }
+        if sel.ifindex != 0 {
+            req = req.selector_dev_id(sel.ifindex as u32);
+        }
+        match req.execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(netlink_error(&format!("add block policy {sel:?}"), e)),
+        }
+    }
+}
+
+async fn dump_policies(session: &Session) -> Result<PolicyTable, KernelError> {
+    let dump: Vec<_> = session
+        .handle
+        .policy()
+        .get_dump()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| netlink_error("dump policies", e))?;
+    Ok(PolicyTable::from_dump(&dump))
+}
+
+async fn dump_states(session: &Session) -> Result<Vec<KernelSa>, KernelError> {
+    let dump: Vec<_> = session
+        .handle
+        .state()
+        .get_dump()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| netlink_error("dump states", e))?;
+    Ok(dump.iter().filter_map(KernelSa::from_dump).collect())
+}
+
+async fn delete_policy(session: &Session, index: u32) -> Result<bool, KernelError> {
+    match session
+        .handle
+        .policy()
+        .delete_index(index)
+        .direction(XFRM_POLICY_OUT)
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(netlink_error(&format!("delete policy index {index}"), e)),
+    }
+}
+
+#[async_trait]
+impl Kernel for XfrmKernel {
+    fn kind(&self) -> &'static str {
+        "xfrm"
+    }
+
+    async fn reconcile(&self) -> Result<Vec<Vip>, KernelError> {
+        let session = Session::open()?;
+        let table = dump_policies(&session).await?;
+        for p in &table.agent {
+            info!(index = p.index, vip = %p.selector.vip, proto = p.selector.proto,
+                dport = ?p.selector.dport, ifindex = p.selector.ifindex,
+                "adopting block policy of an earlier run");
+        }
+        Ok(policy::blocked_vips(&table))
+    }
+
+    /// Returns how many of the VIP's configured flows the agent's policies block now.
+    async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError> {
+        let _one_at_a_time = self.policy_ops.lock().await;
+        let ifindex = self.ifindex()?;
+        let wanted: BTreeSet<BlockSelector> = self
+            .flows
+            .iter()
+            .filter(|f| f.vip == vip)
+            .map(|f| BlockSelector::for_flow(f, ifindex))
+            .collect();
+        if wanted.is_empty() {
+            warn!(%vip, "fail-secure: no protected flows configured for this VIP");
+            return Ok(0);
+        }
+        let session = Session::open()?;
+        let mut table = dump_policies(&session).await?;
+        for _ in 0..INDEX_RETRIES {
+            let present: BTreeSet<BlockSelector> =
+                table.agent_for(vip).map(|p| p.selector).collect();
+            let missing: Vec<&BlockSelector> = wanted.difference(&present).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let mut free: Vec<u32> = table.free_indexes().take(missing.len()).collect();
+            free.reverse();
+            let mut added = Vec::new();
+            for sel in missing {
+                let index = free.pop().ok_or_else(|| {
+                    KernelError::Other("the agent's policy index range is full".into())
+                })?;
+                if self.add_block(&session, sel, index).await? {
+                    debug!(%vip, index, ?sel, "block policy added");
+                    added.push(*sel);
+                } else {
+                    warn!(%vip, ?sel, "a policy the agent does not own has this flow's selector; leaving it alone");
+                }
+            }
+            table = dump_policies(&session).await?;
+            // The kernel gives a policy another index, silently, when the requested one is
+            // taken: such a policy is ours (we just created it) but would not be
+            // recognised later, so replace it.
+            let mut replaced = false;
+            for sel in &added {
+                if table.agent_for(vip).any(|p| p.selector == *sel) {
+                    continue;
+                }
+                // The add succeeded, so no untagged policy had this selector before: the
+                // untagged block with it now is the one just added.
+                if let Some(p) = table.foreign.iter().find(|p| {
+                    p.selector == *sel
+                        && !p.tagged
+                        && p.action == XFRM_POLICY_BLOCK
+                        && p.priority == self.block_priority
+                }) {
+                    warn!(%vip, index = p.index, "block policy got an index outside the agent's range; replacing it");
+                    delete_policy(&session, p.index).await?;
+                    replaced = true;
+                }
+            }
+            if !replaced {
+                break;
+            }
+            table = dump_policies(&session).await?;
+        }
+        let blocked = table
+            .agent_for(vip)
+            .filter(|p| wanted.contains(&p.selector))
+            .count() as u32;
+        info!(%vip, blocked, flows = wanted.len(), priority = self.block_priority, ifindex,
+            "fail-secure engaged");
+        Ok(blocked)
+    }
+
+    async fn release_fail_secure(&self, vip: Vip) -> Result<(), KernelError> {
+        let _one_at_a_time = self.policy_ops.lock().await;
+        let session = Session::open()?;
+        let table = dump_policies(&session).await?;
+        let mut removed = 0u32;
+        // Every agent policy of the VIP goes, also flows no longer in the configuration.
+        for p in table.agent_for(vip) {
+            if delete_policy(&session, p.index).await? {
+                removed += 1;
+            }
+        }
+        info!(%vip, removed, "fail-secure released");
+        Ok(())
+    }
+
+    async fn delete_states(&self, vip: Vip) -> Result<u32, KernelError> {
+        let session = Session::open()?;
+        let mut deleted = 0;
+        for sa in dump_states(&session).await? {
+            if sa.src != vip && sa.dst != vip {
+                continue;
+            }
+            let mut req = session
+                .handle
+                .state()
+                .delete(sa.src, sa.dst)
+                .protocol(sa.proto)
+                .spi(sa.spi);
+            if let Some((value, mask)) = sa.mark {
+                req = req.mark(value, mask);
+            }
+            match req.execute().await {
+                Ok(()) => {
+                    deleted += 1;
+                    info!(%vip, src = %sa.src, dst = %sa.dst, spi = format_args!("{:#010x}", sa.spi),
+                        "kernel SA deleted");
+                }
+                // Gone already (expired, or deleted by the keying daemon meanwhile).
+                Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => {}
+                Err(e) => return Err(netlink_error("delete state", e)),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Logs kernel events; sends nothing to the core (see [`events`] for why).
+    async fn run(&self, sink: InputSink, cancel: CancellationToken) {
+        drop(sink);
+        events::watch(&self.vips, None, cancel).await;
+    }
+}

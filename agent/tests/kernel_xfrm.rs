@@ -1,0 +1,425 @@
+//! The XFRM kernel backend against real XFRM policies, inside a namespace pair.
+//!
+//! The front-end namespace `fe` talks to a peer namespace `be` over a veth pair; the VIP is
+//! an address of `be` with TCP listeners on 143, 22 and 25. The backend runs on a thread
+//! that joined `fe` (`Netns::run_in`), so its netlink sockets see only that namespace.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::pin::Pin;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vipsec::config::Config;
+use vipsec::kernel::Kernel;
+use vipsec::kernel::xfrm::{XfrmEvent, XfrmKernel, policy};
+use vipsec_testbed::netns::Netns;
+
+const VIP: &str = "192.0.2.100";
+const OTHER_VIP: &str = "192.0.2.101";
+const BLOCK_PRIORITY: u32 = 1_000_000;
+
+struct Lab {
+    fe: Netns,
+    _be: Netns,
+    _listeners: Vec<TcpListener>,
+}
+
+fn require_root_and_ip() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel_xfrm tests need root (network namespaces, XFRM policies)"
+    );
+    let ok = Command::new("ip").arg("-V").output().is_ok();
+    assert!(
+        ok,
+        "kernel_xfrm tests need iproute2's `ip` (apt-get install iproute2)"
+    );
+}
+
+fn lab() -> Lab {
+    require_root_and_ip();
+    let fe = Netns::new("xf").unwrap();
+    let be = Netns::new("xb").unwrap();
+    fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")
+        .unwrap();
+    for addr in [VIP, OTHER_VIP] {
+        be.ip(&["addr", "add", &format!("{addr}/32"), "dev", "be0"])
+            .unwrap();
+    }
+    // Listening sockets stay in `be` after the thread that opened them ends.
+    let listeners = be
+        .run_in(|| {
+            [143u16, 22, 25]
+                .iter()
+                .map(|p| TcpListener::bind((VIP, *p)).expect("bind listener"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    Lab {
+        fe,
+        _be: be,
+        _listeners: listeners,
+    }
+}
+
+fn config(interface: Option<&str>, protect: &[&str]) -> Config {
+    let iface = interface
+        .map(|i| format!("interface = \"{i}\"\n"))
+        .unwrap_or_default();
+    let protect = protect
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "node = \"fe\"\n\
+         [kernel]\nbackend = \"xfrm\"\nblock_priority = {BLOCK_PRIORITY}\n{iface}\
+         [[peer_vip]]\naddress = \"{VIP}\"\nconnection = \"vip\"\nprotect = [{protect}]\n"
+    );
+    Config::parse(&text).unwrap_or_else(|p| panic!("config {text}: {p:?}"))
+}
+
+fn vip() -> IpAddr {
+    VIP.parse().unwrap()
+}
+
+type Body<T> = Pin<Box<dyn std::future::Future<Output = T>>>;
+
+/// Runs an async body on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: &Netns, body: impl FnOnce() -> Body<T> + Send + 'static) -> T {
+    ns.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body())
+    })
+    .unwrap()
+}
+
+/// Connects from the calling thread's namespace: Ok, or the errno.
+fn connect(port: u16) -> Result<(), i32> {
+    let addr = SocketAddr::new(vip(), port);
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::TimedOut => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn out_pol_block(ns: &Netns) -> u64 {
+    let stat = ns.sh("cat /proc/net/xfrm_stat").unwrap();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("XfrmOutPolBlock"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("XfrmOutPolBlock in /proc/net/xfrm_stat (kernel without CONFIG_XFRM_STATISTICS?)")
+}
+
+fn policies(ns: &Netns) -> String {
+    ns.ip(&["-s", "xfrm", "policy"]).unwrap()
+}
+
+/// Policies whose selector line (the first of each in `ip xfrm policy`) contains `needle`.
+fn count_policies(ns: &Netns, needle: &str) -> usize {
+    ns.ip(&["xfrm", "policy"])
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace) && l.contains(needle))
+        .count()
+}
+
+fn ifindex(ns: &Netns, ifname: &str) -> i32 {
+    let out = ns.ip(&["-o", "link", "show", ifname]).unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn block_policies_refuse_protected_flows_until_released() {
+    let lab = lab();
+    let cfg = config(Some("fe0"), &["tcp/143"]);
+    let fe_ifindex = ifindex(&lab.fe, "fe0");
+    let blocked_before = out_pol_block(&lab.fe);
+
+    let (reachable_before, engaged, engage_time, own) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let before = connect(143);
+            let t = Instant::now();
+            let n = kernel.engage_fail_secure(vip()).await.unwrap();
+            let dt = t.elapsed();
+            (before, n, dt, kernel.block_policies().await.unwrap())
+        })
+    });
+    eprintln!("engage 1 flow: {engage_time:?}");
+    assert_eq!(reachable_before, Ok(()), "VIP:143 reachable before engage");
+    assert_eq!(engaged, 1);
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].selector.ifindex, fe_ifindex, "policy bound to fe0");
+    assert_eq!(own[0].priority, BLOCK_PRIORITY);
+    let listing = policies(&lab.fe);
+    assert!(
+        listing.contains(&format!("dst {VIP}/32 proto tcp dport 143 dev fe0")),
+        "{listing}"
+    );
+    assert!(listing.contains("action block"), "{listing}");
+
+    let cfg = config(Some("fe0"), &["tcp/143"]);
+    let (r143, r22, r143_after, release_time) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let r143 = connect(143);
+            let r22 = connect(22);
+            let t = Instant::now();
+            kernel.release_fail_secure(vip()).await.unwrap();
+            let dt = t.elapsed();
+            (r143, r22, connect(143), dt)
+        })
+    });
+    eprintln!("release 1 flow: {release_time:?}");
+    assert_eq!(
+        r143,
+        Err(libc::EPERM),
+        "connect to VIP:143 refused by the block policy"
+    );
+    assert_eq!(r22, Ok(()), "VIP:22 is not a protected flow");
+    assert_eq!(r143_after, Ok(()), "VIP:143 reachable after release");
+    let blocked_after = out_pol_block(&lab.fe);
+    eprintln!("XfrmOutPolBlock {blocked_before} -> {blocked_after}");
+    assert!(blocked_after > blocked_before, "XfrmOutPolBlock grew");
+    assert_eq!(count_policies(&lab.fe, VIP), 0, "{}", policies(&lab.fe));
+}
+
+#[test]
+fn restart_adopts_engaged_policies_without_duplicates() {
+    let lab = lab();
+    let protect = ["tcp/143", "tcp/110", "udp/53", "any"];
+    let cfg = config(Some("fe0"), &protect);
+    let (adopted_at_start, n) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let first = XfrmKernel::new(&cfg).unwrap();
+            let adopted = first.reconcile().await.unwrap();
+            // `first` is dropped after this, as in a crash: the policies must stay.
+            (adopted, first.engage_fail_secure(vip()).await.unwrap())
+        })
+    });
+    assert!(adopted_at_start.is_empty());
+    assert_eq!(n, 4);
+    assert_eq!(count_policies(&lab.fe, VIP), 4, "{}", policies(&lab.fe));
+
+    let cfg = config(Some("fe0"), &protect);
+    let (adopted, again, again2, blocked) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let second = XfrmKernel::new(&cfg).unwrap();
+            let adopted = second.reconcile().await.unwrap();
+            let again = second.engage_fail_secure(vip()).await.unwrap();
+            let again2 = second.engage_fail_secure(vip()).await.unwrap();
+            (adopted, again, again2, connect(143))
+        })
+    });
+    assert_eq!(adopted, vec![vip()]);
+    assert_eq!((again, again2), (4, 4));
+    assert_eq!(blocked, Err(libc::EPERM));
+    assert_eq!(
+        count_policies(&lab.fe, VIP),
+        4,
+        "engaging again duplicated policies: {}",
+        policies(&lab.fe)
+    );
+
+    let cfg = config(Some("fe0"), &protect);
+    let (left, reachable) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let third = XfrmKernel::new(&cfg).unwrap();
+            third.release_fail_secure(vip()).await.unwrap();
+            // Releasing twice is fine.
+            third.release_fail_secure(vip()).await.unwrap();
+            (third.reconcile().await.unwrap(), connect(143))
+        })
+    });
+    assert!(left.is_empty());
+    assert_eq!(reachable, Ok(()));
+    assert_eq!(count_policies(&lab.fe, VIP), 0, "{}", policies(&lab.fe));
+}
+
+#[test]
+fn foreign_policies_are_never_touched() {
+    let lab = lab();
+    // A block on another port with the agent's own priority and interface; an `allow`
+    // with the agent's address and port but a different selector (the kernel refuses a
+    // second policy with an identical selector, whatever its priority) and a lower
+    // priority; a block toward another VIP.
+    let prio = BLOCK_PRIORITY.to_string();
+    // And an `allow` that holds the first index of the agent's range.
+    let first_agent_index = policy::slot_index(0).to_string();
+    let foreign: [(&str, &[&str]); 4] = [
+        (
+            VIP,
+            &[
+                "proto",
+                "tcp",
+                "dport",
+                "80",
+                "action",
+                "allow",
+                "index",
+                &first_agent_index,
+            ],
+        ),
+        (
+            VIP,
+            &[
+                "proto", "tcp", "dport", "25", "dev", "fe0", "action", "block", "priority", &prio,
+            ],
+        ),
+        (
+            VIP,
+            &[
+                "proto", "tcp", "dport", "143", "action", "allow", "priority", "2000000",
+            ],
+        ),
+        (
+            OTHER_VIP,
+            &[
+                "proto", "tcp", "dport", "143", "dev", "fe0", "action", "block",
+            ],
+        ),
+    ];
+    for (dst, args) in foreign {
+        let mut cmd = vec!["xfrm", "policy", "add", "dir", "out", "dst", dst];
+        cmd.extend_from_slice(args);
+        lab.fe.ip(&cmd).unwrap();
+    }
+    let before = policies(&lab.fe);
+    let cfg = config(Some("fe0"), &["tcp/143", "tcp/110"]);
+    let (adopted, engaged, during, r25, deleted) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let adopted = kernel.reconcile().await.unwrap();
+            let engaged = kernel.engage_fail_secure(vip()).await.unwrap();
+            let during = kernel.reconcile().await.unwrap();
+            kernel.release_fail_secure(vip()).await.unwrap();
+            let other: IpAddr = OTHER_VIP.parse().unwrap();
+            kernel.release_fail_secure(other).await.unwrap();
+            let deleted = kernel.delete_states(vip()).await.unwrap();
+            (adopted, engaged, during, connect(25), deleted)
+        })
+    });
+    assert!(adopted.is_empty(), "foreign policies adopted: {adopted:?}");
+    assert_eq!(engaged, 2);
+    assert_eq!(during, vec![vip()]);
+    assert_eq!(deleted, 0);
+    assert_eq!(r25, Err(libc::EPERM), "the foreign block still blocks");
+    let after = policies(&lab.fe);
+    assert_eq!(
+        without_times(&before),
+        without_times(&after),
+        "foreign policies changed"
+    );
+    assert_eq!(count_policies(&lab.fe, VIP), 3);
+    assert_eq!(count_policies(&lab.fe, OTHER_VIP), 1);
+}
+
+/// `ip -s xfrm policy` without the lines whose use times change as policies match.
+fn without_times(listing: &str) -> Vec<&str> {
+    listing
+        .lines()
+        .filter(|l| !l.contains("add ") && !l.contains("use ") && !l.contains("lifetime"))
+        .collect()
+}
+
+#[test]
+fn unbound_any_flow_blocks_everything_to_the_vip() {
+    let lab = lab();
+    let cfg = config(None, &["any"]);
+    let (own, r22, r143) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            kernel.engage_fail_secure(vip()).await.unwrap();
+            let own = kernel.block_policies().await.unwrap();
+            let r = (connect(22), connect(143));
+            kernel.release_fail_secure(vip()).await.unwrap();
+            (own, r.0, r.1)
+        })
+    });
+    assert_eq!(own.len(), 1);
+    assert_eq!(
+        own[0].selector.ifindex, 0,
+        "not bound without kernel.interface"
+    );
+    assert_eq!((own[0].selector.proto, own[0].selector.dport), (0, None));
+    assert_eq!(r22, Err(libc::EPERM));
+    assert_eq!(r143, Err(libc::EPERM));
+    assert_eq!(count_policies(&lab.fe, VIP), 0);
+}
+
+#[test]
+fn engage_and_release_many_flows_with_the_event_watcher_running() {
+    let lab = lab();
+    const FLOWS: u16 = 200;
+    let protect: Vec<String> = (0..FLOWS).map(|i| format!("tcp/{}", 10_000 + i)).collect();
+    let protect: Vec<&str> = protect.iter().map(String::as_str).collect();
+    let cfg = config(Some("fe0"), &protect);
+    let (n, engage, engage_again, release, watcher_stopped, events) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = std::sync::Arc::new(XfrmKernel::new(&cfg).unwrap());
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4 * usize::from(FLOWS));
+            let watcher = tokio::spawn({
+                let (k, c) = (kernel.clone(), cancel.clone());
+                async move { k.watch_events(tx, c).await }
+            });
+            // On this single-threaded runtime one yield lets the watcher run up to its
+            // first await, by which point it has joined the multicast groups.
+            tokio::task::yield_now().await;
+            let t = Instant::now();
+            let n = kernel.engage_fail_secure(vip()).await.unwrap();
+            let engage = t.elapsed();
+            let t = Instant::now();
+            kernel.engage_fail_secure(vip()).await.unwrap();
+            let engage_again = t.elapsed();
+            let t = Instant::now();
+            kernel.release_fail_secure(vip()).await.unwrap();
+            let release = t.elapsed();
+            // Wait for the deletions to be reported (bounded: "did not hang").
+            let mut events = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while events
+                .iter()
+                .filter(|e| matches!(e, XfrmEvent::PolicyDeleted { agent: true, .. }))
+                .count()
+                < usize::from(FLOWS)
+            {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(e)) => events.push(e),
+                    _ => break,
+                }
+            }
+            cancel.cancel();
+            let stopped = tokio::time::timeout(Duration::from_secs(5), watcher)
+                .await
+                .is_ok();
+            (n, engage, engage_again, release, stopped, events)
+        })
+    });
+    eprintln!(
+        "{FLOWS} flows: engage {engage:?}, engage again (no-op) {engage_again:?}, release {release:?}"
+    );
+    assert_eq!(n, u32::from(FLOWS));
+    assert!(watcher_stopped, "event watcher did not stop on cancel");
+    let added = events
+        .iter()
+        .filter(
+            |e| matches!(e, XfrmEvent::PolicyAdded { index, .. } if policy::is_agent_index(*index)),
+        )
+        .count();
+    let deleted = events
+        .iter()
+        .filter(|e| matches!(e, XfrmEvent::PolicyDeleted { agent: true, .. }))
+        .count();
+    eprintln!("events seen: {added} agent policies added, {deleted} deleted");
+    assert_eq!(deleted, usize::from(FLOWS), "policy deletions reported");
+    assert_eq!(count_policies(&lab.fe, VIP), 0);
+}
