@@ -69,7 +69,10 @@ fn peer_owner(node: &Node) -> Option<(String, u64)> {
 fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
     let ns = Netns::new("own").unwrap();
     // This kernel has no dummy interfaces; a veth pair inside the namespace serves.
-    ns.ip(&["link", "add", "vip0", "type", "veth", "peer", "name", "vip0p"]).unwrap();
+    ns.ip(&[
+        "link", "add", "vip0", "type", "veth", "peer", "name", "vip0p",
+    ])
+    .unwrap();
     ns.ip(&["link", "set", "vip0", "up"]).unwrap();
     ns.ip(&["link", "set", "vip0p", "up"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
