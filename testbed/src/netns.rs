@@ -94,6 +94,30 @@ impl Netns {
         Ok(())
     }
 
+    /// Runs `f` on a new thread that has entered this namespace and returns its result.
+    /// Sockets created in `f` stay in the namespace wherever they are used later, so a
+    /// test can bind a listener or connect a client inside a lab node without a helper
+    /// program.
+    pub fn run_in<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || -> anyhow::Result<R> {
+            let file =
+                std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("open {path}: {e}"))?;
+            // setns only moves the calling thread, which is why this runs on its own.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                anyhow::bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    }
+
     pub fn link_set(&self, ifname: &str, up: bool) -> anyhow::Result<()> {
         self.ip(&["link", "set", ifname, if up { "up" } else { "down" }])
             .map(|_| ())

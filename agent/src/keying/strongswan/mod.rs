@@ -42,8 +42,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a graceful delete waits for peers to answer their DELETE before the IKE_SAs
 /// still there are destroyed without waiting.
 const DELETE_GRACE: Duration = Duration::from_secs(1);
-/// How often a graceful delete looks whether the peers have answered.
-const DELETE_POLL: Duration = Duration::from_millis(20);
+/// How often a graceful delete looks whether the peers have answered: soon at first (a
+/// live peer answers within a round trip), then less often.
+const DELETE_POLL_FIRST: Duration = Duration::from_millis(2);
+const DELETE_POLL_MAX: Duration = Duration::from_millis(20);
 /// Extra time over charon's own initiate timeout before we stop waiting for its answer.
 const INITIATE_MARGIN: Duration = Duration::from_secs(1);
 /// Events charon raises that change which SAs are up.
@@ -296,8 +298,10 @@ impl Keying for StrongswanKeying {
         }
         // ... wait a little for their answers ...
         let mut left: Vec<u64> = targets.clone();
+        let mut poll = DELETE_POLL_FIRST;
         while !left.is_empty() && started.elapsed() < DELETE_GRACE {
-            tokio::time::sleep(DELETE_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(DELETE_POLL_MAX);
             let listing = self.list_sas().await?;
             left.retain(|id| listing.iter().any(|sa| sa.unique_id == *id));
         }
@@ -463,8 +467,8 @@ pub fn ike_rekey_events(m: SaEventMsg<IkeRekeyPair>) -> Vec<SaEvent> {
     m.sas
         .into_iter()
         .map(|(name, pair)| SaEvent::IkeRekey {
-            old: pair.old.to_info(&name),
-            new: pair.new.to_info(&name),
+            old: Box::new(pair.old.to_info(&name)),
+            new: Box::new(pair.new.to_info(&name)),
         })
         .collect()
 }

@@ -28,8 +28,8 @@ pub enum SaEvent {
     ChildDown(IkeSaInfo),
     /// `ike-rekey`: CHILD_SAs move from `old` to `new`.
     IkeRekey {
-        old: IkeSaInfo,
-        new: IkeSaInfo,
+        old: Box<IkeSaInfo>,
+        new: Box<IkeSaInfo>,
     },
     /// `child-rekey`: same IKE_SA, one CHILD_SA replaced by another.
     ChildRekey {
@@ -143,7 +143,7 @@ impl SaSet {
             SaEvent::IkeDown(sa) => {
                 self.remove(
                     sa.unique_id,
-                    &format!("IKE_SA {} deleted", sa.state),
+                    &format!("IKE_SA deleted (was {})", sa.state),
                     &mut out,
                 );
             }
@@ -414,8 +414,8 @@ mod tests {
         let mut s = peer_set();
         s.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);
         let out = s.apply(SaEvent::IkeRekey {
-            old: ike(1, "REKEYED", &[]),
-            new: ike(2, "ESTABLISHED", &[]),
+            old: Box::new(ike(1, "REKEYED", &[])),
+            new: Box::new(ike(2, "ESTABLISHED", &[])),
         });
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out[0], up(2));
