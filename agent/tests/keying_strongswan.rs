@@ -479,3 +479,89 @@ async fn counter_samples_grow_with_traffic() {
     assert!(second.bytes_in > first.bytes_in);
     fe_run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_cost_with_a_hundred_sas() {
+    const N: usize = 100;
+    assert!(
+        vipsec_testbed::can_use_netns(),
+        "needs root for network namespaces"
+    );
+    let lab = TwoNodeLab::with_vips(N).expect("start the lab with many VIPs");
+    let mut toml = format!(
+        "node = \"fe\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n",
+        lab.fe_charon.vici_socket().display()
+    );
+    for i in 0..N {
+        toml.push_str(&format!(
+            "[[peer_vip]]\naddress = \"{}\"\nconnection = \"{}\"\n",
+            TwoNodeLab::vip_addr(i),
+            TwoNodeLab::conn_name(i)
+        ));
+    }
+    let config = Config::parse(&toml).unwrap();
+    let fe = std::sync::Arc::new(StrongswanKeying::new(&config));
+
+    // Every initiate has its own VICI connection, so they run side by side.
+    let started = Instant::now();
+    let results = futures::future::join_all((0..N).map(|i| {
+        let fe = fe.clone();
+        async move {
+            let vip: Vip = TwoNodeLab::vip_addr(i).parse().unwrap();
+            let name = TwoNodeLab::conn_name(i);
+            let conn = PeerConnection {
+                connection: name.clone(),
+                child: name,
+            };
+            fe.initiate(vip, &conn, Duration::from_secs(30)).await
+        }
+    }))
+    .await;
+    eprintln!("{N} concurrent initiates took {:?}", started.elapsed());
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.is_ok(), "initiate toward VIP {i}: {r:?}");
+    }
+
+    let sas = fe.list_sas().await.unwrap();
+    assert_eq!(sas.len(), N);
+    let peers = config.peer_addresses();
+    let mut mapped: Vec<Vip> = sas
+        .iter()
+        .map(|s| s.vip_role(&[], &peers).expect("maps to a peer VIP").0)
+        .collect();
+    mapped.sort();
+    mapped.dedup();
+    assert_eq!(mapped.len(), N, "every SA maps to its own VIP");
+
+    let started = Instant::now();
+    for _ in 0..10 {
+        fe.list_sas().await.unwrap();
+    }
+    eprintln!(
+        "one list-sas with {N} IKE_SAs (+{N} CHILD_SAs) took {:?} (mean of 10, debug build)",
+        started.elapsed() / 10
+    );
+
+    let started = Instant::now();
+    let raw = lab.fe_charon.swanctl(&["--list-sas", "--raw"]).unwrap();
+    eprintln!(
+        "for comparison, the swanctl --list-sas --raw process took {:?} ({} bytes)",
+        started.elapsed(),
+        raw.len()
+    );
+
+    // run() samples them all with that one listing per tick: one CountersSampled per VIP.
+    let mut run = Running::start(StrongswanKeying::new(&config));
+    assert_eq!(run.keying_up().await.len(), N);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < N {
+        let v = run
+            .next("a sample per VIP", |i| match i {
+                Input::CountersSampled { vip, .. } => Some(*vip),
+                _ => None,
+            })
+            .await;
+        seen.insert(v);
+    }
+    run.stop().await;
+}

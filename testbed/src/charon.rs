@@ -266,14 +266,17 @@ secrets {{
 }
 
 /// Two namespaces joined by a veth: a front-end (192.0.2.1) and a back-end (192.0.2.2)
-/// that holds the VIP 192.0.2.100/32, a charon in each, and a host-to-host tunnel named
-/// `vip` between the front-end and the VIP (not started; call [`TwoNodeLab::connect`]).
+/// that holds the VIP 192.0.2.100/32 (and, with [`TwoNodeLab::with_vips`], more VIPs
+/// 192.0.2.101, ...), a charon in each, and one host-to-host tunnel per VIP between the
+/// front-end and that VIP (not started; call [`TwoNodeLab::connect`]). The first VIP's
+/// connection and child are named `vip`, the others `vip1`, `vip2`, ...
 pub struct TwoNodeLab {
     // Charons first: they must die before their namespaces go.
     pub fe_charon: Charon,
     pub be_charon: Charon,
     pub fe: Netns,
     pub be: Netns,
+    vip_count: usize,
 }
 
 impl TwoNodeLab {
@@ -283,8 +286,21 @@ impl TwoNodeLab {
     pub const CONN: &'static str = "vip";
     /// Interface name of the veth end in each namespace.
     pub const IFACE: &'static str = "eth0";
+    /// VIPs run from .100 to .249 of 192.0.2.0/24.
+    pub const MAX_VIPS: usize = 150;
 
+    /// The lab with one VIP (192.0.2.100, connection `vip`).
     pub fn start() -> anyhow::Result<TwoNodeLab> {
+        Self::with_vips(1)
+    }
+
+    /// The lab with `count` VIPs on the back-end and one connection to each.
+    pub fn with_vips(count: usize) -> anyhow::Result<TwoNodeLab> {
+        anyhow::ensure!(
+            (1..=Self::MAX_VIPS).contains(&count),
+            "a TwoNodeLab holds 1 to {} VIPs",
+            Self::MAX_VIPS
+        );
         let fe = Netns::new("fe")?;
         let be = Netns::new("be")?;
         fe.veth_to(
@@ -294,30 +310,35 @@ impl TwoNodeLab {
             Self::IFACE,
             &format!("{}/24", Self::BE_ADDR),
         )?;
-        be.ip(&[
-            "addr",
-            "add",
-            &format!("{}/32", Self::VIP),
-            "dev",
-            Self::IFACE,
-        ])?;
         let psk = "vipsec-lab-secret-0123456789";
-        let fe_conf = TunnelConf {
-            name: Self::CONN,
-            local: Self::FE_ADDR,
-            remote: Self::VIP,
-            psk,
-            start_action: "none",
+        let mut fe_conf = String::new();
+        let mut be_conf = String::new();
+        for i in 0..count {
+            let vip = Self::vip_addr(i);
+            let name = Self::conn_name(i);
+            be.ip(&["addr", "add", &format!("{vip}/32"), "dev", Self::IFACE])?;
+            // Repeated `connections`/`secrets` sections are merged by charon's parser.
+            fe_conf.push_str(
+                &TunnelConf {
+                    name: &name,
+                    local: Self::FE_ADDR,
+                    remote: &vip,
+                    psk,
+                    start_action: "none",
+                }
+                .render(),
+            );
+            be_conf.push_str(
+                &TunnelConf {
+                    name: &name,
+                    local: &vip,
+                    remote: Self::FE_ADDR,
+                    psk,
+                    start_action: "none",
+                }
+                .render(),
+            );
         }
-        .render();
-        let be_conf = TunnelConf {
-            name: Self::CONN,
-            local: Self::VIP,
-            remote: Self::FE_ADDR,
-            psk,
-            start_action: "none",
-        }
-        .render();
         let be_charon = Charon::start(&be, "be", &be_conf)?;
         let fe_charon = Charon::start(&fe, "fe", &fe_conf)?;
         Ok(TwoNodeLab {
@@ -325,10 +346,29 @@ impl TwoNodeLab {
             be_charon,
             fe,
             be,
+            vip_count: count,
         })
     }
 
-    /// Brings the tunnel up from the front-end with `swanctl --initiate`.
+    /// Address of VIP number `i` (0 is [`TwoNodeLab::VIP`]).
+    pub fn vip_addr(i: usize) -> String {
+        format!("192.0.2.{}", 100 + i)
+    }
+
+    /// Connection (and child) name toward VIP number `i`.
+    pub fn conn_name(i: usize) -> String {
+        if i == 0 {
+            Self::CONN.to_string()
+        } else {
+            format!("{}{i}", Self::CONN)
+        }
+    }
+
+    pub fn vip_count(&self) -> usize {
+        self.vip_count
+    }
+
+    /// Brings the first VIP's tunnel up from the front-end with `swanctl --initiate`.
     pub fn connect(&self) -> anyhow::Result<()> {
         self.fe_charon.swanctl(&[
             "--initiate",

@@ -24,6 +24,9 @@ use tokio::sync::watch;
 use super::messages::CommandResult;
 use crate::keying::KeyingError;
 
+const CONNECT_RETRIES: u32 = 50;
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(5);
+
 /// What ended a connection, once it ended.
 pub type LossSignal = watch::Receiver<Option<String>>;
 
@@ -34,9 +37,24 @@ pub struct ViciConn {
 
 impl ViciConn {
     pub async fn connect(path: &Path) -> Result<ViciConn, KeyingError> {
-        let stream = UnixStream::connect(path).await.map_err(|e| {
-            KeyingError::Unreachable(format!("connect to VICI socket {}: {e}", path.display()))
-        })?;
+        // charon listens with a short backlog; a burst of connections gets EAGAIN, which
+        // only means "try again in a moment".
+        let mut attempt = 0;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && attempt < CONNECT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    return Err(KeyingError::Unreachable(format!(
+                        "connect to VICI socket {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        };
         let (tx, lost) = watch::channel(None);
         let client = rsvici::Client::new(WatchedSocket {
             inner: stream,
