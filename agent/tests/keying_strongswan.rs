@@ -346,6 +346,22 @@ async fn drop_toward_an_unreachable_peer_returns_at_once_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_delete_toward_a_silent_peer_gives_up_and_leaves_nothing() {
+    let lab = lab();
+    lab.connect().unwrap();
+    // The front-end can no longer answer the back-end's DELETE.
+    lab.be.link_set(TwoNodeLab::IFACE, false).unwrap();
+    let be = be_keying(&lab);
+    let started = Instant::now();
+    let n = be.delete_sas(vip(), VipRole::Hosted).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("graceful delete_sas with nobody answering took {took:?}");
+    assert_eq!(n, 1);
+    assert!(took < HANG, "delete_sas hung on a silent peer");
+    assert!(be.list_sas().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initiate_brings_up_a_tunnel_that_carries_tcp() {
     let lab = lab();
     let fe = fe_keying(&lab);

@@ -252,7 +252,12 @@ impl Keying for StrongswanKeying {
         let mut backoff = self.reconnect_min;
         let mut down_reported = false;
         loop {
-            let detail = match self.session(&sink, &cancel).await {
+            let session = tokio::select! {
+                // Also covers a connect or first listing that is slow to fail.
+                _ = cancel.cancelled() => return,
+                s = self.session(&sink, &cancel) => s,
+            };
+            let detail = match session {
                 Ok(None) => return,
                 Ok(Some(why)) => {
                     // The session had reported KeyingUp: this is a new outage.
