@@ -581,3 +581,77 @@ async fn listing_cost_with_a_hundred_sas() {
     }
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekeys_keep_the_vip_covered() {
+    let lab = lab();
+    lab.connect().unwrap();
+    let mut fe_run = Running::start(fe_keying(&lab));
+    let up = fe_run.keying_up().await;
+    assert_eq!(up.len(), 1, "{up:?}");
+    let old = up[0].ike_id;
+
+    // IKE rekey: the new IKE_SA is reported up before the old one down.
+    lab.fe_charon
+        .swanctl(&["--rekey", "--ike", TwoNodeLab::CONN])
+        .unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|i| matches!(i, Input::SaDown { sa, .. } if sa.ike_id == old))
+    {
+        let i = fe_run
+            .next("SaUp/SaDown after the IKE rekey", |i| match i {
+                Input::SaUp(_) | Input::SaDown { .. } => Some(i.clone()),
+                _ => None,
+            })
+            .await;
+        seen.push(i);
+    }
+    eprintln!("IKE rekey reported as {seen:?}");
+    let Input::SaUp(new) = seen[0] else {
+        panic!("the first report after an IKE rekey must be the new SA up: {seen:?}")
+    };
+    assert_ne!(new.ike_id, old);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // CHILD rekey: same IKE_SA, nothing to report.
+    let fe = fe_keying(&lab);
+    let child_before = only_sa(&fe.list_sas().await.unwrap()).children[0].unique_id;
+    lab.fe_charon
+        .swanctl(&["--rekey", "--child", TwoNodeLab::CONN])
+        .unwrap();
+    let rekey_started = Instant::now();
+    let deadline = rekey_started + HANG;
+    loop {
+        let sas = fe.list_sas().await.unwrap();
+        let sa = only_sa(&sas);
+        // The old CHILD_SA lingers as REKEYED for charon's delete_rekeyed_delay (5 s).
+        if sa
+            .children
+            .iter()
+            .any(|c| c.unique_id != child_before && c.state == "INSTALLED")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "CHILD_SA not rekeyed: {sas:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("CHILD rekey visible after {:?}", rekey_started.elapsed());
+    // Two samples later every listing has seen the new CHILD_SA; nothing went down.
+    for n in 0..2 {
+        let i = fe_run
+            .next("a sample after the CHILD rekey", |i| match i {
+                Input::CountersSampled { .. } | Input::SaDown { .. } | Input::SaUp(_) => {
+                    Some(i.clone())
+                }
+                _ => None,
+            })
+            .await;
+        assert!(
+            matches!(i, Input::CountersSampled { .. }),
+            "sample {n}: a CHILD rekey must not be reported as {i:?}"
+        );
+    }
+    fe_run.stop().await;
+}
