@@ -617,15 +617,20 @@ async fn rekeys_keep_the_vip_covered() {
 
     // CHILD rekey: same IKE_SA, nothing to report.
     let fe = fe_keying(&lab);
-    let child_before = only_sa(&fe.list_sas().await.unwrap()).children[0].unique_id;
+    // The old IKE_SA may still be listed while its DELETE is under way.
+    let current = |sas: Vec<IkeSaInfo>| {
+        sas.into_iter()
+            .find(|s| s.unique_id == new.ike_id)
+            .expect("the new IKE_SA is listed")
+    };
+    let child_before = current(fe.list_sas().await.unwrap()).children[0].unique_id;
     lab.fe_charon
         .swanctl(&["--rekey", "--child", TwoNodeLab::CONN])
         .unwrap();
     let rekey_started = Instant::now();
     let deadline = rekey_started + HANG;
     loop {
-        let sas = fe.list_sas().await.unwrap();
-        let sa = only_sa(&sas);
+        let sa = current(fe.list_sas().await.unwrap());
         // The old CHILD_SA lingers as REKEYED for charon's delete_rekeyed_delay (5 s).
         if sa
             .children
@@ -634,7 +639,7 @@ async fn rekeys_keep_the_vip_covered() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "CHILD_SA not rekeyed: {sas:#?}");
+        assert!(Instant::now() < deadline, "CHILD_SA not rekeyed: {sa:#?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("CHILD rekey visible after {:?}", rekey_started.elapsed());

@@ -1,7 +1,8 @@
 //! Which IKE_SAs of configured VIPs are up, built from charon's events and listings.
 //!
-//! An SA counts as up (one `SaRef`) when its IKE_SA is ESTABLISHED, at least one of its
-//! CHILD_SAs is INSTALLED and it maps to a configured VIP. Pure state, no I/O: the VICI
+//! An SA counts as up (one `SaRef`) when its IKE_SA is ESTABLISHED (or REKEYING), at
+//! least one of its CHILD_SAs is INSTALLED (or being rekeyed) and it maps to a configured
+//! VIP. Pure state, no I/O: the VICI
 //! task feeds it events and periodic listings and forwards the inputs it returns.
 //!
 //! Events arrive on one subscription per event name, so two kinds can reach us out of
@@ -13,6 +14,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::failover::{Input, SaRef};
 use crate::model::{IkeId, IkeSaInfo, Vip, VipRole};
+
+/// IKE_SA states in which the SA protects traffic: a rekeying IKE_SA still does.
+fn ike_usable(state: &str) -> bool {
+    matches!(state, "ESTABLISHED" | "REKEYING")
+}
+
+/// CHILD_SA states in which the SA carries traffic. During a rekey the old one is
+/// REKEYING (then REKEYED) while the new one is still INSTALLING; the old one carries
+/// the traffic meanwhile, so neither moment is "no SA".
+fn child_usable(state: &str) -> bool {
+    matches!(state, "INSTALLED" | "REKEYING" | "REKEYED")
+}
 
 /// How many dead ids are remembered; the oldest (smallest: ids grow) are forgotten first.
 const DEAD_IDS_KEPT: usize = 4096;
@@ -135,7 +148,7 @@ impl SaSet {
             SaEvent::IkeUp(sa) => {
                 if !self.dead_ike.contains(&sa.unique_id) {
                     let mut s = self.sas.get(&sa.unique_id).cloned().unwrap_or_default();
-                    s.established = sa.is_established();
+                    s.established = ike_usable(&sa.state);
                     s.mapping = self.mapping(&sa);
                     self.set(sa.unique_id, s, "", &mut out);
                 }
@@ -150,7 +163,7 @@ impl SaSet {
             SaEvent::ChildUp(sa) => {
                 if !self.dead_ike.contains(&sa.unique_id) {
                     let mut s = self.sas.get(&sa.unique_id).cloned().unwrap_or_default();
-                    s.established |= sa.is_established();
+                    s.established |= ike_usable(&sa.state);
                     s.mapping = self.mapping(&sa);
                     for c in &sa.children {
                         if c.state == "INSTALLED" && !self.dead_child.contains(&c.unique_id) {
@@ -183,7 +196,7 @@ impl SaSet {
                     .unwrap_or_default();
                 if !self.dead_ike.contains(&new.unique_id) {
                     let mut s = self.sas.get(&new.unique_id).cloned().unwrap_or_default();
-                    s.established = new.is_established();
+                    s.established = ike_usable(&new.state);
                     s.mapping = self.mapping(&new);
                     s.children.extend(moved);
                     self.set(new.unique_id, s, "", &mut out);
@@ -213,11 +226,11 @@ impl SaSet {
 
     fn state_from_listing(&self, sa: &IkeSaInfo) -> IkeState {
         IkeState {
-            established: sa.is_established(),
+            established: ike_usable(&sa.state),
             children: sa
                 .children
                 .iter()
-                .filter(|c| c.state == "INSTALLED" && !self.dead_child.contains(&c.unique_id))
+                .filter(|c| child_usable(&c.state) && !self.dead_child.contains(&c.unique_id))
                 .map(|c| c.unique_id)
                 .collect(),
             mapping: self.mapping(sa),
@@ -461,6 +474,21 @@ mod tests {
             s.reconcile(&[ike(2, "DELETING", &[(3, "INSTALLED")])])
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_listing_in_the_middle_of_a_child_rekey_is_still_up() {
+        let mut s = peer_set();
+        s.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);
+        let mid = [ike(1, "ESTABLISHED", &[(1, "REKEYING"), (2, "INSTALLING")])];
+        assert!(s.reconcile(&mid).is_empty());
+        let after = [ike(1, "ESTABLISHED", &[(1, "REKEYED"), (2, "INSTALLED")])];
+        assert!(s.reconcile(&after).is_empty());
+        assert!(
+            s.reconcile(&[ike(1, "REKEYING", &[(2, "INSTALLED")])])
+                .is_empty()
+        );
+        assert_eq!(s.up_refs().len(), 1);
     }
 
     #[test]
