@@ -4,6 +4,7 @@
 //! Everything is named uniquely per run and torn down by Drop guards, so a failed or
 //! crashed test never breaks the next one.
 
+pub mod charon;
 pub mod etcd;
 pub mod netns;
 pub mod pki;

@@ -1,0 +1,589 @@
+//! strongSwan charon over its VICI socket (rsvici).
+//!
+//! Connections: `run` holds one for the event subscription and one for its own listings
+//! (a command on the event connection can stall behind events), the trait's commands share
+//! a third, and every `initiate` opens its own so a slow initiation never holds up a drop
+//! or a listing. charon answers one command at a time per connection.
+//!
+//! charon 5.9.8 semantics relied on (vici_control.c, controller.c):
+//! - `terminate` with `timeout = -1` returns at once; without `force` it queues an IKE
+//!   DELETE (retransmitted by charon until the peer answers), with `force = yes` it sends
+//!   the DELETE once and destroys the IKE_SA before answering, whatever the peer does.
+//! - `initiate` with `timeout = N` answers when the CHILD_SA is installed, or with
+//!   "... not established after Nms" (the IKE_SA keeps trying in the background).
+
+mod connection;
+pub mod messages;
+pub mod sa_set;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use self::connection::ViciConn;
+use self::messages::{
+    ChildRekeyPair, ControlLog, IkeRekeyPair, IkeSaMsg, InitiateRequest, ListSasRequest,
+    SaEventMsg, TerminateRequest,
+};
+use self::sa_set::{SaEvent, SaSet};
+use super::{Keying, KeyingError};
+use crate::InputSink;
+use crate::config::Config;
+use crate::failover::Input;
+use crate::model::{IkeSaInfo, PeerConnection, TrafficCounters, Vip, VipRole};
+
+/// Upper bound for a listing or a terminate; charon answers these in milliseconds, so a
+/// charon that does not is treated as gone.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a graceful delete waits for peers to answer their DELETE before the IKE_SAs
+/// still there are destroyed without waiting.
+const DELETE_GRACE: Duration = Duration::from_secs(1);
+/// How often a graceful delete looks whether the peers have answered: soon at first (a
+/// live peer answers within a round trip), then less often.
+const DELETE_POLL_FIRST: Duration = Duration::from_millis(2);
+const DELETE_POLL_MAX: Duration = Duration::from_millis(20);
+/// Extra time over charon's own initiate timeout before we stop waiting for its answer.
+const INITIATE_MARGIN: Duration = Duration::from_secs(1);
+/// Initiations waiting in charon at once. Each blocks one of charon's worker threads (16
+/// by default, about half of them taken for good by the receiver, scheduler, netlink and
+/// libipsec) until its CHILD_SA is up. Measured with 100 VIPs at once: 4 in flight took
+/// 1.6 s in all, 8 in flight starved charon and every initiate timed out.
+const MAX_CONCURRENT_INITIATES: usize = 3;
+/// Events charon raises that change which SAs are up.
+const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"];
+
+pub struct StrongswanKeying {
+    socket: PathBuf,
+    hosted: Vec<Vip>,
+    peers: Vec<Vip>,
+    sample_interval: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    /// The connection the trait's commands share (one command at a time).
+    commands: tokio::sync::Mutex<Option<ViciConn>>,
+    initiate_slots: tokio::sync::Semaphore,
+}
+
+impl StrongswanKeying {
+    pub fn new(config: &Config) -> Self {
+        StrongswanKeying {
+            socket: config.keying.vici_socket.clone(),
+            hosted: config.hosted_addresses(),
+            peers: config.peer_addresses(),
+            sample_interval: config.keying.sample_interval,
+            reconnect_min: config.keying.reconnect_min,
+            reconnect_max: config.keying.reconnect_max,
+            commands: tokio::sync::Mutex::new(None),
+            initiate_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_INITIATES),
+        }
+    }
+
+    /// Runs `op` on the shared command connection, (re)connecting first if needed and
+    /// discarding the connection after a failure that leaves it unusable.
+    async fn on_commands<R>(
+        &self,
+        op: impl AsyncFnOnce(&mut ViciConn) -> Result<R, KeyingError>,
+    ) -> Result<R, KeyingError> {
+        let mut guard = self.commands.lock().await;
+        if guard.as_ref().is_some_and(|c| c.lost().is_some()) {
+            *guard = None;
+        }
+        if guard.is_none() {
+            *guard = Some(ViciConn::connect(&self.socket).await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let res = op(conn).await;
+        if matches!(
+            res,
+            Err(KeyingError::Unreachable(_) | KeyingError::Timeout { .. })
+        ) {
+            *guard = None;
+        }
+        res
+    }
+
+    /// Terminates one IKE_SA; "no matching SAs" (already gone) counts as done.
+    async fn terminate(&self, ike_id: u64, force: bool) -> Result<(), KeyingError> {
+        let req = TerminateRequest {
+            ike_id,
+            force,
+            timeout: -1,
+        };
+        let res = self
+            .on_commands(async |c| c.command("terminate", req, COMMAND_TIMEOUT).await)
+            .await;
+        match res {
+            Err(KeyingError::Refused { reason, .. }) if reason.contains("no matching SAs") => {
+                Ok(())
+            }
+            Err(KeyingError::Refused { command, reason }) => Err(KeyingError::Refused {
+                command: format!("{command} IKE_SA #{ike_id}"),
+                reason,
+            }),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// One session: subscribe, report the inventory, then follow events and sample until
+    /// the socket is lost (returns why) or `cancel` fires (returns None). An error before
+    /// the inventory was sent means charon could not be reached.
+    async fn session(
+        &self,
+        sink: &InputSink,
+        cancel: &CancellationToken,
+    ) -> Result<Option<String>, KeyingError> {
+        let mut event_conn = ViciConn::connect(&self.socket).await?;
+        let mut loss = event_conn.loss_signal();
+        let mut events = subscribe_all(&mut event_conn);
+        // Polling once sends the registrations before the inventory is taken, so an SA
+        // coming up in between is reported by an event (or the next sample).
+        let mut early: VecDeque<_> = events.next().now_or_never().flatten().into_iter().collect();
+
+        let mut sampler = ViciConn::connect(&self.socket).await?;
+        let listing = list_all(&mut sampler).await?;
+        let mut sas = SaSet::new(self.hosted.clone(), self.peers.clone());
+        let established = sas.reset(&listing);
+        tracing::info!(
+            socket = %self.socket.display(),
+            ike_sas = listing.len(),
+            established = established.len(),
+            "connected to charon"
+        );
+        if sink.send(Input::KeyingUp { established }).await.is_err() {
+            return Ok(None);
+        }
+
+        let mut ticker = tokio::time::interval(self.sample_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sampling = !self.peers.is_empty();
+        loop {
+            let item = if let Some(item) = early.pop_front() {
+                Some(item)
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    why = connection::lost_reason(&mut loss) => return Ok(Some(why)),
+                    item = events.next() => item,
+                    _ = ticker.tick(), if sampling => {
+                        match self.sample(&mut sampler, &mut sas).await {
+                            Ok(inputs) => {
+                                for i in inputs {
+                                    if sink.send(i).await.is_err() {
+                                        return Ok(None);
+                                    }
+                                }
+                            }
+                            Err(e @ (KeyingError::Unreachable(_) | KeyingError::Timeout { .. })) => {
+                                return Ok(Some(e.to_string()));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "sampling SAs failed"),
+                        }
+                        continue;
+                    }
+                }
+            };
+            match item {
+                Some(Ok(evs)) => {
+                    for ev in evs {
+                        tracing::debug!(event = ?ev, "charon event");
+                        for i in sas.apply(ev) {
+                            if sink.send(i).await.is_err() {
+                                return Ok(None);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // rsvici ends a subscription at its first error; without it we would
+                    // silently miss SA changes, so start over.
+                    return Ok(Some(format!("event subscription failed: {e}")));
+                }
+                None => return Ok(Some("event subscriptions ended".into())),
+            }
+        }
+    }
+
+    /// One sample: a single list-sas, reconciled into the SA set, and the summed counters
+    /// of every peer VIP's CHILD_SAs.
+    async fn sample(
+        &self,
+        conn: &mut ViciConn,
+        sas: &mut SaSet,
+    ) -> Result<Vec<Input>, KeyingError> {
+        let started = Instant::now();
+        let listing = list_all(conn).await?;
+        tracing::trace!(ike_sas = listing.len(), took = ?started.elapsed(), "sampled SAs");
+        let mut inputs = sas.reconcile(&listing);
+        let mut sums: BTreeMap<Vip, TrafficCounters> = self
+            .peers
+            .iter()
+            .map(|v| (*v, TrafficCounters::default()))
+            .collect();
+        for sa in &listing {
+            if let Some((vip, VipRole::Peer)) = sa.vip_role(&[], &self.peers)
+                && let Some(sum) = sums.get_mut(&vip)
+            {
+                let c = sa.counters();
+                sum.bytes_in += c.bytes_in;
+                sum.bytes_out += c.bytes_out;
+                sum.packets_in += c.packets_in;
+                sum.packets_out += c.packets_out;
+            }
+        }
+        inputs.extend(
+            sums.into_iter()
+                .map(|(vip, counters)| Input::CountersSampled { vip, counters }),
+        );
+        Ok(inputs)
+    }
+}
+
+#[async_trait]
+impl Keying for StrongswanKeying {
+    fn kind(&self) -> &'static str {
+        "strongswan"
+    }
+
+    async fn run(&self, sink: InputSink, cancel: CancellationToken) {
+        let mut backoff = self.reconnect_min;
+        let mut down_reported = false;
+        loop {
+            let session = tokio::select! {
+                // Also covers a connect or first listing that is slow to fail.
+                _ = cancel.cancelled() => return,
+                s = self.session(&sink, &cancel) => s,
+            };
+            let detail = match session {
+                Ok(None) => return,
+                Ok(Some(why)) => {
+                    // The session had reported KeyingUp: this is a new outage.
+                    backoff = self.reconnect_min;
+                    down_reported = false;
+                    why
+                }
+                Err(e) => e.to_string(),
+            };
+            if !down_reported {
+                tracing::warn!(socket = %self.socket.display(), detail = %detail, "charon unreachable");
+                if sink.send(Input::KeyingDown { detail }).await.is_err() {
+                    return;
+                }
+                down_reported = true;
+            } else {
+                tracing::debug!(detail = %detail, retry_in = ?backoff, "charon still unreachable");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    async fn list_sas(&self) -> Result<Vec<IkeSaInfo>, KeyingError> {
+        self.on_commands(async |c| list_all(c).await).await
+    }
+
+    async fn delete_sas(&self, vip: Vip, role: VipRole) -> Result<u32, KeyingError> {
+        let matches = |sa: &IkeSaInfo| match role {
+            VipRole::Hosted => sa.vip_role(&[vip], &[]).is_some(),
+            VipRole::Peer => sa.vip_role(&[], &[vip]).is_some(),
+        };
+        let targets: Vec<u64> = self
+            .list_sas()
+            .await?
+            .iter()
+            .filter(|sa| matches(sa))
+            .map(|sa| sa.unique_id)
+            .collect();
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        // Queue a DELETE on every IKE_SA at once, so peers answer in parallel ...
+        for id in &targets {
+            self.terminate(*id, false).await?;
+        }
+        // ... wait a little for their answers ...
+        let mut left: Vec<u64> = targets.clone();
+        let mut poll = DELETE_POLL_FIRST;
+        while !left.is_empty() && started.elapsed() < DELETE_GRACE {
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(DELETE_POLL_MAX);
+            let listing = self.list_sas().await?;
+            left.retain(|id| listing.iter().any(|sa| sa.unique_id == *id));
+        }
+        // ... and destroy what a silent peer keeps alive.
+        for id in &left {
+            self.terminate(*id, true).await?;
+        }
+        tracing::info!(
+            %vip,
+            role = ?role,
+            deleted = targets.len(),
+            unanswered = left.len(),
+            took = ?started.elapsed(),
+            "deleted SAs"
+        );
+        Ok(targets.len() as u32)
+    }
+
+    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError> {
+        let started = Instant::now();
+        // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
+        let targets: Vec<u64> = self
+            .list_sas()
+            .await?
+            .iter()
+            .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
+            .map(|sa| sa.unique_id)
+            .collect();
+        for id in &targets {
+            self.terminate(*id, true).await?;
+        }
+        tracing::info!(%vip, dropped = targets.len(), took = ?started.elapsed(), "dropped SAs");
+        Ok(targets.len() as u32)
+    }
+
+    async fn initiate(
+        &self,
+        vip: Vip,
+        conn: &PeerConnection,
+        timeout: Duration,
+    ) -> Result<(), KeyingError> {
+        let command = format!("initiate {}/{}", conn.connection, conn.child);
+        let started = Instant::now();
+        let Ok(slot) = tokio::time::timeout(timeout, self.initiate_slots.acquire()).await else {
+            return Err(KeyingError::Timeout {
+                command,
+                after: timeout,
+            });
+        };
+        let _slot = slot.expect("the semaphore is never closed");
+        // The wait for a slot counts against the caller's timeout.
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        let mut vici = ViciConn::connect(&self.socket).await?;
+        let req = InitiateRequest {
+            child: &conn.child,
+            ike: &conn.connection,
+            timeout: left.as_millis().max(1) as i64,
+            init_limits: false,
+            loglevel: 1,
+        };
+        let (log, res) = vici
+            .stream_request_keep::<_, ControlLog>(
+                "initiate",
+                "control-log",
+                req,
+                left + INITIATE_MARGIN,
+            )
+            .await;
+        let took = started.elapsed();
+        match res {
+            Ok(()) => {
+                tracing::info!(%vip, connection = %conn.connection, ?took, "CHILD_SA up");
+                Ok(())
+            }
+            Err(KeyingError::Refused { reason, .. })
+                if reason.contains("not established after") =>
+            {
+                tracing::info!(%vip, connection = %conn.connection, ?took, "initiate timed out");
+                Err(KeyingError::Timeout {
+                    command,
+                    after: timeout,
+                })
+            }
+            Err(KeyingError::Refused { reason, .. }) => {
+                let detail = last_log_lines(&log, 3);
+                let reason = if detail.is_empty() {
+                    reason
+                } else {
+                    format!("{reason} ({detail})")
+                };
+                tracing::info!(%vip, connection = %conn.connection, ?took, %reason, "initiate failed");
+                Err(KeyingError::Refused { command, reason })
+            }
+            Err(KeyingError::Timeout { .. }) => Err(KeyingError::Timeout {
+                command,
+                after: timeout,
+            }),
+            Err(KeyingError::Unreachable(why)) => Err(KeyingError::Unreachable(why)),
+        }
+    }
+}
+
+/// The last `n` control-log lines, for an error message.
+fn last_log_lines(log: &[ControlLog], n: usize) -> String {
+    let start = log.len().saturating_sub(n);
+    log[start..]
+        .iter()
+        .map(|l| l.msg.trim())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every IKE_SA charon holds (one list-sas, streamed as list-sa events).
+async fn list_all(conn: &mut ViciConn) -> Result<Vec<IkeSaInfo>, KeyingError> {
+    let events: Vec<BTreeMap<String, IkeSaMsg>> = conn
+        .stream_request(
+            "list-sas",
+            "list-sa",
+            ListSasRequest::default(),
+            COMMAND_TIMEOUT,
+        )
+        .await?;
+    Ok(events
+        .into_iter()
+        .flat_map(messages::list_sa_event_to_infos)
+        .collect())
+}
+
+type EventItem = Result<Vec<SaEvent>, rsvici::Error>;
+
+/// Subscribes to the SA events, merged into one stream of `SaEvent`s.
+fn subscribe_all(
+    conn: &mut ViciConn,
+) -> futures::stream::SelectAll<futures::stream::BoxStream<'static, EventItem>> {
+    let [ike_updown, child_updown, ike_rekey, child_rekey] = EVENTS;
+    let ike_updown = conn
+        .subscribe::<SaEventMsg<IkeSaMsg>>(ike_updown)
+        .map(|r| r.map(|m| updown_events(m, false)));
+    let child_updown = conn
+        .subscribe::<SaEventMsg<IkeSaMsg>>(child_updown)
+        .map(|r| r.map(|m| updown_events(m, true)));
+    let ike_rekey = conn
+        .subscribe::<SaEventMsg<IkeRekeyPair>>(ike_rekey)
+        .map(|r| r.map(ike_rekey_events));
+    let child_rekey = conn
+        .subscribe::<SaEventMsg<IkeSaMsg<ChildRekeyPair>>>(child_rekey)
+        .map(|r| r.map(child_rekey_events));
+    futures::stream::select_all([
+        ike_updown.boxed(),
+        child_updown.boxed(),
+        ike_rekey.boxed(),
+        child_rekey.boxed(),
+    ])
+}
+
+pub fn updown_events(m: SaEventMsg<IkeSaMsg>, child: bool) -> Vec<SaEvent> {
+    m.sas
+        .into_iter()
+        .map(|(name, sa)| {
+            let info = sa.to_info(&name);
+            match (child, m.up) {
+                (false, true) => SaEvent::IkeUp(info),
+                (false, false) => SaEvent::IkeDown(info),
+                (true, true) => SaEvent::ChildUp(info),
+                (true, false) => SaEvent::ChildDown(info),
+            }
+        })
+        .collect()
+}
+
+pub fn ike_rekey_events(m: SaEventMsg<IkeRekeyPair>) -> Vec<SaEvent> {
+    m.sas
+        .into_iter()
+        .map(|(name, pair)| SaEvent::IkeRekey {
+            old: Box::new(pair.old.to_info(&name)),
+            new: Box::new(pair.new.to_info(&name)),
+        })
+        .collect()
+}
+
+pub fn child_rekey_events(m: SaEventMsg<IkeSaMsg<ChildRekeyPair>>) -> Vec<SaEvent> {
+    let mut out = Vec::new();
+    for (name, sa) in m.sas {
+        let ike = sa.to_info_with(&name, Vec::new());
+        for pair in sa.child_sas.values() {
+            out.push(SaEvent::ChildRekey {
+                ike: ike.clone(),
+                old_child: pair.old.uniqueid,
+                new_child: pair.new.uniqueid,
+                // The replacement is installed when charon reports the rekey; only a
+                // replacement already on its way out does not count.
+                new_installed: !matches!(
+                    pair.new.state.as_str(),
+                    "DELETING" | "DELETED" | "DESTROYING" | "FAILED"
+                ),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updown_event_with_up_flag_and_named_section() {
+        // serde_json drives the same visitor the VICI deserializer does.
+        let m: SaEventMsg<IkeSaMsg> = serde_json::from_str(
+            r#"{"up": true, "vip": {"uniqueid": 7, "state": "ESTABLISHED",
+                "local-host": "192.0.2.1", "remote-host": "192.0.2.100",
+                "child-sas": {"vip-3": {"name": "vip", "uniqueid": 3, "state": "INSTALLED"}}}}"#,
+        )
+        .unwrap();
+        let evs = updown_events(m, true);
+        let SaEvent::ChildUp(sa) = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(sa.unique_id, 7);
+        assert_eq!(sa.name, "vip");
+        assert_eq!(sa.children[0].unique_id, 3);
+
+        let m: SaEventMsg<IkeSaMsg> =
+            serde_json::from_str(r#"{"vip": {"uniqueid": 7, "state": "DELETING"}}"#).unwrap();
+        assert!(matches!(&updown_events(m, false)[0], SaEvent::IkeDown(sa) if sa.unique_id == 7));
+    }
+
+    #[test]
+    fn rekey_events_name_old_and_new() {
+        let m: SaEventMsg<IkeRekeyPair> = serde_json::from_str(
+            r#"{"vip": {"old": {"uniqueid": 1}, "new": {"uniqueid": 2, "state": "ESTABLISHED"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            &ike_rekey_events(m)[0],
+            SaEvent::IkeRekey { old, new } if old.unique_id == 1 && new.unique_id == 2
+        ));
+        let m: SaEventMsg<IkeSaMsg<ChildRekeyPair>> = serde_json::from_str(
+            r#"{"vip": {"uniqueid": 4, "child-sas": {"vip": {
+                "old": {"uniqueid": 5, "state": "REKEYED"},
+                "new": {"uniqueid": 6, "state": "INSTALLED"}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            child_rekey_events(m),
+            vec![SaEvent::ChildRekey {
+                ike: IkeSaInfo {
+                    name: "vip".into(),
+                    unique_id: 4,
+                    ..Default::default()
+                },
+                old_child: 5,
+                new_child: 6,
+                new_installed: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn last_log_lines_keeps_the_tail() {
+        let log: Vec<ControlLog> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|m| ControlLog {
+                msg: m.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(last_log_lines(&log, 2), "c; d");
+        assert_eq!(last_log_lines(&[], 2), "");
+    }
+}
