@@ -5,30 +5,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vipsec_testbed::charon::TwoNodeLab;
 use vipsec_testbed::netns::Netns;
-use vipsec_testbed::process::{ProcessGuard, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
-
-fn status(socket: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(BIN)
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .args(["status", "--json"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
+mod common;
+use common::AgentProc;
 
 /// A TCP exchange with VIP:143 from inside the front-end namespace: Ok(answer) or the
 /// OS error of the connect.
@@ -74,15 +59,8 @@ fn charon_down_blocks_protected_traffic_and_recovery_unblocks_it() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fe.sock");
-    let config = dir.path().join("fe.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"node = "fe1"
-[api]
-endpoint = "unix://{socket}"
-[store]
+    let body = format!(
+        r#"[store]
 backend = "embedded"
 [keying]
 backend = "strongswan"
@@ -98,44 +76,19 @@ address = "{vip}"
 connection = "{conn}"
 protect = ["tcp/143"]
 "#,
-            socket = socket.display(),
-            vici = lab.fe_charon.vici_socket().display(),
-            iface = TwoNodeLab::IFACE,
-            vip = TwoNodeLab::VIP,
-            conn = TwoNodeLab::CONN,
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("fe.log")).unwrap();
-    let mut agent = ProcessGuard::spawn(
-        "vipsec agent",
-        lab.fe
-            .command(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log),
-    )
-    .unwrap();
+        vici = lab.fe_charon.vici_socket().display(),
+        iface = TwoNodeLab::IFACE,
+        vip = TwoNodeLab::VIP,
+        conn = TwoNodeLab::CONN,
+    );
+    let mut agent = AgentProc::start(Some(&lab.fe), dir.path(), "fe1", &body);
 
     // Nobody initiated the tunnel: the agent does, and releases fail-secure once it is up.
     let t = Instant::now();
-    let s = wait_for(
-        "the agent to bring the SA up",
-        Duration::from_secs(20),
-        || {
-            status(&socket).filter(|s| {
-                s["peer_vips"][0]["ike_state"] == "established"
-                    && s["fail_secure"]["engaged"] == false
-            })
-        },
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}\n{}",
-            std::fs::read_to_string(dir.path().join("fe.log")).unwrap()
-        )
-    });
+    let up = |s: &serde_json::Value| {
+        s["peer_vips"][0]["ike_state"] == "established" && s["fail_secure"]["engaged"] == false
+    };
+    let s = agent.wait_status("the agent to bring the SA up", Duration::from_secs(20), up);
     eprintln!(
         "agent start -> SA up and fail-secure released in {:?}",
         t.elapsed()
@@ -148,10 +101,9 @@ protect = ["tcp/143"]
     let blocked_before = out_pol_block(&lab.fe);
     let t = Instant::now();
     lab.fe_charon.kill();
-    let s = wait_for("fail-secure to engage", Duration::from_secs(10), || {
-        status(&socket).filter(|s| s["fail_secure"]["engaged"] == true)
-    })
-    .unwrap();
+    let s = agent.wait_status("fail-secure to engage", Duration::from_secs(10), |s| {
+        s["fail_secure"]["engaged"] == true
+    });
     eprintln!("charon killed -> fail-secure engaged in {:?}", t.elapsed());
     assert_eq!(s["keying"]["healthy"], false);
     assert_eq!(s["fail_secure"]["flows"], 1);
@@ -172,17 +124,11 @@ protect = ["tcp/143"]
     // charon is back: the agent reconnects, renegotiates, and only then unblocks.
     let t = Instant::now();
     lab.fe_charon.restart().unwrap();
-    wait_for(
+    agent.wait_status(
         "the SA back and fail-secure released",
         Duration::from_secs(20),
-        || {
-            status(&socket).filter(|s| {
-                s["peer_vips"][0]["ike_state"] == "established"
-                    && s["fail_secure"]["engaged"] == false
-            })
-        },
-    )
-    .unwrap();
+        up,
+    );
     eprintln!(
         "charon restarted -> SA up and fail-secure released in {:?}",
         t.elapsed()
@@ -190,8 +136,8 @@ protect = ["tcp/143"]
     assert_eq!(probe(&lab.fe).unwrap().trim(), "be");
 
     // The agent stops cleanly; no block policy of its own is left behind after a release.
-    agent.signal(15).unwrap();
-    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    agent.proc.signal(15).unwrap();
+    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(0));
     let policies = lab.fe.ip(&["xfrm", "policy", "list"]).unwrap();
     assert!(!policies.contains("action block"), "{policies}");
 }

@@ -3,61 +3,20 @@
 //! front-end agent that learns of each change from the store. Both run as `vipsec agent`
 //! processes and are queried with the `vipsec` CLI, as an operator would.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+mod common;
+use common::AgentProc;
+
 const VIP: &str = "192.0.2.100";
+const STORE: &str = "[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/vipsec-test/\"\nlease_ttl = \"2s\"\n";
 
-struct Node {
-    socket: PathBuf,
-    proc: ProcessGuard,
-}
-
-fn start_agent(ns: &Netns, dir: &Path, name: &str, body: &str) -> Node {
-    let socket = dir.join(format!("{name}.sock"));
-    let config = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "node = \"{name}\"\n[api]\nendpoint = \"unix://{}\"\n[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/vipsec-test/\"\nlease_ttl = \"2s\"\n{body}",
-        socket.display()
-    );
-    std::fs::write(&config, text).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let proc = ProcessGuard::spawn(
-        name,
-        ns.command(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log),
-    )
-    .unwrap();
-    wait_for("the agent's API socket", Duration::from_secs(10), || {
-        socket.exists().then_some(())
-    })
-    .unwrap();
-    Node { socket, proc }
-}
-
-fn status(node: &Node) -> Option<serde_json::Value> {
-    let out = Command::new(BIN)
-        .arg("--endpoint")
-        .arg(format!("unix://{}", node.socket.display()))
-        .args(["status", "--json"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn peer_owner(node: &Node) -> Option<(String, u64)> {
-    let s = status(node)?;
+fn peer_owner(node: &AgentProc) -> Option<(String, u64)> {
+    let s = node.status()?;
     let p = &s["peer_vips"][0];
     Some((
         p["owner"]["node"].as_str()?.to_string(),
@@ -101,23 +60,23 @@ fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
     )
     .unwrap();
 
-    let be = start_agent(
-        &ns,
+    let be = AgentProc::start(
+        Some(&ns),
         dir.path(),
         "be1",
-        &format!("[[hosted_vip]]\naddress = \"{VIP}\"\ninterface = \"vip0\"\n"),
+        &format!("{STORE}[[hosted_vip]]\naddress = \"{VIP}\"\ninterface = \"vip0\"\n"),
     );
-    let fe = start_agent(
-        &ns,
+    let fe = AgentProc::start(
+        Some(&ns),
         dir.path(),
         "fe1",
-        &format!("[[peer_vip]]\naddress = \"{VIP}\"\nconnection = \"vip100\"\n"),
+        &format!("{STORE}[[peer_vip]]\naddress = \"{VIP}\"\nconnection = \"vip100\"\n"),
     );
     wait_for(
         "both agents connected to etcd",
         Duration::from_secs(20),
         || {
-            let ok = |n: &Node| status(n).is_some_and(|s| s["store"]["healthy"] == true);
+            let ok = |n: &AgentProc| n.status().is_some_and(|s| s["store"]["healthy"] == true);
             (ok(&be) && ok(&fe)).then_some(())
         },
     )
@@ -137,7 +96,7 @@ fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
         "VIP added -> front-end status shows owner {owner} (epoch {epoch1}) in {:?} (includes CLI polling)",
         t.elapsed()
     );
-    let s = status(&be).unwrap();
+    let s = be.status().unwrap();
     assert_eq!(s["hosted_vips"][0]["present_locally"], true);
     assert_eq!(s["hosted_vips"][0]["owner"]["node"], "be1");
 
@@ -149,7 +108,7 @@ fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
         "the front-end to see no owner",
         Duration::from_millis(1500),
         || {
-            status(&fe)
+            fe.status()
                 .filter(|s| s["peer_vips"][0]["owner"].is_null())
                 .map(|_| ())
         },
@@ -160,7 +119,7 @@ fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
         t.elapsed()
     );
     assert_eq!(
-        status(&be).unwrap()["hosted_vips"][0]["present_locally"],
+        be.status().unwrap()["hosted_vips"][0]["present_locally"],
         false
     );
 
@@ -177,7 +136,7 @@ fn vip_moves_in_the_kernel_reach_a_watching_agent_through_etcd() {
     let t = Instant::now();
     be.proc.signal(9).unwrap();
     wait_for("the lease to expire", Duration::from_secs(10), || {
-        status(&fe)
+        fe.status()
             .filter(|s| s["peer_vips"][0]["owner"].is_null())
             .map(|_| ())
     })

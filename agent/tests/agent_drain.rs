@@ -1,0 +1,128 @@
+//! A planned move's first step, end to end: `vipsec drain VIP` on the back-end agent deletes
+//! its SAs with an IKE DELETE that the front-end's charon receives; the front-end agent sees
+//! the SA go, renegotiates at once and reports how long it took. Also checks that
+//! `vipsec sas --json` shows what charon itself lists.
+
+use std::time::{Duration, Instant};
+
+use vipsec_testbed::charon::TwoNodeLab;
+
+mod common;
+use common::AgentProc;
+
+fn sa_ids(json: &serde_json::Value) -> Vec<u64> {
+    json["vips"][0]["sas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["unique_id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn drain_deletes_with_a_delete_the_peer_sees_and_the_front_end_recovers() {
+    let lab = TwoNodeLab::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let be = AgentProc::start(
+        Some(&lab.be),
+        dir.path(),
+        "be1",
+        &format!(
+            "[store]\nbackend = \"embedded\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n[failover]\ndrain_hold = \"1h\"\n[[hosted_vip]]\naddress = \"{}\"\n",
+            lab.be_charon.vici_socket().display(),
+            TwoNodeLab::VIP
+        ),
+    );
+    let fe = AgentProc::start(
+        Some(&lab.fe),
+        dir.path(),
+        "fe1",
+        &format!(
+            "[store]\nbackend = \"embedded\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n[failover]\nmode = \"fast\"\n[[peer_vip]]\naddress = \"{}\"\nconnection = \"{}\"\n",
+            lab.fe_charon.vici_socket().display(),
+            TwoNodeLab::VIP,
+            TwoNodeLab::CONN
+        ),
+    );
+    // The front-end agent brings the tunnel up itself.
+    fe.wait_status("the SA up", Duration::from_secs(20), |s| {
+        s["peer_vips"][0]["ike_state"] == "established"
+    });
+    be.wait_status(
+        "the back-end to hold the VIP",
+        Duration::from_secs(10),
+        |s| s["hosted_vips"][0]["present_locally"] == true,
+    );
+
+    // `vipsec sas --json` agrees with charon's own list, on both sides.
+    let be_sas = be.cli(&["sas", "--json"]);
+    assert!(be_sas.status.success());
+    let be_json: serde_json::Value = serde_json::from_slice(&be_sas.stdout).unwrap();
+    assert_eq!(be_json["vips"][0]["role"], "hosted");
+    let be_sa = &be_json["vips"][0]["sas"][0];
+    assert_eq!(be_sa["local_host"], TwoNodeLab::VIP);
+    assert_eq!(be_sa["remote_host"], TwoNodeLab::FE_ADDR);
+    let raw = lab.be_charon.swanctl(&["--list-sas", "--raw"]).unwrap();
+    let spi_in = be_sa["children"][0]["spi_in"].as_str().unwrap().to_string();
+    assert!(
+        raw.contains(&spi_in),
+        "SPI {spi_in} not in swanctl's list:\n{raw}"
+    );
+    let fe_json: serde_json::Value =
+        serde_json::from_slice(&fe.cli(&["sas", "--json"]).stdout).unwrap();
+    assert_eq!(fe_json["vips"][0]["role"], "peer");
+    let before = sa_ids(&fe_json);
+    assert_eq!(before.len(), 1);
+
+    // Drain on the back-end.
+    let t = Instant::now();
+    let out = be.cli(&["drain", TwoNodeLab::VIP]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 IKE_SA(s) deleted"), "{text}");
+
+    // The front-end's charon got the DELETE: the old IKE_SA is gone. The front-end agent
+    // renegotiated at once (the VIP is still here), so a new one took its place.
+    let s = fe.wait_status(
+        "the front-end to renegotiate",
+        Duration::from_secs(10),
+        |s| {
+            s["peer_vips"][0]["last_failover"]["outcome"] == "recovered"
+                && s["peer_vips"][0]["ike_state"] == "established"
+        },
+    );
+    eprintln!(
+        "drain -> front-end recovered in {:?} (agent-measured renegotiation {} ms)",
+        t.elapsed(),
+        s["peer_vips"][0]["last_failover"]["duration_ms"]
+    );
+    assert!(
+        s["peer_vips"][0]["last_failover"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SA deleted"),
+        "{s:#}"
+    );
+    let fe_json: serde_json::Value =
+        serde_json::from_slice(&fe.cli(&["sas", "--json"]).stdout).unwrap();
+    let after = sa_ids(&fe_json);
+    assert!(
+        !after.contains(&before[0]),
+        "old IKE_SA {} still listed: {after:?}",
+        before[0]
+    );
+    let fe_raw = lab.fe_charon.swanctl(&["--list-sas", "--raw"]).unwrap();
+    assert!(
+        fe_raw.matches("ESTABLISHED").count() <= 1,
+        "exactly one IKE_SA toward the VIP after recovery:\n{fe_raw}"
+    );
+    assert!(
+        be.log_text().contains("SAs deleted gracefully"),
+        "{}",
+        be.log_text()
+    );
+}
