@@ -660,3 +660,33 @@ async fn rekeys_keep_the_vip_covered() {
     }
     fe_run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initiate_toward_a_dead_peer_times_out_and_drop_clears_the_half_open_sa() {
+    let lab = lab();
+    lab.be.link_set(TwoNodeLab::IFACE, false).unwrap();
+    let fe = fe_keying(&lab);
+    let started = Instant::now();
+    let err = fe
+        .initiate(vip(), &conn(), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("initiate toward a dead peer gave up after {took:?}: {err}");
+    assert!(
+        matches!(err, vipsec::keying::KeyingError::Timeout { .. }),
+        "{err:?}"
+    );
+    assert!(took < HANG);
+    // charon keeps trying (keyingtries = 0) with a half-open IKE_SA ...
+    let sas = fe.list_sas().await.unwrap();
+    assert_eq!(only_sa(&sas).state, "CONNECTING");
+    // ... until the drop removes it.
+    let started = Instant::now();
+    assert_eq!(fe.drop_sas(vip()).await.unwrap(), 1);
+    eprintln!(
+        "drop_sas of the half-open IKE_SA took {:?}",
+        started.elapsed()
+    );
+    assert!(fe.list_sas().await.unwrap().is_empty());
+}

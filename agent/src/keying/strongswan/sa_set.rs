@@ -27,6 +27,14 @@ fn child_usable(state: &str) -> bool {
     matches!(state, "INSTALLED" | "REKEYING" | "REKEYED")
 }
 
+/// IKE_SA states a listing can catch half-way: during an IKE rekey the CHILD_SAs move to
+/// the new IKE_SA before it is visible in a listing, and a deleting IKE_SA is about to be
+/// announced by its event. A listing leaves such an IKE_SA as it was; the `ike-rekey` or
+/// `ike-updown` event, or its absence from a later listing, settles it.
+fn ike_in_transition(state: &str) -> bool {
+    matches!(state, "REKEYING" | "REKEYED" | "DELETING")
+}
+
 /// How many dead ids are remembered; the oldest (smallest: ids grow) are forgotten first.
 const DEAD_IDS_KEPT: usize = 4096;
 
@@ -127,7 +135,7 @@ impl SaSet {
             self.remove(id, "IKE_SA no longer listed by charon", &mut out);
         }
         for sa in listing {
-            if self.dead_ike.contains(&sa.unique_id) {
+            if self.dead_ike.contains(&sa.unique_id) || ike_in_transition(&sa.state) {
                 continue;
             }
             let new = self.state_from_listing(sa);
@@ -484,11 +492,23 @@ mod tests {
         assert!(s.reconcile(&mid).is_empty());
         let after = [ike(1, "ESTABLISHED", &[(1, "REKEYED"), (2, "INSTALLED")])];
         assert!(s.reconcile(&after).is_empty());
-        assert!(
-            s.reconcile(&[ike(1, "REKEYING", &[(2, "INSTALLED")])])
-                .is_empty()
-        );
         assert_eq!(s.up_refs().len(), 1);
+    }
+
+    #[test]
+    fn a_listing_in_the_middle_of_an_ike_rekey_reports_nothing_early() {
+        let mut s = peer_set();
+        s.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);
+        // The CHILD_SAs have left the old IKE_SA, the new one is not listed yet.
+        assert!(s.reconcile(&[ike(1, "REKEYED", &[])]).is_empty());
+        assert!(s.reconcile(&[ike(1, "DELETING", &[])]).is_empty());
+        // The event then reports the new one up first.
+        let out = s.apply(SaEvent::IkeRekey {
+            old: Box::new(ike(1, "REKEYED", &[])),
+            new: Box::new(ike(2, "ESTABLISHED", &[])),
+        });
+        assert_eq!(out[0], up(2));
+        assert!(is_down(&out[1], 1));
     }
 
     #[test]
