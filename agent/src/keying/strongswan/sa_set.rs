@@ -35,6 +35,15 @@ fn ike_in_transition(state: &str) -> bool {
     matches!(state, "REKEYING" | "REKEYED" | "DELETING")
 }
 
+/// CHILD_SA states a listing can catch in the middle of a rekey or an update: the SA that
+/// carried traffic a moment ago is being replaced, not lost.
+fn child_in_transition(state: &str) -> bool {
+    matches!(
+        state,
+        "CREATED" | "INSTALLING" | "UPDATING" | "REKEYING" | "REKEYED" | "RETRYING"
+    )
+}
+
 /// How many dead ids are remembered; the oldest (smallest: ids grow) are forgotten first.
 const DEAD_IDS_KEPT: usize = 4096;
 
@@ -140,6 +149,14 @@ impl SaSet {
             }
             let new = self.state_from_listing(sa);
             let old = self.sas.get(&sa.unique_id).cloned().unwrap_or_default();
+            if old.is_up()
+                && !new.is_up()
+                && sa.children.iter().any(|c| child_in_transition(&c.state))
+            {
+                // Caught mid-rekey (old child already gone, new one not yet INSTALLED):
+                // the `child-rekey`/`child-updown` event or the next listing settles it.
+                continue;
+            }
             for c in old.children.difference(&new.children) {
                 self.dead_child.insert(*c);
             }
@@ -219,7 +236,12 @@ impl SaSet {
                 new_installed,
             } => {
                 if let Some(mut s) = self.sas.get(&ike.unique_id).cloned() {
-                    if new_installed && !self.dead_child.contains(&new_child) {
+                    if !new_installed {
+                        // Keep the old child counted until the new one is INSTALLED (its
+                        // child-updown or a listing says so): the VIP is still covered.
+                        return out;
+                    }
+                    if !self.dead_child.contains(&new_child) {
                         s.children.insert(new_child);
                     }
                     s.children.remove(&old_child);
@@ -428,6 +450,35 @@ mod tests {
             &[(2, "DELETING")],
         )));
         assert!(out.len() == 1 && is_down(&out[0], 1), "{out:?}");
+    }
+
+    #[test]
+    fn a_listing_caught_mid_child_rekey_is_not_a_down() {
+        let mut s2 = SaSet::new(vec![], vec![vip()]);
+        s2.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);
+        assert!(
+            s2.reconcile(&[ike(1, "ESTABLISHED", &[(1, "REKEYED"), (2, "INSTALLING")])])
+                .is_empty()
+        );
+        assert!(
+            s2.reconcile(&[ike(1, "ESTABLISHED", &[(2, "INSTALLING")])])
+                .is_empty()
+        );
+        assert!(
+            s2.reconcile(&[ike(1, "ESTABLISHED", &[(2, "INSTALLED")])])
+                .is_empty()
+        );
+        // A rekey event for a child not installed yet keeps the old one counted.
+        let mut s3 = SaSet::new(vec![], vec![vip()]);
+        s3.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);
+        let ev = SaEvent::ChildRekey {
+            ike: ike(1, "ESTABLISHED", &[]),
+            old_child: 1,
+            new_child: 2,
+            new_installed: false,
+        };
+        assert!(s3.apply(ev).is_empty());
+        assert_eq!(s3.up_refs().len(), 1);
     }
 
     #[test]
