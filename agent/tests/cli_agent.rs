@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
 
+/// An agent in a network namespace of its own, so the host's addresses never matter.
 struct Agent {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     proc: ProcessGuard,
+    ns: Netns,
 }
 
 fn write_config(dir: &Path, socket: &Path, extra: &str) -> PathBuf {
@@ -43,9 +46,10 @@ fn start_agent_with(extra: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/agent.sock");
     let config = write_config(dir.path(), &socket, extra);
+    let ns = Netns::new("cli").unwrap();
     let proc = ProcessGuard::spawn(
         "vipsec agent",
-        Command::new(BIN)
+        ns.command(BIN)
             .args(["agent", "--config"])
             .arg(&config)
             .stderr(Stdio::null())
@@ -60,6 +64,7 @@ fn start_agent_with(extra: &str) -> Agent {
         _dir: dir,
         socket,
         proc,
+        ns,
     }
 }
 
@@ -184,14 +189,6 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
     assert!(err.contains("is it running?"), "{err}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -207,11 +204,15 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 #[test]
 fn metrics_endpoint_counts_failover_events() {
-    let port = free_port();
+    // The agent has a namespace of its own: any port is free there.
+    let port = 9641;
     let agent = start_agent_with(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
     assert!(agent.cli(&["mode", "fast"]).status.success());
     let body = wait_for("the metrics endpoint", Duration::from_secs(10), || {
-        http_get(port, "/metrics")
+        agent
+            .ns
+            .run_in(move || http_get(port, "/metrics"))
+            .unwrap()
             .filter(|b| b.contains("vipsec_events_total{kind=\"mode-changed\"} 1"))
     })
     .unwrap();
