@@ -1,0 +1,181 @@
+//! One fault against the VIP's owner, measured: when the VIP reached the other back-end
+//! (keepalived's takeover), when each front-end first got an answer from the new owner
+//! (recovery), clear text on the wire, and answers from a node that no longer owns the VIP.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use vipsec_testbed::process::wait_for;
+
+use crate::clock::{now_ns, secs, since};
+use crate::lab::cleartext::ClearText;
+use crate::lab::faults::Fault;
+use crate::lab::probe::ProbeRecord;
+use crate::lab::topology::has_addr;
+use crate::lab::{Lab, Role};
+
+/// How long the probe keeps watching after recovery for answers from the old owner.
+const SETTLE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub setup: String,
+    pub fault: Fault,
+    pub from: String,
+    pub to: String,
+    /// CLOCK_MONOTONIC ns when the fault was injected.
+    pub fault_at: u64,
+    /// Fault to VIP present on the new owner.
+    pub takeover: Option<Duration>,
+    /// Fault to the first answer from the new owner on every front-end; None when the cap
+    /// passed first.
+    pub recovery: Option<Duration>,
+    pub per_front_end: BTreeMap<String, Option<Duration>>,
+    pub cap: Duration,
+    /// Clear-text packets on the bridge from the fault to the end of the observation.
+    pub cleartext: ClearText,
+    /// Answers from a node other than the new owner after recovery (or after takeover when
+    /// nothing recovered).
+    pub stale_answers: usize,
+    /// Probe records from one second before the fault to the end of the observation.
+    #[serde(skip)]
+    pub timeline: Vec<ProbeRecord>,
+}
+
+impl Outcome {
+    pub fn recovery_minus_takeover(&self) -> Option<Duration> {
+        Some(self.recovery?.saturating_sub(self.takeover?))
+    }
+
+    pub fn summary(&self) -> String {
+        let opt = |d: Option<Duration>| d.map(secs).unwrap_or_else(|| "never".into());
+        format!(
+            "{} {} {}->{}: takeover {}, recovery {}{}, clear text {} packets, stale answers {}",
+            self.setup,
+            self.fault.name(),
+            self.from,
+            self.to,
+            opt(self.takeover),
+            opt(self.recovery),
+            if self.recovery.is_none() {
+                format!(" (no recovery within {})", secs(self.cap))
+            } else {
+                String::new()
+            },
+            self.cleartext.total(),
+            self.stale_answers
+        )
+    }
+}
+
+/// Injects `fault` on the current owner and measures until every front-end recovered or
+/// `cap` passed. The lab must be steady; call [`Lab::reset`] between runs.
+pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome> {
+    let from = lab.wait_owner(Duration::from_secs(10))?;
+    let to = lab
+        .names(Role::BackEnd)
+        .into_iter()
+        .find(|n| *n != from)
+        .expect("two back-ends");
+    lab.poll_probes()?;
+    let clear_before = lab.cleartext()?;
+    let fault_at = now_ns();
+    match fault {
+        Fault::Planned => lab.planned_move(&from)?,
+        Fault::Crash => lab.crash(&from)?,
+    }
+    lab.progress
+        .step(&format!("{} on {from}: fault injected", fault.name()));
+
+    let vip = lab.vips[0];
+    let takeover = {
+        let node = lab.topo.node(&to);
+        wait_for("the VIP on the new owner", cap, || {
+            has_addr(&node.ns, vip).then(now_ns)
+        })
+        .ok()
+        .map(|t| since(fault_at, t))
+    };
+    lab.progress.step(&match takeover {
+        Some(d) => format!("VIP on {to} after {}", secs(d)),
+        None => format!("VIP never reached {to}"),
+    });
+
+    let deadline = fault_at + cap.as_nanos() as u64;
+    let fes = lab.names(Role::FrontEnd);
+    let mut per_fe: BTreeMap<String, Option<Duration>> =
+        fes.iter().map(|f| (f.clone(), None)).collect();
+    loop {
+        lab.poll_probes()?;
+        for p in lab.probes() {
+            let slot = per_fe.get_mut(&p.fe).expect("probe of a known front-end");
+            if slot.is_none() {
+                *slot = p
+                    .records
+                    .iter()
+                    .filter(|r| r.end >= fault_at && r.node.as_deref() == Some(to.as_str()))
+                    .map(|r| r.end)
+                    .min()
+                    .map(|t| {
+                        lab.progress.step(&format!(
+                            "{} answered by {to} after {}",
+                            p.fe,
+                            secs(since(fault_at, t))
+                        ));
+                        since(fault_at, t)
+                    });
+            }
+        }
+        if per_fe.values().all(Option::is_some) || now_ns() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let recovery = per_fe
+        .values()
+        .copied()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|v| v.into_iter().max());
+    if recovery.is_none() {
+        lab.progress
+            .step(&format!("no recovery within {}", secs(cap)));
+    }
+
+    // Watch a little longer for answers from the node that lost the VIP.
+    let watch_from = fault_at + recovery.or(takeover).unwrap_or_default().as_nanos() as u64;
+    let settle_until = now_ns() + SETTLE.as_nanos() as u64;
+    while now_ns() < settle_until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.poll_probes()?;
+    let end = now_ns();
+    let cleartext = lab.cleartext()?.minus(clear_before);
+    let window_start = fault_at.saturating_sub(1_000_000_000);
+    let mut timeline: Vec<ProbeRecord> = lab
+        .probes()
+        .iter()
+        .flat_map(|p| p.records.iter())
+        .filter(|r| r.start >= window_start && r.start <= end)
+        .cloned()
+        .collect();
+    timeline.sort_by_key(|r| r.start);
+    let stale_answers = timeline
+        .iter()
+        .filter(|r| r.start > watch_from && r.ok() && r.node.as_deref() != Some(to.as_str()))
+        .count();
+    Ok(Outcome {
+        setup: lab.setup.name().to_string(),
+        fault,
+        from,
+        to,
+        fault_at,
+        takeover,
+        recovery,
+        per_front_end: per_fe,
+        cap,
+        cleartext,
+        stale_answers,
+        timeline,
+    })
+}
