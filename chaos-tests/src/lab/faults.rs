@@ -59,8 +59,18 @@ fn signal_all(pids: &[i32], sig: i32) {
 }
 
 fn add_rule(hub: &Netns, rule: &str) -> anyhow::Result<()> {
-    hub.sh(&format!("nft add rule bridge {TABLE} {FAULT_CHAIN} {rule}"))
-        .map(|_| ())
+    // No shell: the rules hold `<`.
+    let out = hub
+        .command("nft")
+        .args(["add", "rule", "bridge", TABLE, FAULT_CHAIN])
+        .args(rule.split_whitespace())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft add rule {rule}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// Drops everything between two nodes (given by their hub ports), both ways.

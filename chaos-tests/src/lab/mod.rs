@@ -404,6 +404,13 @@ impl Lab {
         self.wait_steady(Duration::from_secs(30))
     }
 
+    /// Kills a node's charon (SIGKILL), as when the IKE daemon crashes on its own.
+    pub fn kill_charon(&mut self, node: &str) {
+        if let Some(p) = self.procs.get_mut(node) {
+            p.charon = None;
+        }
+    }
+
     /// Pids of the daemons on a node, for reports.
     pub fn charon_pid(&self, node: &str) -> Option<u32> {
         self.procs.get(node)?.charon.as_ref()?.pid()
