@@ -234,6 +234,9 @@ pub fn run(lab: &mut Lab, plan: &BenchPlan, out: &Path) -> anyhow::Result<Vec<Ou
                 ));
                 let o = scenario::run(lab, fault, plan.cap)?;
                 lab.progress.step(&o.summary());
+                for line in &o.cleartext_seen {
+                    lab.progress.step(&format!("clear text: {line}"));
+                }
                 outcomes.push(o);
             }
         }

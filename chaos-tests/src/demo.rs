@@ -34,6 +34,9 @@ pub fn run(setup: Setup, self_exe: PathBuf, cap: Duration) -> anyhow::Result<()>
     println!("set-up {setup}:");
     for o in &results {
         println!("  {}", o.summary());
+        for line in &o.cleartext_seen {
+            println!("    clear text: {line}");
+        }
         if let Some(d) = o.recovery_minus_takeover() {
             println!(
                 "    IPsec recovery after the VIP moved: {} (takeover {})",

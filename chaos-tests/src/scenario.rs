@@ -35,6 +35,9 @@ pub struct Outcome {
     pub cap: Duration,
     /// Clear-text packets on the bridge from the fault to the end of the observation.
     pub cleartext: ClearText,
+    /// The clear-text packets themselves, as tcpdump printed them (each bridged packet shows
+    /// once per hub port it entered).
+    pub cleartext_seen: Vec<String>,
     /// Answers from a node other than the new owner after recovery (or after takeover when
     /// nothing recovered).
     pub stale_answers: usize,
@@ -81,6 +84,9 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
     lab.poll_probes()?;
     let clear_before = lab.cleartext()?;
     let fault_at = now_ns();
+    let fault_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
     match fault {
         Fault::Planned => lab.planned_move(&from)?,
         Fault::Crash => lab.crash(&from)?,
@@ -151,6 +157,15 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
     lab.poll_probes()?;
     let end = now_ns();
     let cleartext = lab.cleartext()?.minus(clear_before);
+    let cleartext_seen = if cleartext.total() > 0 {
+        // tcpdump writes a moment after the counter moved.
+        let _ = wait_for("tcpdump's lines", Duration::from_secs(2), || {
+            (!lab.cleartext_packets_since(fault_wall).is_empty()).then_some(())
+        });
+        lab.cleartext_packets_since(fault_wall)
+    } else {
+        Vec::new()
+    };
     let window_start = fault_at.saturating_sub(1_000_000_000);
     let mut timeline: Vec<ProbeRecord> = lab
         .probes()
@@ -175,6 +190,7 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
         per_front_end: per_fe,
         cap,
         cleartext,
+        cleartext_seen,
         stale_answers,
         timeline,
     })

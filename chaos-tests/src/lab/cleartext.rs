@@ -73,3 +73,52 @@ fn counter(hub: &Netns, name: &str) -> anyhow::Result<u64> {
     }
     anyhow::bail!("no packet count in: {out}")
 }
+
+/// tcpdump on every hub port for the protected ports, one text line per packet, so a
+/// non-zero counter comes with the packets themselves (time, addresses, flags).
+pub struct Capture {
+    _guard: vipsec_testbed::process::ProcessGuard,
+    pub path: std::path::PathBuf,
+}
+
+impl Capture {
+    pub fn start(hub: &Netns, dir: &std::path::Path) -> anyhow::Result<Capture> {
+        let tcpdump = vipsec_testbed::require_program("tcpdump")?;
+        let path = dir.join("cleartext.txt");
+        let out = std::fs::File::create(&path)?;
+        let err = std::fs::File::create(dir.join("tcpdump.log"))?;
+        let filter = PROTECTED_PORTS
+            .iter()
+            .map(|p| format!("port {p}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let guard = vipsec_testbed::process::ProcessGuard::spawn(
+            "tcpdump",
+            hub.command(&tcpdump.display().to_string())
+                .args(["-i", "any", "-l", "-nn", "-tt", "-Q", "in"])
+                .arg(format!("tcp and ({filter})"))
+                .stdin(std::process::Stdio::null())
+                .stdout(out)
+                .stderr(err),
+        )?;
+        Ok(Capture {
+            _guard: guard,
+            path,
+        })
+    }
+
+    /// Captured lines stamped at or after `since` (seconds since the epoch).
+    pub fn lines_since(&self, since: f64) -> Vec<String> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .is_some_and(|t| t >= since)
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}

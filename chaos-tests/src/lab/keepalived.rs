@@ -36,6 +36,7 @@ pub fn config(node: &str, priority: u8, vips: &[Ipv4Addr]) -> String {
 
 pub struct Keepalived {
     guard: ProcessGuard,
+    stopping: bool,
 }
 
 impl Keepalived {
@@ -72,19 +73,22 @@ impl Keepalived {
                 .stdout(log.try_clone()?)
                 .stderr(log),
         )?;
-        Ok(Keepalived { guard })
+        Ok(Keepalived {
+            guard,
+            stopping: false,
+        })
     }
 
     /// SIGTERM: keepalived sends a priority-0 advert and drops the VIP (a planned move).
+    /// Returns at once; keepalived takes about a second to exit, and the VIP moves meanwhile.
     pub fn stop_gracefully(&mut self) -> anyhow::Result<()> {
-        self.guard.signal(libc::SIGTERM)?;
-        anyhow::ensure!(
-            self.guard
-                .wait_exit(std::time::Duration::from_secs(10))
-                .is_some(),
-            "keepalived did not exit after SIGTERM"
-        );
-        Ok(())
+        self.stopping = true;
+        self.guard.signal(libc::SIGTERM)
+    }
+
+    /// Whether it was told to stop.
+    pub fn stopping(&self) -> bool {
+        self.stopping
     }
 
     pub fn is_running(&mut self) -> bool {

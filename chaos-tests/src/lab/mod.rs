@@ -73,6 +73,7 @@ struct NodeProcs {
 pub struct Lab {
     // Field order is drop order: processes go before the namespaces they run in.
     probes: Vec<Probe>,
+    capture: cleartext::Capture,
     procs: BTreeMap<String, NodeProcs>,
     etcd: Option<Etcd>,
     pub topo: Topology,
@@ -92,7 +93,15 @@ impl Lab {
             vipsec_testbed::can_use_netns(),
             "the chaos lab needs root (CAP_NET_ADMIN) to create network namespaces"
         );
-        for p in ["ip", "nft", "unshare", "charon", "swanctl", "keepalived"] {
+        for p in [
+            "ip",
+            "nft",
+            "unshare",
+            "charon",
+            "swanctl",
+            "keepalived",
+            "tcpdump",
+        ] {
             vipsec_testbed::require_program(p)?;
         }
         let mut run_dir = tempfile::Builder::new().prefix("vipsec-lab-").tempdir()?;
@@ -107,8 +116,10 @@ impl Lab {
             run_dir.path().display()
         ));
         cleartext::install(&topo.hub)?;
+        let capture = cleartext::Capture::start(&topo.hub, run_dir.path())?;
         let mut lab = Lab {
             probes: Vec::new(),
+            capture,
             procs: BTreeMap::new(),
             etcd: None,
             topo,
@@ -347,6 +358,11 @@ impl Lab {
         cleartext::read(&self.topo.hub)
     }
 
+    /// The clear-text packets tcpdump saw since `since` (seconds since the epoch).
+    pub fn cleartext_packets_since(&self, since: f64) -> Vec<String> {
+        self.capture.lines_since(since)
+    }
+
     /// A planned move away from `node`: its keepalived stops gracefully.
     pub fn planned_move(&mut self, node: &str) -> anyhow::Result<()> {
         let procs = self.procs.entry(node.to_string()).or_default();
@@ -354,9 +370,8 @@ impl Lab {
             .keepalived
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("no keepalived on {node}"))?;
-        k.stop_gracefully()?;
-        procs.keepalived = None;
-        Ok(())
+        // `restore` starts a new one once this one has exited.
+        k.stop_gracefully()
     }
 
     /// Crashes `node` (see [`faults::crash`]); everything in it is dead afterwards.
@@ -385,6 +400,12 @@ impl Lab {
             self.start_agent(node)?;
         }
         let procs = self.procs.entry(node.to_string()).or_default();
+        if let Some(k) = procs.keepalived.as_mut() {
+            // After a planned move it is on its way out; let it finish before a new one starts.
+            let _ = wait_for("keepalived to exit", Duration::from_secs(10), || {
+                (!k.stopping() || !k.is_running()).then_some(())
+            });
+        }
         if procs.keepalived.as_mut().is_none_or(|k| !k.is_running()) {
             self.start_keepalived(node)?;
         }

@@ -63,8 +63,9 @@ pub fn assert_safe(o: &Outcome) {
     assert_eq!(
         o.cleartext.total(),
         0,
-        "protected traffic crossed the wire in clear text: {}",
-        o.summary()
+        "protected traffic crossed the wire in clear text: {}\n{}",
+        o.summary(),
+        o.cleartext_seen.join("\n")
     );
     assert_eq!(
         o.stale_answers,
