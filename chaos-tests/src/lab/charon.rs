@@ -277,3 +277,81 @@ impl Charon {
         self.guard.is_running()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DPD: Liveness = Liveness {
+        dpd: true,
+        short_retransmits: true,
+    };
+
+    /// swanctl.conf and strongswan.conf want one setting per line.
+    fn one_setting_per_line(text: &str) {
+        for line in text.lines() {
+            assert!(line.matches(" = ").count() <= 1, "two settings on {line:?}");
+            assert!(!(line.contains('=') && line.contains('{')), "{line:?}");
+        }
+        assert_eq!(text.matches('{').count(), text.matches('}').count());
+    }
+
+    #[test]
+    fn front_end_connection_is_trapped_restricted_and_retries_forever() {
+        let vip = Ipv4Addr::new(192, 0, 2, 100);
+        let text = swanctl_frontend("fe1", Ipv4Addr::new(192, 0, 2, 11), &[vip], DPD);
+        one_setting_per_line(&text);
+        for want in [
+            "remote_addrs = 192.0.2.100",
+            "encap = yes",
+            "mobike = no",
+            "keyingtries = 0",
+            "start_action = trap|start",
+            "dpd_delay = 1s",
+            "dpd_action = restart",
+            "local_ts = 192.0.2.11/32[tcp]",
+            "remote_ts = 192.0.2.100/32[tcp/143],192.0.2.100/32[tcp/110],192.0.2.100/32[tcp/80]",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
+        }
+        let plain = swanctl_frontend(
+            "fe1",
+            Ipv4Addr::new(192, 0, 2, 11),
+            &[vip],
+            Liveness {
+                dpd: false,
+                short_retransmits: false,
+            },
+        );
+        assert!(!plain.contains("dpd"), "{plain}");
+    }
+
+    #[test]
+    fn back_end_answers_on_the_vip_only() {
+        let vips = crate::lab::topology::vips(2);
+        let text = swanctl_backend(&vips, DPD);
+        one_setting_per_line(&text);
+        assert!(text.contains("local_addrs = 192.0.2.100\n"));
+        assert!(text.contains("local_addrs = 192.0.2.101\n"));
+        assert!(
+            !text.contains("192.0.2.21"),
+            "own address must not be a local address"
+        );
+    }
+
+    #[test]
+    fn strongswan_conf_uses_libipsec_with_fwmarks() {
+        let text = strongswan_conf(Path::new("/tmp/lab/fe1"), DPD);
+        one_setting_per_line(&text);
+        for want in [
+            "fwmark = 0x42",
+            "fwmark = !0x42",
+            "install_routes = yes",
+            "socket = unix:///tmp/lab/fe1/charon.vici",
+            "retransmit_timeout = 0.5",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
+        }
+        assert!(text.contains(" kernel-libipsec "));
+    }
+}
