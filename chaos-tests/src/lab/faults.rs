@@ -36,6 +36,17 @@ pub fn crash(ns: &Netns) -> anyhow::Result<()> {
     signal_all(&pids, libc::SIGKILL);
     // Anything that appeared in between (a helper spawned by a daemon) goes too.
     signal_all(&pids_in(ns)?, libc::SIGKILL);
+    // A crashed machine loses its kernel's TCP state as well. Without this the server's
+    // orphaned sockets (FIN_WAIT, bound to the VIP) outlive the "crash" in the namespace
+    // and, once the node owns the VIP again, retransmit their FINs in clear text (seen in
+    // the lab). The link is down, so the resets this sends go nowhere.
+    let out = ns.command("ss").args(["-K", "-t", "-a", "-n"]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ss -K in {}: {}",
+        ns.name,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 

@@ -95,6 +95,7 @@ impl Lab {
         );
         for p in [
             "ip",
+            "ss",
             "nft",
             "unshare",
             "charon",
@@ -283,13 +284,12 @@ impl Lab {
         Ok(())
     }
 
-    /// Switches the lab to another set-up: agents and charons are replaced, the network,
-    /// keepalived, servers and probes stay.
+    /// Switches the lab to another set-up: agents and charons are replaced (after the
+    /// back-ends are restored, as in [`Lab::reset`]); the network, keepalived, servers and
+    /// probes stay.
     pub fn switch_setup(&mut self, setup: Setup) -> anyhow::Result<()> {
-        self.stop_agents_and_charons();
         self.setup = setup;
-        self.start_setup()?;
-        self.wait_steady(Duration::from_secs(30))
+        self.reset()
     }
 
     fn stop_agents_and_charons(&mut self) {
@@ -331,9 +331,12 @@ impl Lab {
         let mut status = String::new();
         let result = wait_for("steady traffic through the tunnel", timeout, || {
             self.poll_probes().ok()?;
-            let owner = self.owner()?;
-            let mut all = true;
             status.clear();
+            let Some(owner) = self.owner() else {
+                status = format!(" VIP held by {:?}", self.topo.holders(self.vips[0]));
+                return None;
+            };
+            let mut all = true;
             for p in &self.probes {
                 let mut recent: Vec<_> = p.since(t0).collect();
                 recent.sort_by_key(|r| r.start);
