@@ -171,6 +171,9 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
                 o.from,
                 o.to
             );
+            // Consecutive attempts of one colour become one bar, which keeps a 60 s
+            // timeline small.
+            let mut bars: Vec<(f64, f64, &str)> = Vec::new();
             for r in o.timeline.iter().filter(|r| &r.fe == fe) {
                 let rel = r.start as f64 / 1e9 - o.fault_at as f64 / 1e9;
                 let colour = match r.node.as_deref() {
@@ -178,11 +181,18 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
                     Some(_) => "#36c",
                     None => "#d33",
                 };
+                match bars.last_mut() {
+                    Some(bar) if bar.2 == colour => bar.1 = rel,
+                    _ => bars.push((rel, rel, colour)),
+                }
+            }
+            for (from, to, colour) in bars {
                 let _ = writeln!(
                     s,
-                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"2\" height=\"{}\" fill=\"{colour}\"/>",
-                    x(rel),
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\"/>",
+                    x(from),
                     y + 2.0,
+                    x(to) - x(from) + 2.0,
                     ROW - 4.0
                 );
             }
