@@ -162,7 +162,13 @@ impl Agent {
                 plan.node,
                 binary.display(),
                 match ready {
-                    Ok(_) => "it exited".to_string(),
+                    Ok(_) => format!(
+                        "it exited{}",
+                        guard
+                            .wait_exit(Duration::from_millis(100))
+                            .map(|c| format!(" with code {c}; is it a build with `vipsec agent`?"))
+                            .unwrap_or_default()
+                    ),
                     Err(e) => e.to_string(),
                 },
                 tail.join("\n")
