@@ -117,7 +117,7 @@ pub fn markdown(rows: &[Row], cap: Duration) -> String {
 /// attempt at its start time relative to the fault; green = new owner answered, blue = old
 /// owner answered, red = failed. Vertical marks: fault (0), takeover, recovery.
 pub fn svg(outcomes: &[&Outcome]) -> String {
-    const LEFT: f64 = 170.0;
+    const LEFT: f64 = 240.0;
     const WIDTH: f64 = 900.0;
     const ROW: f64 = 16.0;
     let t_min = -1.0f64;
@@ -131,7 +131,7 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
         })
         .fold(2.0, f64::max);
     let x = |t: f64| LEFT + (t - t_min) / (t_max - t_min) * WIDTH;
-    let rows: usize = outcomes.iter().map(|o| o.per_front_end.len()).sum();
+    let rows: usize = outcomes.iter().map(|o| o.per_flow.len()).sum();
     let height = 50.0 + rows as f64 * ROW + 30.0;
     let mut s = String::new();
     let _ = writeln!(
@@ -162,10 +162,10 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
     }
     let mut y = 40.0;
     for (i, o) in outcomes.iter().enumerate() {
-        for fe in o.per_front_end.keys() {
+        for key in o.per_flow.keys() {
             let _ = writeln!(
                 s,
-                "<text x=\"10\" y=\"{:.1}\">run {} {fe} {}→{}</text>",
+                "<text x=\"10\" y=\"{:.1}\">run {} {key} {}→{}</text>",
                 y + 10.0,
                 i + 1,
                 o.from,
@@ -174,7 +174,12 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
             // Consecutive attempts of one colour become one bar, which keeps a 60 s
             // timeline small.
             let mut bars: Vec<(f64, f64, &str)> = Vec::new();
-            for r in o.timeline.iter().filter(|r| &r.fe == fe) {
+            let many = o.vips > 1;
+            for r in o
+                .timeline
+                .iter()
+                .filter(|r| scenario::flow_key(&r.fe, r.target.ip(), many) == *key)
+            {
                 let rel = r.start as f64 / 1e9 - o.fault_at as f64 / 1e9;
                 let colour = match r.node.as_deref() {
                     Some(n) if n == o.to => "#2a2",
@@ -209,7 +214,7 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
             };
             mark(&mut s, Some(Duration::ZERO), "black");
             mark(&mut s, o.takeover, "orange");
-            mark(&mut s, o.per_front_end[fe], "green");
+            mark(&mut s, o.per_flow[key], "green");
             y += ROW;
         }
     }

@@ -42,6 +42,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 60)]
         cap: u64,
+        /// How many VIPs (192.0.2.100 onward), all moved together by keepalived.
+        #[arg(long, default_value_t = 1)]
+        vips: usize,
     },
     /// (inside a back-end) The mail-like server.
     ServeMail {
@@ -77,11 +80,15 @@ fn main() -> anyhow::Result<()> {
             setups,
             out,
             cap,
+            vips,
         } => {
             anyhow::ensure!(!setups.is_empty(), "name at least one set-up");
             let progress = Progress::new(true);
             let cap = Duration::from_secs(cap);
-            let mut lab = Lab::build(LabOptions::new(setups[0], self_exe), progress.clone())?;
+            anyhow::ensure!((1..=11).contains(&vips), "--vips takes 1 to 11");
+            let mut opts = LabOptions::new(setups[0], self_exe);
+            opts.vips = vips;
+            let mut lab = Lab::build(opts, progress.clone())?;
             let plan = bench::BenchPlan { setups, runs, cap };
             let outcomes = bench::run(&mut lab, &plan, &out)?;
             drop(lab);

@@ -28,10 +28,12 @@ pub struct Outcome {
     pub fault_at: u64,
     /// Fault to VIP present on the new owner.
     pub takeover: Option<Duration>,
-    /// Fault to the first answer from the new owner on every front-end; None when the cap
-    /// passed first.
+    /// Fault to the first answer from the new owner on every front-end for every VIP; None
+    /// when the cap passed first.
     pub recovery: Option<Duration>,
-    pub per_front_end: BTreeMap<String, Option<Duration>>,
+    /// The same per front-end (and per VIP when there are several, `fe1→192.0.2.101`).
+    pub per_flow: BTreeMap<String, Option<Duration>>,
+    pub vips: usize,
     pub cap: Duration,
     /// Clear-text packets on the bridge from the fault to the end of the observation.
     pub cleartext: ClearText,
@@ -51,10 +53,30 @@ impl Outcome {
         Some(self.recovery?.saturating_sub(self.takeover?))
     }
 
+    /// Flows still without an answer from the new owner.
+    pub fn unrecovered(&self) -> Vec<&str> {
+        self.per_flow
+            .iter()
+            .filter(|(_, d)| d.is_none())
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
     pub fn summary(&self) -> String {
         let opt = |d: Option<Duration>| d.map(secs).unwrap_or_else(|| "never".into());
+        let stuck = self.unrecovered();
+        let stuck = if self.vips > 1 && !stuck.is_empty() && stuck.len() < self.per_flow.len() {
+            format!(
+                " ({} of {} flows never recovered: {})",
+                stuck.len(),
+                self.per_flow.len(),
+                stuck.join(" ")
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{} {} {}->{}: takeover {}, recovery {}{}, clear text {} packets, stale answers {}",
+            "{} {} {}->{}: takeover {}, recovery {}{}{stuck}, clear text {} packets, stale answers {}",
             self.setup,
             self.fault.name(),
             self.from,
@@ -69,6 +91,15 @@ impl Outcome {
             self.cleartext.total(),
             self.stale_answers
         )
+    }
+}
+
+/// Names one probed flow: the front-end, and the VIP when the lab has several.
+pub fn flow_key(fe: &str, vip: impl std::fmt::Display, many: bool) -> String {
+    if many {
+        format!("{fe}→{vip}")
+    } else {
+        fe.to_string()
     }
 }
 
@@ -94,11 +125,11 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
     lab.progress
         .step(&format!("{} on {from}: fault injected", fault.name()));
 
-    let vip = lab.vips[0];
     let takeover = {
         let node = lab.topo.node(&to);
-        wait_for("the VIP on the new owner", cap, || {
-            has_addr(&node.ns, vip).then(now_ns)
+        let vips = lab.vips.clone();
+        wait_for("the VIPs on the new owner", cap, || {
+            vips.iter().all(|&v| has_addr(&node.ns, v)).then(now_ns)
         })
         .ok()
         .map(|t| since(fault_at, t))
@@ -109,36 +140,41 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
     });
 
     let deadline = fault_at + cap.as_nanos() as u64;
-    let fes = lab.names(Role::FrontEnd);
-    let mut per_fe: BTreeMap<String, Option<Duration>> =
-        fes.iter().map(|f| (f.clone(), None)).collect();
+    let many = lab.vips.len() > 1;
+    let mut per_flow: BTreeMap<String, Option<Duration>> = BTreeMap::new();
+    for fe in lab.names(Role::FrontEnd) {
+        for &vip in &lab.vips {
+            per_flow.insert(flow_key(&fe, vip, many), None);
+        }
+    }
     loop {
         lab.poll_probes()?;
         for p in lab.probes() {
-            let slot = per_fe.get_mut(&p.fe).expect("probe of a known front-end");
-            if slot.is_none() {
-                *slot = p
-                    .records
-                    .iter()
-                    .filter(|r| r.end >= fault_at && r.node.as_deref() == Some(to.as_str()))
-                    .map(|r| r.end)
-                    .min()
-                    .map(|t| {
-                        lab.progress.step(&format!(
-                            "{} answered by {to} after {}",
-                            p.fe,
-                            secs(since(fault_at, t))
-                        ));
-                        since(fault_at, t)
-                    });
+            for r in p
+                .records
+                .iter()
+                .filter(|r| r.end >= fault_at && r.node.as_deref() == Some(to.as_str()))
+            {
+                let key = flow_key(&p.fe, r.target.ip(), many);
+                let slot = per_flow.get_mut(&key).expect("a probed flow");
+                let d = since(fault_at, r.end);
+                if slot.is_none_or(|old| d < old) {
+                    *slot = Some(d);
+                }
             }
         }
-        if per_fe.values().all(Option::is_some) || now_ns() >= deadline {
+        if per_flow.values().all(Option::is_some) || now_ns() >= deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let recovery = per_fe
+    for (key, d) in &per_flow {
+        if let Some(d) = d {
+            lab.progress
+                .step(&format!("{key} answered by {to} after {}", secs(*d)));
+        }
+    }
+    let recovery = per_flow
         .values()
         .copied()
         .collect::<Option<Vec<_>>>()
@@ -187,7 +223,8 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
         fault_at,
         takeover,
         recovery,
-        per_front_end: per_fe,
+        per_flow,
+        vips: lab.vips.len(),
         cap,
         cleartext,
         cleartext_seen,
