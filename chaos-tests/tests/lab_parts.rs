@@ -115,3 +115,61 @@ fn reset_brings_a_series_of_faults_back_to_a_clean_start() {
         common::assert_recovered(o, cap);
     }
 }
+
+#[test]
+fn a_killed_run_is_cleaned_up_by_the_next() {
+    let _t = common::start("killed run reaped");
+    let registry = std::env::temp_dir().join("vipsec-chaos-runs");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vipsec-chaos"))
+        .args(["demo", "--setup", "strongswan-defaults", "--cap", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("{}-", child.id());
+    // Wait until the whole network is registered (hub, run dir, five nodes).
+    let file = wait_for("the killed run's registry", Duration::from_secs(20), || {
+        std::fs::read_dir(&registry)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+                    && std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() >= 7)
+            })
+    })
+    .unwrap();
+    let listed = std::fs::read_to_string(&file).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let netns = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let namespaces: Vec<&str> = listed.lines().filter(|l| !l.starts_with("dir ")).collect();
+    let run_dir = listed
+        .lines()
+        .find_map(|l| l.strip_prefix("dir "))
+        .unwrap()
+        .to_string();
+    assert!(
+        namespaces.iter().all(|n| netns().contains(n)),
+        "a killed run leaves its namespaces behind (no Drop ran)"
+    );
+
+    let _lab = common::lab(Setup::StrongswanDefaults);
+    let now = netns();
+    for n in &namespaces {
+        assert!(!now.contains(n), "{n} of the killed run is still there");
+    }
+    assert!(!file.exists());
+    assert!(
+        !std::path::Path::new(&run_dir).exists(),
+        "{run_dir} left behind"
+    );
+}

@@ -109,7 +109,7 @@ impl Lab {
         if opts.keep_run_dir {
             run_dir.disable_cleanup(true);
         }
-        let topo = Topology::build(opts.nat_front_end.as_deref())?;
+        let topo = Topology::build(opts.nat_front_end.as_deref(), run_dir.path())?;
         progress.step(&format!(
             "network up: hub {} with {} nodes, run dir {}",
             topo.hub.name,

@@ -63,7 +63,9 @@ pub struct Topology {
 impl Topology {
     /// Builds the network. `nat_front_end` names a front-end to put behind a masquerading
     /// router (198.51.100.2 inside, the router's 192.0.2.3x outside).
-    pub fn build(nat_front_end: Option<&str>) -> anyhow::Result<Topology> {
+    /// `run_dir` is recorded with the namespaces, so that a later run deletes it too if this
+    /// one is killed.
+    pub fn build(nat_front_end: Option<&str>, run_dir: &Path) -> anyhow::Result<Topology> {
         reap_crashed_runs();
         let hub = Netns::new("hub")?;
         let mut topo = Topology {
@@ -75,6 +77,7 @@ impl Topology {
         topo.hub.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         topo.hub.ip(&["link", "set", BRIDGE, "up"])?;
         topo.register()?;
+        topo.register_ns(&format!("dir {}", run_dir.display()))?;
         for &(name, role, octet) in PLAN {
             let ns = Netns::new(name)?;
             let hub_port = format!("p-{name}");
@@ -171,6 +174,7 @@ impl Topology {
         Ok(())
     }
 
+    /// Lines of the registry: namespace names, and `dir PATH` for the run directory.
     fn register_ns(&self, name: &str) -> anyhow::Result<()> {
         if let Some(path) = &self.registry {
             use std::io::Write;
@@ -255,6 +259,19 @@ fn process_alive(pid: i32) -> bool {
 fn delete_listed_namespaces(path: &Path) {
     if let Ok(text) = std::fs::read_to_string(path) {
         for name in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(dir) = name.strip_prefix("dir ") {
+                let dir = Path::new(dir);
+                // Only ever a lab run directory under the temp dir.
+                if dir.starts_with(std::env::temp_dir())
+                    && dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vipsec-lab-"))
+                {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                continue;
+            }
             if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     let _ = Command::new("kill").args(["-9", pid]).output();
