@@ -1,0 +1,232 @@
+//! The vipsec agent on a lab node: its config (the TOML format of `vipsec::config`), its
+//! process (`vipsec agent --config FILE` inside the node's namespace) and its API socket.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use vipsec_testbed::netns::Netns;
+use vipsec_testbed::process::{ProcessGuard, wait_for};
+
+use super::charon::{PROTECTED_PORTS, connection_name};
+use super::setup::AgentStore;
+use super::topology::{NODE_IF, Role};
+
+/// Everything the lab decides about one node's agent.
+pub struct AgentPlan<'a> {
+    pub node: &'a str,
+    pub role: Role,
+    pub dir: &'a Path,
+    pub vici: &'a Path,
+    pub store: AgentStore,
+    pub etcd_endpoint: &'a str,
+    pub vips: &'a [Ipv4Addr],
+}
+
+pub fn api_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+
+pub fn config_toml(plan: &AgentPlan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "node = \"{}\"", plan.node);
+    s += "\n[api]\n";
+    let _ = writeln!(
+        s,
+        "endpoint = \"unix://{}\"",
+        api_socket(plan.dir).display()
+    );
+    s += "\n[log]\n";
+    s += "filter = \"info,vipsec=debug\"\n";
+    s += "\n[store]\n";
+    match plan.store {
+        AgentStore::Etcd => {
+            s += "backend = \"etcd\"\n";
+            let _ = writeln!(s, "endpoints = [\"{}\"]", plan.etcd_endpoint);
+            s += "prefix = \"/vipsec-lab/\"\n";
+            s += "lease_ttl = \"2s\"\n";
+        }
+        AgentStore::Embedded => s += "backend = \"embedded\"\n",
+    }
+    s += "\n[keying]\n";
+    s += "backend = \"strongswan\"\n";
+    let _ = writeln!(s, "vici_socket = \"{}\"", plan.vici.display());
+    s += "sample_interval = \"250ms\"\n";
+    s += "initiate_timeout = \"2s\"\n";
+    s += "\n[kernel]\n";
+    s += "backend = \"xfrm\"\n";
+    s += "fail_secure = true\n";
+    // kernel-libipsec: block policies bound to the physical interface let the tunnel pass.
+    let _ = writeln!(s, "interface = \"{NODE_IF}\"");
+    s += "\n[failover]\n";
+    s += "mode = \"fast\"\n";
+    s += "idle_timeout = \"1s\"\n";
+    s += "retry_initial = \"50ms\"\n";
+    s += "retry_max = \"500ms\"\n";
+    s += "owner_wait = \"2s\"\n";
+    for &vip in plan.vips {
+        match plan.role {
+            Role::BackEnd => {
+                s += "\n[[hosted_vip]]\n";
+                let _ = writeln!(s, "address = \"{vip}\"");
+                let _ = writeln!(s, "interface = \"{NODE_IF}\"");
+            }
+            Role::FrontEnd => {
+                let conn = connection_name(vip);
+                s += "\n[[peer_vip]]\n";
+                let _ = writeln!(s, "address = \"{vip}\"");
+                let _ = writeln!(s, "connection = \"{conn}\"");
+                let _ = writeln!(s, "child = \"{conn}\"");
+                let flows: Vec<_> = PROTECTED_PORTS
+                    .iter()
+                    .map(|p| format!("\"tcp/{p}\""))
+                    .collect();
+                let _ = writeln!(s, "protect = [{}]", flows.join(", "));
+            }
+            Role::Etcd => {}
+        }
+    }
+    s
+}
+
+/// Where the `vipsec` binary is: `$VIPSEC_BIN`, or next to this program in the same cargo
+/// target directory (`target/<profile>/vipsec`; tests run from `target/<profile>/deps/`).
+pub fn find_binary(self_exe: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VIPSEC_BIN") {
+        let p = PathBuf::from(p);
+        anyhow::ensure!(p.exists(), "VIPSEC_BIN={} does not exist", p.display());
+        return Ok(p);
+    }
+    let mut dir = self_exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("vipsec");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    anyhow::bail!(
+        "the vipsec binary is not built next to {}; run `cargo build -p vipsec` (same profile) or set VIPSEC_BIN",
+        self_exe.display()
+    )
+}
+
+pub struct Agent {
+    guard: ProcessGuard,
+    pub api_socket: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Agent {
+    pub fn start(binary: &Path, ns: &Netns, plan: &AgentPlan) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(plan.dir)?;
+        let config = plan.dir.join("agent.toml");
+        std::fs::write(&config, config_toml(plan))?;
+        let api_socket = api_socket(plan.dir);
+        let _ = std::fs::remove_file(&api_socket);
+        let log_path = plan.dir.join("agent.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut guard = ProcessGuard::spawn(
+            "vipsec agent",
+            ns.command(&binary.display().to_string())
+                .arg("agent")
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log),
+        )?;
+        let ready = wait_for("the agent's API socket", Duration::from_secs(15), || {
+            if api_socket.exists() {
+                Some(Ok(()))
+            } else if !guard.is_running() {
+                Some(Err(()))
+            } else {
+                None
+            }
+        });
+        if !matches!(ready, Ok(Ok(()))) {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<_> = tail.lines().rev().take(15).collect();
+            let tail: Vec<_> = tail.into_iter().rev().collect();
+            anyhow::bail!(
+                "vipsec agent on {} did not come up ({}): {}\n{}",
+                plan.node,
+                binary.display(),
+                match ready {
+                    Ok(_) => format!(
+                        "it exited{}",
+                        guard
+                            .wait_exit(Duration::from_millis(100))
+                            .map(|c| format!(" with code {c}; is it a build with `vipsec agent`?"))
+                            .unwrap_or_default()
+                    ),
+                    Err(e) => e.to_string(),
+                },
+                tail.join("\n")
+            );
+        }
+        Ok(Agent {
+            guard,
+            api_socket,
+            config,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL if it does not exit within 5 s.
+    pub fn stop(&mut self) {
+        if self.guard.signal(libc::SIGTERM).is_ok()
+            && self.guard.wait_exit(Duration::from_secs(5)).is_none()
+        {
+            self.guard.kill();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan<'a>(role: Role, store: AgentStore, vips: &'a [Ipv4Addr]) -> AgentPlan<'a> {
+        AgentPlan {
+            node: if role == Role::BackEnd { "be1" } else { "fe1" },
+            role,
+            dir: Path::new("/tmp/lab/fe1"),
+            vici: Path::new("/tmp/lab/fe1/charon.vici"),
+            store,
+            etcd_endpoint: "http://192.0.2.5:2379",
+            vips,
+        }
+    }
+
+    #[test]
+    fn generated_configs_are_valid_agent_configs() {
+        let vips = super::super::topology::vips(3);
+        for role in [Role::FrontEnd, Role::BackEnd] {
+            for store in [AgentStore::Etcd, AgentStore::Embedded] {
+                let text = config_toml(&plan(role, store, &vips));
+                let config = vipsec::config::Config::parse(&text)
+                    .unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+                match role {
+                    Role::FrontEnd => {
+                        assert_eq!(config.peer_vips.len(), 3);
+                        assert_eq!(config.protected_flows().len(), 9);
+                    }
+                    _ => assert_eq!(config.hosted_vips.len(), 3),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One strongSwan charon per node, with kernel-libipsec (the kernel has no ESP): forced UDP
+//! encapsulation, fwmark 0x42 so IKE bypasses charon's routing table 220, its own tmpfs
+//! /run (pid file), and its VICI socket in the run directory on the host so that the lab
+//! and the vipsec agent reach it from outside the node's mount namespace.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vipsec_testbed::netns::Netns;
+use vipsec_testbed::process::{ProcessGuard, wait_for};
+
+/// The ports the lab protects (IMAP, POP3, HTTP).
+pub const PROTECTED_PORTS: [u16; 3] = [143, 110, 80];
+const PSK: &str = "vipsec-lab-not-a-secret";
+
+/// How charon behaves when a peer goes silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// DPD every second with restart actions on the front-end.
+    pub dpd: bool,
+    /// Short IKE retransmissions (0.5 s, base 1.2, 3 tries: about 2.7 s in all) instead of
+    /// the default ~165 s.
+    pub short_retransmits: bool,
+}
+
+/// The connection name for a VIP: `vip100` for 192.0.2.100.
+pub fn connection_name(vip: Ipv4Addr) -> String {
+    format!("vip{}", vip.octets()[3])
+}
+
+pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
+    let mut s = String::new();
+    s += "charon {\n";
+    s += "load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-libipsec kernel-netlink socket-default updown\n";
+    s += "install_routes = yes\n";
+    if liveness.short_retransmits {
+        s += "retransmit_timeout = 0.5\n";
+        s += "retransmit_base = 1.2\n";
+        s += "retransmit_tries = 3\n";
+    }
+    s += "filelog {\n";
+    s += "lab {\n";
+    let _ = writeln!(s, "path = {}", dir.join("charon.log").display());
+    s += "time_format = %H:%M:%S\n";
+    s += "default = 1\n";
+    s += "ike = 1\n";
+    s += "}\n";
+    s += "}\n";
+    s += "plugins {\n";
+    s += "socket-default {\n";
+    s += "fwmark = 0x42\n";
+    s += "}\n";
+    s += "kernel-netlink {\n";
+    s += "fwmark = !0x42\n";
+    s += "}\n";
+    s += "kernel-libipsec {\n";
+    s += "allow_peer_ts = yes\n";
+    s += "}\n";
+    s += "vici {\n";
+    let _ = writeln!(s, "socket = unix://{}", vici_path(dir).display());
+    s += "}\n";
+    s += "}\n";
+    s += "}\n";
+    s
+}
+
+fn protected_ts(vip: Ipv4Addr) -> String {
+    PROTECTED_PORTS
+        .iter()
+        .map(|p| format!("{vip}/32[tcp/{p}]"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A front-end initiates to each VIP. Traffic selectors cover only the protected ports so
+/// the tunnel (and table 220) leave other traffic alone; the trap keeps those ports
+/// covered between SAs so nothing leaves in clear text; `keyingtries = 0` keeps
+/// retrying while the VIP has no owner yet.
+pub fn swanctl_frontend(
+    node: &str,
+    local: Ipv4Addr,
+    vips: &[Ipv4Addr],
+    liveness: Liveness,
+) -> String {
+    let mut s = String::from("connections {\n");
+    for &vip in vips {
+        let name = connection_name(vip);
+        let _ = writeln!(s, "{name} {{");
+        s += "version = 2\n";
+        let _ = writeln!(s, "local_addrs = {local}");
+        let _ = writeln!(s, "remote_addrs = {vip}");
+        s += "encap = yes\n";
+        s += "mobike = no\n";
+        s += "proposals = aes256-sha256-modp2048\n";
+        s += "keyingtries = 0\n";
+        if liveness.dpd {
+            s += "dpd_delay = 1s\n";
+        }
+        s += "local {\n";
+        s += "auth = psk\n";
+        let _ = writeln!(s, "id = {node}");
+        s += "}\n";
+        s += "remote {\n";
+        s += "auth = psk\n";
+        s += "id = %any\n";
+        s += "}\n";
+        s += "children {\n";
+        let _ = writeln!(s, "{name} {{");
+        let _ = writeln!(s, "local_ts = {local}/32[tcp]");
+        let _ = writeln!(s, "remote_ts = {}", protected_ts(vip));
+        s += "esp_proposals = aes256-sha256\n";
+        s += "mode = tunnel\n";
+        // kernel-libipsec sends no acquires (a packet hitting a trap policy without SA is
+        // only dropped), so the trap cannot start the tunnel: `start` does, and the trap
+        // keeps the protected ports covered whenever no CHILD_SA is up.
+        s += "start_action = trap|start\n";
+        if liveness.dpd {
+            s += "dpd_action = restart\n";
+            s += "close_action = start\n";
+        }
+        s += "}\n";
+        s += "}\n";
+        s += "}\n";
+    }
+    s += "}\n";
+    s += &secrets();
+    s
+}
+
+/// A back-end answers on each VIP it may host (`local_addrs` is the VIP, never its own
+/// address, so there is nothing for a MOBIKE update to move to).
+pub fn swanctl_backend(vips: &[Ipv4Addr], liveness: Liveness) -> String {
+    let mut s = String::from("connections {\n");
+    for &vip in vips {
+        let name = connection_name(vip);
+        let _ = writeln!(s, "{name} {{");
+        s += "version = 2\n";
+        let _ = writeln!(s, "local_addrs = {vip}");
+        s += "remote_addrs = %any\n";
+        s += "encap = yes\n";
+        s += "mobike = no\n";
+        s += "proposals = aes256-sha256-modp2048\n";
+        if liveness.dpd {
+            s += "dpd_delay = 1s\n";
+        }
+        s += "local {\n";
+        s += "auth = psk\n";
+        let _ = writeln!(s, "id = {vip}");
+        s += "}\n";
+        s += "remote {\n";
+        s += "auth = psk\n";
+        s += "id = %any\n";
+        s += "}\n";
+        s += "children {\n";
+        let _ = writeln!(s, "{name} {{");
+        let _ = writeln!(s, "local_ts = {}", protected_ts(vip));
+        // Front-ends propose their own /32; a front-end behind the lab's NAT uses 198.51.100.x.
+        s += "remote_ts = 192.0.2.0/24[tcp],198.51.100.0/24[tcp]\n";
+        s += "esp_proposals = aes256-sha256\n";
+        s += "mode = tunnel\n";
+        if liveness.dpd {
+            s += "dpd_action = clear\n";
+        }
+        s += "}\n";
+        s += "}\n";
+        s += "}\n";
+    }
+    s += "}\n";
+    s += &secrets();
+    s
+}
+
+fn secrets() -> String {
+    format!("secrets {{\nike-lab {{\nsecret = \"{PSK}\"\n}}\n}}\n")
+}
+
+pub fn vici_path(dir: &Path) -> PathBuf {
+    dir.join("charon.vici")
+}
+
+/// A running charon inside one node.
+pub struct Charon {
+    guard: ProcessGuard,
+    pub vici: PathBuf,
+    pub swanctl_conf: PathBuf,
+}
+
+impl Charon {
+    /// Writes the configs into `dir`, starts charon in `ns` and loads the connections.
+    pub fn start(
+        ns: &Netns,
+        dir: &Path,
+        strongswan_conf: &str,
+        swanctl_conf: &str,
+    ) -> anyhow::Result<Charon> {
+        let charon = vipsec_testbed::require_program("charon")?;
+        vipsec_testbed::require_program("swanctl")?;
+        std::fs::create_dir_all(dir)?;
+        let ss_conf = dir.join("strongswan.conf");
+        let sw_conf = dir.join("swanctl.conf");
+        std::fs::write(&ss_conf, strongswan_conf)?;
+        std::fs::write(&sw_conf, swanctl_conf)?;
+        let vici = vici_path(dir);
+        let _ = std::fs::remove_file(&vici);
+        let log = std::fs::File::create(dir.join("charon.stderr"))?;
+        // A private mount namespace with its own /run: charon's pid file must not clash
+        // with the other nodes' charons (or the host's).
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF={} exec {}",
+            ss_conf.display(),
+            charon.display()
+        );
+        let guard = ProcessGuard::spawn(
+            "charon",
+            ns.command("unshare")
+                .args(["-m", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log),
+        )?;
+        let mut c = Charon {
+            guard,
+            vici: vici.clone(),
+            swanctl_conf: sw_conf,
+        };
+        wait_for("charon's VICI socket", Duration::from_secs(10), || {
+            vici.exists().then_some(())
+        })?;
+        c.load()?;
+        anyhow::ensure!(c.guard.is_running(), "charon in {} exited", ns.name);
+        Ok(c)
+    }
+
+    /// `swanctl --load-all` against this charon.
+    pub fn load(&self) -> anyhow::Result<()> {
+        let file = self.swanctl_conf.display().to_string();
+        // The socket appears a moment before charon accepts on it; retry briefly.
+        let mut last = String::new();
+        wait_for(
+            "swanctl --load-all",
+            Duration::from_secs(5),
+            || match self.swanctl(&["--load-all", "--noprompt", "--file", &file]) {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    last = e.to_string();
+                    None
+                }
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{e}: {last}"))
+    }
+
+    /// Runs swanctl with `args` against this charon's VICI socket.
+    pub fn swanctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("swanctl")
+            .args(args)
+            .arg("--uri")
+            .arg(format!("unix://{}", self.vici.display()))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "swanctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.pid()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DPD: Liveness = Liveness {
+        dpd: true,
+        short_retransmits: true,
+    };
+
+    /// swanctl.conf and strongswan.conf want one setting per line.
+    fn one_setting_per_line(text: &str) {
+        for line in text.lines() {
+            assert!(line.matches(" = ").count() <= 1, "two settings on {line:?}");
+            assert!(!(line.contains('=') && line.contains('{')), "{line:?}");
+        }
+        assert_eq!(text.matches('{').count(), text.matches('}').count());
+    }
+
+    #[test]
+    fn front_end_connection_is_trapped_restricted_and_retries_forever() {
+        let vip = Ipv4Addr::new(192, 0, 2, 100);
+        let text = swanctl_frontend("fe1", Ipv4Addr::new(192, 0, 2, 11), &[vip], DPD);
+        one_setting_per_line(&text);
+        for want in [
+            "remote_addrs = 192.0.2.100",
+            "encap = yes",
+            "mobike = no",
+            "keyingtries = 0",
+            "start_action = trap|start",
+            "dpd_delay = 1s",
+            "dpd_action = restart",
+            "local_ts = 192.0.2.11/32[tcp]",
+            "remote_ts = 192.0.2.100/32[tcp/143],192.0.2.100/32[tcp/110],192.0.2.100/32[tcp/80]",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
+        }
+        let plain = swanctl_frontend(
+            "fe1",
+            Ipv4Addr::new(192, 0, 2, 11),
+            &[vip],
+            Liveness {
+                dpd: false,
+                short_retransmits: false,
+            },
+        );
+        assert!(!plain.contains("dpd"), "{plain}");
+    }
+
+    #[test]
+    fn back_end_answers_on_the_vip_only() {
+        let vips = crate::lab::topology::vips(2);
+        let text = swanctl_backend(&vips, DPD);
+        one_setting_per_line(&text);
+        assert!(text.contains("local_addrs = 192.0.2.100\n"));
+        assert!(text.contains("local_addrs = 192.0.2.101\n"));
+        assert!(
+            !text.contains("192.0.2.21"),
+            "own address must not be a local address"
+        );
+    }
+
+    #[test]
+    fn strongswan_conf_uses_libipsec_with_fwmarks() {
+        let text = strongswan_conf(Path::new("/tmp/lab/fe1"), DPD);
+        one_setting_per_line(&text);
+        for want in [
+            "fwmark = 0x42",
+            "fwmark = !0x42",
+            "install_routes = yes",
+            "socket = unix:///tmp/lab/fe1/charon.vici",
+            "retransmit_timeout = 0.5",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
+        }
+        assert!(text.contains(" kernel-libipsec "));
+    }
+}

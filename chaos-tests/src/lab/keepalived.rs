@@ -1,0 +1,97 @@
+//! keepalived (VRRP, one advert a second) on the back-ends, owning the VIPs. Every
+//! instance starts as BACKUP with `nopreempt`, so a restarted node never takes the VIP back:
+//! each fault in a series moves the VIP away from whichever node holds it.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Stdio;
+
+use vipsec_testbed::netns::Netns;
+use vipsec_testbed::process::ProcessGuard;
+
+use super::topology::NODE_IF;
+
+pub fn config(node: &str, priority: u8, vips: &[Ipv4Addr]) -> String {
+    let mut s = String::new();
+    s += "global_defs {\n";
+    let _ = writeln!(s, "  router_id {node}");
+    s += "  vrrp_garp_master_repeat 2\n";
+    s += "}\n";
+    s += "vrrp_instance lab {\n";
+    s += "  state BACKUP\n";
+    let _ = writeln!(s, "  interface {NODE_IF}");
+    s += "  virtual_router_id 51\n";
+    let _ = writeln!(s, "  priority {priority}");
+    s += "  advert_int 1\n";
+    s += "  nopreempt\n";
+    s += "  virtual_ipaddress {\n";
+    for vip in vips {
+        let _ = writeln!(s, "    {vip}/32 dev {NODE_IF}");
+    }
+    s += "  }\n";
+    s += "}\n";
+    s
+}
+
+pub struct Keepalived {
+    guard: ProcessGuard,
+    stopping: bool,
+}
+
+impl Keepalived {
+    pub fn start(
+        ns: &Netns,
+        dir: &Path,
+        node: &str,
+        priority: u8,
+        vips: &[Ipv4Addr],
+    ) -> anyhow::Result<Keepalived> {
+        let program = vipsec_testbed::require_program("keepalived")?;
+        std::fs::create_dir_all(dir)?;
+        let conf = dir.join("keepalived.conf");
+        std::fs::write(&conf, config(node, priority, vips))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("keepalived.log"))?;
+        // Own /run (keepalived keeps state there) and pid files in the run directory, so
+        // two lab nodes, or a lab and the host, never see each other's instance.
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && exec {} --dont-fork --log-console --log-detail --vrrp \
+             --use-file {} --pid {} --vrrp_pid {}",
+            program.display(),
+            conf.display(),
+            dir.join("keepalived.pid").display(),
+            dir.join("keepalived-vrrp.pid").display(),
+        );
+        let guard = ProcessGuard::spawn(
+            "keepalived",
+            ns.command("unshare")
+                .args(["-m", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log),
+        )?;
+        Ok(Keepalived {
+            guard,
+            stopping: false,
+        })
+    }
+
+    /// SIGTERM: keepalived sends a priority-0 advert and drops the VIP (a planned move).
+    /// Returns at once; keepalived takes about a second to exit, and the VIP moves meanwhile.
+    pub fn stop_gracefully(&mut self) -> anyhow::Result<()> {
+        self.stopping = true;
+        self.guard.signal(libc::SIGTERM)
+    }
+
+    /// Whether it was told to stop.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+}

@@ -1,0 +1,456 @@
+//! The multi-node lab: namespaces on a bridge (`topology`), and on the nodes real charon,
+//! keepalived, etcd and vipsec agents, a mail-like server on the back-ends and probes on the
+//! front-ends. A [`Setup`] chooses what runs; the lab can switch set-ups without rebuilding
+//! the network. Everything is torn down by Drop, also when a test panics.
+
+pub mod agent;
+pub mod charon;
+pub mod cleartext;
+pub mod etcd;
+pub mod faults;
+pub mod keepalived;
+pub mod mailserver;
+pub mod probe;
+pub mod progress;
+pub mod setup;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vipsec_testbed::process::{ProcessGuard, wait_for};
+
+pub use progress::Progress;
+pub use setup::Setup;
+pub use topology::Role;
+
+use crate::clock::now_ns;
+use agent::{Agent, AgentPlan};
+use charon::Charon;
+use etcd::Etcd;
+use keepalived::Keepalived;
+use probe::Probe;
+use topology::{NODE_IF, Topology};
+
+/// keepalived priorities: be1 starts as the VIP's owner.
+const PRIORITIES: &[(&str, u8)] = &[("be1", 150), ("be2", 100)];
+
+pub struct LabOptions {
+    pub setup: Setup,
+    /// How many VIPs (192.0.2.100 onward).
+    pub vips: usize,
+    /// Put this front-end behind a masquerading router.
+    pub nat_front_end: Option<String>,
+    /// The `vipsec-chaos` binary, run inside nodes for `serve-mail` and `probe`.
+    pub self_exe: PathBuf,
+    /// Keep the run directory (configs, logs, probe records) after the lab is gone.
+    pub keep_run_dir: bool,
+}
+
+impl LabOptions {
+    pub fn new(setup: Setup, self_exe: impl Into<PathBuf>) -> LabOptions {
+        LabOptions {
+            setup,
+            vips: 1,
+            nat_front_end: None,
+            self_exe: self_exe.into(),
+            keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
+        }
+    }
+}
+
+/// What runs on one node.
+#[derive(Default)]
+struct NodeProcs {
+    agent: Option<Agent>,
+    charon: Option<Charon>,
+    keepalived: Option<Keepalived>,
+    server: Option<ProcessGuard>,
+}
+
+pub struct Lab {
+    // Field order is drop order: processes go before the namespaces they run in.
+    probes: Vec<Probe>,
+    capture: cleartext::Capture,
+    procs: BTreeMap<String, NodeProcs>,
+    etcd: Option<Etcd>,
+    pub topo: Topology,
+    run_dir: tempfile::TempDir,
+    pub setup: Setup,
+    pub vips: Vec<Ipv4Addr>,
+    self_exe: PathBuf,
+    vipsec_bin: Option<PathBuf>,
+    pub progress: Progress,
+}
+
+impl Lab {
+    /// Builds the network and starts every part, then waits until both front-ends get
+    /// answers through the tunnel.
+    pub fn build(opts: LabOptions, progress: Progress) -> anyhow::Result<Lab> {
+        anyhow::ensure!(
+            vipsec_testbed::can_use_netns(),
+            "the chaos lab needs root (CAP_NET_ADMIN) to create network namespaces"
+        );
+        for p in [
+            "ip",
+            "ss",
+            "nft",
+            "unshare",
+            "charon",
+            "swanctl",
+            "keepalived",
+            "tcpdump",
+        ] {
+            vipsec_testbed::require_program(p)?;
+        }
+        let mut run_dir = tempfile::Builder::new().prefix("vipsec-lab-").tempdir()?;
+        if opts.keep_run_dir {
+            run_dir.disable_cleanup(true);
+        }
+        let topo = Topology::build(opts.nat_front_end.as_deref(), run_dir.path())?;
+        progress.step(&format!(
+            "network up: hub {} with {} nodes, run dir {}",
+            topo.hub.name,
+            topo.nodes.len(),
+            run_dir.path().display()
+        ));
+        cleartext::install(&topo.hub)?;
+        let capture = cleartext::Capture::start(&topo.hub, run_dir.path())?;
+        let mut lab = Lab {
+            probes: Vec::new(),
+            capture,
+            procs: BTreeMap::new(),
+            etcd: None,
+            topo,
+            run_dir,
+            setup: opts.setup,
+            vips: topology::vips(opts.vips),
+            self_exe: opts.self_exe,
+            vipsec_bin: None,
+            progress,
+        };
+        for node in lab.topo.with_role(Role::BackEnd) {
+            // The server must only ever be reached through the tunnel: clear text arriving
+            // on eth0 is dropped (and counted on the bridge anyway).
+            topology::nft(
+                &node.ns,
+                &format!(
+                    "table inet vipsec_lab_guard {{\n\
+                     chain input {{\n\
+                     type filter hook input priority 0; policy accept;\n\
+                     iifname \"{NODE_IF}\" tcp dport {{ 143, 110, 80 }} drop\n\
+                     }}\n\
+                     }}\n"
+                ),
+            )?;
+        }
+        lab.start_setup()?;
+        let backends: Vec<String> = lab.names(Role::BackEnd);
+        for be in &backends {
+            lab.start_server(be)?;
+            lab.start_keepalived(be)?;
+        }
+        lab.progress
+            .step("charon, mail servers and keepalived started");
+        let owner = lab.wait_owner(Duration::from_secs(15))?;
+        lab.progress
+            .step(&format!("VRRP elected {owner} as the VIP's owner"));
+        let targets: Vec<SocketAddr> = lab
+            .vips
+            .iter()
+            .map(|&v| SocketAddr::from((v, 143)))
+            .collect();
+        for fe in lab.names(Role::FrontEnd) {
+            let node = lab.topo.node(&fe);
+            let dir = lab.node_dir(&fe);
+            let probe = Probe::start(&lab.self_exe, &node.ns, &fe, &targets, &dir)?;
+            lab.probes.push(probe);
+        }
+        lab.wait_steady(Duration::from_secs(30))?;
+        lab.progress.step("probes answered through the tunnel");
+        Ok(lab)
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    fn node_dir(&self, node: &str) -> PathBuf {
+        self.run_dir.path().join(node)
+    }
+
+    pub fn names(&self, role: Role) -> Vec<String> {
+        self.topo.with_role(role).map(|n| n.name.clone()).collect()
+    }
+
+    /// Starts what the set-up puts on the nodes: etcd, charon everywhere, agents.
+    fn start_setup(&mut self) -> anyhow::Result<()> {
+        if let Some(store) = self.setup.agent() {
+            if self.vipsec_bin.is_none() {
+                self.vipsec_bin = Some(agent::find_binary(&self.self_exe)?);
+            }
+            if store == setup::AgentStore::Etcd && self.etcd.is_none() {
+                let node = self.topo.node("etcd");
+                self.etcd = Some(Etcd::start(&node.ns, node.addr, &self.node_dir("etcd"))?);
+                self.progress.step("etcd up");
+            }
+        }
+        let nodes: Vec<String> = self
+            .topo
+            .nodes
+            .iter()
+            .filter(|n| n.role != Role::Etcd)
+            .map(|n| n.name.clone())
+            .collect();
+        for n in &nodes {
+            self.start_charon(n)?;
+        }
+        for n in &nodes {
+            self.start_agent(n)?;
+        }
+        Ok(())
+    }
+
+    fn start_charon(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.topo.node(name);
+        let dir = self.node_dir(name);
+        let liveness = self.setup.liveness();
+        let swanctl = match node.role {
+            Role::FrontEnd => charon::swanctl_frontend(name, node.addr, &self.vips, liveness),
+            _ => charon::swanctl_backend(&self.vips, liveness),
+        };
+        let c = Charon::start(
+            &node.ns,
+            &dir,
+            &charon::strongswan_conf(&dir, liveness),
+            &swanctl,
+        )?;
+        self.procs.entry(name.to_string()).or_default().charon = Some(c);
+        Ok(())
+    }
+
+    fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let (Some(store), Some(bin)) = (self.setup.agent(), self.vipsec_bin.clone()) else {
+            return Ok(());
+        };
+        let node = self.topo.node(name);
+        let dir = self.node_dir(name);
+        let vici = charon::vici_path(&dir);
+        let endpoint = format!(
+            "http://{}:{}",
+            self.topo.node("etcd").addr,
+            etcd::CLIENT_PORT
+        );
+        let plan = AgentPlan {
+            node: name,
+            role: node.role,
+            dir: &dir,
+            vici: &vici,
+            store,
+            etcd_endpoint: &endpoint,
+            vips: &self.vips,
+        };
+        let a = Agent::start(&bin, &node.ns, &plan)?;
+        self.procs.entry(name.to_string()).or_default().agent = Some(a);
+        Ok(())
+    }
+
+    fn start_server(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.topo.node(name);
+        let log = self.node_dir(name).join("serve-mail.log");
+        std::fs::create_dir_all(self.node_dir(name))?;
+        let g = mailserver::start(
+            &self.self_exe,
+            &node.ns,
+            name,
+            &charon::PROTECTED_PORTS,
+            &log,
+        )?;
+        self.procs.entry(name.to_string()).or_default().server = Some(g);
+        Ok(())
+    }
+
+    fn start_keepalived(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self.topo.node(name);
+        let priority = PRIORITIES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
+            .unwrap_or(100);
+        let k = Keepalived::start(&node.ns, &self.node_dir(name), name, priority, &self.vips)?;
+        self.procs.entry(name.to_string()).or_default().keepalived = Some(k);
+        Ok(())
+    }
+
+    /// Switches the lab to another set-up: agents and charons are replaced (after the
+    /// back-ends are restored, as in [`Lab::reset`]); the network, keepalived, servers and
+    /// probes stay.
+    pub fn switch_setup(&mut self, setup: Setup) -> anyhow::Result<()> {
+        self.setup = setup;
+        self.reset()
+    }
+
+    fn stop_agents_and_charons(&mut self) {
+        for procs in self.procs.values_mut() {
+            if let Some(mut a) = procs.agent.take() {
+                a.stop();
+            }
+            procs.charon = None;
+        }
+    }
+
+    /// The one back-end holding the first VIP, if exactly one does.
+    pub fn owner(&self) -> Option<String> {
+        let holders = self.topo.holders(self.vips[0]);
+        (holders.len() == 1).then(|| holders[0].clone())
+    }
+
+    pub fn wait_owner(&self, timeout: Duration) -> anyhow::Result<String> {
+        wait_for("one VIP owner", timeout, || self.owner())
+    }
+
+    /// Reads new probe records.
+    pub fn poll_probes(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.probes {
+            p.poll()?;
+        }
+        Ok(())
+    }
+
+    pub fn probes(&self) -> &[Probe] {
+        &self.probes
+    }
+
+    /// Waits until every front-end's last five attempts (started after now) were answered
+    /// by the VIP's owner for every VIP.
+    pub fn wait_steady(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let t0 = now_ns();
+        let want = 5 * self.vips.len();
+        let mut status = String::new();
+        let result = wait_for("steady traffic through the tunnel", timeout, || {
+            self.poll_probes().ok()?;
+            status.clear();
+            let Some(owner) = self.owner() else {
+                status = format!(" VIP held by {:?}", self.topo.holders(self.vips[0]));
+                return None;
+            };
+            let mut all = true;
+            for p in &self.probes {
+                let mut recent: Vec<_> = p.since(t0).collect();
+                recent.sort_by_key(|r| r.start);
+                let tail = &recent[recent.len().saturating_sub(want)..];
+                let good = tail.len() == want
+                    && tail
+                        .iter()
+                        .all(|r| r.node.as_deref() == Some(owner.as_str()));
+                status += &format!(
+                    " {}: {:?};",
+                    p.fe,
+                    tail.last().map(|r| r.node.clone().or(r.error.clone()))
+                );
+                all &= good;
+            }
+            all.then_some(())
+        });
+        result.map_err(|e| anyhow::anyhow!("{e} (last:{status})"))
+    }
+
+    pub fn cleartext(&self) -> anyhow::Result<cleartext::ClearText> {
+        cleartext::read(&self.topo.hub)
+    }
+
+    /// The clear-text packets tcpdump saw since `since` (seconds since the epoch).
+    pub fn cleartext_packets_since(&self, since: f64) -> Vec<String> {
+        self.capture.lines_since(since)
+    }
+
+    /// A planned move away from `node`: its keepalived stops gracefully.
+    pub fn planned_move(&mut self, node: &str) -> anyhow::Result<()> {
+        let procs = self.procs.entry(node.to_string()).or_default();
+        let k = procs
+            .keepalived
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no keepalived on {node}"))?;
+        // `restore` starts a new one once this one has exited.
+        k.stop_gracefully()
+    }
+
+    /// Crashes `node` (see [`faults::crash`]); everything in it is dead afterwards.
+    pub fn crash(&mut self, node: &str) -> anyhow::Result<()> {
+        faults::crash(&self.topo.node(node).ns)?;
+        // Reap the dead children.
+        self.procs.remove(node);
+        Ok(())
+    }
+
+    /// Brings back whatever is missing on a back-end, as after a reboot: a crashed node
+    /// loses the VIP it held (keepalived died without removing it), gets its link back and
+    /// restarts every daemon; a node after a planned move only restarts keepalived.
+    pub fn restore(&mut self, node: &str) -> anyhow::Result<()> {
+        let n = self.topo.node(node);
+        let procs = self.procs.entry(node.to_string()).or_default();
+        let crashed = procs.server.is_none();
+        if crashed {
+            for vip in &self.vips {
+                let _ =
+                    n.ns.ip(&["addr", "del", &format!("{vip}/32"), "dev", NODE_IF]);
+            }
+            n.ns.link_set(NODE_IF, true)?;
+            self.start_charon(node)?;
+            self.start_server(node)?;
+            self.start_agent(node)?;
+        }
+        let procs = self.procs.entry(node.to_string()).or_default();
+        if let Some(k) = procs.keepalived.as_mut() {
+            // After a planned move it is on its way out; let it finish before a new one starts.
+            let _ = wait_for("keepalived to exit", Duration::from_secs(10), || {
+                (!k.stopping() || !k.is_running()).then_some(())
+            });
+        }
+        if procs.keepalived.as_mut().is_none_or(|k| !k.is_running()) {
+            self.start_keepalived(node)?;
+        }
+        Ok(())
+    }
+
+    /// Returns the lab to a clean state between scenarios: every back-end running, no
+    /// network faults, fresh IKE_SAs (all charons and agents restarted, so SAs left over
+    /// from the last run cannot make the next one look better), traffic steady.
+    pub fn reset(&mut self) -> anyhow::Result<()> {
+        faults::heal(&self.topo.hub)?;
+        for be in self.names(Role::BackEnd) {
+            self.restore(&be)?;
+        }
+        self.stop_agents_and_charons();
+        self.start_setup()?;
+        self.wait_steady(Duration::from_secs(30))
+    }
+
+    /// Kills a node's charon (SIGKILL), as when the IKE daemon crashes on its own.
+    pub fn kill_charon(&mut self, node: &str) {
+        if let Some(p) = self.procs.get_mut(node) {
+            p.charon = None;
+        }
+    }
+
+    /// Pids of the daemons on a node, for reports.
+    pub fn charon_pid(&self, node: &str) -> Option<u32> {
+        self.procs.get(node)?.charon.as_ref()?.pid()
+    }
+
+    /// A lab node's agent API socket (vipsec set-ups only).
+    pub fn agent_socket(&self, node: &str) -> Option<PathBuf> {
+        Some(self.procs.get(node)?.agent.as_ref()?.api_socket.clone())
+    }
+
+    /// swanctl against a node's charon.
+    pub fn swanctl(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.procs
+            .get(node)
+            .and_then(|p| p.charon.as_ref())
+            .ok_or_else(|| anyhow::anyhow!("no charon on {node}"))?
+            .swanctl(args)
+    }
+}

@@ -1,0 +1,92 @@
+//! A set-up chooses what runs on the nodes: a strongSwan baseline or vipsec.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::charon::Liveness;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(into = "String")]
+pub enum Setup {
+    /// charon as shipped: no DPD, default retransmissions. Never recovers from a move.
+    StrongswanDefaults,
+    /// charon with DPD every second, restart actions and short retransmissions.
+    StrongswanDpd,
+    /// The vipsec agent on every node, ownership in the lab's etcd.
+    VipsecEtcd,
+    /// The vipsec agent with its embedded store only: front-ends rely on the idle detector.
+    VipsecIdle,
+}
+
+/// How a vipsec set-up stores ownership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentStore {
+    Etcd,
+    Embedded,
+}
+
+impl Setup {
+    pub const ALL: [Setup; 4] = [
+        Setup::StrongswanDefaults,
+        Setup::StrongswanDpd,
+        Setup::VipsecEtcd,
+        Setup::VipsecIdle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::StrongswanDefaults => "strongswan-defaults",
+            Setup::StrongswanDpd => "strongswan-dpd",
+            Setup::VipsecEtcd => "vipsec-etcd",
+            Setup::VipsecIdle => "vipsec-idle",
+        }
+    }
+
+    /// charon's own liveness checks. vipsec set-ups leave them off: the agent is what
+    /// notices a move.
+    pub fn liveness(self) -> Liveness {
+        match self {
+            Setup::StrongswanDpd => Liveness {
+                dpd: true,
+                short_retransmits: true,
+            },
+            _ => Liveness {
+                dpd: false,
+                short_retransmits: false,
+            },
+        }
+    }
+
+    pub fn agent(self) -> Option<AgentStore> {
+        match self {
+            Setup::VipsecEtcd => Some(AgentStore::Etcd),
+            Setup::VipsecIdle => Some(AgentStore::Embedded),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Setup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<Setup> for String {
+    fn from(s: Setup) -> String {
+        s.name().to_string()
+    }
+}
+
+impl FromStr for Setup {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Setup, String> {
+        Setup::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Setup::ALL.iter().map(|x| x.name()).collect();
+                format!("unknown set-up {s:?}; known: {}", names.join(", "))
+            })
+    }
+}

@@ -1,0 +1,284 @@
+//! The lab's network: a hub namespace holding a Linux bridge (so nothing appears on the
+//! host), and one namespace per node joined to the bridge by a veth pair. Addresses come
+//! from 192.0.2.0/24 only; an optional NAT router puts one front-end behind 198.51.100.0/24.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vipsec_testbed::netns::Netns;
+
+/// The bridge inside the hub namespace.
+pub const BRIDGE: &str = "br0";
+/// Each node's interface toward the bridge.
+pub const NODE_IF: &str = "eth0";
+/// The first VIP; many-VIP scenarios use the following addresses up to .110.
+pub const VIP_BASE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+pub const MAX_VIPS: usize = 11;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    FrontEnd,
+    BackEnd,
+    Etcd,
+}
+
+/// One node: its namespace, its role, its address on the lab network.
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+    /// The address charon uses for IKE (behind NAT: the private one).
+    pub addr: Ipv4Addr,
+    /// The hub-side port of this node's link (what faults on the bridge match).
+    pub hub_port: String,
+    pub ns: Netns,
+}
+
+/// The fixed plan of the lab: name, role, last octet.
+pub const PLAN: &[(&str, Role, u8)] = &[
+    ("etcd", Role::Etcd, 5),
+    ("fe1", Role::FrontEnd, 11),
+    ("fe2", Role::FrontEnd, 12),
+    ("be1", Role::BackEnd, 21),
+    ("be2", Role::BackEnd, 22),
+];
+
+pub fn vips(count: usize) -> Vec<Ipv4Addr> {
+    assert!((1..=MAX_VIPS).contains(&count), "1 to {MAX_VIPS} VIPs");
+    (0..count as u8)
+        .map(|i| Ipv4Addr::new(192, 0, 2, 100 + i))
+        .collect()
+}
+
+/// The whole network; dropping it deletes every namespace (and so every interface).
+pub struct Topology {
+    /// Nodes first: they drop before the hub.
+    pub nodes: Vec<Node>,
+    /// The NAT router in front of a front-end, if any.
+    pub nat: Option<Netns>,
+    pub hub: Netns,
+    registry: Option<PathBuf>,
+}
+
+impl Topology {
+    /// Builds the network. `nat_front_end` names a front-end to put behind a masquerading
+    /// router (198.51.100.2 inside, the router's 192.0.2.3x outside).
+    /// `run_dir` is recorded with the namespaces, so that a later run deletes it too if this
+    /// one is killed.
+    pub fn build(nat_front_end: Option<&str>, run_dir: &Path) -> anyhow::Result<Topology> {
+        reap_crashed_runs();
+        let hub = Netns::new("hub")?;
+        let mut topo = Topology {
+            nodes: Vec::new(),
+            nat: None,
+            hub,
+            registry: None,
+        };
+        topo.hub.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        topo.hub.ip(&["link", "set", BRIDGE, "up"])?;
+        topo.register()?;
+        topo.register_ns(&format!("dir {}", run_dir.display()))?;
+        for &(name, role, octet) in PLAN {
+            let ns = Netns::new(name)?;
+            let hub_port = format!("p-{name}");
+            let addr = Ipv4Addr::new(192, 0, 2, octet);
+            if nat_front_end == Some(name) {
+                let nat = Netns::new("nat")?;
+                topo.register_ns(&nat.name)?;
+                let outside = Ipv4Addr::new(192, 0, 2, 30 + octet % 10);
+                topo.attach(&nat, &hub_port, &format!("{outside}/24"))?;
+                // The inner link: router 198.51.100.1, node 198.51.100.2.
+                nat.ip(&[
+                    "link", "add", "inside", "type", "veth", "peer", "name", NODE_IF, "netns",
+                    &ns.name,
+                ])?;
+                nat.ip(&["addr", "add", "198.51.100.1/24", "dev", "inside"])?;
+                nat.ip(&["link", "set", "inside", "up"])?;
+                ns.ip(&["addr", "add", "198.51.100.2/24", "dev", NODE_IF])?;
+                ns.ip(&["link", "set", NODE_IF, "up"])?;
+                ns.ip(&["route", "add", "default", "via", "198.51.100.1"])?;
+                nat.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+                nft(
+                    &nat,
+                    "table ip vipsec_lab_nat {\n\
+                     chain post {\n\
+                     type nat hook postrouting priority 100; policy accept;\n\
+                     oifname \"eth0\" masquerade\n\
+                     }\n\
+                     }\n",
+                )?;
+                topo.register_ns(&ns.name)?;
+                topo.nodes.push(Node {
+                    name: name.into(),
+                    role,
+                    addr: Ipv4Addr::new(198, 51, 100, 2),
+                    hub_port,
+                    ns,
+                });
+                topo.nat = Some(nat);
+                continue;
+            }
+            topo.register_ns(&ns.name)?;
+            topo.attach(&ns, &hub_port, &format!("{addr}/24"))?;
+            topo.nodes.push(Node {
+                name: name.into(),
+                role,
+                addr,
+                hub_port,
+                ns,
+            });
+        }
+        Ok(topo)
+    }
+
+    /// A veth from the bridge to `ns`'s eth0, created inside the hub so that no interface
+    /// ever shows up on the host.
+    fn attach(&self, ns: &Netns, hub_port: &str, cidr: &str) -> anyhow::Result<()> {
+        self.hub.ip(&[
+            "link", "add", hub_port, "type", "veth", "peer", "name", NODE_IF, "netns", &ns.name,
+        ])?;
+        self.hub.ip(&["link", "set", hub_port, "master", BRIDGE])?;
+        self.hub.ip(&["link", "set", hub_port, "up"])?;
+        ns.ip(&["addr", "add", cidr, "dev", NODE_IF])?;
+        ns.ip(&["link", "set", NODE_IF, "up"])?;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in the lab"))
+    }
+
+    pub fn with_role(&self, role: Role) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(move |n| n.role == role)
+    }
+
+    /// The back-ends holding `vip` on eth0 right now.
+    pub fn holders(&self, vip: Ipv4Addr) -> Vec<String> {
+        self.with_role(Role::BackEnd)
+            .filter(|n| has_addr(&n.ns, vip))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// Records this run's namespaces so a later run can delete them if this process dies
+    /// without running its Drop guards (SIGKILL, abort).
+    fn register(&mut self) -> anyhow::Result<()> {
+        let dir = registry_dir();
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}-{}", std::process::id(), self.hub.name));
+        std::fs::write(&path, format!("{}\n", self.hub.name))?;
+        self.registry = Some(path);
+        Ok(())
+    }
+
+    /// Lines of the registry: namespace names, and `dir PATH` for the run directory.
+    fn register_ns(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(path) = &self.registry {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+            writeln!(f, "{name}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(path) = &self.registry {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+pub fn has_addr(ns: &Netns, addr: Ipv4Addr) -> bool {
+    ns.ip(&["-4", "-o", "addr", "show", "dev", NODE_IF])
+        .map(|out| out.contains(&format!(" {addr}/")))
+        .unwrap_or(false)
+}
+
+/// Loads an nftables script inside a namespace.
+pub fn nft(ns: &Netns, script: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft in {}: {}\n{script}",
+        ns.name,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn registry_dir() -> PathBuf {
+    std::env::temp_dir().join("vipsec-chaos-runs")
+}
+
+/// Deletes the namespaces of earlier runs whose process is gone.
+fn reap_crashed_runs() {
+    let Ok(entries) = std::fs::read_dir(registry_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(pid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        delete_listed_namespaces(&path);
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn delete_listed_namespaces(path: &Path) {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for name in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(dir) = name.strip_prefix("dir ") {
+                let dir = Path::new(dir);
+                // Only ever a lab run directory under the temp dir.
+                if dir.starts_with(std::env::temp_dir())
+                    && dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vipsec-lab-"))
+                {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                continue;
+            }
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
