@@ -215,7 +215,10 @@ fn default_sample_interval() -> Duration {
     Duration::from_millis(250)
 }
 fn default_initiate_timeout() -> Duration {
-    Duration::from_secs(2)
+    // IKE_SA_INIT + IKE_AUTH take tens of milliseconds between cluster nodes; an attempt
+    // still unanswered after a second is aimed at nobody (the VIP in transit), and a fresh
+    // one finds the new owner sooner than charon's own retransmission would.
+    Duration::from_secs(1)
 }
 fn default_reconnect_min() -> Duration {
     Duration::from_millis(100)

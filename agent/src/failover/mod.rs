@@ -96,6 +96,8 @@ pub struct Renegotiation {
     pub waiting_for_keying: bool,
     /// Something worth an immediate new attempt happened while one was in flight.
     retry_now: bool,
+    /// When the attempt under way (or the last one) started.
+    attempt_started: Instant,
 }
 
 /// Whether a renegotiation holds back for a new owner record.
@@ -181,6 +183,8 @@ pub struct FailoverCore {
     keying_up: Option<bool>,
     /// `None` until the store first reports.
     store_healthy: Option<bool>,
+    /// The time of the input being handled (inputs carry time; helpers read it here).
+    now: Instant,
 }
 
 type Out = Vec<Action>;
@@ -194,6 +198,7 @@ impl FailoverCore {
             peers: peers.iter().map(|(v, p)| (*v, PeerVip::new(*p))).collect(),
             keying_up: None,
             store_healthy: None,
+            now: Instant::now(),
         }
     }
 
@@ -227,6 +232,7 @@ impl FailoverCore {
     /// Actions at start-up: until the keying daemon is confirmed up, protected flows are
     /// blocked.
     pub fn start(&mut self, now: Instant) -> Out {
+        self.now = now;
         let mut out = Vec::new();
         if self.settings.fail_secure {
             let vips: Vec<Vip> = self
@@ -248,6 +254,7 @@ impl FailoverCore {
     }
 
     pub fn handle(&mut self, now: Instant, input: Input) -> Out {
+        self.now = now;
         let mut out = Vec::new();
         match input {
             Input::VipAppeared(vip) => self.vip_appeared(&mut out, vip),
@@ -727,6 +734,7 @@ impl FailoverCore {
             owner_wait: OwnerWait::NotYet,
             waiting_for_keying: false,
             retry_now: false,
+            attempt_started: now,
         });
         p.last_failover = Some(FailoverSummary {
             started: now,
@@ -784,8 +792,14 @@ impl FailoverCore {
                 _ => {}
             }
         }
+        if r.attempts > 0 && !out.contains(&Action::DropStaleSas { vip }) {
+            // A timed-out attempt leaves a half-open IKE_SA that charon keeps
+            // retransmitting in the background; clear it so attempts never pile up.
+            out.push(Action::DropStaleSas { vip });
+        }
         r.attempts += 1;
         r.in_flight = true;
+        r.attempt_started = self.now;
         p.generation += 1;
         out.push(Action::Initiate {
             vip,
@@ -855,7 +869,13 @@ impl FailoverCore {
                     self.advance(out, vip);
                 } else {
                     p.generation += 1;
-                    let after = retry.delay_after(r.attempts).min(retry.deadline - elapsed);
+                    // The backoff counts from the start of the failed attempt: an attempt
+                    // that already waited out its timeout on a silent peer is retried at once.
+                    let spent = now.saturating_duration_since(r.attempt_started);
+                    let after = retry
+                        .delay_after(r.attempts)
+                        .saturating_sub(spent)
+                        .min(retry.deadline - elapsed);
                     let timer = Timer::Retry {
                         vip,
                         generation: p.generation,

@@ -54,7 +54,7 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     s += "backend = \"strongswan\"\n";
     let _ = writeln!(s, "vici_socket = \"{}\"", plan.vici.display());
     s += "sample_interval = \"250ms\"\n";
-    s += "initiate_timeout = \"2s\"\n";
+    s += "initiate_timeout = \"500ms\"\n";
     s += "\n[kernel]\n";
     s += "backend = \"xfrm\"\n";
     s += "fail_secure = true\n";
