@@ -473,3 +473,274 @@ fn keepalived_moves_the_vip_on_failed_health_and_hands_over_after_drain() {
         show(&out)
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Pacemaker
+
+/// A single-node set-up for the resource agents: a config with the embedded store and no
+/// keying, the API on a socket in a scratch directory, and Pacemaker's state directories
+/// (HA_RSCTMP, the pid file) there too.
+struct OcfSetup {
+    dir: tempfile::TempDir,
+}
+
+impl OcfSetup {
+    fn new() -> OcfSetup {
+        require_program("ocf-tester").unwrap();
+        require_program("xmllint").unwrap();
+        let dir = scratch_dir();
+        // ocf-tester checks that the user nobody can run `meta-data`.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = OcfSetup { dir };
+        std::fs::write(
+            s.config(),
+            format!(
+                "node = \"pcmk1\"\n[api]\nendpoint = \"{}\"\n[store]\nbackend = \"embedded\"\n\
+                 [keying]\nbackend = \"none\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n",
+                s.endpoint()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(s.dir.path().join("rsctmp")).unwrap();
+        s
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+    fn endpoint(&self) -> String {
+        format!("unix://{}/run/agent.sock", self.dir.path().display())
+    }
+    fn pidfile(&self) -> PathBuf {
+        self.dir.path().join("vipsec.pid")
+    }
+
+    /// Runs one action of a resource agent the way Pacemaker does: OCF_RESKEY_* variables.
+    fn action(&self, agent: &str, action: &str, params: &[(&str, String)]) -> Output {
+        let mut cmd = Command::new(deploy(&format!("pacemaker/{agent}")));
+        cmd.arg(action)
+            .env("OCF_ROOT", "/usr/lib/ocf")
+            .env("OCF_RESOURCE_INSTANCE", format!("{agent}-test"))
+            .env("HA_RSCTMP", self.dir.path().join("rsctmp"));
+        for (k, v) in params {
+            cmd.env(format!("OCF_RESKEY_{k}"), v);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn tester(&self, agent: &str, params: &[(&str, String)]) -> Output {
+        let mut cmd = Command::new(require_program("ocf-tester").unwrap());
+        cmd.arg("-n")
+            .arg(format!("{agent}-test"))
+            .env("HA_RSCTMP", self.dir.path().join("rsctmp"));
+        for (k, v) in params {
+            cmd.arg("-o").arg(format!("{k}={v}"));
+        }
+        cmd.arg(deploy(&format!("pacemaker/{agent}")))
+            .output()
+            .unwrap()
+    }
+
+    fn vipsec_params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("config", self.config().display().to_string()),
+            ("binary", BIN.to_string()),
+            ("endpoint", self.endpoint()),
+            ("pidfile", self.pidfile().display().to_string()),
+        ]
+    }
+
+    fn agent_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// Stops an agent that a failed assertion left running (by the pid the RA recorded).
+impl Drop for OcfSetup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        }
+    }
+}
+
+const OCF_SUCCESS: i32 = 0;
+const OCF_ERR_GENERIC: i32 = 1;
+const OCF_ERR_INSTALLED: i32 = 5;
+const OCF_ERR_CONFIGURED: i32 = 6;
+const OCF_NOT_RUNNING: i32 = 7;
+
+fn relaxng_valid(xml: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(require_program("xmllint").unwrap())
+        .args([
+            "--noout",
+            "--relaxng",
+            "/usr/share/resource-agents/metadata.rng",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(xml).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn ocf_agent_passes_ocf_tester_against_the_real_vipsec_binary() {
+    let s = OcfSetup::new();
+    let params = s.vipsec_params();
+    let out = s.tester("vipsec", &params);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("passed all tests"),
+        "ocf-tester vipsec:\n{}",
+        show(&out)
+    );
+    let meta = s.action("vipsec", "meta-data", &[]);
+    let rng = relaxng_valid(&meta.stdout);
+    assert!(rng.status.success(), "OCF 1.1 schema:\n{}", show(&rng));
+
+    // The states Pacemaker acts on, one by one.
+    assert_eq!(
+        s.action("vipsec", "monitor", &params).status.code(),
+        Some(OCF_NOT_RUNNING)
+    );
+    let start = Instant::now();
+    let out = s.action("vipsec", "start", &params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    eprintln!("OCF start (agent answering) took {:?}", start.elapsed());
+    assert_eq!(
+        s.action("vipsec", "monitor", &params).status.code(),
+        Some(OCF_SUCCESS)
+    );
+    let out = Command::new(deploy("pacemaker/vipsec"))
+        .arg("monitor")
+        .env("OCF_ROOT", "/usr/lib/ocf")
+        .env("OCF_CHECK_LEVEL", "10")
+        .envs(
+            params
+                .iter()
+                .map(|(k, v)| (format!("OCF_RESKEY_{k}"), v.clone())),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(OCF_SUCCESS),
+        "monitor depth 10:\n{}",
+        show(&out)
+    );
+
+    // A process that is there but whose API does not answer is an error, not "stopped".
+    let pid = s.agent_pid().expect("the RA records the agent's pid");
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut short = params.clone();
+    short.push(("CRM_meta_timeout", "4000".into()));
+    let out = s.action("vipsec", "monitor", &short);
+    Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(OCF_ERR_GENERIC), "{}", show(&out));
+
+    // A crashed agent is "not running", so Pacemaker restarts it.
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for("the killed agent to go", Duration::from_secs(5), || {
+        (s.action("vipsec", "monitor", &params).status.code() == Some(OCF_NOT_RUNNING))
+            .then_some(())
+    })
+    .unwrap();
+    let out = s.action("vipsec", "start", &params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    let out = s.action("vipsec", "stop", &params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    assert_eq!(
+        s.action("vipsec", "monitor", &params).status.code(),
+        Some(OCF_NOT_RUNNING)
+    );
+
+    // validate-all: a broken config is OCF_ERR_CONFIGURED with the config checker's reason,
+    // a missing binary OCF_ERR_INSTALLED.
+    let bad = s.dir.path().join("bad.toml");
+    std::fs::write(&bad, "node = \"\"\n").unwrap();
+    let mut p = params.clone();
+    p[0].1 = bad.display().to_string();
+    let out = s.action("vipsec", "validate-all", &p);
+    assert_eq!(
+        out.status.code(),
+        Some(OCF_ERR_CONFIGURED),
+        "{}",
+        show(&out)
+    );
+    assert!(text(&out.stderr).contains("node"), "{}", show(&out));
+    let mut p = params.clone();
+    p[1].1 = "/nonexistent/vipsec".into();
+    assert_eq!(
+        s.action("vipsec", "validate-all", &p).status.code(),
+        Some(OCF_ERR_INSTALLED)
+    );
+}
+
+#[test]
+fn ocf_drain_agent_drains_the_vip_on_stop_and_never_fails_a_stop() {
+    let s = OcfSetup::new();
+    let drain_params = vec![
+        ("vip", VIP.to_string()),
+        ("binary", BIN.to_string()),
+        ("endpoint", s.endpoint()),
+    ];
+    // Without a running agent: every action behaves, stop included (best effort).
+    let out = s.tester("vipsec-drain", &drain_params);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("passed all tests"),
+        "ocf-tester vipsec-drain:\n{}",
+        show(&out)
+    );
+    let meta = s.action("vipsec-drain", "meta-data", &[]);
+    let rng = relaxng_valid(&meta.stdout);
+    assert!(rng.status.success(), "OCF 1.1 schema:\n{}", show(&rng));
+    assert_eq!(
+        s.action("vipsec-drain", "validate-all", &[]).status.code(),
+        Some(OCF_ERR_CONFIGURED),
+        "vip is required"
+    );
+
+    // With the agent running (started by the vipsec RA): stop drains the VIP in the agent.
+    let agent_params = s.vipsec_params();
+    let out = s.action("vipsec", "start", &agent_params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    let out = s.action("vipsec-drain", "start", &drain_params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    assert_eq!(
+        s.action("vipsec-drain", "monitor", &drain_params)
+            .status
+            .code(),
+        Some(OCF_SUCCESS)
+    );
+    let out = s.action("vipsec-drain", "stop", &drain_params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains(&format!("drained {VIP}")),
+        "stop did not drain through the agent:\n{}",
+        show(&out)
+    );
+    assert_eq!(
+        s.action("vipsec-drain", "monitor", &drain_params)
+            .status
+            .code(),
+        Some(OCF_NOT_RUNNING)
+    );
+    let out = s.action("vipsec", "stop", &agent_params);
+    assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
+}
