@@ -744,3 +744,218 @@ fn ocf_drain_agent_drains_the_vip_on_stop_and_never_fails_a_stop() {
     let out = s.action("vipsec", "stop", &agent_params);
     assert_eq!(out.status.code(), Some(OCF_SUCCESS), "{}", show(&out));
 }
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes
+
+/// Loads YAML strictly (a duplicate key is an error, PyYAML alone keeps the last one) and
+/// prints every document of every file as one JSON array.
+const STRICT_YAML_TO_JSON: &str = r#"
+import json, sys, yaml
+
+class Strict(yaml.SafeLoader):
+    pass
+
+def mapping(loader, node):
+    loader.flatten_mapping(node)
+    seen = set()
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, "duplicate key %r" % (key,), k.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+docs = []
+for path in sys.argv[1:]:
+    with open(path) as f:
+        for d in yaml.load_all(f, Loader=Strict):
+            if d is not None:
+                d["__file"] = path
+                docs.append(d)
+json.dump(docs, sys.stdout)
+"#;
+
+fn load_yaml(files: &[PathBuf]) -> Result<Vec<serde_json::Value>, String> {
+    // Debian's python3 with python3-yaml, not whatever python3 comes first on PATH.
+    let python = require_program("python3").unwrap();
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(STRICT_YAML_TO_JSON)
+        .args(files)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(text(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn kubernetes_files() -> Vec<PathBuf> {
+    ["namespace.yaml", "configmap.yaml", "daemonset.yaml"]
+        .iter()
+        .map(|f| deploy(&format!("kubernetes/{f}")))
+        .collect()
+}
+
+fn str_list(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn kubernetes_manifests_parse_strictly_and_hold_what_the_agent_needs() {
+    // The strict loader does refuse a duplicate key.
+    let dir = scratch_dir();
+    let dup = dir.path().join("dup.yaml");
+    std::fs::write(&dup, "a: 1\nb: 2\na: 3\n").unwrap();
+    let err = load_yaml(&[dup]).unwrap_err();
+    assert!(err.contains("duplicate key"), "{err}");
+
+    let docs = load_yaml(&kubernetes_files()).unwrap_or_else(|e| panic!("{e}"));
+    let find = |kind: &str| -> &serde_json::Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in deploy/kubernetes"))
+    };
+    for d in &docs {
+        let what = format!("{} in {}", d["kind"], d["__file"]);
+        assert!(d["apiVersion"].is_string(), "{what}: apiVersion");
+        assert!(d["kind"].is_string(), "{what}: kind");
+        assert!(d["metadata"]["name"].is_string(), "{what}: metadata.name");
+        if d["kind"] != "Namespace" {
+            assert_eq!(d["metadata"]["namespace"], "vipsec", "{what}: namespace");
+        }
+    }
+    assert_eq!(find("Namespace")["apiVersion"], "v1");
+    let sa = find("ServiceAccount");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+
+    let ds = find("DaemonSet");
+    assert_eq!(ds["apiVersion"], "apps/v1");
+    let spec = &ds["spec"];
+    let pod = &spec["template"]["spec"];
+    // The selector must select the pod template's labels (the API server refuses it else).
+    for (k, v) in spec["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &spec["template"]["metadata"]["labels"][k], v,
+            "selector {k}"
+        );
+    }
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert!(
+        pod["tolerations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == "node-role.kubernetes.io/control-plane"),
+        "control-plane toleration"
+    );
+    let volumes: Vec<&str> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    let container = &pod["containers"][0];
+    assert_eq!(container["name"], "vipsec");
+    assert_eq!(
+        str_list(&container["command"]),
+        [
+            "/usr/local/bin/vipsec",
+            "agent",
+            "--config",
+            "/etc/vipsec/agent.toml"
+        ]
+    );
+    let sc = &container["securityContext"];
+    assert_eq!(
+        str_list(&sc["capabilities"]["add"]),
+        ["NET_ADMIN"],
+        "only NET_ADMIN"
+    );
+    assert_eq!(str_list(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_ne!(sc["privileged"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    let readiness = str_list(&container["readinessProbe"]["exec"]["command"]);
+    assert_eq!(readiness, ["/usr/local/bin/vipsec", "health", "-q"]);
+    assert!(container["livenessProbe"]["exec"]["command"].is_array());
+    for r in ["requests", "limits"] {
+        for k in ["cpu", "memory"] {
+            assert!(
+                container["resources"][r][k].is_string(),
+                "resources.{r}.{k}"
+            );
+        }
+    }
+    let mut mounts = std::collections::BTreeMap::new();
+    for c in pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_array().unwrap())
+    {
+        for m in c["volumeMounts"].as_array().unwrap() {
+            let name = m["name"].as_str().unwrap();
+            assert!(volumes.contains(&name), "mount {name} has no volume");
+            if c["name"] == "vipsec" {
+                mounts.insert(m["mountPath"].as_str().unwrap().to_string(), name);
+            }
+        }
+    }
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
+    };
+
+    // The ConfigMap's config, rendered as the init container does, is one the agent
+    // accepts, and the paths it names are mounted in the container.
+    let cm = find("ConfigMap");
+    let template_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"].is_object())
+        .expect("a configMap volume");
+    assert_eq!(template_volume["configMap"]["name"], cm["metadata"]["name"]);
+    let template = cm["data"]["agent.toml.in"].as_str().unwrap();
+    assert!(template.contains("@NODE_NAME@"));
+    let init = pod["initContainers"][0]["command"].to_string();
+    assert!(
+        init.contains("@NODE_NAME@") && init.contains("config check"),
+        "{init}"
+    );
+    let rendered = template.replace("@NODE_NAME@", "worker-1");
+    let config = vipsec::config::Config::parse(&rendered)
+        .unwrap_or_else(|p| panic!("ConfigMap agent.toml.in: {p:?}"));
+    assert_eq!(config.node, "worker-1");
+    let vici_dir = config
+        .keying
+        .vici_socket
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let vici_volume = mounts
+        .get(&vici_dir)
+        .expect("the VICI socket's directory is mounted");
+    assert_eq!(volume(vici_volume)["hostPath"]["path"], vici_dir.as_str());
+    let api = config.api.endpoint.strip_prefix("unix://").unwrap();
+    let api_dir = Path::new(api).parent().unwrap().display().to_string();
+    let api_volume = mounts
+        .get(&api_dir)
+        .expect("the API socket's directory is mounted");
+    assert!(volume(api_volume)["emptyDir"].is_object());
+    assert!(mounts.contains_key("/etc/vipsec"));
+}
