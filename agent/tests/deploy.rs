@@ -472,6 +472,47 @@ fn keepalived_moves_the_vip_on_failed_health_and_hands_over_after_drain() {
         "{}",
         show(&out)
     );
+
+    // The other trade-off: `--stop` stops keepalived on be1 (a priority-0 advert, so be2
+    // takes over at once), again only after the drain.
+    let pid = lab.keepalived[0].pid().unwrap();
+    let started = now();
+    let clock = Instant::now();
+    let n = &lab.nodes[0];
+    let out = lab
+        .a
+        .command("sh")
+        .arg(deploy("keepalived/vipsec-handover"))
+        .args(["--stop", "-t", "15", VIP])
+        .env("PATH", n.path_env())
+        .env("KEEPALIVED_STOP", format!("kill -TERM {pid}"))
+        .output()
+        .unwrap();
+    let stopped = clock.elapsed();
+    assert!(
+        out.status.success(),
+        "vipsec-handover --stop failed:\n{}\n{}",
+        show(&out),
+        lab.logs()
+    );
+    eprintln!("vipsec-handover --stop be1 -> be2 took {stopped:?}");
+    lab.wait_vip_on(1, Duration::from_secs(10));
+    let calls = lab.calls();
+    let first = calls
+        .iter()
+        .find(|c| c.node == "be1" && c.at >= started && c.args == format!("drain {VIP}"))
+        .unwrap_or_else(|| panic!("no drain on be1\n{}", lab.logs()));
+    assert!(
+        first.present,
+        "drain ran after the VIP had left be1\n{}",
+        lab.logs()
+    );
+    assert!(
+        lab.keepalived[0]
+            .wait_exit(Duration::from_secs(10))
+            .is_some(),
+        "keepalived on be1 did not stop"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
