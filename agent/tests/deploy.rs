@@ -216,7 +216,6 @@ struct Call {
 impl VrrpLab {
     fn new() -> VrrpLab {
         let keepalived = require_program("keepalived").unwrap();
-        let _ = keepalived;
         let a = Netns::new("ka").expect("creating a network namespace needs root");
         let b = Netns::new("kb").unwrap();
         a.veth_to("vrrp-a", "192.0.2.1/24", &b, "vrrp-b", "192.0.2.2/24")
@@ -235,10 +234,24 @@ impl VrrpLab {
                 dir: dir.path().join("be2"),
             },
         ];
-        for n in &nodes {
+        for (n, ns) in nodes.iter().zip([&a, &b]) {
             std::fs::create_dir_all(n.bin_dir()).unwrap();
             write_executable(&n.bin_dir().join("vipsec"), &stub_vipsec(n, &calls));
             std::fs::write(n.dir.join("keepalived.conf"), keepalived_config(n)).unwrap();
+            // keepalived's own parser first (in the namespace, where the interface exists):
+            // unknown keywords only warn at run time.
+            let check = ns
+                .command(keepalived.to_str().unwrap())
+                .arg("--config-test")
+                .arg("--use-file")
+                .arg(n.dir.join("keepalived.conf"))
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success() && text(&check.stderr).trim().is_empty(),
+                "keepalived --config-test:\n{}",
+                show(&check)
+            );
         }
         VrrpLab {
             keepalived: Vec::new(),
