@@ -542,9 +542,20 @@ impl OcfSetup {
     fn new() -> OcfSetup {
         require_program("ocf-tester").unwrap();
         require_program("xmllint").unwrap();
-        let dir = scratch_dir();
-        // ocf-tester checks that the user nobody can run `meta-data`.
+        // ocf-tester checks that the user nobody can run `meta-data`: run copies of the
+        // agents from a directory under /tmp that nobody may enter, whatever the checkout's
+        // own permissions are.
+        let dir = tempfile::Builder::new()
+            .prefix("vipsec-ocf-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for agent in ["vipsec", "vipsec-drain"] {
+            write_executable(
+                &dir.path().join(agent),
+                &read(&deploy(&format!("pacemaker/{agent}"))),
+            );
+        }
         let s = OcfSetup { dir };
         std::fs::write(
             s.config(),
@@ -570,7 +581,7 @@ impl OcfSetup {
 
     /// Runs one action of a resource agent the way Pacemaker does: OCF_RESKEY_* variables.
     fn action(&self, agent: &str, action: &str, params: &[(&str, String)]) -> Output {
-        let mut cmd = Command::new(deploy(&format!("pacemaker/{agent}")));
+        let mut cmd = Command::new(self.dir.path().join(agent));
         cmd.arg(action)
             .env("OCF_ROOT", "/usr/lib/ocf")
             .env("OCF_RESOURCE_INSTANCE", format!("{agent}-test"))
@@ -589,9 +600,7 @@ impl OcfSetup {
         for (k, v) in params {
             cmd.arg("-o").arg(format!("{k}={v}"));
         }
-        cmd.arg(deploy(&format!("pacemaker/{agent}")))
-            .output()
-            .unwrap()
+        cmd.arg(self.dir.path().join(agent)).output().unwrap()
     }
 
     fn vipsec_params(&self) -> Vec<(&'static str, String)> {
@@ -672,7 +681,7 @@ fn ocf_agent_passes_ocf_tester_against_the_real_vipsec_binary() {
         s.action("vipsec", "monitor", &params).status.code(),
         Some(OCF_SUCCESS)
     );
-    let out = Command::new(deploy("pacemaker/vipsec"))
+    let out = Command::new(s.dir.path().join("vipsec"))
         .arg("monitor")
         .env("OCF_ROOT", "/usr/lib/ocf")
         .env("OCF_CHECK_LEVEL", "10")
