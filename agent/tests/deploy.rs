@@ -1022,3 +1022,58 @@ fn kubernetes_manifests_parse_strictly_and_hold_what_the_agent_needs() {
     assert!(volume(api_volume)["emptyDir"].is_object());
     assert!(mounts.contains_key("/etc/vipsec"));
 }
+
+/// `kubernetes-validate` (PyPI, with the API schemas bundled, so it runs offline), from
+/// PATH or the tools virtualenv that tools/install-deps creates.
+fn kubernetes_validate() -> PathBuf {
+    let venv = Path::new("/opt/vipsec-tools/bin/kubernetes-validate");
+    if venv.exists() {
+        return venv.to_path_buf();
+    }
+    require_program("kubernetes-validate").unwrap_or_else(|_| {
+        panic!(
+            "kubernetes-validate is not installed: python3 -m venv /opt/vipsec-tools && \
+             /opt/vipsec-tools/bin/pip install kubernetes-validate==1.37.0"
+        )
+    })
+}
+
+#[test]
+fn kubernetes_manifests_pass_the_api_schema_strictly() {
+    let validate = kubernetes_validate();
+    // The oldest and a recent Kubernetes release still supported by distributions;
+    // --strict refuses fields the schema does not know (a misspelt key is not ignored).
+    for version in ["1.28.0", "1.34.0"] {
+        let out = Command::new(&validate)
+            .args(["--strict", "-k", version])
+            .args(kubernetes_files())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "Kubernetes {version} schema:\n{}",
+            show(&out)
+        );
+    }
+    // And it does refuse one.
+    let dir = scratch_dir();
+    let bad = dir.path().join("daemonset.yaml");
+    std::fs::write(
+        &bad,
+        read(&deploy("kubernetes/daemonset.yaml")).replace(
+            "hostNetwork: true",
+            "hostNetwork: true\n      hostNetwrok: true",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&validate)
+        .args(["--strict", "-k", "1.34.0"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out.stdout).contains("hostNetwrok"),
+        "{}",
+        show(&out)
+    );
+}
