@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Build the lab, run a planned move and a crash with live progress, tear down.
     Demo {
-        #[arg(long, default_value = "strongswan-dpd")]
+        #[arg(long, default_value = "vipsec-etcd")]
         setup: Setup,
         /// Give up waiting for recovery after this many seconds.
         #[arg(long, default_value_t = 60)]
@@ -35,7 +35,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "strongswan-dpd,strongswan-defaults"
+            default_value = "strongswan-defaults,strongswan-dpd,vipsec-etcd,vipsec-idle"
         )]
         setups: Vec<Setup>,
         #[arg(long, default_value = "chaos-bench-out")]

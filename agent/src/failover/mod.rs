@@ -358,11 +358,14 @@ impl FailoverCore {
         };
         h.draining = true;
         h.generation += 1;
-        out.push(Action::WithdrawOwnership { vip });
+        // DELETE first, while front-ends still know us as the owner: each answers its
+        // DELETE. Withdrawing first would make them delete at the same moment, and two
+        // crossing DELETEs leave charon waiting for answers that never come.
         out.push(Action::DeleteSas {
             vip,
             role: VipRole::Hosted,
         });
+        out.push(Action::WithdrawOwnership { vip });
         out.push(Action::Notify(
             Notice::new(NoticeKind::Drained, Some(vip)).epoch(h.epoch),
         ));
@@ -467,8 +470,15 @@ impl FailoverCore {
                 ));
                 if !p.sas.is_empty() && cluster {
                     // The owner released the VIP or its lease expired: whoever our SA
-                    // leads to no longer holds the VIP.
-                    self.renegotiate(out, now, vip, "owner record withdrawn".into(), true);
+                    // leads to no longer holds the VIP. Delete it gracefully: after a
+                    // planned release the old owner is alive and both sides agree at once
+                    // (its own DELETE crosses ours); a dead one costs a short grace.
+                    p.sas.clear();
+                    out.push(Action::DeleteSas {
+                        vip,
+                        role: VipRole::Peer,
+                    });
+                    self.renegotiate(out, now, vip, "owner record withdrawn".into(), false);
                 }
             }
         }
@@ -586,10 +596,14 @@ impl FailoverCore {
         }
     }
 
+    /// The epoch an SA coming up now belongs to. With a synced, healthy store that is the
+    /// latest epoch, even while no record exists: an SA made in that gap leads to whoever
+    /// still answers on the VIP (the old owner, not yet gone), so the next owner's record
+    /// must find it stale. Only without store knowledge is the owner unknown (0).
     fn sa_epoch_tag(&self, vip: Vip) -> u64 {
         let store_ok = self.store_healthy == Some(true);
         match self.peers.get(&vip) {
-            Some(p) if store_ok && p.synced && p.owner.is_some() => p.epoch,
+            Some(p) if store_ok && p.synced && (p.owner.is_some() || p.epoch > 0) => p.epoch,
             _ => 0,
         }
     }

@@ -261,12 +261,23 @@ async fn planned_move_on_the_front_end_waits_for_the_new_owner_then_initiates_at
     let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
     let t0 = Instant::now();
 
-    // The old owner withdraws before deleting: drop what is left, and wait for the owner.
+    // The old owner withdraws before deleting: delete our side gracefully (the old owner
+    // is alive and answers at once), and wait for the new owner.
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: None,
     });
-    assert!(has(&a, &Action::DropStaleSas { vip: vip() }));
+    assert!(
+        has(
+            &a,
+            &Action::DeleteSas {
+                vip: vip(),
+                role: VipRole::Peer
+            }
+        ),
+        "{a:#?}"
+    );
+    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }));
     assert!(initiates(&a).is_empty(), "no owner yet: {a:#?}");
     // Its DELETE arrives for an SA we already dropped: nothing more to do.
     assert!(
@@ -379,6 +390,29 @@ async fn a_new_owner_preempts_an_attempt_still_waiting_on_nobody() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_sa_made_while_no_owner_is_recorded_is_stale_for_the_next_owner() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    // The old owner's DELETE comes first: we renegotiate at once and, the VIP still being
+    // on the old owner, get an SA with it right after its record was withdrawn.
+    fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    fe.feed(Input::SaUp(peer_sa(2)));
+    // The new owner's record must not adopt that SA: it leads to the old owner.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_delete() {
     let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
     let a = fe.feed(Input::OwnerChanged {
@@ -403,11 +437,19 @@ async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_de
 #[tokio::test(start_paused = true)]
 async fn crash_of_the_owner_seen_as_lease_expiry_then_takeover() {
     let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    // The lease expired: the SA's peer is probably dead; a graceful delete with a short
+    // grace (in the keying backend) settles it either way.
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: None,
     });
-    assert!(has(&a, &Action::DropStaleSas { vip: vip() }));
+    assert!(has(
+        &a,
+        &Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Peer
+        }
+    ));
     assert!(initiates(&a).is_empty());
     time::advance(Duration::from_secs(1)).await;
     let a = fe.feed(Input::OwnerChanged {

@@ -24,6 +24,9 @@ pub struct Liveness {
     /// Short IKE retransmissions (0.5 s, base 1.2, 3 tries: about 2.7 s in all) instead of
     /// the default ~165 s.
     pub short_retransmits: bool,
+    /// The vipsec agent starts the tunnel (and re-starts it); charon only keeps the trap,
+    /// so two initiators never race each other into duplicate IKE_SAs.
+    pub agent_initiates: bool,
 }
 
 /// The connection name for a VIP: `vip100` for 192.0.2.100.
@@ -116,7 +119,11 @@ pub fn swanctl_frontend(
         // kernel-libipsec sends no acquires (a packet hitting a trap policy without SA is
         // only dropped), so the trap cannot start the tunnel: `start` does, and the trap
         // keeps the protected ports covered whenever no CHILD_SA is up.
-        s += "start_action = trap|start\n";
+        if liveness.agent_initiates {
+            s += "start_action = trap\n";
+        } else {
+            s += "start_action = trap|start\n";
+        }
         if liveness.dpd {
             s += "dpd_action = restart\n";
             s += "close_action = start\n";
@@ -285,6 +292,7 @@ mod tests {
     const DPD: Liveness = Liveness {
         dpd: true,
         short_retransmits: true,
+        agent_initiates: false,
     };
 
     /// swanctl.conf and strongswan.conf want one setting per line.
@@ -321,9 +329,11 @@ mod tests {
             Liveness {
                 dpd: false,
                 short_retransmits: false,
+                agent_initiates: true,
             },
         );
         assert!(!plain.contains("dpd"), "{plain}");
+        assert!(plain.lines().any(|l| l == "start_action = trap"), "{plain}");
     }
 
     #[test]

@@ -368,6 +368,23 @@ impl Lab {
 
     /// A planned move away from `node`: its keepalived stops gracefully.
     pub fn planned_move(&mut self, node: &str) -> anyhow::Result<()> {
+        // Where an agent runs, the hand-over is graceful: it deletes the node's SAs (an
+        // IKE DELETE to each front-end) and withdraws ownership while the VIP is still
+        // here, as deploy/keepalived/vipsec-handover does.
+        if let (Some(bin), Some(socket)) = (self.vipsec_bin.clone(), self.agent_socket(node)) {
+            for vip in &self.vips {
+                let out = std::process::Command::new(&bin)
+                    .arg("--endpoint")
+                    .arg(format!("unix://{}", socket.display()))
+                    .args(["drain", &vip.to_string()])
+                    .output()?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "vipsec drain {vip} on {node}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         let procs = self.procs.entry(node.to_string()).or_default();
         let k = procs
             .keepalived

@@ -49,10 +49,17 @@ impl Setup {
             Setup::StrongswanDpd => Liveness {
                 dpd: true,
                 short_retransmits: true,
+                agent_initiates: false,
             },
-            _ => Liveness {
+            Setup::StrongswanDefaults => Liveness {
                 dpd: false,
                 short_retransmits: false,
+                agent_initiates: false,
+            },
+            Setup::VipsecEtcd | Setup::VipsecIdle => Liveness {
+                dpd: false,
+                short_retransmits: false,
+                agent_initiates: true,
             },
         }
     }

@@ -40,8 +40,10 @@ use crate::model::{IkeSaInfo, PeerConnection, TrafficCounters, Vip, VipRole};
 /// charon that does not is treated as gone.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a graceful delete waits for peers to answer their DELETE before the IKE_SAs
-/// still there are destroyed without waiting.
-const DELETE_GRACE: Duration = Duration::from_secs(1);
+/// still there are destroyed without waiting. Cluster peers answer within milliseconds;
+/// one that has not after this is gone (or never knew the SA, like the far end of a
+/// half-open IKE_SA it gave up on), and a planned move should not wait for it.
+const DELETE_GRACE: Duration = Duration::from_millis(250);
 /// How often a graceful delete looks whether the peers have answered: soon at first (a
 /// live peer answers within a round trip), then less often.
 const DELETE_POLL_FIRST: Duration = Duration::from_millis(2);
