@@ -691,15 +691,6 @@ impl Config {
                 }
             }
         }
-        if self.kernel.backend == KernelBackend::None
-            && self.kernel.fail_secure
-            && self.peer_vips.iter().any(|v| !v.protect.is_empty())
-        {
-            // Not an error: the VICI backend alone cannot block; say so where it matters.
-            tracing::debug!(
-                "fail_secure requested without a kernel backend; nothing will be blocked"
-            );
-        }
         p
     }
 

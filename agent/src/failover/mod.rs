@@ -25,7 +25,7 @@ pub use idle::IdleDetector;
 pub use input::{Action, Input, Notice, NoticeKind, SaRef, Timer};
 pub use retry::RetrySchedule;
 
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, KernelBackend, StoreBackend};
 use crate::model::{IkeId, Mode, TrafficCounters, Vip, VipOwner, VipRole};
 
 /// The knobs of the failover policy, taken from the config.
@@ -59,7 +59,9 @@ impl CoreSettings {
             },
             owner_wait: c.failover.owner_wait,
             drain_hold: c.failover.drain_hold,
-            fail_secure: c.kernel.fail_secure,
+            // Without a kernel backend nothing can be blocked: say "disabled" rather than
+            // report an engagement that protects nothing.
+            fail_secure: c.kernel.fail_secure && c.kernel.backend != KernelBackend::None,
             cluster_store: c.store.backend == StoreBackend::Etcd,
         }
     }
