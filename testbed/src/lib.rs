@@ -13,7 +13,13 @@ pub mod vm;
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).
 pub fn can_use_netns() -> bool {
-    netns::Netns::new("probe").is_ok()
+    match netns::Netns::new("probe") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("cannot create a network namespace: {e}");
+            false
+        }
+    }
 }
 
 /// Fails the test with a clear message when a required program is missing.
