@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{FlowProtocol, Mode, PeerConnection, ProtectedFlow, Vip};
+use crate::model::{FlowDirection, FlowProtocol, Mode, PeerConnection, ProtectedFlow, Vip};
 
 pub const DEFAULT_API_ENDPOINT: &str = "unix:///run/vipsec/agent.sock";
 
@@ -349,6 +349,21 @@ pub struct HostedVipConfig {
     pub address: IpAddr,
     /// Only count the address as present on this interface.
     pub interface: Option<String>,
+    /// The server's answers that must never leave in clear text, by source port, e.g.
+    /// `["tcp/143", "tcp/110", "tcp/80"]`. With a kernel backend they are blocked outside
+    /// IPsec for as long as the agent runs: between an SA's deletion and the next one (a
+    /// drain, a move), a server socket still open would otherwise answer in the clear.
+    #[serde(default)]
+    pub protect: Vec<String>,
+}
+
+impl HostedVipConfig {
+    pub fn flows(&self) -> Result<Vec<ProtectedFlow>, String> {
+        self.protect
+            .iter()
+            .map(|s| parse_flow(self.address, s, FlowDirection::FromVip))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -379,13 +394,13 @@ impl PeerVipConfig {
     pub fn flows(&self) -> Result<Vec<ProtectedFlow>, String> {
         self.protect
             .iter()
-            .map(|s| parse_flow(self.address, s))
+            .map(|s| parse_flow(self.address, s, FlowDirection::ToVip))
             .collect()
     }
 }
 
 /// Parses `tcp/143`, `udp/53`, `tcp` (all ports) or `any`.
-pub fn parse_flow(vip: Vip, s: &str) -> Result<ProtectedFlow, String> {
+pub fn parse_flow(vip: Vip, s: &str, direction: FlowDirection) -> Result<ProtectedFlow, String> {
     let (proto, port) = match s.split_once('/') {
         Some((p, port)) => (p, Some(port)),
         None => (s, None),
@@ -416,6 +431,7 @@ pub fn parse_flow(vip: Vip, s: &str) -> Result<ProtectedFlow, String> {
         vip,
         protocol,
         port,
+        direction,
     })
 }
 
@@ -655,6 +671,11 @@ impl Config {
 
         let mut seen = BTreeSet::new();
         for (i, v) in self.hosted_vips.iter().enumerate() {
+            for (j, f) in v.protect.iter().enumerate() {
+                if let Err(e) = parse_flow(v.address, f, FlowDirection::FromVip) {
+                    bad(&format!("hosted_vip[{i}].protect[{j}]"), e);
+                }
+            }
             if !seen.insert(v.address) {
                 bad(
                     &format!("hosted_vip[{i}].address"),
@@ -686,7 +707,7 @@ impl Config {
                 );
             }
             for (j, f) in v.protect.iter().enumerate() {
-                if let Err(e) = parse_flow(v.address, f) {
+                if let Err(e) = parse_flow(v.address, f, FlowDirection::ToVip) {
                     bad(&format!("peer_vip[{i}].protect[{j}]"), e);
                 }
             }
@@ -708,10 +729,15 @@ impl Config {
 
     /// Every protected flow of every peer VIP (validated, so parsing cannot fail here).
     pub fn protected_flows(&self) -> Vec<ProtectedFlow> {
-        self.peer_vips
+        let peers = self
+            .peer_vips
             .iter()
-            .flat_map(|v| v.flows().unwrap_or_default())
-            .collect()
+            .flat_map(|v| v.flows().unwrap_or_default());
+        let hosted = self
+            .hosted_vips
+            .iter()
+            .flat_map(|v| v.flows().unwrap_or_default());
+        peers.chain(hosted).collect()
     }
 }
 
@@ -842,9 +868,19 @@ protect = ["tcp/0", "sctp/5"]
     #[test]
     fn flows_parse() {
         let vip: Vip = "192.0.2.1".parse().unwrap();
-        assert_eq!(parse_flow(vip, "any").unwrap().protocol, FlowProtocol::Any);
-        assert_eq!(parse_flow(vip, "udp/53").unwrap().port, Some(53));
-        assert!(parse_flow(vip, "any/5").is_err());
-        assert!(parse_flow(vip, "tcp/70000").is_err());
+        assert_eq!(
+            parse_flow(vip, "any", FlowDirection::ToVip)
+                .unwrap()
+                .protocol,
+            FlowProtocol::Any
+        );
+        assert_eq!(
+            parse_flow(vip, "udp/53", FlowDirection::ToVip)
+                .unwrap()
+                .port,
+            Some(53)
+        );
+        assert!(parse_flow(vip, "any/5", FlowDirection::ToVip).is_err());
+        assert!(parse_flow(vip, "tcp/70000", FlowDirection::ToVip).is_err());
     }
 }

@@ -68,13 +68,29 @@ pub enum VipRole {
     Peer,
 }
 
-/// One protected flow toward a VIP: traffic that must never leave in clear text.
+/// One protected flow of a VIP: traffic that must never leave in clear text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ProtectedFlow {
     pub vip: Vip,
     pub protocol: FlowProtocol,
     /// `None` protects every port of the protocol.
     pub port: Option<u16>,
+    /// Toward the VIP (a front-end's requests) or from it (a back-end's answers).
+    #[serde(default)]
+    pub direction: FlowDirection,
+}
+
+/// Which way a protected flow goes, seen from this node.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowDirection {
+    /// Destination is the VIP, the port is the destination port (front-end side).
+    #[default]
+    ToVip,
+    /// Source is the VIP, the port is the source port (back-end side: the server's answers).
+    FromVip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -103,9 +119,13 @@ impl fmt::Display for ProtectedFlow {
             FlowProtocol::Udp => "udp",
             FlowProtocol::Any => "any",
         };
+        let from = match self.direction {
+            FlowDirection::ToVip => "",
+            FlowDirection::FromVip => "from ",
+        };
         match self.port {
-            Some(p) => write!(f, "{}:{proto}/{p}", self.vip),
-            None => write!(f, "{}:{proto}", self.vip),
+            Some(p) => write!(f, "{from}{}:{proto}/{p}", self.vip),
+            None => write!(f, "{from}{}:{proto}", self.vip),
         }
     }
 }
@@ -238,7 +258,13 @@ mod tests {
             vip: "192.0.2.100".parse().unwrap(),
             protocol: FlowProtocol::Tcp,
             port: Some(143),
+            direction: FlowDirection::ToVip,
         };
         assert_eq!(f.to_string(), "192.0.2.100:tcp/143");
+        let back = ProtectedFlow {
+            direction: FlowDirection::FromVip,
+            ..f
+        };
+        assert_eq!(back.to_string(), "from 192.0.2.100:tcp/143");
     }
 }

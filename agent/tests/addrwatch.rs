@@ -80,6 +80,7 @@ fn hosted(addr: &str, interface: Option<&str>) -> HostedVipConfig {
     HostedVipConfig {
         address: vip(addr),
         interface: interface.map(str::to_string),
+        protect: Vec::new(),
     }
 }
 

@@ -21,7 +21,7 @@ const BLOCK_PRIORITY: u32 = 1_000_000;
 
 struct Lab {
     fe: Netns,
-    _be: Netns,
+    be: Netns,
     _listeners: Vec<TcpListener>,
 }
 
@@ -60,7 +60,7 @@ fn lab() -> Lab {
         .unwrap();
     Lab {
         fe,
-        _be: be,
+        be,
         _listeners: listeners,
     }
 }
@@ -422,4 +422,72 @@ fn engage_and_release_many_flows_with_the_event_watcher_running() {
     eprintln!("events seen: {added} agent policies added, {deleted} deleted");
     assert_eq!(deleted, usize::from(FLOWS), "policy deletions reported");
     assert_eq!(count_policies(&lab.fe, VIP), 0);
+}
+
+/// Connects from the calling thread's namespace with a short timeout: Ok, or the errno.
+fn connect_quick(port: u16) -> Result<(), i32> {
+    let addr = SocketAddr::new(vip(), port);
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::TimedOut => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+#[test]
+fn a_hosted_vips_guard_blocks_the_servers_answers_outside_ipsec() {
+    let lab = lab();
+    let text = format!(
+        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\n\
+         [[hosted_vip]]\naddress = \"{VIP}\"\nprotect = [\"tcp/143\"]\n"
+    );
+    let cfg = Config::parse(&text).unwrap();
+    let blocked_before = out_pol_block(&lab.be);
+    let cfg2 = cfg.clone();
+    let (n, adopted) = in_ns(&lab.be, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg2).unwrap();
+            let n = kernel.engage_fail_secure(vip()).await.unwrap();
+            // A restarted agent finds and adopts it.
+            let adopted = XfrmKernel::new(&cfg2).unwrap().reconcile().await.unwrap();
+            (n, adopted)
+        })
+    });
+    assert_eq!(n, 1);
+    assert_eq!(adopted, vec![vip()]);
+    let listing = policies(&lab.be);
+    assert!(
+        listing.contains(&format!(
+            "src {VIP}/32 dst 0.0.0.0/0 proto tcp sport 143 dev be0"
+        )),
+        "{listing}"
+    );
+
+    // The server's SYN-ACK from VIP:143 may not leave in clear: the client never connects.
+    let (r143, r22) = lab
+        .fe
+        .run_in(|| (connect_quick(143), connect_quick(22)))
+        .unwrap();
+    assert_eq!(
+        r143,
+        Err(libc::ETIMEDOUT),
+        "the answer from VIP:143 must be blocked"
+    );
+    assert_eq!(r22, Ok(()), "VIP:22 is not protected");
+    assert!(
+        out_pol_block(&lab.be) > blocked_before,
+        "XfrmOutPolBlock grew on the back-end"
+    );
+
+    in_ns(&lab.be, move || {
+        Box::pin(async move {
+            XfrmKernel::new(&cfg)
+                .unwrap()
+                .release_fail_secure(vip())
+                .await
+                .unwrap()
+        })
+    });
+    assert_eq!(lab.fe.run_in(|| connect_quick(143)).unwrap(), Ok(()));
+    assert_eq!(count_policies(&lab.be, VIP), 0, "{}", policies(&lab.be));
 }

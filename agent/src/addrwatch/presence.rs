@@ -126,6 +126,7 @@ mod tests {
         HostedVipConfig {
             address: addr.parse().unwrap(),
             interface: iface.map(str::to_string),
+            protect: Vec::new(),
         }
     }
 

@@ -82,6 +82,7 @@ pub fn status(s: &StatusView) -> pb::Status {
                 owner: h.owner.as_ref().map(owner),
                 epoch: h.epoch,
                 draining: h.draining,
+                guarded: h.guarded,
             })
             .collect(),
         peer_vips: s

@@ -59,6 +59,7 @@ pub fn to_json(s: &pb::Status) -> Value {
             "owner": owner_json(h.owner.as_ref()),
             "epoch": h.epoch,
             "draining": h.draining,
+            "guarded": h.guarded,
         })).collect::<Vec<_>>(),
         "peer_vips": s.peer_vips.iter().map(|p| json!({
             "address": p.address,
@@ -122,7 +123,15 @@ fn print_table(s: &pb::Status) {
     println!("\nfail-secure: {fs_line}");
     if !s.hosted_vips.is_empty() {
         println!();
-        let mut t = table(&["hosted vip", "here", "owner", "epoch", "taken", "draining"]);
+        let mut t = table(&[
+            "hosted vip",
+            "here",
+            "owner",
+            "epoch",
+            "taken",
+            "draining",
+            "clear-text guard",
+        ]);
         for h in &s.hosted_vips {
             let (owner, taken) = match &h.owner {
                 Some(o) => (o.node.clone(), ago(o.taken_at.as_ref())),
@@ -130,6 +139,7 @@ fn print_table(s: &pb::Status) {
             };
             let here = if h.present_locally { "yes" } else { "no" };
             let draining = if h.draining { "yes" } else { "no" };
+            let guard = if h.guarded { "on" } else { "off" };
             t.add_row(vec![
                 h.address.clone(),
                 here.into(),
@@ -137,6 +147,7 @@ fn print_table(s: &pb::Status) {
                 h.epoch.to_string(),
                 taken,
                 draining.into(),
+                guard.into(),
             ]);
         }
         println!("{t}");

@@ -70,6 +70,10 @@ impl CoreSettings {
 /// A VIP this node may host.
 #[derive(Debug, Clone, Default)]
 pub struct HostedVip {
+    /// The VIP has answers to keep out of clear text (its `protect` flows).
+    pub protected: bool,
+    /// Since when those answers are blocked outside IPsec (the clear-text guard).
+    pub guarded_since: Option<Instant>,
     pub present: bool,
     pub owner: Option<VipOwner>,
     /// Highest epoch seen; kept after the record is withdrawn.
@@ -192,11 +196,26 @@ pub struct FailoverCore {
 type Out = Vec<Action>;
 
 impl FailoverCore {
-    /// `peers` lists each peer VIP and whether it has protected flows.
-    pub fn new(settings: CoreSettings, hosted: &[Vip], peers: &[(Vip, bool)]) -> FailoverCore {
+    /// `hosted` and `peers` list each VIP and whether it has protected flows.
+    pub fn new(
+        settings: CoreSettings,
+        hosted: &[(Vip, bool)],
+        peers: &[(Vip, bool)],
+    ) -> FailoverCore {
         FailoverCore {
             settings,
-            hosted: hosted.iter().map(|v| (*v, HostedVip::default())).collect(),
+            hosted: hosted
+                .iter()
+                .map(|(v, p)| {
+                    (
+                        *v,
+                        HostedVip {
+                            protected: *p,
+                            ..HostedVip::default()
+                        },
+                    )
+                })
+                .collect(),
             peers: peers.iter().map(|(v, p)| (*v, PeerVip::new(*p))).collect(),
             keying_up: None,
             store_healthy: None,
@@ -232,11 +251,21 @@ impl FailoverCore {
     }
 
     /// Actions at start-up: until the keying daemon is confirmed up, protected flows are
-    /// blocked.
+    /// blocked. A hosted VIP's answers are guarded for as long as the agent runs: the
+    /// block only catches what no SA carries (it is bound to the physical interface, and
+    /// below the keying daemon's policies), so it never stands in the way of IPsec, but
+    /// between one SA's deletion and the next (a drain, a move, a flap) a server socket
+    /// still open would otherwise answer in clear text.
     pub fn start(&mut self, now: Instant) -> Out {
         self.now = now;
         let mut out = Vec::new();
         if self.settings.fail_secure {
+            for (vip, h) in self.hosted.iter_mut().filter(|(_, h)| h.protected) {
+                if h.guarded_since.is_none() {
+                    h.guarded_since = Some(now);
+                }
+                out.push(Action::EngageFailSecure { vip: *vip });
+            }
             let vips: Vec<Vip> = self
                 .peers
                 .iter()
@@ -1006,6 +1035,9 @@ impl FailoverCore {
         for vip in vips {
             if let Some(p) = self.peers.get_mut(vip) {
                 p.fail_secure_since.get_or_insert(now);
+            }
+            if let Some(h) = self.hosted.get_mut(vip) {
+                h.guarded_since.get_or_insert(now);
             }
         }
     }

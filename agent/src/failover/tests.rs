@@ -65,7 +65,7 @@ impl Node {
     }
 
     fn back_end() -> Node {
-        let core = FailoverCore::new(settings(true, Mode::Normal), &[vip()], &[]);
+        let core = FailoverCore::new(settings(true, Mode::Normal), &[(vip(), false)], &[]);
         Node {
             core,
             timers: Vec::new(),
@@ -252,6 +252,37 @@ async fn lost_record_of_a_present_vip_is_published_again() {
         owner: None,
     });
     assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hosted_vips_answers_are_guarded_from_start_and_through_every_move() {
+    let core = FailoverCore::new(settings(true, Mode::Normal), &[(vip(), true)], &[]);
+    let mut be = Node {
+        core,
+        timers: Vec::new(),
+    };
+    let a = be.start();
+    assert!(has(&a, &Action::EngageFailSecure { vip: vip() }));
+    // Neither a drain, nor the VIP leaving and coming back, nor the daemon's loss lifts it.
+    be.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    be.feed(Input::VipAppeared(vip()));
+    let mut all = be.feed(Input::Drain(vip()));
+    all.extend(be.feed(Input::VipDisappeared(vip())));
+    all.extend(be.feed(Input::KeyingDown {
+        detail: "gone".into(),
+    }));
+    all.extend(be.feed(Input::KeyingUp {
+        established: vec![],
+    }));
+    all.extend(be.feed(Input::VipAppeared(vip())));
+    assert!(
+        !all.iter()
+            .any(|a| matches!(a, Action::ReleaseFailSecure { .. })),
+        "{all:#?}"
+    );
+    assert!(be.core.hosted()[&vip()].guarded_since.is_some());
 }
 
 // ----- front-end -----

@@ -152,11 +152,12 @@ impl Agent {
             .iter()
             .map(|p| (p.address, !p.protect.is_empty()))
             .collect();
-        let mut core = FailoverCore::new(
-            CoreSettings::from_config(&config),
-            &config.hosted_addresses(),
-            &peers,
-        );
+        let hosted: Vec<(Vip, bool)> = config
+            .hosted_vips
+            .iter()
+            .map(|h| (h.address, !h.protect.is_empty()))
+            .collect();
+        let mut core = FailoverCore::new(CoreSettings::from_config(&config), &hosted, &peers);
         let mut health = Health {
             store: HealthView::new(backends.store.kind(), "connecting"),
             keying: HealthView::new(backends.keying.kind(), "connecting"),

@@ -54,6 +54,7 @@ pub struct HostedView {
     pub owner: Option<VipOwner>,
     pub epoch: u64,
     pub draining: bool,
+    pub guarded: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -129,6 +130,7 @@ impl StatusView {
                 owner: h.owner.clone(),
                 epoch: h.epoch,
                 draining: h.draining,
+                guarded: h.guarded_since.is_some(),
             })
             .collect();
         let mut engaged_since: Option<SystemTime> = None;

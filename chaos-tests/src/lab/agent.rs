@@ -72,6 +72,12 @@ pub fn config_toml(plan: &AgentPlan) -> String {
                 s += "\n[[hosted_vip]]\n";
                 let _ = writeln!(s, "address = \"{vip}\"");
                 let _ = writeln!(s, "interface = \"{NODE_IF}\"");
+                // The mail server's answers: never in clear text, even between SAs.
+                let flows: Vec<_> = PROTECTED_PORTS
+                    .iter()
+                    .map(|p| format!("\"tcp/{p}\""))
+                    .collect();
+                let _ = writeln!(s, "protect = [{}]", flows.join(", "));
             }
             Role::FrontEnd => {
                 let conn = connection_name(vip);

@@ -29,7 +29,7 @@ use self::state::{KernelSa, VipMap, VipSa};
 use super::{Kernel, KernelError};
 use crate::InputSink;
 use crate::config::Config;
-use crate::model::{ProtectedFlow, TrafficCounters, Vip};
+use crate::model::{FlowDirection, ProtectedFlow, TrafficCounters, Vip};
 
 /// How often engage re-adds a policy whose requested index was taken meanwhile.
 const INDEX_RETRIES: usize = 3;
@@ -116,10 +116,14 @@ impl XfrmKernel {
         index: u32,
     ) -> Result<bool, KernelError> {
         let vip = sel.vip;
+        let (src, src_len, dst, dst_len) = match sel.direction {
+            FlowDirection::ToVip => (unspecified_like(&vip), 0, vip, full_prefix(&vip)),
+            FlowDirection::FromVip => (vip, full_prefix(&vip), unspecified_like(&vip), 0),
+        };
         let mut req = session
             .handle
             .policy()
-            .add(unspecified_like(&vip), 0, vip, full_prefix(&vip))
+            .add(src, src_len, dst, dst_len)
             .direction(XFRM_POLICY_OUT)
             .action(XFRM_POLICY_BLOCK)
             .priority(self.block_priority)
@@ -131,7 +135,10 @@ impl XfrmKernel {
             req = req.selector_protocol(sel.proto);
         }
         if let Some(port) = sel.dport {
-            req = req.selector_protocol_dst_port(port);
+            req = match sel.direction {
+                FlowDirection::ToVip => req.selector_protocol_dst_port(port),
+                FlowDirection::FromVip => req.selector_protocol_src_port(port),
+            };
         }
         if sel.ifindex != 0 {
             req = req.selector_dev_id(sel.ifindex as u32);

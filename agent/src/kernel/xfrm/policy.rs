@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use netlink_packet_xfrm::{XFRM_POLICY_BLOCK, XFRM_POLICY_OUT, XfrmAttrs, policy::ModifyMessage};
 
 use super::netlink::{full_prefix, ip_of};
-use crate::model::{FlowProtocol, ProtectedFlow, Vip};
+use crate::model::{FlowDirection, FlowProtocol, ProtectedFlow, Vip};
 
 /// First index of the agent's range: "vi" in ASCII, aligned to 8.
 pub const INDEX_BASE: u32 = 0x7669_0000;
@@ -53,9 +53,12 @@ pub fn is_agent_index(index: u32) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockSelector {
     pub vip: Vip,
+    /// `ToVip`: destination VIP, `dport` a destination port, any source. `FromVip`: source
+    /// VIP, `dport` holds the source port, any destination.
+    pub direction: FlowDirection,
     /// IP protocol number; 0 = any.
     pub proto: u8,
-    /// Destination port; `None` = any.
+    /// The flow's port (destination or source, per `direction`); `None` = any.
     pub dport: Option<u16>,
     /// Interface the selector is bound to; 0 = any.
     pub ifindex: i32,
@@ -65,6 +68,7 @@ impl BlockSelector {
     pub fn for_flow(flow: &ProtectedFlow, ifindex: i32) -> BlockSelector {
         BlockSelector {
             vip: flow.vip,
+            direction: flow.direction,
             proto: flow.protocol.ip_number().unwrap_or(0),
             // A port only means something with a protocol that has ports.
             dport: match flow.protocol {
@@ -143,18 +147,25 @@ impl PolicyTable {
     }
 }
 
-/// The selector of an outbound policy toward one host from any source, or `None`.
+/// The selector of an outbound policy toward one host from any source, or from one host
+/// to any destination; `None` for any other shape.
 fn host_selector(msg: &ModifyMessage) -> Option<BlockSelector> {
     let info = &msg.user_policy_info;
     let sel = &info.selector;
-    let vip = ip_of(&sel.daddr, sel.family)?;
-    if sel.prefixlen_d != full_prefix(&vip) || sel.prefixlen_s != 0 {
-        return None;
-    }
+    let to = ip_of(&sel.daddr, sel.family)
+        .filter(|d| sel.prefixlen_d == full_prefix(d) && sel.prefixlen_s == 0);
+    let from = ip_of(&sel.saddr, sel.family)
+        .filter(|s| sel.prefixlen_s == full_prefix(s) && sel.prefixlen_d == 0);
+    let (vip, direction, port, mask) = match (to, from) {
+        (Some(vip), None) => (vip, FlowDirection::ToVip, sel.dport, sel.dport_mask),
+        (None, Some(vip)) => (vip, FlowDirection::FromVip, sel.sport, sel.sport_mask),
+        _ => return None,
+    };
     Some(BlockSelector {
         vip,
+        direction,
         proto: sel.proto,
-        dport: (sel.dport_mask == u16::MAX).then_some(sel.dport),
+        dport: (mask == u16::MAX).then_some(port),
         ifindex: sel.ifindex,
     })
 }
@@ -246,6 +257,7 @@ mod tests {
             vip: "192.0.2.100".parse().unwrap(),
             protocol: FlowProtocol::Any,
             port: Some(143),
+            direction: FlowDirection::ToVip,
         };
         let sel = BlockSelector::for_flow(&flow, 3);
         assert_eq!((sel.proto, sel.dport, sel.ifindex), (0, None, 3));
