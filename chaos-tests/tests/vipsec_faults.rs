@@ -146,8 +146,29 @@ fn live_nodes(lab: &Lab, dead: &str) -> Vec<String> {
 fn crash_while_etcd_is_frozen_recovers_by_the_idle_detector() {
     let _t = common::start("crash while etcd is frozen");
     let mut lab = common::lab(Setup::VipsecEtcd);
+    let frozen = now_ns();
     lab.freeze_etcd().unwrap();
+    let nodes = live_nodes(&lab, "");
+    let noticed = wait_for("every agent to see the store down", CAP, || {
+        nodes
+            .iter()
+            .all(|n| status(&lab, n).is_ok_and(|s| !store_healthy(&s)))
+            .then(now_ns)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[measured] etcd frozen: every agent reports the store down after {}",
+        secs(since(frozen, noticed))
+    );
     let o = common::run(&mut lab, Fault::Crash, CAP);
+    // The store had no part in this recovery: no front-end learnt the new owner from it.
+    for fe in lab.names(Role::FrontEnd) {
+        let rec = recorded_owner(&status(&lab, &fe).unwrap());
+        assert!(
+            rec.as_ref().is_none_or(|(n, _)| *n != o.to),
+            "{fe} knew the new owner from a frozen store: {rec:?}"
+        );
+    }
     let thawed = now_ns();
     lab.thaw_etcd().unwrap();
     common::assert_safe(&o);
