@@ -106,6 +106,17 @@ pub fn flow_key(fe: &str, vip: impl std::fmt::Display, many: bool) -> String {
 /// Injects `fault` on the current owner and measures until every front-end recovered or
 /// `cap` passed. The lab must be steady; call [`Lab::reset`] between runs.
 pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome> {
+    run_with(lab, fault, cap, |_| Ok(()))
+}
+
+/// [`run`], with `meanwhile` done right after the fault is injected (a second fault during
+/// the failover, e.g. killing a front-end's agent); the times still count from the fault.
+pub fn run_with(
+    lab: &mut Lab,
+    fault: Fault,
+    cap: Duration,
+    meanwhile: impl FnOnce(&mut Lab) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
     let from = lab.wait_owner(Duration::from_secs(10))?;
     let to = lab
         .names(Role::BackEnd)
@@ -124,6 +135,7 @@ pub fn run(lab: &mut Lab, fault: Fault, cap: Duration) -> anyhow::Result<Outcome
     }
     lab.progress
         .step(&format!("{} on {from}: fault injected", fault.name()));
+    meanwhile(lab)?;
 
     let takeover = {
         let node = lab.topo.node(&to);

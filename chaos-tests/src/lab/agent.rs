@@ -199,6 +199,27 @@ impl Agent {
     pub fn is_running(&mut self) -> bool {
         self.guard.is_running()
     }
+
+    /// SIGKILL: the agent gets no chance to clean up (its XFRM policies stay).
+    pub fn kill(&mut self) {
+        self.guard.kill();
+    }
+}
+
+/// Runs the `vipsec` CLI against an agent's API socket and returns its stdout.
+pub fn cli(binary: &Path, api_socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", api_socket.display()))
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "vipsec {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use vipsec_testbed::process::{ProcessGuard, wait_for};
 pub const CLIENT_PORT: u16 = 2379;
 
 pub struct Etcd {
-    _guard: ProcessGuard,
+    guard: ProcessGuard,
     pub endpoint: String,
 }
 
@@ -42,8 +42,21 @@ impl Etcd {
             crate::nsexec::tcp_reachable(&ns.name, sock).then_some(())
         })?;
         Ok(Etcd {
-            _guard: guard,
+            guard,
             endpoint: client,
         })
+    }
+}
+
+impl Etcd {
+    /// SIGSTOP: etcd stops answering but keeps its sockets open, as when the store's machine
+    /// hangs; clients see timeouts, not refused connections.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.guard.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Etcd::freeze`].
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.guard.signal(libc::SIGCONT)
     }
 }

@@ -103,6 +103,13 @@ pub fn packet_loss(hub: &Netns, port: &str, percent: u8) -> anyhow::Result<()> {
     )
 }
 
+/// Drops `percent` % of every frame the hub forwards, whoever sends it (each frame crosses
+/// the bridge's forward hook once, so this is the loss per packet on every path).
+pub fn packet_loss_everywhere(hub: &Netns, percent: u8) -> anyhow::Result<()> {
+    anyhow::ensure!(percent <= 100, "loss is a percentage");
+    add_rule(hub, &format!("numgen random mod 100 < {percent} drop"))
+}
+
 /// Removes every network fault.
 pub fn heal(hub: &Netns) -> anyhow::Result<()> {
     hub.sh(&format!("nft flush chain bridge {TABLE} {FAULT_CHAIN}"))

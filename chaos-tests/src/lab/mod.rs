@@ -452,6 +452,61 @@ impl Lab {
         }
     }
 
+    /// Starts a node's charon again (after [`Lab::kill_charon`]) with the same configs;
+    /// the node's agent reconnects to it by itself.
+    pub fn restart_charon(&mut self, node: &str) -> anyhow::Result<()> {
+        self.kill_charon(node);
+        self.start_charon(node)
+    }
+
+    /// SIGKILLs a node's agent, as when it crashes.
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(mut a) = self.procs.get_mut(node).and_then(|p| p.agent.take()) {
+            a.kill();
+        }
+    }
+
+    /// Starts a node's agent again with the same config (after [`Lab::kill_agent`]).
+    pub fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.kill_agent(node);
+        self.start_agent(node)
+    }
+
+    /// Freezes the lab's etcd (SIGSTOP) so the store hangs.
+    pub fn freeze_etcd(&self) -> anyhow::Result<()> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))?
+            .freeze()
+    }
+
+    /// Lets the lab's etcd run again after [`Lab::freeze_etcd`].
+    pub fn thaw_etcd(&self) -> anyhow::Result<()> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))?
+            .thaw()
+    }
+
+    /// Runs the `vipsec` CLI against a node's agent (`status --json`, `sas --json`, ...).
+    pub fn agent_cli(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
+        let bin = self
+            .vipsec_bin
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no vipsec agents in this set-up"))?;
+        let socket = self
+            .agent_socket(node)
+            .ok_or_else(|| anyhow::anyhow!("no agent on {node}"))?;
+        agent::cli(bin, &socket, args)
+    }
+
+    /// A CLI command's `--json` output, parsed.
+    pub fn agent_json(&self, node: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut args = args.to_vec();
+        args.push("--json");
+        Ok(serde_json::from_str(&self.agent_cli(node, &args)?)?)
+    }
+
     /// Pids of the daemons on a node, for reports.
     pub fn charon_pid(&self, node: &str) -> Option<u32> {
         self.procs.get(node)?.charon.as_ref()?.pid()

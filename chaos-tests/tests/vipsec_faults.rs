@@ -1,0 +1,315 @@
+//! vipsec (etcd store, fast mode, idle timeout 1 s) against faults beyond a plain crash or
+//! planned move: the store down, a front-end's charon or agent dying, a partition, packet
+//! loss, a flapping VIP, a front-end behind NAT. Each shows traffic back to the VIP's owner,
+//! no clear text on the wire and no answer from a node that no longer owns the VIP.
+//! Needs the `vipsec` binary built in the same target directory (`cargo build -p vipsec`).
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use vipsec_chaos::clock::{now_ns, secs, since};
+use vipsec_chaos::lab::faults::{self, Fault};
+use vipsec_chaos::lab::{Lab, Role, Setup};
+use vipsec_testbed::process::wait_for;
+
+const CAP: Duration = Duration::from_secs(20);
+const VIP: &str = "192.0.2.100";
+
+fn status(lab: &Lab, node: &str) -> anyhow::Result<Value> {
+    lab.agent_json(node, &["status"])
+}
+
+/// The owner record an agent holds for the VIP: (node, epoch).
+fn recorded_owner(status: &Value) -> Option<(String, u64)> {
+    let vip = status["peer_vips"]
+        .as_array()
+        .into_iter()
+        .chain(status["hosted_vips"].as_array())
+        .flatten()
+        .find(|v| v["address"] == VIP)?;
+    let owner = &vip["owner"];
+    Some((
+        owner["node"].as_str()?.to_string(),
+        owner["epoch"].as_u64()?,
+    ))
+}
+
+fn store_healthy(status: &Value) -> bool {
+    status["store"]["healthy"] == true
+}
+
+/// Waits until `fe` got an answer from `owner` to an attempt started at or after `t`;
+/// returns when that answer came, as time since `t`.
+fn first_answer(lab: &mut Lab, fe: &str, owner: &str, t: u64, cap: Duration) -> Duration {
+    wait_for(&format!("{fe} answered by {owner}"), cap, || {
+        lab.poll_probes().ok()?;
+        let p = lab.probes().iter().find(|p| p.fe == fe)?;
+        p.since(t)
+            .filter(|r| r.node.as_deref() == Some(owner))
+            .map(|r| r.end)
+            .min()
+            .map(|end| since(t, end))
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits until `fe` has `n` finished attempts started at or after `t`; returns how many
+/// of them were answered.
+fn answered_of_next(lab: &mut Lab, fe: &str, t: u64, n: usize) -> usize {
+    wait_for("probe records", Duration::from_secs(30), || {
+        lab.poll_probes().ok()?;
+        let p = lab.probes().iter().find(|p| p.fe == fe)?;
+        let recs: Vec<_> = p.since(t).take(n).collect();
+        (recs.len() == n).then(|| recs.iter().filter(|r| r.ok()).count())
+    })
+    .expect("the probe keeps writing")
+}
+
+/// Answers from any node but `owner` to attempts started at or after `t`.
+fn stale_answers(lab: &mut Lab, owner: &str, t: u64) -> Vec<String> {
+    lab.poll_probes().expect("probe records");
+    lab.probes()
+        .iter()
+        .flat_map(|p| p.since(t))
+        .filter(|r| r.ok() && r.node.as_deref() != Some(owner))
+        .map(|r| format!("{} answered by {:?}", r.fe, r.node))
+        .collect()
+}
+
+/// Keeps the probes running for `d` more and then checks no answer came from elsewhere.
+fn assert_no_stale_answers(lab: &mut Lab, owner: &str, t: u64, d: Duration) {
+    let until = now_ns() + d.as_nanos() as u64;
+    let _ = wait_for("the settle window", d + Duration::from_secs(5), || {
+        lab.poll_probes().ok()?;
+        lab.probes()
+            .iter()
+            .all(|p| p.records.last().is_some_and(|r| r.start >= until))
+            .then_some(())
+    });
+    let stale = stale_answers(lab, owner, t);
+    assert!(stale.is_empty(), "answers not from {owner}: {stale:?}");
+}
+
+fn assert_no_cleartext(
+    lab: &Lab,
+    before: vipsec_chaos::lab::cleartext::ClearText,
+    since_wall: f64,
+) {
+    let leaked = lab.cleartext().expect("counters").minus(before);
+    assert_eq!(
+        leaked.total(),
+        0,
+        "clear text on the wire: {leaked:?}\n{}",
+        lab.cleartext_packets_since(since_wall).join("\n")
+    );
+}
+
+fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// Waits until every named agent records `owner` for the VIP with a healthy store; returns
+/// their epochs.
+fn wait_agents_agree(lab: &Lab, nodes: &[String], owner: &str, cap: Duration) -> Vec<u64> {
+    let mut last = String::new();
+    wait_for("agents recording the new owner", cap, || {
+        let mut epochs = Vec::new();
+        last.clear();
+        for n in nodes {
+            let s = status(lab, n).ok()?;
+            let rec = recorded_owner(&s);
+            last += &format!(" {n}: store healthy {}, owner {rec:?};", store_healthy(&s));
+            match rec {
+                Some((o, e)) if o == owner && store_healthy(&s) => epochs.push(e),
+                _ => return None,
+            }
+        }
+        Some(epochs)
+    })
+    .unwrap_or_else(|e| panic!("{e} (last:{last})"))
+}
+
+fn live_nodes(lab: &Lab, dead: &str) -> Vec<String> {
+    lab.names(Role::FrontEnd)
+        .into_iter()
+        .chain(lab.names(Role::BackEnd))
+        .filter(|n| n != dead)
+        .collect()
+}
+
+#[test]
+fn crash_while_etcd_is_frozen_recovers_by_the_idle_detector() {
+    let _t = common::start("crash while etcd is frozen");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    let frozen = now_ns();
+    lab.freeze_etcd().unwrap();
+    let nodes = live_nodes(&lab, "");
+    let noticed = wait_for("every agent to see the store down", CAP, || {
+        nodes
+            .iter()
+            .all(|n| status(&lab, n).is_ok_and(|s| !store_healthy(&s)))
+            .then(now_ns)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[measured] etcd frozen: every agent reports the store down after {}",
+        secs(since(frozen, noticed))
+    );
+    let o = common::run(&mut lab, Fault::Crash, CAP);
+    // The store had no part in this recovery: no front-end learnt the new owner from it.
+    for fe in lab.names(Role::FrontEnd) {
+        let rec = recorded_owner(&status(&lab, &fe).unwrap());
+        assert!(
+            rec.as_ref().is_none_or(|(n, _)| *n != o.to),
+            "{fe} knew the new owner from a frozen store: {rec:?}"
+        );
+    }
+    let thawed = now_ns();
+    lab.thaw_etcd().unwrap();
+    common::assert_safe(&o);
+    common::assert_recovered(&o, CAP);
+
+    let nodes = live_nodes(&lab, &o.from);
+    let epochs = wait_agents_agree(&lab, &nodes, &o.to, CAP);
+    eprintln!(
+        "[measured] etcd thawed: every agent sees the store healthy and {} as owner (epochs {epochs:?}) after {}",
+        o.to,
+        secs(since(thawed, now_ns()))
+    );
+}
+
+#[test]
+fn front_end_charon_killed_fails_secure_and_recovers_when_restarted() {
+    let _t = common::start("front-end charon killed and restarted");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    let owner = lab.owner().unwrap();
+    let before = lab.cleartext().unwrap();
+    let wall = wall_now();
+    let killed = now_ns();
+    lab.kill_charon("fe1");
+
+    let engaged = wait_for("fail-secure engaged on fe1", CAP, || {
+        let s = status(&lab, "fe1").ok()?;
+        (s["fail_secure"]["engaged"] == true).then(now_ns)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[measured] fail-secure engaged {} after charon died",
+        secs(since(killed, engaged))
+    );
+    // The probe keeps trying while charon is down: 50 attempts, none answered, none in
+    // clear text.
+    let answered = answered_of_next(&mut lab, "fe1", engaged, 50);
+    assert_eq!(answered, 0, "fe1 got answers without charon");
+    assert_no_cleartext(&lab, before, wall);
+    let down_for = since(killed, now_ns());
+
+    let restarted = now_ns();
+    lab.restart_charon("fe1").unwrap();
+    let back = first_answer(&mut lab, "fe1", &owner, restarted, CAP);
+    eprintln!(
+        "[measured] charon down {}; fe1 answered through the tunnel {} after the restart",
+        secs(down_for),
+        secs(back)
+    );
+    let disengaged = wait_for("fail-secure released on fe1", CAP, || {
+        let s = status(&lab, "fe1").ok()?;
+        (s["fail_secure"]["engaged"] == false).then(now_ns)
+    });
+    eprintln!(
+        "[measured] fail-secure released {} after the restart",
+        disengaged
+            .map(|t| secs(since(restarted, t)))
+            .unwrap_or_else(|e| e.to_string())
+    );
+    lab.wait_steady(CAP).unwrap();
+    assert_no_stale_answers(&mut lab, &owner, killed, Duration::from_secs(1));
+    assert_no_cleartext(&lab, before, wall);
+}
+
+#[test]
+fn front_end_agent_killed_during_a_failover_recovers() {
+    let _t = common::start("front-end agent killed during a failover");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    let o = vipsec_chaos::scenario::run_with(&mut lab, Fault::Crash, CAP, |lab| {
+        lab.kill_agent("fe1");
+        lab.progress.step("fe1's agent killed");
+        // The agent stays dead for a second: the fault, not a synchronisation.
+        std::thread::sleep(Duration::from_secs(1));
+        lab.restart_agent("fe1")?;
+        lab.progress.step("fe1's agent restarted");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("scenario: {e:#}"));
+    eprintln!("[outcome] {}", o.summary());
+    common::assert_safe(&o);
+    common::assert_recovered(&o, CAP);
+    let epochs = wait_agents_agree(&lab, &["fe1".to_string()], &o.to, CAP);
+    eprintln!(
+        "[measured] fe1's restarted agent records {} (epoch {epochs:?})",
+        o.to
+    );
+}
+
+#[test]
+fn partition_between_front_end_and_owner_fails_closed_then_heals() {
+    let _t = common::start("partition fe1 | owner, then heal");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    let owner = lab.owner().unwrap();
+    let fe1 = lab.topo.node("fe1").hub_port.clone();
+    let be = lab.topo.node(&owner).hub_port.clone();
+    let before = lab.cleartext().unwrap();
+    let wall = wall_now();
+    let cut = now_ns();
+    faults::partition(&lab.topo.hub, &fe1, &be).unwrap();
+
+    // Long enough for fe1's idle detector (1 s) to fire and its renegotiation to fail.
+    let answered = answered_of_next(&mut lab, "fe1", cut + 100_000_000, 150);
+    assert_eq!(answered, 0, "fe1 got answers across the partition");
+    let fe2_ok = answered_of_next(&mut lab, "fe2", cut, 50);
+    assert_no_cleartext(&lab, before, wall);
+    let fe1_status = status(&lab, "fe1").unwrap();
+    eprintln!(
+        "[measured] partitioned {}: fe1 answered 0 of 150, fe2 {fe2_ok} of 50; fe1 fail-secure engaged {}",
+        secs(since(cut, now_ns())),
+        fe1_status["fail_secure"]["engaged"]
+    );
+
+    let healed = now_ns();
+    faults::heal(&lab.topo.hub).unwrap();
+    let back = first_answer(&mut lab, "fe1", &owner, healed, CAP);
+    eprintln!(
+        "[measured] fe1 answered by {owner} {} after heal",
+        secs(back)
+    );
+    lab.wait_steady(CAP).unwrap();
+    assert_no_stale_answers(&mut lab, &owner, cut, Duration::from_secs(1));
+    assert_no_cleartext(&lab, before, wall);
+}
+
+#[test]
+fn crash_under_five_percent_packet_loss_recovers() {
+    let _t = common::start("crash under 5% packet loss");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    faults::packet_loss_everywhere(&lab.topo.hub, 5).unwrap();
+    let o = common::run(&mut lab, Fault::Crash, CAP);
+    faults::heal(&lab.topo.hub).unwrap();
+    common::assert_safe(&o);
+    common::assert_recovered(&o, CAP);
+}
+
+#[test]
+fn front_end_behind_nat_fails_over_after_a_crash() {
+    let _t = common::start("front-end behind NAT, crash");
+    let mut opts = common::options(Setup::VipsecEtcd);
+    opts.nat_front_end = Some("fe1".into());
+    let mut lab = common::build(opts);
+    let o = common::run(&mut lab, Fault::Crash, CAP);
+    common::assert_safe(&o);
+    common::assert_recovered(&o, CAP);
+}
