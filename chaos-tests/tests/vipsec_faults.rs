@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use vipsec_chaos::clock::{now_ns, secs, since};
 use vipsec_chaos::lab::faults::{self, Fault};
+use vipsec_chaos::lab::topology::has_addr;
 use vipsec_chaos::lab::{Lab, Role, Setup};
 use vipsec_testbed::process::wait_for;
 
@@ -312,4 +313,76 @@ fn front_end_behind_nat_fails_over_after_a_crash() {
     let o = common::run(&mut lab, Fault::Crash, CAP);
     common::assert_safe(&o);
     common::assert_recovered(&o, CAP);
+}
+
+#[test]
+fn flapping_vip_settles_on_the_last_owner_with_one_sa() {
+    let _t = common::start("flapping VIP, ten planned moves");
+    let mut lab = common::lab(Setup::VipsecEtcd);
+    let first = lab.owner().unwrap();
+    let (_, first_epoch) = recorded_owner(&status(&lab, &first).unwrap()).expect("an owner");
+    let before = lab.cleartext().unwrap();
+    let wall = wall_now();
+    let start = now_ns();
+    let vip = lab.vips[0];
+    let mut takeovers = Vec::new();
+    for _ in 0..10 {
+        let from = lab.wait_owner(CAP).unwrap();
+        let to = lab
+            .names(Role::BackEnd)
+            .into_iter()
+            .find(|n| *n != from)
+            .unwrap();
+        let t = now_ns();
+        lab.planned_move(&from).unwrap();
+        let seen = wait_for("the VIP on the new owner", CAP, || {
+            has_addr(&lab.topo.node(&to).ns, vip).then(now_ns)
+        })
+        .unwrap_or_else(|e| panic!("{from}->{to}: {e}"));
+        takeovers.push(secs(since(t, seen)));
+        // A new keepalived on the old owner (BACKUP, nopreempt) for the move back.
+        lab.restore(&from).unwrap();
+    }
+    let last_move = now_ns();
+    let owner = lab.wait_owner(CAP).unwrap();
+    eprintln!(
+        "[measured] ten moves in {}, takeovers {takeovers:?}",
+        secs(since(start, last_move))
+    );
+    let back: Vec<_> = lab
+        .names(Role::FrontEnd)
+        .iter()
+        .map(|fe| {
+            (
+                fe.clone(),
+                secs(first_answer(&mut lab, fe, &owner, last_move, CAP)),
+            )
+        })
+        .collect();
+    eprintln!("[measured] answered by {owner} after the last move: {back:?}");
+    lab.wait_steady(CAP).unwrap();
+    let steady = now_ns();
+    assert_no_stale_answers(&mut lab, &owner, steady, Duration::from_secs(1));
+
+    for fe in lab.names(Role::FrontEnd) {
+        let mut last = Value::Null;
+        let r = wait_for(&format!("one established IKE_SA on {fe}"), CAP, || {
+            let sas = lab.agent_json(&fe, &["sas", VIP]).ok()?;
+            last = sas.clone();
+            let group = sas["vips"].as_array()?.iter().find(|g| g["vip"] == VIP)?;
+            let list = group["sas"].as_array()?;
+            (list.len() == 1 && list[0]["state"] == "ESTABLISHED").then_some(())
+        });
+        assert!(r.is_ok(), "{fe}: {last:#}");
+    }
+    let nodes = live_nodes(&lab, "");
+    let epochs = wait_agents_agree(&lab, &nodes, &owner, CAP);
+    eprintln!("[measured] epochs after flapping: {epochs:?} (before: {first_epoch})");
+    assert!(
+        epochs
+            .iter()
+            .all(|&e| e == epochs[0] && e >= first_epoch + 10),
+        "every agent should hold the last owner's epoch, at least ten above {first_epoch}: {epochs:?}"
+    );
+    assert_no_cleartext(&lab, before, wall);
 }
