@@ -265,6 +265,10 @@ impl FailoverCore {
                     h.guarded_since = Some(now);
                 }
                 out.push(Action::EngageFailSecure { vip: *vip });
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::FailSecureEngaged, Some(*vip))
+                        .detail("clear-text guard for the hosted VIP's answers (stays while the agent runs)"),
+                ));
             }
             let vips: Vec<Vip> = self
                 .peers
