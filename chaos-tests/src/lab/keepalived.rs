@@ -86,6 +86,16 @@ impl Keepalived {
         self.guard.signal(libc::SIGTERM)
     }
 
+    /// Its process id, for a stop command run by someone else (the handover script).
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.pid()
+    }
+
+    /// Records that something else told it to stop (so `restore` starts a new one).
+    pub fn mark_stopping(&mut self) {
+        self.stopping = true;
+    }
+
     /// Whether it was told to stop.
     pub fn stopping(&self) -> bool {
         self.stopping

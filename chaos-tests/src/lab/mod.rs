@@ -341,7 +341,21 @@ impl Lab {
                 let mut recent: Vec<_> = p.since(t0).collect();
                 recent.sort_by_key(|r| r.start);
                 let tail = &recent[recent.len().saturating_sub(want)..];
-                let good = tail.len() == want
+                // A failed attempt is written when it times out (500 ms after it started),
+                // so the newest records alone can look good while older attempts are still
+                // failing. Attempts that started 0.6-1.1 s ago have all been written: they
+                // must be there without gaps and all answered by the owner.
+                let now = now_ns();
+                let settled: Vec<_> = recent
+                    .iter()
+                    .filter(|r| r.start + 600_000_000 <= now && r.start + 1_100_000_000 > now)
+                    .collect();
+                let settled_good = settled.len() >= 20 * self.vips.len()
+                    && settled
+                        .iter()
+                        .all(|r| r.node.as_deref() == Some(owner.as_str()));
+                let good = settled_good
+                    && tail.len() == want
                     && tail
                         .iter()
                         .all(|r| r.node.as_deref() == Some(owner.as_str()));
@@ -368,14 +382,16 @@ impl Lab {
 
     /// A planned move away from `node`: its keepalived stops gracefully.
     pub fn planned_move(&mut self, node: &str) -> anyhow::Result<()> {
-        // Where an agent runs, the hand-over is graceful: it deletes the node's SAs (an
-        // IKE DELETE to each front-end) and withdraws ownership while the VIP is still
-        // here, as deploy/keepalived/vipsec-handover does.
+        // Where an agent runs, the move goes through the operator's own tool,
+        // deploy/keepalived/vipsec-handover: it drains the VIP (an IKE DELETE to each
+        // front-end while the address is still here), stops keepalived and waits until the
+        // address has left. Further VIPs of a many-VIP lab are drained first, directly.
         if let (Some(bin), Some(socket)) = (self.vipsec_bin.clone(), self.agent_socket(node)) {
-            for vip in &self.vips {
+            let endpoint = format!("unix://{}", socket.display());
+            for vip in self.vips.iter().skip(1) {
                 let out = std::process::Command::new(&bin)
                     .arg("--endpoint")
-                    .arg(format!("unix://{}", socket.display()))
+                    .arg(&endpoint)
                     .args(["drain", &vip.to_string()])
                     .output()?;
                 anyhow::ensure!(
@@ -384,6 +400,37 @@ impl Lab {
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
+            let procs = self.procs.entry(node.to_string()).or_default();
+            let k = procs
+                .keepalived
+                .as_mut()
+                .ok_or_else(|| anyhow::anyhow!("no keepalived on {node}"))?;
+            let pid = k
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("keepalived on {node} already reaped"))?;
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/keepalived/vipsec-handover");
+            let out = self
+                .topo
+                .node(node)
+                .ns
+                .command("sh")
+                .arg(&script)
+                .args(["--stop", "-t", "10", &self.vips[0].to_string()])
+                .env("VIPSEC", &bin)
+                .env("VIPSEC_ENDPOINT", &endpoint)
+                .env("KEEPALIVED_STOP", format!("kill -TERM {pid}"))
+                .output()?;
+            let procs = self.procs.entry(node.to_string()).or_default();
+            if let Some(k) = procs.keepalived.as_mut() {
+                k.mark_stopping();
+            }
+            anyhow::ensure!(
+                out.status.success(),
+                "vipsec-handover on {node}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return Ok(());
         }
         let procs = self.procs.entry(node.to_string()).or_default();
         let k = procs
