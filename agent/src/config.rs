@@ -676,6 +676,18 @@ impl Config {
                     bad(&format!("hosted_vip[{i}].protect[{j}]"), e);
                 }
             }
+            if !v.protect.is_empty()
+                && self.kernel.backend == KernelBackend::Xfrm
+                && self.kernel.fail_secure
+                && self.kernel.interface.is_none()
+            {
+                // The guard stays for as long as the agent runs. Unbound, it would also
+                // catch the tunnel's own packets under charon's kernel-libipsec.
+                bad(
+                    &format!("hosted_vip[{i}].protect"),
+                    "needs kernel.interface (the physical interface the answers leave by): the guard is bound to it so IPsec traffic always passes".into(),
+                );
+            }
             if !seen.insert(v.address) {
                 bad(
                     &format!("hosted_vip[{i}].address"),
@@ -863,6 +875,18 @@ protect = ["tcp/0", "sctp/5"]
                 .join(name);
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    #[test]
+    fn a_hosted_guard_needs_the_interface_it_is_bound_to() {
+        let text = "node = \"be1\"\n[kernel]\nbackend = \"xfrm\"\n[[hosted_vip]]\naddress = \"192.0.2.100\"\nprotect = [\"tcp/143\"]\n";
+        let problems = Config::parse(text).unwrap_err();
+        assert_eq!(problems[0].key, "hosted_vip[0].protect");
+        let fixed = text.replace(
+            "backend = \"xfrm\"",
+            "backend = \"xfrm\"\ninterface = \"eth0\"",
+        );
+        assert!(Config::parse(&fixed).is_ok());
     }
 
     #[test]
