@@ -35,15 +35,6 @@ fn ike_in_transition(state: &str) -> bool {
     matches!(state, "REKEYING" | "REKEYED" | "DELETING")
 }
 
-/// CHILD_SA states a listing can catch in the middle of a rekey or an update: the SA that
-/// carried traffic a moment ago is being replaced, not lost.
-fn child_in_transition(state: &str) -> bool {
-    matches!(
-        state,
-        "CREATED" | "INSTALLING" | "UPDATING" | "REKEYING" | "REKEYED" | "RETRYING"
-    )
-}
-
 /// How many dead ids are remembered; the oldest (smallest: ids grow) are forgotten first.
 const DEAD_IDS_KEPT: usize = 4096;
 
@@ -149,12 +140,11 @@ impl SaSet {
             }
             let new = self.state_from_listing(sa);
             let old = self.sas.get(&sa.unique_id).cloned().unwrap_or_default();
-            if old.is_up()
-                && !new.is_up()
-                && sa.children.iter().any(|c| child_in_transition(&c.state))
-            {
-                // Caught mid-rekey (old child already gone, new one not yet INSTALLED):
-                // the `child-rekey`/`child-updown` event or the next listing settles it.
+            if old.is_up() && !new.is_up() && !sa.children.is_empty() {
+                // A listing can catch a CHILD_SA rekey half-way in several shapes (old one
+                // REKEYED or DELETING, new one INSTALLING or not yet INSTALLED). While any
+                // CHILD_SA is still listed, only an event (`child-updown`, `child-rekey`)
+                // says the VIP lost its SA; a listing says so once none is left.
                 continue;
             }
             for c in old.children.difference(&new.children) {
