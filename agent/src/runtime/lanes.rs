@@ -41,15 +41,21 @@ enum KernelJob {
     Release(Vip),
 }
 
-pub(super) struct Lanes {
+/// What every lane works with.
+#[derive(Clone)]
+struct LaneContext {
     store: Arc<dyn OwnershipStore>,
     keying: Arc<dyn Keying>,
     kernel: Arc<dyn Kernel>,
     config: Arc<Config>,
     inputs: InputSink,
     tracker: TaskTracker,
-    cancel: CancellationToken,
     sink: EventSink,
+}
+
+pub(super) struct Lanes {
+    ctx: LaneContext,
+    cancel: CancellationToken,
     vip_lanes: HashMap<Vip, mpsc::UnboundedSender<Job>>,
     kernel_lane: mpsc::UnboundedSender<KernelJob>,
     kernel_health: Arc<Mutex<HealthView>>,
@@ -78,14 +84,16 @@ impl Lanes {
             .instrument(info_span!("kernel-lane")),
         );
         Lanes {
-            store: backends.store.clone(),
-            keying: backends.keying.clone(),
-            kernel: backends.kernel.clone(),
-            config,
-            inputs,
-            tracker,
+            ctx: LaneContext {
+                store: backends.store.clone(),
+                keying: backends.keying.clone(),
+                kernel: backends.kernel.clone(),
+                config,
+                inputs,
+                tracker,
+                sink,
+            },
             cancel,
-            sink,
             vip_lanes: HashMap::new(),
             kernel_lane,
             kernel_health,
@@ -116,8 +124,8 @@ impl Lanes {
             Action::DropStaleSas { vip } => self.lane(vip, Job::DropStale),
             Action::Initiate { vip, attempt } => self.lane(vip, Job::Initiate { attempt }),
             Action::StartTimer { timer, after } => {
-                let (inputs, cancel) = (self.inputs.clone(), self.cancel.clone());
-                self.tracker.spawn(async move {
+                let (inputs, cancel) = (self.ctx.inputs.clone(), self.cancel.clone());
+                self.ctx.tracker.spawn(async move {
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         _ = tokio::time::sleep(after) => { let _ = inputs.send(Input::TimerFired(timer)).await; }
@@ -130,7 +138,7 @@ impl Lanes {
             Action::ReleaseFailSecure { vip } => {
                 let _ = self.kernel_lane.send(KernelJob::Release(vip));
             }
-            Action::Notify(n) => self.sink.emit(n),
+            Action::Notify(n) => self.ctx.sink.emit(n),
         }
     }
 
@@ -148,16 +156,10 @@ impl Lanes {
         self.vip_lanes.insert(vip, tx);
         let lane = VipLane {
             vip,
-            store: self.store.clone(),
-            keying: self.keying.clone(),
-            kernel: self.kernel.clone(),
-            config: self.config.clone(),
-            inputs: self.inputs.clone(),
-            tracker: self.tracker.clone(),
-            sink: self.sink.clone(),
+            ctx: self.ctx.clone(),
         };
         let cancel = self.cancel.clone();
-        self.tracker.spawn(
+        self.ctx.tracker.spawn(
             lane.run(rx, cancel)
                 .instrument(info_span!("vip-lane", %vip)),
         );
@@ -166,13 +168,7 @@ impl Lanes {
 
 struct VipLane {
     vip: Vip,
-    store: Arc<dyn OwnershipStore>,
-    keying: Arc<dyn Keying>,
-    kernel: Arc<dyn Kernel>,
-    config: Arc<Config>,
-    inputs: InputSink,
-    tracker: TaskTracker,
-    sink: EventSink,
+    ctx: LaneContext,
 }
 
 impl VipLane {
@@ -187,7 +183,7 @@ impl VipLane {
     }
 
     fn failed(&self, what: &str, error: impl std::fmt::Display) {
-        self.sink.emit(
+        self.ctx.sink.emit(
             Notice::new(NoticeKind::ActionFailed, Some(self.vip))
                 .detail(format!("{what}: {error}")),
         );
@@ -196,17 +192,17 @@ impl VipLane {
     async fn job(&self, job: Job) {
         let vip = self.vip;
         match job {
-            Job::Publish => match self.store.publish(vip).await {
+            Job::Publish => match self.ctx.store.publish(vip).await {
                 Ok(owner) => info!(%vip, epoch = owner.epoch, "ownership published"),
                 Err(e) => self.failed("publish", e),
             },
-            Job::Withdraw => match self.store.withdraw(vip).await {
+            Job::Withdraw => match self.ctx.store.withdraw(vip).await {
                 Ok(()) => info!(%vip, "ownership withdrawn"),
                 Err(e) => self.failed("withdraw", e),
             },
             Job::DeleteSas { role, reply } => {
                 let started = std::time::Instant::now();
-                let result = self.keying.delete_sas(vip, role).await;
+                let result = self.ctx.keying.delete_sas(vip, role).await;
                 match &result {
                     Ok(n) => {
                         info!(%vip, deleted = n, took = ?started.elapsed(), "SAs deleted gracefully")
@@ -219,7 +215,7 @@ impl VipLane {
             }
             Job::DropStale => {
                 let started = std::time::Instant::now();
-                match self.keying.drop_sas(vip).await {
+                match self.ctx.keying.drop_sas(vip).await {
                     Ok(n) => {
                         info!(%vip, dropped = n, took = ?started.elapsed(), "stale IKE_SAs dropped")
                     }
@@ -227,7 +223,7 @@ impl VipLane {
                         // The daemon cannot help (hung or gone): remove the kernel's SAs
                         // directly so nothing keeps using the dead peer's keys.
                         self.failed("drop", &e);
-                        match self.kernel.delete_states(vip).await {
+                        match self.ctx.kernel.delete_states(vip).await {
                             Ok(n) => info!(%vip, deleted = n, "kernel SAs deleted directly"),
                             Err(e) => self.failed("kernel delete", e),
                         }
@@ -235,13 +231,13 @@ impl VipLane {
                 }
             }
             Job::Initiate { attempt } => {
-                let Some(conn) = self.config.peer(vip).map(|p| p.peer_connection()) else {
+                let Some(conn) = self.ctx.config.peer(vip).map(|p| p.peer_connection()) else {
                     self.failed("initiate", "not a configured peer VIP");
                     return;
                 };
-                let (keying, inputs) = (self.keying.clone(), self.inputs.clone());
-                let timeout = self.config.keying.initiate_timeout;
-                self.tracker.spawn(
+                let (keying, inputs) = (self.ctx.keying.clone(), self.ctx.inputs.clone());
+                let timeout = self.ctx.config.keying.initiate_timeout;
+                self.ctx.tracker.spawn(
                     async move {
                         let started = std::time::Instant::now();
                         let result = keying.initiate(vip, &conn, timeout).await.map_err(|e| e.to_string());
