@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use vipsec_testbed::netns::Netns;
@@ -215,19 +215,12 @@ impl Charon {
         let log = std::fs::File::create(dir.join("charon.stderr"))?;
         // A private mount namespace with its own /run: charon's pid file must not clash
         // with the other nodes' charons (or the host's).
-        let script = format!(
-            "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF={} exec {}",
+        let command = format!(
+            "env STRONGSWAN_CONF={} {}",
             ss_conf.display(),
             charon.display()
         );
-        let guard = ProcessGuard::spawn(
-            "charon",
-            ns.command("unshare")
-                .args(["-m", "sh", "-c", &script])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-        )?;
+        let guard = crate::nsexec::spawn_with_private_run(ns, "charon", &command, log)?;
         let mut c = Charon {
             guard,
             vici: vici.clone(),

@@ -5,7 +5,6 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Stdio;
 
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::ProcessGuard;
@@ -57,22 +56,15 @@ impl Keepalived {
             .open(dir.join("keepalived.log"))?;
         // Own /run (keepalived keeps state there) and pid files in the run directory, so
         // two lab nodes, or a lab and the host, never see each other's instance.
-        let script = format!(
-            "mount -t tmpfs tmpfs /run && exec {} --dont-fork --log-console --log-detail --vrrp \
+        let command = format!(
+            "{} --dont-fork --log-console --log-detail --vrrp \
              --use-file {} --pid {} --vrrp_pid {}",
             program.display(),
             conf.display(),
             dir.join("keepalived.pid").display(),
             dir.join("keepalived-vrrp.pid").display(),
         );
-        let guard = ProcessGuard::spawn(
-            "keepalived",
-            ns.command("unshare")
-                .args(["-m", "sh", "-c", &script])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-        )?;
+        let guard = crate::nsexec::spawn_with_private_run(ns, "keepalived", &command, log)?;
         Ok(Keepalived {
             guard,
             stopping: false,
