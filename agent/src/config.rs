@@ -300,6 +300,15 @@ pub struct FailoverConfig {
     /// After `vipsec drain`, publish ownership again if the VIP is still here this long after.
     #[serde(default = "default_drain_hold", with = "humantime_serde")]
     pub drain_hold: Duration,
+    /// A hosted VIP here while another node holds its record for longer than this is
+    /// reported as a split brain (a hand-off passes through that state for a moment).
+    #[serde(default = "default_split_brain_grace", with = "humantime_serde")]
+    pub split_brain_grace: Duration,
+    /// While the store is unreachable, accept SAs for a VIP on this node's interface
+    /// without the store's confirmation (availability over strictness; shown as
+    /// "unconfirmed" in `vipsec status`).
+    #[serde(default = "default_true")]
+    pub trust_kernel_when_store_down: bool,
 }
 
 impl Default for FailoverConfig {
@@ -314,6 +323,8 @@ impl Default for FailoverConfig {
             retry_cooldown: default_retry_cooldown(),
             owner_wait: default_owner_wait(),
             drain_hold: default_drain_hold(),
+            split_brain_grace: default_split_brain_grace(),
+            trust_kernel_when_store_down: true,
         }
     }
 }
@@ -335,6 +346,9 @@ fn default_retry_deadline() -> Duration {
 }
 fn default_retry_cooldown() -> Duration {
     Duration::from_secs(5)
+}
+fn default_split_brain_grace() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_owner_wait() -> Duration {
     Duration::from_secs(3)

@@ -55,6 +55,9 @@ pub struct HostedView {
     pub epoch: u64,
     pub draining: bool,
     pub guarded: bool,
+    pub ownership: String,
+    pub ownership_reason: String,
+    pub split_brain: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -131,6 +134,9 @@ impl StatusView {
                 epoch: h.epoch,
                 draining: h.draining,
                 guarded: h.guarded_since.is_some(),
+                ownership: h.ownership.as_str().to_string(),
+                ownership_reason: h.ownership.reason(),
+                split_brain: h.split_brain,
             })
             .collect();
         let mut engaged_since: Option<SystemTime> = None;

@@ -110,6 +110,14 @@ impl OwnershipStore for EmbeddedStore {
         Ok(owner)
     }
 
+    async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError> {
+        let r = self.records.lock().expect("store lock");
+        Ok((
+            r.owners.get(&vip).cloned(),
+            r.epochs.get(&vip).copied().unwrap_or(0),
+        ))
+    }
+
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {
         let removed = {
             let mut r = self.records.lock().expect("store lock");

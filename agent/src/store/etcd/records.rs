@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::keys::{decode_epoch, decode_owner, encode_owner};
-use super::{Claim, EpochMark, EtcdStore, KvMeta, VipView};
+use super::{EpochMark, EtcdStore, KvMeta, VipView};
 use crate::model::{Vip, VipOwner, unix_ms};
 use crate::store::StoreError;
 
@@ -108,15 +108,12 @@ impl EtcdStore {
         })
     }
 
-    pub(super) async fn publish_with(
-        &self,
-        vip: Vip,
-        claim: Claim,
-    ) -> Result<VipOwner, StoreError> {
+    /// Records this node as the VIP's owner if the VIP is vacant or already ours.
+    pub(super) async fn publish_with(&self, vip: Vip) -> Result<VipOwner, StoreError> {
         let client = self.client().await?;
         let lease = self.current_lease(&client).await?;
         // A lost race only retries when the record vanished or is ours; another owner's
-        // newer record ends in `Fenced` (or, for a takeover, in a claim on a fresh view).
+        // live record ends in `Fenced`.
         for _ in 0..3 {
             let view = self.view(&client, vip).await?;
             match view.owner {
@@ -148,7 +145,7 @@ impl EtcdStore {
                         return Ok(own);
                     }
                 }
-                Some((other, _)) if claim == Claim::RestoreOnly => {
+                Some((other, _)) => {
                     return Err(StoreError::Fenced {
                         vip,
                         owner: other.node,
@@ -168,7 +165,7 @@ impl EtcdStore {
     pub(super) async fn restore_published(&self) -> Result<(), StoreError> {
         let vips: Vec<Vip> = self.published().iter().copied().collect();
         for vip in vips {
-            match self.publish_with(vip, Claim::RestoreOnly).await {
+            match self.publish_with(vip).await {
                 Ok(_) => {}
                 Err(StoreError::Fenced { owner, epoch, .. }) => {
                     tracing::warn!(%vip, %owner, epoch, "VIP taken by another node meanwhile; not restoring it");
