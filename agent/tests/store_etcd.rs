@@ -382,7 +382,8 @@ async fn corrupt_records_are_skipped_with_a_warning() {
             Some(VipOwner {
                 node: "be9".into(),
                 epoch: 4,
-                taken_at_ms: 5
+                taken_at_ms: 5,
+                draining: false,
             })
         )]
     );

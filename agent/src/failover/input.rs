@@ -89,6 +89,10 @@ pub enum Action {
     WithdrawOwnership {
         vip: Vip,
     },
+    /// Mark this node's record as draining: front-ends wait for the next owner.
+    MarkDraining {
+        vip: Vip,
+    },
     /// Delete every SA of the VIP with an IKE DELETE to each peer.
     DeleteSas {
         vip: Vip,
@@ -128,6 +132,7 @@ impl Action {
         match self {
             Action::PublishOwnership { vip }
             | Action::WithdrawOwnership { vip }
+            | Action::MarkDraining { vip }
             | Action::DeleteSas { vip, .. }
             | Action::DropStaleSas { vip }
             | Action::Initiate { vip, .. }

@@ -430,7 +430,10 @@ impl FailoverCore {
         h.generation += 1;
         // DELETE first, while front-ends still know us as the owner: each answers its
         // DELETE. Withdrawing first would make them delete at the same moment, and two
-        // crossing DELETEs leave charon waiting for answers that never come.
+        // crossing DELETEs leave charon waiting for answers that never come. The record
+        // is marked draining before that, so a front-end that got our DELETE waits for the
+        // next owner's record instead of coming back here.
+        out.push(Action::MarkDraining { vip });
         out.push(Action::DeleteSas {
             vip,
             role: VipRole::Hosted,
@@ -788,7 +791,7 @@ impl FailoverCore {
             && self
                 .peers
                 .get(&vip)
-                .is_some_and(|p| p.synced && p.owner.is_none())
+                .is_some_and(|p| p.synced && p.owner.as_ref().is_none_or(|o| o.draining))
     }
 
     /// Starts bringing protection toward `vip` back, or hurries a running attempt.

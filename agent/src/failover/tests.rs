@@ -20,6 +20,7 @@ fn owner(node: &str, epoch: u64) -> Option<VipOwner> {
         node: node.into(),
         epoch,
         taken_at_ms: 0,
+        draining: false,
     })
 }
 
@@ -1075,4 +1076,59 @@ async fn while_the_store_is_down_the_kernel_alone_decides_unless_configured_stri
     ));
     let a = be.feed(hosted_sa(1));
     assert!(notices(&a).contains(&NoticeKind::SaRefused));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_owners_delete_makes_the_front_end_wait_for_the_next_owner() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    let mut draining = owner("be1", 1).unwrap();
+    draining.draining = true;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: Some(draining),
+    });
+    assert!(initiates(&a).is_empty());
+    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }));
+    // The old owner's DELETE: no attempt toward it, wait for the next record.
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    assert!(fe.core.peers()[&vip()].renegotiation.is_some());
+    fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    time::advance(Duration::from_millis(200)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_marks_the_record_draining_before_deleting() {
+    let mut be = Node::back_end();
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 4),
+    });
+    let a = be.feed(Input::Drain(vip()));
+    let pos = |want: &Action| a.iter().position(|x| x == want).unwrap();
+    assert!(
+        pos(&Action::MarkDraining { vip: vip() })
+            < pos(&Action::DeleteSas {
+                vip: vip(),
+                role: VipRole::Hosted
+            })
+    );
+    assert!(
+        pos(&Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }) < pos(&Action::WithdrawOwnership { vip: vip() })
+    );
 }

@@ -31,6 +31,7 @@ use crate::store::{OwnershipStore, StoreError};
 enum JobKind {
     Publish,
     Withdraw,
+    MarkDraining,
     DeleteSas {
         role: VipRole,
         reply: Option<oneshot::Sender<Result<u32, String>>>,
@@ -163,6 +164,7 @@ impl Lanes {
         match action {
             Action::PublishOwnership { vip } => self.lane(vip, epoch, JobKind::Publish),
             Action::WithdrawOwnership { vip } => self.lane(vip, epoch, JobKind::Withdraw),
+            Action::MarkDraining { vip } => self.lane(vip, epoch, JobKind::MarkDraining),
             Action::DeleteSas { vip, role } => {
                 self.lane(vip, epoch, JobKind::DeleteSas { role, reply: None })
             }
@@ -287,6 +289,10 @@ impl VipLane {
                 ),
                 Err(e) => self.failed("publish", e),
             },
+            JobKind::MarkDraining => match self.ctx.store.mark_draining(vip).await {
+                Ok(()) => info!(%vip, "record marked draining"),
+                Err(e) => self.failed("mark draining", e),
+            },
             JobKind::Withdraw => match self.ctx.store.withdraw(vip).await {
                 Ok(()) => info!(%vip, "ownership withdrawn"),
                 Err(e) => self.failed("withdraw", e),
@@ -348,7 +354,7 @@ impl VipLane {
                         .await;
                     return;
                 }
-                let Some(conn) = self.ctx.config.peer(vip).map(|p| p.peer_connection()) else {
+                let Some(conn) = self.ctx.config.peer(vip).and_then(|p| p.peer_connection()) else {
                     self.failed("initiate", "not a configured peer VIP");
                     return;
                 };

@@ -150,12 +150,12 @@ impl Agent {
         let peers: Vec<(Vip, bool)> = config
             .peer_vips
             .iter()
-            .map(|p| (p.address, !p.protect.is_empty()))
+            .map(|p| (p.address, config.peer_protected(p.address)))
             .collect();
         let hosted: Vec<(Vip, bool)> = config
             .hosted_vips
             .iter()
-            .map(|h| (h.address, !h.protect.is_empty()))
+            .map(|h| (h.address, config.hosted_protected(h.address)))
             .collect();
         let mut core = FailoverCore::new(CoreSettings::from_config(&config), &hosted, &peers);
         let mut health = Health {

@@ -145,7 +145,7 @@ impl StatusView {
             .peers()
             .iter()
             .map(|(vip, p)| {
-                let conn = config.peer(*vip).map(|c| c.peer_connection());
+                let conn = config.peer(*vip).and_then(|c| c.peer_connection());
                 let established = !p.sas.is_empty();
                 let connecting = p.renegotiation.as_ref().is_some_and(|r| r.in_flight);
                 let state = if established {

@@ -15,6 +15,7 @@ mod connect;
 mod feed;
 mod keys;
 mod lease;
+mod policies;
 mod records;
 
 use std::collections::BTreeSet;
@@ -166,6 +167,10 @@ impl OwnershipStore for EtcdStore {
         let client = self.client().await?;
         let view = self.view(&client, vip).await?;
         Ok((view.owner.map(|(o, _)| o), view.mark.epoch))
+    }
+
+    async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError> {
+        self.mark_own_draining(vip).await
     }
 
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {

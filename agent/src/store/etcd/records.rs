@@ -75,6 +75,7 @@ impl EtcdStore {
             node: self.node.clone(),
             epoch: seen.epoch + 1,
             taken_at_ms: unix_ms(SystemTime::now()),
+            draining: false,
         };
         let value = encode_owner(&owner).map_err(StoreError::Other)?;
         let epoch_key = self.keys.epoch(vip);
@@ -117,11 +118,13 @@ impl EtcdStore {
         for _ in 0..3 {
             let view = self.view(&client, vip).await?;
             match view.owner {
-                Some((own, meta)) if own.node == self.node => {
-                    if meta.lease == lease {
+                Some((mut own, meta)) if own.node == self.node => {
+                    if meta.lease == lease && !own.draining {
                         return Ok(own);
                     }
-                    // Our record under an old lease: move it to the current one, same epoch.
+                    // Our record under an old lease, or marked draining by a drain that
+                    // ended with the VIP still here: same epoch, current lease, not draining.
+                    own.draining = false;
                     let value = encode_owner(&own).map_err(StoreError::Other)?;
                     let key = self.keys.owner(vip);
                     let txn = Txn::new()
@@ -175,6 +178,43 @@ impl EtcdStore {
             }
         }
         Ok(())
+    }
+
+    /// Marks our own live record as draining (same epoch, same lease); a no-op when the
+    /// record is not ours.
+    pub(super) async fn mark_own_draining(&self, vip: Vip) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        for _ in 0..3 {
+            let view = self.view(&client, vip).await?;
+            let Some((mut own, meta)) = view.owner.filter(|(o, _)| o.node == self.node) else {
+                return Ok(());
+            };
+            if own.draining {
+                return Ok(());
+            }
+            own.draining = true;
+            let value = encode_owner(&own).map_err(StoreError::Other)?;
+            let key = self.keys.owner(vip);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    meta.mod_revision,
+                )])
+                .and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(meta.lease)),
+                )]);
+            let mut c = client.clone();
+            if self.timed("mark draining", c.txn(txn)).await?.succeeded() {
+                tracing::info!(%vip, epoch = own.epoch, "record marked draining");
+                return Ok(());
+            }
+        }
+        Err(StoreError::Other(format!(
+            "{vip}: owner record kept changing; try again"
+        )))
     }
 
     /// Deletes the owner record only while it is this node's (compared in the transaction).
