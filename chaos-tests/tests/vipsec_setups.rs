@@ -61,3 +61,21 @@ fn vipsec_etcd_crash_with_ten_vips_recovers_every_vip() {
         "vipsec-etcd crash, ten VIPs",
     );
 }
+
+// Nodes configured only through the store: charon starts with no connection, and every
+// agent loads the one policy an operator stored with `vipsec policy apply`.
+
+#[test]
+fn vipsec_policy_planned_move_recovers() {
+    scenario(
+        Setup::VipsecPolicy,
+        Fault::Planned,
+        1,
+        "vipsec-policy planned move",
+    );
+}
+
+#[test]
+fn vipsec_policy_crash_recovers() {
+    scenario(Setup::VipsecPolicy, Fault::Crash, 1, "vipsec-policy crash");
+}

@@ -175,6 +175,8 @@ pub fn event_kind(k: NoticeKind) -> pb::EventKind {
         NoticeKind::SplitBrainCleared => E::SplitBrainCleared,
         NoticeKind::SaRefused => E::SaRefused,
         NoticeKind::ActionFenced => E::ActionFenced,
+        NoticeKind::PolicyApplied => E::PolicyApplied,
+        NoticeKind::PolicyRefused => E::PolicyRefused,
     }
 }
 

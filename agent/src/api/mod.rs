@@ -3,6 +3,9 @@
 
 mod convert;
 mod error;
+mod policies;
+
+pub use policies::parse as parse_policy;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -166,6 +169,22 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
+    async fn get_policies(
+        &self,
+        _req: Request<pb::GetPoliciesRequest>,
+    ) -> Result<Response<pb::GetPoliciesResponse>, Status> {
+        Ok(Response::new(policies::get(&self.handle)?))
+    }
+
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        Ok(Response::new(
+            policies::apply(&self.handle, req.into_inner()).await?,
+        ))
+    }
+
     async fn get_status(
         &self,
         _req: Request<pb::GetStatusRequest>,

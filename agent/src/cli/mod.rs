@@ -9,6 +9,7 @@ mod events;
 mod health;
 mod log_level;
 mod mode;
+mod policy;
 mod render;
 mod sas;
 mod status;
@@ -90,6 +91,11 @@ pub enum Command {
     },
     /// Replace the agent's log filter, e.g. `debug` or `info,vipsec::keying=trace`.
     LogLevel { filter: String },
+    /// Cluster-wide IPsec policies (the agent loads each VIP's into charon).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -100,6 +106,27 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Check a config file; prints each problem with its key and reason.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The policy in force for each VIP (with its source and version) and every stored one.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a policy file (TOML or JSON) and store it cluster-wide.
+    Apply {
+        file: PathBuf,
+        /// Store only if the stored version is still this one.
+        #[arg(long)]
+        expect_version: Option<u64>,
+        /// Store only if no policy of that name exists yet.
+        #[arg(long, conflicts_with = "expect_version")]
+        create: bool,
+    },
+    /// Validate a policy file without storing it.
     Check { file: PathBuf },
 }
 
@@ -138,7 +165,9 @@ impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> CliError {
         let msg = format!("agent: {}", s.message());
         match s.code() {
-            tonic::Code::InvalidArgument | tonic::Code::NotFound => CliError::Usage(msg),
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition => CliError::Usage(msg),
             _ => CliError::Runtime(msg),
         }
     }
@@ -192,5 +221,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::run(&file),
+        Command::Policy { command } => match command {
+            PolicyCommand::Show { json } => policy::show(&target, json).await,
+            PolicyCommand::Apply {
+                file,
+                expect_version,
+                create,
+            } => policy::apply(&target, &file, expect_version, create).await,
+            PolicyCommand::Check { file } => policy::check(&file),
+        },
     }
 }

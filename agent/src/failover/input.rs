@@ -217,6 +217,10 @@ pub enum NoticeKind {
     SaRefused,
     /// An action decided under an epoch that has since been superseded was not carried out.
     ActionFenced,
+    /// A stored policy is in force for the VIP.
+    PolicyApplied,
+    /// A stored policy was not applied (invalid, not understood, conflicting, missing).
+    PolicyRefused,
 }
 
 impl NoticeKind {
@@ -245,6 +249,8 @@ impl NoticeKind {
             NoticeKind::SplitBrainCleared => "split-brain-cleared",
             NoticeKind::SaRefused => "sa-refused",
             NoticeKind::ActionFenced => "action-fenced",
+            NoticeKind::PolicyApplied => "policy-applied",
+            NoticeKind::PolicyRefused => "policy-refused",
         }
     }
 }

@@ -258,6 +258,14 @@ impl FailoverCore {
             .unwrap_or(0)
     }
 
+    /// The owner of record the core knows for a VIP.
+    pub fn owner_of(&self, vip: Vip) -> Option<&VipOwner> {
+        self.hosted
+            .get(&vip)
+            .and_then(|h| h.owner.as_ref())
+            .or_else(|| self.peers.get(&vip).and_then(|p| p.owner.as_ref()))
+    }
+
     pub fn epochs(&self) -> impl Iterator<Item = (Vip, u64)> + '_ {
         self.hosted
             .iter()

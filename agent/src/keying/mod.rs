@@ -55,6 +55,11 @@ pub trait Keying: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<(), KeyingError>;
 
+    /// Deletes one IKE_SA gracefully (an IKE DELETE to its peer).
+    async fn terminate_sa(&self, ike_id: crate::model::IkeId) -> Result<(), KeyingError> {
+        Err(no_daemon(format!("terminate IKE_SA #{ike_id}")))
+    }
+
     /// Loads (or replaces, by name) a connection rendered from the cluster policy.
     async fn load_connection(&self, spec: &ConnectionSpec) -> Result<(), KeyingError> {
         Err(no_daemon(format!("load-conn {}", spec.name)))

@@ -14,8 +14,9 @@ use super::template::{Template, TrafficEntry, TrafficSpec};
 pub const MAX_NAME_LEN: usize = 32;
 
 /// Every top-level key this version of vipsec knows; anything else is a newer vipsec's.
-pub const KNOWN_FIELDS: [&str; 13] = [
+pub const KNOWN_FIELDS: [&str; 14] = [
     "name",
+    "vips",
     "template",
     "ports",
     "ike-proposals",
@@ -37,6 +38,10 @@ pub const KNOWN_FIELDS: [&str; 13] = [
 pub struct Policy {
     /// `[a-z0-9-]`, at most 32 characters; names the charon connections.
     pub name: String,
+    /// The VIPs this policy protects: every node hosting or talking to one of them loads
+    /// the policy's connection for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<std::net::IpAddr>,
     /// A named set of ports; exactly one of `template` and `ports` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<Template>,
@@ -145,6 +150,7 @@ impl Policy {
     pub fn from_template(name: &str, template: Template) -> Policy {
         Policy {
             name: name.to_string(),
+            vips: Vec::new(),
             template: Some(template),
             ports: None,
             ike_proposals: default_ike_proposals(),

@@ -5,6 +5,7 @@
 //! Pure: parsing, validation and rendering do no I/O; `keying::strongswan::loader`
 //! carries the rendered connection to charon.
 
+pub mod assign;
 pub mod document;
 pub mod proposals;
 pub mod render;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::policies::Policies;
 use super::{Backends, EventSink, HealthView};
 use crate::InputSink;
 use crate::config::Config;
@@ -43,6 +44,11 @@ enum JobKind {
     AcceptSas {
         accept: bool,
     },
+    /// An SA came up: check it against the VIP's policy (NAT rules).
+    CheckSa {
+        role: VipRole,
+        ike_id: crate::model::IkeId,
+    },
 }
 
 struct Job {
@@ -51,23 +57,34 @@ struct Job {
     epoch: u64,
 }
 
-/// The highest epoch the core knows per VIP, kept up to date by the core loop.
+/// The highest epoch and the owner of record the core knows per VIP, kept up to date by
+/// the core loop.
 #[derive(Clone, Default)]
-struct EpochBoard(Arc<Mutex<HashMap<Vip, u64>>>);
+struct EpochBoard(Arc<Mutex<HashMap<Vip, Known>>>);
+
+/// The epoch and owner of record the core knows for a VIP.
+type Known = (u64, Option<String>);
 
 impl EpochBoard {
-    fn set(&self, vip: Vip, epoch: u64) {
+    fn set(&self, vip: Vip, epoch: u64, owner: Option<String>) {
         let mut m = self.0.lock().expect("epoch board lock");
         let e = m.entry(vip).or_default();
-        *e = (*e).max(epoch);
+        e.0 = e.0.max(epoch);
+        e.1 = owner;
     }
     fn get(&self, vip: Vip) -> u64 {
         self.0
             .lock()
             .expect("epoch board lock")
             .get(&vip)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |e| e.0)
+    }
+    fn owner(&self, vip: Vip) -> Option<String> {
+        self.0
+            .lock()
+            .expect("epoch board lock")
+            .get(&vip)
+            .and_then(|e| e.1.clone())
     }
 }
 
@@ -87,6 +104,7 @@ struct LaneContext {
     tracker: TaskTracker,
     sink: EventSink,
     epochs: EpochBoard,
+    policies: Option<Policies>,
 }
 
 pub(super) struct Lanes {
@@ -129,6 +147,7 @@ impl Lanes {
                 tracker,
                 sink,
                 epochs: EpochBoard::default(),
+                policies: None,
             },
             cancel,
             vip_lanes: HashMap::new(),
@@ -137,9 +156,28 @@ impl Lanes {
         }
     }
 
-    /// Records the epoch the core knows for a VIP; later actions are judged against it.
-    pub(super) fn note_epoch(&self, vip: Vip, epoch: u64) {
-        self.ctx.epochs.set(vip, epoch);
+    /// Records the epoch and owner the core knows for a VIP; later actions are judged
+    /// against them.
+    pub(super) fn note_epoch(&self, vip: Vip, epoch: u64, owner: Option<String>) {
+        self.ctx.epochs.set(vip, epoch, owner);
+    }
+
+    /// Lets the lanes load policy-managed connections.
+    pub(super) fn set_policies(&mut self, policies: Policies) {
+        self.ctx.policies = Some(policies);
+    }
+
+    /// Queues the policy check of an SA that came up.
+    pub(super) fn check_sa(
+        &mut self,
+        vip: Vip,
+        role: VipRole,
+        ike_id: crate::model::IkeId,
+        epoch: u64,
+    ) {
+        if self.ctx.policies.is_some() {
+            self.lane(vip, epoch, JobKind::CheckSa { role, ike_id });
+        }
     }
 
     pub(super) fn kernel_health(&self) -> HealthView {
@@ -280,6 +318,18 @@ impl VipLane {
         match job.kind {
             JobKind::AcceptSas { accept } => {
                 info!(%vip, accept, epoch, "IKE for the hosted VIP {}", if accept { "accepted" } else { "refused" });
+                if let Some(p) = &self.ctx.policies
+                    && self.ctx.config.policy_managed(vip)
+                {
+                    p.set_accepting(vip, accept).await;
+                }
+            }
+            JobKind::CheckSa { role, ike_id } => {
+                if let Some(p) = &self.ctx.policies
+                    && self.ctx.config.policy_managed(vip)
+                {
+                    p.check_sa(vip, role, ike_id).await;
+                }
             }
             JobKind::Publish => match self.ctx.store.publish(vip).await {
                 Ok(owner) => info!(%vip, epoch = owner.epoch, "ownership published"),
@@ -354,9 +404,31 @@ impl VipLane {
                         .await;
                     return;
                 }
-                let Some(conn) = self.ctx.config.peer(vip).and_then(|p| p.peer_connection()) else {
-                    self.failed("initiate", "not a configured peer VIP");
-                    return;
+                let conn = match self.ctx.config.peer(vip).and_then(|p| p.peer_connection()) {
+                    Some(c) => Ok(c),
+                    None => match &self.ctx.policies {
+                        // The owner of record's identity is required of the peer: a node
+                        // that holds the address but not the record cannot complete IKE.
+                        Some(p) => p.prepare_initiate(vip, self.ctx.epochs.owner(vip)).await,
+                        None => Err("not a configured peer VIP".to_string()),
+                    },
+                };
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.failed("initiate", &e);
+                        let result = Err(e);
+                        let _ = self
+                            .ctx
+                            .inputs
+                            .send(Input::InitiateFinished {
+                                vip,
+                                attempt,
+                                result,
+                            })
+                            .await;
+                        return;
+                    }
                 };
                 let (keying, inputs) = (self.ctx.keying.clone(), self.ctx.inputs.clone());
                 let timeout = self.ctx.config.keying.initiate_timeout;

@@ -3,6 +3,7 @@
 //! everything down on one cancellation token.
 
 mod lanes;
+pub mod policies;
 pub mod status;
 
 use std::net::IpAddr;
@@ -23,8 +24,11 @@ use crate::keying::Keying;
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::model::{Mode, Vip};
+use crate::policy::SecretKey;
 use crate::store::OwnershipStore;
+use crate::store::policies::PolicyStore;
 use lanes::Lanes;
+use policies::Policies;
 pub use status::{Health, HealthView, StatusView};
 
 /// The outside systems the agent works with, one trait object each.
@@ -33,6 +37,8 @@ pub struct Backends {
     pub watcher: Arc<dyn AddressWatcher>,
     pub keying: Arc<dyn Keying>,
     pub kernel: Arc<dyn Kernel>,
+    /// Where the cluster-wide policies are kept.
+    pub policies: Arc<dyn PolicyStore>,
 }
 
 impl Backends {
@@ -42,6 +48,7 @@ impl Backends {
             watcher: crate::addrwatch::from_config(),
             keying: crate::keying::from_config(config),
             kernel: crate::kernel::from_config(config)?,
+            policies: crate::store::policy_store_from_config(config)?,
         })
     }
 }
@@ -74,6 +81,8 @@ pub struct AgentHandle {
     pub keying: Arc<dyn Keying>,
     pub log: Option<Arc<LogControl>>,
     pub metrics: Arc<Metrics>,
+    /// The policy runtime, when `policy.managed`.
+    pub policies: Option<Policies>,
     status: watch::Receiver<StatusView>,
     events: broadcast::Sender<EventRecord>,
     commands: mpsc::Sender<Command>,
@@ -180,11 +189,33 @@ impl Agent {
         }
 
         let (status_tx, status_rx) = watch::channel(StatusView::build(&core, &health, &config));
+        let sink = EventSink {
+            events: events.clone(),
+            metrics: metrics.clone(),
+            node: config.node.clone(),
+        };
+        let policies = if config.policy.managed {
+            let path = config.policy.psk_file.clone().unwrap_or_default();
+            let psk = SecretKey::from_file(&path)
+                .map_err(|e| anyhow::anyhow!("policy.psk_file {}: {e}", path.display()))?;
+            let p = Policies::new(
+                config.clone(),
+                backends.keying.clone(),
+                backends.kernel.clone(),
+                backends.policies.clone(),
+                psk,
+                sink.clone(),
+            );
+            Some(p)
+        } else {
+            None
+        };
         let handle = AgentHandle {
             config: config.clone(),
             keying: backends.keying.clone(),
             log,
             metrics: metrics.clone(),
+            policies: policies.clone(),
             status: status_rx,
             events: events.clone(),
             commands: cmd_tx,
@@ -233,12 +264,7 @@ impl Agent {
             );
         }
 
-        let sink = EventSink {
-            events: events.clone(),
-            metrics: metrics.clone(),
-            node: config.node.clone(),
-        };
-        let lanes = Lanes::new(
+        let mut lanes = Lanes::new(
             &backends,
             config.clone(),
             input_tx.clone(),
@@ -247,6 +273,11 @@ impl Agent {
             sink.clone(),
             health.kernel.clone(),
         );
+        if let Some(p) = &policies {
+            lanes.set_policies(p.clone());
+            let (runner, c) = (p.clone(), cancel.clone());
+            tracker.spawn(async move { runner.run(c).await }.instrument(info_span!("policies")));
+        }
         let mut core_loop = CoreLoop {
             core,
             health,
@@ -257,6 +288,8 @@ impl Agent {
             inputs: input_rx,
             commands: cmd_rx,
             pending_drains: Vec::new(),
+            policies: policies.clone(),
+            tracker: tracker.clone(),
         };
         let c = cancel.clone();
         tracker.spawn(
@@ -356,6 +389,8 @@ struct CoreLoop {
     inputs: mpsc::Receiver<Input>,
     commands: mpsc::Receiver<Command>,
     pending_drains: Vec<(Vip, oneshot::Sender<Result<u32, String>>)>,
+    policies: Option<Policies>,
+    tracker: TaskTracker,
 }
 
 impl CoreLoop {
@@ -368,6 +403,7 @@ impl CoreLoop {
                 _ = cancel.cancelled() => break,
                 Some(input) = self.inputs.recv() => {
                     self.note_health(&input);
+                    self.note_policy(&input);
                     let actions = self.core.handle(Instant::now(), input);
                     self.apply(actions);
                 }
@@ -398,6 +434,25 @@ impl CoreLoop {
         }
     }
 
+    /// Tells the policy runtime what it acts on: a (re)connected keying daemon has to be
+    /// given the connections again; a new SA is checked against its policy.
+    fn note_policy(&mut self, input: &Input) {
+        let Some(p) = &self.policies else { return };
+        match input {
+            Input::KeyingUp { .. } => {
+                let p = p.clone();
+                self.tracker.spawn(
+                    async move { p.keying_up().await }.instrument(info_span!("policy-reload")),
+                );
+            }
+            Input::SaUp(sa) if self.config.policy_managed(sa.vip) => {
+                let epoch = self.core.epoch_of(sa.vip);
+                self.lanes.check_sa(sa.vip, sa.role, sa.ike_id, epoch);
+            }
+            _ => {}
+        }
+    }
+
     fn note_health(&mut self, input: &Input) {
         match input {
             Input::StoreHealth { healthy, detail } => {
@@ -414,8 +469,10 @@ impl CoreLoop {
 
     fn apply(&mut self, actions: Vec<Action>) {
         // The epochs the core knows now are the ones these actions were decided under.
-        for (vip, epoch) in self.core.epochs() {
-            self.lanes.note_epoch(vip, epoch);
+        let known: Vec<(Vip, u64)> = self.core.epochs().collect();
+        for (vip, epoch) in known {
+            let owner = self.core.owner_of(vip).map(|o| o.node.clone());
+            self.lanes.note_epoch(vip, epoch, owner);
         }
         for action in actions {
             match action {

@@ -56,6 +56,28 @@ pub trait OwnershipStore: Send + Sync + 'static {
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError>;
 }
 
+/// Where policies are kept: etcd (a client of its own), or the config's documents.
+pub fn policy_store_from_config(config: &Config) -> anyhow::Result<Arc<dyn policies::PolicyStore>> {
+    Ok(match config.store.backend {
+        StoreBackend::Embedded => {
+            let mut docs = Vec::new();
+            for (i, table) in config.policy.documents.iter().enumerate() {
+                let name = table
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("document-{i}"));
+                docs.push((name, serde_json::to_string(table)?));
+            }
+            Arc::new(policies::LocalPolicies::new(
+                "config [[policy.document]]",
+                docs,
+            ))
+        }
+        StoreBackend::Etcd => Arc::new(etcd::EtcdStore::new(config)?),
+    })
+}
+
 /// Builds the store the config names.
 pub async fn from_config(config: &Config) -> anyhow::Result<Arc<dyn OwnershipStore>> {
     Ok(match config.store.backend {

@@ -23,6 +23,12 @@ pub struct AgentPlan<'a> {
     pub store: AgentStore,
     pub etcd_endpoint: &'a str,
     pub vips: &'a [Ipv4Addr],
+    /// Connections come from the cluster policy (no `connection`, no `protect`).
+    pub policy_managed: bool,
+}
+
+pub fn psk_file(dir: &Path) -> PathBuf {
+    dir.join("psk")
 }
 
 pub fn api_socket(dir: &Path) -> PathBuf {
@@ -66,6 +72,26 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     s += "retry_initial = \"50ms\"\n";
     s += "retry_max = \"500ms\"\n";
     s += "owner_wait = \"2s\"\n";
+    if plan.policy_managed {
+        s += "\n[policy]\n";
+        s += "managed = true\n";
+        let _ = writeln!(s, "psk_file = \"{}\"", psk_file(plan.dir).display());
+        for &vip in plan.vips {
+            match plan.role {
+                Role::BackEnd => {
+                    s += "\n[[hosted_vip]]\n";
+                    let _ = writeln!(s, "address = \"{vip}\"");
+                    let _ = writeln!(s, "interface = \"{NODE_IF}\"");
+                }
+                Role::FrontEnd => {
+                    s += "\n[[peer_vip]]\n";
+                    let _ = writeln!(s, "address = \"{vip}\"");
+                }
+                Role::Etcd => {}
+            }
+        }
+        return s;
+    }
     for &vip in plan.vips {
         match plan.role {
             Role::BackEnd => {
@@ -133,6 +159,12 @@ impl Agent {
         std::fs::create_dir_all(plan.dir)?;
         let config = plan.dir.join("agent.toml");
         std::fs::write(&config, config_toml(plan))?;
+        if plan.policy_managed {
+            use std::os::unix::fs::PermissionsExt;
+            let psk = psk_file(plan.dir);
+            std::fs::write(&psk, super::charon::lab_psk())?;
+            std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600))?;
+        }
         let api_socket = api_socket(plan.dir);
         let _ = std::fs::remove_file(&api_socket);
         let log_path = plan.dir.join("agent.log");
@@ -200,6 +232,26 @@ impl Agent {
         self.guard.is_running()
     }
 
+    /// SIGSTOP: the agent hangs as a paused VM or a stalled process would.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.guard.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Agent::freeze`].
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.guard.signal(libc::SIGCONT)
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        let path = self
+            .config
+            .parent()
+            .map(|d| d.join("agent.log"))
+            .unwrap_or_default();
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// SIGKILL: the agent gets no chance to clean up (its XFRM policies stay).
     pub fn kill(&mut self) {
         self.guard.kill();
@@ -235,6 +287,7 @@ mod tests {
             store,
             etcd_endpoint: "http://192.0.2.5:2379",
             vips,
+            policy_managed: false,
         }
     }
 
@@ -254,6 +307,20 @@ mod tests {
                     _ => assert_eq!(config.hosted_vips.len(), 3),
                 }
             }
+        }
+    }
+
+    #[test]
+    fn policy_managed_configs_are_valid_and_name_no_connection() {
+        let vips = super::super::topology::vips(2);
+        for role in [Role::FrontEnd, Role::BackEnd] {
+            let mut p = plan(role, AgentStore::Etcd, &vips);
+            p.policy_managed = true;
+            let text = config_toml(&p);
+            let config =
+                vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+            assert!(config.policy.managed);
+            assert!(config.peer_vips.iter().all(|v| v.connection.is_none()));
         }
     }
 }

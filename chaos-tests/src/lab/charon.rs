@@ -180,6 +180,31 @@ pub fn swanctl_backend(vips: &[Ipv4Addr], liveness: Liveness) -> String {
     s
 }
 
+/// A charon with nothing configured: the agent loads connections and the key from the
+/// cluster policy.
+pub fn swanctl_empty() -> String {
+    "connections {\n}\n".to_string()
+}
+
+/// The lab's cluster policy: the mail ports of every VIP, front-ends from the lab's
+/// networks (a NATed front-end's inner address is 198.51.100.x), NAT allowed on the
+/// front-end side only.
+pub fn lab_policy(vips: &[Ipv4Addr]) -> String {
+    let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+    let mut s = String::new();
+    s += "name = \"lab\"\n";
+    let _ = writeln!(s, "vips = [{}]", vips.join(", "));
+    s += "template = \"mail\"\n";
+    s += "nat-traversal = \"client\"\n";
+    s += "frontend-networks = [\"192.0.2.0/24\", \"198.51.100.0/24\"]\n";
+    s
+}
+
+/// The pre-shared key every lab node uses.
+pub fn lab_psk() -> &'static str {
+    PSK
+}
+
 fn secrets() -> String {
     format!("secrets {{\nike-lab {{\nsecret = \"{PSK}\"\n}}\n}}\n")
 }

@@ -210,6 +210,15 @@ impl Lab {
         for n in &nodes {
             self.start_agent(n)?;
         }
+        if self.setup.policy_managed() {
+            // The operator's way: one `vipsec policy apply` on any node; every agent
+            // picks the policy up from etcd and loads its connections.
+            let file = self.run_dir.path().join("lab-policy.toml");
+            std::fs::write(&file, charon::lab_policy(&self.vips))?;
+            let first = nodes.first().ok_or_else(|| anyhow::anyhow!("no nodes"))?;
+            let out = self.agent_cli(first, &["policy", "apply", &file.display().to_string()])?;
+            self.progress.step(out.trim());
+        }
         Ok(())
     }
 
@@ -218,6 +227,7 @@ impl Lab {
         let dir = self.node_dir(name);
         let liveness = self.setup.liveness();
         let swanctl = match node.role {
+            _ if self.setup.policy_managed() => charon::swanctl_empty(),
             Role::FrontEnd => charon::swanctl_frontend(name, node.addr, &self.vips, liveness),
             _ => charon::swanctl_backend(&self.vips, liveness),
         };
@@ -251,6 +261,7 @@ impl Lab {
             store,
             etcd_endpoint: &endpoint,
             vips: &self.vips,
+            policy_managed: self.setup.policy_managed(),
         };
         let a = Agent::start(&bin, &node.ns, &plan)?;
         self.procs.entry(name.to_string()).or_default().agent = Some(a);
@@ -511,6 +522,39 @@ impl Lab {
         if let Some(mut a) = self.procs.get_mut(node).and_then(|p| p.agent.take()) {
             a.kill();
         }
+    }
+
+    /// Pauses a node's agent (SIGSTOP), as when its VM or process stalls.
+    pub fn freeze_agent(&self, node: &str) -> anyhow::Result<()> {
+        self.agent(node)?.freeze()
+    }
+
+    /// Lets a node's agent run again after [`Lab::freeze_agent`].
+    pub fn thaw_agent(&self, node: &str) -> anyhow::Result<()> {
+        self.agent(node)?.thaw()
+    }
+
+    /// What a node's agent logged so far.
+    pub fn agent_log(&self, node: &str) -> anyhow::Result<String> {
+        Ok(self.agent(node)?.log())
+    }
+
+    fn agent(&self, node: &str) -> anyhow::Result<&agent::Agent> {
+        self.procs
+            .get(node)
+            .and_then(|p| p.agent.as_ref())
+            .ok_or_else(|| anyhow::anyhow!("no agent on {node}"))
+    }
+
+    /// Stops a node's keepalived gracefully (priority-0 advert: the VIP moves) without
+    /// going through the agent, as a cluster manager acting on its own would.
+    pub fn stop_keepalived(&mut self, node: &str) -> anyhow::Result<()> {
+        let procs = self.procs.entry(node.to_string()).or_default();
+        procs
+            .keepalived
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no keepalived on {node}"))?
+            .stop_gracefully()
     }
 
     /// Starts a node's agent again with the same config (after [`Lab::kill_agent`]).

@@ -16,6 +16,9 @@ pub enum Setup {
     VipsecEtcd,
     /// The vipsec agent with its embedded store only: front-ends rely on the idle detector.
     VipsecIdle,
+    /// vipsec with etcd, every IKE connection loaded by the agents from one cluster-wide
+    /// policy stored in etcd (charon starts with no connection at all).
+    VipsecPolicy,
 }
 
 /// How a vipsec set-up stores ownership.
@@ -26,11 +29,12 @@ pub enum AgentStore {
 }
 
 impl Setup {
-    pub const ALL: [Setup; 4] = [
+    pub const ALL: [Setup; 5] = [
         Setup::StrongswanDefaults,
         Setup::StrongswanDpd,
         Setup::VipsecEtcd,
         Setup::VipsecIdle,
+        Setup::VipsecPolicy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +43,7 @@ impl Setup {
             Setup::StrongswanDpd => "strongswan-dpd",
             Setup::VipsecEtcd => "vipsec-etcd",
             Setup::VipsecIdle => "vipsec-idle",
+            Setup::VipsecPolicy => "vipsec-policy",
         }
     }
 
@@ -56,7 +61,7 @@ impl Setup {
                 short_retransmits: false,
                 agent_initiates: false,
             },
-            Setup::VipsecEtcd | Setup::VipsecIdle => Liveness {
+            Setup::VipsecEtcd | Setup::VipsecIdle | Setup::VipsecPolicy => Liveness {
                 dpd: false,
                 short_retransmits: false,
                 agent_initiates: true,
@@ -66,10 +71,17 @@ impl Setup {
 
     pub fn agent(self) -> Option<AgentStore> {
         match self {
-            Setup::VipsecEtcd => Some(AgentStore::Etcd),
+            Setup::VipsecEtcd | Setup::VipsecPolicy => Some(AgentStore::Etcd),
             Setup::VipsecIdle => Some(AgentStore::Embedded),
             _ => None,
         }
+    }
+}
+
+impl Setup {
+    /// The agents load the IKE connections from the stored policy.
+    pub fn policy_managed(self) -> bool {
+        self == Setup::VipsecPolicy
     }
 }
 

@@ -354,6 +354,10 @@ impl Keying for StrongswanKeying {
         Ok(targets.len() as u32)
     }
 
+    async fn terminate_sa(&self, ike_id: crate::model::IkeId) -> Result<(), KeyingError> {
+        self.terminate(ike_id, false).await
+    }
+
     async fn load_connection(&self, spec: &ConnectionSpec) -> Result<(), KeyingError> {
         let started = Instant::now();
         self.on_commands(async |c| loader::load_conn(c, spec).await)
