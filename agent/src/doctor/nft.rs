@@ -662,7 +662,10 @@ impl Ruleset {
             other => elem_matches(&value, other),
         };
         let Some(equal) = equal else {
-            return Tri::Maybe(format!("{} {op} {right} not understood", left));
+            if let Val::NotLoopback(key) = &value {
+                return Tri::Maybe(format!("depends on the interface (meta {key})"));
+            }
+            return Tri::Maybe(format!("{left} {op} {right} not understood"));
         };
         match op {
             "==" | "in" => Tri::from(equal),
@@ -732,6 +735,8 @@ enum Val {
     Str(String),
     Addr(IpAddr),
     Bool(bool),
+    /// An interface not known, but not loopback (the `meta` key it came from).
+    NotLoopback(String),
     /// `ct state` of the first packet of a flow.
     CtNew,
     Family(IpFamily),
@@ -756,9 +761,12 @@ fn field(probe: &Probe, left: &Value) -> Field {
                     Direction::Inbound => key.starts_with('i'),
                     Direction::Outbound => key.starts_with('o'),
                 };
-                match (&probe.iface, applies, key.ends_with("name")) {
-                    (Some(i), true, true) => Field::Value(Val::Str(i.clone())),
-                    _ => Field::Maybe(format!("depends on the interface (meta {key})")),
+                match (&probe.iface, applies) {
+                    (Some(i), true) => Field::Value(Val::Str(i.clone())),
+                    // IKE, NAT-T and ESP between nodes never use loopback: an
+                    // `iif lo accept` does not let them in, whatever else is unknown.
+                    (None, true) => Field::Value(Val::NotLoopback(key.to_string())),
+                    (_, false) => Field::Maybe(format!("depends on meta {key}")),
                 }
             }
             // IKE, NAT-T and ESP packets on the wire have not been through IPsec yet.
@@ -892,6 +900,7 @@ fn elem_matches(v: &Val, e: &Value) -> Option<bool> {
     match v {
         Val::Num(n) | Val::Proto(n) => Some(num(v, e)? == *n),
         Val::Str(s) => Some(e.as_str()? == s),
+        Val::NotLoopback(_) => (e.as_str()? == "lo").then_some(false),
         Val::Bool(b) => Some(e.as_bool()? == *b),
         Val::Addr(a) => Some(e.as_str()?.parse::<IpAddr>().ok()? == *a),
         Val::CtNew => {
@@ -982,22 +991,17 @@ mod tests {
     #[test]
     fn input_policy_drop_with_only_ike_accepted_drops_natt_and_esp() {
         let rs = fixture("ike_only");
-        // `iifname "lo" accept` comes first: on some interface everything passes, so the
-        // drops are "uncertain" without an interface and certain on eth0.
-        let mut p = Probe::new(IpFamily::V4, Direction::Inbound, IKE);
-        p.iface = Some("eth0".into());
-        assert_eq!(rs.evaluate(&p), Outcome::Accepted);
+        // `iifname "lo" accept` comes first; IKE between nodes never comes over loopback.
+        assert_eq!(v4_in(&rs, IKE), Outcome::Accepted);
         for l4 in [NATT, L4::Esp] {
-            p.l4 = l4;
-            assert_eq!(dropped_at(&rs.evaluate(&p)), ("input".into(), None));
-            match v4_in(&rs, l4) {
-                Outcome::Uncertain { paths } => {
-                    assert!(matches!(paths[0].end, End::Drop { .. }));
-                    assert!(paths[0].doubts[0].reason.contains("interface"));
-                }
-                other => panic!("{other:?}"),
-            }
+            assert_eq!(dropped_at(&v4_in(&rs, l4)), ("input".into(), None));
         }
+        // On a known interface too.
+        let mut p = Probe::new(IpFamily::V4, Direction::Inbound, NATT);
+        p.iface = Some("eth0".into());
+        assert_eq!(dropped_at(&rs.evaluate(&p)), ("input".into(), None));
+        p.iface = Some("lo".into());
+        assert_eq!(rs.evaluate(&p), Outcome::Accepted);
     }
 
     #[test]
