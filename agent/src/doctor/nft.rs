@@ -7,6 +7,19 @@
 //! applies, one where it does not. A packet is "accepted" only when every path accepts it,
 //! "dropped" when some base chain drops it on every path, and "uncertain" otherwise, with
 //! the doubtful rules named. So a rule it cannot read never turns into a silent pass.
+//!
+//! Modelled: base chains of the ip, ip6 and inet families on prerouting + input (inbound)
+//! and output + postrouting (outbound) in priority order; jump/goto/return; accept, drop,
+//! reject, continue; the chain policy; verdict maps; anonymous and named sets, ranges,
+//! prefixes; `meta l4proto|nfproto|protocol|iifname|oifname|iif|oif|secpath`, `ip
+//! protocol|saddr|daddr`, `ip6 nexthdr|saddr|daddr`, `udp|th sport|dport`, other transport
+//! headers (absent on these packets), `ct state` (the probe is the first packet: `new`);
+//! counter, log, mangle and notrack statements.
+//! Not modelled (each a doubt, named in the finding): marks, other `meta`/`ct` keys, `fib`,
+//! rate limits and quotas, `numgen`, `socket`, `osf`, raw payloads, IPv6 extension headers,
+//! iptables-nft `xt` matches, concatenations, bitwise expressions; queue and NAT statements
+//! end the walk undecided. Families netdev and bridge are listed, not walked. An unknown
+//! interface is assumed not to be loopback (IKE between nodes never uses it).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1119,6 +1132,23 @@ mod tests {
         assert_eq!(v4_in(&rs, IKE), Outcome::Accepted);
         assert_eq!(v4_in(&rs, L4::Esp), Outcome::Accepted);
         assert_eq!(dropped_at(&v4_in(&rs, NATT)).0, "udp_in");
+    }
+
+    #[test]
+    fn a_distribution_style_ruleset_is_decided_without_doubt() {
+        // ct state vmap, `iif lo accept`, service names, a rate-limited reject.
+        let rs = fixture("distro_default");
+        assert_eq!(v4_in(&rs, IKE), Outcome::Accepted);
+        assert_eq!(v4_in(&rs, NATT), Outcome::Accepted);
+        // ESP: the rate-limited reject may or may not take it, the policy drops the rest;
+        // either way it is dropped.
+        assert_eq!(dropped_at(&v4_in(&rs, L4::Esp)), ("input".into(), None));
+        for l4 in [IKE, NATT, L4::Esp] {
+            assert_eq!(
+                eval(&rs, IpFamily::V6, Direction::Outbound, l4),
+                Outcome::Accepted
+            );
+        }
     }
 
     #[test]
