@@ -281,3 +281,37 @@ fn a_real_etcd_answers_and_an_unreadable_record_is_named() {
     assert_eq!(run.severity("store.records"), "warning");
     assert!(run.summary("store.records").contains(&bad_key));
 }
+
+#[test]
+fn etcd_over_tls_is_reached_with_the_configured_certificates_only() {
+    let pki = vipsec_testbed::pki::TestPki::generate().expect("test certificates");
+    let etcd = EtcdServer::start_tls(&pki).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = |tls: &str| {
+        format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/doctor-tls/\"\n{tls}\n",
+            etcd.endpoint()
+        )
+    };
+    let with_cert = format!(
+        "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        pki.ca().display(),
+        pki.client_cert().display(),
+        pki.client_key().display()
+    );
+    let run = doctor(None, &write_config(dir.path(), &store(&with_cert)));
+    assert_eq!(run.severity("store"), "ok", "{:#}", run.report);
+    assert!(run.summary("store").contains("0 owner record"));
+
+    // The server demands a client certificate.
+    let ca_only = format!("tls_ca = \"{}\"", pki.ca().display());
+    let run = doctor(None, &write_config(dir.path(), &store(&ca_only)));
+    assert_eq!(run.severity("store"), "error", "{:#}", run.report);
+    eprintln!("TLS without a client certificate: {}", run.summary("store"));
+
+    // A certificate file that is not there is named.
+    let missing = "tls_ca = \"/nonexistent/ca.pem\"";
+    let run = doctor(None, &write_config(dir.path(), &store(missing)));
+    assert_eq!(run.severity("store"), "error");
+    assert!(run.summary("store").contains("/nonexistent/ca.pem"));
+}
