@@ -83,25 +83,79 @@ pub async fn probe() -> RulesetProbe {
     RulesetProbe::Listed { json, text }
 }
 
-/// The IP families failover uses here: those of the VIPs (IPv4 when there are none).
-fn families(config: &Config) -> Vec<IpFamily> {
-    let mut fams = BTreeSet::new();
-    for a in config
-        .hosted_addresses()
-        .into_iter()
-        .chain(config.peer_addresses())
-    {
-        fams.insert(match a {
-            IpAddr::V4(_) => 0,
-            IpAddr::V6(_) => 1,
+/// One way IPsec packets go on this node, with the addresses known from the config.
+#[derive(Debug, Clone)]
+struct Flow {
+    family: IpFamily,
+    direction: Direction,
+    saddr: Option<IpAddr>,
+    daddr: Option<IpAddr>,
+}
+
+impl Flow {
+    fn label(&self) -> String {
+        let addr = match (self.direction, self.saddr, self.daddr) {
+            (Direction::Inbound, Some(s), _) => format!(" from {s}"),
+            (Direction::Inbound, None, Some(d)) => format!(" to {d}"),
+            (Direction::Outbound, Some(s), None) => format!(" from {s}"),
+            (Direction::Outbound, _, Some(d)) => format!(" to {d}"),
+            _ => String::new(),
+        };
+        format!("{} {}{addr}", self.direction, self.family)
+    }
+}
+
+fn family_of(a: IpAddr) -> IpFamily {
+    match a {
+        IpAddr::V4(_) => IpFamily::V4,
+        IpAddr::V6(_) => IpFamily::V6,
+    }
+}
+
+/// The flows failover needs: with each peer VIP (packets from and to it) and on each
+/// hosted VIP (to and from it), so address-restricted rules can be decided; without VIPs,
+/// IPv4 in and out with addresses unknown.
+fn flows(config: &Config) -> Vec<Flow> {
+    let mut out = Vec::new();
+    for v in config.peer_addresses() {
+        out.push(Flow {
+            family: family_of(v),
+            direction: Direction::Inbound,
+            saddr: Some(v),
+            daddr: None,
+        });
+        out.push(Flow {
+            family: family_of(v),
+            direction: Direction::Outbound,
+            saddr: None,
+            daddr: Some(v),
         });
     }
-    if fams.is_empty() {
-        fams.insert(0);
+    for v in config.hosted_addresses() {
+        out.push(Flow {
+            family: family_of(v),
+            direction: Direction::Inbound,
+            saddr: None,
+            daddr: Some(v),
+        });
+        out.push(Flow {
+            family: family_of(v),
+            direction: Direction::Outbound,
+            saddr: Some(v),
+            daddr: None,
+        });
     }
-    fams.into_iter()
-        .map(|f| if f == 0 { IpFamily::V4 } else { IpFamily::V6 })
-        .collect()
+    if out.is_empty() {
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            out.push(Flow {
+                family: IpFamily::V4,
+                direction,
+                saddr: None,
+                daddr: None,
+            });
+        }
+    }
+    out
 }
 
 pub fn findings(config: &Config, probe: &RulesetProbe, kernel_has_esp: bool) -> Vec<Finding> {
@@ -147,7 +201,7 @@ pub fn findings(config: &Config, probe: &RulesetProbe, kernel_has_esp: bool) -> 
         out.push(evaluate(
             &rs,
             t,
-            &families(config),
+            &flows(config),
             iface.as_deref(),
             kernel_has_esp,
         ));
@@ -169,7 +223,7 @@ pub fn findings(config: &Config, probe: &RulesetProbe, kernel_has_esp: bool) -> 
 fn evaluate(
     rs: &Ruleset,
     t: Traffic,
-    families: &[IpFamily],
+    flows: &[Flow],
     iface: Option<&str>,
     kernel_has_esp: bool,
 ) -> Finding {
@@ -177,26 +231,26 @@ fn evaluate(
     let mut remedies = Vec::new();
     let mut uncertain = Vec::new();
     let mut doubtful = BTreeSet::new();
-    for &family in families {
-        for direction in [Direction::Inbound, Direction::Outbound] {
-            let mut probe = Probe::new(family, direction, t.l4);
-            probe.iface = iface.map(str::to_string);
-            let what = format!("{direction} {family}");
-            match rs.evaluate(&probe) {
-                Outcome::Accepted => {}
-                Outcome::Dropped { at } => {
-                    dropped.push(format!("{what} dropped by {}", quote(rs, &at)));
-                    remedies.push(insert_command(&at, t.l4));
-                }
-                Outcome::Uncertain { paths } => {
-                    uncertain.push(format!("{what} {}", describe_end(rs, &paths[0])));
-                    for p in &paths {
-                        for d in &p.doubts {
-                            doubtful.insert(format!("{} ({})", quote(rs, &d.place), d.reason));
-                        }
-                        if let End::Unknown { at, why } = &p.end {
-                            doubtful.insert(format!("{} ({why})", quote(rs, at)));
-                        }
+    for flow in flows {
+        let mut probe = Probe::new(flow.family, flow.direction, t.l4);
+        probe.iface = iface.map(str::to_string);
+        probe.saddr = flow.saddr;
+        probe.daddr = flow.daddr;
+        let what = flow.label();
+        match rs.evaluate(&probe) {
+            Outcome::Accepted => {}
+            Outcome::Dropped { at } => {
+                dropped.push(format!("{what} dropped by {}", quote(rs, &at)));
+                remedies.push(insert_command(&at, t.l4));
+            }
+            Outcome::Uncertain { paths } => {
+                uncertain.push(format!("{what} {}", describe_end(rs, &paths[0])));
+                for p in &paths {
+                    for d in &p.doubts {
+                        doubtful.insert(format!("{} ({})", quote(rs, &d.place), d.reason));
+                    }
+                    if let End::Unknown { at, why } = &p.end {
+                        doubtful.insert(format!("{} ({why})", quote(rs, at)));
                     }
                 }
             }
@@ -216,7 +270,8 @@ fn evaluate(
             summary.push_str(": would break failover");
             Severity::Error
         };
-        remedies.dedup();
+        let mut seen = BTreeSet::new();
+        remedies.retain(|r| seen.insert(r.clone()));
         return Finding {
             check: t.check.into(),
             severity,
@@ -239,7 +294,8 @@ fn evaluate(
             ),
         );
     }
-    let fams: Vec<String> = families.iter().map(|f| f.to_string()).collect();
+    let fams: BTreeSet<String> = flows.iter().map(|f| f.family.to_string()).collect();
+    let fams: Vec<String> = fams.into_iter().collect();
     Finding::ok(
         t.check,
         format!(
@@ -344,6 +400,34 @@ mod tests {
         assert_eq!(
             findings(&c, &listed("interface"), true)[1].severity,
             Severity::Ok
+        );
+    }
+
+    #[test]
+    fn vip_addresses_decide_address_restricted_rules() {
+        let peer = |vip: &str| {
+            Config::parse(&format!(
+                "node = \"n\"\n[[peer_vip]]\naddress = \"{vip}\"\nconnection = \"v\"\n"
+            ))
+            .unwrap()
+        };
+        let f = findings(&peer("198.51.100.7"), &listed("address_restricted"), true);
+        assert!(f.iter().all(|x| x.severity == Severity::Ok), "{f:?}");
+        let f = findings(&peer("192.0.2.100"), &listed("address_restricted"), true);
+        assert_eq!(f[1].severity, Severity::Error);
+        assert!(
+            f[1].summary
+                .contains("inbound IPv4 from 192.0.2.100 dropped"),
+            "{:?}",
+            f[1]
+        );
+        // Without a VIP the source is unknown: it depends on the address.
+        let f = findings(&config(), &listed("address_restricted"), true);
+        assert_eq!(f[1].severity, Severity::Warning);
+        assert!(
+            f[1].summary.contains("depends on the address"),
+            "{:?}",
+            f[1]
         );
     }
 
