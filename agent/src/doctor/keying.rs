@@ -163,14 +163,19 @@ pub fn findings(config: &Config, probe: &DaemonProbe) -> Vec<Finding> {
             )];
         }
     };
-    let mut out = vec![Finding::ok(
-        "keying.daemon",
-        format!(
-            "{} {} answers on {socket}",
-            or(&facts.daemon, "charon"),
-            or(&facts.version, "(version unknown)")
-        ),
-    )];
+    let answers = format!(
+        "{} {} answers on {socket}",
+        or(&facts.daemon, "charon"),
+        or(&facts.version, "(version unknown)")
+    );
+    if !needed {
+        // The agent will not drive it: its connections are none of the doctor's business.
+        return vec![Finding::ok(
+            "keying.daemon",
+            format!("{answers} (not used: keying.backend = none)"),
+        )];
+    }
+    let mut out = vec![Finding::ok("keying.daemon", answers)];
     for p in &config.peer_vips {
         let pc = p.peer_connection();
         let check = format!("keying.connection[{}]", p.address);
@@ -273,6 +278,10 @@ mod tests {
         assert_eq!(f[0].severity, Severity::Error);
         assert!(f[0].summary.contains("/run/x.vici"), "{f:?}");
         let f = findings(&config("none"), &Err(DaemonProblem::Missing));
+        assert_eq!(f[0].severity, Severity::Ok);
+        // Nor are connections it lacks when the agent does not use it.
+        let f = findings(&config("none"), &Ok(facts()));
+        assert_eq!(f.len(), 1);
         assert_eq!(f[0].severity, Severity::Ok);
     }
 
