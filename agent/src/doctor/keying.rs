@@ -177,8 +177,18 @@ pub fn findings(config: &Config, probe: &DaemonProbe) -> Vec<Finding> {
     }
     let mut out = vec![Finding::ok("keying.daemon", answers)];
     for p in &config.peer_vips {
-        let pc = p.peer_connection();
         let check = format!("keying.connection[{}]", p.address);
+        let Some(pc) = p.peer_connection() else {
+            // Policy-managed: the agent loads the connection itself when it starts.
+            out.push(Finding::ok(
+                check,
+                format!(
+                    "peer VIP {}: the agent loads its connection from the VIP's policy",
+                    p.address
+                ),
+            ));
+            continue;
+        };
         out.push(match &facts.conns {
             Err(e) => Finding::warning(
                 check,
@@ -307,6 +317,21 @@ mod tests {
             .find(|x| x.check == "keying.connection[192.0.2.101]")
             .unwrap();
         assert!(f.summary.contains("no child \"c\""), "{f:?}");
+    }
+
+    #[test]
+    fn a_policy_managed_peer_vip_needs_no_hand_written_connection() {
+        let c = Config::parse(
+            "node = \"fe1\"\n[keying]\nbackend = \"strongswan\"\n[policy]\nmanaged = true\npsk_file = \"/x\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\n",
+        )
+        .unwrap();
+        let f = findings(&c, &Ok(facts()));
+        let p = f
+            .iter()
+            .find(|x| x.check == "keying.connection[192.0.2.100]")
+            .unwrap();
+        assert_eq!(p.severity, Severity::Ok);
+        assert!(p.summary.contains("policy"), "{p:?}");
     }
 
     #[test]
