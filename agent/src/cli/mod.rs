@@ -4,6 +4,7 @@
 mod agent;
 mod client;
 mod config_check;
+mod doctor;
 mod drain;
 mod events;
 mod health;
@@ -96,6 +97,14 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Preflight check of this node (no agent needed): everything that would break
+    /// failover, with what to do. Exit 0 ok/warnings, 1 errors, 2 cannot run.
+    Doctor {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -135,6 +144,8 @@ pub enum ModeArg {
     Normal,
     Fast,
 }
+
+const DEFAULT_CONFIG: &str = "/etc/vipsec/agent.toml";
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -218,6 +229,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Drain { vip } => drain::run(&target, &vip).await,
         Command::Mode { mode, idle_timeout } => mode::run(&target, mode, idle_timeout).await,
         Command::LogLevel { filter } => log_level::run(&target, &filter).await,
+        Command::Doctor { config, json } => doctor::run(&config, json).await,
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::run(&file),

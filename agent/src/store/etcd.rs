@@ -11,9 +11,9 @@
 //! acting on an old view (a paused or partitioned former owner) fails its compare and gets
 //! `StoreError::Fenced`; it can never overwrite a newer owner.
 
-mod connect;
+pub mod connect;
 mod feed;
-mod keys;
+pub mod keys;
 mod lease;
 mod policies;
 mod records;

@@ -12,7 +12,7 @@
 //! - `initiate` with `timeout = N` answers when the CHILD_SA is installed, or with
 //!   "... not established after Nms" (the IKE_SA keeps trying in the background).
 
-mod connection;
+pub mod connection;
 pub mod loader;
 pub mod messages;
 pub mod sa_set;
