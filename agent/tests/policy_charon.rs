@@ -320,9 +320,94 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
         lab.fe_charon.swanctl(&["--stats"]).is_ok(),
         "charon still runs"
     );
+    let sas = lab.fe_keying.list_sas().await.unwrap();
+    eprintln!(
+        "after the reload: {} IKE_SA(s), states {:?}",
+        sas.len(),
+        sas.iter().map(|s| s.state.as_str()).collect::<Vec<_>>()
+    );
+    // A fresh SA is built from the new connection and carries tcp/80 too.
+    lab.fe_keying.drop_sas(vip()).await.unwrap();
+    let started = Instant::now();
+    lab.fe_keying
+        .initiate(vip(), &policy::render::peer_connection(&mail, vip()), HANG)
+        .await
+        .unwrap();
+    eprintln!("SA up again after the reload: {:?}", started.elapsed());
+    let sas = lab.fe_keying.list_sas().await.unwrap();
+    let child = &sas
+        .iter()
+        .find(|s| s.has_installed_child())
+        .expect("an installed CHILD_SA")
+        .children[0];
+    assert_eq!(
+        child.remote_ts,
+        [
+            "192.0.2.100/32[tcp/80]",
+            "192.0.2.100/32[tcp/110]",
+            "192.0.2.100/32[tcp/143]"
+        ]
+    );
+
+    // The default ESP proposal has PFS (modp3072): a CHILD_SA rekey runs a DH exchange.
+    let old_child = child.unique_id;
+    let started = Instant::now();
+    lab.fe_charon
+        .swanctl(&["--rekey", "--child", &child_name])
+        .unwrap();
+    let deadline = Instant::now() + HANG;
+    loop {
+        let sas = lab.fe_keying.list_sas().await.unwrap();
+        let installed: Vec<u64> = sas
+            .iter()
+            .flat_map(|s| &s.children)
+            .filter(|c| c.state == "INSTALLED")
+            .map(|c| c.unique_id)
+            .collect();
+        if installed.len() == 1 && installed[0] != old_child {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rekeyed CHILD_SA: {sas:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "CHILD_SA rekey with PFS (modp3072): {:?}",
+        started.elapsed()
+    );
 
     // Unloading removes it; unloading again is not an error.
     lab.fe_keying.unload_connection(&conn_name).await.unwrap();
     lab.fe_keying.unload_connection(&conn_name).await.unwrap();
     assert!(lab.fe_keying.list_connections().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_proposal_charon_lacks_fails_at_initiate_with_charons_reason() {
+    let lab = lab();
+    let key = SecretKey::new(b"policy-lab-secret-0123456789".to_vec());
+    lab.fe_keying.load_psk(&key).await.unwrap();
+    lab.be_keying.load_psk(&key).await.unwrap();
+    let p = Policy::parse_json(
+        r#"{"name":"ecp","template":"mail","ike-proposals":["aes256-sha256-ecp384"],
+            "esp-proposals":["aes256-sha256"]}"#,
+    )
+    .unwrap()
+    .policy;
+    load_both(&lab, &p).await;
+    let res = lab
+        .fe_keying
+        .initiate(
+            vip(),
+            &policy::render::peer_connection(&p, vip()),
+            Duration::from_secs(5),
+        )
+        .await;
+    eprintln!("initiate with ecp384 (no openssl plugin): {res:?}");
+    // charon loads the connection, but says why it cannot negotiate it.
+    match res {
+        Err(vipsec::keying::KeyingError::Refused { reason, .. }) => {
+            assert!(reason.contains("ECP_384 not supported"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
