@@ -382,7 +382,7 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_valid_proposal_charon_lacks_fails_at_initiate_with_charons_reason() {
+async fn a_group_charon_lacks_is_found_before_loading_and_fails_at_initiate() {
     let lab = lab();
     let key = SecretKey::new(b"policy-lab-secret-0123456789".to_vec());
     lab.fe_keying.load_psk(&key).await.unwrap();
@@ -393,6 +393,20 @@ async fn a_valid_proposal_charon_lacks_fails_at_initiate_with_charons_reason() {
     )
     .unwrap()
     .policy;
+    // The node can tell beforehand: its charon lists no ECP group.
+    let methods = lab.fe_keying.key_exchange_methods().await.unwrap();
+    eprintln!("charon's key exchange methods: {methods:?}");
+    assert!(methods.contains(&"MODP_3072".to_string()), "{methods:?}");
+    let e = p.check_supported(&methods).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "ike-proposals[0] \"aes256-sha256-ecp384\": DH group ecp384 (ECP_384) is not available"
+        ),
+        "{e}"
+    );
+    Policy::from_template("d", Template::Mail)
+        .check_supported(&methods)
+        .expect("the defaults negotiate with the lab's charon");
     load_both(&lab, &p).await;
     let res = lab
         .fe_keying

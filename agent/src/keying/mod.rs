@@ -74,6 +74,12 @@ pub trait Keying: Send + Sync + 'static {
     async fn list_connections(&self) -> Result<Vec<LoadedConnection>, KeyingError> {
         Err(no_daemon("list-conns".into()))
     }
+
+    /// The DH groups the daemon can negotiate, by its names (`MODP_3072`, `ECP_256`);
+    /// see `Policy::check_supported`.
+    async fn key_exchange_methods(&self) -> Result<Vec<String>, KeyingError> {
+        Err(no_daemon("get-algorithms".into()))
+    }
 }
 
 /// What a backend without a keying daemon answers to configuration commands.

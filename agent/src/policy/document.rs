@@ -288,6 +288,34 @@ impl Policy {
         Ok(())
     }
 
+    /// Checks that this node's charon can negotiate every DH group the policy names;
+    /// `methods` are charon's key-exchange methods (`Keying::key_exchange_methods`,
+    /// e.g. `MODP_3072`). A group can pass the floor and still be missing (no ECP without
+    /// charon's openssl plugin): charon would load the connection and fail at initiate.
+    pub fn check_supported(&self, methods: &[String]) -> Result<(), PolicyError> {
+        for (field, kind, proposals) in [
+            ("ike-proposals", ProposalKind::Ike, &self.ike_proposals),
+            ("esp-proposals", ProposalKind::Esp, &self.esp_proposals),
+        ] {
+            for (i, p) in proposals.iter().enumerate() {
+                let groups = check_proposal(kind, p)
+                    .map_err(|why| PolicyError::invalid(&format!("{field}[{i}] {p:?}"), why))?;
+                if let Some(g) = groups.iter().find(|g| !methods.contains(&g.charon_name())) {
+                    return Err(PolicyError::invalid(
+                        &format!("{field}[{i}] {p:?}"),
+                        format!(
+                            "DH group {g} ({}) is not available in this node's charon \
+                             (it has: {})",
+                            g.charon_name(),
+                            methods.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// What the policy protects.
     pub fn traffic_spec(&self) -> TrafficSpec {
         match (&self.template, &self.ports) {
@@ -418,6 +446,19 @@ frontend-networks = ["198.51.100.0/24"]
         assert!(err(r#"{"name":"m","template":"mail","ports":["tcp"]}"#).contains("not both"));
         assert!(err("[1]").contains("(document)"));
         assert!(err("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn check_supported_names_the_missing_group() {
+        let methods: Vec<String> = ["MODP_2048", "MODP_3072"].map(String::from).to_vec();
+        let mut p = Policy::from_template("m", Template::Mail);
+        p.check_supported(&methods).unwrap();
+        p.esp_proposals = vec!["aes256-sha256".into(), "aes256-sha256-curve25519".into()];
+        let e = p.check_supported(&methods).unwrap_err().to_string();
+        assert!(
+            e.starts_with("esp-proposals[1] \"aes256-sha256-curve25519\": DH group curve25519 (CURVE_25519) is not available"),
+            "{e}"
+        );
     }
 
     #[test]

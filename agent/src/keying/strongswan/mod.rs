@@ -385,6 +385,11 @@ impl Keying for StrongswanKeying {
             .await
     }
 
+    async fn key_exchange_methods(&self) -> Result<Vec<String>, KeyingError> {
+        self.on_commands(async |c| loader::key_exchange_methods(c).await)
+            .await
+    }
+
     async fn initiate(
         &self,
         vip: Vip,
