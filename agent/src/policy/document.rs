@@ -107,6 +107,10 @@ pub enum AuthMethod {
     /// A pre-shared key, node-local (never in the policy): each node's config names a file.
     #[default]
     Psk,
+    /// X.509 certificates (RSA: Debian's charon has no ECDSA without its openssl plugin):
+    /// each node has its own certificate and key (node-local files) and trusts the
+    /// cluster's CA certificates; peers must present a certificate issued by one of them.
+    Pubkey,
 }
 
 pub fn default_ike_proposals() -> Vec<String> {

@@ -107,6 +107,25 @@ pub async fn load_shared(conn: &mut ViciConn, key: &SecretKey) -> Result<(), Key
     Ok(())
 }
 
+/// `load-key`; Debug never shows the key.
+#[derive(Debug, Serialize)]
+struct LoadKeyRequest<'a> {
+    /// `any`: charon finds out RSA or ECDSA from the data.
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: KeyBytes<'a>,
+}
+
+/// Loads this node's private key (PEM or DER) for `auth = pubkey`.
+pub async fn load_key(conn: &mut ViciConn, key: &SecretKey) -> Result<(), KeyingError> {
+    let req = LoadKeyRequest {
+        kind: "any",
+        data: KeyBytes(key),
+    };
+    conn.command("load-key", req, LOAD_TIMEOUT).await?;
+    Ok(())
+}
+
 /// `get-algorithms`: one section per kind, `NAME = plugin`; key exchanges are `dh` in
 /// strongSwan 5.x and `ke` in 6.x.
 #[derive(Debug, Deserialize, Default)]
