@@ -423,6 +423,16 @@ frontend-networks = ["198.51.100.0/24"]
         assert_eq!(p.ports.as_ref().unwrap().len(), 2);
     }
 
+    #[test]
+    fn example_policy_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples/policy-mail.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let p = Policy::parse_toml(&text).unwrap();
+        assert!(p.unknown_fields.is_empty());
+        assert_eq!(p.policy.template, Some(Template::MailCredentials));
+    }
+
     fn err(doc: &str) -> String {
         Policy::parse_json(doc).unwrap_err().to_string()
     }

@@ -12,7 +12,9 @@ pub mod secret;
 pub mod template;
 
 pub use document::{AuthMethod, Encapsulation, NatTraversal, ParsedPolicy, Policy};
-pub use render::{ConnectionSpec, Identities, PSK_ID, connection, connection_names};
+pub use render::{
+    ConnectionSpec, Identities, PSK_ID, connection, connection_names, peer_connection,
+};
 pub use secret::SecretKey;
 pub use template::{Template, TrafficEntry, TrafficSpec};
 
