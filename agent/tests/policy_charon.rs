@@ -269,6 +269,26 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
     )
     .unwrap();
 
+    // Without routing rules, unprotected traffic to the VIP is lost (not sent in clear).
+    let lost = tcp_exchange(&lab, 80, Duration::from_secs(1));
+    eprintln!("tcp/80 without the policy's routing rules: {lost:?}");
+    assert!(
+        lost.is_err(),
+        "kernel-libipsec's table 220 should swallow tcp/80"
+    );
+
+    // charon's kernel-libipsec routes everything to the VIP (and, on the back-end, to the
+    // front-end) into its TUN device, where traffic no SA carries is dropped; the
+    // policy's routing rules send only the protected flows there.
+    for (ns, role) in [(&lab.fe, VipRole::Peer), (&lab.be, VipRole::Hosted)] {
+        for rule in policy::routing::routing_rules(&creds, vip(), role) {
+            let mut args = vec!["rule".to_string(), "add".to_string()];
+            args.extend(rule.ip_args());
+            ns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .unwrap();
+        }
+    }
+
     // Port 110 goes through the SA.
     let before = total(&sas);
     tcp_exchange(&lab, 110, HANG).expect("tcp/110 through the SA");
@@ -276,23 +296,7 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
     eprintln!("tcp/110 exchange: counters {before:?} -> {after:?}");
     assert!(after.packets_out > before.packets_out && after.packets_in > before.packets_in);
 
-    // Port 80 is not protected: the SA does not carry it, it flows in clear. charon's
-    // kernel-libipsec routes everything to the VIP (and, on the back-end, to the
-    // front-end) into its TUN device through routing table 220, where traffic no SA
-    // carries is dropped; a rule ahead of charon's sends the unprotected port by the main
-    // table (the agent must do the same for traffic a policy leaves out).
-    lab.fe
-        .ip(&[
-            "rule", "add", "priority", "100", "to", VIP, "ipproto", "tcp", "dport", "80", "lookup",
-            "main",
-        ])
-        .unwrap();
-    lab.be
-        .ip(&[
-            "rule", "add", "priority", "100", "from", VIP, "ipproto", "tcp", "sport", "80",
-            "lookup", "main",
-        ])
-        .unwrap();
+    // Port 80 is not protected: the SA does not carry it, it flows in clear.
     let before = settled_counters(&lab).await;
     tcp_exchange(&lab, 80, HANG).expect("tcp/80 in clear text");
     let after = settled_counters(&lab).await;

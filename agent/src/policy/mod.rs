@@ -8,6 +8,7 @@
 pub mod document;
 pub mod proposals;
 pub mod render;
+pub mod routing;
 pub mod secret;
 pub mod template;
 
