@@ -88,6 +88,17 @@ pub enum NatTraversal {
     Any,
 }
 
+impl std::fmt::Display for NatTraversal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatTraversal::Never => "never",
+            NatTraversal::Client => "client",
+            NatTraversal::Server => "server",
+            NatTraversal::Any => "any",
+        })
+    }
+}
+
 /// UDP encapsulation of ESP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -398,6 +409,29 @@ mod tests {
         let back = Policy::parse_json(&p.to_json()).unwrap();
         assert_eq!(back.policy, p);
         assert!(back.unknown_fields.is_empty());
+    }
+
+    #[test]
+    fn known_fields_are_exactly_the_serialised_ones() {
+        let mut p = Policy::from_template("m", Template::Mail);
+        p.frontend_networks = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut keys: Vec<String> = Vec::new();
+        for doc in [
+            p.clone(),
+            Policy {
+                template: None,
+                ports: Some(vec![]),
+                ..p
+            },
+        ] {
+            let v = serde_json::to_value(&doc).unwrap();
+            keys.extend(v.as_object().unwrap().keys().cloned());
+        }
+        keys.sort();
+        keys.dedup();
+        let mut known: Vec<String> = KNOWN_FIELDS.iter().map(|s| s.to_string()).collect();
+        known.sort();
+        assert_eq!(keys, known);
     }
 
     #[test]

@@ -96,12 +96,8 @@ pub fn nat_allowed(
     let rule = |side: &str| {
         format!(
             "the {side} side is behind NAT, which policy {:?} does not allow \
-             (nat-traversal = {:?})",
-            policy.name,
-            serde_json::to_value(policy.nat_traversal)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
+             (nat-traversal = \"{}\")",
+            policy.name, policy.nat_traversal
         )
     };
     if client_nat && !client_ok {
