@@ -50,6 +50,10 @@ pub struct VipOwner {
     pub epoch: u64,
     /// Wall-clock time the owner took the VIP (milliseconds since the Unix epoch).
     pub taken_at_ms: u64,
+    /// The owner is handing the VIP over (deleting its SAs before it lets go): front-ends
+    /// wait for the next owner's record instead of coming back to this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl VipOwner {
