@@ -87,24 +87,23 @@ fn lab() -> Lab {
 
 fn fe_ids() -> Identities {
     Identities {
-        local_id: FE.into(),
-        remote_id: None,
         local_addr: Some(FE.parse().unwrap()),
+        ..Identities::psk(FE)
     }
 }
 
 fn be_ids() -> Identities {
-    Identities {
-        local_id: "be.vipsec.test".into(),
-        remote_id: None,
-        local_addr: None,
-    }
+    Identities::psk("be.vipsec.test")
 }
 
 /// Renders `policy` for both sides and loads it; returns the front-end's load time.
 async fn load_both(lab: &Lab, policy: &Policy) -> Duration {
-    let be_spec = policy::connection(policy, vip(), VipRole::Hosted, &be_ids()).unwrap();
-    let fe_spec = policy::connection(policy, vip(), VipRole::Peer, &fe_ids()).unwrap();
+    load_both_as(lab, policy, &fe_ids(), &be_ids()).await
+}
+
+async fn load_both_as(lab: &Lab, policy: &Policy, fe: &Identities, be: &Identities) -> Duration {
+    let be_spec = policy::connection(policy, vip(), VipRole::Hosted, be).unwrap();
+    let fe_spec = policy::connection(policy, vip(), VipRole::Peer, fe).unwrap();
     lab.be_keying.load_connection(&be_spec).await.unwrap();
     let started = Instant::now();
     lab.fe_keying.load_connection(&fe_spec).await.unwrap();
@@ -270,6 +269,26 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
     )
     .unwrap();
 
+    // Without routing rules, unprotected traffic to the VIP is lost (not sent in clear).
+    let lost = tcp_exchange(&lab, 80, Duration::from_secs(1));
+    eprintln!("tcp/80 without the policy's routing rules: {lost:?}");
+    assert!(
+        lost.is_err(),
+        "kernel-libipsec's table 220 should swallow tcp/80"
+    );
+
+    // charon's kernel-libipsec routes everything to the VIP (and, on the back-end, to the
+    // front-end) into its TUN device, where traffic no SA carries is dropped; the
+    // policy's routing rules send only the protected flows there.
+    for (ns, role) in [(&lab.fe, VipRole::Peer), (&lab.be, VipRole::Hosted)] {
+        for rule in policy::routing::routing_rules(&creds, vip(), role) {
+            let mut args = vec!["rule".to_string(), "add".to_string()];
+            args.extend(rule.ip_args());
+            ns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .unwrap();
+        }
+    }
+
     // Port 110 goes through the SA.
     let before = total(&sas);
     tcp_exchange(&lab, 110, HANG).expect("tcp/110 through the SA");
@@ -277,23 +296,7 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
     eprintln!("tcp/110 exchange: counters {before:?} -> {after:?}");
     assert!(after.packets_out > before.packets_out && after.packets_in > before.packets_in);
 
-    // Port 80 is not protected: the SA does not carry it, it flows in clear. charon's
-    // kernel-libipsec routes everything to the VIP (and, on the back-end, to the
-    // front-end) into its TUN device through routing table 220, where traffic no SA
-    // carries is dropped; a rule ahead of charon's sends the unprotected port by the main
-    // table (the agent must do the same for traffic a policy leaves out).
-    lab.fe
-        .ip(&[
-            "rule", "add", "priority", "100", "to", VIP, "ipproto", "tcp", "dport", "80", "lookup",
-            "main",
-        ])
-        .unwrap();
-    lab.be
-        .ip(&[
-            "rule", "add", "priority", "100", "from", VIP, "ipproto", "tcp", "sport", "80",
-            "lookup", "main",
-        ])
-        .unwrap();
+    // Port 80 is not protected: the SA does not carry it, it flows in clear.
     let before = settled_counters(&lab).await;
     tcp_exchange(&lab, 80, HANG).expect("tcp/80 in clear text");
     let after = settled_counters(&lab).await;
@@ -320,9 +323,272 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
         lab.fe_charon.swanctl(&["--stats"]).is_ok(),
         "charon still runs"
     );
+    let sas = lab.fe_keying.list_sas().await.unwrap();
+    eprintln!(
+        "after the reload: {} IKE_SA(s), states {:?}",
+        sas.len(),
+        sas.iter().map(|s| s.state.as_str()).collect::<Vec<_>>()
+    );
+    // A fresh SA is built from the new connection and carries tcp/80 too.
+    lab.fe_keying.drop_sas(vip()).await.unwrap();
+    let started = Instant::now();
+    lab.fe_keying
+        .initiate(vip(), &policy::render::peer_connection(&mail, vip()), HANG)
+        .await
+        .unwrap();
+    eprintln!("SA up again after the reload: {:?}", started.elapsed());
+    let sas = lab.fe_keying.list_sas().await.unwrap();
+    let child = &sas
+        .iter()
+        .find(|s| s.has_installed_child())
+        .expect("an installed CHILD_SA")
+        .children[0];
+    assert_eq!(
+        child.remote_ts,
+        [
+            "192.0.2.100/32[tcp/80]",
+            "192.0.2.100/32[tcp/110]",
+            "192.0.2.100/32[tcp/143]"
+        ]
+    );
+
+    // The default ESP proposal has PFS (modp3072): a CHILD_SA rekey runs a DH exchange.
+    let old_child = child.unique_id;
+    let started = Instant::now();
+    lab.fe_charon
+        .swanctl(&["--rekey", "--child", &child_name])
+        .unwrap();
+    let deadline = Instant::now() + HANG;
+    loop {
+        let sas = lab.fe_keying.list_sas().await.unwrap();
+        let installed: Vec<u64> = sas
+            .iter()
+            .flat_map(|s| &s.children)
+            .filter(|c| c.state == "INSTALLED")
+            .map(|c| c.unique_id)
+            .collect();
+        if installed.len() == 1 && installed[0] != old_child {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rekeyed CHILD_SA: {sas:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "CHILD_SA rekey with PFS (modp3072): {:?}",
+        started.elapsed()
+    );
 
     // Unloading removes it; unloading again is not an error.
     lab.fe_keying.unload_connection(&conn_name).await.unwrap();
     lab.fe_keying.unload_connection(&conn_name).await.unwrap();
     assert!(lab.fe_keying.list_connections().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_charon_lacks_is_found_before_loading_and_fails_at_initiate() {
+    let lab = lab();
+    let key = SecretKey::new(b"policy-lab-secret-0123456789".to_vec());
+    lab.fe_keying.load_psk(&key).await.unwrap();
+    lab.be_keying.load_psk(&key).await.unwrap();
+    let p = Policy::parse_json(
+        r#"{"name":"ecp","template":"mail","ike-proposals":["aes256-sha256-ecp384"],
+            "esp-proposals":["aes256-sha256"]}"#,
+    )
+    .unwrap()
+    .policy;
+    // The node can tell beforehand: its charon lists no ECP group.
+    let methods = lab.fe_keying.key_exchange_methods().await.unwrap();
+    eprintln!("charon's key exchange methods: {methods:?}");
+    assert!(methods.contains(&"MODP_3072".to_string()), "{methods:?}");
+    let e = p.check_supported(&methods).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "ike-proposals[0] \"aes256-sha256-ecp384\": DH group ecp384 (ECP_384) is not available"
+        ),
+        "{e}"
+    );
+    Policy::from_template("d", Template::Mail)
+        .check_supported(&methods)
+        .expect("the defaults negotiate with the lab's charon");
+    load_both(&lab, &p).await;
+    let res = lab
+        .fe_keying
+        .initiate(
+            vip(),
+            &policy::render::peer_connection(&p, vip()),
+            Duration::from_secs(5),
+        )
+        .await;
+    eprintln!("initiate with ecp384 (no openssl plugin): {res:?}");
+    // charon loads the connection, but says why it cannot negotiate it.
+    match res {
+        Err(vipsec::keying::KeyingError::Refused { reason, .. }) => {
+            assert!(reason.contains("ECP_384 not supported"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A throwaway RSA CA and one certificate per node (RSA: Debian's charon has no ECDSA
+/// without its openssl plugin), made with the `openssl` command.
+struct RsaPki {
+    dir: tempfile::TempDir,
+}
+
+impl RsaPki {
+    fn generate(nodes: &[&str]) -> RsaPki {
+        vipsec_testbed::require_program("openssl").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["genrsa", "-traditional", "-out", "ca.key", "2048"]);
+        run(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=vipsec-policy-ca",
+            "-days",
+            "2",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        for n in nodes {
+            let ext = format!("subjectAltName=DNS:{n}\nbasicConstraints=CA:FALSE\n");
+            std::fs::write(dir.path().join(format!("{n}.ext")), ext).unwrap();
+            run(&[
+                "genrsa",
+                "-traditional",
+                "-out",
+                &format!("{n}.key"),
+                "2048",
+            ]);
+            run(&[
+                "req",
+                "-new",
+                "-key",
+                &format!("{n}.key"),
+                "-subj",
+                &format!("/CN={n}"),
+                "-out",
+                &format!("{n}.csr"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{n}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{n}.pem"),
+                "-extfile",
+                &format!("{n}.ext"),
+            ]);
+        }
+        RsaPki { dir }
+    }
+
+    fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join(file)).unwrap()
+    }
+
+    fn ids(&self, node: &str) -> Identities {
+        Identities {
+            local_cert: Some(self.read(&format!("{node}.pem"))),
+            ca_certs: vec![self.read("ca.pem")],
+            ..Identities::psk(node)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_authenticate_both_sides() {
+    let lab = lab();
+    let started = Instant::now();
+    let pki = RsaPki::generate(&["fe.vipsec.test", "be.vipsec.test"]);
+    eprintln!("RSA PKI generated in {:?}", started.elapsed());
+    lab.fe_keying
+        .load_private_key(&SecretKey::new(pki.read("fe.vipsec.test.key")))
+        .await
+        .unwrap();
+    lab.be_keying
+        .load_private_key(&SecretKey::new(pki.read("be.vipsec.test.key")))
+        .await
+        .unwrap();
+    let p = Policy::parse_json(r#"{"name":"certs","template":"mail-credentials","auth":"pubkey"}"#)
+        .unwrap()
+        .policy;
+    // The front-end knows the owner's identity (from the store) and asks for it.
+    let fe = Identities {
+        remote_id: Some("be.vipsec.test".into()),
+        local_addr: Some(FE.parse().unwrap()),
+        ..pki.ids("fe.vipsec.test")
+    };
+    let took = load_both_as(&lab, &p, &fe, &pki.ids("be.vipsec.test")).await;
+    eprintln!("load-conn with certificates: {took:?}");
+    let started = Instant::now();
+    lab.fe_keying
+        .initiate(vip(), &policy::render::peer_connection(&p, vip()), HANG)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "initiate failed: {e}; fe log:\n{}",
+                std::fs::read_to_string(lab.fe_charon.log_path()).unwrap_or_default()
+            )
+        });
+    eprintln!("SA up with RSA certificates: {:?}", started.elapsed());
+    let sas = lab.fe_keying.list_sas().await.unwrap();
+    assert_eq!(sas[0].local_id, "fe.vipsec.test");
+    assert_eq!(sas[0].remote_id, "be.vipsec.test");
+    let be = lab.be_keying.list_sas().await.unwrap();
+    assert_eq!(be[0].remote_id, "fe.vipsec.test");
+
+    // A peer whose certificate is from another CA is refused.
+    let other = RsaPki::generate(&["fe.vipsec.test"]);
+    lab.fe_keying.drop_sas(vip()).await.unwrap();
+    lab.fe_keying
+        .load_private_key(&SecretKey::new(other.read("fe.vipsec.test.key")))
+        .await
+        .unwrap();
+    let rogue = Identities {
+        remote_id: Some("be.vipsec.test".into()),
+        local_addr: Some(FE.parse().unwrap()),
+        // It still trusts the real CA, so only the back-end's check can stop it.
+        ca_certs: vec![pki.read("ca.pem")],
+        ..other.ids("fe.vipsec.test")
+    };
+    let spec = policy::connection(&p, vip(), VipRole::Peer, &rogue).unwrap();
+    lab.fe_keying.load_connection(&spec).await.unwrap();
+    let res = lab
+        .fe_keying
+        .initiate(
+            vip(),
+            &policy::render::peer_connection(&p, vip()),
+            Duration::from_secs(5),
+        )
+        .await;
+    eprintln!("initiate with a certificate of another CA: {res:?}");
+    assert!(res.is_err(), "a foreign certificate must not get an SA");
 }

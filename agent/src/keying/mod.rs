@@ -79,6 +79,17 @@ pub trait Keying: Send + Sync + 'static {
     async fn list_connections(&self) -> Result<Vec<LoadedConnection>, KeyingError> {
         Err(no_daemon("list-conns".into()))
     }
+
+    /// Loads this node's private key (PEM or DER) for `auth = pubkey`.
+    async fn load_private_key(&self, _key: &SecretKey) -> Result<(), KeyingError> {
+        Err(no_daemon("load-key".into()))
+    }
+
+    /// The DH groups the daemon can negotiate, by its names (`MODP_3072`, `ECP_256`);
+    /// see `Policy::check_supported`.
+    async fn key_exchange_methods(&self) -> Result<Vec<String>, KeyingError> {
+        Err(no_daemon("get-algorithms".into()))
+    }
 }
 
 /// What a backend without a keying daemon answers to configuration commands.

@@ -93,6 +93,17 @@ pub enum NatTraversal {
     Any,
 }
 
+impl std::fmt::Display for NatTraversal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatTraversal::Never => "never",
+            NatTraversal::Client => "client",
+            NatTraversal::Server => "server",
+            NatTraversal::Any => "any",
+        })
+    }
+}
+
 /// UDP encapsulation of ESP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -112,6 +123,10 @@ pub enum AuthMethod {
     /// A pre-shared key, node-local (never in the policy): each node's config names a file.
     #[default]
     Psk,
+    /// X.509 certificates (RSA: Debian's charon has no ECDSA without its openssl plugin):
+    /// each node has its own certificate and key (node-local files) and trusts the
+    /// cluster's CA certificates; peers must present a certificate issued by one of them.
+    Pubkey,
 }
 
 pub fn default_ike_proposals() -> Vec<String> {
@@ -294,6 +309,34 @@ impl Policy {
         Ok(())
     }
 
+    /// Checks that this node's charon can negotiate every DH group the policy names;
+    /// `methods` are charon's key-exchange methods (`Keying::key_exchange_methods`,
+    /// e.g. `MODP_3072`). A group can pass the floor and still be missing (no ECP without
+    /// charon's openssl plugin): charon would load the connection and fail at initiate.
+    pub fn check_supported(&self, methods: &[String]) -> Result<(), PolicyError> {
+        for (field, kind, proposals) in [
+            ("ike-proposals", ProposalKind::Ike, &self.ike_proposals),
+            ("esp-proposals", ProposalKind::Esp, &self.esp_proposals),
+        ] {
+            for (i, p) in proposals.iter().enumerate() {
+                let groups = check_proposal(kind, p)
+                    .map_err(|why| PolicyError::invalid(&format!("{field}[{i}] {p:?}"), why))?;
+                if let Some(g) = groups.iter().find(|g| !methods.contains(&g.charon_name())) {
+                    return Err(PolicyError::invalid(
+                        &format!("{field}[{i}] {p:?}"),
+                        format!(
+                            "DH group {g} ({}) is not available in this node's charon \
+                             (it has: {})",
+                            g.charon_name(),
+                            methods.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// What the policy protects.
     pub fn traffic_spec(&self) -> TrafficSpec {
         match (&self.template, &self.ports) {
@@ -375,6 +418,29 @@ mod tests {
     }
 
     #[test]
+    fn known_fields_are_exactly_the_serialised_ones() {
+        let mut p = Policy::from_template("m", Template::Mail);
+        p.frontend_networks = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut keys: Vec<String> = Vec::new();
+        for doc in [
+            p.clone(),
+            Policy {
+                template: None,
+                ports: Some(vec![]),
+                ..p
+            },
+        ] {
+            let v = serde_json::to_value(&doc).unwrap();
+            keys.extend(v.as_object().unwrap().keys().cloned());
+        }
+        keys.sort();
+        keys.dedup();
+        let mut known: Vec<String> = KNOWN_FIELDS.iter().map(|s| s.to_string()).collect();
+        known.sort();
+        assert_eq!(keys, known);
+    }
+
+    #[test]
     fn toml_is_accepted_too() {
         let p = Policy::parse_toml(
             r#"
@@ -395,6 +461,16 @@ frontend-networks = ["198.51.100.0/24"]
         assert_eq!(p.dpd_delay, Duration::from_secs(5));
         assert_eq!(p.rekey_time, Duration::from_secs(1800));
         assert_eq!(p.ports.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn example_policy_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples/policy-mail.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let p = Policy::parse_toml(&text).unwrap();
+        assert!(p.unknown_fields.is_empty());
+        assert_eq!(p.policy.template, Some(Template::MailCredentials));
     }
 
     fn err(doc: &str) -> String {
@@ -424,6 +500,19 @@ frontend-networks = ["198.51.100.0/24"]
         assert!(err(r#"{"name":"m","template":"mail","ports":["tcp"]}"#).contains("not both"));
         assert!(err("[1]").contains("(document)"));
         assert!(err("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn check_supported_names_the_missing_group() {
+        let methods: Vec<String> = ["MODP_2048", "MODP_3072"].map(String::from).to_vec();
+        let mut p = Policy::from_template("m", Template::Mail);
+        p.check_supported(&methods).unwrap();
+        p.esp_proposals = vec!["aes256-sha256".into(), "aes256-sha256-curve25519".into()];
+        let e = p.check_supported(&methods).unwrap_err().to_string();
+        assert!(
+            e.starts_with("esp-proposals[1] \"aes256-sha256-curve25519\": DH group curve25519 (CURVE_25519) is not available"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,11 +9,14 @@ pub mod assign;
 pub mod document;
 pub mod proposals;
 pub mod render;
+pub mod routing;
 pub mod secret;
 pub mod template;
 
 pub use document::{AuthMethod, Encapsulation, NatTraversal, ParsedPolicy, Policy};
-pub use render::{ConnectionSpec, Identities, PSK_ID, connection, connection_names};
+pub use render::{
+    ConnectionSpec, Identities, PSK_ID, connection, connection_names, peer_connection,
+};
 pub use secret::SecretKey;
 pub use template::{Template, TrafficEntry, TrafficSpec};
 
@@ -94,12 +97,8 @@ pub fn nat_allowed(
     let rule = |side: &str| {
         format!(
             "the {side} side is behind NAT, which policy {:?} does not allow \
-             (nat-traversal = {:?})",
-            policy.name,
-            serde_json::to_value(policy.nat_traversal)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
+             (nat-traversal = \"{}\")",
+            policy.name, policy.nat_traversal
         )
     };
     if client_nat && !client_ok {

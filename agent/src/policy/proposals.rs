@@ -102,6 +102,22 @@ impl DhGroup {
     }
 }
 
+impl DhGroup {
+    /// The name charon gives the group in `get-algorithms` (`MODP_3072`, `ECP_256_BP`,
+    /// `CURVE_25519`).
+    pub fn charon_name(&self) -> String {
+        match self {
+            DhGroup::Modp(b) => format!("MODP_{b}"),
+            DhGroup::ModpSubgroup { bits, subgroup } => format!("MODP_{bits}_{subgroup}"),
+            DhGroup::Ecp { bits, brainpool } => {
+                format!("ECP_{bits}{}", if *brainpool { "_BP" } else { "" })
+            }
+            DhGroup::Curve25519 => "CURVE_25519".into(),
+            DhGroup::Curve448 => "CURVE_448".into(),
+        }
+    }
+}
+
 impl fmt::Display for DhGroup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -197,6 +213,17 @@ mod tests {
         }
         // Every group of a proposal is checked, not only the first.
         assert!(ike("aes256-sha256-modp3072-modp1024").is_err());
+    }
+
+    #[test]
+    fn groups_have_charons_names() {
+        let name = |kw: &str| DhGroup::parse_keyword(kw).unwrap().unwrap().charon_name();
+        assert_eq!(name("modp3072"), "MODP_3072");
+        assert_eq!(name("modp2048s256"), "MODP_2048_256");
+        assert_eq!(name("ecp384"), "ECP_384");
+        assert_eq!(name("ecp256bp"), "ECP_256_BP");
+        assert_eq!(name("x25519"), "CURVE_25519");
+        assert_eq!(name("curve448"), "CURVE_448");
     }
 
     #[test]

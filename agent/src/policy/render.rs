@@ -38,6 +38,25 @@ pub struct Identities {
     pub remote_id: Option<String>,
     /// Front-end: the address to send IKE from; `None` lets charon pick.
     pub local_addr: Option<IpAddr>,
+    /// `auth = pubkey`: this node's certificate (PEM or DER); its identity must be
+    /// `local_id` (subject or a subjectAltName). The private key is loaded apart
+    /// (`Keying::load_private_key`).
+    pub local_cert: Option<Vec<u8>>,
+    /// `auth = pubkey`: the CA certificates a peer's certificate must chain to.
+    pub ca_certs: Vec<Vec<u8>>,
+}
+
+impl Identities {
+    /// An identity for PSK authentication, accepting any peer identity.
+    pub fn psk(local_id: &str) -> Identities {
+        Identities {
+            local_id: local_id.to_string(),
+            remote_id: None,
+            local_addr: None,
+            local_cert: None,
+            ca_certs: Vec::new(),
+        }
+    }
 }
 
 /// One charon connection with one child, ready for `load-conn`.
@@ -72,6 +91,28 @@ pub struct ConnectionBody {
 pub struct AuthSection {
     pub auth: String,
     pub id: String,
+    /// Own certificate(s), as data (VICI takes blobs, not file names).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<Blob>,
+    /// Trust anchors the peer's certificate must chain to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cacerts: Vec<Blob>,
+}
+
+/// Certificate data: one raw VICI value (JSON shows it as a list of bytes).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -131,8 +172,27 @@ pub fn connection(
     let (name, child) = connection_names(policy, vip);
     let traffic = policy.traffic();
     let vip_net = IpNet::from(vip).to_string();
-    let auth = match policy.auth {
-        AuthMethod::Psk => "psk",
+    let (auth, local_certs, cacerts) = match policy.auth {
+        AuthMethod::Psk => ("psk", Vec::new(), Vec::new()),
+        AuthMethod::Pubkey => {
+            let Some(cert) = &ids.local_cert else {
+                return Err(PolicyError::invalid(
+                    "auth",
+                    "\"pubkey\" needs this node's certificate (none configured)",
+                ));
+            };
+            if ids.ca_certs.is_empty() {
+                return Err(PolicyError::invalid(
+                    "auth",
+                    "\"pubkey\" needs the cluster's CA certificate (none configured)",
+                ));
+            }
+            (
+                "pubkey",
+                vec![Blob(cert.clone())],
+                ids.ca_certs.iter().cloned().map(Blob).collect(),
+            )
+        }
     };
     let any_id = "%any".to_string();
     let (local_addrs, remote_addrs, local_ts, remote_ts, remote_id, start_action) = match role {
@@ -196,10 +256,14 @@ pub fn connection(
             local: AuthSection {
                 auth: auth.into(),
                 id: ids.local_id.clone(),
+                certs: local_certs,
+                cacerts: Vec::new(),
             },
             remote: AuthSection {
                 auth: auth.into(),
                 id: remote_id,
+                certs: Vec::new(),
+                cacerts,
             },
             children,
         },
@@ -263,9 +327,8 @@ mod tests {
 
     fn fe_ids() -> Identities {
         Identities {
-            local_id: "192.0.2.1".into(),
-            remote_id: None,
             local_addr: Some("192.0.2.1".parse().unwrap()),
+            ..Identities::psk("192.0.2.1")
         }
     }
 
@@ -328,11 +391,7 @@ mod tests {
             "2001:db8::/64".parse().unwrap(),
         ];
         p.encapsulation = Encapsulation::Auto;
-        let ids = Identities {
-            local_id: "be1.example".into(),
-            remote_id: None,
-            local_addr: None,
-        };
+        let ids = Identities::psk("be1.example");
         let spec = connection(&p, vip(), VipRole::Hosted, &ids).unwrap();
         let b = &spec.body;
         assert_eq!(b.local_addrs, ["192.0.2.100"]);
@@ -359,6 +418,30 @@ mod tests {
         p.frontend_networks = vec!["2001:db8::/64".parse().unwrap()];
         let e = connection(&p, vip(), VipRole::Hosted, &ids).unwrap_err();
         assert!(e.to_string().starts_with("frontend-networks: "), "{e}");
+    }
+
+    #[test]
+    fn pubkey_sends_own_certificate_and_pins_the_ca() {
+        let mut p = Policy::from_template("m", Template::Mail);
+        p.auth = AuthMethod::Pubkey;
+        let e = connection(&p, vip(), VipRole::Peer, &fe_ids()).unwrap_err();
+        assert!(e.to_string().starts_with("auth: "), "{e}");
+        let ids = Identities {
+            local_cert: Some(b"CERT".to_vec()),
+            ca_certs: vec![b"CA".to_vec()],
+            ..fe_ids()
+        };
+        let spec = connection(&p, vip(), VipRole::Peer, &ids).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        let conn = &v["vipsec-m-192-0-2-100"];
+        assert_eq!(conn["local"]["auth"], "pubkey");
+        assert_eq!(conn["local"]["certs"], serde_json::json!([b"CERT"]));
+        assert!(conn["local"].get("cacerts").is_none());
+        assert_eq!(conn["remote"]["cacerts"], serde_json::json!([b"CA"]));
+        assert!(
+            !format!("{spec:?}").contains("67, 69, 82, 84"),
+            "certs print as sizes"
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl Serialize for KeyBytes<'_> {
     }
 }
 
+/// A request without arguments (`list-conns`, `get-algorithms`).
 #[derive(Serialize, Default)]
 struct ListConnsRequest {}
 
@@ -104,6 +105,42 @@ pub async fn load_shared(conn: &mut ViciConn, key: &SecretKey) -> Result<(), Key
     };
     conn.command("load-shared", req, LOAD_TIMEOUT).await?;
     Ok(())
+}
+
+/// `load-key`; Debug never shows the key.
+#[derive(Debug, Serialize)]
+struct LoadKeyRequest<'a> {
+    /// `any`: charon finds out RSA or ECDSA from the data.
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: KeyBytes<'a>,
+}
+
+/// Loads this node's private key (PEM or DER) for `auth = pubkey`.
+pub async fn load_key(conn: &mut ViciConn, key: &SecretKey) -> Result<(), KeyingError> {
+    let req = LoadKeyRequest {
+        kind: "any",
+        data: KeyBytes(key),
+    };
+    conn.command("load-key", req, LOAD_TIMEOUT).await?;
+    Ok(())
+}
+
+/// `get-algorithms`: one section per kind, `NAME = plugin`; key exchanges are `dh` in
+/// strongSwan 5.x and `ke` in 6.x.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct AlgorithmsMsg {
+    dh: BTreeMap<String, String>,
+    ke: BTreeMap<String, String>,
+}
+
+/// The key-exchange (DH) methods charon's loaded plugins provide, e.g. `MODP_3072`.
+pub async fn key_exchange_methods(conn: &mut ViciConn) -> Result<Vec<String>, KeyingError> {
+    let algs: AlgorithmsMsg = conn
+        .request("get-algorithms", ListConnsRequest::default(), LOAD_TIMEOUT)
+        .await?;
+    Ok(algs.dh.into_keys().chain(algs.ke.into_keys()).collect())
 }
 
 /// Every loaded connection with its children's traffic selectors.

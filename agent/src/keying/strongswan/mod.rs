@@ -389,6 +389,18 @@ impl Keying for StrongswanKeying {
             .await
     }
 
+    async fn load_private_key(&self, key: &SecretKey) -> Result<(), KeyingError> {
+        self.on_commands(async |c| loader::load_key(c, key).await)
+            .await?;
+        tracing::info!(bytes = key.len(), "private key loaded");
+        Ok(())
+    }
+
+    async fn key_exchange_methods(&self) -> Result<Vec<String>, KeyingError> {
+        self.on_commands(async |c| loader::key_exchange_methods(c).await)
+            .await
+    }
+
     async fn initiate(
         &self,
         vip: Vip,
