@@ -1,6 +1,7 @@
-//! Failover safety with real keepalived, etcd, charon and agents: a VIP held by two nodes
-//! at once (a split brain made by hand) and an old owner paused through a move. Neither
-//! may create or delete anything for a VIP it is not the owner of record of.
+//! Failover safety with real keepalived, etcd, charon and agents (connections loaded from
+//! the stored policy): a VIP held by two nodes at once (a split brain made by hand) and an
+//! old owner paused through a move. Neither may create or delete anything for a VIP it is
+//! not the owner of record of, and no SA is ever established with such a node.
 //! Needs the `vipsec` binary built in the same target directory (`cargo build -p vipsec`).
 
 mod common;
@@ -57,7 +58,7 @@ fn answers_since(lab: &mut Lab, t: u64) -> Vec<(String, String)> {
 #[test]
 fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() {
     let _t = common::start("split brain made by hand");
-    let mut lab = common::lab(Setup::VipsecEtcd);
+    let mut lab = common::lab(Setup::VipsecPolicy);
     let owner = lab.owner().expect("an owner");
     let rogue = other_back_end(&lab, &owner);
     let before = lab.cleartext().unwrap();
@@ -99,7 +100,10 @@ fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() 
             .ns
             .ip(&["neigh", "flush", "dev", NODE_IF])
             .unwrap();
-        let _ = lab.swanctl(&fe, &["--terminate", "--ike", "vip100", "--force"]);
+        let _ = lab.swanctl(
+            &fe,
+            &["--terminate", "--ike", "vipsec-lab-192-0-2-100", "--force"],
+        );
     }
     let mut rogue_sas = Vec::new();
     let settle_end = now_ns() + Duration::from_secs(6).as_nanos() as u64;
@@ -153,7 +157,7 @@ fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() 
 #[test]
 fn an_old_owner_paused_through_a_move_deletes_and_creates_nothing_when_it_wakes() {
     let _t = common::start("old owner paused through a move");
-    let mut lab = common::lab(Setup::VipsecEtcd);
+    let mut lab = common::lab(Setup::VipsecPolicy);
     let old = lab.owner().expect("an owner");
     let new = other_back_end(&lab, &old);
     let fes = lab.names(Role::FrontEnd);

@@ -59,6 +59,8 @@ struct State {
 struct Applied {
     conns: BTreeMap<Vip, ConnectionSpec>,
     psk_loaded: bool,
+    /// charon's key exchange methods, read once per connection to it.
+    methods: Option<Vec<String>>,
     flows: BTreeMap<Vip, Vec<ProtectedFlow>>,
 }
 
@@ -193,6 +195,7 @@ impl Policies {
             let mut a = self.inner.applied.lock().await;
             a.conns.clear();
             a.psk_loaded = false;
+            a.methods = None;
         }
         self.apply_all().await;
     }
@@ -342,11 +345,8 @@ impl Policies {
                 }
             }
         }
-        let ids = Identities {
-            local_id: self.inner.config.ike_identity(),
-            remote_id: owner,
-            local_addr: None,
-        };
+        let mut ids = Identities::psk(&self.inner.config.ike_identity());
+        ids.remote_id = owner;
         let wanted = match (&vp.as_ref().and_then(|v| v.policy.as_ref()), role) {
             (Some(p), VipRole::Peer) => Some(policy::connection(p, vip, role, &ids)),
             (Some(p), VipRole::Hosted) if accepting => Some(policy::connection(p, vip, role, &ids)),
@@ -361,6 +361,23 @@ impl Policies {
             Some(Ok(spec)) => {
                 if applied.conns.get(&vip) == Some(&spec) {
                     return Ok(());
+                }
+                // A group charon lacks would load and only fail at the first IKE_SA_INIT:
+                // refuse it here, where the operator sees why.
+                if applied.methods.is_none() {
+                    applied.methods = self.inner.keying.key_exchange_methods().await.ok();
+                }
+                if let (Some(methods), Some(p)) = (
+                    &applied.methods,
+                    vp.as_ref().and_then(|v| v.policy.as_ref()),
+                ) && let Err(e) = p.check_supported(methods)
+                {
+                    let e = format!("policy {:?} not loaded: {e}", p.name);
+                    warn!(%vip, error = %e, "policy refused by this node's charon");
+                    self.inner
+                        .sink
+                        .emit(Notice::new(NoticeKind::PolicyRefused, Some(vip)).detail(e.clone()));
+                    return Err(e);
                 }
                 if !applied.psk_loaded {
                     self.inner
