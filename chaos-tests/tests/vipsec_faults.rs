@@ -315,6 +315,24 @@ fn front_end_behind_nat_fails_over_after_a_crash() {
     common::assert_recovered(&o, CAP);
 }
 
+/// The same with every connection from the stored policy (`nat-traversal = "client"`):
+/// the NATed front-end's SA passes the policy's NAT rule on both sides.
+#[test]
+fn front_end_behind_nat_with_the_stored_policy_fails_over_after_a_crash() {
+    let _t = common::start("front-end behind NAT, policy from the store, crash");
+    let mut opts = common::options(Setup::VipsecPolicy);
+    opts.nat_front_end = Some("fe1".into());
+    let mut lab = common::build(opts);
+    let o = common::run(&mut lab, Fault::Crash, CAP);
+    common::assert_safe(&o);
+    common::assert_recovered(&o, CAP);
+    let sas = lab.agent_json("fe1", &["sas"]).unwrap();
+    assert!(
+        sas.to_string().contains("198.51.100"),
+        "fe1's SA is not the NATed one: {sas}"
+    );
+}
+
 #[test]
 fn flapping_vip_settles_on_the_last_owner_with_one_sa() {
     let _t = common::start("flapping VIP, ten planned moves");
