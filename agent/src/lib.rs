@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod store;
+pub mod timeline;
 
 /// Where backends send what they observe; the runtime feeds it to the failover core.
 pub type InputSink = tokio::sync::mpsc::Sender<failover::Input>;
