@@ -8,6 +8,7 @@ pub mod addrwatch;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod drill;
 pub mod failover;
 pub mod kernel;
 pub mod keying;

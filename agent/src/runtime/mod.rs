@@ -3,6 +3,7 @@
 //! everything down on one cancellation token.
 
 mod lanes;
+mod moves;
 pub mod status;
 
 use std::net::IpAddr;
@@ -24,7 +25,9 @@ use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::model::{Mode, Vip};
 use crate::store::OwnershipStore;
+use crate::timeline::MoveTimeline;
 use lanes::Lanes;
+use moves::MoveLane;
 pub use status::{Health, HealthView, StatusView};
 
 /// The outside systems the agent works with, one trait object each.
@@ -52,6 +55,10 @@ pub struct EventRecord {
     pub at: SystemTime,
     pub node: String,
     pub notice: Notice,
+    /// Set on a `move-completed` event: the move's timeline as the store holds it. Its
+    /// `notice` then only carries the VIP, the new owner, the epoch, the recovery time and
+    /// the summary (the core has no notice kind for it; the kind is not shown).
+    pub moved: Option<Arc<MoveTimeline>>,
 }
 
 /// Requests from the API that need the core.
@@ -74,6 +81,8 @@ pub struct AgentHandle {
     pub keying: Arc<dyn Keying>,
     pub log: Option<Arc<LogControl>>,
     pub metrics: Arc<Metrics>,
+    /// For move timelines and drills.
+    pub store: Arc<dyn OwnershipStore>,
     status: watch::Receiver<StatusView>,
     events: broadcast::Sender<EventRecord>,
     commands: mpsc::Sender<Command>,
@@ -185,6 +194,7 @@ impl Agent {
             keying: backends.keying.clone(),
             log,
             metrics: metrics.clone(),
+            store: backends.store.clone(),
             status: status_rx,
             events: events.clone(),
             commands: cmd_tx,
@@ -247,8 +257,18 @@ impl Agent {
             sink.clone(),
             health.kernel.clone(),
         );
+        let moves = MoveLane::new(
+            &config.node,
+            &config.hosted_addresses(),
+            &config.peer_addresses(),
+            backends.store.clone(),
+            &tracker,
+            cancel.clone(),
+            sink.clone(),
+        );
         let mut core_loop = CoreLoop {
             core,
+            moves,
             health,
             config: config.clone(),
             lanes,
@@ -342,12 +362,36 @@ impl EventSink {
             at: SystemTime::now(),
             node: self.node.clone(),
             notice,
+            moved: None,
+        });
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A move is over (every mark in the store) or was followed for as long as it may be.
+    pub(crate) fn emit_move(&self, t: MoveTimeline) {
+        let summary = t.summary();
+        let (vip, epoch, complete) = (t.vip.to_string(), t.epoch, t.complete());
+        info!(event = "move-completed", vip, epoch, complete, %summary, "move timeline");
+        let mut notice = Notice::new(NoticeKind::OwnerChanged, Some(t.vip))
+            .epoch(t.epoch)
+            .detail(summary);
+        notice.owner = Some(t.to_node.clone());
+        notice.duration = t.recovery();
+        let _ = self.events.send(EventRecord {
+            at: SystemTime::now(),
+            node: self.node.clone(),
+            notice,
+            moved: Some(Arc::new(t)),
         });
     }
 }
 
 struct CoreLoop {
     core: FailoverCore,
+    moves: MoveLane,
     health: Health,
     config: Arc<Config>,
     lanes: Lanes,
@@ -368,6 +412,7 @@ impl CoreLoop {
                 _ = cancel.cancelled() => break,
                 Some(input) = self.inputs.recv() => {
                     self.note_health(&input);
+                    self.moves.input(&input);
                     let actions = self.core.handle(Instant::now(), input);
                     self.apply(actions);
                 }
@@ -380,6 +425,7 @@ impl CoreLoop {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Drain { vip, reply } => {
+                self.moves.input(&Input::Drain(vip));
                 let actions = self.core.handle(Instant::now(), Input::Drain(vip));
                 self.pending_drains.push((vip, reply));
                 self.apply(actions);
@@ -414,6 +460,7 @@ impl CoreLoop {
 
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
+            self.moves.action(&action);
             match action {
                 Action::Notify(notice) => self.sink.emit(notice),
                 Action::DeleteSas { vip, role } => {
