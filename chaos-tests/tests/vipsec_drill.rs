@@ -68,6 +68,61 @@ fn assert_front_end_marks(lab: &Lab, t: &Value) {
     );
 }
 
+/// `vipsec events VIP --json` against a node's agent, its lines collected by a thread.
+struct EventFollower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<Value>,
+}
+
+impl EventFollower {
+    fn start(lab: &Lab, node: &str) -> EventFollower {
+        let bin = vipsec_chaos::lab::agent::find_binary(std::path::Path::new(env!(
+            "CARGO_BIN_EXE_vipsec-chaos"
+        )))
+        .expect("vipsec binary");
+        let socket = lab.agent_socket(node).expect("agent socket");
+        let mut child = std::process::Command::new(bin)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["events", VIP, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("vipsec events");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        EventFollower { child, lines }
+    }
+
+    fn wait(&self, cap: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + cap;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(e) if want(&e) => return e,
+                Ok(_) => {}
+                Err(e) => panic!("no such event within {cap:?}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for EventFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn drill_moves_the_vip_and_reports_every_mark() {
     let _t = common::start("drill to the backup");
@@ -89,6 +144,10 @@ fn drill_moves_the_vip_and_reports_every_mark() {
         "{err:#}"
     );
 
+    // A front-end's event stream, to see the move-completed event.
+    let fe = lab.names(Role::FrontEnd)[0].clone();
+    let events = EventFollower::start(&lab, &fe);
+
     let report = lab
         .agent_json(&owner, &["drill", VIP, "--to", &to, "--timeout", "30s"])
         .unwrap_or_else(|e| panic!("drill: {e:#}"));
@@ -107,11 +166,17 @@ fn drill_moves_the_vip_and_reports_every_mark() {
         t["recovery_ms"], report["target_ms"], report["met_target"], report["detail"]
     );
 
+    let epoch = t["epoch"].as_u64().unwrap();
+    let event = events.wait(Duration::from_secs(40), |e| {
+        e["event"] == "move-completed" && e["epoch"] == epoch
+    });
+    eprintln!("[event] on {fe}: {}", event["detail"]);
+    assert_eq!(event["move"]["complete"], true, "{event:#}");
+    assert_eq!(event["owner"], to.as_str());
+
     // Any node shows the same move, e.g. a front-end.
-    let fe = lab.names(Role::FrontEnd)[0].clone();
     let table = lab.agent_cli(&fe, &["moves", VIP]).expect("vipsec moves");
     eprintln!("[timeline] vipsec moves {VIP} on {fe}:\n{table}");
-    let epoch = t["epoch"].as_u64().unwrap();
     assert!(
         table.contains(&format!("epoch {epoch}: {owner} -> {to} (complete")),
         "{table}"
