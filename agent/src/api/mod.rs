@@ -359,7 +359,24 @@ impl AgentApi for AgentService {
         } else {
             req.limit as usize
         };
-        let mut moves = self.handle.store.moves(vip).await.map_err(ApiError::from)?;
+        let mut moves = match self.handle.store.moves(vip).await {
+            Ok(m) => m,
+            Err(e) => {
+                // What this node saw itself is still worth showing.
+                warn!(error = %e, "store unavailable; listing this node's own marks of recent moves");
+                let local = self
+                    .handle
+                    .recorder
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .all_history();
+                let local = local
+                    .into_iter()
+                    .filter(|m| vip.is_none_or(|v| v == m.vip))
+                    .collect();
+                crate::timeline::MoveTimeline::merge_all(local)
+            }
+        };
         // The most recent ones, oldest first.
         moves.sort_by_key(|t| (t.first_ms().unwrap_or(0), t.epoch));
         let skip = moves.len().saturating_sub(limit);

@@ -27,7 +27,7 @@ pub async fn run(
         })
         .await?
         .into_inner();
-    let target_ms = render::millis(r.target.as_ref());
+    let target_ms = render::duration(r.target.as_ref()).map(|d| d.as_millis() as u64);
     if as_json {
         let out = json!({
             "vip": vip,

@@ -77,7 +77,7 @@ pub fn move_json(m: &pb::Move) -> Value {
         "from": (!m.from_node.is_empty()).then_some(&m.from_node),
         "to": m.to_node,
         "complete": m.complete,
-        "recovery_ms": render::millis(m.recovery.as_ref()),
+        "recovery_ms": render::duration(m.recovery.as_ref()).map(|d| d.as_millis() as u64),
         "marks": marks,
     })
 }

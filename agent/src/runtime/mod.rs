@@ -28,6 +28,7 @@ use crate::store::OwnershipStore;
 use crate::timeline::MoveTimeline;
 use lanes::Lanes;
 use moves::MoveLane;
+pub use moves::SharedRecorder;
 pub use status::{Health, HealthView, StatusView};
 
 /// The outside systems the agent works with, one trait object each.
@@ -83,6 +84,8 @@ pub struct AgentHandle {
     pub metrics: Arc<Metrics>,
     /// For move timelines and drills.
     pub store: Arc<dyn OwnershipStore>,
+    /// This node's own marks of recent moves, for when the store is away.
+    pub recorder: SharedRecorder,
     status: watch::Receiver<StatusView>,
     events: broadcast::Sender<EventRecord>,
     commands: mpsc::Sender<Command>,
@@ -188,6 +191,11 @@ impl Agent {
             }
         }
 
+        let recorder = moves::shared_recorder(
+            &config.node,
+            &config.hosted_addresses(),
+            &config.peer_addresses(),
+        );
         let (status_tx, status_rx) = watch::channel(StatusView::build(&core, &health, &config));
         let handle = AgentHandle {
             config: config.clone(),
@@ -195,6 +203,7 @@ impl Agent {
             log,
             metrics: metrics.clone(),
             store: backends.store.clone(),
+            recorder: recorder.clone(),
             status: status_rx,
             events: events.clone(),
             commands: cmd_tx,
@@ -259,8 +268,7 @@ impl Agent {
         );
         let moves = MoveLane::new(
             &config.node,
-            &config.hosted_addresses(),
-            &config.peer_addresses(),
+            recorder,
             backends.store.clone(),
             &tracker,
             cancel.clone(),

@@ -4,7 +4,7 @@
 //! node took part in until the store holds its whole timeline, then emits `move-completed`.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -26,16 +26,28 @@ const MOVE_POLL: Duration = Duration::from_millis(200);
 /// Retries of one publication while the store is briefly away.
 const PUBLISH_ATTEMPTS: u32 = 5;
 
+/// The recorder, shared with the API: it answers `ListMoves` from memory while the store
+/// is away.
+pub type SharedRecorder = Arc<Mutex<Recorder>>;
+
+pub fn shared_recorder(node: &str, hosted: &[Vip], peers: &[Vip]) -> SharedRecorder {
+    Arc::new(Mutex::new(Recorder::new(
+        node,
+        hosted,
+        peers,
+        MOVES_IN_MEMORY,
+    )))
+}
+
 pub(super) struct MoveLane {
-    recorder: Recorder,
+    recorder: SharedRecorder,
     publish: mpsc::UnboundedSender<NodeMarks>,
 }
 
 impl MoveLane {
     pub(super) fn new(
         node: &str,
-        hosted: &[Vip],
-        peers: &[Vip],
+        recorder: SharedRecorder,
         store: Arc<dyn OwnershipStore>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -46,24 +58,25 @@ impl MoveLane {
         tracker.spawn(
             publisher(store, rx, t, cancel, sink, node.to_string()).instrument(info_span!("moves")),
         );
-        MoveLane {
-            recorder: Recorder::new(node, hosted, peers, MOVES_IN_MEMORY),
-            publish,
-        }
+        MoveLane { recorder, publish }
     }
 
     pub(super) fn input(&mut self, input: &Input) {
         let marks = self
-            .recorder
+            .recorder()
             .observe_input(unix_ms(SystemTime::now()), input);
         self.send(marks);
     }
 
     pub(super) fn action(&mut self, action: &Action) {
         let marks = self
-            .recorder
+            .recorder()
             .observe_action(unix_ms(SystemTime::now()), action);
         self.send(marks);
+    }
+
+    fn recorder(&self) -> std::sync::MutexGuard<'_, Recorder> {
+        self.recorder.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn send(&self, marks: Vec<NodeMarks>) {

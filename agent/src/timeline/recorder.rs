@@ -76,6 +76,11 @@ impl Recorder {
             .unwrap_or_default()
     }
 
+    /// This node's marks of every VIP's last moves.
+    pub fn all_history(&self) -> Vec<NodeMarks> {
+        self.history.values().flatten().cloned().collect()
+    }
+
     /// Observes an input before the core handles it; returns this node's marks of every
     /// move that gained one (all of its marks so far: publishing them replaces the last).
     pub fn observe_input(&mut self, now_ms: u64, input: &Input) -> Vec<NodeMarks> {
