@@ -33,6 +33,8 @@ pub struct Config {
     #[serde(default)]
     pub failover: FailoverConfig,
     #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
     pub drill: DrillConfig,
     /// VIPs this node may host (back-end side).
     #[serde(default, rename = "hosted_vip")]
@@ -302,6 +304,15 @@ pub struct FailoverConfig {
     /// After `vipsec drain`, publish ownership again if the VIP is still here this long after.
     #[serde(default = "default_drain_hold", with = "humantime_serde")]
     pub drain_hold: Duration,
+    /// A hosted VIP here while another node holds its record for longer than this is
+    /// reported as a split brain (a hand-off passes through that state for a moment).
+    #[serde(default = "default_split_brain_grace", with = "humantime_serde")]
+    pub split_brain_grace: Duration,
+    /// While the store is unreachable, accept SAs for a VIP on this node's interface
+    /// without the store's confirmation (availability over strictness; shown as
+    /// "unconfirmed" in `vipsec status`).
+    #[serde(default = "default_true")]
+    pub trust_kernel_when_store_down: bool,
 }
 
 impl Default for FailoverConfig {
@@ -316,6 +327,8 @@ impl Default for FailoverConfig {
             retry_cooldown: default_retry_cooldown(),
             owner_wait: default_owner_wait(),
             drain_hold: default_drain_hold(),
+            split_brain_grace: default_split_brain_grace(),
+            trust_kernel_when_store_down: true,
         }
     }
 }
@@ -337,6 +350,9 @@ fn default_retry_deadline() -> Duration {
 }
 fn default_retry_cooldown() -> Duration {
     Duration::from_secs(5)
+}
+fn default_split_brain_grace() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_owner_wait() -> Duration {
     Duration::from_secs(3)
@@ -372,8 +388,10 @@ impl HostedVipConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerVipConfig {
     pub address: IpAddr,
-    /// The IKE connection (swanctl `connections.<name>`) toward the VIP.
-    pub connection: String,
+    /// The IKE connection (swanctl `connections.<name>`) toward the VIP; leave it out
+    /// when `policy.managed` lets the agent load the connection from the VIP's policy.
+    #[serde(default)]
+    pub connection: Option<String>,
     /// The CHILD_SA to initiate; defaults to the connection's name.
     pub child: Option<String>,
     /// Flows that must never leave in clear text, e.g. `["tcp/143", "tcp/110", "tcp/80"]`;
@@ -383,14 +401,13 @@ pub struct PeerVipConfig {
 }
 
 impl PeerVipConfig {
-    pub fn peer_connection(&self) -> PeerConnection {
-        PeerConnection {
-            connection: self.connection.clone(),
-            child: self
-                .child
-                .clone()
-                .unwrap_or_else(|| self.connection.clone()),
-        }
+    /// The hand-written connection toward the VIP; `None` when its policy provides one.
+    pub fn peer_connection(&self) -> Option<PeerConnection> {
+        let connection = self.connection.clone()?;
+        Some(PeerConnection {
+            child: self.child.clone().unwrap_or_else(|| connection.clone()),
+            connection,
+        })
     }
 
     pub fn flows(&self) -> Result<Vec<ProtectedFlow>, String> {
@@ -721,6 +738,32 @@ impl Config {
             );
         }
 
+        if self.policy.managed {
+            if self.keying.backend != KeyingBackend::Strongswan {
+                bad(
+                    "policy.managed",
+                    "needs keying.backend = \"strongswan\": the connections are loaded into charon"
+                        .into(),
+                );
+            }
+            if self.policy.psk_file.is_none() {
+                bad(
+                    "policy.psk_file",
+                    "missing: policy-managed connections authenticate with the pre-shared key in this file".into(),
+                );
+            }
+        }
+        if !self.policy.documents.is_empty() && self.store.backend != StoreBackend::Embedded {
+            bad(
+                "policy.document",
+                "only for the embedded store; with etcd, policies live in the store (vipsec policy apply)".into(),
+            );
+        }
+        if let Some(id) = &self.policy.identity
+            && id.trim().is_empty()
+        {
+            bad("policy.identity", "must not be empty".into());
+        }
         if self.drill.target.is_zero() {
             bad("drill.target", "must be greater than zero".into());
         }
@@ -787,11 +830,16 @@ impl Config {
                     ),
                 );
             }
-            if v.connection.trim().is_empty() {
-                bad(
+            match &v.connection {
+                Some(c) if c.trim().is_empty() => bad(
                     &format!("peer_vip[{i}].connection"),
                     "must name the IKE connection".into(),
-                );
+                ),
+                None if !self.policy.managed => bad(
+                    &format!("peer_vip[{i}].connection"),
+                    "missing: name the IKE connection toward the VIP, or set policy.managed = true so the agent loads it from the VIP's policy".into(),
+                ),
+                _ => {}
             }
             for (j, f) in v.protect.iter().enumerate() {
                 if let Err(e) = parse_flow(v.address, f, FlowDirection::ToVip) {
@@ -800,6 +848,24 @@ impl Config {
             }
         }
         p
+    }
+
+    /// Whether the agent owns the IKE connection of this VIP (from its policy).
+    pub fn policy_managed(&self, vip: Vip) -> bool {
+        self.policy.managed
+            && (self.hosted_vips.iter().any(|h| h.address == vip)
+                || self
+                    .peer_vips
+                    .iter()
+                    .any(|p| p.address == vip && p.connection.is_none()))
+    }
+
+    /// The IKE identity this node uses in policy-managed connections.
+    pub fn ike_identity(&self) -> String {
+        self.policy
+            .identity
+            .clone()
+            .unwrap_or_else(|| self.node.clone())
     }
 
     pub fn hosted_addresses(&self) -> Vec<Vip> {
@@ -814,22 +880,76 @@ impl Config {
         self.peer_vips.iter().find(|p| p.address == vip)
     }
 
-    /// Every protected flow of every peer VIP (validated, so parsing cannot fail here).
+    /// Every protected flow of every VIP (validated, so parsing cannot fail here). A
+    /// policy-managed VIP starts with all of its traffic protected: until its policy is
+    /// read, nothing tells which ports may go in clear text.
     pub fn protected_flows(&self) -> Vec<ProtectedFlow> {
-        let peers = self
-            .peer_vips
-            .iter()
-            .flat_map(|v| v.flows().unwrap_or_default());
-        let hosted = self
-            .hosted_vips
-            .iter()
-            .flat_map(|v| v.flows().unwrap_or_default());
+        let whole = |vip: Vip, direction| ProtectedFlow {
+            vip,
+            protocol: crate::model::FlowProtocol::Any,
+            port: None,
+            direction,
+        };
+        let peers = self.peer_vips.iter().flat_map(|v| {
+            if v.protect.is_empty() && self.policy_managed(v.address) {
+                vec![whole(v.address, FlowDirection::ToVip)]
+            } else {
+                v.flows().unwrap_or_default()
+            }
+        });
+        let hosted = self.hosted_vips.iter().flat_map(|v| {
+            if v.protect.is_empty()
+                && self.policy_managed(v.address)
+                && self.kernel.interface.is_some()
+            {
+                vec![whole(v.address, FlowDirection::FromVip)]
+            } else {
+                v.flows().unwrap_or_default()
+            }
+        });
         peers.chain(hosted).collect()
+    }
+
+    /// Whether a peer VIP has flows to block while no SA carries them.
+    pub fn peer_protected(&self, vip: Vip) -> bool {
+        self.peer(vip)
+            .is_some_and(|p| !p.protect.is_empty() || self.policy_managed(vip))
+    }
+
+    /// Whether a hosted VIP's answers are guarded (blocked outside IPsec). A policy-managed
+    /// VIP is guarded when the guard can be bound to `kernel.interface`.
+    pub fn hosted_protected(&self, vip: Vip) -> bool {
+        self.hosted_vips.iter().any(|h| {
+            h.address == vip
+                && (!h.protect.is_empty()
+                    || (self.policy_managed(vip) && self.kernel.interface.is_some()))
+        })
     }
 }
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Cluster-wide IPsec policies: the agent turns the policy of each VIP into strongSwan
+/// connections, so every node agrees on ports, proposals and NAT handling.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Load the IKE connections of this node's VIPs from their policies (stored in the
+    /// cluster store; with the embedded store, the `document`s below).
+    #[serde(default)]
+    pub managed: bool,
+    /// This node's IKE identity; defaults to the node name. Front-ends require the owner
+    /// of record's identity, so a node that is not the owner can never complete IKE.
+    pub identity: Option<String>,
+    /// File holding the pre-shared key (read at start-up; keep it root-only). Never
+    /// logged, never shown by the API.
+    pub psk_file: Option<PathBuf>,
+    /// Policy documents for a single machine (embedded store); with etcd, policies live
+    /// in the store (`vipsec policy apply`).
+    #[serde(default, rename = "document")]
+    pub documents: Vec<toml::Table>,
 }
 
 /// Where the API listens (daemon) or connects (CLI).
@@ -889,7 +1009,7 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
         assert_eq!(c.store.lease_ttl, Duration::from_secs(2));
         assert_eq!(c.keying.sample_interval, Duration::from_millis(250));
         assert_eq!(c.api.endpoint, DEFAULT_API_ENDPOINT);
-        assert_eq!(c.peer_vips[0].peer_connection().child, "vip100");
+        assert_eq!(c.peer_vips[0].peer_connection().unwrap().child, "vip100");
         assert_eq!(c.protected_flows().len(), 3);
     }
 

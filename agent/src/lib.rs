@@ -15,6 +15,7 @@ pub mod keying;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod runtime;
 pub mod store;
 pub mod timeline;

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub keying_up: Gauge,
     pub vip_present: Family<VipLabel, Gauge>,
     pub vip_epoch: Family<VipLabel, Gauge>,
+    /// 1 while a hosted VIP is here and another node holds its record (split brain).
+    pub split_brain: Family<VipLabel, Gauge>,
+    pub actions_fenced: Counter,
     pub action_failures: Family<EventLabel, Counter>,
     pub move_step_seconds: Family<StepLabel, Histogram>,
     pub move_seconds: Histogram,
@@ -121,6 +124,18 @@ impl Metrics {
             "Highest ownership epoch seen per VIP",
             vip_epoch.clone(),
         );
+        let split_brain = Family::<VipLabel, Gauge>::default();
+        registry.register(
+            "split_brain",
+            "1 while a hosted VIP is on this node but recorded as another node's",
+            split_brain.clone(),
+        );
+        let actions_fenced = Counter::default();
+        registry.register(
+            "actions_fenced",
+            "Actions dropped because their epoch was superseded",
+            actions_fenced.clone(),
+        );
         let action_failures = Family::<EventLabel, Counter>::default();
         registry.register(
             "action_failures",
@@ -157,6 +172,8 @@ impl Metrics {
             keying_up,
             vip_present,
             vip_epoch,
+            split_brain,
+            actions_fenced,
             action_failures,
         }
     }
@@ -181,6 +198,7 @@ impl Metrics {
             let label = VipLabel {
                 vip: vip.to_string(),
             };
+            let _ = self.split_brain.get_or_create(&label);
             let _ = self.vip_present.get_or_create(&label);
             let _ = self.vip_epoch.get_or_create(&label);
         }
@@ -255,6 +273,15 @@ impl Metrics {
             }
             NoticeKind::OwnerChanged => {
                 self.vip_epoch.get_or_create(&vip).set(n.epoch as i64);
+            }
+            NoticeKind::SplitBrain => {
+                self.split_brain.get_or_create(&vip).set(1);
+            }
+            NoticeKind::SplitBrainCleared => {
+                self.split_brain.get_or_create(&vip).set(0);
+            }
+            NoticeKind::ActionFenced => {
+                self.actions_fenced.inc();
             }
             NoticeKind::ActionFailed => {
                 let kind = n.detail.split(':').next().unwrap_or("unknown").to_string();

@@ -50,6 +50,10 @@ pub struct VipOwner {
     pub epoch: u64,
     /// Wall-clock time the owner took the VIP (milliseconds since the Unix epoch).
     pub taken_at_ms: u64,
+    /// The owner is handing the VIP over (deleting its SAs before it lets go): front-ends
+    /// wait for the next owner's record instead of coming back to this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl VipOwner {
@@ -181,6 +185,13 @@ pub struct IkeSaInfo {
     pub initiator: bool,
     pub established_secs: u64,
     pub children: Vec<ChildSaInfo>,
+    /// charon's `nat-local`: this node is behind NAT, as the peer saw it.
+    #[serde(default)]
+    pub nat_local: bool,
+    /// charon's `nat-remote`: the peer is behind NAT (always set when the peer forces
+    /// UDP encapsulation: it fakes its NAT detection to do so).
+    #[serde(default)]
+    pub nat_remote: bool,
 }
 
 impl IkeSaInfo {
@@ -215,6 +226,23 @@ impl IkeSaInfo {
                 packets_out: acc.packets_out + c.packets_out,
             })
     }
+}
+
+/// A connection the keying daemon has loaded (`list-conns`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoadedConnection {
+    pub name: String,
+    pub local_addrs: Vec<String>,
+    pub remote_addrs: Vec<String>,
+    pub children: Vec<LoadedChild>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoadedChild {
+    pub name: String,
+    pub mode: String,
+    pub local_ts: Vec<String>,
+    pub remote_ts: Vec<String>,
 }
 
 /// The IKE connection and child that bring up protection toward a VIP.

@@ -218,10 +218,23 @@ async fn killed_owner_expires_and_its_stale_write_is_fenced() {
     let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
     assert_eq!(rec, taken, "the record stays B's");
 
-    // A deliberate takeover (the VIP really moved back) wins with a higher epoch.
+    // While B's record stands, A cannot take the VIP, even if it is on A's interface too
+    // (a split brain): the live record under B's lease decides.
+    match a_again.publish(vip).await {
+        Err(StoreError::Fenced { owner, epoch, .. }) => {
+            assert_eq!(owner, "be2");
+            assert_eq!(epoch, taken.epoch);
+        }
+        other => panic!("a live record of another node must not be taken, got {other:?}"),
+    }
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    assert_eq!(rec, taken, "the record stays B's");
+
+    // Once B lets go, A takes it with the next epoch; B's late withdraw leaves it alone.
+    b.store.withdraw(vip).await.unwrap();
     let back = a_again.publish(vip).await.unwrap();
     assert_eq!(back.epoch, taken.epoch + 1);
-    // And B's withdraw after losing it leaves A's record alone.
     b.store.withdraw(vip).await.unwrap();
     let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
     let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
@@ -369,7 +382,8 @@ async fn corrupt_records_are_skipped_with_a_warning() {
             Some(VipOwner {
                 node: "be9".into(),
                 epoch: 4,
-                taken_at_ms: 5
+                taken_at_ms: 5,
+                draining: false,
             })
         )]
     );

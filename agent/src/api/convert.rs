@@ -83,6 +83,9 @@ pub fn status(s: &StatusView) -> pb::Status {
                 epoch: h.epoch,
                 draining: h.draining,
                 guarded: h.guarded,
+                ownership: h.ownership.clone(),
+                ownership_reason: h.ownership_reason.clone(),
+                split_brain: h.split_brain,
             })
             .collect(),
         peer_vips: s
@@ -168,6 +171,10 @@ pub fn event_kind(k: NoticeKind) -> pb::EventKind {
         NoticeKind::Drained => E::Drained,
         NoticeKind::StaleRecordIgnored => E::StaleRecordIgnored,
         NoticeKind::ActionFailed => E::ActionFailed,
+        NoticeKind::SplitBrain => E::SplitBrain,
+        NoticeKind::SplitBrainCleared => E::SplitBrainCleared,
+        NoticeKind::SaRefused => E::SaRefused,
+        NoticeKind::ActionFenced => E::ActionFenced,
     }
 }
 

@@ -60,6 +60,9 @@ pub fn to_json(s: &pb::Status) -> Value {
             "epoch": h.epoch,
             "draining": h.draining,
             "guarded": h.guarded,
+            "ownership": h.ownership,
+            "ownership_reason": h.ownership_reason,
+            "split_brain": h.split_brain,
         })).collect::<Vec<_>>(),
         "peer_vips": s.peer_vips.iter().map(|p| json!({
             "address": p.address,
@@ -131,6 +134,7 @@ fn print_table(s: &pb::Status) {
             "taken",
             "draining",
             "clear-text guard",
+            "ownership",
         ]);
         for h in &s.hosted_vips {
             let (owner, taken) = match &h.owner {
@@ -148,9 +152,22 @@ fn print_table(s: &pb::Status) {
                 taken,
                 draining.into(),
                 guard.into(),
+                if h.split_brain {
+                    "SPLIT BRAIN".to_string()
+                } else {
+                    h.ownership.clone()
+                },
             ]);
         }
         println!("{t}");
+        // Say why for every VIP that does not accept SAs while it is here.
+        for h in s
+            .hosted_vips
+            .iter()
+            .filter(|h| h.present_locally && h.ownership != "owner")
+        {
+            println!("  {}: {}", h.address, h.ownership_reason);
+        }
     }
     if !s.peer_vips.is_empty() {
         println!();

@@ -74,6 +74,8 @@ pub enum Timer {
     Cooldown { vip: Vip, generation: u64 },
     /// A drained VIP is still here; publish ownership again.
     DrainHold { vip: Vip, generation: u64 },
+    /// Another node's record has stood while the VIP is here: is it a split brain yet?
+    SplitBrainGrace { vip: Vip },
 }
 
 /// What the core wants done. The runtime performs each action and reports results back
@@ -85,6 +87,10 @@ pub enum Action {
         vip: Vip,
     },
     WithdrawOwnership {
+        vip: Vip,
+    },
+    /// Mark this node's record as draining: front-ends wait for the next owner.
+    MarkDraining {
         vip: Vip,
     },
     /// Delete every SA of the VIP with an IKE DELETE to each peer.
@@ -112,7 +118,31 @@ pub enum Action {
     ReleaseFailSecure {
         vip: Vip,
     },
+    /// Answer IKE for a hosted VIP (this node is its owner) or stop answering it.
+    AcceptSas {
+        vip: Vip,
+        accept: bool,
+    },
     Notify(Notice),
+}
+
+impl Action {
+    /// The VIP an action is about (none for node-wide notices).
+    pub fn vip(&self) -> Option<Vip> {
+        match self {
+            Action::PublishOwnership { vip }
+            | Action::WithdrawOwnership { vip }
+            | Action::MarkDraining { vip }
+            | Action::DeleteSas { vip, .. }
+            | Action::DropStaleSas { vip }
+            | Action::Initiate { vip, .. }
+            | Action::EngageFailSecure { vip }
+            | Action::ReleaseFailSecure { vip }
+            | Action::AcceptSas { vip, .. } => Some(*vip),
+            Action::StartTimer { .. } => None,
+            Action::Notify(n) => n.vip,
+        }
+    }
 }
 
 /// A failover event for logs, metrics and the `WatchEvents` stream.
@@ -180,6 +210,13 @@ pub enum NoticeKind {
     Drained,
     StaleRecordIgnored,
     ActionFailed,
+    /// The VIP is on this node while the store records another owner (or two nodes claim it).
+    SplitBrain,
+    SplitBrainCleared,
+    /// An SA for a hosted VIP came up on a node that is not its owner of record.
+    SaRefused,
+    /// An action decided under an epoch that has since been superseded was not carried out.
+    ActionFenced,
 }
 
 impl NoticeKind {
@@ -204,6 +241,10 @@ impl NoticeKind {
             NoticeKind::Drained => "drained",
             NoticeKind::StaleRecordIgnored => "stale-record-ignored",
             NoticeKind::ActionFailed => "action-failed",
+            NoticeKind::SplitBrain => "split-brain",
+            NoticeKind::SplitBrainCleared => "split-brain-cleared",
+            NoticeKind::SaRefused => "sa-refused",
+            NoticeKind::ActionFenced => "action-fenced",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! Time comes in as an argument (`tokio::time::Instant`), so tests drive the core with
 //! paused time and scripted inputs.
 
+mod guard;
 mod idle;
 mod input;
 mod retry;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use guard::Ownership;
 pub use idle::IdleDetector;
 pub use input::{Action, Input, Notice, NoticeKind, SaRef, Timer};
 pub use retry::RetrySchedule;
@@ -42,6 +44,11 @@ pub struct CoreSettings {
     /// The store is shared by the cluster, so a missing owner record means "in transit"
     /// and is worth waiting for. The embedded store only knows this node.
     pub cluster_store: bool,
+    /// How long a hosted VIP may be here while another node holds its record before that
+    /// is reported as a split brain (a hand-off passes through it briefly).
+    pub split_brain_grace: Duration,
+    /// While the store is unreachable, accept SAs for a VIP on the kernel's word alone.
+    pub trust_kernel_when_store_down: bool,
 }
 
 impl CoreSettings {
@@ -63,6 +70,8 @@ impl CoreSettings {
             // report an engagement that protects nothing.
             fail_secure: c.kernel.fail_secure && c.kernel.backend != KernelBackend::None,
             cluster_store: c.store.backend == StoreBackend::Etcd,
+            split_brain_grace: c.failover.split_brain_grace,
+            trust_kernel_when_store_down: c.failover.trust_kernel_when_store_down,
         }
     }
 }
@@ -80,6 +89,14 @@ pub struct HostedVip {
     pub epoch: u64,
     pub draining: bool,
     pub sas: BTreeSet<IkeId>,
+    /// What the split-brain guard concluded last.
+    pub ownership: Ownership,
+    /// The runtime was told to accept SAs for the VIP.
+    pub accepting: bool,
+    /// Since when another node's record stands while the VIP is here.
+    pub conflict_since: Option<Instant>,
+    /// That conflict outlasted the grace and was reported.
+    pub split_brain: bool,
     generation: u64,
 }
 
@@ -232,6 +249,22 @@ impl FailoverCore {
     pub fn peers(&self) -> &BTreeMap<Vip, PeerVip> {
         &self.peers
     }
+    /// The highest epoch known for a VIP (0 for one never owned or not configured).
+    pub fn epoch_of(&self, vip: Vip) -> u64 {
+        self.hosted
+            .get(&vip)
+            .map(|h| h.epoch)
+            .or_else(|| self.peers.get(&vip).map(|p| p.epoch))
+            .unwrap_or(0)
+    }
+
+    pub fn epochs(&self) -> impl Iterator<Item = (Vip, u64)> + '_ {
+        self.hosted
+            .iter()
+            .map(|(v, h)| (*v, h.epoch))
+            .chain(self.peers.iter().map(|(v, p)| (*v, p.epoch)))
+    }
+
     pub fn keying_up(&self) -> bool {
         self.keying_up == Some(true)
     }
@@ -359,6 +392,7 @@ impl FailoverCore {
         out.push(Action::Notify(
             Notice::new(NoticeKind::VipAcquired, Some(vip)).epoch(h.epoch),
         ));
+        self.guard(out, self.now, vip);
     }
 
     fn vip_disappeared(&mut self, out: &mut Out, vip: Vip) {
@@ -381,6 +415,7 @@ impl FailoverCore {
         out.push(Action::Notify(
             Notice::new(NoticeKind::VipReleased, Some(vip)).epoch(h.epoch),
         ));
+        self.guard(out, self.now, vip);
     }
 
     fn drain(&mut self, out: &mut Out, vip: Vip) {
@@ -395,7 +430,10 @@ impl FailoverCore {
         h.generation += 1;
         // DELETE first, while front-ends still know us as the owner: each answers its
         // DELETE. Withdrawing first would make them delete at the same moment, and two
-        // crossing DELETEs leave charon waiting for answers that never come.
+        // crossing DELETEs leave charon waiting for answers that never come. The record
+        // is marked draining before that, so a front-end that got our DELETE waits for the
+        // next owner's record instead of coming back here.
+        out.push(Action::MarkDraining { vip });
         out.push(Action::DeleteSas {
             vip,
             role: VipRole::Hosted,
@@ -414,6 +452,7 @@ impl FailoverCore {
                 after: self.settings.drain_hold,
             });
         }
+        self.guard(out, self.now, vip);
     }
 
     // ----- ownership records -----
@@ -434,6 +473,7 @@ impl FailoverCore {
                 return;
             }
             if h.owner == owner {
+                self.guard(out, now, vip);
                 return;
             }
             let mut notice = Notice::new(NoticeKind::OwnerChanged, Some(vip)).owner(owner.as_ref());
@@ -455,6 +495,7 @@ impl FailoverCore {
                 // or removed by hand): put it back.
                 out.push(Action::PublishOwnership { vip });
             }
+            self.guard(out, now, vip);
             return;
         }
 
@@ -530,6 +571,10 @@ impl FailoverCore {
             NoticeKind::StoreDown
         };
         out.push(Action::Notify(Notice::new(kind, None).detail(detail)));
+        let hosted: Vec<Vip> = self.hosted.keys().copied().collect();
+        for vip in hosted {
+            self.guard(out, self.now, vip);
+        }
         if !healthy {
             // No record will come: stop waiting for one.
             let waiting: Vec<Vip> = self
@@ -646,6 +691,9 @@ impl FailoverCore {
     fn sa_up(&mut self, out: &mut Out, now: Instant, sa: SaRef) {
         match sa.role {
             VipRole::Hosted => {
+                if !self.hosted_sa_allowed(out, sa.vip) {
+                    return;
+                }
                 if let Some(h) = self.hosted.get_mut(&sa.vip)
                     && h.sas.insert(sa.ike_id)
                 {
@@ -743,7 +791,7 @@ impl FailoverCore {
             && self
                 .peers
                 .get(&vip)
-                .is_some_and(|p| p.synced && p.owner.is_none())
+                .is_some_and(|p| p.synced && p.owner.as_ref().is_none_or(|o| o.draining))
     }
 
     /// Starts bringing protection toward `vip` back, or hurries a running attempt.
@@ -992,6 +1040,7 @@ impl FailoverCore {
                     self.renegotiate(out, now, vip, "new cycle after giving up".into(), false);
                 }
             }
+            Timer::SplitBrainGrace { vip } => self.split_brain_timer(out, now, vip),
             Timer::DrainHold { vip, generation } => {
                 let Some(h) = self.hosted.get_mut(&vip) else {
                     return;
@@ -1005,6 +1054,7 @@ impl FailoverCore {
                             .detail("still here after the drain hold; ownership published again"),
                     ));
                 }
+                self.guard(out, now, vip);
             }
         }
     }

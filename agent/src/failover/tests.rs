@@ -20,6 +20,7 @@ fn owner(node: &str, epoch: u64) -> Option<VipOwner> {
         node: node.into(),
         epoch,
         taken_at_ms: 0,
+        draining: false,
     })
 }
 
@@ -39,6 +40,8 @@ fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
         drain_hold: Duration::from_secs(10),
         fail_secure: true,
         cluster_store,
+        split_brain_grace: Duration::from_secs(1),
+        trust_kernel_when_store_down: true,
     }
 }
 
@@ -883,4 +886,249 @@ async fn renegotiation_waits_for_the_daemon_when_it_is_down() {
         established: vec![],
     });
     assert_eq!(initiates(&a), [1]);
+}
+
+// ----- split-brain guard -----
+
+fn hosted_sa(id: u64) -> Input {
+    Input::SaUp(SaRef {
+        vip: vip(),
+        role: VipRole::Hosted,
+        ike_id: id,
+    })
+}
+
+fn store_up() -> Input {
+    Input::StoreHealth {
+        healthy: true,
+        detail: String::new(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_added_by_hand_while_another_node_owns_it_is_a_split_brain_and_refuses_sas() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 3),
+    });
+    let a = be.feed(Input::VipAppeared(vip()));
+    assert!(!has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    assert!(matches!(
+        be.core.hosted()[&vip()].ownership,
+        Ownership::NotOwner { .. }
+    ));
+
+    // A front-end's SA reaches this node anyway (its ARP entry points here): deleted.
+    let a = be.feed(hosted_sa(9));
+    assert!(has(
+        &a,
+        &Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }
+    ));
+    assert!(notice(&a, NoticeKind::SaRefused).detail.contains("other"));
+    assert!(be.core.hosted()[&vip()].sas.is_empty());
+
+    // Past the grace it is reported, once.
+    let a = be.advance(Duration::from_secs(2)).await;
+    let n = notice(&a, NoticeKind::SplitBrain);
+    assert_eq!(n.owner.as_deref(), Some("other"));
+    assert!(be.core.hosted()[&vip()].split_brain);
+    assert!(be.advance(Duration::from_secs(5)).await.is_empty());
+
+    // The other node lets go: publish, and accept SAs only once the record is ours.
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+    assert!(notices(&a).contains(&NoticeKind::SplitBrainCleared));
+    assert!(!has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 4),
+    });
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Owner);
+    let a = be.feed(hosted_sa(10));
+    assert_eq!(notices(&a), [NoticeKind::SaUp]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_off_shorter_than_the_grace_is_no_split_brain() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("old", 5),
+    });
+    be.feed(Input::VipAppeared(vip()));
+    let a = be.advance(Duration::from_millis(300)).await;
+    assert!(a.is_empty());
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 6),
+    });
+    let a = be.advance(Duration::from_secs(5)).await;
+    assert!(!notices(&a).contains(&NoticeKind::SplitBrain), "{a:#?}");
+    assert!(!be.core.hosted()[&vip()].split_brain);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_owner_refuses_sas_once_draining_and_accepts_again_after_the_hold() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    assert!(be.core.hosted()[&vip()].accepting);
+    let a = be.feed(Input::Drain(vip()));
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: false
+        }
+    ));
+    // A front-end re-initiating during the drain is refused, not served by the old owner.
+    let a = be.feed(hosted_sa(3));
+    assert!(notices(&a).contains(&NoticeKind::SaRefused));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    be.advance(Duration::from_secs(10)).await;
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_the_store_is_down_the_kernel_alone_decides_unless_configured_strict() {
+    let mut be = Node::back_end();
+    be.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "etcd unreachable".into(),
+    });
+    let a = be.feed(Input::VipAppeared(vip()));
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Unconfirmed);
+
+    let mut strict = settings(true, Mode::Normal);
+    strict.trust_kernel_when_store_down = false;
+    let mut be = Node {
+        core: FailoverCore::new(strict, &[(vip(), false)], &[]),
+        timers: Vec::new(),
+    };
+    be.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "etcd unreachable".into(),
+    });
+    let a = be.feed(Input::VipAppeared(vip()));
+    assert!(!has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    let a = be.feed(hosted_sa(1));
+    assert!(notices(&a).contains(&NoticeKind::SaRefused));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_owners_delete_makes_the_front_end_wait_for_the_next_owner() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    let mut draining = owner("be1", 1).unwrap();
+    draining.draining = true;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: Some(draining),
+    });
+    assert!(initiates(&a).is_empty());
+    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }));
+    // The old owner's DELETE: no attempt toward it, wait for the next record.
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    assert!(fe.core.peers()[&vip()].renegotiation.is_some());
+    fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    time::advance(Duration::from_millis(200)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_marks_the_record_draining_before_deleting() {
+    let mut be = Node::back_end();
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 4),
+    });
+    let a = be.feed(Input::Drain(vip()));
+    let pos = |want: &Action| a.iter().position(|x| x == want).unwrap();
+    assert!(
+        pos(&Action::MarkDraining { vip: vip() })
+            < pos(&Action::DeleteSas {
+                vip: vip(),
+                role: VipRole::Hosted
+            })
+    );
+    assert!(
+        pos(&Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }) < pos(&Action::WithdrawOwnership { vip: vip() })
+    );
 }

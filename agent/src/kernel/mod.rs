@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::InputSink;
 use crate::config::{Config, KernelBackend};
-use crate::model::Vip;
+use crate::model::{ProtectedFlow, Vip};
 
 pub mod none;
 pub mod xfrm;
@@ -35,6 +35,14 @@ pub trait Kernel: Send + Sync + 'static {
 
     /// Removes this agent's block policies for the VIP; idempotent.
     async fn release_fail_secure(&self, vip: Vip) -> Result<(), KernelError>;
+
+    /// Replaces the VIP's protected flows (its policy changed). Where the VIP's flows are
+    /// blocked now, the block follows at once: the new flows are added before the old
+    /// ones go, so nothing slips through in between.
+    async fn set_flows(&self, vip: Vip, flows: Vec<ProtectedFlow>) -> Result<(), KernelError> {
+        let _ = (vip, flows);
+        Ok(())
+    }
 
     /// Deletes the kernel's SAs to or from the VIP (the forceful path); returns how many.
     async fn delete_states(&self, vip: Vip) -> Result<u32, KernelError>;

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::InputSink;
 use crate::config::{Config, KeyingBackend};
-use crate::model::{IkeSaInfo, PeerConnection, Vip, VipRole};
+use crate::model::{IkeSaInfo, LoadedConnection, PeerConnection, Vip, VipRole};
+use crate::policy::{ConnectionSpec, SecretKey};
 
 pub mod none;
 pub mod strongswan;
@@ -53,6 +54,34 @@ pub trait Keying: Send + Sync + 'static {
         conn: &PeerConnection,
         timeout: Duration,
     ) -> Result<(), KeyingError>;
+
+    /// Loads (or replaces, by name) a connection rendered from the cluster policy.
+    async fn load_connection(&self, spec: &ConnectionSpec) -> Result<(), KeyingError> {
+        Err(no_daemon(format!("load-conn {}", spec.name)))
+    }
+
+    /// Unloads a connection and its traps; one not loaded counts as done.
+    async fn unload_connection(&self, name: &str) -> Result<(), KeyingError> {
+        Err(no_daemon(format!("unload-conn {name}")))
+    }
+
+    /// Loads (or replaces) this node's pre-shared key.
+    async fn load_psk(&self, _key: &SecretKey) -> Result<(), KeyingError> {
+        Err(no_daemon("load-shared".into()))
+    }
+
+    /// The connections the daemon has loaded, with their children's traffic selectors.
+    async fn list_connections(&self) -> Result<Vec<LoadedConnection>, KeyingError> {
+        Err(no_daemon("list-conns".into()))
+    }
+}
+
+/// What a backend without a keying daemon answers to configuration commands.
+fn no_daemon(command: String) -> KeyingError {
+    KeyingError::Refused {
+        command,
+        reason: "no keying daemon is configured ([keying] backend = \"none\")".into(),
+    }
 }
 
 pub fn from_config(config: &Config) -> Arc<dyn Keying> {

@@ -5,6 +5,11 @@
 //! in parallel. An initiation is started from the lane but not awaited there, so a later
 //! drop can abort an attempt that hangs on a VIP nobody holds. Kernel changes share one
 //! lane so an engage and a release of the same flows can never overtake each other.
+//!
+//! Fencing: every job carries the epoch its action was decided under. An initiation whose
+//! epoch the core has since moved past is not started, and a hosted VIP's SAs are deleted
+//! only after a fresh read of the store shows no newer owner: a node that was paused or
+//! cut off while the VIP moved on acts on nothing when it wakes up.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,11 +26,12 @@ use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
 use crate::keying::Keying;
 use crate::model::{Vip, VipRole};
-use crate::store::OwnershipStore;
+use crate::store::{OwnershipStore, StoreError};
 
-enum Job {
+enum JobKind {
     Publish,
     Withdraw,
+    MarkDraining,
     DeleteSas {
         role: VipRole,
         reply: Option<oneshot::Sender<Result<u32, String>>>,
@@ -34,6 +40,35 @@ enum Job {
     Initiate {
         attempt: u32,
     },
+    AcceptSas {
+        accept: bool,
+    },
+}
+
+struct Job {
+    kind: JobKind,
+    /// The VIP's epoch when the core decided the action.
+    epoch: u64,
+}
+
+/// The highest epoch the core knows per VIP, kept up to date by the core loop.
+#[derive(Clone, Default)]
+struct EpochBoard(Arc<Mutex<HashMap<Vip, u64>>>);
+
+impl EpochBoard {
+    fn set(&self, vip: Vip, epoch: u64) {
+        let mut m = self.0.lock().expect("epoch board lock");
+        let e = m.entry(vip).or_default();
+        *e = (*e).max(epoch);
+    }
+    fn get(&self, vip: Vip) -> u64 {
+        self.0
+            .lock()
+            .expect("epoch board lock")
+            .get(&vip)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 enum KernelJob {
@@ -51,6 +86,7 @@ struct LaneContext {
     inputs: InputSink,
     tracker: TaskTracker,
     sink: EventSink,
+    epochs: EpochBoard,
 }
 
 pub(super) struct Lanes {
@@ -92,12 +128,18 @@ impl Lanes {
                 inputs,
                 tracker,
                 sink,
+                epochs: EpochBoard::default(),
             },
             cancel,
             vip_lanes: HashMap::new(),
             kernel_lane,
             kernel_health,
         }
+    }
+
+    /// Records the epoch the core knows for a VIP; later actions are judged against it.
+    pub(super) fn note_epoch(&self, vip: Vip, epoch: u64) {
+        self.ctx.epochs.set(vip, epoch);
     }
 
     pub(super) fn kernel_health(&self) -> HealthView {
@@ -111,18 +153,28 @@ impl Lanes {
         &mut self,
         vip: Vip,
         role: VipRole,
+        epoch: u64,
         reply: Option<oneshot::Sender<Result<u32, String>>>,
     ) {
-        self.lane(vip, Job::DeleteSas { role, reply });
+        self.lane(vip, epoch, JobKind::DeleteSas { role, reply });
     }
 
-    pub(super) fn submit(&mut self, action: Action) {
+    /// Queues an action decided while the VIP's epoch was `epoch`.
+    pub(super) fn submit(&mut self, action: Action, epoch: u64) {
         match action {
-            Action::PublishOwnership { vip } => self.lane(vip, Job::Publish),
-            Action::WithdrawOwnership { vip } => self.lane(vip, Job::Withdraw),
-            Action::DeleteSas { vip, role } => self.lane(vip, Job::DeleteSas { role, reply: None }),
-            Action::DropStaleSas { vip } => self.lane(vip, Job::DropStale),
-            Action::Initiate { vip, attempt } => self.lane(vip, Job::Initiate { attempt }),
+            Action::PublishOwnership { vip } => self.lane(vip, epoch, JobKind::Publish),
+            Action::WithdrawOwnership { vip } => self.lane(vip, epoch, JobKind::Withdraw),
+            Action::MarkDraining { vip } => self.lane(vip, epoch, JobKind::MarkDraining),
+            Action::DeleteSas { vip, role } => {
+                self.lane(vip, epoch, JobKind::DeleteSas { role, reply: None })
+            }
+            Action::DropStaleSas { vip } => self.lane(vip, epoch, JobKind::DropStale),
+            Action::Initiate { vip, attempt } => {
+                self.lane(vip, epoch, JobKind::Initiate { attempt })
+            }
+            Action::AcceptSas { vip, accept } => {
+                self.lane(vip, epoch, JobKind::AcceptSas { accept })
+            }
             Action::StartTimer { timer, after } => {
                 let (inputs, cancel) = (self.ctx.inputs.clone(), self.cancel.clone());
                 self.ctx.tracker.spawn(async move {
@@ -142,7 +194,8 @@ impl Lanes {
         }
     }
 
-    fn lane(&mut self, vip: Vip, job: Job) {
+    fn lane(&mut self, vip: Vip, epoch: u64, kind: JobKind) {
+        let job = Job { kind, epoch };
         let job = match self.vip_lanes.get(&vip) {
             Some(tx) => match tx.send(job) {
                 Ok(()) => return,
@@ -189,18 +242,71 @@ impl VipLane {
         );
     }
 
+    fn fenced(&self, what: &str, detail: String) {
+        warn!(vip = %self.vip, what, %detail, "action fenced");
+        self.ctx.sink.emit(
+            Notice::new(NoticeKind::ActionFenced, Some(self.vip))
+                .detail(format!("{what}: {detail}")),
+        );
+    }
+
+    /// Whether a hosted VIP's SAs may still be deleted under `epoch`: not once the store
+    /// shows another node at a newer epoch. An unreachable store does not stop a delete
+    /// (a drain must go on during a store outage); the VIP is gone or ours then anyway.
+    async fn hosted_epoch_current(&self, epoch: u64) -> Result<(), String> {
+        match self.ctx.store.current(self.vip).await {
+            Ok((owner, highest)) => {
+                let ours = owner
+                    .as_ref()
+                    .is_some_and(|o| o.node == self.ctx.config.node);
+                if highest > epoch && !ours {
+                    let holder = owner.map_or("nobody".to_string(), |o| o.node);
+                    return Err(format!(
+                        "decided under epoch {epoch}; the store is at epoch {highest} (owner {holder})"
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                debug!(vip = %self.vip, error = %e, "store unreachable; deleting without an epoch check");
+                Ok(())
+            }
+        }
+    }
+
     async fn job(&self, job: Job) {
         let vip = self.vip;
-        match job {
-            Job::Publish => match self.ctx.store.publish(vip).await {
+        let epoch = job.epoch;
+        match job.kind {
+            JobKind::AcceptSas { accept } => {
+                info!(%vip, accept, epoch, "IKE for the hosted VIP {}", if accept { "accepted" } else { "refused" });
+            }
+            JobKind::Publish => match self.ctx.store.publish(vip).await {
                 Ok(owner) => info!(%vip, epoch = owner.epoch, "ownership published"),
+                Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
+                    "publish",
+                    format!("{owner} holds the VIP at epoch {epoch}; waiting for its record to go"),
+                ),
                 Err(e) => self.failed("publish", e),
             },
-            Job::Withdraw => match self.ctx.store.withdraw(vip).await {
+            JobKind::MarkDraining => match self.ctx.store.mark_draining(vip).await {
+                Ok(()) => info!(%vip, "record marked draining"),
+                Err(e) => self.failed("mark draining", e),
+            },
+            JobKind::Withdraw => match self.ctx.store.withdraw(vip).await {
                 Ok(()) => info!(%vip, "ownership withdrawn"),
                 Err(e) => self.failed("withdraw", e),
             },
-            Job::DeleteSas { role, reply } => {
+            JobKind::DeleteSas { role, reply } => {
+                if role == VipRole::Hosted
+                    && let Err(why) = self.hosted_epoch_current(epoch).await
+                {
+                    self.fenced("delete", why.clone());
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(format!("fenced: {why}")));
+                    }
+                    return;
+                }
                 let started = std::time::Instant::now();
                 let result = self.ctx.keying.delete_sas(vip, role).await;
                 match &result {
@@ -213,7 +319,7 @@ impl VipLane {
                     let _ = reply.send(result.map_err(|e| e.to_string()));
                 }
             }
-            Job::DropStale => {
+            JobKind::DropStale => {
                 let started = std::time::Instant::now();
                 match self.ctx.keying.drop_sas(vip).await {
                     Ok(n) => {
@@ -230,8 +336,25 @@ impl VipLane {
                     }
                 }
             }
-            Job::Initiate { attempt } => {
-                let Some(conn) = self.ctx.config.peer(vip).map(|p| p.peer_connection()) else {
+            JobKind::Initiate { attempt } => {
+                let known = self.ctx.epochs.get(vip);
+                if epoch < known {
+                    let why =
+                        format!("decided under epoch {epoch}; the owner is now at epoch {known}");
+                    self.fenced("initiate", why.clone());
+                    let result = Err(format!("fenced: {why}"));
+                    let _ = self
+                        .ctx
+                        .inputs
+                        .send(Input::InitiateFinished {
+                            vip,
+                            attempt,
+                            result,
+                        })
+                        .await;
+                    return;
+                }
+                let Some(conn) = self.ctx.config.peer(vip).and_then(|p| p.peer_connection()) else {
                     self.failed("initiate", "not a configured peer VIP");
                     return;
                 };

@@ -162,12 +162,12 @@ impl Agent {
         let peers: Vec<(Vip, bool)> = config
             .peer_vips
             .iter()
-            .map(|p| (p.address, !p.protect.is_empty()))
+            .map(|p| (p.address, config.peer_protected(p.address)))
             .collect();
         let hosted: Vec<(Vip, bool)> = config
             .hosted_vips
             .iter()
-            .map(|h| (h.address, !h.protect.is_empty()))
+            .map(|h| (h.address, config.hosted_protected(h.address)))
             .collect();
         let mut core = FailoverCore::new(CoreSettings::from_config(&config), &hosted, &peers);
         let mut health = Health {
@@ -467,6 +467,10 @@ impl CoreLoop {
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
+        // The epochs the core knows now are the ones these actions were decided under.
+        for (vip, epoch) in self.core.epochs() {
+            self.lanes.note_epoch(vip, epoch);
+        }
         for action in actions {
             self.moves.action(&action);
             match action {
@@ -477,9 +481,13 @@ impl CoreLoop {
                         .iter()
                         .position(|(v, _)| *v == vip)
                         .map(|i| self.pending_drains.remove(i).1);
-                    self.lanes.delete_sas(vip, role, reply);
+                    let epoch = self.core.epoch_of(vip);
+                    self.lanes.delete_sas(vip, role, epoch, reply);
                 }
-                other => self.lanes.submit(other),
+                other => {
+                    let epoch = other.vip().map_or(0, |v| self.core.epoch_of(v));
+                    self.lanes.submit(other, epoch)
+                }
             }
         }
     }

@@ -55,6 +55,9 @@ pub struct HostedView {
     pub epoch: u64,
     pub draining: bool,
     pub guarded: bool,
+    pub ownership: String,
+    pub ownership_reason: String,
+    pub split_brain: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -131,6 +134,9 @@ impl StatusView {
                 epoch: h.epoch,
                 draining: h.draining,
                 guarded: h.guarded_since.is_some(),
+                ownership: h.ownership.as_str().to_string(),
+                ownership_reason: h.ownership.reason(),
+                split_brain: h.split_brain,
             })
             .collect();
         let mut engaged_since: Option<SystemTime> = None;
@@ -139,7 +145,7 @@ impl StatusView {
             .peers()
             .iter()
             .map(|(vip, p)| {
-                let conn = config.peer(*vip).map(|c| c.peer_connection());
+                let conn = config.peer(*vip).and_then(|c| c.peer_connection());
                 let established = !p.sas.is_empty();
                 let connecting = p.renegotiation.as_ref().is_some_and(|r| r.in_flight);
                 let state = if established {

@@ -99,14 +99,22 @@ impl OwnershipStore for EmbeddedStore {
     async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError> {
         let owner = {
             let mut r = self.records.lock().expect("store lock");
-            if let Some(cur) = r.owners.get(&vip).filter(|o| o.node == self.node) {
-                return Ok(cur.clone());
+            if let Some(cur) = r.owners.get_mut(&vip).filter(|o| o.node == self.node) {
+                if !cur.draining {
+                    return Ok(cur.clone());
+                }
+                cur.draining = false;
+                let cur = cur.clone();
+                drop(r);
+                let _ = self.changes.send((vip, Some(cur.clone())));
+                return Ok(cur);
             }
             let epoch = r.epochs.get(&vip).copied().unwrap_or(0) + 1;
             let owner = VipOwner {
                 node: self.node.clone(),
                 epoch,
                 taken_at_ms: unix_ms(SystemTime::now()),
+                draining: false,
             };
             r.epochs.insert(vip, epoch);
             r.owners.insert(vip, owner.clone());
@@ -114,6 +122,31 @@ impl OwnershipStore for EmbeddedStore {
         };
         let _ = self.changes.send((vip, Some(owner.clone())));
         Ok(owner)
+    }
+
+    async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError> {
+        let marked = {
+            let mut r = self.records.lock().expect("store lock");
+            match r.owners.get_mut(&vip) {
+                Some(o) if o.node == self.node && !o.draining => {
+                    o.draining = true;
+                    Some(o.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(o) = marked {
+            let _ = self.changes.send((vip, Some(o)));
+        }
+        Ok(())
+    }
+
+    async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError> {
+        let r = self.records.lock().expect("store lock");
+        Ok((
+            r.owners.get(&vip).cloned(),
+            r.epochs.get(&vip).copied().unwrap_or(0),
+        ))
     }
 
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {

@@ -1,6 +1,11 @@
 //! etcd ownership registry: one key per VIP under this node's lease, epochs fenced by
 //! transactions, a watch that feeds the core, and recovery from outages and lost leases.
 //!
+//! A VIP is taken only when vacant (no live record) or already ours: while another node's
+//! record stands, under a lease that node keeps alive, the VIP is that node's, whatever
+//! the kernel of this node says (the split-brain guard). A crashed owner's record goes
+//! with its lease, so `lease_ttl` bounds how long a crash holds up a takeover.
+//!
 //! Fencing: every acquisition is one transaction that compares the epoch key's
 //! `mod_revision` with what the writer read and writes epoch + 1 to both keys. A writer
 //! acting on an old view (a paused or partitioned former owner) fails its compare and gets
@@ -11,6 +16,7 @@ mod feed;
 mod keys;
 mod lease;
 mod moves;
+mod policies;
 mod records;
 
 use std::collections::BTreeSet;
@@ -52,15 +58,6 @@ struct VipView {
 struct KvMeta {
     mod_revision: i64,
     lease: i64,
-}
-
-/// Whether a publish may take the VIP from another live owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// The core asked: the VIP is here now, take it (a higher epoch wins).
-    Takeover,
-    /// Automatic restoration after an outage or a lost lease: only if vacant or ours.
-    RestoreOnly,
 }
 
 /// Why a watch session ended without an error.
@@ -162,12 +159,23 @@ impl OwnershipStore for EtcdStore {
 
     async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError> {
         self.published().insert(vip);
-        let r = self.publish_with(vip, Claim::Takeover).await;
+        let r = self.publish_with(vip).await;
         if matches!(r, Err(StoreError::Fenced { .. })) {
-            // Another node won the race with a newer epoch; do not fight it later.
+            // Another node holds the VIP (a live record under its lease): the split-brain
+            // guard waits for that record to go; never fight it, now or later.
             self.published().remove(&vip);
         }
         r
+    }
+
+    async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError> {
+        let client = self.client().await?;
+        let view = self.view(&client, vip).await?;
+        Ok((view.owner.map(|(o, _)| o), view.mark.epoch))
+    }
+
+    async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError> {
+        self.mark_own_draining(vip).await
     }
 
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {

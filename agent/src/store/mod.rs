@@ -15,6 +15,7 @@ use crate::timeline::{MoveTimeline, NodeMarks};
 
 pub mod embedded;
 pub mod etcd;
+pub mod policies;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,9 +40,18 @@ pub trait OwnershipStore: Send + Sync + 'static {
     /// outage is reported as `StoreHealth { healthy: false }` and retried.
     async fn run(&self, sink: InputSink, cancel: CancellationToken);
 
-    /// Records this node as the VIP's owner. Keeps the epoch when the live record is
-    /// already this node's; otherwise writes the highest epoch seen plus one, atomically.
+    /// Records this node as the VIP's owner if the VIP is vacant or already this node's:
+    /// keeps the epoch of our own live record, otherwise writes the highest epoch seen
+    /// plus one, atomically. While another node's record stands: `Fenced`.
     async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError>;
+
+    /// The VIP's live owner record and its highest epoch ever written, read fresh (an
+    /// action checks it right before it acts, so a paused node acts on nothing stale).
+    async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError>;
+
+    /// Marks this node's record of the VIP as draining (a planned hand-off under way), so
+    /// front-ends wait for the next owner; a no-op when the record is not this node's.
+    async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError>;
 
     /// Removes the VIP's record if, and only if, this node holds it.
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError>;

@@ -278,6 +278,20 @@ mod tests {
                 node: node.into(),
                 epoch,
                 taken_at_ms: at,
+                draining: false,
+            }),
+        }
+    }
+
+    /// The owner's own record, marked draining while it hands the VIP over.
+    fn draining(node: &str, epoch: u64) -> Input {
+        Input::OwnerChanged {
+            vip: vip(),
+            owner: Some(VipOwner {
+                node: node.into(),
+                epoch,
+                taken_at_ms: 1,
+                draining: true,
             }),
         }
     }
@@ -289,6 +303,7 @@ mod tests {
                 node: node.into(),
                 epoch,
                 taken_at_ms: 1,
+                draining: false,
             }),
         )])
     }
@@ -382,6 +397,7 @@ mod tests {
                 In(0, Input::VipAppeared(vip())),
                 In(1, owner("be1", 3, 1)),
                 In(100, Input::Drain(vip())),
+                In(100, draining("be1", 3)),
                 In(
                     101,
                     Input::OwnerChanged {

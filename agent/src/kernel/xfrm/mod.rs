@@ -35,7 +35,8 @@ use crate::model::{FlowDirection, ProtectedFlow, TrafficCounters, Vip};
 const INDEX_RETRIES: usize = 3;
 
 pub struct XfrmKernel {
-    flows: Vec<ProtectedFlow>,
+    /// Protected flows by VIP: from the config, or from each VIP's policy.
+    flows: std::sync::RwLock<Vec<ProtectedFlow>>,
     interface: Option<String>,
     block_priority: u32,
     vips: VipMap,
@@ -47,7 +48,7 @@ pub struct XfrmKernel {
 impl XfrmKernel {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(XfrmKernel {
-            flows: config.protected_flows(),
+            flows: std::sync::RwLock::new(config.protected_flows()),
             interface: config.kernel.interface.clone(),
             block_priority: config.kernel.block_priority,
             vips: VipMap::from_config(config),
@@ -213,6 +214,8 @@ impl Kernel for XfrmKernel {
         let ifindex = self.ifindex()?;
         let wanted: BTreeSet<BlockSelector> = self
             .flows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|f| f.vip == vip)
             .map(|f| BlockSelector::for_flow(f, ifindex))
@@ -271,6 +274,19 @@ impl Kernel for XfrmKernel {
             }
             table = dump_policies(&session).await?;
         }
+        // Flows no longer protected (the VIP's policy changed) go only now, after the
+        // wanted ones are in place.
+        let extra: Vec<u32> = table
+            .agent_for(vip)
+            .filter(|p| !wanted.contains(&p.selector))
+            .map(|p| p.index)
+            .collect();
+        for index in &extra {
+            delete_policy(&session, *index).await?;
+        }
+        if !extra.is_empty() {
+            table = dump_policies(&session).await?;
+        }
         let blocked = table
             .agent_for(vip)
             .filter(|p| wanted.contains(&p.selector))
@@ -278,6 +294,26 @@ impl Kernel for XfrmKernel {
         info!(%vip, blocked, flows = wanted.len(), priority = self.block_priority, ifindex,
             "fail-secure engaged");
         Ok(blocked)
+    }
+
+    async fn set_flows(&self, vip: Vip, flows: Vec<ProtectedFlow>) -> Result<(), KernelError> {
+        {
+            let mut all = self.flows.write().unwrap_or_else(|e| e.into_inner());
+            all.retain(|f| f.vip != vip);
+            all.extend(flows.into_iter().filter(|f| f.vip == vip));
+        }
+        let engaged = {
+            let session = Session::open()?;
+            dump_policies(&session)
+                .await?
+                .agent_for(vip)
+                .next()
+                .is_some()
+        };
+        if engaged {
+            self.engage_fail_secure(vip).await?;
+        }
+        Ok(())
     }
 
     async fn release_fail_secure(&self, vip: Vip) -> Result<(), KernelError> {

@@ -10,6 +10,7 @@ use std::fmt;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::services::numeric_ts;
 use crate::model::{ChildSaInfo, IkeSaInfo};
 
 /// `terminate` request (README "terminate()"); charon matches by `ike-id`.
@@ -81,6 +82,8 @@ pub struct IkeSaMsg<C = ChildSaMsg> {
     pub responder_spi: String,
     /// Seconds since establishment; only while ESTABLISHED.
     pub established: Option<u64>,
+    pub nat_local: bool,
+    pub nat_remote: bool,
     pub child_sas: BTreeMap<String, C>,
 }
 
@@ -180,8 +183,9 @@ impl ChildSaMsg {
             use_in_secs: self.use_in,
             use_out_secs: self.use_out,
             install_secs: self.install_time,
-            local_ts: self.local_ts.clone(),
-            remote_ts: self.remote_ts.clone(),
+            // Ports by number, as the agent's flows name them (charon prints names).
+            local_ts: self.local_ts.iter().map(|t| numeric_ts(t)).collect(),
+            remote_ts: self.remote_ts.iter().map(|t| numeric_ts(t)).collect(),
         }
     }
 }
@@ -204,6 +208,8 @@ impl<C> IkeSaMsg<C> {
             initiator: self.initiator,
             established_secs: self.established.unwrap_or(0),
             children,
+            nat_local: self.nat_local,
+            nat_remote: self.nat_remote,
         }
     }
 }
@@ -264,6 +270,8 @@ mod tests {
             initiator_spi: "b8b44e6b8c9929a7".into(),
             responder_spi: "b3d9808fa91fbcc1".into(),
             established: Some(12),
+            nat_local: false,
+            nat_remote: true,
             child_sas: BTreeMap::new(),
         };
         sa.child_sas
@@ -276,6 +284,7 @@ mod tests {
         assert_eq!(info.local_port, 4500);
         assert!(info.initiator);
         assert_eq!(info.established_secs, 12);
+        assert!(!info.nat_local && info.nat_remote);
         assert_eq!(info.children.len(), 2);
         let c = &info.children[0];
         assert_eq!(c.unique_id, 1);

@@ -13,8 +13,10 @@
 //!   "... not established after Nms" (the IKE_SA keeps trying in the background).
 
 mod connection;
+pub mod loader;
 pub mod messages;
 pub mod sa_set;
+pub mod services;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -34,7 +36,8 @@ use super::{Keying, KeyingError};
 use crate::InputSink;
 use crate::config::Config;
 use crate::failover::Input;
-use crate::model::{IkeSaInfo, PeerConnection, TrafficCounters, Vip, VipRole};
+use crate::model::{IkeSaInfo, LoadedConnection, PeerConnection, TrafficCounters, Vip, VipRole};
+use crate::policy::{ConnectionSpec, SecretKey};
 
 /// Upper bound for a listing or a terminate; charon answers these in milliseconds, so a
 /// charon that does not is treated as gone.
@@ -349,6 +352,37 @@ impl Keying for StrongswanKeying {
         }
         tracing::info!(%vip, dropped = targets.len(), took = ?started.elapsed(), "dropped SAs");
         Ok(targets.len() as u32)
+    }
+
+    async fn load_connection(&self, spec: &ConnectionSpec) -> Result<(), KeyingError> {
+        let started = Instant::now();
+        self.on_commands(async |c| loader::load_conn(c, spec).await)
+            .await?;
+        tracing::info!(connection = %spec.name, took = ?started.elapsed(), "connection loaded");
+        Ok(())
+    }
+
+    async fn unload_connection(&self, name: &str) -> Result<(), KeyingError> {
+        self.on_commands(async |c| loader::unload_conn(c, name).await)
+            .await?;
+        tracing::info!(connection = %name, "connection unloaded");
+        Ok(())
+    }
+
+    async fn load_psk(&self, key: &SecretKey) -> Result<(), KeyingError> {
+        self.on_commands(async |c| loader::load_shared(c, key).await)
+            .await?;
+        tracing::info!(
+            id = crate::policy::PSK_ID,
+            bytes = key.len(),
+            "shared key loaded"
+        );
+        Ok(())
+    }
+
+    async fn list_connections(&self) -> Result<Vec<LoadedConnection>, KeyingError> {
+        self.on_commands(async |c| loader::list_conns(c).await)
+            .await
     }
 
     async fn initiate(

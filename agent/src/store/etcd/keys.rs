@@ -3,6 +3,7 @@
 //! `<prefix>vips/<vip>`   the live owner record, `VipOwner` as JSON, under the owner's lease;
 //! `<prefix>epochs/<vip>` the highest epoch ever written (decimal), never deleted, so the
 //!                        next owner of a withdrawn or expired VIP still gets a higher one.
+//! `<prefix>policies/<name>` a policy document (JSON), versioned by etcd's key version.
 //! `<prefix>moves/<vip>/<epoch>/<node>` one node's marks of one move (see `moves.rs`).
 
 use crate::model::{Vip, VipOwner};
@@ -26,6 +27,15 @@ impl KeyLayout {
 
     pub fn owner(&self, vip: Vip) -> String {
         format!("{}vips/{vip}", self.prefix)
+    }
+
+    /// The range every policy document lives under.
+    pub fn policies(&self) -> String {
+        format!("{}policies/", self.prefix)
+    }
+
+    pub fn policy(&self, name: &str) -> String {
+        format!("{}policies/{name}", self.prefix)
     }
 
     pub fn epoch(&self, vip: Vip) -> String {
@@ -101,6 +111,7 @@ mod tests {
             node: "be1".into(),
             epoch: 7,
             taken_at_ms: 1_700_000_000_000,
+            draining: false,
         };
         let text = encode_owner(&o).unwrap();
         assert_eq!(

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::keys::{decode_epoch, decode_owner, encode_owner};
-use super::{Claim, EpochMark, EtcdStore, KvMeta, VipView};
+use super::{EpochMark, EtcdStore, KvMeta, VipView};
 use crate::model::{Vip, VipOwner, unix_ms};
 use crate::store::StoreError;
 
@@ -75,6 +75,7 @@ impl EtcdStore {
             node: self.node.clone(),
             epoch: seen.epoch + 1,
             taken_at_ms: unix_ms(SystemTime::now()),
+            draining: false,
         };
         let value = encode_owner(&owner).map_err(StoreError::Other)?;
         let epoch_key = self.keys.epoch(vip);
@@ -108,23 +109,22 @@ impl EtcdStore {
         })
     }
 
-    pub(super) async fn publish_with(
-        &self,
-        vip: Vip,
-        claim: Claim,
-    ) -> Result<VipOwner, StoreError> {
+    /// Records this node as the VIP's owner if the VIP is vacant or already ours.
+    pub(super) async fn publish_with(&self, vip: Vip) -> Result<VipOwner, StoreError> {
         let client = self.client().await?;
         let lease = self.current_lease(&client).await?;
         // A lost race only retries when the record vanished or is ours; another owner's
-        // newer record ends in `Fenced` (or, for a takeover, in a claim on a fresh view).
+        // live record ends in `Fenced`.
         for _ in 0..3 {
             let view = self.view(&client, vip).await?;
             match view.owner {
-                Some((own, meta)) if own.node == self.node => {
-                    if meta.lease == lease {
+                Some((mut own, meta)) if own.node == self.node => {
+                    if meta.lease == lease && !own.draining {
                         return Ok(own);
                     }
-                    // Our record under an old lease: move it to the current one, same epoch.
+                    // Our record under an old lease, or marked draining by a drain that
+                    // ended with the VIP still here: same epoch, current lease, not draining.
+                    own.draining = false;
                     let value = encode_owner(&own).map_err(StoreError::Other)?;
                     let key = self.keys.owner(vip);
                     let txn = Txn::new()
@@ -148,7 +148,7 @@ impl EtcdStore {
                         return Ok(own);
                     }
                 }
-                Some((other, _)) if claim == Claim::RestoreOnly => {
+                Some((other, _)) => {
                     return Err(StoreError::Fenced {
                         vip,
                         owner: other.node,
@@ -168,7 +168,7 @@ impl EtcdStore {
     pub(super) async fn restore_published(&self) -> Result<(), StoreError> {
         let vips: Vec<Vip> = self.published().iter().copied().collect();
         for vip in vips {
-            match self.publish_with(vip, Claim::RestoreOnly).await {
+            match self.publish_with(vip).await {
                 Ok(_) => {}
                 Err(StoreError::Fenced { owner, epoch, .. }) => {
                     tracing::warn!(%vip, %owner, epoch, "VIP taken by another node meanwhile; not restoring it");
@@ -178,6 +178,43 @@ impl EtcdStore {
             }
         }
         Ok(())
+    }
+
+    /// Marks our own live record as draining (same epoch, same lease); a no-op when the
+    /// record is not ours.
+    pub(super) async fn mark_own_draining(&self, vip: Vip) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        for _ in 0..3 {
+            let view = self.view(&client, vip).await?;
+            let Some((mut own, meta)) = view.owner.filter(|(o, _)| o.node == self.node) else {
+                return Ok(());
+            };
+            if own.draining {
+                return Ok(());
+            }
+            own.draining = true;
+            let value = encode_owner(&own).map_err(StoreError::Other)?;
+            let key = self.keys.owner(vip);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    meta.mod_revision,
+                )])
+                .and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(meta.lease)),
+                )]);
+            let mut c = client.clone();
+            if self.timed("mark draining", c.txn(txn)).await?.succeeded() {
+                tracing::info!(%vip, epoch = own.epoch, "record marked draining");
+                return Ok(());
+            }
+        }
+        Err(StoreError::Other(format!(
+            "{vip}: owner record kept changing; try again"
+        )))
     }
 
     /// Deletes the owner record only while it is this node's (compared in the transaction).

@@ -1,0 +1,189 @@
+//! The split-brain guard of hosted VIPs.
+//!
+//! A node is a VIP's owner only while the kernel and the cluster store agree: the address
+//! is on this node (IPv6: past duplicate address detection, which the address watcher
+//! waits for) and the store records this node at the current epoch. Otherwise the node
+//! accepts no SA for the VIP: it asks the runtime to stop answering IKE for it
+//! (`AcceptSas`), deletes any SA that comes up anyway, and, when another node holds the
+//! record while the address is here too, reports a split brain once it has lasted longer
+//! than a hand-off takes. It never touches the address: the cluster manager owns it.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Action, FailoverCore, Notice, NoticeKind, Out, Timer};
+use crate::model::{Vip, VipRole};
+
+/// Whether this node may accept SAs for a hosted VIP, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Ownership {
+    /// The VIP is not on this node.
+    #[default]
+    Absent,
+    /// On this node and recorded as this node's: SAs accepted.
+    Owner,
+    /// On this node while the store is unreachable: accepted on the kernel's word alone
+    /// (`failover.trust_kernel_when_store_down`), and shown as such.
+    Unconfirmed,
+    /// Being drained: its SAs are deleted and no new ones are accepted.
+    Draining,
+    /// On this node but not recorded as this node's.
+    NotOwner { reason: String },
+}
+
+impl Ownership {
+    pub fn accepts_sas(&self) -> bool {
+        matches!(self, Ownership::Owner | Ownership::Unconfirmed)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Ownership::Absent => "absent",
+            Ownership::Owner => "owner",
+            Ownership::Unconfirmed => "unconfirmed",
+            Ownership::Draining => "draining",
+            Ownership::NotOwner { .. } => "not-owner",
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        match self {
+            Ownership::Absent => "the VIP is not on this node".into(),
+            Ownership::Owner => "on this node and recorded as this node's".into(),
+            Ownership::Unconfirmed => {
+                "on this node; the store is unreachable, so ownership is unconfirmed".into()
+            }
+            Ownership::Draining => "draining: SAs deleted, none accepted".into(),
+            Ownership::NotOwner { reason } => reason.clone(),
+        }
+    }
+}
+
+impl FailoverCore {
+    fn assess(&self, vip: Vip) -> Ownership {
+        let h = &self.hosted[&vip];
+        if !h.present {
+            return Ownership::Absent;
+        }
+        if h.draining {
+            return Ownership::Draining;
+        }
+        match &h.owner {
+            Some(o) if o.node == self.settings.node => Ownership::Owner,
+            _ if self.settings.cluster_store
+                && self.store_healthy != Some(true)
+                && self.settings.trust_kernel_when_store_down =>
+            {
+                Ownership::Unconfirmed
+            }
+            Some(o) => Ownership::NotOwner {
+                reason: format!(
+                    "{vip} is on this node, but the store records {} as its owner at epoch {}",
+                    o.node, o.epoch
+                ),
+            },
+            None => Ownership::NotOwner {
+                reason: format!("{vip} is on this node; its ownership is not recorded yet"),
+            },
+        }
+    }
+
+    /// Re-evaluates a hosted VIP's ownership after anything that may change it.
+    pub(super) fn guard(&mut self, out: &mut Out, now: Instant, vip: Vip) {
+        if !self.hosted.contains_key(&vip) {
+            return;
+        }
+        let ownership = self.assess(vip);
+        let grace = self.settings.split_brain_grace;
+        let h = self.hosted.get_mut(&vip).expect("hosted VIP");
+        let accept = ownership.accepts_sas();
+        if accept != h.accepting {
+            h.accepting = accept;
+            out.push(Action::AcceptSas { vip, accept });
+        }
+        let conflict = matches!(&h.owner, Some(o) if o.node != self.settings.node)
+            && matches!(ownership, Ownership::NotOwner { .. });
+        if conflict {
+            if h.conflict_since.is_none() {
+                h.conflict_since = Some(now);
+                // A hand-off passes through this state for a moment (the new owner's
+                // address shows up before the old owner's record is gone); only a
+                // conflict that outlasts the grace is a split brain.
+                out.push(Action::StartTimer {
+                    timer: Timer::SplitBrainGrace { vip },
+                    after: grace,
+                });
+            }
+            if !h.sas.is_empty() {
+                h.sas.clear();
+                out.push(Action::DeleteSas {
+                    vip,
+                    role: VipRole::Hosted,
+                });
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaRefused, Some(vip))
+                        .owner(h.owner.as_ref())
+                        .detail(ownership.reason()),
+                ));
+            }
+        } else {
+            h.conflict_since = None;
+            if h.split_brain {
+                h.split_brain = false;
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SplitBrainCleared, Some(vip))
+                        .owner(h.owner.as_ref())
+                        .detail(ownership.reason()),
+                ));
+            }
+        }
+        h.ownership = ownership;
+    }
+
+    pub(super) fn split_brain_timer(&mut self, out: &mut Out, now: Instant, vip: Vip) {
+        let grace = self.settings.split_brain_grace;
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            return;
+        };
+        let lasted = h
+            .conflict_since
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or(Duration::ZERO);
+        if h.split_brain || h.conflict_since.is_none() || lasted < grace {
+            return;
+        }
+        h.split_brain = true;
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::SplitBrain, Some(vip))
+                .owner(h.owner.as_ref())
+                .duration(lasted)
+                .detail(format!(
+                    "{}; refusing SAs for it and leaving the address to the cluster manager",
+                    h.ownership.reason()
+                )),
+        ));
+    }
+
+    /// A hosted SA came up: keep it only if this node may accept SAs for the VIP.
+    pub(super) fn hosted_sa_allowed(&mut self, out: &mut Out, vip: Vip) -> bool {
+        let Some(h) = self.hosted.get(&vip) else {
+            return false;
+        };
+        // An SA for a VIP that is not here cannot carry anything; leave it to the
+        // keying daemon rather than act on a presence not yet reported.
+        if h.accepting || h.ownership == Ownership::Absent {
+            return true;
+        }
+        out.push(Action::DeleteSas {
+            vip,
+            role: VipRole::Hosted,
+        });
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::SaRefused, Some(vip))
+                .owner(h.owner.as_ref())
+                .detail(format!("not the owner of record: {}", h.ownership.reason())),
+        ));
+        false
+    }
+}
