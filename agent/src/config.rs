@@ -34,6 +34,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub drill: DrillConfig,
     /// VIPs this node may host (back-end side).
     #[serde(default, rename = "hosted_vip")]
     pub hosted_vips: Vec<HostedVipConfig>,
@@ -452,6 +454,56 @@ pub fn parse_flow(vip: Vip, s: &str, direction: FlowDirection) -> Result<Protect
     })
 }
 
+/// How `vipsec drill` asks the cluster manager to move a VIP.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillIntegration {
+    /// The current owner steps down through the handover command (`drill.handover`).
+    Keepalived,
+    /// `crm_resource --move --resource R --node NODE`, then `--clear`.
+    Pacemaker,
+    /// `drill.command`, with `{vip}` and `{to}` replaced.
+    Command,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// Drills are refused when absent.
+    pub integration: Option<DrillIntegration>,
+    /// For `command`: the program and its arguments; `{vip}` and `{to}` are replaced.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// For `keepalived`: the handover command run on the owner (`{vip}`, `{to}` replaced).
+    #[serde(default = "default_drill_handover")]
+    pub handover: Vec<String>,
+    /// The recovery target: from the VIP's release (or the first mark) to first traffic.
+    #[serde(default = "default_drill_target", with = "humantime_serde")]
+    pub target: Duration,
+    /// For `pacemaker`: the resource that holds the VIP.
+    pub resource: Option<String>,
+}
+
+impl Default for DrillConfig {
+    fn default() -> Self {
+        DrillConfig {
+            integration: None,
+            command: Vec::new(),
+            handover: default_drill_handover(),
+            target: default_drill_target(),
+            resource: None,
+        }
+    }
+}
+
+fn default_drill_handover() -> Vec<String> {
+    vec!["vipsec-handover".into(), "{vip}".into()]
+}
+
+fn default_drill_target() -> Duration {
+    Duration::from_secs(1)
+}
+
 /// One thing wrong with a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -712,6 +764,28 @@ impl Config {
         {
             bad("policy.identity", "must not be empty".into());
         }
+        if self.drill.target.is_zero() {
+            bad("drill.target", "must be greater than zero".into());
+        }
+        match self.drill.integration {
+            Some(DrillIntegration::Command) if self.drill.command.is_empty() => bad(
+                "drill.command",
+                "integration \"command\" needs the command to run, e.g. [\"/usr/local/bin/move-vip\", \"{vip}\", \"{to}\"]".into(),
+            ),
+            Some(DrillIntegration::Keepalived) if self.drill.handover.is_empty() => bad(
+                "drill.handover",
+                "integration \"keepalived\" needs the handover command".into(),
+            ),
+            Some(DrillIntegration::Pacemaker)
+                if self.drill.resource.as_deref().is_none_or(|r| r.trim().is_empty()) =>
+            {
+                bad(
+                    "drill.resource",
+                    "integration \"pacemaker\" needs the resource that holds the VIP".into(),
+                )
+            }
+            _ => {}
+        }
 
         let mut seen = BTreeSet::new();
         for (i, v) in self.hosted_vips.iter().enumerate() {
@@ -945,6 +1019,36 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
         let problems = Config::parse(&text).unwrap_err();
         assert_eq!(problems[0].key, "failover.idle_timout");
         assert!(problems[0].reason.contains("idle_timout"), "{problems:?}");
+    }
+
+    #[test]
+    fn drill_section_is_checked() {
+        let c = Config::parse(FRONTEND).unwrap();
+        assert_eq!(c.drill.integration, None);
+        assert_eq!(c.drill.target, Duration::from_secs(1));
+        assert_eq!(c.drill.handover, ["vipsec-handover", "{vip}"]);
+        let ok = format!(
+            "{FRONTEND}\n[drill]\nintegration = \"command\"\ncommand = [\"move\", \"{{vip}}\", \"{{to}}\"]\ntarget = \"800ms\"\n"
+        );
+        let c = Config::parse(&ok).unwrap();
+        assert_eq!(c.drill.integration, Some(DrillIntegration::Command));
+        assert_eq!(c.drill.target, Duration::from_millis(800));
+        let text = format!("{FRONTEND}\n[drill]\nintegration = \"command\"\ntarget = \"0s\"\n");
+        let keys: Vec<_> = Config::parse(&text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["drill.target", "drill.command"]);
+        let text = format!("{FRONTEND}\n[drill]\nintegration = \"pacemaker\"\n");
+        assert_eq!(Config::parse(&text).unwrap_err()[0].key, "drill.resource");
+        let text = format!("{FRONTEND}\n[drill]\nintegration = \"pcs\"\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err()[0].key,
+            "drill.integration"
+        );
+        let text = format!("{FRONTEND}\n[drill]\ntarge = \"1s\"\n");
+        assert_eq!(Config::parse(&text).unwrap_err()[0].key, "drill.targe");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod drill;
 pub mod failover;
 pub mod kernel;
 pub mod keying;
@@ -18,6 +19,7 @@ pub mod model;
 pub mod policy;
 pub mod runtime;
 pub mod store;
+pub mod timeline;
 
 /// Where backends send what they observe; the runtime feeds it to the failover core.
 pub type InputSink = tokio::sync::mpsc::Sender<failover::Input>;

@@ -24,6 +24,11 @@ pub struct EventLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailoverLabel {
     pub vip: String,
     pub outcome: String,
@@ -46,6 +51,8 @@ pub struct Metrics {
     pub split_brain: Family<VipLabel, Gauge>,
     pub actions_fenced: Counter,
     pub action_failures: Family<EventLabel, Counter>,
+    pub move_step_seconds: Family<StepLabel, Histogram>,
+    pub move_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -135,7 +142,25 @@ impl Metrics {
             "Actions that failed, by kind",
             action_failures.clone(),
         );
+        const MOVE_BUCKETS: [f64; 13] = [
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
+        ];
+        let move_step_seconds =
+            Family::<StepLabel, Histogram>::new_with_constructor(|| Histogram::new(MOVE_BUCKETS));
+        registry.register(
+            "move_step_seconds",
+            "Time between two marks of a VIP move (recorded by the new owner)",
+            move_step_seconds.clone(),
+        );
+        let move_seconds = Histogram::new(MOVE_BUCKETS);
+        registry.register(
+            "move_seconds",
+            "A VIP move from its release (or first mark) to first traffic on the new SA",
+            move_seconds.clone(),
+        );
         Metrics {
+            move_step_seconds,
+            move_seconds,
             registry,
             events,
             failovers,
@@ -268,6 +293,20 @@ impl Metrics {
         }
     }
 
+    /// Records a finished move's steps (each one whose two marks are there).
+    pub fn record_move(&self, t: &crate::timeline::MoveTimeline) {
+        for (step, from, to) in crate::timeline::STEPS {
+            if let Some(d) = t.between(from, to) {
+                self.move_step_seconds
+                    .get_or_create(&StepLabel { step: step.into() })
+                    .observe(d.as_secs_f64());
+            }
+        }
+        if let Some(d) = t.recovery() {
+            self.move_seconds.observe(d.as_secs_f64());
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -307,6 +346,40 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_move_feeds_its_step_histograms() {
+        use crate::timeline::{Mark, MoveTimeline};
+        let m = Metrics::new();
+        let node = |s: &str| s.to_string();
+        let t = MoveTimeline {
+            vip: "192.0.2.100".parse().unwrap(),
+            epoch: 2,
+            from_node: Some(node("be1")),
+            to_node: node("be2"),
+            marks: [
+                (Mark::Released, (node("be1"), 1000)),
+                (Mark::Usable, (node("be2"), 1600)),
+                (Mark::EpochRecorded, (node("be2"), 1602)),
+                (Mark::FirstTraffic, (node("fe1"), 1900)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        m.record_move(&t);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "vipsec_move_step_seconds_bucket{le=\"1.0\",step=\"released_to_usable\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("step=\"first_ike_sa_init_to_child_sa_installed\""),
+            "a step without its marks is not observed: {text}"
+        );
+        assert!(text.contains("vipsec_move_seconds_sum 0.9"), "{text}");
+    }
 
     #[test]
     fn renegotiations_feed_the_histogram_and_counters() {

@@ -180,11 +180,39 @@ pub fn event_kind(k: NoticeKind) -> pb::EventKind {
     }
 }
 
+/// A move timeline, marks in the order of the steps.
+pub fn move_timeline(t: &crate::timeline::MoveTimeline) -> pb::Move {
+    pb::Move {
+        vip: t.vip.to_string(),
+        epoch: t.epoch,
+        from_node: t.from_node.clone().unwrap_or_default(),
+        to_node: t.to_node.clone(),
+        marks: t
+            .marks
+            .iter()
+            .map(|(m, (node, at))| pb::MoveMark {
+                step: m.as_str().into(),
+                node: node.clone(),
+                at: Some(timestamp(
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(*at),
+                )),
+            })
+            .collect(),
+        complete: t.complete(),
+        recovery: t.recovery().map(duration),
+    }
+}
+
 pub fn event(e: &EventRecord) -> pb::Event {
     let n = &e.notice;
+    let kind = match &e.moved {
+        Some(_) => pb::EventKind::MoveCompleted,
+        None => event_kind(n.kind),
+    };
     pb::Event {
         timestamp: Some(timestamp(e.at)),
-        kind: event_kind(n.kind) as i32,
+        kind: kind as i32,
+        r#move: e.moved.as_deref().map(move_timeline),
         vip: n.vip.map(|v| v.to_string()).unwrap_or_default(),
         owner: n.owner.clone().unwrap_or_default(),
         epoch: n.epoch,

@@ -13,6 +13,7 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request is fine but this node cannot do it now (e.g. a drill off the owner).
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -40,6 +41,24 @@ impl From<KeyingError> for ApiError {
             }
             KeyingError::Refused { .. } => ApiError::Internal(e.to_string()),
         }
+    }
+}
+
+impl From<crate::drill::DrillError> for ApiError {
+    fn from(e: crate::drill::DrillError) -> ApiError {
+        use crate::drill::DrillError;
+        match e {
+            DrillError::NotConfigured | DrillError::Refused(_) => {
+                ApiError::FailedPrecondition(e.to_string())
+            }
+            DrillError::CommandFailed(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        ApiError::Unavailable(e.to_string())
     }
 }
 

@@ -165,6 +165,9 @@ fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
     })
 }
 
+/// The most moves one `ListMoves` returns.
+const MAX_MOVES: u32 = 1000;
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -350,6 +353,134 @@ impl AgentApi for AgentService {
         Ok(Response::new(pb::SetModeResponse {
             mode: convert::mode(mode) as i32,
             idle_timeout: Some(convert::duration(timeout)),
+        }))
+    }
+
+    async fn list_moves(
+        &self,
+        req: Request<pb::ListMovesRequest>,
+    ) -> Result<Response<pb::ListMovesResponse>, Status> {
+        let req = req.into_inner();
+        let vip = if req.vip.is_empty() {
+            None
+        } else {
+            Some(parse_vip("vip", &req.vip)?)
+        };
+        if req.limit > MAX_MOVES {
+            return Err(ApiError::InvalidArgument(format!(
+                "limit {} is above {MAX_MOVES}",
+                req.limit
+            ))
+            .into());
+        }
+        let limit = if req.limit == 0 {
+            20
+        } else {
+            req.limit as usize
+        };
+        let mut moves = match self.handle.store.moves(vip).await {
+            Ok(m) => m,
+            Err(e) => {
+                // What this node saw itself is still worth showing.
+                warn!(error = %e, "store unavailable; listing this node's own marks of recent moves");
+                let local = self
+                    .handle
+                    .recorder
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .all_history();
+                let local = local
+                    .into_iter()
+                    .filter(|m| vip.is_none_or(|v| v == m.vip))
+                    .collect();
+                crate::timeline::MoveTimeline::merge_all(local)
+            }
+        };
+        // The most recent ones, oldest first.
+        moves.sort_by_key(|t| (t.first_ms().unwrap_or(0), t.epoch));
+        let skip = moves.len().saturating_sub(limit);
+        let moves = moves[skip..].iter().map(convert::move_timeline).collect();
+        Ok(Response::new(pb::ListMovesResponse { moves }))
+    }
+
+    async fn drill(
+        &self,
+        req: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillReport>, Status> {
+        let req = req.into_inner();
+        let vip = parse_vip("vip", &req.vip)?;
+        let to = req.to_node.trim().to_string();
+        if to.is_empty() {
+            return Err(ApiError::InvalidArgument("to_node must name a node".into()).into());
+        }
+        let timeout = match req.timeout {
+            None => Duration::from_secs(30),
+            Some(d) => Duration::try_from(d)
+                .ok()
+                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(600))
+                .ok_or_else(|| {
+                    ApiError::InvalidArgument(
+                        "timeout must be above zero and at most 10 minutes".into(),
+                    )
+                })?,
+        };
+        let config = &self.handle.config;
+        if to == config.node {
+            return Err(ApiError::InvalidArgument(format!(
+                "{to} is this node; name the node that should take {vip}"
+            ))
+            .into());
+        }
+        let status = self.handle.status();
+        let hosted = status.hosted.iter().find(|h| h.address == vip);
+        let peer = status.peers.iter().find(|p| p.address == vip);
+        let (owner, epoch) = match (hosted, peer) {
+            (Some(h), _) => (h.owner.clone(), h.epoch),
+            (None, Some(p)) => (p.owner.clone(), p.epoch),
+            (None, None) => {
+                return Err(ApiError::NotFound(format!(
+                    "{vip} is not a VIP this node hosts or talks to"
+                ))
+                .into());
+            }
+        };
+        let owner_here = hosted.is_some_and(|h| h.present)
+            && owner.as_ref().is_some_and(|o| o.node == config.node);
+        let plan = crate::drill::plan(
+            &config.drill,
+            vip,
+            &to,
+            owner_here,
+            owner.as_ref().map(|o| o.node.as_str()),
+        )
+        .map_err(ApiError::from)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let env = crate::drill::agent_env(&config.api.endpoint);
+        info!(%vip, %to, epoch, "drill: moving the VIP");
+        for argv in &plan.moves {
+            crate::drill::run_command(argv, &env, timeout)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        let t = crate::drill::wait_for_move(self.handle.store.as_ref(), vip, epoch, deadline).await;
+        let mut cleanup_notes = Vec::new();
+        for argv in &plan.cleanup {
+            if let Err(e) = crate::drill::run_command(argv, &env, Duration::from_secs(30)).await {
+                cleanup_notes.push(format!("clean-up failed: {e}"));
+            }
+        }
+        let target = config.drill.target;
+        let (met_target, mut detail) =
+            crate::drill::judge(t.as_ref(), &to, target, plan.target_chosen_by_manager);
+        for n in cleanup_notes {
+            detail = format!("{detail}; {n}");
+        }
+        info!(%vip, %to, met_target, %detail, "drill finished");
+        Ok(Response::new(pb::DrillReport {
+            timeline: t.as_ref().map(convert::move_timeline),
+            met_target,
+            target: Some(convert::duration(target)),
+            detail,
         }))
     }
 

@@ -48,6 +48,7 @@ pub async fn run(
                 "epoch": e.epoch,
                 "duration_ms": render::millis(e.duration.as_ref()),
                 "detail": e.detail,
+                "move": e.r#move.as_ref().map(super::moves::move_json),
             })
             .to_string()
         } else {

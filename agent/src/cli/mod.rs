@@ -6,10 +6,12 @@ mod client;
 mod config_check;
 mod doctor;
 mod drain;
+mod drill;
 mod events;
 mod health;
 mod log_level;
 mod mode;
+mod moves;
 mod policy;
 mod render;
 mod sas;
@@ -89,6 +91,26 @@ pub enum Command {
         /// Idle timeout for that mode, e.g. 2s or 1500ms.
         #[arg(long, value_parser = parse_duration)]
         idle_timeout: Option<Duration>,
+    },
+    /// Timelines of recent VIP moves (every node's marks, from the cluster store).
+    Moves {
+        /// Only this VIP.
+        vip: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a VIP through the configured cluster manager and report the move's timeline
+    /// against the recovery target (exit 0 when the drill ran, whether or not it met it).
+    Drill {
+        vip: String,
+        /// The node that should take the VIP.
+        #[arg(long)]
+        to: String,
+        /// How long to wait for the whole timeline.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        timeout: Duration,
+        #[arg(long)]
+        json: bool,
     },
     /// Replace the agent's log filter, e.g. `debug` or `info,vipsec::keying=trace`.
     LogLevel { filter: String },
@@ -228,6 +250,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Health { quiet } => health::run(&target, quiet).await,
         Command::Drain { vip } => drain::run(&target, &vip).await,
         Command::Mode { mode, idle_timeout } => mode::run(&target, mode, idle_timeout).await,
+        Command::Moves { vip, json } => moves::run(&target, vip, json).await,
+        Command::Drill {
+            vip,
+            to,
+            timeout,
+            json,
+        } => drill::run(&target, &vip, &to, timeout, json).await,
         Command::LogLevel { filter } => log_level::run(&target, &filter).await,
         Command::Doctor { config, json } => doctor::run(&config, json).await,
         Command::Config {

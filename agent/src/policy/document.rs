@@ -421,6 +421,7 @@ mod tests {
     fn known_fields_are_exactly_the_serialised_ones() {
         let mut p = Policy::from_template("m", Template::Mail);
         p.frontend_networks = vec!["192.0.2.0/24".parse().unwrap()];
+        p.vips = vec!["192.0.2.100".parse().unwrap()];
         let mut keys: Vec<String> = Vec::new();
         for doc in [
             p.clone(),

@@ -3,6 +3,7 @@
 //! everything down on one cancellation token.
 
 mod lanes;
+mod moves;
 pub mod policies;
 pub mod status;
 
@@ -27,7 +28,10 @@ use crate::model::{Mode, Vip};
 use crate::policy::SecretKey;
 use crate::store::OwnershipStore;
 use crate::store::policies::PolicyStore;
+use crate::timeline::MoveTimeline;
 use lanes::Lanes;
+use moves::MoveLane;
+pub use moves::SharedRecorder;
 use policies::Policies;
 pub use status::{Health, HealthView, StatusView};
 
@@ -59,6 +63,10 @@ pub struct EventRecord {
     pub at: SystemTime,
     pub node: String,
     pub notice: Notice,
+    /// Set on a `move-completed` event: the move's timeline as the store holds it. Its
+    /// `notice` then only carries the VIP, the new owner, the epoch, the recovery time and
+    /// the summary (the core has no notice kind for it; the kind is not shown).
+    pub moved: Option<Arc<MoveTimeline>>,
 }
 
 /// Requests from the API that need the core.
@@ -83,6 +91,10 @@ pub struct AgentHandle {
     pub metrics: Arc<Metrics>,
     /// The policy runtime, when `policy.managed`.
     pub policies: Option<Policies>,
+    /// For move timelines and drills.
+    pub store: Arc<dyn OwnershipStore>,
+    /// This node's own marks of recent moves, for when the store is away.
+    pub recorder: SharedRecorder,
     status: watch::Receiver<StatusView>,
     events: broadcast::Sender<EventRecord>,
     commands: mpsc::Sender<Command>,
@@ -188,6 +200,11 @@ impl Agent {
             }
         }
 
+        let recorder = moves::shared_recorder(
+            &config.node,
+            &config.hosted_addresses(),
+            &config.peer_addresses(),
+        );
         let (status_tx, status_rx) = watch::channel(StatusView::build(&core, &health, &config));
         let sink = EventSink {
             events: events.clone(),
@@ -216,6 +233,8 @@ impl Agent {
             log,
             metrics: metrics.clone(),
             policies: policies.clone(),
+            store: backends.store.clone(),
+            recorder: recorder.clone(),
             status: status_rx,
             events: events.clone(),
             commands: cmd_tx,
@@ -278,8 +297,17 @@ impl Agent {
             let (runner, c) = (p.clone(), cancel.clone());
             tracker.spawn(async move { runner.run(c).await }.instrument(info_span!("policies")));
         }
+        let moves = MoveLane::new(
+            &config.node,
+            recorder,
+            backends.store.clone(),
+            &tracker,
+            cancel.clone(),
+            sink.clone(),
+        );
         let mut core_loop = CoreLoop {
             core,
+            moves,
             health,
             config: config.clone(),
             lanes,
@@ -375,12 +403,36 @@ impl EventSink {
             at: SystemTime::now(),
             node: self.node.clone(),
             notice,
+            moved: None,
+        });
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A move is over (every mark in the store) or was followed for as long as it may be.
+    pub(crate) fn emit_move(&self, t: MoveTimeline) {
+        let summary = t.summary();
+        let (vip, epoch, complete) = (t.vip.to_string(), t.epoch, t.complete());
+        info!(event = "move-completed", vip, epoch, complete, %summary, "move timeline");
+        let mut notice = Notice::new(NoticeKind::OwnerChanged, Some(t.vip))
+            .epoch(t.epoch)
+            .detail(summary);
+        notice.owner = Some(t.to_node.clone());
+        notice.duration = t.recovery();
+        let _ = self.events.send(EventRecord {
+            at: SystemTime::now(),
+            node: self.node.clone(),
+            notice,
+            moved: Some(Arc::new(t)),
         });
     }
 }
 
 struct CoreLoop {
     core: FailoverCore,
+    moves: MoveLane,
     health: Health,
     config: Arc<Config>,
     lanes: Lanes,
@@ -404,6 +456,7 @@ impl CoreLoop {
                 Some(input) = self.inputs.recv() => {
                     self.note_health(&input);
                     self.note_policy(&input);
+                    self.moves.input(&input);
                     let actions = self.core.handle(Instant::now(), input);
                     self.apply(actions);
                 }
@@ -416,6 +469,7 @@ impl CoreLoop {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Drain { vip, reply } => {
+                self.moves.input(&Input::Drain(vip));
                 let actions = self.core.handle(Instant::now(), Input::Drain(vip));
                 self.pending_drains.push((vip, reply));
                 self.apply(actions);
@@ -475,6 +529,7 @@ impl CoreLoop {
             self.lanes.note_epoch(vip, epoch, owner);
         }
         for action in actions {
+            self.moves.action(&action);
             match action {
                 Action::Notify(notice) => self.sink.emit(notice),
                 Action::DeleteSas { vip, role } => {

@@ -12,12 +12,18 @@ use super::{OwnershipStore, StoreError};
 use crate::InputSink;
 use crate::failover::Input;
 use crate::model::{Vip, VipOwner, unix_ms};
+use crate::timeline::{MoveTimeline, NodeMarks};
+
+/// Moves kept per VIP: this store lives in memory and has no expiry.
+const MOVES_KEPT: usize = 32;
 
 #[derive(Default)]
 struct Records {
     owners: BTreeMap<Vip, VipOwner>,
     /// Highest epoch ever written per VIP, kept after a withdrawal so epochs only grow.
     epochs: BTreeMap<Vip, u64>,
+    /// Move marks by (VIP, epoch, node).
+    marks: BTreeMap<(Vip, u64, String), NodeMarks>,
 }
 
 pub struct EmbeddedStore {
@@ -156,6 +162,35 @@ impl OwnershipStore for EmbeddedStore {
         }
         Ok(())
     }
+
+    async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
+        let mut r = self.records.lock().expect("store lock");
+        r.marks
+            .insert((marks.vip, marks.epoch, marks.node.clone()), marks.clone());
+        let epochs: std::collections::BTreeSet<u64> = r
+            .marks
+            .keys()
+            .filter(|(v, _, _)| *v == marks.vip)
+            .map(|(_, e, _)| *e)
+            .collect();
+        if epochs.len() > MOVES_KEPT {
+            let oldest = epochs.into_iter().rev().nth(MOVES_KEPT).unwrap_or(0);
+            r.marks
+                .retain(|(v, e, _), _| *v != marks.vip || *e > oldest);
+        }
+        Ok(())
+    }
+
+    async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {
+        let r = self.records.lock().expect("store lock");
+        let parts = r
+            .marks
+            .values()
+            .filter(|m| vip.is_none_or(|v| v == m.vip))
+            .cloned()
+            .collect();
+        Ok(MoveTimeline::merge_all(parts))
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +209,37 @@ mod tests {
         );
         s.withdraw(vip).await.unwrap();
         assert_eq!(s.publish(vip).await.unwrap().epoch, 2);
+    }
+
+    #[tokio::test]
+    async fn marks_merge_per_move_and_old_moves_go() {
+        use crate::timeline::Mark;
+        let s = EmbeddedStore::new("be1".into());
+        let vip: Vip = "192.0.2.100".parse().unwrap();
+        for epoch in 1..=(MOVES_KEPT as u64 + 3) {
+            for (node, mark) in [("be1", Mark::Released), ("be2", Mark::Usable)] {
+                let m = NodeMarks {
+                    vip,
+                    epoch,
+                    node: node.into(),
+                    from_node: Some("be1".into()),
+                    to_node: "be2".into(),
+                    marks: [(mark, epoch * 10)].into_iter().collect(),
+                };
+                s.publish_marks(&m).await.unwrap();
+            }
+        }
+        let moves = s.moves(Some(vip)).await.unwrap();
+        assert_eq!(moves.len(), MOVES_KEPT);
+        let last = moves.last().unwrap();
+        assert_eq!(last.epoch, MOVES_KEPT as u64 + 3);
+        assert_eq!(last.marks.len(), 2);
+        assert!(
+            s.moves(Some("192.0.2.1".parse().unwrap()))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ pub mod connect;
 mod feed;
 pub mod keys;
 mod lease;
+mod moves;
 mod policies;
 mod records;
 
@@ -32,6 +33,7 @@ use super::{OwnershipStore, StoreError};
 use crate::InputSink;
 use crate::config::Config;
 use crate::model::{Vip, VipOwner};
+use crate::timeline::{MoveTimeline, NodeMarks};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -77,6 +79,8 @@ pub struct EtcdStore {
     lease: tokio::sync::Mutex<Option<i64>>,
     /// VIPs the core asked to publish and not withdrawn: restored after a lost lease.
     published: Mutex<BTreeSet<Vip>>,
+    /// The day-long lease move marks are written under, and when it was granted.
+    moves_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -95,6 +99,7 @@ impl EtcdStore {
             client: tokio::sync::Mutex::new(None),
             lease: tokio::sync::Mutex::new(None),
             published: Mutex::new(BTreeSet::new()),
+            moves_lease: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -175,5 +180,13 @@ impl OwnershipStore for EtcdStore {
 
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {
         self.withdraw_own(vip).await
+    }
+
+    async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
+        self.put_marks(marks).await
+    }
+
+    async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {
+        self.get_moves(vip).await
     }
 }

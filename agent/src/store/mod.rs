@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::InputSink;
 use crate::config::{Config, StoreBackend};
 use crate::model::{Vip, VipOwner};
+use crate::timeline::{MoveTimeline, NodeMarks};
 
 pub mod embedded;
 pub mod etcd;
@@ -54,6 +55,20 @@ pub trait OwnershipStore: Send + Sync + 'static {
 
     /// Removes the VIP's record if, and only if, this node holds it.
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError>;
+
+    /// Stores this node's marks of one move (all of them: they replace the last ones
+    /// published for the same move), for a day. A store without shared state keeps
+    /// nothing by default.
+    async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
+        let _ = marks;
+        Ok(())
+    }
+
+    /// The moves of one VIP (or of all), every node's marks merged, oldest first.
+    async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {
+        let _ = vip;
+        Ok(Vec::new())
+    }
 }
 
 /// Where policies are kept: etcd (a client of its own), or the config's documents.

@@ -72,6 +72,25 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     s += "retry_initial = \"50ms\"\n";
     s += "retry_max = \"500ms\"\n";
     s += "owner_wait = \"2s\"\n";
+    if plan.role == Role::BackEnd {
+        // `vipsec drill` on the owner steps it down the way an operator would: the handover
+        // script drains through the agent, then stops this node's keepalived (the lab's
+        // instances run `nopreempt`, so lowering the priority would not move the VIP).
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keepalived/vipsec-handover");
+        let stop = format!(
+            "KEEPALIVED_STOP=kill -TERM $(cat {})",
+            plan.dir.join("keepalived.pid").display()
+        );
+        s += "\n[drill]\n";
+        s += "integration = \"keepalived\"\n";
+        s += "target = \"1s\"\n";
+        let _ = writeln!(
+            s,
+            "handover = [\"env\", \"{stop}\", \"sh\", \"{}\", \"--stop\", \"-t\", \"10\", \"{{vip}}\"]",
+            script.display()
+        );
+    }
     if plan.policy_managed {
         s += "\n[policy]\n";
         s += "managed = true\n";

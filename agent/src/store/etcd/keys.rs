@@ -4,6 +4,7 @@
 //! `<prefix>epochs/<vip>` the highest epoch ever written (decimal), never deleted, so the
 //!                        next owner of a withdrawn or expired VIP still gets a higher one.
 //! `<prefix>policies/<name>` a policy document (JSON), versioned by etcd's key version.
+//! `<prefix>moves/<vip>/<epoch>/<node>` one node's marks of one move (see `moves.rs`).
 
 use crate::model::{Vip, VipOwner};
 
@@ -39,6 +40,19 @@ impl KeyLayout {
 
     pub fn epoch(&self, vip: Vip) -> String {
         format!("{}epochs/{vip}", self.prefix)
+    }
+
+    /// Where the moves of one VIP (or of all) live; a range prefix.
+    pub fn moves(&self, vip: Option<Vip>) -> String {
+        match vip {
+            Some(vip) => format!("{}moves/{vip}/", self.prefix),
+            None => format!("{}moves/", self.prefix),
+        }
+    }
+
+    /// One node's marks of one move; the epoch zero-padded so keys sort by epoch.
+    pub fn move_marks(&self, vip: Vip, epoch: u64, node: &str) -> String {
+        format!("{}moves/{vip}/{epoch:020}/{node}", self.prefix)
     }
 
     /// The VIP an owner key names.

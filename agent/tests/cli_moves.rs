@@ -1,0 +1,161 @@
+//! `vipsec moves` and `vipsec drill` against a real agent (embedded store) in a network
+//! namespace of its own: the VIP appearing there is recorded as a move with the new owner's
+//! marks, and malformed or impossible requests are refused with the right exit code.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use vipsec_testbed::netns::Netns;
+use vipsec_testbed::process::{ProcessGuard, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+const VIP: &str = "192.0.2.100";
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    _proc: ProcessGuard,
+    ns: Netns,
+}
+
+fn start_agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node = \"solo\"\n[api]\nendpoint = \"unix://{}\"\n[store]\nbackend = \"embedded\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let ns = Netns::new("moves").unwrap();
+    ns.link_set("lo", true).unwrap();
+    let proc = ProcessGuard::spawn(
+        "vipsec agent",
+        ns.command(BIN)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null()),
+    )
+    .unwrap();
+    wait_for("the API socket", Duration::from_secs(10), || {
+        socket.exists().then_some(())
+    })
+    .unwrap();
+    Agent {
+        _dir: dir,
+        socket,
+        _proc: proc,
+        ns,
+    }
+}
+
+impl Agent {
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn a_vip_taken_here_is_listed_as_a_move_with_the_new_owners_marks() {
+    let agent = start_agent();
+    let out = agent.cli(&["moves", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "[]");
+
+    agent
+        .ns
+        .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+        .unwrap();
+    let moves = wait_for("the move in vipsec moves", Duration::from_secs(10), || {
+        let out = agent.cli(&["moves", VIP, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.len() == 1 && v[0]["marks"].as_array()?.len() == 2).then_some(v)
+    })
+    .unwrap();
+    let m = &moves[0];
+    assert_eq!(m["epoch"], 1);
+    assert_eq!(m["to"], "solo");
+    assert_eq!(m["complete"], false);
+    let steps: Vec<&str> = m["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["usable", "epoch-recorded"]);
+    assert!(m["marks"][1]["offset_ms"].as_i64().unwrap() >= 0);
+
+    let table = agent.cli(&["moves"]);
+    let table = text(&table.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains("192.0.2.100 epoch 1: (none) -> solo (incomplete)"),
+        "{table}"
+    );
+    assert!(table.contains("epoch-recorded"), "{table}");
+}
+
+#[test]
+fn bad_drill_and_moves_requests_are_refused() {
+    let agent = start_agent();
+    for (args, code, says) in [
+        (
+            vec!["moves", "not-an-ip"],
+            2,
+            "is not an IPv4 or IPv6 address",
+        ),
+        (
+            vec!["drill", "not-an-ip", "--to", "be2"],
+            2,
+            "is not an IPv4",
+        ),
+        (
+            vec!["drill", VIP, "--to", " "],
+            2,
+            "to_node must name a node",
+        ),
+        (vec!["drill", VIP, "--to", "solo"], 2, "is this node"),
+        (
+            vec!["drill", VIP, "--to", "be2", "--timeout", "0s"],
+            2,
+            "timeout must be above zero",
+        ),
+        (
+            vec!["drill", "192.0.2.7", "--to", "be2"],
+            2,
+            "not a VIP this node",
+        ),
+        (
+            vec!["drill", VIP, "--to", "be2"],
+            1,
+            "no drill integration configured",
+        ),
+    ] {
+        let out = agent.cli(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(says),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
