@@ -43,6 +43,10 @@ pub struct Metrics {
     pub vip_present: Family<VipLabel, Gauge>,
     pub vip_epoch: Family<VipLabel, Gauge>,
     pub action_failures: Family<EventLabel, Counter>,
+    /// Initiations waiting in the reconnect pacer.
+    pub initiations_queued: Gauge,
+    /// From an initiation being asked for to its start (jitter, rate and concurrency).
+    pub initiation_queue_wait: Histogram,
 }
 
 impl Default for Metrics {
@@ -120,6 +124,20 @@ impl Metrics {
             "Actions that failed, by kind",
             action_failures.clone(),
         );
+        let initiations_queued = Gauge::default();
+        registry.register(
+            "initiations_queued",
+            "Initiations waiting for their turn in the reconnect pacer",
+            initiations_queued.clone(),
+        );
+        let initiation_queue_wait = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+        ]);
+        registry.register(
+            "initiation_queue_wait_seconds",
+            "Time an initiation waited in the reconnect pacer (jitter, rate, concurrency)",
+            initiation_queue_wait.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -133,6 +151,8 @@ impl Metrics {
             vip_present,
             vip_epoch,
             action_failures,
+            initiations_queued,
+            initiation_queue_wait,
         }
     }
 

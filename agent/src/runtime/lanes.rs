@@ -2,9 +2,11 @@
 //!
 //! Actions for one VIP run in order on that VIP's lane (a drop must finish before the
 //! next initiate starts, a withdrawal before a re-publish), while different VIPs proceed
-//! in parallel. An initiation is started from the lane but not awaited there, so a later
-//! drop can abort an attempt that hangs on a VIP nobody holds. Kernel changes share one
-//! lane so an engage and a release of the same flows can never overtake each other.
+//! in parallel. An initiation is handed from the lane to the reconnect pacer
+//! ([`super::pacing`]) and not awaited there, so a later drop can abort an attempt that
+//! hangs on a VIP nobody holds (or remove it from the pacer's queue before it starts).
+//! Kernel changes share one lane so an engage and a release of the same flows can never
+//! overtake each other.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
+use super::pacing::{Pacer, PacerParts};
 use super::{Backends, EventSink, HealthView};
 use crate::InputSink;
 use crate::config::Config;
@@ -51,6 +54,7 @@ struct LaneContext {
     inputs: InputSink,
     tracker: TaskTracker,
     sink: EventSink,
+    pacer: Pacer,
 }
 
 pub(super) struct Lanes {
@@ -83,6 +87,14 @@ impl Lanes {
             )
             .instrument(info_span!("kernel-lane")),
         );
+        let pacer = Pacer::start(PacerParts {
+            keying: backends.keying.clone(),
+            config: config.clone(),
+            inputs: inputs.clone(),
+            metrics: sink.metrics.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        });
         Lanes {
             ctx: LaneContext {
                 store: backends.store.clone(),
@@ -92,6 +104,7 @@ impl Lanes {
                 inputs,
                 tracker,
                 sink,
+                pacer,
             },
             cancel,
             vip_lanes: HashMap::new(),
@@ -214,6 +227,8 @@ impl VipLane {
                 }
             }
             Job::DropStale => {
+                // An attempt still queued was aimed at the SAs being dropped.
+                self.ctx.pacer.cancel(vip);
                 let started = std::time::Instant::now();
                 match self.ctx.keying.drop_sas(vip).await {
                     Ok(n) => {
@@ -231,21 +246,11 @@ impl VipLane {
                 }
             }
             Job::Initiate { attempt } => {
-                let Some(conn) = self.ctx.config.peer(vip).map(|p| p.peer_connection()) else {
+                if self.ctx.config.peer(vip).is_none() {
                     self.failed("initiate", "not a configured peer VIP");
                     return;
-                };
-                let (keying, inputs) = (self.ctx.keying.clone(), self.ctx.inputs.clone());
-                let timeout = self.ctx.config.keying.initiate_timeout;
-                self.ctx.tracker.spawn(
-                    async move {
-                        let started = std::time::Instant::now();
-                        let result = keying.initiate(vip, &conn, timeout).await.map_err(|e| e.to_string());
-                        debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
-                        let _ = inputs.send(Input::InitiateFinished { vip, attempt, result }).await;
-                    }
-                    .instrument(info_span!("initiate", %vip, attempt)),
-                );
+                }
+                self.ctx.pacer.initiate(vip, attempt);
             }
         }
     }

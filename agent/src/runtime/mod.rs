@@ -3,6 +3,7 @@
 //! everything down on one cancellation token.
 
 mod lanes;
+pub mod pacing;
 pub mod status;
 
 use std::net::IpAddr;

@@ -1,0 +1,526 @@
+//! Reconnect storm control: every initiation the core asks for waits its turn here.
+//!
+//! When one owner change hits many SAs at once (many VIPs on a node, many front-ends in a
+//! cluster), starting every IKE_SA_INIT in the same millisecond overloads both the local
+//! keying daemon (each initiation holds one of charon's worker threads) and the new owner.
+//! [`InitiationQueue`] decides, without I/O, which initiation starts when:
+//! - a priority queue: higher `peer_vip.priority` first, then first come first served;
+//! - a token bucket: `rate` initiations per second on average, `burst` back to back;
+//! - a limit of `concurrency` initiations in flight (the one place this limit lives);
+//! - a random jitter (uniform from zero to `jitter`) before the first attempt of a
+//!   renegotiation, so the front-ends of a cluster spread their IKE_SA_INITs. Attempts
+//!   queued while one jitter window is open share it, so that this node's VIPs still go in
+//!   priority order. Later attempts get no jitter: the core's backoff already spaces them.
+//!
+//! There is no per-peer backoff here on purpose: the failover core keeps one retry schedule
+//! per peer VIP (`failover.retry_*`, exponential up to `retry_max` and bounded by
+//! `retry_deadline`), and a peer VIP is exactly what an initiation is aimed at (the owner
+//! behind it changes with every move). A second backoff here would only stretch the core's
+//! schedule in a way its deadline does not know about, so a cycle could give up without
+//! having made the attempts it planned.
+//!
+//! [`Pacer`] is the thin I/O part: a task that owns the queue, starts initiations on the
+//! keying daemon, and reports their results to the core as `InitiateFinished`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::InputSink;
+use crate::config::{Config, ReconnectConfig};
+use crate::failover::Input;
+use crate::keying::Keying;
+use crate::metrics::Metrics;
+use crate::model::Vip;
+
+/// The pacing limits, from `[failover.reconnect]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PacingSettings {
+    pub rate: f64,
+    pub burst: u32,
+    pub concurrency: usize,
+    pub jitter: Duration,
+}
+
+impl From<&ReconnectConfig> for PacingSettings {
+    fn from(c: &ReconnectConfig) -> Self {
+        PacingSettings {
+            rate: c.rate,
+            burst: c.burst,
+            concurrency: c.concurrency as usize,
+            jitter: c.jitter,
+        }
+    }
+}
+
+/// One initiation waiting for its turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedInitiation {
+    pub vip: Vip,
+    pub attempt: u32,
+    pub priority: u8,
+    /// When the core asked for it.
+    pub queued_at: Instant,
+    /// Not before this (the jitter window's end, or `queued_at`).
+    pub not_before: Instant,
+    seq: u64,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Start this initiation now (it counts as in flight until [`InitiationQueue::finished`]).
+    Start(QueuedInitiation),
+    /// Nothing can start before this time (a jitter window or the token bucket).
+    At(Instant),
+    /// Nothing can start until something is queued or an initiation finishes.
+    Idle,
+}
+
+/// The pure pacing state: queue, token bucket, in-flight count, jitter window.
+#[derive(Debug)]
+pub struct InitiationQueue {
+    settings: PacingSettings,
+    queue: Vec<QueuedInitiation>,
+    tokens: f64,
+    refilled_at: Instant,
+    in_flight: usize,
+    next_seq: u64,
+    /// The end of the jitter window first attempts join, while it is open.
+    window_end: Option<Instant>,
+}
+
+impl InitiationQueue {
+    pub fn new(settings: PacingSettings, now: Instant) -> Self {
+        InitiationQueue {
+            settings,
+            queue: Vec::new(),
+            tokens: f64::from(settings.burst),
+            refilled_at: now,
+            in_flight: 0,
+            next_seq: 0,
+            window_end: None,
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues an initiation. `unit_random` (in [0, 1)) picks the jitter when this first
+    /// attempt opens a new window. A newer initiation for a VIP replaces one still queued
+    /// (the core only asks again once it stopped waiting for the old one); the replaced
+    /// one is returned.
+    pub fn enqueue(
+        &mut self,
+        now: Instant,
+        vip: Vip,
+        attempt: u32,
+        priority: u8,
+        unit_random: f64,
+    ) -> Option<QueuedInitiation> {
+        let replaced = self.cancel(vip);
+        let not_before = if attempt == 1 && !self.settings.jitter.is_zero() {
+            match self.window_end {
+                Some(end) if end > now => end,
+                _ => {
+                    let end = now + self.settings.jitter.mul_f64(unit_random.clamp(0.0, 1.0));
+                    self.window_end = Some(end);
+                    end
+                }
+            }
+        } else {
+            now
+        };
+        self.queue.push(QueuedInitiation {
+            vip,
+            attempt,
+            priority,
+            queued_at: now,
+            not_before,
+            seq: self.next_seq,
+        });
+        self.next_seq += 1;
+        replaced
+    }
+
+    /// Removes the VIP's queued initiation (its SAs were dropped: the core has moved on).
+    pub fn cancel(&mut self, vip: Vip) -> Option<QueuedInitiation> {
+        let i = self.queue.iter().position(|q| q.vip == vip)?;
+        Some(self.queue.remove(i))
+    }
+
+    /// An initiation started by [`Next::Start`] returned.
+    pub fn finished(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    pub fn next(&mut self, now: Instant) -> Next {
+        self.refill(now);
+        if self.queue.is_empty() || self.in_flight >= self.settings.concurrency {
+            return Next::Idle;
+        }
+        let best = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.not_before <= now)
+            .max_by(|(_, a), (_, b)| a.priority.cmp(&b.priority).then_with(|| b.seq.cmp(&a.seq)))
+            .map(|(i, _)| i);
+        let Some(i) = best else {
+            let soonest = self.queue.iter().map(|q| q.not_before).min();
+            return soonest.map_or(Next::Idle, Next::At);
+        };
+        if self.tokens < 1.0 {
+            let missing = 1.0 - self.tokens;
+            return Next::At(now + Duration::from_secs_f64(missing / self.settings.rate));
+        }
+        self.tokens -= 1.0;
+        self.in_flight += 1;
+        Next::Start(self.queue.remove(i))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled_at);
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.settings.rate)
+            .min(f64::from(self.settings.burst));
+        self.refilled_at = now;
+    }
+}
+
+enum Request {
+    Enqueue { vip: Vip, attempt: u32 },
+    Cancel { vip: Vip },
+}
+
+/// The runtime's handle on the pacing task. Requests keep the order they were sent in, so
+/// a lane's drop always reaches the queue after the initiation it cancels.
+#[derive(Clone)]
+pub(super) struct Pacer {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// What the pacing task works with.
+pub(super) struct PacerParts {
+    pub keying: Arc<dyn Keying>,
+    pub config: Arc<Config>,
+    pub inputs: InputSink,
+    pub metrics: Arc<Metrics>,
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+}
+
+impl Pacer {
+    pub(super) fn start(parts: PacerParts) -> Pacer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tracker = parts.tracker.clone();
+        tracker.spawn(run(parts, rx).instrument(info_span!("pacer")));
+        Pacer { requests: tx }
+    }
+
+    pub(super) fn initiate(&self, vip: Vip, attempt: u32) {
+        let _ = self.requests.send(Request::Enqueue { vip, attempt });
+    }
+
+    pub(super) fn cancel(&self, vip: Vip) {
+        let _ = self.requests.send(Request::Cancel { vip });
+    }
+}
+
+async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let settings = PacingSettings::from(&parts.config.failover.reconnect);
+    let mut queue = InitiationQueue::new(settings, Instant::now());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    // Which attempt of each VIP is queued, to report a cancelled one to the core.
+    let mut attempts: HashMap<Vip, u32> = HashMap::new();
+    loop {
+        let wake = loop {
+            match queue.next(Instant::now()) {
+                Next::Start(q) => {
+                    attempts.remove(&q.vip);
+                    start(&parts, q, done_tx.clone());
+                }
+                Next::At(t) => break Some(t),
+                Next::Idle => break None,
+            }
+        };
+        parts.metrics.initiations_queued.set(queue.queued() as i64);
+        tokio::select! {
+            _ = parts.cancel.cancelled() => return,
+            req = requests.recv() => match req {
+                None => return,
+                Some(Request::Enqueue { vip, attempt }) => {
+                    let priority = parts.config.peer(vip).map_or(
+                        crate::config::DEFAULT_PEER_PRIORITY,
+                        |p| p.priority,
+                    );
+                    let now = Instant::now();
+                    if let Some(old) = queue.enqueue(now, vip, attempt, priority, rand::random()) {
+                        report_unstarted(&parts, &old, "replaced by a newer attempt");
+                    }
+                    attempts.insert(vip, attempt);
+                    debug!(%vip, attempt, priority, queued = queue.queued(), "initiation queued");
+                }
+                Some(Request::Cancel { vip }) => {
+                    if let Some(old) = queue.cancel(vip) {
+                        attempts.remove(&vip);
+                        report_unstarted(&parts, &old, "cancelled by a drop before it started");
+                    }
+                }
+            },
+            Some(()) = done_rx.recv() => queue.finished(),
+            _ = sleep_until(wake), if wake.is_some() => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Tells the core an attempt it is waiting for will not run. The core ignores it when it
+/// has already moved on to a later attempt (the usual case after a drop).
+fn report_unstarted(parts: &PacerParts, q: &QueuedInitiation, why: &str) {
+    debug!(vip = %q.vip, attempt = q.attempt, why, "queued initiation removed");
+    let inputs = parts.inputs.clone();
+    let (vip, attempt, why) = (q.vip, q.attempt, why.to_string());
+    parts.tracker.spawn(async move {
+        let _ = inputs
+            .send(Input::InitiateFinished {
+                vip,
+                attempt,
+                result: Err(why),
+            })
+            .await;
+    });
+}
+
+fn start(parts: &PacerParts, q: QueuedInitiation, done: mpsc::UnboundedSender<()>) {
+    let now = Instant::now();
+    let waited = now.saturating_duration_since(q.queued_at);
+    parts
+        .metrics
+        .initiation_queue_wait
+        .observe(waited.as_secs_f64());
+    let (vip, attempt) = (q.vip, q.attempt);
+    let (keying, inputs) = (parts.keying.clone(), parts.inputs.clone());
+    let conn = parts.config.peer(vip).map(|p| p.peer_connection());
+    let timeout = parts.config.keying.initiate_timeout;
+    info!(%vip, attempt, priority = q.priority, ?waited, "initiation started");
+    parts.tracker.spawn(
+        async move {
+            let started = std::time::Instant::now();
+            let result = match conn {
+                Some(conn) => keying
+                    .initiate(vip, &conn, timeout)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("not a configured peer VIP".to_string()),
+            };
+            // The slot frees before the core hears of the result: its next attempt must
+            // find the slot free.
+            let _ = done.send(());
+            debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
+            let _ = inputs
+                .send(Input::InitiateFinished {
+                    vip,
+                    attempt,
+                    result,
+                })
+                .await;
+        }
+        .instrument(info_span!("initiate", %vip, attempt)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(n: u8) -> Vip {
+        Vip::from([192, 0, 2, n])
+    }
+
+    fn settings() -> PacingSettings {
+        PacingSettings {
+            rate: 10.0,
+            burst: 2,
+            concurrency: 3,
+            jitter: Duration::from_millis(200),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Starts everything that may start now; returns the VIPs' last octets.
+    fn drain(q: &mut InitiationQueue, now: Instant) -> Vec<u8> {
+        let mut started = Vec::new();
+        while let Next::Start(s) = q.next(now) {
+            match s.vip {
+                std::net::IpAddr::V4(v) => started.push(v.octets()[3]),
+                std::net::IpAddr::V6(_) => unreachable!(),
+            }
+        }
+        started
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_attempts_share_one_jitter_window_then_go_by_priority() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                burst: 10,
+                ..settings()
+            },
+            t0,
+        );
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        // Later draws do not move the open window.
+        q.enqueue(t0 + ms(10), vip(2), 1, 90, 0.0);
+        q.enqueue(t0 + ms(20), vip(3), 1, 10, 0.99);
+        assert_eq!(q.next(t0 + ms(20)), Next::At(t0 + ms(100)));
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [2, 1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_priorities_go_first_come_first_served() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                burst: 10,
+                concurrency: 10,
+                ..settings()
+            },
+            t0,
+        );
+        for n in [7, 3, 5] {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [7, 3, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn later_attempts_are_not_jittered() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 2, 50, 0.99);
+        assert_eq!(drain(&mut q, t0), [1]);
+        // A first attempt with jitter off starts at once too.
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                jitter: Duration::ZERO,
+                ..settings()
+            },
+            t0,
+        );
+        q.enqueue(t0, vip(1), 1, 50, 0.99);
+        assert_eq!(drain(&mut q, t0), [1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_window_is_not_reused() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        tokio::time::advance(ms(150)).await;
+        let t1 = Instant::now();
+        assert_eq!(drain(&mut q, t1), [1]);
+        q.enqueue(t1, vip(2), 1, 50, 0.25);
+        assert_eq!(q.next(t1), Next::At(t1 + ms(50)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                concurrency: 100,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=5 {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2]);
+        // 10 per second: the next token in 100 ms.
+        assert_eq!(q.next(t0), Next::At(t0 + ms(100)));
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [3]);
+        // Idle time refills no more than the burst.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [4, 5]);
+        assert_eq!(q.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_limits_initiations_in_flight() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency: 2,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=4 {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2]);
+        assert_eq!(q.next(t0), Next::Idle);
+        assert_eq!(q.in_flight(), 2);
+        q.finished();
+        assert_eq!(drain(&mut q, t0), [3]);
+        q.finished();
+        q.finished();
+        assert_eq!(drain(&mut q, t0), [4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_or_replaced_initiation_leaves_the_queue() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        q.enqueue(t0, vip(2), 1, 50, 0.5);
+        let gone = q.cancel(vip(1)).expect("queued");
+        assert_eq!((gone.vip, gone.attempt), (vip(1), 1));
+        assert_eq!(q.cancel(vip(1)), None);
+        let replaced = q.enqueue(t0, vip(2), 2, 50, 0.0).expect("replaced");
+        assert_eq!(replaced.attempt, 1);
+        assert_eq!(q.queued(), 1);
+        // The new attempt is not jittered: it starts at once.
+        let Next::Start(s) = q.next(t0) else {
+            panic!("attempt 2 should start")
+        };
+        assert_eq!((s.vip, s.attempt), (vip(2), 2));
+        assert_eq!(q.next(t0), Next::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_overtakes_first_attempts_still_in_their_window() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 100, 0.5);
+        q.enqueue(t0, vip(2), 3, 0, 0.0);
+        assert_eq!(drain(&mut q, t0), [2]);
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [1]);
+    }
+}
