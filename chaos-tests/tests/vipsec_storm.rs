@@ -150,10 +150,9 @@ fn storm(label: &str, reconnect: Option<ReconnectConfig>) -> StormResult {
         .iter()
         .map(|l| std::fs::metadata(l).map(|m| m.len() as usize).unwrap_or(0))
         .collect();
-    // The scenario takes its own fault time; this is within microseconds of it.
-    let wall_before = wall_secs();
+    // Agents log wall-clock times, the scenario CLOCK_MONOTONIC: one reading of both.
+    let mono_to_wall = wall_secs() - now_ns() as f64 / 1e9;
     let o = common::run(&mut lab, Fault::Crash, CAP);
-    let mono_to_wall = wall_before - (now_ns() as f64 / 1e9);
     let fault_wall = o.fault_at as f64 / 1e9 + mono_to_wall;
     common::assert_safe(&o);
 
