@@ -318,7 +318,7 @@ pub struct ReconnectConfig {
     /// Initiations that may start back to back before `rate` applies.
     #[serde(default = "default_reconnect_burst")]
     pub burst: u32,
-    /// Initiations waiting in the keying daemon at once.
+    /// Initiations waiting in the keying daemon at once (per node).
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
     /// Upper bound of the random delay (uniform from zero) before a renegotiation's first
@@ -345,11 +345,16 @@ fn default_reconnect_burst() -> u32 {
     10
 }
 fn default_reconnect_concurrency() -> u32 {
-    // Each initiation blocks one of charon's worker threads (16 by default, about half of
-    // them taken for good by the receiver, scheduler, netlink and libipsec) until its
-    // CHILD_SA is up. Measured with 100 VIPs at once: 4 in flight took 1.6 s in all, 8 in
-    // flight starved charon and every initiate timed out.
-    3
+    // Each initiation holds one of charon's worker threads until its CHILD_SA is up, here
+    // and on the new owner, which every front-end hits at once. Measured in the chaos lab
+    // (docs/bench/storm.md), 20 front-ends x 3 VIPs on one back-end after an owner crash:
+    // with 2 or 3 in flight per node the new owner fell behind, attempts timed out, were
+    // retried while the abandoned ones still completed there, and recovery collapsed (the
+    // lab never settled, or cycles gave up); with 1 every front-end recovered in 4-5 s in
+    // every run. The cost is that a node's own VIPs go one after another (about 25 ms each
+    // between cluster nodes), and an attempt toward a silent VIP holds the slot for up to
+    // `keying.initiate_timeout`: raise this on a node with many VIPs and few peers.
+    1
 }
 fn default_reconnect_jitter() -> Duration {
     Duration::from_millis(200)

@@ -285,9 +285,28 @@ fn storm(label: &str, fault: Fault, reconnect: Option<ReconnectConfig>) -> Storm
     }
 }
 
+/// The pacer's defaults, or for experiments `VIPSEC_STORM_JITTER_MS` and
+/// `VIPSEC_STORM_CONCURRENCY` over them.
+fn paced_config() -> Option<ReconnectConfig> {
+    let jitter = std::env::var("VIPSEC_STORM_JITTER_MS").ok();
+    let concurrency = std::env::var("VIPSEC_STORM_CONCURRENCY").ok();
+    if jitter.is_none() && concurrency.is_none() {
+        return None;
+    }
+    let mut c = ReconnectConfig::default();
+    if let Some(ms) = jitter {
+        c.jitter = Duration::from_millis(ms.parse().expect("VIPSEC_STORM_JITTER_MS is a number"));
+    }
+    if let Some(n) = concurrency {
+        c.concurrency = n.parse().expect("VIPSEC_STORM_CONCURRENCY is a number");
+    }
+    eprintln!("[setting] paced with {c:?}");
+    Some(c)
+}
+
 /// The storm with the pacer's defaults: every front-end recovers and none gives up.
 fn paced(fault: Fault) {
-    let r = storm("paced", fault, None);
+    let r = storm("paced", fault, paced_config());
     assert_eq!(
         r.recovered, r.front_ends,
         "every front-end recovers within {CAP:?}"
