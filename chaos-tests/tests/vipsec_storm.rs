@@ -187,13 +187,23 @@ fn storm(label: &str, fault: Fault, reconnect: Option<ReconnectConfig>) -> Storm
     opts.front_ends = n;
     opts.vips = v;
     opts.probe_interval = PROBE_INTERVAL_PER_VIP * v as u32;
-    opts.reconnect = reconnect.clone();
     let built = now_ns();
+    // The lab comes up with the pacer's defaults: every agent starting at once is a storm
+    // of its own (with 3 VIPs per front-end and no storm control the lab never settles).
     let mut lab: Lab = common::build(opts);
     eprintln!(
         "[measured] {label}: lab built and steady in {}",
         secs(Duration::from_nanos(now_ns() - built))
     );
+    if reconnect.is_some() {
+        // The settings under test: the front-ends' agents restart with them and adopt the
+        // SAs their charon holds.
+        lab.set_reconnect(reconnect.clone());
+        lab.restart_agents(Role::FrontEnd)
+            .unwrap_or_else(|e| panic!("restart agents: {e:#}"));
+        lab.wait_steady(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{label}: after the agents' restart: {e:#}"));
+    }
     let fes = lab.names(Role::FrontEnd);
     let logs: Vec<_> = fes
         .iter()

@@ -553,6 +553,18 @@ impl Lab {
         }
     }
 
+    /// Stops (SIGTERM) and starts again the agents of every node with `role`, with the
+    /// lab's current settings (e.g. after [`Lab::set_reconnect`]); charon and its SAs stay.
+    pub fn restart_agents(&mut self, role: Role) -> anyhow::Result<()> {
+        for name in self.names(role) {
+            if let Some(mut a) = self.procs.get_mut(&name).and_then(|p| p.agent.take()) {
+                a.stop();
+            }
+            self.start_agent(&name)?;
+        }
+        Ok(())
+    }
+
     /// Starts a node's agent again with the same config (after [`Lab::kill_agent`]).
     pub fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
         self.kill_agent(node);
