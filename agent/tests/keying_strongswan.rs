@@ -538,7 +538,10 @@ async fn listing_cost_with_a_hundred_sas() {
     .buffered(in_flight)
     .collect()
     .await;
-    eprintln!("{N} concurrent initiates took {:?}", started.elapsed());
+    eprintln!(
+        "{N} initiates, {in_flight} in flight at a time, took {:?}",
+        started.elapsed()
+    );
     for (i, r) in results.iter().enumerate() {
         assert!(r.is_ok(), "initiate toward VIP {i}: {r:?}");
     }
