@@ -22,7 +22,6 @@
 //! [`Pacer`] is the thin I/O part: a task that owns the queue, starts initiations on the
 //! keying daemon, and reports their results to the core as `InitiateFinished`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -241,15 +240,10 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
     let settings = PacingSettings::from(&parts.config.failover.reconnect);
     let mut queue = InitiationQueue::new(settings, Instant::now());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
-    // Which attempt of each VIP is queued, to report a cancelled one to the core.
-    let mut attempts: HashMap<Vip, u32> = HashMap::new();
     loop {
         let wake = loop {
             match queue.next(Instant::now()) {
-                Next::Start(q) => {
-                    attempts.remove(&q.vip);
-                    start(&parts, q, done_tx.clone());
-                }
+                Next::Start(q) => start(&parts, q, done_tx.clone()),
                 Next::At(t) => break Some(t),
                 Next::Idle => break None,
             }
@@ -268,12 +262,10 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
                     if let Some(old) = queue.enqueue(now, vip, attempt, priority, rand::random()) {
                         report_unstarted(&parts, &old, "replaced by a newer attempt");
                     }
-                    attempts.insert(vip, attempt);
                     debug!(%vip, attempt, priority, queued = queue.queued(), "initiation queued");
                 }
                 Some(Request::Cancel { vip }) => {
                     if let Some(old) = queue.cancel(vip) {
-                        attempts.remove(&vip);
                         report_unstarted(&parts, &old, "cancelled by a drop before it started");
                     }
                 }
@@ -376,6 +368,114 @@ mod tests {
             }
         }
         started
+    }
+
+    /// A keying daemon whose initiations wait until the test lets them finish.
+    struct GatedKeying {
+        started: mpsc::UnboundedSender<Vip>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Keying for GatedKeying {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        async fn run(&self, _sink: InputSink, cancel: CancellationToken) {
+            cancel.cancelled().await
+        }
+        async fn list_sas(
+            &self,
+        ) -> Result<Vec<crate::model::IkeSaInfo>, crate::keying::KeyingError> {
+            Ok(Vec::new())
+        }
+        async fn delete_sas(
+            &self,
+            _vip: Vip,
+            _role: crate::model::VipRole,
+        ) -> Result<u32, crate::keying::KeyingError> {
+            Ok(0)
+        }
+        async fn drop_sas(&self, _vip: Vip) -> Result<u32, crate::keying::KeyingError> {
+            Ok(0)
+        }
+        async fn initiate(
+            &self,
+            vip: Vip,
+            _conn: &crate::model::PeerConnection,
+            _timeout: Duration,
+        ) -> Result<(), crate::keying::KeyingError> {
+            let _ = self.started.send(vip);
+            self.gate.acquire().await.expect("open").forget();
+            Ok(())
+        }
+    }
+
+    async fn finished(rx: &mut mpsc::Receiver<Input>) -> (Vip, u32, Result<(), String>) {
+        match rx.recv().await.expect("an input") {
+            Input::InitiateFinished {
+                vip,
+                attempt,
+                result,
+            } => (vip, attempt, result),
+            other => panic!("unexpected input {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_runs_initiations_in_order_one_at_a_time_and_reports_cancelled_ones() {
+        let config = Config::parse(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"b\"\npriority = 90\n\
+             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"c\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.103\"\nconnection = \"d\"\n",
+        )
+        .expect("valid config");
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let keying = Arc::new(GatedKeying {
+            started: started_tx,
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let (inputs, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let cancel = CancellationToken::new();
+        let pacer = Pacer::start(PacerParts {
+            keying: keying.clone(),
+            config: Arc::new(config),
+            inputs,
+            metrics: metrics.clone(),
+            tracker: TaskTracker::new(),
+            cancel: cancel.clone(),
+        });
+        // An empty queue starts at once.
+        pacer.initiate(vip(100), 1);
+        assert_eq!(started.recv().await, Some(vip(100)));
+        // While it is in flight, the next ones queue up.
+        pacer.initiate(vip(102), 1);
+        pacer.initiate(vip(101), 1);
+        pacer.initiate(vip(103), 2);
+        // A drop removes a queued initiation; the core hears that it will not run.
+        pacer.cancel(vip(103));
+        let (v, attempt, result) = finished(&mut rx).await;
+        assert_eq!((v, attempt), (vip(103), 2));
+        assert!(result.unwrap_err().contains("cancelled"));
+        // One in flight (the default): nothing else starts until 100 returns.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(started.try_recv().is_err(), "a second initiation started");
+        assert_eq!(metrics.initiations_queued.get(), 2);
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(100), 1, Ok(())));
+        // Then the higher priority first, though it was queued later.
+        assert_eq!(started.recv().await, Some(vip(101)));
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(101), 1, Ok(())));
+        assert_eq!(started.recv().await, Some(vip(102)));
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(102), 1, Ok(())));
+        assert_eq!(metrics.initiations_queued.get(), 0);
+        cancel.cancel();
     }
 
     #[tokio::test(start_paused = true)]
