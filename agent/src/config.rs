@@ -313,6 +313,64 @@ pub struct FailoverConfig {
     /// "unconfirmed" in `vipsec status`).
     #[serde(default = "default_true")]
     pub trust_kernel_when_store_down: bool,
+    /// How re-initiations are paced when many start at once (`[failover.reconnect]`).
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+}
+
+/// Reconnect storm control: every initiation waits its turn in one queue (higher
+/// `peer_vip.priority` first), under a token bucket and a limit of initiations in flight;
+/// the first attempt of a renegotiation is delayed by a random jitter so that the
+/// front-ends of a cluster do not all send IKE_SA_INIT in the same millisecond.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// Initiations started per second, on average.
+    #[serde(default = "default_reconnect_rate")]
+    pub rate: f64,
+    /// Initiations that may start back to back before `rate` applies.
+    #[serde(default = "default_reconnect_burst")]
+    pub burst: u32,
+    /// Initiations waiting in the keying daemon at once (per node).
+    #[serde(default = "default_reconnect_concurrency")]
+    pub concurrency: u32,
+    /// Upper bound of the random delay (uniform from zero) before a renegotiation's first
+    /// attempt; `"0s"` turns it off.
+    #[serde(default = "default_reconnect_jitter", with = "humantime_serde")]
+    pub jitter: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            rate: default_reconnect_rate(),
+            burst: default_reconnect_burst(),
+            concurrency: default_reconnect_concurrency(),
+            jitter: default_reconnect_jitter(),
+        }
+    }
+}
+
+fn default_reconnect_rate() -> f64 {
+    50.0
+}
+fn default_reconnect_burst() -> u32 {
+    10
+}
+fn default_reconnect_concurrency() -> u32 {
+    // Each initiation holds one of charon's worker threads until its CHILD_SA is up, here
+    // and on the new owner, which every front-end hits at once. Measured in the chaos lab
+    // (docs/bench/storm.md), 20 front-ends x 3 VIPs on one back-end after an owner crash:
+    // with 2 or 3 in flight per node the new owner fell behind, attempts timed out, were
+    // retried while the abandoned ones still completed there, and recovery collapsed (the
+    // lab never settled, or cycles gave up); with 1 every front-end recovered in 4-5 s in
+    // every run. The cost is that a node's own VIPs go one after another (about 25 ms each
+    // between cluster nodes), and an attempt toward a silent VIP holds the slot for up to
+    // `keying.initiate_timeout`: raise this on a node with many VIPs and few peers.
+    1
+}
+fn default_reconnect_jitter() -> Duration {
+    Duration::from_millis(200)
 }
 
 impl Default for FailoverConfig {
@@ -329,6 +387,7 @@ impl Default for FailoverConfig {
             drain_hold: default_drain_hold(),
             split_brain_grace: default_split_brain_grace(),
             trust_kernel_when_store_down: true,
+            reconnect: ReconnectConfig::default(),
         }
     }
 }
@@ -398,6 +457,18 @@ pub struct PeerVipConfig {
     /// `"any"` protects all traffic to the VIP.
     #[serde(default)]
     pub protect: Vec<String>,
+    /// Order of re-initiation when many wait at once: 0 to 100, higher first.
+    #[serde(default = "default_peer_priority")]
+    pub priority: u8,
+}
+
+/// Where a peer VIP without a `priority` sits: in the middle, so an operator can put VIPs
+/// both ahead of and behind it.
+pub const DEFAULT_PEER_PRIORITY: u8 = 50;
+pub const MAX_PEER_PRIORITY: u8 = 100;
+
+fn default_peer_priority() -> u8 {
+    DEFAULT_PEER_PRIORITY
 }
 
 impl PeerVipConfig {
@@ -786,6 +857,28 @@ impl Config {
             }
             _ => {}
         }
+        let r = &self.failover.reconnect;
+        if !(r.rate.is_finite() && r.rate > 0.0) {
+            bad(
+                "failover.reconnect.rate",
+                format!(
+                    "{} must be a number of initiations per second above zero",
+                    r.rate
+                ),
+            );
+        }
+        if r.burst == 0 {
+            bad(
+                "failover.reconnect.burst",
+                "must be at least 1 (one initiation can always start)".into(),
+            );
+        }
+        if r.concurrency == 0 {
+            bad(
+                "failover.reconnect.concurrency",
+                "must be at least 1 initiation in flight".into(),
+            );
+        }
 
         let mut seen = BTreeSet::new();
         for (i, v) in self.hosted_vips.iter().enumerate() {
@@ -845,6 +938,12 @@ impl Config {
                 if let Err(e) = parse_flow(v.address, f, FlowDirection::ToVip) {
                     bad(&format!("peer_vip[{i}].protect[{j}]"), e);
                 }
+            }
+            if v.priority > MAX_PEER_PRIORITY {
+                bad(
+                    &format!("peer_vip[{i}].priority"),
+                    format!("{} is above {MAX_PEER_PRIORITY}", v.priority),
+                );
             }
         }
         p
@@ -1112,6 +1211,50 @@ protect = ["tcp/0", "sctp/5"]
             "backend = \"xfrm\"\ninterface = \"eth0\"",
         );
         assert!(Config::parse(&fixed).is_ok());
+    }
+
+    #[test]
+    fn reconnect_defaults_and_priority() {
+        let c = Config::parse(FRONTEND).unwrap();
+        assert_eq!(c.failover.reconnect, ReconnectConfig::default());
+        assert_eq!(c.failover.reconnect.jitter, Duration::from_millis(200));
+        assert_eq!(c.peer_vips[0].priority, DEFAULT_PEER_PRIORITY);
+        let text = format!(
+            "{FRONTEND}priority = 90\n[failover.reconnect]\nrate = 5.5\nburst = 2\nconcurrency = 8\njitter = \"1s\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.peer_vips[0].priority, 90);
+        let r = &c.failover.reconnect;
+        assert_eq!((r.rate, r.burst, r.concurrency), (5.5, 2, 8));
+        assert_eq!(r.jitter, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_reconnect_settings_name_their_keys() {
+        let text = format!(
+            "{FRONTEND}priority = 101\n[failover.reconnect]\nrate = 0\nburst = 0\nconcurrency = 0\n"
+        );
+        let problems = Config::parse(&text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "failover.reconnect.rate",
+                "failover.reconnect.burst",
+                "failover.reconnect.concurrency",
+                "peer_vip[0].priority"
+            ]
+        );
+        let typo = format!("{FRONTEND}[failover.reconnect]\njiter = \"1s\"\n");
+        assert_eq!(
+            Config::parse(&typo).unwrap_err()[0].key,
+            "failover.reconnect.jiter"
+        );
+        let bad_jitter = format!("{FRONTEND}[failover.reconnect]\njitter = \"soon\"\n");
+        assert_eq!(
+            Config::parse(&bad_jitter).unwrap_err()[0].key,
+            "failover.reconnect.jitter"
+        );
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub action_failures: Family<EventLabel, Counter>,
     pub move_step_seconds: Family<StepLabel, Histogram>,
     pub move_seconds: Histogram,
+    /// Initiations waiting in the reconnect pacer.
+    pub initiations_queued: Gauge,
+    /// From an initiation being asked for to its start (jitter, rate and concurrency).
+    pub initiation_queue_wait: Histogram,
 }
 
 impl Default for Metrics {
@@ -158,6 +162,20 @@ impl Metrics {
             "A VIP move from its release (or first mark) to first traffic on the new SA",
             move_seconds.clone(),
         );
+        let initiations_queued = Gauge::default();
+        registry.register(
+            "initiations_queued",
+            "Initiations waiting for their turn in the reconnect pacer",
+            initiations_queued.clone(),
+        );
+        let initiation_queue_wait = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+        ]);
+        registry.register(
+            "initiation_queue_wait_seconds",
+            "Time an initiation waited in the reconnect pacer (jitter, rate, concurrency)",
+            initiation_queue_wait.clone(),
+        );
         Metrics {
             move_step_seconds,
             move_seconds,
@@ -175,6 +193,8 @@ impl Metrics {
             split_brain,
             actions_fenced,
             action_failures,
+            initiations_queued,
+            initiation_queue_wait,
         }
     }
 

@@ -73,6 +73,7 @@ pub fn status(s: &StatusView) -> pb::Status {
             since: s.fail_secure.since.map(timestamp),
             flows: s.fail_secure.flows,
         }),
+        initiations_queued: s.initiations_queued,
         hosted_vips: s
             .hosted
             .iter()

@@ -53,6 +53,7 @@ pub fn to_json(s: &pb::Status) -> Value {
         "keying": health_json(s.keying.as_ref()),
         "kernel": health_json(s.kernel.as_ref()),
         "fail_secure": {"enabled": fs.enabled, "engaged": fs.engaged, "since": rfc3339(fs.since.as_ref()), "flows": fs.flows},
+        "initiations_queued": s.initiations_queued,
         "hosted_vips": s.hosted_vips.iter().map(|h| json!({
             "address": h.address,
             "present_locally": h.present_locally,
@@ -124,6 +125,9 @@ fn print_table(s: &pb::Status) {
         ),
     };
     println!("\nfail-secure: {fs_line}");
+    if s.initiations_queued > 0 {
+        println!("initiations queued: {}", s.initiations_queued);
+    }
     if !s.hosted_vips.is_empty() {
         println!();
         let mut t = table(&[

@@ -2,9 +2,11 @@
 //!
 //! Actions for one VIP run in order on that VIP's lane (a drop must finish before the
 //! next initiate starts, a withdrawal before a re-publish), while different VIPs proceed
-//! in parallel. An initiation is started from the lane but not awaited there, so a later
-//! drop can abort an attempt that hangs on a VIP nobody holds. Kernel changes share one
-//! lane so an engage and a release of the same flows can never overtake each other.
+//! in parallel. An initiation is handed from the lane to the reconnect pacer
+//! ([`super::pacing`]) and not awaited there, so a later drop can abort an attempt that
+//! hangs on a VIP nobody holds (or remove it from the pacer's queue before it starts).
+//! Kernel changes share one lane so an engage and a release of the same flows can never
+//! overtake each other.
 //!
 //! Fencing: every job carries the epoch its action was decided under. An initiation whose
 //! epoch the core has since moved past is not started, and a hosted VIP's SAs are deleted
@@ -12,13 +14,14 @@
 //! cut off while the VIP moved on acts on nothing when it wakes up.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::pacing::{Pacer, PacerParts};
 use super::policies::Policies;
 use super::{Backends, EventSink, HealthView};
 use crate::InputSink;
@@ -60,7 +63,7 @@ struct Job {
 /// The highest epoch and the owner of record the core knows per VIP, kept up to date by
 /// the core loop.
 #[derive(Clone, Default)]
-struct EpochBoard(Arc<Mutex<HashMap<Vip, Known>>>);
+pub(super) struct EpochBoard(Arc<Mutex<HashMap<Vip, Known>>>);
 
 /// The epoch and owner of record the core knows for a VIP.
 type Known = (u64, Option<String>);
@@ -72,14 +75,14 @@ impl EpochBoard {
         e.0 = e.0.max(epoch);
         e.1 = owner;
     }
-    fn get(&self, vip: Vip) -> u64 {
+    pub(super) fn get(&self, vip: Vip) -> u64 {
         self.0
             .lock()
             .expect("epoch board lock")
             .get(&vip)
             .map_or(0, |e| e.0)
     }
-    fn owner(&self, vip: Vip) -> Option<String> {
+    pub(super) fn owner(&self, vip: Vip) -> Option<String> {
         self.0
             .lock()
             .expect("epoch board lock")
@@ -104,7 +107,9 @@ struct LaneContext {
     tracker: TaskTracker,
     sink: EventSink,
     epochs: EpochBoard,
-    policies: Option<Policies>,
+    /// Set once the policy runtime exists (policy-managed VIPs only).
+    policies: Arc<OnceLock<Policies>>,
+    pacer: Pacer,
 }
 
 pub(super) struct Lanes {
@@ -137,6 +142,19 @@ impl Lanes {
             )
             .instrument(info_span!("kernel-lane")),
         );
+        let epochs = EpochBoard::default();
+        let policies = Arc::new(OnceLock::new());
+        let pacer = Pacer::start(PacerParts {
+            keying: backends.keying.clone(),
+            config: config.clone(),
+            inputs: inputs.clone(),
+            metrics: sink.metrics.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+            epochs: epochs.clone(),
+            policies: policies.clone(),
+            sink: sink.clone(),
+        });
         Lanes {
             ctx: LaneContext {
                 store: backends.store.clone(),
@@ -146,8 +164,9 @@ impl Lanes {
                 inputs,
                 tracker,
                 sink,
-                epochs: EpochBoard::default(),
-                policies: None,
+                epochs,
+                policies,
+                pacer,
             },
             cancel,
             vip_lanes: HashMap::new(),
@@ -164,7 +183,7 @@ impl Lanes {
 
     /// Lets the lanes load policy-managed connections.
     pub(super) fn set_policies(&mut self, policies: Policies) {
-        self.ctx.policies = Some(policies);
+        let _ = self.ctx.policies.set(policies);
     }
 
     /// Queues the policy check of an SA that came up.
@@ -175,7 +194,7 @@ impl Lanes {
         ike_id: crate::model::IkeId,
         epoch: u64,
     ) {
-        if self.ctx.policies.is_some() {
+        if self.ctx.policies.get().is_some() {
             self.lane(vip, epoch, JobKind::CheckSa { role, ike_id });
         }
     }
@@ -318,14 +337,14 @@ impl VipLane {
         match job.kind {
             JobKind::AcceptSas { accept } => {
                 info!(%vip, accept, epoch, "IKE for the hosted VIP {}", if accept { "accepted" } else { "refused" });
-                if let Some(p) = &self.ctx.policies
+                if let Some(p) = self.ctx.policies.get()
                     && self.ctx.config.policy_managed(vip)
                 {
                     p.set_accepting(vip, accept).await;
                 }
             }
             JobKind::CheckSa { role, ike_id } => {
-                if let Some(p) = &self.ctx.policies
+                if let Some(p) = self.ctx.policies.get()
                     && self.ctx.config.policy_managed(vip)
                 {
                     p.check_sa(vip, role, ike_id).await;
@@ -370,6 +389,8 @@ impl VipLane {
                 }
             }
             JobKind::DropStale => {
+                // An attempt still queued was aimed at the SAs being dropped.
+                self.ctx.pacer.cancel(vip);
                 let started = std::time::Instant::now();
                 match self.ctx.keying.drop_sas(vip).await {
                     Ok(n) => {
@@ -387,12 +408,9 @@ impl VipLane {
                 }
             }
             JobKind::Initiate { attempt } => {
-                let known = self.ctx.epochs.get(vip);
-                if epoch < known {
-                    let why =
-                        format!("decided under epoch {epoch}; the owner is now at epoch {known}");
-                    self.fenced("initiate", why.clone());
-                    let result = Err(format!("fenced: {why}"));
+                if self.ctx.config.peer(vip).is_none() {
+                    self.failed("initiate", "not a configured peer VIP");
+                    let result = Err("not a configured peer VIP".to_string());
                     let _ = self
                         .ctx
                         .inputs
@@ -404,43 +422,9 @@ impl VipLane {
                         .await;
                     return;
                 }
-                let conn = match self.ctx.config.peer(vip).and_then(|p| p.peer_connection()) {
-                    Some(c) => Ok(c),
-                    None => match &self.ctx.policies {
-                        // The owner of record's identity is required of the peer: a node
-                        // that holds the address but not the record cannot complete IKE.
-                        Some(p) => p.prepare_initiate(vip, self.ctx.epochs.owner(vip)).await,
-                        None => Err("not a configured peer VIP".to_string()),
-                    },
-                };
-                let conn = match conn {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.failed("initiate", &e);
-                        let result = Err(e);
-                        let _ = self
-                            .ctx
-                            .inputs
-                            .send(Input::InitiateFinished {
-                                vip,
-                                attempt,
-                                result,
-                            })
-                            .await;
-                        return;
-                    }
-                };
-                let (keying, inputs) = (self.ctx.keying.clone(), self.ctx.inputs.clone());
-                let timeout = self.ctx.config.keying.initiate_timeout;
-                self.ctx.tracker.spawn(
-                    async move {
-                        let started = std::time::Instant::now();
-                        let result = keying.initiate(vip, &conn, timeout).await.map_err(|e| e.to_string());
-                        debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
-                        let _ = inputs.send(Input::InitiateFinished { vip, attempt, result }).await;
-                    }
-                    .instrument(info_span!("initiate", %vip, attempt)),
-                );
+                // The epoch is checked again, and the policy's connection prepared, when
+                // the pacer starts it: that may be a while after this decision.
+                self.ctx.pacer.initiate(vip, attempt, epoch);
             }
         }
     }

@@ -4,6 +4,7 @@
 
 mod lanes;
 mod moves;
+pub mod pacing;
 pub mod policies;
 pub mod status;
 
@@ -102,7 +103,10 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     pub fn status(&self) -> StatusView {
-        self.status.borrow().clone()
+        let mut s = self.status.borrow().clone();
+        // The pacer keeps this gauge current; the core's status only changes on its inputs.
+        s.initiations_queued = self.metrics.initiations_queued.get().max(0) as u32;
+        s
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {

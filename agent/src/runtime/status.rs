@@ -103,6 +103,8 @@ pub struct StatusView {
     pub fail_secure: FailSecureView,
     pub hosted: Vec<HostedView>,
     pub peers: Vec<PeerView>,
+    /// Initiations waiting in the reconnect pacer; read live when the status is asked for.
+    pub initiations_queued: u32,
 }
 
 /// Backend health the runtime tracks beside the core.
@@ -199,6 +201,7 @@ impl StatusView {
             },
             hosted,
             peers,
+            initiations_queued: 0,
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct AgentPlan<'a> {
     pub store: AgentStore,
     pub etcd_endpoint: &'a str,
     pub vips: &'a [Ipv4Addr],
+    /// `[failover.reconnect]`; the agent's defaults when None.
+    pub reconnect: Option<&'a vipsec::config::ReconnectConfig>,
     /// Connections come from the cluster policy (no `connection`, no `protect`).
     pub policy_managed: bool,
 }
@@ -72,6 +74,13 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     s += "retry_initial = \"50ms\"\n";
     s += "retry_max = \"500ms\"\n";
     s += "owner_wait = \"2s\"\n";
+    if let Some(r) = plan.reconnect {
+        s += "\n[failover.reconnect]\n";
+        let _ = writeln!(s, "rate = {:?}", r.rate);
+        let _ = writeln!(s, "burst = {}", r.burst);
+        let _ = writeln!(s, "concurrency = {}", r.concurrency);
+        let _ = writeln!(s, "jitter = \"{}us\"", r.jitter.as_micros());
+    }
     if plan.role == Role::BackEnd {
         // `vipsec drill` on the owner steps it down the way an operator would: the handover
         // script drains through the agent, then stops this node's keepalived (the lab's
@@ -307,6 +316,7 @@ mod tests {
             etcd_endpoint: "http://192.0.2.5:2379",
             vips,
             policy_managed: false,
+            reconnect: None,
         }
     }
 
@@ -318,6 +328,18 @@ mod tests {
                 let text = config_toml(&plan(role, store, &vips));
                 let config = vipsec::config::Config::parse(&text)
                     .unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+                let mut p = plan(role, store, &vips);
+                let reconnect = vipsec::config::ReconnectConfig {
+                    rate: 1000.0,
+                    burst: 100,
+                    concurrency: 64,
+                    jitter: Duration::ZERO,
+                };
+                p.reconnect = Some(&reconnect);
+                let paced = config_toml(&p);
+                let parsed = vipsec::config::Config::parse(&paced)
+                    .unwrap_or_else(|p| panic!("{p:?}\n{paced}"));
+                assert_eq!(parsed.failover.reconnect, reconnect);
                 match role {
                     Role::FrontEnd => {
                         assert_eq!(config.peer_vips.len(), 3);

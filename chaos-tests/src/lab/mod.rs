@@ -41,6 +41,12 @@ pub struct LabOptions {
     pub setup: Setup,
     /// How many VIPs (192.0.2.100 onward).
     pub vips: usize,
+    /// How many front-ends (fe1, fe2, ...; at most [`topology::MAX_FRONT_ENDS`]).
+    pub front_ends: usize,
+    /// How often each front-end's probe opens a connection to each VIP.
+    pub probe_interval: Duration,
+    /// `[failover.reconnect]` for every agent; the agent's defaults when None.
+    pub reconnect: Option<vipsec::config::ReconnectConfig>,
     /// Put this front-end behind a masquerading router.
     pub nat_front_end: Option<String>,
     /// The `vipsec-chaos` binary, run inside nodes for `serve-mail` and `probe`.
@@ -54,6 +60,9 @@ impl LabOptions {
         LabOptions {
             setup,
             vips: 1,
+            front_ends: 2,
+            probe_interval: Duration::from_millis(20),
+            reconnect: None,
             nat_front_end: None,
             self_exe: self_exe.into(),
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
@@ -82,6 +91,8 @@ pub struct Lab {
     pub vips: Vec<Ipv4Addr>,
     self_exe: PathBuf,
     vipsec_bin: Option<PathBuf>,
+    probe_interval: Duration,
+    reconnect: Option<vipsec::config::ReconnectConfig>,
     pub progress: Progress,
 }
 
@@ -109,7 +120,11 @@ impl Lab {
         if opts.keep_run_dir {
             run_dir.disable_cleanup(true);
         }
-        let topo = Topology::build(opts.nat_front_end.as_deref(), run_dir.path())?;
+        let topo = Topology::build(
+            opts.front_ends,
+            opts.nat_front_end.as_deref(),
+            run_dir.path(),
+        )?;
         progress.step(&format!(
             "network up: hub {} with {} nodes, run dir {}",
             topo.hub.name,
@@ -129,6 +144,8 @@ impl Lab {
             vips: topology::vips(opts.vips),
             self_exe: opts.self_exe,
             vipsec_bin: None,
+            probe_interval: opts.probe_interval,
+            reconnect: opts.reconnect,
             progress,
         };
         for node in lab.topo.with_role(Role::BackEnd) {
@@ -165,12 +182,30 @@ impl Lab {
         for fe in lab.names(Role::FrontEnd) {
             let node = lab.topo.node(&fe);
             let dir = lab.node_dir(&fe);
-            let probe = Probe::start(&lab.self_exe, &node.ns, &fe, &targets, &dir)?;
+            let probe = Probe::start(
+                &lab.self_exe,
+                &node.ns,
+                &fe,
+                &targets,
+                &dir,
+                lab.probe_interval,
+            )?;
             lab.probes.push(probe);
         }
         lab.wait_steady(Duration::from_secs(30))?;
         lab.progress.step("probes answered through the tunnel");
         Ok(lab)
+    }
+
+    /// Agents started from now on (after [`Lab::reset`], a restart) get these
+    /// `[failover.reconnect]` settings.
+    pub fn set_reconnect(&mut self, reconnect: Option<vipsec::config::ReconnectConfig>) {
+        self.reconnect = reconnect;
+    }
+
+    /// A node's directory in the run directory (configs, logs).
+    pub fn node_dir_of(&self, node: &str) -> PathBuf {
+        self.node_dir(node)
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -262,6 +297,7 @@ impl Lab {
             etcd_endpoint: &endpoint,
             vips: &self.vips,
             policy_managed: self.setup.policy_managed(),
+            reconnect: self.reconnect.as_ref(),
         };
         let a = Agent::start(&bin, &node.ns, &plan)?;
         self.procs.entry(name.to_string()).or_default().agent = Some(a);
@@ -339,6 +375,10 @@ impl Lab {
     pub fn wait_steady(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let t0 = now_ns();
         let want = 5 * self.vips.len();
+        // Attempts a front-end makes in half a second, less a fifth for scheduling slack.
+        let per_half_second =
+            (Duration::from_millis(500).as_nanos() / self.probe_interval.as_nanos()) as usize;
+        let settled_min = (per_half_second * 4 / 5).max(1);
         let mut status = String::new();
         let result = wait_for("steady traffic through the tunnel", timeout, || {
             self.poll_probes().ok()?;
@@ -361,7 +401,7 @@ impl Lab {
                     .iter()
                     .filter(|r| r.start + 600_000_000 <= now && r.start + 1_100_000_000 > now)
                     .collect();
-                let settled_good = settled.len() >= 20 * self.vips.len()
+                let settled_good = settled.len() >= settled_min * self.vips.len()
                     && settled
                         .iter()
                         .all(|r| r.node.as_deref() == Some(owner.as_str()));
@@ -555,6 +595,18 @@ impl Lab {
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("no keepalived on {node}"))?
             .stop_gracefully()
+    }
+
+    /// Stops (SIGTERM) and starts again the agents of every node with `role`, with the
+    /// lab's current settings (e.g. after [`Lab::set_reconnect`]); charon and its SAs stay.
+    pub fn restart_agents(&mut self, role: Role) -> anyhow::Result<()> {
+        for name in self.names(role) {
+            if let Some(mut a) = self.procs.get_mut(&name).and_then(|p| p.agent.take()) {
+                a.stop();
+            }
+            self.start_agent(&name)?;
+        }
+        Ok(())
     }
 
     /// Starts a node's agent again with the same config (after [`Lab::kill_agent`]).

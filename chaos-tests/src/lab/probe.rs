@@ -145,14 +145,16 @@ impl Probe {
         fe: &str,
         targets: &[SocketAddr],
         dir: &Path,
+        interval: Duration,
     ) -> anyhow::Result<Probe> {
         let path = dir.join(format!("probe-{fe}.jsonl"));
         std::fs::write(&path, "")?;
         let log = std::fs::File::create(dir.join(format!("probe-{fe}.log")))?;
         let mut cmd = ns.command(&self_exe.display().to_string());
+        let interval = interval.as_millis().max(1).to_string();
         cmd.args(["probe", "--fe", fe, "--out"]).arg(&path).args([
             "--interval",
-            "20",
+            &interval,
             "--timeout",
             "500",
         ]);

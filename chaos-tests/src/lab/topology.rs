@@ -34,7 +34,7 @@ pub struct Node {
     pub ns: Netns,
 }
 
-/// The fixed plan of the lab: name, role, last octet.
+/// The lab's nodes with the default two front-ends: name, role, last octet.
 pub const PLAN: &[(&str, Role, u8)] = &[
     ("etcd", Role::Etcd, 5),
     ("fe1", Role::FrontEnd, 11),
@@ -42,6 +42,33 @@ pub const PLAN: &[(&str, Role, u8)] = &[
     ("be1", Role::BackEnd, 21),
     ("be2", Role::BackEnd, 22),
 ];
+
+/// The most front-ends a lab can have: fe3 onward take .43 to .99, below the VIPs.
+pub const MAX_FRONT_ENDS: usize = 59;
+
+/// The plan for `front_ends` front-ends: [`PLAN`]'s fe1 and fe2 (as many as asked), then
+/// fe3 at .43, fe4 at .44, ... (clear of the back-ends, the NAT routers and the VIPs).
+pub fn plan(front_ends: usize) -> Vec<(String, Role, u8)> {
+    assert!(
+        (1..=MAX_FRONT_ENDS).contains(&front_ends),
+        "1 to {MAX_FRONT_ENDS} front-ends"
+    );
+    let mut plan: Vec<(String, Role, u8)> = Vec::new();
+    let mut fe = 0;
+    for &(name, role, octet) in PLAN {
+        if role == Role::FrontEnd {
+            fe += 1;
+            if fe > front_ends {
+                continue;
+            }
+        }
+        plan.push((name.to_string(), role, octet));
+    }
+    for i in 3..=front_ends {
+        plan.push((format!("fe{i}"), Role::FrontEnd, 40 + i as u8));
+    }
+    plan
+}
 
 pub fn vips(count: usize) -> Vec<Ipv4Addr> {
     assert!((1..=MAX_VIPS).contains(&count), "1 to {MAX_VIPS} VIPs");
@@ -65,7 +92,11 @@ impl Topology {
     /// router (198.51.100.2 inside, the router's 192.0.2.3x outside).
     /// `run_dir` is recorded with the namespaces, so that a later run deletes it too if this
     /// one is killed.
-    pub fn build(nat_front_end: Option<&str>, run_dir: &Path) -> anyhow::Result<Topology> {
+    pub fn build(
+        front_ends: usize,
+        nat_front_end: Option<&str>,
+        run_dir: &Path,
+    ) -> anyhow::Result<Topology> {
         reap_crashed_runs();
         let hub = Netns::new("hub")?;
         let mut topo = Topology {
@@ -78,7 +109,8 @@ impl Topology {
         topo.hub.ip(&["link", "set", BRIDGE, "up"])?;
         topo.register()?;
         topo.register_ns(&format!("dir {}", run_dir.display()))?;
-        for &(name, role, octet) in PLAN {
+        for (name, role, octet) in plan(front_ends) {
+            let name = name.as_str();
             let ns = Netns::new(name)?;
             let hub_port = format!("p-{name}");
             let addr = Ipv4Addr::new(192, 0, 2, octet);
@@ -281,4 +313,27 @@ fn delete_listed_namespaces(path: &Path) {
         }
     }
     let _ = std::fs::remove_file(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_keep_the_default_nodes_and_unique_addresses() {
+        let two = plan(2);
+        let names: Vec<_> = two.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["etcd", "fe1", "fe2", "be1", "be2"]);
+        let many = plan(MAX_FRONT_ENDS);
+        let mut octets: Vec<u8> = many.iter().map(|(_, _, o)| *o).collect();
+        octets.sort_unstable();
+        octets.dedup();
+        assert_eq!(octets.len(), many.len());
+        assert!(octets.iter().all(|&o| o < VIP_BASE.octets()[3]));
+        assert_eq!(
+            many.iter().filter(|(_, r, _)| *r == Role::FrontEnd).count(),
+            MAX_FRONT_ENDS
+        );
+        assert_eq!(plan(1).len(), 4);
+    }
 }

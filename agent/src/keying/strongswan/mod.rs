@@ -53,11 +53,6 @@ const DELETE_POLL_FIRST: Duration = Duration::from_millis(2);
 const DELETE_POLL_MAX: Duration = Duration::from_millis(20);
 /// Extra time over charon's own initiate timeout before we stop waiting for its answer.
 const INITIATE_MARGIN: Duration = Duration::from_secs(1);
-/// Initiations waiting in charon at once. Each blocks one of charon's worker threads (16
-/// by default, about half of them taken for good by the receiver, scheduler, netlink and
-/// libipsec) until its CHILD_SA is up. Measured with 100 VIPs at once: 4 in flight took
-/// 1.6 s in all, 8 in flight starved charon and every initiate timed out.
-const MAX_CONCURRENT_INITIATES: usize = 3;
 /// Events charon raises that change which SAs are up.
 const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"];
 
@@ -70,7 +65,6 @@ pub struct StrongswanKeying {
     reconnect_max: Duration,
     /// The connection the trait's commands share (one command at a time).
     commands: tokio::sync::Mutex<Option<ViciConn>>,
-    initiate_slots: tokio::sync::Semaphore,
 }
 
 impl StrongswanKeying {
@@ -83,7 +77,6 @@ impl StrongswanKeying {
             reconnect_min: config.keying.reconnect_min,
             reconnect_max: config.keying.reconnect_max,
             commands: tokio::sync::Mutex::new(None),
-            initiate_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_INITIATES),
         }
     }
 
@@ -409,17 +402,10 @@ impl Keying for StrongswanKeying {
     ) -> Result<(), KeyingError> {
         let command = format!("initiate {}/{}", conn.connection, conn.child);
         let started = Instant::now();
-        let Ok(slot) = tokio::time::timeout(timeout, self.initiate_slots.acquire()).await else {
-            return Err(KeyingError::Timeout {
-                command,
-                after: timeout,
-            });
-        };
-        let _slot = slot.expect("the semaphore is never closed");
-        // The wait for a slot counts against the caller's timeout.
-        let left = timeout
-            .saturating_sub(started.elapsed())
-            .max(Duration::from_millis(1));
+        // How many initiations charon gets at once is the reconnect pacer's decision
+        // (`failover.reconnect.concurrency`, runtime::pacing): each holds one of charon's
+        // worker threads until its CHILD_SA is up.
+        let left = timeout.max(Duration::from_millis(1));
         let mut vici = ViciConn::connect(&self.socket).await?;
         let req = InitiateRequest {
             child: &conn.child,

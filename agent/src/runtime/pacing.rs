@@ -1,0 +1,678 @@
+//! Reconnect storm control: every initiation the core asks for waits its turn here.
+//!
+//! When one owner change hits many SAs at once (many VIPs on a node, many front-ends in a
+//! cluster), starting every IKE_SA_INIT in the same millisecond overloads both the local
+//! keying daemon (each initiation holds one of charon's worker threads) and the new owner.
+//! [`InitiationQueue`] decides, without I/O, which initiation starts when:
+//! - a priority queue: higher `peer_vip.priority` first, then first come first served;
+//! - a token bucket: `rate` initiations per second on average, `burst` back to back;
+//! - a limit of `concurrency` initiations in flight (the one place this limit lives);
+//! - a random jitter (uniform from zero to `jitter`) before the first attempt of a
+//!   renegotiation, so the front-ends of a cluster spread their IKE_SA_INITs. Attempts
+//!   queued while one jitter window is open share it, so that this node's VIPs still go in
+//!   priority order. Later attempts get no jitter: the core's backoff already spaces them.
+//!
+//! There is no per-peer backoff here on purpose: the failover core keeps one retry schedule
+//! per peer VIP (`failover.retry_*`, exponential up to `retry_max` and bounded by
+//! `retry_deadline`), and a peer VIP is exactly what an initiation is aimed at (the owner
+//! behind it changes with every move). A second backoff here would only stretch the core's
+//! schedule in a way its deadline does not know about, so a cycle could give up without
+//! having made the attempts it planned.
+//!
+//! [`Pacer`] is the thin I/O part: a task that owns the queue, starts initiations on the
+//! keying daemon, and reports their results to the core as `InitiateFinished`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::EventSink;
+use super::lanes::EpochBoard;
+use super::policies::Policies;
+use crate::InputSink;
+use crate::config::{Config, ReconnectConfig};
+use crate::failover::{Input, Notice, NoticeKind};
+use crate::keying::Keying;
+use crate::metrics::Metrics;
+use crate::model::Vip;
+
+/// The pacing limits, from `[failover.reconnect]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PacingSettings {
+    pub rate: f64,
+    pub burst: u32,
+    pub concurrency: usize,
+    pub jitter: Duration,
+}
+
+impl From<&ReconnectConfig> for PacingSettings {
+    fn from(c: &ReconnectConfig) -> Self {
+        PacingSettings {
+            rate: c.rate,
+            burst: c.burst,
+            concurrency: c.concurrency as usize,
+            jitter: c.jitter,
+        }
+    }
+}
+
+/// One initiation waiting for its turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedInitiation {
+    pub vip: Vip,
+    pub attempt: u32,
+    pub priority: u8,
+    /// When the core asked for it.
+    pub queued_at: Instant,
+    /// Not before this (the jitter window's end, or `queued_at`).
+    pub not_before: Instant,
+    seq: u64,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Start this initiation now (it counts as in flight until [`InitiationQueue::finished`]).
+    Start(QueuedInitiation),
+    /// Nothing can start before this time (a jitter window or the token bucket).
+    At(Instant),
+    /// Nothing can start until something is queued or an initiation finishes.
+    Idle,
+}
+
+/// The pure pacing state: queue, token bucket, in-flight count, jitter window.
+#[derive(Debug)]
+pub struct InitiationQueue {
+    settings: PacingSettings,
+    queue: Vec<QueuedInitiation>,
+    tokens: f64,
+    refilled_at: Instant,
+    in_flight: usize,
+    next_seq: u64,
+    /// The end of the jitter window first attempts join, while it is open.
+    window_end: Option<Instant>,
+}
+
+impl InitiationQueue {
+    pub fn new(settings: PacingSettings, now: Instant) -> Self {
+        InitiationQueue {
+            settings,
+            queue: Vec::new(),
+            tokens: f64::from(settings.burst),
+            refilled_at: now,
+            in_flight: 0,
+            next_seq: 0,
+            window_end: None,
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues an initiation. `unit_random` (in [0, 1)) picks the jitter when this first
+    /// attempt opens a new window. A newer initiation for a VIP replaces one still queued
+    /// (the core only asks again once it stopped waiting for the old one); the replaced
+    /// one is returned.
+    pub fn enqueue(
+        &mut self,
+        now: Instant,
+        vip: Vip,
+        attempt: u32,
+        priority: u8,
+        unit_random: f64,
+    ) -> Option<QueuedInitiation> {
+        let replaced = self.cancel(vip);
+        let not_before = if attempt == 1 && !self.settings.jitter.is_zero() {
+            match self.window_end {
+                Some(end) if end > now => end,
+                _ => {
+                    let end = now + self.settings.jitter.mul_f64(unit_random.clamp(0.0, 1.0));
+                    self.window_end = Some(end);
+                    end
+                }
+            }
+        } else {
+            now
+        };
+        self.queue.push(QueuedInitiation {
+            vip,
+            attempt,
+            priority,
+            queued_at: now,
+            not_before,
+            seq: self.next_seq,
+        });
+        self.next_seq += 1;
+        replaced
+    }
+
+    /// Removes the VIP's queued initiation (its SAs were dropped: the core has moved on).
+    pub fn cancel(&mut self, vip: Vip) -> Option<QueuedInitiation> {
+        let i = self.queue.iter().position(|q| q.vip == vip)?;
+        Some(self.queue.remove(i))
+    }
+
+    /// An initiation started by [`Next::Start`] returned.
+    pub fn finished(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    pub fn next(&mut self, now: Instant) -> Next {
+        self.refill(now);
+        if self.queue.is_empty() || self.in_flight >= self.settings.concurrency {
+            return Next::Idle;
+        }
+        let best = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.not_before <= now)
+            .max_by(|(_, a), (_, b)| a.priority.cmp(&b.priority).then_with(|| b.seq.cmp(&a.seq)))
+            .map(|(i, _)| i);
+        let Some(i) = best else {
+            let soonest = self.queue.iter().map(|q| q.not_before).min();
+            return soonest.map_or(Next::Idle, Next::At);
+        };
+        if self.tokens < 1.0 {
+            let missing = 1.0 - self.tokens;
+            return Next::At(now + Duration::from_secs_f64(missing / self.settings.rate));
+        }
+        self.tokens -= 1.0;
+        self.in_flight += 1;
+        Next::Start(self.queue.remove(i))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled_at);
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.settings.rate)
+            .min(f64::from(self.settings.burst));
+        self.refilled_at = now;
+    }
+}
+
+enum Request {
+    Enqueue { vip: Vip, attempt: u32, epoch: u64 },
+    Cancel { vip: Vip },
+}
+
+/// The runtime's handle on the pacing task. Requests keep the order they were sent in, so
+/// a lane's drop always reaches the queue after the initiation it cancels.
+#[derive(Clone)]
+pub(super) struct Pacer {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// What the pacing task works with.
+pub(super) struct PacerParts {
+    pub keying: Arc<dyn Keying>,
+    pub config: Arc<Config>,
+    pub inputs: InputSink,
+    pub metrics: Arc<Metrics>,
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+    /// What the core knows now: an initiation decided under an older epoch is fenced.
+    pub epochs: EpochBoard,
+    /// The policy runtime, for VIPs whose connection comes from their policy.
+    pub policies: Arc<OnceLock<Policies>>,
+    pub sink: EventSink,
+}
+
+impl Pacer {
+    pub(super) fn start(parts: PacerParts) -> Pacer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tracker = parts.tracker.clone();
+        tracker.spawn(run(parts, rx).instrument(info_span!("pacer")));
+        Pacer { requests: tx }
+    }
+
+    /// Queues an initiation the core decided while the VIP's epoch was `epoch`.
+    pub(super) fn initiate(&self, vip: Vip, attempt: u32, epoch: u64) {
+        let _ = self.requests.send(Request::Enqueue {
+            vip,
+            attempt,
+            epoch,
+        });
+    }
+
+    pub(super) fn cancel(&self, vip: Vip) {
+        let _ = self.requests.send(Request::Cancel { vip });
+    }
+}
+
+async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let settings = PacingSettings::from(&parts.config.failover.reconnect);
+    let mut queue = InitiationQueue::new(settings, Instant::now());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    // The epoch each VIP's queued initiation was decided under (the queue keeps one per VIP).
+    let mut decided: HashMap<Vip, u64> = HashMap::new();
+    loop {
+        let wake = loop {
+            match queue.next(Instant::now()) {
+                Next::Start(q) => {
+                    let epoch = decided.get(&q.vip).copied().unwrap_or(0);
+                    start(&parts, q, epoch, done_tx.clone())
+                }
+                Next::At(t) => break Some(t),
+                Next::Idle => break None,
+            }
+        };
+        parts.metrics.initiations_queued.set(queue.queued() as i64);
+        tokio::select! {
+            _ = parts.cancel.cancelled() => return,
+            req = requests.recv() => match req {
+                None => return,
+                Some(Request::Enqueue { vip, attempt, epoch }) => {
+                    decided.insert(vip, epoch);
+                    let priority = parts.config.peer(vip).map_or(
+                        crate::config::DEFAULT_PEER_PRIORITY,
+                        |p| p.priority,
+                    );
+                    let now = Instant::now();
+                    if let Some(old) = queue.enqueue(now, vip, attempt, priority, rand::random()) {
+                        report_unstarted(&parts, &old, "replaced by a newer attempt");
+                    }
+                    debug!(%vip, attempt, priority, queued = queue.queued(), "initiation queued");
+                }
+                Some(Request::Cancel { vip }) => {
+                    if let Some(old) = queue.cancel(vip) {
+                        report_unstarted(&parts, &old, "cancelled by a drop before it started");
+                    }
+                }
+            },
+            Some(()) = done_rx.recv() => queue.finished(),
+            _ = sleep_until(wake), if wake.is_some() => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Tells the core an attempt it is waiting for will not run. The core ignores it when it
+/// has already moved on to a later attempt (the usual case after a drop).
+fn report_unstarted(parts: &PacerParts, q: &QueuedInitiation, why: &str) {
+    debug!(vip = %q.vip, attempt = q.attempt, why, "queued initiation removed");
+    let inputs = parts.inputs.clone();
+    let (vip, attempt, why) = (q.vip, q.attempt, why.to_string());
+    parts.tracker.spawn(async move {
+        let _ = inputs
+            .send(Input::InitiateFinished {
+                vip,
+                attempt,
+                result: Err(why),
+            })
+            .await;
+    });
+}
+
+fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::UnboundedSender<()>) {
+    let now = Instant::now();
+    let waited = now.saturating_duration_since(q.queued_at);
+    parts
+        .metrics
+        .initiation_queue_wait
+        .observe(waited.as_secs_f64());
+    let (vip, attempt) = (q.vip, q.attempt);
+    let (keying, inputs) = (parts.keying.clone(), parts.inputs.clone());
+    let written = parts.config.peer(vip).and_then(|p| p.peer_connection());
+    let (epochs, policies, sink) = (
+        parts.epochs.clone(),
+        parts.policies.clone(),
+        parts.sink.clone(),
+    );
+    let timeout = parts.config.keying.initiate_timeout;
+    info!(%vip, attempt, priority = q.priority, ?waited, "initiation started");
+    parts.tracker.spawn(
+        async move {
+            let started = std::time::Instant::now();
+            let known = epochs.get(vip);
+            let conn = if epoch < known {
+                // The owner changed while this waited its turn: the core has decided
+                // again under the new epoch.
+                let why = format!("decided under epoch {epoch}; the owner is now at epoch {known}");
+                warn!(%vip, attempt, %why, "initiation fenced");
+                sink.emit(
+                    Notice::new(NoticeKind::ActionFenced, Some(vip))
+                        .detail(format!("initiate: {why}")),
+                );
+                Err(format!("fenced: {why}"))
+            } else {
+                match (written, policies.get()) {
+                    (Some(c), _) => Ok(c),
+                    // The owner of record's identity is required of the peer: a node that
+                    // holds the address but not the record cannot complete IKE.
+                    (None, Some(p)) => p.prepare_initiate(vip, epochs.owner(vip)).await,
+                    (None, None) => Err("not a configured peer VIP".to_string()),
+                }
+            };
+            let result = match conn {
+                Ok(conn) => keying
+                    .initiate(vip, &conn, timeout)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            // The slot frees before the core hears of the result: its next attempt must
+            // find the slot free.
+            let _ = done.send(());
+            debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
+            let _ = inputs
+                .send(Input::InitiateFinished {
+                    vip,
+                    attempt,
+                    result,
+                })
+                .await;
+        }
+        .instrument(info_span!("initiate", %vip, attempt)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(n: u8) -> Vip {
+        Vip::from([192, 0, 2, n])
+    }
+
+    fn settings() -> PacingSettings {
+        PacingSettings {
+            rate: 10.0,
+            burst: 2,
+            concurrency: 3,
+            jitter: Duration::from_millis(200),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Starts everything that may start now; returns the VIPs' last octets.
+    fn drain(q: &mut InitiationQueue, now: Instant) -> Vec<u8> {
+        let mut started = Vec::new();
+        while let Next::Start(s) = q.next(now) {
+            match s.vip {
+                std::net::IpAddr::V4(v) => started.push(v.octets()[3]),
+                std::net::IpAddr::V6(_) => unreachable!(),
+            }
+        }
+        started
+    }
+
+    /// A keying daemon whose initiations wait until the test lets them finish.
+    struct GatedKeying {
+        started: mpsc::UnboundedSender<Vip>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Keying for GatedKeying {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        async fn run(&self, _sink: InputSink, cancel: CancellationToken) {
+            cancel.cancelled().await
+        }
+        async fn list_sas(
+            &self,
+        ) -> Result<Vec<crate::model::IkeSaInfo>, crate::keying::KeyingError> {
+            Ok(Vec::new())
+        }
+        async fn delete_sas(
+            &self,
+            _vip: Vip,
+            _role: crate::model::VipRole,
+        ) -> Result<u32, crate::keying::KeyingError> {
+            Ok(0)
+        }
+        async fn drop_sas(&self, _vip: Vip) -> Result<u32, crate::keying::KeyingError> {
+            Ok(0)
+        }
+        async fn initiate(
+            &self,
+            vip: Vip,
+            _conn: &crate::model::PeerConnection,
+            _timeout: Duration,
+        ) -> Result<(), crate::keying::KeyingError> {
+            let _ = self.started.send(vip);
+            self.gate.acquire().await.expect("open").forget();
+            Ok(())
+        }
+    }
+
+    async fn finished(rx: &mut mpsc::Receiver<Input>) -> (Vip, u32, Result<(), String>) {
+        match rx.recv().await.expect("an input") {
+            Input::InitiateFinished {
+                vip,
+                attempt,
+                result,
+            } => (vip, attempt, result),
+            other => panic!("unexpected input {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_runs_initiations_in_order_one_at_a_time_and_reports_cancelled_ones() {
+        let config = Config::parse(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"b\"\npriority = 90\n\
+             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"c\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.103\"\nconnection = \"d\"\n",
+        )
+        .expect("valid config");
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let keying = Arc::new(GatedKeying {
+            started: started_tx,
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let (inputs, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let cancel = CancellationToken::new();
+        let pacer = Pacer::start(PacerParts {
+            keying: keying.clone(),
+            config: Arc::new(config),
+            inputs,
+            metrics: metrics.clone(),
+            tracker: TaskTracker::new(),
+            cancel: cancel.clone(),
+            epochs: EpochBoard::default(),
+            policies: Arc::new(OnceLock::new()),
+            sink: EventSink {
+                events: tokio::sync::broadcast::channel(16).0,
+                metrics: metrics.clone(),
+                node: "fe".into(),
+            },
+        });
+        // An empty queue starts at once.
+        pacer.initiate(vip(100), 1, 0);
+        assert_eq!(started.recv().await, Some(vip(100)));
+        // While it is in flight, the next ones queue up.
+        pacer.initiate(vip(102), 1, 0);
+        pacer.initiate(vip(101), 1, 0);
+        pacer.initiate(vip(103), 2, 0);
+        // A drop removes a queued initiation; the core hears that it will not run.
+        pacer.cancel(vip(103));
+        let (v, attempt, result) = finished(&mut rx).await;
+        assert_eq!((v, attempt), (vip(103), 2));
+        assert!(result.unwrap_err().contains("cancelled"));
+        // One in flight (the default): nothing else starts until 100 returns.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(started.try_recv().is_err(), "a second initiation started");
+        assert_eq!(metrics.initiations_queued.get(), 2);
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(100), 1, Ok(())));
+        // Then the higher priority first, though it was queued later.
+        assert_eq!(started.recv().await, Some(vip(101)));
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(101), 1, Ok(())));
+        assert_eq!(started.recv().await, Some(vip(102)));
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(102), 1, Ok(())));
+        assert_eq!(metrics.initiations_queued.get(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_attempts_share_one_jitter_window_then_go_by_priority() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                burst: 10,
+                ..settings()
+            },
+            t0,
+        );
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        // Later draws do not move the open window.
+        q.enqueue(t0 + ms(10), vip(2), 1, 90, 0.0);
+        q.enqueue(t0 + ms(20), vip(3), 1, 10, 0.99);
+        assert_eq!(q.next(t0 + ms(20)), Next::At(t0 + ms(100)));
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [2, 1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_priorities_go_first_come_first_served() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                burst: 10,
+                concurrency: 10,
+                ..settings()
+            },
+            t0,
+        );
+        for n in [7, 3, 5] {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [7, 3, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn later_attempts_are_not_jittered() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 2, 50, 0.99);
+        assert_eq!(drain(&mut q, t0), [1]);
+        // A first attempt with jitter off starts at once too.
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                jitter: Duration::ZERO,
+                ..settings()
+            },
+            t0,
+        );
+        q.enqueue(t0, vip(1), 1, 50, 0.99);
+        assert_eq!(drain(&mut q, t0), [1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_window_is_not_reused() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        tokio::time::advance(ms(150)).await;
+        let t1 = Instant::now();
+        assert_eq!(drain(&mut q, t1), [1]);
+        q.enqueue(t1, vip(2), 1, 50, 0.25);
+        assert_eq!(q.next(t1), Next::At(t1 + ms(50)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                concurrency: 100,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=5 {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2]);
+        // 10 per second: the next token in 100 ms.
+        assert_eq!(q.next(t0), Next::At(t0 + ms(100)));
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [3]);
+        // Idle time refills no more than the burst.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [4, 5]);
+        assert_eq!(q.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_limits_initiations_in_flight() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency: 2,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=4 {
+            q.enqueue(t0, vip(n), 2, 50, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2]);
+        assert_eq!(q.next(t0), Next::Idle);
+        assert_eq!(q.in_flight(), 2);
+        q.finished();
+        assert_eq!(drain(&mut q, t0), [3]);
+        q.finished();
+        q.finished();
+        assert_eq!(drain(&mut q, t0), [4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_or_replaced_initiation_leaves_the_queue() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        q.enqueue(t0, vip(2), 1, 50, 0.5);
+        let gone = q.cancel(vip(1)).expect("queued");
+        assert_eq!((gone.vip, gone.attempt), (vip(1), 1));
+        assert_eq!(q.cancel(vip(1)), None);
+        let replaced = q.enqueue(t0, vip(2), 2, 50, 0.0).expect("replaced");
+        assert_eq!(replaced.attempt, 1);
+        assert_eq!(q.queued(), 1);
+        // The new attempt is not jittered: it starts at once.
+        let Next::Start(s) = q.next(t0) else {
+            panic!("attempt 2 should start")
+        };
+        assert_eq!((s.vip, s.attempt), (vip(2), 2));
+        assert_eq!(q.next(t0), Next::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_overtakes_first_attempts_still_in_their_window() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 100, 0.5);
+        q.enqueue(t0, vip(2), 3, 0, 0.0);
+        assert_eq!(drain(&mut q, t0), [2]);
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [1]);
+    }
+}
