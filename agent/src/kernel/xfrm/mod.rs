@@ -151,6 +151,11 @@ impl XfrmKernel {
     }
 }
 
+/// Whether a block policy for `vip` bound to `ifindex` would miss unbound sockets.
+fn ifindex_misses_ipv6(vip: Vip, ifindex: i32) -> bool {
+    vip.is_ipv6() && ifindex != 0
+}
+
 async fn dump_policies(session: &Session) -> Result<PolicyTable, KernelError> {
     let dump: Vec<_> = session
         .handle
@@ -220,6 +225,14 @@ impl Kernel for XfrmKernel {
         if wanted.is_empty() {
             warn!(%vip, "fail-secure: no protected flows configured for this VIP");
             return Ok(0);
+        }
+        if ifindex_misses_ipv6(vip, ifindex) {
+            // IPv4's output route lookup writes the chosen device into the flow before the
+            // policy lookup; IPv6's does not (the flow's oif stays 0 unless the socket is
+            // bound to a device), so a selector bound to an interface never matches an
+            // unbound socket's IPv6 traffic (agent/tests/kernel_xfrm.rs shows it).
+            warn!(%vip, ifindex, interface = ?self.interface,
+                "fail-secure for an IPv6 VIP bound to kernel.interface only blocks sockets bound to that interface; other IPv6 traffic to the VIP is not blocked");
         }
         let session = Session::open()?;
         let mut table = dump_policies(&session).await?;
@@ -329,5 +342,19 @@ impl Kernel for XfrmKernel {
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
         drop(sink);
         events::watch(&self.vips, None, cancel).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_interface_bound_ipv6_guards_are_flagged() {
+        let v6: Vip = "2001:db8::100".parse().unwrap();
+        let v4: Vip = "192.0.2.100".parse().unwrap();
+        assert!(ifindex_misses_ipv6(v6, 3));
+        assert!(!ifindex_misses_ipv6(v6, 0));
+        assert!(!ifindex_misses_ipv6(v4, 3));
     }
 }
