@@ -15,7 +15,11 @@ use super::topology::NODE_IF;
 /// IPv6 (adverts from eth0's link-local address to ff02::12). keepalived adds IPv6 VIPs
 /// with `nodad` unless an address says `-nodad` (RFC 5798 asks routers not to run DAD on
 /// a virtual address); the lab writes `-nodad` so the kernel runs DAD on the VIP, as it
-/// does for every address a cluster manager adds with plain `ip addr add`.
+/// does for every address a cluster manager adds with plain `ip addr add`. keepalived also
+/// adds a /128 as deprecated (`preferred_lft 0`) unless told `preferred_lft forever`, and
+/// charon skips deprecated addresses when it looks for the local address of a traffic
+/// selector: kernel-libipsec then cannot install the CHILD_SA's route ("error installing
+/// route with policy") and no CHILD_SA comes up on the VIP.
 pub fn config(node: &str, priority: u8, vips: &[IpAddr]) -> String {
     let mut s = String::new();
     s += "global_defs {\n";
@@ -36,7 +40,10 @@ pub fn config(node: &str, priority: u8, vips: &[IpAddr]) -> String {
                 let _ = writeln!(s, "    {vip}/32 dev {NODE_IF}");
             }
             IpAddr::V6(_) => {
-                let _ = writeln!(s, "    {vip}/128 dev {NODE_IF} -nodad");
+                let _ = writeln!(
+                    s,
+                    "    {vip}/128 dev {NODE_IF} -nodad preferred_lft forever"
+                );
             }
         }
     }
@@ -121,13 +128,9 @@ mod tests {
         assert!(v4.contains("    192.0.2.100/32 dev eth0\n"), "{v4}");
         assert!(!v4.contains("nodad"), "{v4}");
         let v6 = config("be1", 150, &vips_of(Family::V6, 2));
-        assert!(
-            v6.contains("    2001:db8:1::100/128 dev eth0 -nodad\n"),
-            "{v6}"
-        );
-        assert!(
-            v6.contains("    2001:db8:1::101/128 dev eth0 -nodad\n"),
-            "{v6}"
-        );
+        for vip in ["2001:db8:1::100", "2001:db8:1::101"] {
+            let want = format!("    {vip}/128 dev eth0 -nodad preferred_lft forever\n");
+            assert!(v6.contains(&want), "{v6}");
+        }
     }
 }

@@ -209,7 +209,40 @@ impl Topology {
                 ns,
             });
         }
+        if family == Family::V6 {
+            topo.wait_dad()?;
+        }
         Ok(topo)
+    }
+
+    /// Waits until DAD has finished for every address on every node's eth0 (its own
+    /// address and its link-local one): a daemon cannot bind a tentative address, and
+    /// keepalived sends VRRPv3 adverts from the link-local one.
+    fn wait_dad(&self) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        for node in &self.nodes {
+            let out = vipsec_testbed::process::wait_for(
+                "DAD on the lab's own addresses",
+                std::time::Duration::from_secs(10),
+                || {
+                    let out = node
+                        .ns
+                        .ip(&["-6", "-o", "addr", "show", "dev", NODE_IF])
+                        .ok()?;
+                    (out.contains("scope link") && !out.contains("tentative")).then_some(out)
+                },
+            )?;
+            anyhow::ensure!(
+                !out.contains("dadfailed"),
+                "DAD failed on {}: {out}",
+                node.name
+            );
+        }
+        eprintln!(
+            "IPv6 lab: DAD on the nodes' own addresses done after {:?}",
+            start.elapsed()
+        );
+        Ok(())
     }
 
     /// A veth from the bridge to `ns`'s eth0, created inside the hub so that no interface
