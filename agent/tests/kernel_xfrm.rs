@@ -601,51 +601,67 @@ fn connect_bound_v6(ifname: &str, port: u16) -> Result<(), i32> {
     }
 }
 
-/// IPv6 block policies with /128 selectors and family AF_INET6, beside IPv4 ones.
-///
-/// Found here: an IPv6 policy bound to an interface (`dev fe0`, what `kernel.interface`
-/// asks for) does not match an unbound socket's traffic. The kernel's IPv4 output route
-/// lookup writes the chosen device into the flow before the policy lookup, the IPv6 one
-/// does not (the flow keeps `oif = 0` unless the socket is bound to a device), so the
-/// selector's interface never equals it. A socket bound to fe0 is blocked, which shows the
-/// selector is right. Unbound, the IPv6 policy blocks as the IPv4 one does.
+/// The kernel behaviour behind the agent's IPv6 choice: an IPv6 policy bound to an
+/// interface (`dev fe0`, what `kernel.interface` asks for with IPv4) does not match an
+/// unbound socket's traffic. IPv4's output route lookup writes the chosen device into the
+/// flow before the policy lookup, IPv6's does not (the flow keeps `oif = 0` unless the
+/// socket is bound to a device). A socket bound to fe0 is blocked, which shows the
+/// selector itself is right.
+#[test]
+fn an_interface_bound_ipv6_policy_misses_unbound_sockets() {
+    let lab = lab6();
+    lab.fe
+        .ip(&[
+            "xfrm",
+            "policy",
+            "add",
+            "dir",
+            "out",
+            "src",
+            "::/0",
+            "dst",
+            &format!("{VIP6}/128"),
+            "proto",
+            "tcp",
+            "dport",
+            "143",
+            "dev",
+            "fe0",
+            "action",
+            "block",
+        ])
+        .unwrap();
+    let (unbound, bound) = lab
+        .fe
+        .run_in(|| (connect_to(VIP6, 143), connect_bound_v6("fe0", 143)))
+        .unwrap();
+    eprintln!(
+        "IPv6 block policy bound to fe0: unbound socket {unbound:?}, socket bound to fe0 {bound:?}"
+    );
+    assert_eq!(
+        bound,
+        Err(libc::EPERM),
+        "a socket bound to fe0 meets the policy"
+    );
+    assert_eq!(
+        unbound,
+        Ok(()),
+        "kernel behaviour changed: an interface-bound IPv6 policy now matches unbound sockets (the agent could bind IPv6 peer policies again)"
+    );
+}
+
+/// IPv6 block policies with /128 selectors and family AF_INET6, beside IPv4 ones, with
+/// `kernel.interface` set as the lab sets it: the IPv4 VIP's policy is bound to fe0, the
+/// IPv6 peer VIP's is not (see the test above for why), and it refuses [VIP6]:143.
 #[test]
 fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
     let lab = lab6();
     let blocked_before = out_pol_block(&lab.fe);
     let v6: IpAddr = VIP6.parse().unwrap();
-
-    // Bound to fe0.
+    let v4: IpAddr = VIP.parse().unwrap();
     let fe_ifindex = ifindex(&lab.fe, "fe0");
-    let cfg = config6(Some("fe0"));
-    let (bound_own, unbound_socket, bound_socket) = in_ns(&lab.fe, move || {
-        Box::pin(async move {
-            let kernel = XfrmKernel::new(&cfg).unwrap();
-            assert_eq!(kernel.engage_fail_secure(v6).await.unwrap(), 1);
-            let own = kernel.block_policies().await.unwrap();
-            let r = (connect_to(VIP6, 143), connect_bound_v6("fe0", 143));
-            kernel.release_fail_secure(v6).await.unwrap();
-            (own, r.0, r.1)
-        })
-    });
-    assert_eq!(bound_own.len(), 1);
-    assert_eq!(bound_own[0].selector.ifindex, fe_ifindex);
-    eprintln!(
-        "IPv6 policy bound to fe0: unbound socket {unbound_socket:?}, socket bound to fe0 {bound_socket:?}"
-    );
-    assert_eq!(
-        bound_socket,
-        Err(libc::EPERM),
-        "a socket bound to fe0 meets the bound policy"
-    );
-    assert_eq!(
-        unbound_socket,
-        Ok(()),
-        "kernel behaviour changed: an IPv6 policy bound to an interface now matches unbound sockets"
-    );
 
-    // Unbound: the fail-secure case.
-    let cfg = config6(None);
+    let cfg = config6(Some("fe0"));
     let (before, engaged, engage_time, own, during, v4_during, v6_22) = in_ns(&lab.fe, move || {
         Box::pin(async move {
             let kernel = XfrmKernel::new(&cfg).unwrap();
@@ -670,7 +686,7 @@ fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
     assert_eq!(engaged, 1);
     assert_eq!(own.len(), 1);
     assert_eq!(own[0].selector.vip, v6);
-    assert_eq!(own[0].selector.ifindex, 0);
+    assert_eq!(own[0].selector.ifindex, 0, "IPv6 peer policy unbound");
     assert_eq!(own[0].selector.dport, Some(143));
     let listing = policies(&lab.fe);
     assert!(
@@ -689,11 +705,10 @@ fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
     assert!(blocked_after > blocked_before, "XfrmOutPolBlock grew");
 
     // Both families blocked, then a restarted agent adopts both and releases only v6.
-    let cfg = config6(None);
+    let cfg = config6(Some("fe0"));
     let (adopted, both, v4_blocked, released_v6, still_v4) = in_ns(&lab.fe, move || {
         Box::pin(async move {
             let kernel = XfrmKernel::new(&cfg).unwrap();
-            let v4: IpAddr = VIP.parse().unwrap();
             kernel.engage_fail_secure(v4).await.unwrap();
             let restarted = XfrmKernel::new(&cfg).unwrap();
             let mut adopted = restarted.reconcile().await.unwrap();
@@ -708,14 +723,15 @@ fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
     });
     assert_eq!(
         adopted,
-        vec![VIP.parse::<IpAddr>().unwrap(), v6],
+        vec![v4, v6],
         "reconcile adopts the policies of both families"
     );
     assert_eq!(both, (Err(libc::EPERM), Err(libc::EPERM)));
     assert_eq!(released_v6, Ok(()), "released IPv6 VIP reachable again");
     assert_eq!(v4_blocked, Err(libc::EPERM), "the IPv4 VIP stays blocked");
     assert_eq!(still_v4.len(), 1);
-    assert!(still_v4[0].selector.vip.is_ipv4());
+    assert_eq!(still_v4[0].selector.vip, v4);
+    assert_eq!(still_v4[0].selector.ifindex, fe_ifindex, "IPv4 stays bound");
     assert_eq!(count_policies(&lab.fe, VIP6), 0, "{}", policies(&lab.fe));
     assert_eq!(count_policies(&lab.fe, VIP), 0, "{}", policies(&lab.fe));
 }

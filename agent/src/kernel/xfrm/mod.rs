@@ -151,6 +151,26 @@ impl XfrmKernel {
     }
 }
 
+/// The interface a VIP's block policies are bound to.
+///
+/// IPv4's output route lookup writes the chosen device into the flow before the policy
+/// lookup; IPv6's does not (the flow's oif stays 0 unless the socket is bound to a
+/// device), so an IPv6 selector bound to an interface never matches an unbound socket
+/// (agent/tests/kernel_xfrm.rs shows it). A peer VIP's policies are only engaged while no
+/// SA toward the VIP exists (start-up, keying daemon down), so for an IPv6 peer VIP they
+/// go unbound: they then block all its protected traffic, which is what fail-secure wants
+/// then (with kernel-libipsec the tunnel's own packets too, until the SA's arrival releases
+/// them). A hosted VIP's guard stays on while the agent runs and must let the tunnel pass,
+/// so it stays bound, and [`ifindex_misses_ipv6`] says it is no guard for IPv6.
+fn selector_ifindex(vip: Vip, flows: &[&ProtectedFlow], configured: i32) -> i32 {
+    let peer_only = flows.iter().all(|f| f.direction == FlowDirection::ToVip);
+    if vip.is_ipv6() && peer_only {
+        0
+    } else {
+        configured
+    }
+}
+
 /// Whether a block policy for `vip` bound to `ifindex` would miss unbound sockets.
 fn ifindex_misses_ipv6(vip: Vip, ifindex: i32) -> bool {
     vip.is_ipv6() && ifindex != 0
@@ -215,11 +235,10 @@ impl Kernel for XfrmKernel {
     /// Returns how many of the VIP's configured flows the agent's policies block now.
     async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError> {
         let _one_at_a_time = self.policy_ops.lock().await;
-        let ifindex = self.ifindex()?;
-        let wanted: BTreeSet<BlockSelector> = self
-            .flows
+        let flows: Vec<&ProtectedFlow> = self.flows.iter().filter(|f| f.vip == vip).collect();
+        let ifindex = selector_ifindex(vip, &flows, self.ifindex()?);
+        let wanted: BTreeSet<BlockSelector> = flows
             .iter()
-            .filter(|f| f.vip == vip)
             .map(|f| BlockSelector::for_flow(f, ifindex))
             .collect();
         if wanted.is_empty() {
@@ -227,12 +246,8 @@ impl Kernel for XfrmKernel {
             return Ok(0);
         }
         if ifindex_misses_ipv6(vip, ifindex) {
-            // IPv4's output route lookup writes the chosen device into the flow before the
-            // policy lookup; IPv6's does not (the flow's oif stays 0 unless the socket is
-            // bound to a device), so a selector bound to an interface never matches an
-            // unbound socket's IPv6 traffic (agent/tests/kernel_xfrm.rs shows it).
             warn!(%vip, ifindex, interface = ?self.interface,
-                "fail-secure for an IPv6 VIP bound to kernel.interface only blocks sockets bound to that interface; other IPv6 traffic to the VIP is not blocked");
+                "fail-secure for a hosted IPv6 VIP bound to kernel.interface only blocks sockets bound to that interface; other IPv6 traffic from the VIP is not blocked");
         }
         let session = Session::open()?;
         let mut table = dump_policies(&session).await?;
@@ -348,6 +363,23 @@ impl Kernel for XfrmKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_peer_policies_go_unbound_and_everything_else_keeps_the_interface() {
+        let flow = |vip: &str, direction| ProtectedFlow {
+            vip: vip.parse().unwrap(),
+            protocol: crate::model::FlowProtocol::Tcp,
+            port: Some(143),
+            direction,
+        };
+        let v6_peer = flow("2001:db8::100", FlowDirection::ToVip);
+        let v6_hosted = flow("2001:db8::100", FlowDirection::FromVip);
+        let v4_peer = flow("192.0.2.100", FlowDirection::ToVip);
+        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 3), 0);
+        assert_eq!(selector_ifindex(v6_hosted.vip, &[&v6_hosted], 3), 3);
+        assert_eq!(selector_ifindex(v4_peer.vip, &[&v4_peer], 3), 3);
+        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 0), 0);
+    }
 
     #[test]
     fn only_interface_bound_ipv6_guards_are_flagged() {
