@@ -735,3 +735,119 @@ fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
     assert_eq!(count_policies(&lab.fe, VIP6), 0, "{}", policies(&lab.fe));
     assert_eq!(count_policies(&lab.fe, VIP), 0, "{}", policies(&lab.fe));
 }
+
+fn connect6_quick(port: u16) -> Result<(), i32> {
+    let addr = SocketAddr::new(VIP6.parse().unwrap(), port);
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::TimedOut => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A hosted IPv6 VIP's guard under kernel-libipsec (`kernel.interface` set) is a policy
+/// routing rule after charon's table 220: the server's answers from [VIP6]:143 are refused
+/// unless a route in table 220 (charon's tunnel route) carries them.
+#[test]
+fn a_hosted_ipv6_vips_guard_refuses_answers_that_no_tunnel_route_carries() {
+    use vipsec::kernel::xfrm::route_guard;
+    let lab = lab6();
+    let text = format!(
+        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\n\
+         [[hosted_vip]]\naddress = \"{VIP6}\"\nprotect = [\"tcp/143\"]\n"
+    );
+    let cfg = Config::parse(&text).unwrap();
+    let v6: IpAddr = VIP6.parse().unwrap();
+    let cfg2 = cfg.clone();
+    let (n, adopted, rules, xfrm) = in_ns(&lab.be, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg2).unwrap();
+            let n = kernel.engage_fail_secure(v6).await.unwrap();
+            let again = kernel.engage_fail_secure(v6).await.unwrap();
+            assert_eq!(again, n, "engage is idempotent");
+            let adopted = XfrmKernel::new(&cfg2).unwrap().reconcile().await.unwrap();
+            let rules = route_guard::rules().await.unwrap();
+            (n, adopted, rules, kernel.block_policies().await.unwrap())
+        })
+    });
+    assert_eq!(n, 1);
+    assert_eq!(adopted, vec![v6]);
+    assert_eq!(rules.len(), 1, "one rule, not two: {rules:?}");
+    assert_eq!(
+        (rules[0].vip, rules[0].proto, rules[0].sport),
+        (v6, 6, Some(143))
+    );
+    assert!(xfrm.is_empty(), "no XFRM policy for it: {xfrm:?}");
+    let listing = lab.be.ip(&["-6", "rule"]).unwrap();
+    eprintln!(
+        "guard rule: {}",
+        listing.lines().find(|l| l.contains(VIP6)).unwrap_or("")
+    );
+    assert!(
+        listing.contains(&format!(
+            "221:\tfrom {VIP6} ipproto tcp sport 143 prohibit proto 118"
+        )),
+        "{listing}"
+    );
+
+    // No tunnel route: the SYN-ACK from [VIP6]:143 is refused, the client never connects.
+    let (r143, r22) = lab
+        .fe
+        .run_in(|| (connect6_quick(143), connect6_quick(22)))
+        .unwrap();
+    assert_eq!(
+        r143,
+        Err(libc::ETIMEDOUT),
+        "the answer from [VIP6]:143 must be refused"
+    );
+    assert_eq!(r22, Ok(()), "[VIP6]:22 is not protected");
+
+    // A route in table 220, as charon's kernel-libipsec installs for a CHILD_SA (here via
+    // be0 itself, standing in for its TUN device), carries the answers past the guard.
+    lab.be
+        .ip(&["-6", "rule", "add", "priority", "220", "lookup", "220"])
+        .unwrap();
+    lab.be
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::1/128",
+            "dev",
+            "be0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+    assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
+    lab.be
+        .ip(&[
+            "-6",
+            "route",
+            "del",
+            "2001:db8::1/128",
+            "dev",
+            "be0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+    assert_eq!(
+        lab.fe.run_in(|| connect6_quick(143)).unwrap(),
+        Err(libc::ETIMEDOUT),
+        "without the tunnel route the guard refuses again"
+    );
+
+    in_ns(&lab.be, move || {
+        Box::pin(async move {
+            XfrmKernel::new(&cfg)
+                .unwrap()
+                .release_fail_secure(v6)
+                .await
+                .unwrap()
+        })
+    });
+    assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
+    let listing = lab.be.ip(&["-6", "rule"]).unwrap();
+    assert!(!listing.contains(VIP6), "{listing}");
+}

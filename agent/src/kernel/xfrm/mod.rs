@@ -11,6 +11,7 @@ mod events;
 pub use events::XfrmEvent;
 mod netlink;
 pub mod policy;
+pub mod route_guard;
 pub mod state;
 
 use std::collections::BTreeSet;
@@ -160,8 +161,8 @@ impl XfrmKernel {
 /// SA toward the VIP exists (start-up, keying daemon down), so for an IPv6 peer VIP they
 /// go unbound: they then block all its protected traffic, which is what fail-secure wants
 /// then (with kernel-libipsec the tunnel's own packets too, until the SA's arrival releases
-/// them). A hosted VIP's guard stays on while the agent runs and must let the tunnel pass,
-/// so it stays bound, and [`ifindex_misses_ipv6`] says it is no guard for IPv6.
+/// them). A hosted VIP's guard stays on while the agent runs and must let the tunnel pass:
+/// for IPv6 under kernel-libipsec that is the job of [`route_guard`] instead.
 fn selector_ifindex(vip: Vip, flows: &[&ProtectedFlow], configured: i32) -> i32 {
     let peer_only = flows.iter().all(|f| f.direction == FlowDirection::ToVip);
     if vip.is_ipv6() && peer_only {
@@ -171,9 +172,14 @@ fn selector_ifindex(vip: Vip, flows: &[&ProtectedFlow], configured: i32) -> i32 
     }
 }
 
-/// Whether a block policy for `vip` bound to `ifindex` would miss unbound sockets.
-fn ifindex_misses_ipv6(vip: Vip, ifindex: i32) -> bool {
-    vip.is_ipv6() && ifindex != 0
+/// Whether a VIP's flows are guarded by policy routing rules rather than XFRM policies:
+/// a hosted IPv6 VIP (its flows come from the VIP) with `kernel.interface` set (the
+/// kernel-libipsec set-up; see [`route_guard`]).
+fn uses_route_guard(vip: Vip, flows: &[&ProtectedFlow], interface_set: bool) -> bool {
+    vip.is_ipv6()
+        && interface_set
+        && !flows.is_empty()
+        && flows.iter().all(|f| f.direction == FlowDirection::FromVip)
 }
 
 async fn dump_policies(session: &Session) -> Result<PolicyTable, KernelError> {
@@ -229,13 +235,29 @@ impl Kernel for XfrmKernel {
                 dport = ?p.selector.dport, ifindex = p.selector.ifindex,
                 "adopting block policy of an earlier run");
         }
-        Ok(policy::blocked_vips(&table))
+        let mut vips: BTreeSet<Vip> = policy::blocked_vips(&table).into_iter().collect();
+        for r in route_guard::rules().await? {
+            info!(vip = %r.vip, proto = r.proto, sport = ?r.sport,
+                "adopting guard rule of an earlier run");
+            vips.insert(r.vip);
+        }
+        Ok(vips.into_iter().collect())
     }
 
     /// Returns how many of the VIP's configured flows the agent's policies block now.
     async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError> {
         let _one_at_a_time = self.policy_ops.lock().await;
         let flows: Vec<&ProtectedFlow> = self.flows.iter().filter(|f| f.vip == vip).collect();
+        if uses_route_guard(vip, &flows, self.interface.is_some()) {
+            let rules: Vec<_> = flows
+                .iter()
+                .filter_map(|f| route_guard::GuardRule::for_flow(f))
+                .collect();
+            let n = route_guard::engage(&rules).await?;
+            info!(%vip, blocked = n, flows = rules.len(), priority = route_guard::RULE_PRIORITY,
+                "fail-secure engaged (policy routing rules: an IPv6 hosted VIP under kernel-libipsec)");
+            return Ok(n);
+        }
         let ifindex = selector_ifindex(vip, &flows, self.ifindex()?);
         let wanted: BTreeSet<BlockSelector> = flows
             .iter()
@@ -244,10 +266,6 @@ impl Kernel for XfrmKernel {
         if wanted.is_empty() {
             warn!(%vip, "fail-secure: no protected flows configured for this VIP");
             return Ok(0);
-        }
-        if ifindex_misses_ipv6(vip, ifindex) {
-            warn!(%vip, ifindex, interface = ?self.interface,
-                "fail-secure for a hosted IPv6 VIP bound to kernel.interface only blocks sockets bound to that interface; other IPv6 traffic from the VIP is not blocked");
         }
         let session = Session::open()?;
         let mut table = dump_policies(&session).await?;
@@ -319,7 +337,8 @@ impl Kernel for XfrmKernel {
                 removed += 1;
             }
         }
-        info!(%vip, removed, "fail-secure released");
+        let rules = route_guard::release(vip).await?;
+        info!(%vip, removed, rules, "fail-secure released");
         Ok(())
     }
 
@@ -382,11 +401,20 @@ mod tests {
     }
 
     #[test]
-    fn only_interface_bound_ipv6_guards_are_flagged() {
-        let v6: Vip = "2001:db8::100".parse().unwrap();
-        let v4: Vip = "192.0.2.100".parse().unwrap();
-        assert!(ifindex_misses_ipv6(v6, 3));
-        assert!(!ifindex_misses_ipv6(v6, 0));
-        assert!(!ifindex_misses_ipv6(v4, 3));
+    fn only_hosted_ipv6_vips_under_libipsec_use_routing_rules() {
+        let flow = |vip: &str, direction| ProtectedFlow {
+            vip: vip.parse().unwrap(),
+            protocol: crate::model::FlowProtocol::Tcp,
+            port: Some(143),
+            direction,
+        };
+        let hosted6 = flow("2001:db8::100", FlowDirection::FromVip);
+        let peer6 = flow("2001:db8::100", FlowDirection::ToVip);
+        let hosted4 = flow("192.0.2.100", FlowDirection::FromVip);
+        assert!(uses_route_guard(hosted6.vip, &[&hosted6], true));
+        assert!(!uses_route_guard(hosted6.vip, &[&hosted6], false));
+        assert!(!uses_route_guard(peer6.vip, &[&peer6], true));
+        assert!(!uses_route_guard(hosted4.vip, &[&hosted4], true));
+        assert!(!uses_route_guard(hosted6.vip, &[], true));
     }
 }
