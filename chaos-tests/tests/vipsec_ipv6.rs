@@ -152,6 +152,19 @@ fn vipsec_etcd_over_ipv6_recovers_from_a_planned_move_and_a_crash() {
         .unwrap_or_else(|| panic!("VIP not on {owner}:\n{listing}"));
     eprintln!("VIP on {owner}: {line}");
     assert!(!line.contains("nodad"), "keepalived skipped DAD: {line}");
+    // Each back-end's agent guards the server's answers with policy routing rules after
+    // charon's table 220 (an IPv6 hosted VIP under kernel-libipsec), not XFRM policies.
+    for be in lab.names(Role::BackEnd) {
+        let rules = lab.topo.node(&be).ns.ip(&["-6", "rule"]).unwrap();
+        for port in [143, 110, 80] {
+            let want = format!("221:\tfrom 2001:db8:1::100 ipproto tcp sport {port} prohibit");
+            assert!(rules.contains(&want), "{be}: {want} missing:\n{rules}");
+        }
+        assert!(
+            rules.contains("220:\tnot from all fwmark 0x42 lookup 220"),
+            "{be}:\n{rules}"
+        );
+    }
     // The tunnel to the VIP is IPv6 end to end.
     let sas = lab.swanctl("fe1", &["--list-sas"]).unwrap();
     assert!(sas.contains("2001:db8:1::100"), "{sas}");
