@@ -247,6 +247,10 @@ pub struct KernelConfig {
     /// Bind block policies to this interface. With charon's kernel-libipsec the tunnel's
     /// own packets pass the kernel's policy lookup too; binding the block to the physical
     /// interface lets them through while clear text on that interface is refused.
+    /// IPv6 cannot bind a policy that way (its flows carry no output interface at policy
+    /// lookup): with this set, an IPv6 peer VIP's block is unbound (it is only engaged
+    /// while no SA exists) and an IPv6 hosted VIP's guard is a policy routing rule after
+    /// charon's table 220 (`kernel::xfrm::route_guard`).
     pub interface: Option<String>,
     /// XFRM priority of block policies; larger numbers lose to the keying daemon's own.
     #[serde(default = "default_block_priority")]
