@@ -251,6 +251,10 @@ pub struct KernelConfig {
     /// Bind block policies to this interface. With charon's kernel-libipsec the tunnel's
     /// own packets pass the kernel's policy lookup too; binding the block to the physical
     /// interface lets them through while clear text on that interface is refused.
+    /// IPv6 cannot bind a policy that way (its flows carry no output interface at policy
+    /// lookup): with this set, an IPv6 peer VIP's block is unbound (it is only engaged
+    /// while no SA exists) and an IPv6 hosted VIP's guard is a policy routing rule after
+    /// charon's table 220 (`kernel::xfrm::route_guard`).
     pub interface: Option<String>,
     /// XFRM priority of block policies; larger numbers lose to the keying daemon's own.
     #[serde(default = "default_block_priority")]
@@ -575,6 +579,37 @@ fn default_drill_target() -> Duration {
     Duration::from_secs(1)
 }
 
+/// Why an address cannot be a VIP, if it cannot. IPv6 needs its own checks: the kernel
+/// reports an IPv4-mapped address (`::ffff:192.0.2.100`) as the IPv4 one, so the agent
+/// would never see it arrive, and a link-local address (`fe80::/10`) means nothing
+/// without an interface (charon and the kernel report it with a zone).
+pub fn vip_address_problem(vip: IpAddr) -> Option<String> {
+    if vip.is_unspecified() || vip.is_multicast() {
+        return Some(format!("{vip} is not a unicast host address"));
+    }
+    match vip {
+        IpAddr::V4(a) if a.is_broadcast() => Some(format!("{vip} is the broadcast address")),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some(format!(
+            "{vip} is an IPv4-mapped IPv6 address; write the IPv4 address {}",
+            vip.to_canonical()
+        )),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some(format!(
+            "{vip} is link-local (fe80::/10): it only exists with an interface; use a global or unique-local address"
+        )),
+        _ => None,
+    }
+}
+
+/// An IPv6 host in a URL without brackets (`http://2001:db8::1:2379`): the URL parser of
+/// the etcd client refuses it only at connect time, with an obscure message.
+fn unbracketed_ipv6_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host_port.starts_with('[') && host_port.matches(':').count() > 1)
+        .then(|| format!("{url:?}: an IPv6 address needs brackets (http://[2001:db8::1]:2379)"))
+}
+
 /// One thing wrong with a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -720,6 +755,8 @@ impl Config {
                         &format!("store.endpoints[{i}]"),
                         format!("{ep:?} must start with http:// or https://"),
                     );
+                } else if let Some(e) = unbracketed_ipv6_host(ep) {
+                    bad(&format!("store.endpoints[{i}]"), e);
                 }
             }
             if self.store.password_file.is_some() && self.store.username.is_none() {
@@ -899,6 +936,9 @@ impl Config {
                     "needs kernel.interface (the physical interface the answers leave by): the guard is bound to it so IPsec traffic always passes".into(),
                 );
             }
+            if let Some(e) = vip_address_problem(v.address) {
+                bad(&format!("hosted_vip[{i}].address"), e);
+            }
             if !seen.insert(v.address) {
                 bad(
                     &format!("hosted_vip[{i}].address"),
@@ -908,6 +948,9 @@ impl Config {
         }
         let mut seen_peer = BTreeSet::new();
         for (i, v) in self.peer_vips.iter().enumerate() {
+            if let Some(e) = vip_address_problem(v.address) {
+                bad(&format!("peer_vip[{i}].address"), e);
+            }
             if !seen_peer.insert(v.address) {
                 bad(
                     &format!("peer_vip[{i}].address"),
@@ -1071,12 +1114,29 @@ impl ApiEndpoint {
             .strip_prefix("tcp://")
             .or_else(|| s.strip_prefix("https://"))
         {
-            if addr
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
+            let Some((host, port)) = addr.rsplit_once(':') else {
                 return Err(format!("{s:?}: expected tcp://HOST:PORT"));
+            };
+            if port.parse::<u16>().is_err() || host.is_empty() {
+                return Err(format!("{s:?}: expected tcp://HOST:PORT"));
+            }
+            // An IPv6 host goes in brackets (tcp://[2001:db8::1]:7443): unbracketed, the
+            // port cannot be told from the address, and the https:// URI the client builds
+            // would be invalid.
+            if let Some(inner) = host.strip_prefix('[') {
+                if inner
+                    .strip_suffix(']')
+                    .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+                    .is_none()
+                {
+                    return Err(format!(
+                        "{s:?}: {host:?} is not a bracketed IPv6 address ([2001:db8::1])"
+                    ));
+                }
+            } else if host.contains(':') {
+                return Err(format!(
+                    "{s:?}: an IPv6 address needs brackets: tcp://[{host}]:{port}"
+                ));
             }
             Ok(ApiEndpoint::Tcp(addr.to_string()))
         } else {
@@ -1255,6 +1315,83 @@ protect = ["tcp/0", "sctp/5"]
             Config::parse(&bad_jitter).unwrap_err()[0].key,
             "failover.reconnect.jitter"
         );
+    }
+
+    #[test]
+    fn ipv6_vips_parse_with_interfaces_flows_and_endpoints() {
+        let text = r#"
+node = "be1"
+[api]
+endpoint = "tcp://[2001:db8:1::1]:7443"
+tls_cert = "/etc/vipsec/cert.pem"
+tls_key = "/etc/vipsec/key.pem"
+[store]
+backend = "etcd"
+endpoints = ["http://[2001:db8:1::2]:2379", "https://user@[2001:db8:1::3]:2379"]
+[kernel]
+backend = "xfrm"
+interface = "eth0"
+[[hosted_vip]]
+address = "2001:db8:1::100"
+interface = "eth0"
+protect = ["tcp/143"]
+[[peer_vip]]
+address = "2001:db8:2::100"
+connection = "vip6"
+protect = ["tcp/143", "any"]
+"#;
+        let c = Config::parse(text).unwrap();
+        let v6: IpAddr = "2001:db8:1::100".parse().unwrap();
+        assert_eq!(c.hosted_addresses(), vec![v6]);
+        assert_eq!(c.hosted_vips[0].interface.as_deref(), Some("eth0"));
+        let flows: Vec<String> = c.protected_flows().iter().map(|f| f.to_string()).collect();
+        assert_eq!(
+            flows,
+            [
+                "[2001:db8:2::100]:tcp/143",
+                "[2001:db8:2::100]:any",
+                "from [2001:db8:1::100]:tcp/143"
+            ]
+        );
+        assert_eq!(
+            ApiEndpoint::parse("tcp://[2001:db8:1::1]:7443"),
+            Ok(ApiEndpoint::Tcp("[2001:db8:1::1]:7443".into()))
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_that_cannot_be_vips_or_hosts_are_refused() {
+        for (vip, why) in [
+            ("::ffff:192.0.2.100", "IPv4-mapped"),
+            ("fe80::1", "link-local"),
+            ("::", "unicast"),
+            ("ff02::1", "unicast"),
+        ] {
+            let e = vip_address_problem(vip.parse().unwrap()).unwrap();
+            assert!(e.contains(why), "{vip}: {e}");
+        }
+        assert_eq!(vip_address_problem("2001:db8::100".parse().unwrap()), None);
+        assert_eq!(vip_address_problem("192.0.2.100".parse().unwrap()), None);
+        let text = format!(
+            "{FRONTEND}\n[[peer_vip]]\naddress = \"::ffff:192.0.2.7\"\nconnection = \"x\"\n"
+        );
+        let problems = Config::parse(&text).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.key.ends_with("].address")
+                && p.reason.contains("write the IPv4 address 192.0.2.7")),
+            "{problems:?}"
+        );
+        for bad in [
+            "tcp://2001:db8::1:7443",
+            "tcp://[2001:db8::1:7443",
+            "tcp://[vip.example]:7443",
+            "tcp://[2001:db8::1]",
+        ] {
+            assert!(ApiEndpoint::parse(bad).is_err(), "{bad}");
+        }
+        assert!(unbracketed_ipv6_host("http://2001:db8::1:2379").is_some());
+        assert!(unbracketed_ipv6_host("http://[2001:db8::1]:2379").is_none());
+        assert!(unbracketed_ipv6_host("http://u:p@192.0.2.1:2379").is_none());
     }
 
     #[test]

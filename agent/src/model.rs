@@ -127,11 +127,61 @@ impl fmt::Display for ProtectedFlow {
             FlowDirection::ToVip => "",
             FlowDirection::FromVip => "from ",
         };
+        // An IPv6 VIP is bracketed, as in a URL, so the ':' before the protocol stays
+        // unambiguous ("[2001:db8::100]:tcp/143").
+        let vip = HostText(self.vip);
         match self.port {
-            Some(p) => write!(f, "{from}{}:{proto}/{p}", self.vip),
-            None => write!(f, "{from}{}:{proto}", self.vip),
+            Some(p) => write!(f, "{from}{vip}:{proto}/{p}"),
+            None => write!(f, "{from}{vip}:{proto}"),
         }
     }
+}
+
+/// An address as the host part of `host:port` text: IPv6 in brackets, IPv4 as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostText(pub IpAddr);
+
+impl fmt::Display for HostText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}"),
+            IpAddr::V6(a) => write!(f, "[{a}]"),
+        }
+    }
+}
+
+/// Reads a host address as charon, people and URLs write it: `192.0.2.1`, `2001:db8::1`,
+/// `[2001:db8::1]`, with an optional port (`192.0.2.1:500`, `[2001:db8::1]:500`, or
+/// strongSwan's `%#H` form `2001:db8::1[500]`) and an optional zone (`fe80::1%eth0`,
+/// dropped). An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack socket
+/// reports for IPv4 peers) becomes the IPv4 address: the kernel and the configuration
+/// know the VIP by that one.
+pub fn parse_host(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    let is_port = |p: &str| p.parse::<u16>().is_ok();
+    let host = if let Some(rest) = s.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        if !(tail.is_empty() || tail.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        h
+    } else if let Some((h, tail)) = s.split_once('[') {
+        if !tail.strip_suffix(']').is_some_and(is_port) {
+            return None;
+        }
+        h
+    } else if s.matches(':').count() == 1 {
+        // Exactly one ':' is IPv4 with a port; IPv6 text has at least two.
+        let (h, p) = s.split_once(':')?;
+        if !is_port(p) {
+            return None;
+        }
+        h
+    } else {
+        s
+    };
+    let host = host.split_once('%').map_or(host, |(h, _)| h);
+    host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 /// Identifies one IKE_SA in the keying daemon (charon's unique id).
@@ -205,8 +255,10 @@ impl IkeSaInfo {
 
     /// The VIP this SA belongs to and this node's role, if any configured VIP matches.
     pub fn vip_role(&self, hosted: &[Vip], peers: &[Vip]) -> Option<(Vip, VipRole)> {
-        let local: Option<IpAddr> = self.local_host.parse().ok();
-        let remote: Option<IpAddr> = self.remote_host.parse().ok();
+        // Through `parse_host`: charon's text for an IPv6 host may carry brackets, a port
+        // or a zone, and a plain `parse` would miss the VIP.
+        let local = parse_host(&self.local_host);
+        let remote = parse_host(&self.remote_host);
         if let Some(r) = remote.filter(|r| peers.contains(r)) {
             return Some((r, VipRole::Peer));
         }
@@ -294,5 +346,80 @@ mod tests {
             ..f
         };
         assert_eq!(back.to_string(), "from 192.0.2.100:tcp/143");
+        let v6 = ProtectedFlow {
+            vip: "2001:db8::100".parse().unwrap(),
+            ..f
+        };
+        assert_eq!(v6.to_string(), "[2001:db8::100]:tcp/143");
+        let any = ProtectedFlow {
+            protocol: FlowProtocol::Any,
+            port: None,
+            ..v6
+        };
+        assert_eq!(any.to_string(), "[2001:db8::100]:any");
+    }
+
+    #[test]
+    fn hosts_parse_in_every_form_charon_and_people_write() {
+        let v6: IpAddr = "2001:db8::100".parse().unwrap();
+        let v4: IpAddr = "192.0.2.100".parse().unwrap();
+        for s in [
+            "2001:db8::100",
+            "[2001:db8::100]",
+            "[2001:db8::100]:500",
+            "2001:db8::100[4500]",
+            "2001:DB8:0:0:0:0:0:100",
+            " 2001:db8::100 ",
+            "2001:db8::100%eth0",
+        ] {
+            assert_eq!(parse_host(s), Some(v6), "{s:?}");
+        }
+        for s in [
+            "192.0.2.100",
+            "192.0.2.100:500",
+            "192.0.2.100[500]",
+            "::ffff:192.0.2.100",
+            "[::ffff:c000:264]:4500",
+        ] {
+            assert_eq!(parse_host(s), Some(v4), "{s:?}");
+        }
+        for s in [
+            "",
+            "%any",
+            "[2001:db8::100",
+            "[2001:db8::100]x",
+            "2001:db8::100[x]",
+            "192.0.2.100:x",
+            "vip.example",
+        ] {
+            assert_eq!(parse_host(s), None, "{s:?}");
+        }
+        assert_eq!(HostText(v6).to_string(), "[2001:db8::100]");
+        assert_eq!(HostText(v4).to_string(), "192.0.2.100");
+    }
+
+    #[test]
+    fn ipv6_sa_maps_to_its_vip_whatever_the_host_text() {
+        let vip: Vip = "2001:db8::100".parse().unwrap();
+        for remote in ["2001:db8::100", "[2001:db8::100]", "2001:db8::100[4500]"] {
+            let sa = IkeSaInfo {
+                local_host: "2001:db8::11".into(),
+                remote_host: remote.into(),
+                ..Default::default()
+            };
+            assert_eq!(
+                sa.vip_role(&[], &[vip]),
+                Some((vip, VipRole::Peer)),
+                "{remote}"
+            );
+        }
+        let be = IkeSaInfo {
+            local_host: "[2001:db8::100]:4500".into(),
+            remote_host: "2001:db8::11".into(),
+            ..Default::default()
+        };
+        assert_eq!(be.vip_role(&[vip], &[]), Some((vip, VipRole::Hosted)));
+        // Another address in the same /64 is not the VIP.
+        assert_eq!(be.vip_role(&["2001:db8::101".parse().unwrap()], &[]), None);
     }
 }

@@ -259,3 +259,160 @@ async fn ipv6_appears_only_after_duplicate_address_detection() {
     );
     w.stop();
 }
+
+/// Two nodes on one Linux bridge (in a hub namespace), like a cluster's LAN.
+struct BridgeLan {
+    a: Netns,
+    b: Netns,
+    _hub: Netns,
+}
+
+fn bridge_lan() -> BridgeLan {
+    let hub = lab();
+    hub.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    hub.link_set("br0", true).unwrap();
+    let a = Netns::new("awa").expect("netns");
+    let b = Netns::new("awb").expect("netns");
+    for (port, ns) in [("pa", &a), ("pb", &b)] {
+        // DAD stays on: the kernel's defaults, written explicitly so that a host with other
+        // defaults runs the same test, and checked below.
+        ns.sh(
+            "sysctl -qw net.ipv6.conf.all.accept_dad=1 net.ipv6.conf.default.accept_dad=1 \
+               net.ipv6.conf.default.dad_transmits=1 net.ipv6.conf.all.disable_ipv6=0 \
+               net.ipv6.conf.default.disable_ipv6=0",
+        )
+        .unwrap();
+        hub.ip(&[
+            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])
+        .unwrap();
+        hub.ip(&["link", "set", port, "master", "br0"]).unwrap();
+        hub.link_set(port, true).unwrap();
+        ns.link_set("eth0", true).unwrap();
+        let dad = ns
+            .sh("sysctl -n net.ipv6.conf.eth0.accept_dad net.ipv6.conf.eth0.dad_transmits")
+            .unwrap();
+        assert_eq!(
+            dad.split_whitespace().collect::<Vec<_>>(),
+            ["1", "1"],
+            "DAD must be on (accept_dad, dad_transmits) in {}",
+            ns.name
+        );
+    }
+    BridgeLan { a, b, _hub: hub }
+}
+
+/// The address's line in `ip -6 -o addr show dev eth0` in namespace `ns`, if it is there.
+fn addr_line(ns: &str, cidr: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-6", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!(" {cidr} ")))
+        .map(str::to_string)
+}
+
+/// Real DAD on a bridge, DAD defaults on, plain `ip -6 addr add`: the VIP is reported only
+/// once the kernel cleared `tentative`, and an address whose DAD fails (another node on the
+/// bridge holds it) is never reported.
+#[tokio::test]
+async fn ipv6_vip_on_a_bridge_is_reported_after_dad_and_never_when_dad_fails() {
+    let lan = bridge_lan();
+    let mut w = NsWatcher::start(
+        &lan.b,
+        vec![
+            hosted("2001:db8:1::100", Some("eth0")),
+            hosted("2001:db8:1::200", None),
+        ],
+    );
+
+    // A poller records when `tentative` leaves the listing, next to when the watcher
+    // reports the VIP. Both clocks start at the `ip addr add`.
+    let mut dad_times = Vec::new();
+    let mut report_times = Vec::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        lan.b
+            .ip(&["-6", "addr", "add", "2001:db8:1::100/64", "dev", "eth0"])
+            .unwrap();
+        let first = addr_line(&lan.b.name, "2001:db8:1::100/64").expect("address listed");
+        assert!(first.contains("tentative"), "DAD did not run: {first}");
+        let ns_name = lan.b.name.clone();
+        let poller = std::thread::spawn(move || {
+            wait_for("DAD to finish", WAIT, || {
+                let l = addr_line(&ns_name, "2001:db8:1::100/64")?;
+                (!l.contains("tentative")).then(|| t.elapsed())
+            })
+        });
+        assert_eq!(
+            w.next("VIP after DAD").await,
+            Input::VipAppeared(vip("2001:db8:1::100"))
+        );
+        let reported = t.elapsed();
+        let line = addr_line(&lan.b.name, "2001:db8:1::100/64").unwrap();
+        assert!(
+            !line.contains("tentative") && !line.contains("dadfailed"),
+            "reported while still tentative: {line}"
+        );
+        let dad_done = poller.join().unwrap().unwrap();
+        eprintln!(
+            "round {round}: DAD finished (listing) after {dad_done:?}, VipAppeared after {reported:?}"
+        );
+        dad_times.push(dad_done);
+        report_times.push(reported);
+        lan.b
+            .ip(&["-6", "addr", "del", "2001:db8:1::100/64", "dev", "eth0"])
+            .unwrap();
+        assert_eq!(
+            w.next("removal").await,
+            Input::VipDisappeared(vip("2001:db8:1::100"))
+        );
+    }
+    dad_times.sort();
+    report_times.sort();
+    eprintln!(
+        "IPv6 DAD (accept_dad=1, dad_transmits=1, real bridge): tentative cleared after {:?}..{:?}, VipAppeared after {:?}..{:?} ({} rounds)",
+        dad_times[0],
+        dad_times[dad_times.len() - 1],
+        report_times[0],
+        report_times[report_times.len() - 1],
+        dad_times.len()
+    );
+
+    // Node a holds ::200 (after its own DAD); b's copy fails DAD and must never count.
+    lan.a
+        .ip(&["-6", "addr", "add", "2001:db8:1::200/64", "dev", "eth0"])
+        .unwrap();
+    wait_for("DAD on node a", WAIT, || {
+        addr_line(&lan.a.name, "2001:db8:1::200/64").filter(|l| !l.contains("tentative"))
+    })
+    .unwrap();
+    lan.b
+        .ip(&["-6", "addr", "add", "2001:db8:1::100/64", "dev", "eth0"])
+        .unwrap();
+    assert_eq!(
+        w.next("marker VIP").await,
+        Input::VipAppeared(vip("2001:db8:1::100"))
+    );
+    let t = Instant::now();
+    lan.b
+        .ip(&["-6", "addr", "add", "2001:db8:1::200/64", "dev", "eth0"])
+        .unwrap();
+    let failed = wait_for("DAD to fail on node b", WAIT, || {
+        addr_line(&lan.b.name, "2001:db8:1::200/64").filter(|l| l.contains("dadfailed"))
+    })
+    .unwrap();
+    eprintln!("duplicate detected after {:?}: {failed}", t.elapsed());
+    // The next input must be the marker's removal: the dadfailed address produced none.
+    lan.b
+        .ip(&["-6", "addr", "del", "2001:db8:1::100/64", "dev", "eth0"])
+        .unwrap();
+    assert_eq!(
+        w.next("marker removal").await,
+        Input::VipDisappeared(vip("2001:db8:1::100")),
+        "a dadfailed address must never be reported"
+    );
+    w.stop();
+}

@@ -491,3 +491,363 @@ fn a_hosted_vips_guard_blocks_the_servers_answers_outside_ipsec() {
     assert_eq!(lab.fe.run_in(|| connect_quick(143)).unwrap(), Ok(()));
     assert_eq!(count_policies(&lab.be, VIP), 0, "{}", policies(&lab.be));
 }
+
+const VIP6: &str = "2001:db8::100";
+
+/// The IPv6 twin of [`lab`]: fe 2001:db8::1, be 2001:db8::2 and the VIP 2001:db8::100,
+/// plus the IPv4 VIP on the same link so both families' policies sit side by side. The
+/// addresses are added `nodad`: this test is about XFRM selectors, and a listener cannot
+/// bind a tentative address (DAD itself is covered by the addrwatch tests).
+fn lab6() -> Lab {
+    require_root_and_ip();
+    let fe = Netns::new("x6f").unwrap();
+    let be = Netns::new("x6b").unwrap();
+    fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")
+        .unwrap();
+    fe.ip(&["-6", "addr", "add", "2001:db8::1/64", "dev", "fe0", "nodad"])
+        .unwrap();
+    be.ip(&["-6", "addr", "add", "2001:db8::2/64", "dev", "be0", "nodad"])
+        .unwrap();
+    be.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{VIP6}/128"),
+        "dev",
+        "be0",
+        "nodad",
+    ])
+    .unwrap();
+    be.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "be0"])
+        .unwrap();
+    // The VIP lies in fe's on-link /64: fe finds it by neighbour discovery on fe0.
+    let listeners = be
+        .run_in(|| {
+            let mut l = Vec::new();
+            for p in [143u16, 22] {
+                l.push(TcpListener::bind((VIP6, p)).expect("bind v6 listener"));
+                l.push(TcpListener::bind((VIP, p)).expect("bind v4 listener"));
+            }
+            l
+        })
+        .unwrap();
+    Lab {
+        fe,
+        be,
+        _listeners: listeners,
+    }
+}
+
+fn config6(interface: Option<&str>) -> Config {
+    let iface = interface
+        .map(|i| format!("interface = \"{i}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "node = \"fe\"\n\
+         [kernel]\nbackend = \"xfrm\"\nblock_priority = {BLOCK_PRIORITY}\n{iface}\
+         [[peer_vip]]\naddress = \"{VIP6}\"\nconnection = \"vip6\"\nprotect = [\"tcp/143\"]\n\
+         [[peer_vip]]\naddress = \"{VIP}\"\nconnection = \"vip\"\nprotect = [\"tcp/143\"]\n"
+    );
+    Config::parse(&text).unwrap_or_else(|p| panic!("config {text}: {p:?}"))
+}
+
+fn connect_to(vip: &str, port: u16) -> Result<(), i32> {
+    let addr = SocketAddr::new(vip.parse().unwrap(), port);
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::TimedOut => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A TCP connect to [VIP6]:port from a socket bound to `ifname` (SO_BINDTODEVICE): Ok, or
+/// the errno. Blocking, so a block policy shows as EPERM at once.
+fn connect_bound_v6(ifname: &str, port: u16) -> Result<(), i32> {
+    let addr: std::net::Ipv6Addr = VIP6.parse().unwrap();
+    // SAFETY: plain socket calls on a descriptor this function owns and closes; every
+    // pointer passed lives for the duration of its call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            ifname.as_ptr().cast(),
+            ifname.len() as libc::socklen_t,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "SO_BINDTODEVICE: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = port.to_be();
+        sa.sin6_addr.s6_addr = addr.octets();
+        let rc = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        let r = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+        };
+        libc::close(fd);
+        r
+    }
+}
+
+/// The kernel behaviour behind the agent's IPv6 choice: an IPv6 policy bound to an
+/// interface (`dev fe0`, what `kernel.interface` asks for with IPv4) does not match an
+/// unbound socket's traffic. IPv4's output route lookup writes the chosen device into the
+/// flow before the policy lookup, IPv6's does not (the flow keeps `oif = 0` unless the
+/// socket is bound to a device). A socket bound to fe0 is blocked, which shows the
+/// selector itself is right.
+#[test]
+fn an_interface_bound_ipv6_policy_misses_unbound_sockets() {
+    let lab = lab6();
+    lab.fe
+        .ip(&[
+            "xfrm",
+            "policy",
+            "add",
+            "dir",
+            "out",
+            "src",
+            "::/0",
+            "dst",
+            &format!("{VIP6}/128"),
+            "proto",
+            "tcp",
+            "dport",
+            "143",
+            "dev",
+            "fe0",
+            "action",
+            "block",
+        ])
+        .unwrap();
+    let (unbound, bound) = lab
+        .fe
+        .run_in(|| (connect_to(VIP6, 143), connect_bound_v6("fe0", 143)))
+        .unwrap();
+    eprintln!(
+        "IPv6 block policy bound to fe0: unbound socket {unbound:?}, socket bound to fe0 {bound:?}"
+    );
+    assert_eq!(
+        bound,
+        Err(libc::EPERM),
+        "a socket bound to fe0 meets the policy"
+    );
+    assert_eq!(
+        unbound,
+        Ok(()),
+        "kernel behaviour changed: an interface-bound IPv6 policy now matches unbound sockets (the agent could bind IPv6 peer policies again)"
+    );
+}
+
+/// IPv6 block policies with /128 selectors and family AF_INET6, beside IPv4 ones, with
+/// `kernel.interface` set as the lab sets it: the IPv4 VIP's policy is bound to fe0, the
+/// IPv6 peer VIP's is not (see the test above for why), and it refuses [VIP6]:143.
+#[test]
+fn ipv6_block_policies_fail_secure_beside_ipv4_ones() {
+    let lab = lab6();
+    let blocked_before = out_pol_block(&lab.fe);
+    let v6: IpAddr = VIP6.parse().unwrap();
+    let v4: IpAddr = VIP.parse().unwrap();
+    let fe_ifindex = ifindex(&lab.fe, "fe0");
+
+    let cfg = config6(Some("fe0"));
+    let (before, engaged, engage_time, own, during, v4_during, v6_22) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let before = connect_to(VIP6, 143);
+            let t = Instant::now();
+            let n = kernel.engage_fail_secure(v6).await.unwrap();
+            let dt = t.elapsed();
+            let own = kernel.block_policies().await.unwrap();
+            (
+                before,
+                n,
+                dt,
+                own,
+                connect_to(VIP6, 143),
+                connect_to(VIP, 143),
+                connect_to(VIP6, 22),
+            )
+        })
+    });
+    eprintln!("engage 1 IPv6 flow: {engage_time:?}");
+    assert_eq!(before, Ok(()), "[{VIP6}]:143 reachable before engage");
+    assert_eq!(engaged, 1);
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].selector.vip, v6);
+    assert_eq!(own[0].selector.ifindex, 0, "IPv6 peer policy unbound");
+    assert_eq!(own[0].selector.dport, Some(143));
+    let listing = policies(&lab.fe);
+    assert!(
+        listing.contains(&format!("src ::/0 dst {VIP6}/128 proto tcp dport 143")),
+        "{listing}"
+    );
+    assert_eq!(
+        during,
+        Err(libc::EPERM),
+        "[{VIP6}]:143 refused by the block policy"
+    );
+    assert_eq!(v4_during, Ok(()), "the IPv4 VIP is not blocked");
+    assert_eq!(v6_22, Ok(()), "[{VIP6}]:22 is not a protected flow");
+    let blocked_after = out_pol_block(&lab.fe);
+    eprintln!("XfrmOutPolBlock {blocked_before} -> {blocked_after}");
+    assert!(blocked_after > blocked_before, "XfrmOutPolBlock grew");
+
+    // Both families blocked, then a restarted agent adopts both and releases only v6.
+    let cfg = config6(Some("fe0"));
+    let (adopted, both, v4_blocked, released_v6, still_v4) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            kernel.engage_fail_secure(v4).await.unwrap();
+            let restarted = XfrmKernel::new(&cfg).unwrap();
+            let mut adopted = restarted.reconcile().await.unwrap();
+            adopted.sort();
+            let both = (connect_to(VIP6, 143), connect_to(VIP, 143));
+            restarted.release_fail_secure(v6).await.unwrap();
+            let after = (connect_to(VIP6, 143), connect_to(VIP, 143));
+            let v4_left = restarted.block_policies().await.unwrap();
+            restarted.release_fail_secure(v4).await.unwrap();
+            (adopted, both, after.1, after.0, v4_left)
+        })
+    });
+    assert_eq!(
+        adopted,
+        vec![v4, v6],
+        "reconcile adopts the policies of both families"
+    );
+    assert_eq!(both, (Err(libc::EPERM), Err(libc::EPERM)));
+    assert_eq!(released_v6, Ok(()), "released IPv6 VIP reachable again");
+    assert_eq!(v4_blocked, Err(libc::EPERM), "the IPv4 VIP stays blocked");
+    assert_eq!(still_v4.len(), 1);
+    assert_eq!(still_v4[0].selector.vip, v4);
+    assert_eq!(still_v4[0].selector.ifindex, fe_ifindex, "IPv4 stays bound");
+    assert_eq!(count_policies(&lab.fe, VIP6), 0, "{}", policies(&lab.fe));
+    assert_eq!(count_policies(&lab.fe, VIP), 0, "{}", policies(&lab.fe));
+}
+
+fn connect6_quick(port: u16) -> Result<(), i32> {
+    let addr = SocketAddr::new(VIP6.parse().unwrap(), port);
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::TimedOut => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A hosted IPv6 VIP's guard under kernel-libipsec (`kernel.interface` set) is a policy
+/// routing rule after charon's table 220: the server's answers from [VIP6]:143 are refused
+/// unless a route in table 220 (charon's tunnel route) carries them.
+#[test]
+fn a_hosted_ipv6_vips_guard_refuses_answers_that_no_tunnel_route_carries() {
+    use vipsec::kernel::xfrm::route_guard;
+    let lab = lab6();
+    let text = format!(
+        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\n\
+         [[hosted_vip]]\naddress = \"{VIP6}\"\nprotect = [\"tcp/143\"]\n"
+    );
+    let cfg = Config::parse(&text).unwrap();
+    let v6: IpAddr = VIP6.parse().unwrap();
+    let cfg2 = cfg.clone();
+    let (n, adopted, rules, xfrm) = in_ns(&lab.be, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg2).unwrap();
+            let n = kernel.engage_fail_secure(v6).await.unwrap();
+            let again = kernel.engage_fail_secure(v6).await.unwrap();
+            assert_eq!(again, n, "engage is idempotent");
+            let adopted = XfrmKernel::new(&cfg2).unwrap().reconcile().await.unwrap();
+            let rules = route_guard::rules().await.unwrap();
+            (n, adopted, rules, kernel.block_policies().await.unwrap())
+        })
+    });
+    assert_eq!(n, 1);
+    assert_eq!(adopted, vec![v6]);
+    assert_eq!(rules.len(), 1, "one rule, not two: {rules:?}");
+    assert_eq!(
+        (rules[0].vip, rules[0].proto, rules[0].sport),
+        (v6, 6, Some(143))
+    );
+    assert!(xfrm.is_empty(), "no XFRM policy for it: {xfrm:?}");
+    let listing = lab.be.ip(&["-6", "rule"]).unwrap();
+    eprintln!(
+        "guard rule: {}",
+        listing.lines().find(|l| l.contains(VIP6)).unwrap_or("")
+    );
+    assert!(
+        listing.contains(&format!(
+            "221:\tfrom {VIP6} ipproto tcp sport 143 prohibit proto 118"
+        )),
+        "{listing}"
+    );
+
+    // No tunnel route: the SYN-ACK from [VIP6]:143 is refused, the client never connects.
+    let (r143, r22) = lab
+        .fe
+        .run_in(|| (connect6_quick(143), connect6_quick(22)))
+        .unwrap();
+    assert_eq!(
+        r143,
+        Err(libc::ETIMEDOUT),
+        "the answer from [VIP6]:143 must be refused"
+    );
+    assert_eq!(r22, Ok(()), "[VIP6]:22 is not protected");
+
+    // A route in table 220, as charon's kernel-libipsec installs for a CHILD_SA (here via
+    // be0 itself, standing in for its TUN device), carries the answers past the guard.
+    lab.be
+        .ip(&["-6", "rule", "add", "priority", "220", "lookup", "220"])
+        .unwrap();
+    lab.be
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::1/128",
+            "dev",
+            "be0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+    assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
+    lab.be
+        .ip(&[
+            "-6",
+            "route",
+            "del",
+            "2001:db8::1/128",
+            "dev",
+            "be0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+    assert_eq!(
+        lab.fe.run_in(|| connect6_quick(143)).unwrap(),
+        Err(libc::ETIMEDOUT),
+        "without the tunnel route the guard refuses again"
+    );
+
+    in_ns(&lab.be, move || {
+        Box::pin(async move {
+            XfrmKernel::new(&cfg)
+                .unwrap()
+                .release_fail_secure(v6)
+                .await
+                .unwrap()
+        })
+    });
+    assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
+    let listing = lab.be.ip(&["-6", "rule"]).unwrap();
+    assert!(!listing.contains(VIP6), "{listing}");
+}

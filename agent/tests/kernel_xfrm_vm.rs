@@ -18,6 +18,8 @@ use vipsec_testbed::netns::Netns;
 use vipsec_testbed::vm::{INSTALL_HINT, VmTier};
 
 const GUEST_ENV: &str = "VIPSEC_VM_GUEST";
+/// One VM at a time: two software-emulated guests on two cores would slow each other.
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const FE: &str = "192.0.2.1";
 const BE: &str = "192.0.2.2";
 const VIP: &str = "192.0.2.100";
@@ -40,6 +42,7 @@ fn esp_states_in_vm() {
         }
     };
     let exe = std::env::current_exe().unwrap();
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let run = tier
         .run_test(
             &exe,
@@ -299,4 +302,199 @@ async fn in_fe(config: Config, fe: &Netns) {
     );
     cancel.cancel();
     watcher.await.unwrap();
+}
+
+const FE6: &str = "2001:db8::1";
+const BE6: &str = "2001:db8::2";
+const VIP6: &str = "2001:db8::100";
+
+/// The IPv6 twin of [`esp_states_in_vm`]: kernel ESP SAs and policies with /128 selectors,
+/// mapped to the IPv6 peer VIP by the state dump, deleted by `delete_states`, and the
+/// fail-secure block (unbound for an IPv6 peer VIP) losing to the ESP policy.
+#[test]
+fn esp6_states_in_vm() {
+    if std::env::var_os(GUEST_ENV).is_some() {
+        guest6();
+        return;
+    }
+    let tier = match VmTier::locate() {
+        Ok(tier) => tier,
+        Err(why) => {
+            eprintln!("\n******** SKIPPED: VM tier unavailable ({INSTALL_HINT}): {why} ********\n");
+            return;
+        }
+    };
+    let exe = std::env::current_exe().unwrap();
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let run = tier
+        .run_test(
+            &exe,
+            "esp6_states_in_vm",
+            &[(GUEST_ENV, "1"), ("RUST_BACKTRACE", "1")],
+            Duration::from_secs(400),
+        )
+        .unwrap();
+    eprintln!("--- guest output ---\n{}", run.output);
+    eprintln!("VM tier wall time (boot, test, power-off): {:?}", run.wall);
+    assert_eq!(
+        run.exit_code,
+        Some(0),
+        "guest test failed\n--- console ---\n{}",
+        run.console
+    );
+}
+
+fn add_policy6(ns: &Netns, dir: &str, src: &str, dst: &str, reqid: &str) {
+    ns.ip(&[
+        "xfrm",
+        "policy",
+        "add",
+        "dir",
+        dir,
+        "src",
+        &format!("{src}/128"),
+        "dst",
+        &format!("{dst}/128"),
+        "tmpl",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "reqid",
+        reqid,
+        "mode",
+        "transport",
+        "priority",
+        "375423",
+    ])
+    .unwrap();
+}
+
+fn connect6(port: u16) -> bool {
+    let addr = std::net::SocketAddr::new(VIP6.parse().unwrap(), port);
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+}
+
+fn guest6() {
+    let t0 = Instant::now();
+    let fe = Netns::new("v6f").unwrap();
+    let be = Netns::new("v6b").unwrap();
+    fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")
+        .unwrap();
+    // nodad: this test is about ESP and selectors; DAD has tests of its own.
+    fe.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{FE6}/64"),
+        "dev",
+        "fe0",
+        "nodad",
+    ])
+    .unwrap();
+    be.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{BE6}/64"),
+        "dev",
+        "be0",
+        "nodad",
+    ])
+    .unwrap();
+    be.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{VIP6}/128"),
+        "dev",
+        "be0",
+        "nodad",
+    ])
+    .unwrap();
+    let _listener = be
+        .run_in(|| std::net::TcpListener::bind((VIP6, 143)).expect("bind [VIP6]:143"))
+        .unwrap();
+    for ns in [&fe, &be] {
+        add_state(ns, FE6, VIP6, "0x1001", "1", AUTH_OUT, ENC_OUT);
+        add_state(ns, VIP6, FE6, "0x1002", "2", AUTH_IN, ENC_IN);
+    }
+    add_policy6(&fe, "out", FE6, VIP6, "1");
+    add_policy6(&fe, "in", VIP6, FE6, "2");
+    add_policy6(&be, "out", VIP6, FE6, "2");
+    add_policy6(&be, "in", FE6, VIP6, "1");
+    eprintln!("guest: IPv6 lab ready in {:?}", t0.elapsed());
+
+    let config = Config::parse(&format!(
+        "node = \"fe\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"fe0\"\n\
+         [[peer_vip]]\naddress = \"{VIP6}\"\nconnection = \"vip6\"\nprotect = [\"tcp/143\"]\n"
+    ))
+    .unwrap();
+    let fe = std::sync::Arc::new(fe);
+    let fe_in = fe.clone();
+    fe.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(in_fe6(config, &fe_in))
+    })
+    .unwrap();
+    drop(be);
+    eprintln!("guest: IPv6 done in {:?}", t0.elapsed());
+}
+
+async fn in_fe6(config: Config, fe: &Netns) {
+    let vip6: IpAddr = VIP6.parse().unwrap();
+    let kernel = XfrmKernel::new(&config).unwrap();
+    let sas = kernel.vip_states().await.unwrap();
+    assert_eq!(sas.len(), 2, "{sas:?}");
+    let out = sas
+        .iter()
+        .find(|s| s.direction == SaDirection::Outbound)
+        .unwrap();
+    assert_eq!(
+        (out.vip, out.role, out.sa.spi),
+        (vip6, VipRole::Peer, 0x1001)
+    );
+    assert_eq!(out.sa.src, FE6.parse::<IpAddr>().unwrap());
+
+    assert!(connect6(143), "TCP to [VIP6]:143 over ESP");
+    let c = kernel.vip_counters().await.unwrap()[&vip6];
+    eprintln!("guest: IPv6 counters after one connection: {c:?}");
+    assert!(c.packets_out > 0 && c.packets_in > 0, "{c:?}");
+
+    // The block (unbound for an IPv6 peer VIP) loses to the ESP policy; without the ESP
+    // policy it refuses.
+    assert_eq!(kernel.engage_fail_secure(vip6).await.unwrap(), 1);
+    let own = kernel.block_policies().await.unwrap();
+    assert_eq!(own[0].selector.ifindex, 0, "{own:?}");
+    assert!(connect6(143), "the ESP policy wins over the block policy");
+    let blocked = out_pol_block(fe);
+    fe.ip(&[
+        "xfrm",
+        "policy",
+        "del",
+        "dir",
+        "out",
+        "src",
+        &format!("{FE6}/128"),
+        "dst",
+        &format!("{VIP6}/128"),
+    ])
+    .unwrap();
+    assert!(
+        !connect6(143),
+        "without the ESP policy the block policy refuses"
+    );
+    assert!(out_pol_block(fe) > blocked);
+    kernel.release_fail_secure(vip6).await.unwrap();
+
+    let t = Instant::now();
+    assert_eq!(kernel.delete_states(vip6).await.unwrap(), 2);
+    eprintln!("guest: IPv6 delete_states (2 SAs) took {:?}", t.elapsed());
+    assert!(kernel.vip_states().await.unwrap().is_empty());
+    assert_eq!(kernel.delete_states(vip6).await.unwrap(), 0);
 }

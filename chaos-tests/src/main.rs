@@ -52,6 +52,9 @@ enum Command {
         node: String,
         #[arg(long, value_delimiter = ',', default_value = "143,110,80")]
         ports: Vec<u16>,
+        /// The address to listen on (`::` in an IPv6 lab).
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
     },
     /// (inside a front-end) The traffic probe.
     Probe {
@@ -96,10 +99,10 @@ fn main() -> anyhow::Result<()> {
             println!("written to {}", out.display());
             Ok(())
         }
-        Command::ServeMail { node, ports } => tokio::runtime::Builder::new_current_thread()
+        Command::ServeMail { node, ports, bind } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(mailserver::serve(node, ports)),
+            .block_on(mailserver::serve(node, ports, bind)),
         Command::Probe {
             fe,
             target,

@@ -12,7 +12,7 @@ use crate::clock::{now_ns, secs, since};
 use crate::lab::cleartext::ClearText;
 use crate::lab::faults::Fault;
 use crate::lab::probe::ProbeRecord;
-use crate::lab::topology::has_addr;
+use crate::lab::topology::{has_addr, has_usable_addr};
 use crate::lab::{Lab, Role};
 
 /// How long the probe keeps watching after recovery for answers from the old owner.
@@ -28,6 +28,9 @@ pub struct Outcome {
     pub fault_at: u64,
     /// Fault to VIP present on the new owner.
     pub takeover: Option<Duration>,
+    /// Fault to VIP usable on the new owner: for IPv6, duplicate address detection done
+    /// (the address no longer `tentative`); for IPv4 the same as `takeover`.
+    pub takeover_usable: Option<Duration>,
     /// Fault to the first answer from the new owner on every front-end for every VIP; None
     /// when the cap passed first.
     pub recovery: Option<Duration>,
@@ -146,6 +149,20 @@ pub fn run_with(
         .ok()
         .map(|t| since(fault_at, t))
     };
+    let takeover_usable = match takeover {
+        Some(_) if lab.vips.iter().any(|v| v.is_ipv6()) => {
+            let node = lab.topo.node(&to);
+            let vips = lab.vips.clone();
+            wait_for("the VIPs usable on the new owner", cap, || {
+                vips.iter()
+                    .all(|&v| has_usable_addr(&node.ns, v))
+                    .then(now_ns)
+            })
+            .ok()
+            .map(|t| since(fault_at, t))
+        }
+        t => t,
+    };
     lab.progress.step(&match takeover {
         Some(d) => format!("VIP on {to} after {}", secs(d)),
         None => format!("VIP never reached {to}"),
@@ -234,6 +251,7 @@ pub fn run_with(
         to,
         fault_at,
         takeover,
+        takeover_usable,
         recovery,
         per_flow,
         vips: lab.vips.len(),

@@ -160,9 +160,18 @@ pub struct AgentService {
 }
 
 fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
-    s.trim().parse().map_err(|_| {
-        ApiError::InvalidArgument(format!("{field} {s:?} is not an IPv4 or IPv6 address"))
-    })
+    // An IPv6 VIP may come bracketed ("[2001:db8::100]", as copied from a URL or from a
+    // flow's text) and an IPv4-mapped one stands for the IPv4 VIP the agent knows.
+    let t = s.trim();
+    let t = t
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(t);
+    t.parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| {
+            ApiError::InvalidArgument(format!("{field} {s:?} is not an IPv4 or IPv6 address"))
+        })
 }
 
 /// The most moves one `ListMoves` returns.
@@ -500,5 +509,25 @@ impl AgentApi for AgentService {
         };
         let filter = log.set(&filter).map_err(ApiError::from)?;
         Ok(Response::new(pb::SetLogLevelResponse { filter }))
+    }
+}
+
+#[cfg(test)]
+mod vip_argument_tests {
+    use super::*;
+
+    #[test]
+    fn vip_arguments_accept_ipv6_in_any_spelling_and_refuse_junk() {
+        let v6: IpAddr = "2001:db8::100".parse().unwrap();
+        for s in ["2001:db8::100", "[2001:db8::100]", " 2001:DB8:0::100 "] {
+            assert_eq!(parse_vip("vip", s).unwrap(), v6, "{s:?}");
+        }
+        assert_eq!(
+            parse_vip("vip", "::ffff:192.0.2.100").unwrap(),
+            "192.0.2.100".parse::<IpAddr>().unwrap()
+        );
+        for s in ["[2001:db8::100", "2001:db8::100]", "[192.0.2.100]:1", "vip"] {
+            assert!(parse_vip("vip", s).is_err(), "{s:?}");
+        }
     }
 }

@@ -15,6 +15,9 @@ pub async fn run(
     as_json: bool,
     count: Option<usize>,
 ) -> Result<(), CliError> {
+    // The VIP column fits an IPv4 address (15); an IPv6 VIP widens it, from the filter
+    // at once, or from the first such event on (a stream has no "widest row" to wait for).
+    let mut vip_width = vip_column_width(15, vip.as_deref().unwrap_or(""));
     let mut client = connect(t).await?;
     let mut stream = client
         .watch_events(pb::WatchEventsRequest {
@@ -26,7 +29,7 @@ pub async fn run(
     if !as_json {
         let _ = writeln!(
             out,
-            "{:<24} {:<24} {:<15} {:<8} {:>5} {:>10}  DETAIL",
+            "{:<24} {:<24} {:<vip_width$} {:<8} {:>5} {:>10}  DETAIL",
             "TIME", "EVENT", "VIP", "OWNER", "EPOCH", "DURATION"
         );
         let _ = out.flush();
@@ -55,8 +58,9 @@ pub async fn run(
             let d = render::duration(e.duration.as_ref())
                 .map(render::short)
                 .unwrap_or_else(|| "-".into());
+            vip_width = vip_column_width(vip_width, &e.vip);
             format!(
-                "{:<24} {:<24} {:<15} {:<8} {:>5} {:>10}  {}",
+                "{:<24} {:<24} {:<vip_width$} {:<8} {:>5} {:>10}  {}",
                 time,
                 kind,
                 or_dash(&e.vip),
@@ -78,4 +82,22 @@ pub async fn run(
     Err(CliError::Runtime(
         "the agent closed the event stream".into(),
     ))
+}
+
+fn vip_column_width(width: usize, vip: &str) -> usize {
+    width.max(vip.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vip_column_grows_for_ipv6_and_never_shrinks() {
+        assert_eq!(vip_column_width(15, ""), 15);
+        assert_eq!(vip_column_width(15, "192.0.2.100"), 15);
+        let w = vip_column_width(15, "2001:db8:ffff:ffff:ffff:ffff:ffff:100");
+        assert_eq!(w, 37);
+        assert_eq!(vip_column_width(w, "192.0.2.100"), 37);
+    }
 }

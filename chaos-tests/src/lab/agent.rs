@@ -2,7 +2,7 @@
 //! process (`vipsec agent --config FILE` inside the node's namespace) and its API socket.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct AgentPlan<'a> {
     pub vici: &'a Path,
     pub store: AgentStore,
     pub etcd_endpoint: &'a str,
-    pub vips: &'a [Ipv4Addr],
+    pub vips: &'a [IpAddr],
     /// `[failover.reconnect]`; the agent's defaults when None.
     pub reconnect: Option<&'a vipsec::config::ReconnectConfig>,
     /// Connections come from the cluster policy (no `connection`, no `protect`).
@@ -306,7 +306,7 @@ pub fn cli(binary: &Path, api_socket: &Path, args: &[&str]) -> anyhow::Result<St
 mod tests {
     use super::*;
 
-    fn plan<'a>(role: Role, store: AgentStore, vips: &'a [Ipv4Addr]) -> AgentPlan<'a> {
+    fn plan<'a>(role: Role, store: AgentStore, vips: &'a [IpAddr]) -> AgentPlan<'a> {
         AgentPlan {
             node: if role == Role::BackEnd { "be1" } else { "fe1" },
             role,
@@ -362,6 +362,24 @@ mod tests {
                 vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));
             assert!(config.policy.managed);
             assert!(config.peer_vips.iter().all(|v| v.connection.is_none()));
+        }
+    }
+
+    #[test]
+    fn ipv6_configs_are_valid_agent_configs() {
+        use super::super::topology::{Family, vips_of};
+        let vips = vips_of(Family::V6, 2);
+        for role in [Role::FrontEnd, Role::BackEnd] {
+            let mut p = plan(role, AgentStore::Etcd, &vips);
+            p.etcd_endpoint = "http://[2001:db8:1::5]:2379";
+            let text = config_toml(&p);
+            let config =
+                vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+            assert_eq!(config.store.endpoints, ["http://[2001:db8:1::5]:2379"]);
+            match role {
+                Role::FrontEnd => assert_eq!(config.peer_addresses(), vips),
+                _ => assert_eq!(config.hosted_addresses(), vips),
+            }
         }
     }
 }

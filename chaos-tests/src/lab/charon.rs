@@ -4,7 +4,9 @@
 //! and the vipsec agent reach it from outside the node's mount namespace.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+
+use super::topology::{Family, host_cidr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -29,9 +31,13 @@ pub struct Liveness {
     pub agent_initiates: bool,
 }
 
-/// The connection name for a VIP: `vip100` for 192.0.2.100.
-pub fn connection_name(vip: Ipv4Addr) -> String {
-    format!("vip{}", vip.octets()[3])
+/// The connection name for a VIP: `vip100` for 192.0.2.100 and for 2001:db8:1::100 (the
+/// last group's hex digits, which the lab's plan makes the same as the IPv4 octet).
+pub fn connection_name(vip: IpAddr) -> String {
+    match vip {
+        IpAddr::V4(a) => format!("vip{}", a.octets()[3]),
+        IpAddr::V6(a) => format!("vip{:x}", a.segments()[7]),
+    }
 }
 
 pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
@@ -70,10 +76,11 @@ pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
     s
 }
 
-fn protected_ts(vip: Ipv4Addr) -> String {
+fn protected_ts(vip: IpAddr) -> String {
+    let host = host_cidr(vip);
     PROTECTED_PORTS
         .iter()
-        .map(|p| format!("{vip}/32[tcp/{p}]"))
+        .map(|p| format!("{host}[tcp/{p}]"))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -82,12 +89,7 @@ fn protected_ts(vip: Ipv4Addr) -> String {
 /// the tunnel (and table 220) leave other traffic alone; the trap keeps those ports
 /// covered between SAs so nothing leaves in clear text; `keyingtries = 0` keeps
 /// retrying while the VIP has no owner yet.
-pub fn swanctl_frontend(
-    node: &str,
-    local: Ipv4Addr,
-    vips: &[Ipv4Addr],
-    liveness: Liveness,
-) -> String {
+pub fn swanctl_frontend(node: &str, local: IpAddr, vips: &[IpAddr], liveness: Liveness) -> String {
     let mut s = String::from("connections {\n");
     for &vip in vips {
         let name = connection_name(vip);
@@ -112,7 +114,7 @@ pub fn swanctl_frontend(
         s += "}\n";
         s += "children {\n";
         let _ = writeln!(s, "{name} {{");
-        let _ = writeln!(s, "local_ts = {local}/32[tcp]");
+        let _ = writeln!(s, "local_ts = {}[tcp]", host_cidr(local));
         let _ = writeln!(s, "remote_ts = {}", protected_ts(vip));
         s += "esp_proposals = aes256-sha256\n";
         s += "mode = tunnel\n";
@@ -139,7 +141,7 @@ pub fn swanctl_frontend(
 
 /// A back-end answers on each VIP it may host (`local_addrs` is the VIP, never its own
 /// address, so there is nothing for a MOBIKE update to move to).
-pub fn swanctl_backend(vips: &[Ipv4Addr], liveness: Liveness) -> String {
+pub fn swanctl_backend(vips: &[IpAddr], liveness: Liveness) -> String {
     let mut s = String::from("connections {\n");
     for &vip in vips {
         let name = connection_name(vip);
@@ -164,8 +166,13 @@ pub fn swanctl_backend(vips: &[Ipv4Addr], liveness: Liveness) -> String {
         s += "children {\n";
         let _ = writeln!(s, "{name} {{");
         let _ = writeln!(s, "local_ts = {}", protected_ts(vip));
-        // Front-ends propose their own /32; a front-end behind the lab's NAT uses 198.51.100.x.
-        s += "remote_ts = 192.0.2.0/24[tcp],198.51.100.0/24[tcp]\n";
+        // Front-ends propose their own /32 (/128); a front-end behind the lab's NAT uses
+        // 198.51.100.x. An IPv6 lab has no NAT.
+        if vip.is_ipv4() {
+            s += "remote_ts = 192.0.2.0/24[tcp],198.51.100.0/24[tcp]\n";
+        } else {
+            let _ = writeln!(s, "remote_ts = {}[tcp]", Family::V6.subnet());
+        }
         s += "esp_proposals = aes256-sha256\n";
         s += "mode = tunnel\n";
         if liveness.dpd {
@@ -189,7 +196,7 @@ pub fn swanctl_empty() -> String {
 /// The lab's cluster policy: the mail ports of every VIP, front-ends from the lab's
 /// networks (a NATed front-end's inner address is 198.51.100.x), NAT allowed on the
 /// front-end side only.
-pub fn lab_policy(vips: &[Ipv4Addr]) -> String {
+pub fn lab_policy(vips: &[IpAddr]) -> String {
     let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
     let mut s = String::new();
     s += "name = \"lab\"\n";
@@ -324,8 +331,8 @@ mod tests {
 
     #[test]
     fn front_end_connection_is_trapped_restricted_and_retries_forever() {
-        let vip = Ipv4Addr::new(192, 0, 2, 100);
-        let text = swanctl_frontend("fe1", Ipv4Addr::new(192, 0, 2, 11), &[vip], DPD);
+        let vip = Family::V4.host(100);
+        let text = swanctl_frontend("fe1", Family::V4.host(11), &[vip], DPD);
         one_setting_per_line(&text);
         for want in [
             "remote_addrs = 192.0.2.100",
@@ -342,7 +349,7 @@ mod tests {
         }
         let plain = swanctl_frontend(
             "fe1",
-            Ipv4Addr::new(192, 0, 2, 11),
+            Family::V4.host(11),
             &[vip],
             Liveness {
                 dpd: false,
@@ -364,6 +371,39 @@ mod tests {
         assert!(
             !text.contains("192.0.2.21"),
             "own address must not be a local address"
+        );
+    }
+
+    #[test]
+    fn ipv6_connections_use_128_selectors_and_the_v6_network() {
+        let vips = crate::lab::topology::vips_of(Family::V6, 2);
+        assert_eq!(connection_name(vips[0]), "vip100");
+        assert_eq!(connection_name(vips[1]), "vip101");
+        let fe = swanctl_frontend("fe1", Family::V6.host(11), &vips[..1], DPD);
+        one_setting_per_line(&fe);
+        for want in [
+            "local_addrs = 2001:db8:1::11",
+            "remote_addrs = 2001:db8:1::100",
+            "local_ts = 2001:db8:1::11/128[tcp]",
+            "remote_ts = 2001:db8:1::100/128[tcp/143],2001:db8:1::100/128[tcp/110],2001:db8:1::100/128[tcp/80]",
+        ] {
+            assert!(fe.lines().any(|l| l == want), "{want} missing:\n{fe}");
+        }
+        assert!(!fe.contains("/32"), "{fe}");
+        let be = swanctl_backend(&vips, DPD);
+        one_setting_per_line(&be);
+        for want in [
+            "local_addrs = 2001:db8:1::100",
+            "local_addrs = 2001:db8:1::101",
+            "id = 2001:db8:1::100",
+            "local_ts = 2001:db8:1::101/128[tcp/143],2001:db8:1::101/128[tcp/110],2001:db8:1::101/128[tcp/80]",
+            "remote_ts = 2001:db8:1::/64[tcp]",
+        ] {
+            assert!(be.lines().any(|l| l == want), "{want} missing:\n{be}");
+        }
+        assert!(
+            !be.contains("192.0.2.") && !be.contains("198.51.100."),
+            "{be}"
         );
     }
 

@@ -1,7 +1,7 @@
 //! The lab's etcd server, alone in its own node so front-ends and back-ends reach it over
 //! the lab network like a real cluster store.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,10 +17,10 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub fn start(ns: &Netns, addr: Ipv4Addr, dir: &Path) -> anyhow::Result<Etcd> {
+    pub fn start(ns: &Netns, addr: IpAddr, dir: &Path) -> anyhow::Result<Etcd> {
         let program = vipsec_testbed::require_program("etcd")?;
         std::fs::create_dir_all(dir)?;
-        let client = format!("http://{addr}:{CLIENT_PORT}");
+        let client = format!("http://{}", SocketAddr::from((addr, CLIENT_PORT)));
         let log = std::fs::File::create(dir.join("etcd.log"))?;
         let guard = ProcessGuard::spawn(
             "etcd",

@@ -3,7 +3,7 @@
 //! each fault in a series moves the VIP away from whichever node holds it.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use vipsec_testbed::netns::Netns;
@@ -11,7 +11,16 @@ use vipsec_testbed::process::ProcessGuard;
 
 use super::topology::NODE_IF;
 
-pub fn config(node: &str, priority: u8, vips: &[Ipv4Addr]) -> String {
+/// An IPv6 VIP list makes an IPv6 instance, which keepalived always runs as VRRPv3 over
+/// IPv6 (adverts from eth0's link-local address to ff02::12). keepalived adds IPv6 VIPs
+/// with `nodad` unless an address says `-nodad` (RFC 5798 asks routers not to run DAD on
+/// a virtual address); the lab writes `-nodad` so the kernel runs DAD on the VIP, as it
+/// does for every address a cluster manager adds with plain `ip addr add`. keepalived also
+/// adds a /128 as deprecated (`preferred_lft 0`) unless told `preferred_lft forever`, and
+/// charon skips deprecated addresses when it looks for the local address of a traffic
+/// selector: kernel-libipsec then cannot install the CHILD_SA's route ("error installing
+/// route with policy") and no CHILD_SA comes up on the VIP.
+pub fn config(node: &str, priority: u8, vips: &[IpAddr]) -> String {
     let mut s = String::new();
     s += "global_defs {\n";
     let _ = writeln!(s, "  router_id {node}");
@@ -26,7 +35,17 @@ pub fn config(node: &str, priority: u8, vips: &[Ipv4Addr]) -> String {
     s += "  nopreempt\n";
     s += "  virtual_ipaddress {\n";
     for vip in vips {
-        let _ = writeln!(s, "    {vip}/32 dev {NODE_IF}");
+        match vip {
+            IpAddr::V4(_) => {
+                let _ = writeln!(s, "    {vip}/32 dev {NODE_IF}");
+            }
+            IpAddr::V6(_) => {
+                let _ = writeln!(
+                    s,
+                    "    {vip}/128 dev {NODE_IF} -nodad preferred_lft forever"
+                );
+            }
+        }
     }
     s += "  }\n";
     s += "}\n";
@@ -44,7 +63,7 @@ impl Keepalived {
         dir: &Path,
         node: &str,
         priority: u8,
-        vips: &[Ipv4Addr],
+        vips: &[IpAddr],
     ) -> anyhow::Result<Keepalived> {
         let program = vipsec_testbed::require_program("keepalived")?;
         std::fs::create_dir_all(dir)?;
@@ -95,5 +114,23 @@ impl Keepalived {
 
     pub fn is_running(&mut self) -> bool {
         self.guard.is_running()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::topology::{Family, vips_of};
+
+    #[test]
+    fn ipv4_config_is_unchanged_and_ipv6_keeps_dad() {
+        let v4 = config("be1", 150, &vips_of(Family::V4, 1));
+        assert!(v4.contains("    192.0.2.100/32 dev eth0\n"), "{v4}");
+        assert!(!v4.contains("nodad"), "{v4}");
+        let v6 = config("be1", 150, &vips_of(Family::V6, 2));
+        for vip in ["2001:db8:1::100", "2001:db8:1::101"] {
+            let want = format!("    {vip}/128 dev eth0 -nodad preferred_lft forever\n");
+            assert!(v6.contains(&want), "{v6}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! connection with one line naming the node, so a probe knows which back-end answered.
 //! It runs as `vipsec-chaos serve-mail` inside the node's namespace.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,11 +24,11 @@ pub fn node_of(greeting: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("node="))
 }
 
-/// Serves until killed.
-pub async fn serve(node: String, ports: Vec<u16>) -> anyhow::Result<()> {
+/// Serves until killed, on `bind` (0.0.0.0 in an IPv4 lab, :: in an IPv6 one).
+pub async fn serve(node: String, ports: Vec<u16>, bind: IpAddr) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for port in ports {
-        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+        let listener = TcpListener::bind(SocketAddr::from((bind, port))).await?;
         let node = node.clone();
         tasks.spawn(async move {
             loop {
@@ -53,6 +53,7 @@ pub fn start(
     ns: &Netns,
     node: &str,
     ports: &[u16],
+    bind: IpAddr,
     log: &Path,
 ) -> anyhow::Result<ProcessGuard> {
     let log = std::fs::OpenOptions::new()
@@ -68,12 +69,17 @@ pub fn start(
         "serve-mail",
         ns.command(&self_exe.display().to_string())
             .args(["serve-mail", "--node", node, "--ports", &port_list])
+            .args(["--bind", &bind.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log),
     )?;
     for &port in ports {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let loopback = match bind {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        let addr = SocketAddr::from((loopback, port));
         wait_for("the mail server", Duration::from_secs(10), || {
             crate::nsexec::tcp_reachable(&ns.name, addr).then_some(())
         })?;

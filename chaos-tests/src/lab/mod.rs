@@ -16,7 +16,7 @@ pub mod setup;
 pub mod topology;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use charon::Charon;
 use etcd::Etcd;
 use keepalived::Keepalived;
 use probe::Probe;
-use topology::{NODE_IF, Topology};
+use topology::{Family, NODE_IF, Topology, host_cidr};
 
 /// keepalived priorities: be1 starts as the VIP's owner.
 const PRIORITIES: &[(&str, u8)] = &[("be1", 150), ("be2", 100)];
@@ -53,6 +53,8 @@ pub struct LabOptions {
     pub self_exe: PathBuf,
     /// Keep the run directory (configs, logs, probe records) after the lab is gone.
     pub keep_run_dir: bool,
+    /// The lab network's address family (IPv4 unless asked).
+    pub family: Family,
 }
 
 impl LabOptions {
@@ -66,6 +68,7 @@ impl LabOptions {
             nat_front_end: None,
             self_exe: self_exe.into(),
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
+            family: Family::V4,
         }
     }
 }
@@ -88,7 +91,7 @@ pub struct Lab {
     pub topo: Topology,
     run_dir: tempfile::TempDir,
     pub setup: Setup,
-    pub vips: Vec<Ipv4Addr>,
+    pub vips: Vec<IpAddr>,
     self_exe: PathBuf,
     vipsec_bin: Option<PathBuf>,
     probe_interval: Duration,
@@ -120,7 +123,8 @@ impl Lab {
         if opts.keep_run_dir {
             run_dir.disable_cleanup(true);
         }
-        let topo = Topology::build(
+        let topo = Topology::build_family(
+            opts.family,
             opts.front_ends,
             opts.nat_front_end.as_deref(),
             run_dir.path(),
@@ -141,7 +145,7 @@ impl Lab {
             topo,
             run_dir,
             setup: opts.setup,
-            vips: topology::vips(opts.vips),
+            vips: topology::vips_of(opts.family, opts.vips),
             self_exe: opts.self_exe,
             vipsec_bin: None,
             probe_interval: opts.probe_interval,
@@ -284,9 +288,8 @@ impl Lab {
         let dir = self.node_dir(name);
         let vici = charon::vici_path(&dir);
         let endpoint = format!(
-            "http://{}:{}",
-            self.topo.node("etcd").addr,
-            etcd::CLIENT_PORT
+            "http://{}",
+            SocketAddr::from((self.topo.node("etcd").addr, etcd::CLIENT_PORT))
         );
         let plan = AgentPlan {
             node: name,
@@ -313,6 +316,10 @@ impl Lab {
             &node.ns,
             name,
             &charon::PROTECTED_PORTS,
+            match self.topo.family {
+                Family::V4 => IpAddr::from([0, 0, 0, 0]),
+                Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            },
             &log,
         )?;
         self.procs.entry(name.to_string()).or_default().server = Some(g);
@@ -509,8 +516,7 @@ impl Lab {
         let crashed = procs.server.is_none();
         if crashed {
             for vip in &self.vips {
-                let _ =
-                    n.ns.ip(&["addr", "del", &format!("{vip}/32"), "dev", NODE_IF]);
+                let _ = n.ns.ip(&["addr", "del", &host_cidr(*vip), "dev", NODE_IF]);
             }
             n.ns.link_set(NODE_IF, true)?;
             self.start_charon(node)?;

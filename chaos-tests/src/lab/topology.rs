@@ -1,8 +1,10 @@
 //! The lab's network: a hub namespace holding a Linux bridge (so nothing appears on the
 //! host), and one namespace per node joined to the bridge by a veth pair. Addresses come
 //! from 192.0.2.0/24 only; an optional NAT router puts one front-end behind 198.51.100.0/24.
+//! An IPv6 lab ([`Family::V6`]) uses 2001:db8:1::/64 instead, with the same plan: node N
+//! is 2001:db8:1::N, the VIPs 2001:db8:1::100 onward (the same digits as in IPv4).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,6 +18,63 @@ pub const NODE_IF: &str = "eth0";
 pub const VIP_BASE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 pub const MAX_VIPS: usize = 11;
 
+/// The lab network's address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    #[default]
+    V4,
+    /// 2001:db8:1::/64, DAD left at the kernel defaults (see [`Topology::build_family`]).
+    V6,
+}
+
+impl Family {
+    /// Node or VIP `n` of the lab: 192.0.2.n, or 2001:db8:1::n written with the same digits
+    /// (be1 = 192.0.2.21 = 2001:db8:1::21), so logs read alike in both families.
+    pub fn host(self, n: u8) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)),
+            Family::V6 => {
+                let digits = u16::from_str_radix(&n.to_string(), 16).expect("decimal digits");
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, digits))
+            }
+        }
+    }
+
+    /// The prefix length of the lab network.
+    pub fn subnet_len(self) -> u8 {
+        match self {
+            Family::V4 => 24,
+            Family::V6 => 64,
+        }
+    }
+
+    /// The lab network, as swanctl and nftables write it.
+    pub fn subnet(self) -> &'static str {
+        match self {
+            Family::V4 => "192.0.2.0/24",
+            Family::V6 => "2001:db8:1::/64",
+        }
+    }
+
+    /// `-4` or `-6` for `ip`.
+    pub fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+}
+
+/// The prefix length of a single host: 32 or 128.
+pub fn host_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+/// `addr/32` or `addr/128`.
+pub fn host_cidr(addr: IpAddr) -> String {
+    format!("{addr}/{}", host_len(addr))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     FrontEnd,
@@ -28,7 +87,7 @@ pub struct Node {
     pub name: String,
     pub role: Role,
     /// The address charon uses for IKE (behind NAT: the private one).
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// The hub-side port of this node's link (what faults on the bridge match).
     pub hub_port: String,
     pub ns: Netns,
@@ -70,11 +129,13 @@ pub fn plan(front_ends: usize) -> Vec<(String, Role, u8)> {
     plan
 }
 
-pub fn vips(count: usize) -> Vec<Ipv4Addr> {
+pub fn vips(count: usize) -> Vec<IpAddr> {
+    vips_of(Family::V4, count)
+}
+
+pub fn vips_of(family: Family, count: usize) -> Vec<IpAddr> {
     assert!((1..=MAX_VIPS).contains(&count), "1 to {MAX_VIPS} VIPs");
-    (0..count as u8)
-        .map(|i| Ipv4Addr::new(192, 0, 2, 100 + i))
-        .collect()
+    (0..count as u8).map(|i| family.host(100 + i)).collect()
 }
 
 /// The whole network; dropping it deletes every namespace (and so every interface).
@@ -84,6 +145,7 @@ pub struct Topology {
     /// The NAT router in front of a front-end, if any.
     pub nat: Option<Netns>,
     pub hub: Netns,
+    pub family: Family,
     registry: Option<PathBuf>,
 }
 
@@ -97,12 +159,29 @@ impl Topology {
         nat_front_end: Option<&str>,
         run_dir: &Path,
     ) -> anyhow::Result<Topology> {
+        Self::build_family(Family::V4, front_ends, nat_front_end, run_dir)
+    }
+
+    /// [`Topology::build`] in either family. IPv6 keeps duplicate address detection on:
+    /// `accept_dad = 1` and `dad_transmits = 1` (the kernel defaults) are written
+    /// explicitly in every namespace, so a host with other defaults runs the same lab.
+    pub fn build_family(
+        family: Family,
+        front_ends: usize,
+        nat_front_end: Option<&str>,
+        run_dir: &Path,
+    ) -> anyhow::Result<Topology> {
+        anyhow::ensure!(
+            family == Family::V4 || nat_front_end.is_none(),
+            "the lab's NAT router is IPv4 only (IPv6 has no masquerading front-ends here)"
+        );
         reap_crashed_runs();
         let hub = Netns::new("hub")?;
         let mut topo = Topology {
             nodes: Vec::new(),
             nat: None,
             hub,
+            family,
             registry: None,
         };
         topo.hub.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
@@ -112,8 +191,11 @@ impl Topology {
         for (name, role, octet) in plan(front_ends) {
             let name = name.as_str();
             let ns = Netns::new(name)?;
+            if family == Family::V6 {
+                set_ipv6_defaults(&ns)?;
+            }
             let hub_port = format!("p-{name}");
-            let addr = Ipv4Addr::new(192, 0, 2, octet);
+            let addr = family.host(octet);
             if nat_front_end == Some(name) {
                 let nat = Netns::new("nat")?;
                 topo.register_ns(&nat.name)?;
@@ -143,7 +225,7 @@ impl Topology {
                 topo.nodes.push(Node {
                     name: name.into(),
                     role,
-                    addr: Ipv4Addr::new(198, 51, 100, 2),
+                    addr: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
                     hub_port,
                     ns,
                 });
@@ -151,7 +233,7 @@ impl Topology {
                 continue;
             }
             topo.register_ns(&ns.name)?;
-            topo.attach(&ns, &hub_port, &format!("{addr}/24"))?;
+            topo.attach(&ns, &hub_port, &format!("{addr}/{}", family.subnet_len()))?;
             topo.nodes.push(Node {
                 name: name.into(),
                 role,
@@ -160,7 +242,40 @@ impl Topology {
                 ns,
             });
         }
+        if family == Family::V6 {
+            topo.wait_dad()?;
+        }
         Ok(topo)
+    }
+
+    /// Waits until DAD has finished for every address on every node's eth0 (its own
+    /// address and its link-local one): a daemon cannot bind a tentative address, and
+    /// keepalived sends VRRPv3 adverts from the link-local one.
+    fn wait_dad(&self) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        for node in &self.nodes {
+            let out = vipsec_testbed::process::wait_for(
+                "DAD on the lab's own addresses",
+                std::time::Duration::from_secs(10),
+                || {
+                    let out = node
+                        .ns
+                        .ip(&["-6", "-o", "addr", "show", "dev", NODE_IF])
+                        .ok()?;
+                    (out.contains("scope link") && !out.contains("tentative")).then_some(out)
+                },
+            )?;
+            anyhow::ensure!(
+                !out.contains("dadfailed"),
+                "DAD failed on {}: {out}",
+                node.name
+            );
+        }
+        eprintln!(
+            "IPv6 lab: DAD on the nodes' own addresses done after {:?}",
+            start.elapsed()
+        );
+        Ok(())
     }
 
     /// A veth from the bridge to `ns`'s eth0, created inside the hub so that no interface
@@ -188,7 +303,7 @@ impl Topology {
     }
 
     /// The back-ends holding `vip` on eth0 right now.
-    pub fn holders(&self, vip: Ipv4Addr) -> Vec<String> {
+    pub fn holders(&self, vip: IpAddr) -> Vec<String> {
         self.with_role(Role::BackEnd)
             .filter(|n| has_addr(&n.ns, vip))
             .map(|n| n.name.clone())
@@ -225,10 +340,43 @@ impl Drop for Topology {
     }
 }
 
-pub fn has_addr(ns: &Netns, addr: Ipv4Addr) -> bool {
-    ns.ip(&["-4", "-o", "addr", "show", "dev", NODE_IF])
+/// Whether `addr` sits on the node's eth0 (an IPv6 address also while still tentative).
+pub fn has_addr(ns: &Netns, addr: IpAddr) -> bool {
+    let flag = if addr.is_ipv4() { "-4" } else { "-6" };
+    ns.ip(&[flag, "-o", "addr", "show", "dev", NODE_IF])
         .map(|out| out.contains(&format!(" {addr}/")))
         .unwrap_or(false)
+}
+
+/// Whether `addr` sits on eth0 and is usable: for IPv6, duplicate address detection has
+/// finished (neither `tentative` nor `dadfailed`).
+pub fn has_usable_addr(ns: &Netns, addr: IpAddr) -> bool {
+    let flag = if addr.is_ipv4() { "-4" } else { "-6" };
+    ns.ip(&[flag, "-o", "addr", "show", "dev", NODE_IF])
+        .map(|out| {
+            out.lines().any(|l| {
+                l.contains(&format!(" {addr}/"))
+                    && !l.contains("tentative")
+                    && !l.contains("dadfailed")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Writes the kernel's default DAD settings into a namespace explicitly, for all and for
+/// interfaces created later, so the lab does not depend on the host's defaults; and keeps
+/// IPv6 addresses on a link that goes down (`keep_addr_on_down`): a crash takes the
+/// node's link down, and without it the kernel would flush the node's own address, which
+/// an IPv4 address survives. Addresses kept over a down link run DAD again when it comes
+/// back up.
+pub fn set_ipv6_defaults(ns: &Netns) -> anyhow::Result<()> {
+    ns.sh(
+        "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+         net.ipv6.conf.all.accept_dad=1 net.ipv6.conf.default.accept_dad=1 \
+         net.ipv6.conf.all.dad_transmits=1 net.ipv6.conf.default.dad_transmits=1 \
+         net.ipv6.conf.all.keep_addr_on_down=1 net.ipv6.conf.default.keep_addr_on_down=1",
+    )?;
+    Ok(())
 }
 
 /// Loads an nftables script inside a namespace.

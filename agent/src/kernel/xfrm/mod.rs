@@ -11,6 +11,7 @@ mod events;
 pub use events::XfrmEvent;
 mod netlink;
 pub mod policy;
+pub mod route_guard;
 pub mod state;
 
 use std::collections::BTreeSet;
@@ -152,6 +153,36 @@ impl XfrmKernel {
     }
 }
 
+/// The interface a VIP's block policies are bound to.
+///
+/// IPv4's output route lookup writes the chosen device into the flow before the policy
+/// lookup; IPv6's does not (the flow's oif stays 0 unless the socket is bound to a
+/// device), so an IPv6 selector bound to an interface never matches an unbound socket
+/// (agent/tests/kernel_xfrm.rs shows it). A peer VIP's policies are only engaged while no
+/// SA toward the VIP exists (start-up, keying daemon down), so for an IPv6 peer VIP they
+/// go unbound: they then block all its protected traffic, which is what fail-secure wants
+/// then (with kernel-libipsec the tunnel's own packets too, until the SA's arrival releases
+/// them). A hosted VIP's guard stays on while the agent runs and must let the tunnel pass:
+/// for IPv6 under kernel-libipsec that is the job of [`route_guard`] instead.
+fn selector_ifindex(vip: Vip, flows: &[&ProtectedFlow], configured: i32) -> i32 {
+    let peer_only = flows.iter().all(|f| f.direction == FlowDirection::ToVip);
+    if vip.is_ipv6() && peer_only {
+        0
+    } else {
+        configured
+    }
+}
+
+/// Whether a VIP's flows are guarded by policy routing rules rather than XFRM policies:
+/// a hosted IPv6 VIP (its flows come from the VIP) with `kernel.interface` set (the
+/// kernel-libipsec set-up; see [`route_guard`]).
+fn uses_route_guard(vip: Vip, flows: &[&ProtectedFlow], interface_set: bool) -> bool {
+    vip.is_ipv6()
+        && interface_set
+        && !flows.is_empty()
+        && flows.iter().all(|f| f.direction == FlowDirection::FromVip)
+}
+
 async fn dump_policies(session: &Session) -> Result<PolicyTable, KernelError> {
     let dump: Vec<_> = session
         .handle
@@ -205,19 +236,40 @@ impl Kernel for XfrmKernel {
                 dport = ?p.selector.dport, ifindex = p.selector.ifindex,
                 "adopting block policy of an earlier run");
         }
-        Ok(policy::blocked_vips(&table))
+        let mut vips: BTreeSet<Vip> = policy::blocked_vips(&table).into_iter().collect();
+        for r in route_guard::rules().await? {
+            info!(vip = %r.vip, proto = r.proto, sport = ?r.sport,
+                "adopting guard rule of an earlier run");
+            vips.insert(r.vip);
+        }
+        Ok(vips.into_iter().collect())
     }
 
     /// Returns how many of the VIP's configured flows the agent's policies block now.
     async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError> {
         let _one_at_a_time = self.policy_ops.lock().await;
-        let ifindex = self.ifindex()?;
-        let wanted: BTreeSet<BlockSelector> = self
+        let owned: Vec<ProtectedFlow> = self
             .flows
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|f| f.vip == vip)
+            .copied()
+            .collect();
+        let flows: Vec<&ProtectedFlow> = owned.iter().collect();
+        if uses_route_guard(vip, &flows, self.interface.is_some()) {
+            let rules: Vec<_> = flows
+                .iter()
+                .filter_map(|f| route_guard::GuardRule::for_flow(f))
+                .collect();
+            let n = route_guard::engage(&rules).await?;
+            info!(%vip, blocked = n, flows = rules.len(), priority = route_guard::RULE_PRIORITY,
+                "fail-secure engaged (policy routing rules: an IPv6 hosted VIP under kernel-libipsec)");
+            return Ok(n);
+        }
+        let ifindex = selector_ifindex(vip, &flows, self.ifindex()?);
+        let wanted: BTreeSet<BlockSelector> = flows
+            .iter()
             .map(|f| BlockSelector::for_flow(f, ifindex))
             .collect();
         if wanted.is_empty() {
@@ -327,7 +379,8 @@ impl Kernel for XfrmKernel {
                 removed += 1;
             }
         }
-        info!(%vip, removed, "fail-secure released");
+        let rules = route_guard::release(vip).await?;
+        info!(%vip, removed, rules, "fail-secure released");
         Ok(())
     }
 
@@ -365,5 +418,45 @@ impl Kernel for XfrmKernel {
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
         drop(sink);
         events::watch(&self.vips, None, cancel).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_peer_policies_go_unbound_and_everything_else_keeps_the_interface() {
+        let flow = |vip: &str, direction| ProtectedFlow {
+            vip: vip.parse().unwrap(),
+            protocol: crate::model::FlowProtocol::Tcp,
+            port: Some(143),
+            direction,
+        };
+        let v6_peer = flow("2001:db8::100", FlowDirection::ToVip);
+        let v6_hosted = flow("2001:db8::100", FlowDirection::FromVip);
+        let v4_peer = flow("192.0.2.100", FlowDirection::ToVip);
+        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 3), 0);
+        assert_eq!(selector_ifindex(v6_hosted.vip, &[&v6_hosted], 3), 3);
+        assert_eq!(selector_ifindex(v4_peer.vip, &[&v4_peer], 3), 3);
+        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 0), 0);
+    }
+
+    #[test]
+    fn only_hosted_ipv6_vips_under_libipsec_use_routing_rules() {
+        let flow = |vip: &str, direction| ProtectedFlow {
+            vip: vip.parse().unwrap(),
+            protocol: crate::model::FlowProtocol::Tcp,
+            port: Some(143),
+            direction,
+        };
+        let hosted6 = flow("2001:db8::100", FlowDirection::FromVip);
+        let peer6 = flow("2001:db8::100", FlowDirection::ToVip);
+        let hosted4 = flow("192.0.2.100", FlowDirection::FromVip);
+        assert!(uses_route_guard(hosted6.vip, &[&hosted6], true));
+        assert!(!uses_route_guard(hosted6.vip, &[&hosted6], false));
+        assert!(!uses_route_guard(peer6.vip, &[&peer6], true));
+        assert!(!uses_route_guard(hosted4.vip, &[&hosted4], true));
+        assert!(!uses_route_guard(hosted6.vip, &[], true));
     }
 }

@@ -179,3 +179,36 @@ mod tests {
         assert_eq!(c[&ip("192.0.2.10")].bytes_out, 7);
     }
 }
+
+#[cfg(test)]
+mod ipv6_tests {
+    use netlink_packet_xfrm::{AF_INET6, Address};
+
+    use super::*;
+
+    #[test]
+    fn an_ipv6_state_from_a_dump_maps_to_its_vip() {
+        let src: IpAddr = "2001:db8:1::11".parse().unwrap();
+        let dst: IpAddr = "2001:db8:1::100".parse().unwrap();
+        let mut msg = ModifyMessage::default();
+        msg.user_sa_info.family = AF_INET6;
+        msg.user_sa_info.saddr = Address::from_ip(&src);
+        msg.user_sa_info.id.daddr = Address::from_ip(&dst);
+        msg.user_sa_info.id.proto = 50;
+        msg.user_sa_info.id.spi = 0xc0ffee;
+        msg.user_sa_info.lifetime_cur.bytes = 1500;
+        let sa = KernelSa::from_dump(&msg).unwrap();
+        assert_eq!((sa.src, sa.dst), (src, dst));
+        let map = VipMap {
+            hosted: BTreeSet::new(),
+            peer: [dst].into(),
+        };
+        let mapped = map.map(vec![sa.clone()]);
+        assert_eq!(mapped.len(), 1);
+        assert_eq!(mapped[0].direction, SaDirection::Outbound);
+        assert_eq!(counters_by_vip(&mapped)[&dst].bytes_out, 1500);
+        // The same 16 bytes read as IPv4 would be another address: the family decides.
+        msg.user_sa_info.family = 0;
+        assert_eq!(KernelSa::from_dump(&msg), None);
+    }
+}

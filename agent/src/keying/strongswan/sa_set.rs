@@ -406,6 +406,30 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_sas_map_to_their_vips_whatever_charons_host_text() {
+        let v6: Vip = "2001:db8:1::100".parse().unwrap();
+        let mut peer = SaSet::new(vec![], vec![v6]);
+        let mut fe = ike(4, "ESTABLISHED", &[(1, "INSTALLED")]);
+        fe.local_host = "2001:db8:1::11".into();
+        fe.remote_host = "[2001:db8:1::100]".into();
+        let refs = peer.reset(&[fe]);
+        assert_eq!(refs.len(), 1);
+        assert_eq!((refs[0].vip, refs[0].role), (v6, VipRole::Peer));
+
+        let mut hosted = SaSet::new(vec![v6], vec![]);
+        let mut be = ike(5, "ESTABLISHED", &[(1, "INSTALLED")]);
+        be.local_host = "2001:db8:1::100[4500]".into();
+        be.remote_host = "2001:db8:1::11".into();
+        let refs = hosted.reset(&[be]);
+        assert_eq!((refs[0].vip, refs[0].role), (v6, VipRole::Hosted));
+
+        // Another host of the same /64 is not the VIP.
+        let mut other = ike(6, "ESTABLISHED", &[(1, "INSTALLED")]);
+        other.remote_host = "2001:db8:1::101".into();
+        assert!(SaSet::new(vec![], vec![v6]).reset(&[other]).is_empty());
+    }
+
+    #[test]
     fn ike_down_reports_down_once_and_late_up_events_are_ignored() {
         let mut s = peer_set();
         s.reset(&[ike(1, "ESTABLISHED", &[(1, "INSTALLED")])]);

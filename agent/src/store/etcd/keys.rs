@@ -5,6 +5,13 @@
 //!                        next owner of a withdrawn or expired VIP still gets a higher one.
 //! `<prefix>policies/<name>` a policy document (JSON), versioned by etcd's key version.
 //! `<prefix>moves/<vip>/<epoch>/<node>` one node's marks of one move (see `moves.rs`).
+//!
+//! `<vip>` is the address's canonical text (`Display`: RFC 5952 for IPv6, so
+//! `2001:db8::100`, never `2001:DB8:0::100`). The ':' of an IPv6 VIP needs no escaping: etcd
+//! keys are bytes, the only structure the agent reads is the `vips/` prefix, and no IP
+//! text contains '/'. What does need care is that one VIP has exactly one key: a key
+//! written in another spelling (by hand, by another tool) would be a second record for the
+//! same VIP, so [`KeyLayout::vip_of`] refuses every key that is not the canonical text.
 
 use crate::model::{Vip, VipOwner};
 
@@ -61,8 +68,22 @@ impl KeyLayout {
         let rest = key
             .strip_prefix(&self.owners())
             .ok_or_else(|| format!("key is outside {}", self.owners()))?;
-        rest.parse()
-            .map_err(|_| format!("{rest:?} is not an IP address"))
+        let vip: Vip = rest
+            .parse()
+            .map_err(|_| format!("{rest:?} is not an IP address"))?;
+        if vip.to_canonical() != vip {
+            return Err(format!(
+                "{rest:?} is an IPv4-mapped IPv6 address; the VIP's key is {}",
+                self.owner(vip.to_canonical())
+            ));
+        }
+        if vip.to_string() != rest {
+            return Err(format!(
+                "{rest:?} is not the canonical spelling of {vip}; the VIP's key is {}",
+                self.owner(vip)
+            ));
+        }
+        Ok(vip)
     }
 }
 
@@ -102,7 +123,43 @@ mod tests {
             "/vipsec/epochs/192.0.2.1"
         );
         assert!(k.vip_of(b"/vipsec/vips/not-an-ip").is_err());
+        // One VIP, one key: other spellings of the same address are refused.
+        for key in [
+            "/vipsec/vips/2001:DB8::1",
+            "/vipsec/vips/2001:db8:0:0:0:0:0:1",
+            "/vipsec/vips/[2001:db8::1]",
+            "/vipsec/vips/::ffff:192.0.2.100",
+            "/vipsec/vips/2001:db8::1%eth0",
+            "/vipsec/vips/192.0.2.100/32",
+        ] {
+            assert!(k.vip_of(key.as_bytes()).is_err(), "{key}");
+        }
         assert!(k.vip_of(b"/other/vips/192.0.2.1").is_err());
+    }
+
+    #[test]
+    fn ipv6_keys_round_trip_exactly_and_stay_under_the_watched_prefix() {
+        let k = KeyLayout::new("/vipsec/");
+        for vip in [
+            "2001:db8::100",
+            "2001:db8:1::100",
+            "2001:db8::",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::1",
+            "fd00::1:0:0:1",
+        ] {
+            let vip: Vip = vip.parse().unwrap();
+            let key = k.owner(vip);
+            assert!(key.starts_with(&k.owners()), "{key}");
+            assert_eq!(key, format!("/vipsec/vips/{vip}"));
+            assert_eq!(k.vip_of(key.as_bytes()), Ok(vip), "{key}");
+            assert_eq!(k.epoch(vip), format!("/vipsec/epochs/{vip}"));
+        }
+        // A VIP's key is never a prefix match for another VIP's key under a range read:
+        // the agent reads single keys, and the range it watches is `vips/` itself.
+        let a = k.owner("2001:db8::1".parse().unwrap());
+        let b = k.owner("2001:db8::10".parse().unwrap());
+        assert_ne!(k.vip_of(a.as_bytes()), k.vip_of(b.as_bytes()));
     }
 
     #[test]
