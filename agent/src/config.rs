@@ -1088,6 +1088,10 @@ pub struct PolicyConfig {
     /// File holding the pre-shared key (read at start-up; keep it root-only). Never
     /// logged, never shown by the API.
     pub psk_file: Option<PathBuf>,
+    /// Install the routing rules a partial policy needs under charon's kernel-libipsec
+    /// (docs/policy.md): unset, they are installed when the kernel has no ESP (so charon
+    /// must be using kernel-libipsec).
+    pub route_rules: Option<bool>,
     /// Policy documents for a single machine (embedded store); with etcd, policies live
     /// in the store (`vipsec policy apply`).
     #[serde(default, rename = "document")]

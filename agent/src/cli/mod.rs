@@ -198,9 +198,7 @@ impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> CliError {
         let msg = format!("agent: {}", s.message());
         match s.code() {
-            tonic::Code::InvalidArgument
-            | tonic::Code::NotFound
-            | tonic::Code::FailedPrecondition => CliError::Usage(msg),
+            tonic::Code::InvalidArgument | tonic::Code::NotFound => CliError::Usage(msg),
             _ => CliError::Runtime(msg),
         }
     }

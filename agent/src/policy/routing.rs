@@ -6,6 +6,11 @@
 //! VIP (and a back-end's answers) would vanish instead of flowing in clear. Two rules per
 //! VIP ahead of charon's fix it: the protected flows go to table 220, everything else of
 //! the VIP by the main table. A policy protecting all traffic needs none.
+//!
+//! A protected flow that finds no route in table 220 (no SA: the daemon down, the VIP in
+//! transit) would fall through to the main table and leave in clear text; a `prohibit`
+//! rule right behind the table-220 lookup stops it there, whatever the kernel's XFRM
+//! policies can or cannot match (an IPv6 route lookup knows no output interface yet).
 
 use std::fmt;
 
@@ -17,13 +22,17 @@ use super::Policy;
 pub const CHARON_TABLE: u32 = 220;
 /// Priority of the rules sending protected flows to charon's table.
 pub const PROTECTED_PRIORITY: u32 = 210;
+/// Priority of the rules refusing protected flows that table 220 had no route for.
+pub const PROHIBIT_PRIORITY: u32 = 211;
 /// Priority of the rules sending the rest of a VIP's traffic by the main table.
-pub const BYPASS_PRIORITY: u32 = 211;
+pub const BYPASS_PRIORITY: u32 = 212;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RuleTable {
     Charon,
     Main,
+    /// No table: the packet is refused (EACCES to the sender).
+    Prohibit,
 }
 
 /// One `ip rule`: packets to (front-end) or from (back-end) the VIP, optionally of one
@@ -57,11 +66,11 @@ impl RoutingRule {
             a.push(port_kw.into());
             a.push(port.to_string());
         }
-        a.push("lookup".into());
-        a.push(match self.table {
-            RuleTable::Charon => CHARON_TABLE.to_string(),
-            RuleTable::Main => "main".into(),
-        });
+        match self.table {
+            RuleTable::Charon => a.extend(["lookup".into(), CHARON_TABLE.to_string()]),
+            RuleTable::Main => a.extend(["lookup".into(), "main".into()]),
+            RuleTable::Prohibit => a.push("prohibit".into()),
+        }
         a
     }
 }
@@ -82,17 +91,20 @@ pub fn routing_rules(policy: &Policy, vip: Vip, role: VipRole) -> Vec<RoutingRul
         VipRole::Peer => FlowDirection::ToVip,
         VipRole::Hosted => FlowDirection::FromVip,
     };
-    let mut rules: Vec<RoutingRule> = flows
-        .iter()
-        .map(|f| RoutingRule {
-            priority: PROTECTED_PRIORITY,
+    let mut rules: Vec<RoutingRule> = Vec::new();
+    for (priority, table) in [
+        (PROTECTED_PRIORITY, RuleTable::Charon),
+        (PROHIBIT_PRIORITY, RuleTable::Prohibit),
+    ] {
+        rules.extend(flows.iter().map(|f| RoutingRule {
+            priority,
             vip,
             direction,
             protocol: f.protocol.ip_number(),
             port: f.port,
-            table: RuleTable::Charon,
-        })
-        .collect();
+            table,
+        }));
+    }
     rules.push(RoutingRule {
         priority: BYPASS_PRIORITY,
         vip,
@@ -122,7 +134,9 @@ mod tests {
             [
                 "priority 210 to 192.0.2.100 ipproto 6 dport 110 lookup 220",
                 "priority 210 to 192.0.2.100 ipproto 6 dport 143 lookup 220",
-                "priority 211 to 192.0.2.100 lookup main",
+                "priority 211 to 192.0.2.100 ipproto 6 dport 110 prohibit",
+                "priority 211 to 192.0.2.100 ipproto 6 dport 143 prohibit",
+                "priority 212 to 192.0.2.100 lookup main",
             ]
         );
         let be = routing_rules(&p, vip, VipRole::Hosted);
@@ -131,8 +145,8 @@ mod tests {
             "priority 210 from 192.0.2.100 ipproto 6 sport 110 lookup 220"
         );
         assert_eq!(
-            be[2].to_string(),
-            "priority 211 from 192.0.2.100 lookup main"
+            be[4].to_string(),
+            "priority 212 from 192.0.2.100 lookup main"
         );
         let udp_all = Policy {
             template: None,

@@ -25,6 +25,7 @@ use crate::model::{
     FlowDirection, FlowProtocol, IkeId, PeerConnection, ProtectedFlow, Vip, VipRole,
 };
 use crate::policy::assign::{self, PolicyState, ReadDocument, VipPolicy};
+use crate::policy::routing::RoutingRule;
 use crate::policy::{self, ConnectionSpec, Identities, SecretKey};
 use crate::store::policies::{PolicySet, PolicyStore, StoredPolicy};
 
@@ -58,6 +59,7 @@ struct State {
 #[derive(Default)]
 struct Applied {
     conns: BTreeMap<Vip, ConnectionSpec>,
+    rules: BTreeMap<Vip, Vec<RoutingRule>>,
     psk_loaded: bool,
     /// charon's key exchange methods, read once per connection to it.
     methods: Option<Vec<String>>,
@@ -73,6 +75,8 @@ struct Inner {
     sink: EventSink,
     /// The managed VIPs and this node's role for each.
     roles: Vec<(Vip, VipRole)>,
+    /// Keep a partial policy's other traffic out of kernel-libipsec's TUN.
+    route_rules: bool,
     state: Mutex<State>,
     /// Held while charon or the kernel is changed: one change at a time, in order.
     applied: tokio::sync::Mutex<Applied>,
@@ -99,8 +103,13 @@ impl Policies {
             .chain(config.peer_vips.iter().map(|p| (p.address, VipRole::Peer)))
             .filter(|(v, _)| config.policy_managed(*v))
             .collect();
+        let route_rules = config
+            .policy
+            .route_rules
+            .unwrap_or_else(|| !crate::doctor::kernel::probe().has_esp());
         Policies {
             inner: Arc::new(Inner {
+                route_rules,
                 config,
                 keying,
                 kernel,
@@ -292,6 +301,37 @@ impl Policies {
         );
     }
 
+    /// `ip rule add|del`; a rule already there (add) or already gone (del) is fine.
+    async fn ip_rule(&self, vip: Vip, verb: &str, rule: &RoutingRule) -> bool {
+        let family = if vip.is_ipv6() { "-6" } else { "-4" };
+        let out = tokio::process::Command::new("ip")
+            .arg(family)
+            .args(["rule", verb])
+            .args(rule.ip_args())
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => {
+                debug!(%vip, verb, %rule, "routing rule");
+                true
+            }
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                if (verb == "add" && err.contains("File exists"))
+                    || (verb == "del" && err.contains("No such file"))
+                {
+                    return true;
+                }
+                self.failed(vip, format!("ip rule {verb} {rule}: {err}"));
+                false
+            }
+            Err(e) => {
+                self.failed(vip, format!("ip rule {verb} {rule}: {e}"));
+                false
+            }
+        }
+    }
+
     async fn apply_all(&self) {
         let vips: Vec<Vip> = self.inner.roles.iter().map(|(v, _)| *v).collect();
         for vip in vips {
@@ -345,6 +385,27 @@ impl Policies {
                 }
             }
         }
+        if self.inner.route_rules {
+            let rules = vp
+                .as_ref()
+                .and_then(|v| v.policy.as_ref())
+                .map(|p| policy::routing::routing_rules(p, vip, role))
+                .unwrap_or_default();
+            let old = applied.rules.get(&vip).cloned().unwrap_or_default();
+            if rules != old {
+                // New rules first, old ones after: a protected flow is never without one.
+                let mut ok = true;
+                for r in rules.iter().filter(|r| !old.contains(r)) {
+                    ok &= self.ip_rule(vip, "add", r).await;
+                }
+                for r in old.iter().filter(|r| !rules.contains(r)) {
+                    ok &= self.ip_rule(vip, "del", r).await;
+                }
+                if ok {
+                    applied.rules.insert(vip, rules);
+                }
+            }
+        }
         let mut ids = Identities::psk(&self.inner.config.ike_identity());
         ids.remote_id = owner;
         let wanted = match (&vp.as_ref().and_then(|v| v.policy.as_ref()), role) {
@@ -390,10 +451,28 @@ impl Policies {
                 if let Some(old) = applied.conns.get(&vip).filter(|o| o.name != spec.name) {
                     let _ = self.inner.keying.unload_connection(&old.name).await;
                 }
+                // What the SAs carry changed (not merely whom a front-end expects): the
+                // SAs up now were built on the old policy and must be rebuilt on the new.
+                let rebuild = role == VipRole::Peer
+                    && applied.conns.get(&vip).is_some_and(|old| {
+                        let mut old = old.clone();
+                        old.body.remote.id = spec.body.remote.id.clone();
+                        old != spec
+                    });
                 match self.inner.keying.load_connection(&spec).await {
                     Ok(()) => {
-                        info!(%vip, connection = %spec.name, remote_id = %spec.body.remote.id, "connection loaded from policy");
+                        info!(%vip, connection = %spec.name, remote_id = %spec.body.remote.id, rebuild, "connection loaded from policy");
                         applied.conns.insert(vip, spec);
+                        if rebuild {
+                            // Deleted gracefully; the core sees the SA go and initiates on
+                            // the new connection at once.
+                            match self.inner.keying.delete_sas(vip, role).await {
+                                Ok(n) => info!(%vip, deleted = n, "SAs of the old policy deleted"),
+                                Err(e) => {
+                                    self.failed(vip, format!("delete SAs of the old policy: {e}"))
+                                }
+                            }
+                        }
                         Ok(())
                     }
                     Err(e) => {
