@@ -867,10 +867,20 @@ impl Config {
                 "only for the embedded store; with etcd, policies live in the store (vipsec policy apply)".into(),
             );
         }
-        if let Some(id) = &self.policy.identity
-            && id.trim().is_empty()
-        {
-            bad("policy.identity", "must not be empty".into());
+        if let Some(id) = &self.policy.identity {
+            if id.trim().is_empty() {
+                bad("policy.identity", "must not be empty".into());
+            } else if *id != self.node && !self.hosted_vips.is_empty() {
+                // Front-ends require the owner of record's identity, and the record names
+                // the node: a back-end answers IKE as its node name.
+                bad(
+                    "policy.identity",
+                    format!(
+                        "{id:?} differs from node {:?}: a node hosting VIPs answers IKE as its node name (front-ends require the owner of record's name)",
+                        self.node
+                    ),
+                );
+            }
         }
         if self.drill.target.is_zero() {
             bad("drill.target", "must be greater than zero".into());
@@ -1361,6 +1371,35 @@ protect = ["tcp/143", "any"]
             ApiEndpoint::parse("tcp://[2001:db8:1::1]:7443"),
             Ok(ApiEndpoint::Tcp("[2001:db8:1::1]:7443".into()))
         );
+    }
+
+    #[test]
+    fn policy_managed_settings_are_checked() {
+        let managed = r#"
+node = "be1"
+[keying]
+backend = "strongswan"
+[policy]
+managed = true
+identity = "be1.example"
+[[hosted_vip]]
+address = "192.0.2.100"
+[[peer_vip]]
+address = "192.0.2.200"
+"#;
+        let problems = Config::parse(managed).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["policy.psk_file", "policy.identity"], "{problems:?}");
+        let fixed = managed.replace(
+            "identity = \"be1.example\"",
+            "psk_file = \"/etc/vipsec/psk\"",
+        );
+        let c = Config::parse(&fixed).unwrap();
+        assert!(c.policy_managed("192.0.2.200".parse().unwrap()));
+        assert!(c.peer_protected("192.0.2.200".parse().unwrap()));
+        let unmanaged = fixed.replace("managed = true", "managed = false");
+        let problems = Config::parse(&unmanaged).unwrap_err();
+        assert_eq!(problems[0].key, "peer_vip[0].connection", "{problems:?}");
     }
 
     #[test]

@@ -159,6 +159,22 @@ pub struct AgentService {
     handle: AgentHandle,
 }
 
+impl AgentService {
+    /// Calls that change the node (drain, mode, log level, policy, drills) need a caller
+    /// the agent can trust: anyone on the root-only Unix socket, but over TCP only a
+    /// client with a certificate the configured CA signed. A TCP endpoint without
+    /// `api.tls_client_ca` serves reads only.
+    fn require_trusted_client(&self) -> Result<(), Status> {
+        let api = &self.handle.config.api;
+        if api.endpoint.starts_with("tcp://") && api.tls_client_ca.is_none() {
+            return Err(Status::permission_denied(
+                "changes over TCP need client certificates (set api.tls_client_ca); use the Unix socket on the node",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
     // An IPv6 VIP may come bracketed ("[2001:db8::100]", as copied from a URL or from a
     // flow's text) and an IPv4-mapped one stands for the IPv4 VIP the agent knows.
@@ -192,6 +208,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::ApplyPolicyRequest>,
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        self.require_trusted_client()?;
         Ok(Response::new(
             policies::apply(&self.handle, req.into_inner()).await?,
         ))
@@ -288,6 +305,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        self.require_trusted_client()?;
         let vip = parse_vip("vip", &req.into_inner().vip)?;
         if !self.handle.config.hosted_addresses().contains(&vip) {
             return Err(
@@ -310,6 +328,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::SetModeRequest>,
     ) -> Result<Response<pb::SetModeResponse>, Status> {
+        self.require_trusted_client()?;
         let req = req.into_inner();
         let mode = match pb::Mode::try_from(req.mode) {
             Ok(pb::Mode::Normal) => Mode::Normal,
@@ -416,6 +435,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::DrillRequest>,
     ) -> Result<Response<pb::DrillReport>, Status> {
+        self.require_trusted_client()?;
         let req = req.into_inner();
         let vip = parse_vip("vip", &req.vip)?;
         let to = req.to_node.trim().to_string();
@@ -497,6 +517,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::SetLogLevelRequest>,
     ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
+        self.require_trusted_client()?;
         let filter = req.into_inner().filter;
         if filter.trim().is_empty() {
             return Err(ApiError::InvalidArgument("filter must not be empty".into()).into());

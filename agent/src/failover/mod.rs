@@ -436,6 +436,10 @@ impl FailoverCore {
         };
         h.draining = true;
         h.generation += 1;
+        // Refuse new SAs first: a front-end whose DELETE arrives before the draining
+        // record must not be served here again.
+        self.guard(out, self.now, vip);
+        let h = self.hosted.get_mut(&vip).expect("hosted VIP");
         // DELETE first, while front-ends still know us as the owner: each answers its
         // DELETE. Withdrawing first would make them delete at the same moment, and two
         // crossing DELETEs leave charon waiting for answers that never come. The record
@@ -460,7 +464,6 @@ impl FailoverCore {
                 after: self.settings.drain_hold,
             });
         }
-        self.guard(out, self.now, vip);
     }
 
     // ----- ownership records -----
@@ -481,6 +484,11 @@ impl FailoverCore {
                 return;
             }
             if h.owner == owner {
+                if owner.is_none() && h.present && !h.draining && !h.accepting {
+                    // Still here, still unrecorded (a publish refused while another node
+                    // held the record, whose removal we never saw): try again.
+                    out.push(Action::PublishOwnership { vip });
+                }
                 self.guard(out, now, vip);
                 return;
             }
@@ -681,6 +689,12 @@ impl FailoverCore {
             } else if !self.waits_for_owner_record(vip) || owner_known {
                 self.renegotiate(out, now, vip, "no SA toward the VIP".into(), false);
             }
+        }
+        // SAs the daemon already had for a hosted VIP this node may not accept (a restart
+        // in the middle of a split brain) go now, like any refused SA.
+        let hosted: Vec<Vip> = self.hosted.keys().copied().collect();
+        for vip in hosted {
+            self.guard(out, now, vip);
         }
     }
 

@@ -85,11 +85,14 @@ pub fn read(stored: &StoredPolicy) -> ReadDocument {
     let parsed = Policy::parse_json(&stored.raw).map_err(|e| e.to_string());
     let vips = match &parsed {
         Ok(p) => p.policy.vips.clone(),
+        // Entry by entry: one malformed address must not hide the others.
         Err(_) => serde_json::from_str::<serde_json::Value>(&stored.raw)
             .ok()
-            .and_then(|v| v.get("vips").cloned())
-            .and_then(|v| serde_json::from_value::<Vec<Vip>>(v).ok())
-            .unwrap_or_default(),
+            .and_then(|v| v.get("vips").and_then(|l| l.as_array()).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().and_then(|s| s.trim().parse().ok()))
+            .collect(),
     };
     ReadDocument {
         stored: stored.clone(),
@@ -117,7 +120,23 @@ pub fn assign(
             stored,
             state,
         };
+        // The document that governed the VIP is still stored but cannot be read now (it
+        // lists nothing readable): refused like any invalid document, not "missing".
+        let unreadable_governor = before.and_then(|b| {
+            let name = &b.policy.as_ref()?.name;
+            docs.iter()
+                .find(|d| d.stored.name == *name && d.parsed.is_err() && !d.vips.contains(&vip))
+        });
         let entry = match listing.as_slice() {
+            [] if unreadable_governor.is_some() => {
+                let d = unreadable_governor.expect("checked");
+                keep(
+                    PolicyState::Invalid {
+                        error: d.parsed.clone().err().unwrap_or_default(),
+                    },
+                    Some((d.stored.name.clone(), d.stored.version)),
+                )
+            }
             [] => VipPolicy {
                 vip,
                 role,
@@ -235,6 +254,30 @@ mod tests {
             }
         );
         assert_eq!(p.version, 1);
+    }
+
+    #[test]
+    fn an_unreadable_document_that_governed_the_vip_keeps_its_policy() {
+        let good = doc(
+            "mail",
+            r#"{"name":"mail","vips":["192.0.2.100"],"template":"mail"}"#,
+            1,
+        );
+        let first = assign(&[good], &vips(), &BTreeMap::new());
+        for raw in [
+            r#"{"name":"mail","vips":["192.0.2.100", "not-an-ip"],"template":"mail","ports":["x"]}"#,
+            r#"{"name":"mail","vips":"192.0.2.100","template":"mail"}"#,
+            "not json at all",
+        ] {
+            let a = assign(&[doc("mail", raw, 2)], &vips(), &first);
+            let p = a.values().next().unwrap();
+            assert!(
+                matches!(p.state, PolicyState::Invalid { .. }),
+                "{raw}: {p:?}"
+            );
+            assert_eq!(p.version, 1, "{raw}");
+            assert!(p.policy.is_some());
+        }
     }
 
     #[test]

@@ -351,7 +351,17 @@ impl VipLane {
                 }
             }
             JobKind::Publish => match self.ctx.store.publish(vip).await {
-                Ok(owner) => info!(%vip, epoch = owner.epoch, "ownership published"),
+                Ok(owner) => {
+                    info!(%vip, epoch = owner.epoch, "ownership published");
+                    // The core hears it now rather than from the store's watch, which
+                    // front-ends get at the same moment: this node is ready for them.
+                    let owner = Some(owner);
+                    let _ = self
+                        .ctx
+                        .inputs
+                        .send(Input::OwnerChanged { vip, owner })
+                        .await;
+                }
                 Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
                     "publish",
                     format!("{owner} holds the VIP at epoch {epoch}; waiting for its record to go"),

@@ -59,6 +59,9 @@ struct State {
 #[derive(Default)]
 struct Applied {
     conns: BTreeMap<Vip, ConnectionSpec>,
+    /// Connections loaded before the keying daemon reconnected: maybe still in charon
+    /// (the daemon did not restart), so unloaded when no longer wanted.
+    maybe_loaded: BTreeMap<Vip, String>,
     rules: BTreeMap<Vip, Vec<RoutingRule>>,
     psk_loaded: bool,
     /// charon's key exchange methods, read once per connection to it.
@@ -202,7 +205,10 @@ impl Policies {
     pub async fn keying_up(&self) {
         {
             let mut a = self.inner.applied.lock().await;
-            a.conns.clear();
+            let before = std::mem::take(&mut a.conns);
+            for (vip, spec) in before {
+                a.maybe_loaded.insert(vip, spec.name);
+            }
             a.psk_loaded = false;
             a.methods = None;
         }
@@ -231,17 +237,18 @@ impl Policies {
     ) -> Result<PeerConnection, String> {
         self.state().owners.insert(vip, owner);
         self.apply_vip(vip).await?;
+        if let Some(spec) = self.inner.applied.lock().await.conns.get(&vip) {
+            return Ok(PeerConnection {
+                connection: spec.name.clone(),
+                child: spec.child().to_string(),
+            });
+        }
         let st = self.state();
-        let p = st
-            .vips
-            .get(&vip)
-            .and_then(|vp| vp.policy.as_ref())
-            .ok_or_else(|| match st.vips.get(&vip) {
-                Some(vp) => format!("no policy in force for {vip}: {}", vp.state.detail()),
-                None if !st.synced => format!("no policy for {vip} yet: the store was not read"),
-                None => format!("no policy for {vip}"),
-            })?;
-        Ok(policy::render::peer_connection(p, vip))
+        Err(match st.vips.get(&vip) {
+            Some(vp) => format!("no policy in force for {vip}: {}", vp.state.detail()),
+            None if !st.synced => format!("no policy for {vip} yet: the store was not read"),
+            None => format!("no policy for {vip}"),
+        })
     }
 
     /// Deletes an SA the VIP's policy forbids (NAT where the policy allows none).
@@ -393,13 +400,21 @@ impl Policies {
                 .unwrap_or_default();
             let old = applied.rules.get(&vip).cloned().unwrap_or_default();
             if rules != old {
-                // New rules first, old ones after: a protected flow is never without one.
+                // New rules first, in priority order, stopping at the first failure: the
+                // rule that lets the VIP's other traffic out by the main table comes last,
+                // so it is never in place without the ones keeping protected flows in.
                 let mut ok = true;
                 for r in rules.iter().filter(|r| !old.contains(r)) {
-                    ok &= self.ip_rule(vip, "add", r).await;
+                    if !self.ip_rule(vip, "add", r).await {
+                        ok = false;
+                        break;
+                    }
                 }
-                for r in old.iter().filter(|r| !rules.contains(r)) {
-                    ok &= self.ip_rule(vip, "del", r).await;
+                // Old ones only once the new are all in, the main-table rule first.
+                if ok {
+                    for r in old.iter().rev().filter(|r| !rules.contains(r)) {
+                        ok &= self.ip_rule(vip, "del", r).await;
+                    }
                 }
                 if ok {
                     applied.rules.insert(vip, rules);
@@ -407,9 +422,19 @@ impl Policies {
             }
         }
         let mut ids = Identities::psk(&self.inner.config.ike_identity());
-        ids.remote_id = owner;
+        ids.remote_id = owner.clone();
         let wanted = match (&vp.as_ref().and_then(|v| v.policy.as_ref()), role) {
-            (Some(p), VipRole::Peer) => Some(policy::connection(p, vip, role, &ids)),
+            (Some(p), VipRole::Peer) => {
+                Some(policy::connection(p, vip, role, &ids).map(|mut c| {
+                    // One connection per owner: the next owner's is loaded before the last
+                    // one's goes, so the trap covering the flows never has a gap (a reload
+                    // under the same name removes the trap before installing it again).
+                    if let Some(o) = &owner {
+                        c.name = format!("{}-to-{o}", c.name);
+                    }
+                    c
+                }))
+            }
             (Some(p), VipRole::Hosted) if accepting => Some(policy::connection(p, vip, role, &ids)),
             _ => None,
         };
@@ -448,14 +473,18 @@ impl Policies {
                         .map_err(|e| e.to_string())?;
                     applied.psk_loaded = true;
                 }
-                if let Some(old) = applied.conns.get(&vip).filter(|o| o.name != spec.name) {
-                    let _ = self.inner.keying.unload_connection(&old.name).await;
-                }
+                let old_name = applied
+                    .conns
+                    .get(&vip)
+                    .map(|o| o.name.clone())
+                    .or_else(|| applied.maybe_loaded.get(&vip).cloned())
+                    .filter(|n| *n != spec.name);
                 // What the SAs carry changed (not merely whom a front-end expects): the
                 // SAs up now were built on the old policy and must be rebuilt on the new.
                 let rebuild = role == VipRole::Peer
                     && applied.conns.get(&vip).is_some_and(|old| {
                         let mut old = old.clone();
+                        old.name = spec.name.clone();
                         old.body.remote.id = spec.body.remote.id.clone();
                         old != spec
                     });
@@ -463,6 +492,13 @@ impl Policies {
                     Ok(()) => {
                         info!(%vip, connection = %spec.name, remote_id = %spec.body.remote.id, rebuild, "connection loaded from policy");
                         applied.conns.insert(vip, spec);
+                        applied.maybe_loaded.remove(&vip);
+                        if let Some(old) = old_name
+                            && let Err(e) = self.inner.keying.unload_connection(&old).await
+                        {
+                            self.failed(vip, format!("unload-conn {old}: {e}"));
+                            applied.maybe_loaded.insert(vip, old);
+                        }
                         if rebuild {
                             // Deleted gracefully; the core sees the SA go and initiates on
                             // the new connection at once.
@@ -483,6 +519,13 @@ impl Policies {
                 }
             }
             None => {
+                if let Some(name) = applied.maybe_loaded.remove(&vip)
+                    && let Err(e) = self.inner.keying.unload_connection(&name).await
+                {
+                    self.failed(vip, format!("unload-conn {name}: {e}"));
+                    applied.maybe_loaded.insert(vip, name);
+                    return Err(e.to_string());
+                }
                 if let Some(old) = applied.conns.remove(&vip) {
                     match self.inner.keying.unload_connection(&old.name).await {
                         Ok(()) => info!(%vip, connection = %old.name, "connection unloaded"),
