@@ -31,11 +31,12 @@ enum Command {
     Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Comma-separated: strongswan-defaults, strongswan-dpd, vipsec-etcd, vipsec-idle.
+        /// Comma-separated: strongswan-defaults, strongswan-dpd, vipsec-etcd, vipsec-idle,
+        /// vipsec-policy.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "strongswan-defaults,strongswan-dpd,vipsec-etcd,vipsec-idle"
+            default_value = "strongswan-defaults,strongswan-dpd,vipsec-etcd,vipsec-idle,vipsec-policy"
         )]
         setups: Vec<Setup>,
         #[arg(long, default_value = "chaos-bench-out")]
