@@ -52,6 +52,8 @@ pub enum Input {
         idle_timeout: Option<Duration>,
     },
     Drain(Vip),
+    /// Recording this node as a hosted VIP's owner failed (the store did not answer).
+    PublishFailed(Vip),
 }
 
 /// An SA the keying daemon (or the kernel) reported, mapped to its VIP.
@@ -76,6 +78,8 @@ pub enum Timer {
     DrainHold { vip: Vip, generation: u64 },
     /// Another node's record has stood while the VIP is here: is it a split brain yet?
     SplitBrainGrace { vip: Vip },
+    /// A failed publish: try again if the VIP is still here and still unrecorded.
+    Republish { vip: Vip, generation: u64 },
 }
 
 /// What the core wants done. The runtime performs each action and reports results back

@@ -212,6 +212,9 @@ pub struct FailoverCore {
 
 type Out = Vec<Action>;
 
+/// Wait before publishing again after the store failed to record this node's ownership.
+const REPUBLISH_AFTER: Duration = Duration::from_millis(500);
+
 impl FailoverCore {
     /// `hosted` and `peers` list each VIP and whether it has protected flows.
     pub fn new(
@@ -380,6 +383,21 @@ impl FailoverCore {
                 ));
             }
             Input::Drain(vip) => self.drain(&mut out, vip),
+            Input::PublishFailed(vip) => {
+                // Without its record the VIP accepts no SA here: never leave it at one try.
+                if let Some(h) = self.hosted.get(&vip)
+                    && h.present
+                    && !h.draining
+                {
+                    out.push(Action::StartTimer {
+                        timer: Timer::Republish {
+                            vip,
+                            generation: h.generation,
+                        },
+                        after: REPUBLISH_AFTER,
+                    });
+                }
+            }
         }
         out
     }
@@ -1063,6 +1081,16 @@ impl FailoverCore {
                 }
             }
             Timer::SplitBrainGrace { vip } => self.split_brain_timer(out, now, vip),
+            Timer::Republish { vip, generation } => {
+                if let Some(h) = self.hosted.get(&vip)
+                    && h.generation == generation
+                    && h.present
+                    && !h.draining
+                    && h.owner.is_none()
+                {
+                    out.push(Action::PublishOwnership { vip });
+                }
+            }
             Timer::DrainHold { vip, generation } => {
                 let Some(h) = self.hosted.get_mut(&vip) else {
                     return;

@@ -1132,3 +1132,21 @@ async fn drain_marks_the_record_draining_before_deleting() {
         }) < pos(&Action::WithdrawOwnership { vip: vip() })
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_publish_is_retried_while_the_vip_is_here_and_unrecorded() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::PublishFailed(vip()));
+    let a = be.advance(Duration::from_secs(1)).await;
+    assert!(has(&a, &Action::PublishOwnership { vip: vip() }), "{a:#?}");
+    // Once recorded (or gone), no more retries.
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    be.feed(Input::PublishFailed(vip()));
+    let a = be.advance(Duration::from_secs(1)).await;
+    assert!(!has(&a, &Action::PublishOwnership { vip: vip() }), "{a:#?}");
+}

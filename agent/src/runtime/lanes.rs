@@ -366,7 +366,10 @@ impl VipLane {
                     "publish",
                     format!("{owner} holds the VIP at epoch {epoch}; waiting for its record to go"),
                 ),
-                Err(e) => self.failed("publish", e),
+                Err(e) => {
+                    self.failed("publish", e);
+                    let _ = self.ctx.inputs.send(Input::PublishFailed(vip)).await;
+                }
             },
             JobKind::MarkDraining => match self.ctx.store.mark_draining(vip).await {
                 Ok(()) => info!(%vip, "record marked draining"),

@@ -27,6 +27,7 @@ pub struct AgentPlan<'a> {
     pub reconnect: Option<&'a vipsec::config::ReconnectConfig>,
     /// Connections come from the cluster policy (no `connection`, no `protect`).
     pub policy_managed: bool,
+    pub initiate_timeout: Duration,
 }
 
 pub fn psk_file(dir: &Path) -> PathBuf {
@@ -62,7 +63,11 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     s += "backend = \"strongswan\"\n";
     let _ = writeln!(s, "vici_socket = \"{}\"", plan.vici.display());
     s += "sample_interval = \"250ms\"\n";
-    s += "initiate_timeout = \"500ms\"\n";
+    let _ = writeln!(
+        s,
+        "initiate_timeout = \"{}ms\"",
+        plan.initiate_timeout.as_millis()
+    );
     s += "\n[kernel]\n";
     s += "backend = \"xfrm\"\n";
     s += "fail_secure = true\n";
@@ -317,6 +322,7 @@ mod tests {
             vips,
             policy_managed: false,
             reconnect: None,
+            initiate_timeout: Duration::from_millis(500),
         }
     }
 

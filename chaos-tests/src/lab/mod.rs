@@ -47,6 +47,9 @@ pub struct LabOptions {
     pub probe_interval: Duration,
     /// `[failover.reconnect]` for every agent; the agent's defaults when None.
     pub reconnect: Option<vipsec::config::ReconnectConfig>,
+    /// `keying.initiate_timeout` of every agent: short in the small lab, so a move is
+    /// retried fast; a back-end answering many front-ends at once needs longer.
+    pub initiate_timeout: Duration,
     /// Put this front-end behind a masquerading router.
     pub nat_front_end: Option<String>,
     /// The `vipsec-chaos` binary, run inside nodes for `serve-mail` and `probe`.
@@ -65,6 +68,7 @@ impl LabOptions {
             front_ends: 2,
             probe_interval: Duration::from_millis(20),
             reconnect: None,
+            initiate_timeout: Duration::from_millis(500),
             nat_front_end: None,
             self_exe: self_exe.into(),
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
@@ -96,6 +100,7 @@ pub struct Lab {
     vipsec_bin: Option<PathBuf>,
     probe_interval: Duration,
     reconnect: Option<vipsec::config::ReconnectConfig>,
+    initiate_timeout: Duration,
     pub progress: Progress,
 }
 
@@ -150,6 +155,7 @@ impl Lab {
             vipsec_bin: None,
             probe_interval: opts.probe_interval,
             reconnect: opts.reconnect,
+            initiate_timeout: opts.initiate_timeout,
             progress,
         };
         for node in lab.topo.with_role(Role::BackEnd) {
@@ -301,6 +307,7 @@ impl Lab {
             vips: &self.vips,
             policy_managed: self.setup.policy_managed(),
             reconnect: self.reconnect.as_ref(),
+            initiate_timeout: self.initiate_timeout,
         };
         let a = Agent::start(&bin, &node.ns, &plan)?;
         self.procs.entry(name.to_string()).or_default().agent = Some(a);
