@@ -84,6 +84,12 @@ fn front_end_charon_killed_fails_secure(lab: &mut Lab) {
         (s["fail_secure"]["engaged"] == true).then(now_ns)
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    // Known gap (notes, docs): between charon's death (its TUN and table-220 routes go
+    // with it) and the agent's block, a packet sent in those few ms leaves in clear text.
+    // Counted and printed here; everything from the block on must be clean.
+    let gap = lab.cleartext().unwrap().minus(before);
+    eprintln!("[known gap] clear text between charon's death and the block: {gap:?}");
+    let before = lab.cleartext().unwrap();
     let recs = wait_for("50 probe records", CAP, || {
         lab.poll_probes().ok()?;
         let p = lab.probes().iter().find(|p| p.fe == "fe1")?;
