@@ -245,20 +245,41 @@ pub enum KernelBackend {
 pub struct KernelConfig {
     #[serde(default)]
     pub backend: KernelBackend,
-    /// Block protected flows in the kernel while the keying daemon is down.
+    /// The standing guard: every protected flow is refused by the kernel outside IPsec,
+    /// from the agent's start (or `vipsec guard install` at boot) on, whatever the keying
+    /// daemon's connections say, and left in place when the agent stops.
     #[serde(default = "default_true")]
     pub fail_secure: bool,
     /// Bind block policies to this interface. With charon's kernel-libipsec the tunnel's
     /// own packets pass the kernel's policy lookup too; binding the block to the physical
     /// interface lets them through while clear text on that interface is refused.
     /// IPv6 cannot bind a policy that way (its flows carry no output interface at policy
-    /// lookup): with this set, an IPv6 peer VIP's block is unbound (it is only engaged
-    /// while no SA exists) and an IPv6 hosted VIP's guard is a policy routing rule after
-    /// charon's table 220 (`kernel::xfrm::route_guard`).
+    /// lookup): under kernel-libipsec an IPv6 VIP's guard is a policy routing rule after
+    /// charon's table 220 (`kernel::xfrm::route_guard`); with kernel ESP an unbound block
+    /// below charon's policies.
     pub interface: Option<String>,
     /// XFRM priority of block policies; larger numbers lose to the keying daemon's own.
     #[serde(default = "default_block_priority")]
     pub block_priority: u32,
+    /// charon does ESP itself (kernel-libipsec) rather than the kernel. Unset: yes when
+    /// the kernel has no ESP.
+    pub libipsec: Option<bool>,
+    /// How often the guard is compared with the kernel and repaired (a flushed policy or
+    /// a deleted rule is back within this long).
+    #[serde(default = "default_guard_check", with = "humantime_serde")]
+    pub guard_check: Duration,
+}
+
+impl KernelConfig {
+    /// Whether charon uses kernel-libipsec (configured, or detected from the kernel).
+    pub fn libipsec(&self) -> bool {
+        self.libipsec
+            .unwrap_or_else(|| !crate::doctor::kernel::probe().has_esp())
+    }
+}
+
+fn default_guard_check() -> Duration {
+    Duration::from_millis(250)
 }
 
 impl Default for KernelConfig {
@@ -268,6 +289,8 @@ impl Default for KernelConfig {
             fail_secure: true,
             interface: None,
             block_priority: default_block_priority(),
+            libipsec: None,
+            guard_check: default_guard_check(),
         }
     }
 }
@@ -795,6 +818,7 @@ impl Config {
             self.keying.sample_interval,
             &mut p,
         );
+        positive("kernel.guard_check", self.kernel.guard_check, &mut p);
         positive(
             "keying.initiate_timeout",
             self.keying.initiate_timeout,
@@ -958,6 +982,20 @@ impl Config {
         }
         let mut seen_peer = BTreeSet::new();
         for (i, v) in self.peer_vips.iter().enumerate() {
+            if !v.protect.is_empty()
+                && v.address.is_ipv4()
+                && self.kernel.backend == KernelBackend::Xfrm
+                && self.kernel.fail_secure
+                && self.kernel.interface.is_none()
+                && self.kernel.libipsec != Some(false)
+            {
+                // The guard stands while the tunnel is up: unbound, it would also catch
+                // the tunnel's own packets under charon's kernel-libipsec.
+                bad(
+                    &format!("peer_vip[{i}].protect"),
+                    "needs kernel.interface (the physical interface traffic to the VIP leaves by): the guard is bound to it so IPsec traffic always passes (with kernel ESP, set kernel.libipsec = false instead)".into(),
+                );
+            }
             if let Some(e) = vip_address_problem(v.address) {
                 bad(&format!("peer_vip[{i}].address"), e);
             }

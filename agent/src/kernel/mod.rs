@@ -22,6 +22,26 @@ pub enum KernelError {
     Other(String),
 }
 
+/// What the kernel holds of one VIP's guard, read from the kernel (not remembered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardCheck {
+    pub vip: Vip,
+    /// Policies or rules the VIP's configured flows need.
+    pub wanted: u32,
+    /// Of those, how many the kernel holds.
+    pub installed: u32,
+    /// The agent's policies or rules for the VIP that no configured flow needs (left by an
+    /// earlier configuration; removed only by `vipsec guard remove`).
+    pub extra: u32,
+}
+
+impl GuardCheck {
+    /// Every wanted policy or rule is in the kernel.
+    pub fn held(&self) -> bool {
+        self.wanted > 0 && self.installed >= self.wanted
+    }
+}
+
 #[async_trait]
 pub trait Kernel: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
@@ -30,15 +50,25 @@ pub trait Kernel: Send + Sync + 'static {
     /// returns the VIPs whose flows are blocked now.
     async fn reconcile(&self) -> Result<Vec<Vip>, KernelError>;
 
-    /// Blocks the VIP's protected flows (from config); idempotent.
+    /// Puts the VIP's guard in place: every protected flow refused outside IPsec (block
+    /// policies, or routing rules for IPv6 under kernel-libipsec); re-adds what is
+    /// missing; idempotent. Returns how many of the VIP's flows' policies or rules the
+    /// kernel holds now.
     async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError>;
 
-    /// Removes this agent's block policies for the VIP; idempotent.
+    /// Removes this agent's guard for the VIP; idempotent. Only ever on purpose
+    /// (`vipsec guard remove`): the running agent never calls it.
     async fn release_fail_secure(&self, vip: Vip) -> Result<(), KernelError>;
 
-    /// Replaces the VIP's protected flows (its policy changed). Where the VIP's flows are
-    /// blocked now, the block follows at once: the new flows are added before the old
-    /// ones go, so nothing slips through in between.
+    /// Reads each VIP's guard from the kernel: the VIPs with configured flows and those
+    /// the kernel holds agent policies or rules for.
+    async fn guard_check(&self) -> Result<Vec<GuardCheck>, KernelError> {
+        Ok(Vec::new())
+    }
+
+    /// Replaces the VIP's protected flows (its policy changed) and puts the guard in
+    /// place for them: the new flows are added before the old ones go, so nothing slips
+    /// through in between.
     async fn set_flows(&self, vip: Vip, flows: Vec<ProtectedFlow>) -> Result<(), KernelError> {
         let _ = (vip, flows);
         Ok(())

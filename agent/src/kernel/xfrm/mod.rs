@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use self::netlink::{Session, errno, full_prefix, netlink_error, unspecified_like};
 use self::policy::{BlockSelector, PolicyTable};
 use self::state::{KernelSa, VipMap, VipSa};
-use super::{Kernel, KernelError};
+use super::{GuardCheck, Kernel, KernelError};
 use crate::InputSink;
 use crate::config::Config;
 use crate::model::{FlowDirection, ProtectedFlow, TrafficCounters, Vip};
@@ -40,6 +40,8 @@ pub struct XfrmKernel {
     flows: std::sync::RwLock<Vec<ProtectedFlow>>,
     interface: Option<String>,
     block_priority: u32,
+    /// charon runs its own ESP (kernel-libipsec): IPv6 flows are guarded by routing rules.
+    libipsec: bool,
     vips: VipMap,
     /// Engage and release read, then change the policy table; one at a time keeps two
     /// calls from picking the same free index.
@@ -52,6 +54,7 @@ impl XfrmKernel {
             flows: std::sync::RwLock::new(config.protected_flows()),
             interface: config.kernel.interface.clone(),
             block_priority: config.kernel.block_priority,
+            libipsec: config.kernel.libipsec(),
             vips: VipMap::from_config(config),
             policy_ops: Mutex::new(()),
         })
@@ -90,6 +93,34 @@ impl XfrmKernel {
     pub async fn block_policies(&self) -> Result<Vec<policy::AgentPolicy>, KernelError> {
         let session = Session::open()?;
         Ok(dump_policies(&session).await?.agent)
+    }
+
+    /// What should guard the VIP: its configured flows as routing rules or as block
+    /// policies (the latter with the interface filled in by the caller).
+    fn shape(&self, vip: Vip) -> Result<GuardShape, KernelError> {
+        let flows: Vec<ProtectedFlow> = self
+            .flows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|f| f.vip == vip)
+            .copied()
+            .collect();
+        if uses_route_guard(vip, self.libipsec) {
+            let mut rules: Vec<_> = flows
+                .iter()
+                .flat_map(route_guard::GuardRule::for_flow)
+                .collect();
+            rules.sort();
+            rules.dedup();
+            return Ok(GuardShape::Rules(rules));
+        }
+        Ok(GuardShape::Blocks(
+            flows
+                .iter()
+                .map(|f| BlockSelector::for_flow(f, 0))
+                .collect(),
+        ))
     }
 
     /// The selector ifindex for block policies: the configured interface, or 0 (any).
@@ -158,29 +189,23 @@ impl XfrmKernel {
 /// IPv4's output route lookup writes the chosen device into the flow before the policy
 /// lookup; IPv6's does not (the flow's oif stays 0 unless the socket is bound to a
 /// device), so an IPv6 selector bound to an interface never matches an unbound socket
-/// (agent/tests/kernel_xfrm.rs shows it). A peer VIP's policies are only engaged while no
-/// SA toward the VIP exists (start-up, keying daemon down), so for an IPv6 peer VIP they
-/// go unbound: they then block all its protected traffic, which is what fail-secure wants
-/// then (with kernel-libipsec the tunnel's own packets too, until the SA's arrival releases
-/// them). A hosted VIP's guard stays on while the agent runs and must let the tunnel pass:
-/// for IPv6 under kernel-libipsec that is the job of [`route_guard`] instead.
-fn selector_ifindex(vip: Vip, flows: &[&ProtectedFlow], configured: i32) -> i32 {
-    let peer_only = flows.iter().all(|f| f.direction == FlowDirection::ToVip);
-    if vip.is_ipv6() && peer_only {
-        0
-    } else {
-        configured
-    }
+/// (agent/tests/kernel_xfrm.rs shows it). IPv6 block policies are only used with kernel
+/// ESP, where charon's own policies win over them by priority: they go unbound.
+fn selector_ifindex(vip: Vip, configured: i32) -> i32 {
+    if vip.is_ipv6() { 0 } else { configured }
 }
 
 /// Whether a VIP's flows are guarded by policy routing rules rather than XFRM policies:
-/// a hosted IPv6 VIP (its flows come from the VIP) with `kernel.interface` set (the
-/// kernel-libipsec set-up; see [`route_guard`]).
-fn uses_route_guard(vip: Vip, flows: &[&ProtectedFlow], interface_set: bool) -> bool {
-    vip.is_ipv6()
-        && interface_set
-        && !flows.is_empty()
-        && flows.iter().all(|f| f.direction == FlowDirection::FromVip)
+/// an IPv6 VIP under kernel-libipsec (see [`route_guard`]).
+fn uses_route_guard(vip: Vip, libipsec: bool) -> bool {
+    vip.is_ipv6() && libipsec
+}
+
+/// What guards one VIP in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GuardShape {
+    Blocks(BTreeSet<BlockSelector>),
+    Rules(Vec<route_guard::GuardRule>),
 }
 
 async fn dump_policies(session: &Session) -> Result<PolicyTable, KernelError> {
@@ -238,7 +263,7 @@ impl Kernel for XfrmKernel {
         }
         let mut vips: BTreeSet<Vip> = policy::blocked_vips(&table).into_iter().collect();
         for r in route_guard::rules().await? {
-            info!(vip = %r.vip, proto = r.proto, sport = ?r.sport,
+            info!(vip = %r.vip, proto = r.proto, port = ?r.port, direction = ?r.direction,
                 "adopting guard rule of an earlier run");
             vips.insert(r.vip);
         }
@@ -248,34 +273,32 @@ impl Kernel for XfrmKernel {
     /// Returns how many of the VIP's configured flows the agent's policies block now.
     async fn engage_fail_secure(&self, vip: Vip) -> Result<u32, KernelError> {
         let _one_at_a_time = self.policy_ops.lock().await;
-        let owned: Vec<ProtectedFlow> = self
-            .flows
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|f| f.vip == vip)
-            .copied()
-            .collect();
-        let flows: Vec<&ProtectedFlow> = owned.iter().collect();
-        if uses_route_guard(vip, &flows, self.interface.is_some()) {
-            let rules: Vec<_> = flows
-                .iter()
-                .filter_map(|f| route_guard::GuardRule::for_flow(f))
-                .collect();
-            let n = route_guard::engage(&rules).await?;
-            info!(%vip, blocked = n, flows = rules.len(), priority = route_guard::RULE_PRIORITY,
-                "fail-secure engaged (policy routing rules: an IPv6 hosted VIP under kernel-libipsec)");
-            return Ok(n);
-        }
-        let ifindex = selector_ifindex(vip, &flows, self.ifindex()?);
-        let wanted: BTreeSet<BlockSelector> = flows
-            .iter()
-            .map(|f| BlockSelector::for_flow(f, ifindex))
-            .collect();
+        let wanted = match self.shape(vip)? {
+            // No flows (any more): what the kernel holds stays until removed on purpose.
+            GuardShape::Rules(rules) if rules.is_empty() => {
+                warn!(%vip, "fail-secure: no protected flows configured for this VIP");
+                return Ok(0);
+            }
+            GuardShape::Rules(rules) => {
+                let n = route_guard::engage(vip, &rules).await?;
+                debug!(%vip, installed = n, rules = rules.len(),
+                    "guard in place (policy routing rules: an IPv6 VIP under kernel-libipsec)");
+                return Ok(n);
+            }
+            GuardShape::Blocks(wanted) => wanted,
+        };
         if wanted.is_empty() {
             warn!(%vip, "fail-secure: no protected flows configured for this VIP");
             return Ok(0);
         }
+        let ifindex = selector_ifindex(vip, self.ifindex()?);
+        let wanted: BTreeSet<BlockSelector> = wanted
+            .into_iter()
+            .map(|mut sel| {
+                sel.ifindex = ifindex;
+                sel
+            })
+            .collect();
         let session = Session::open()?;
         let mut table = dump_policies(&session).await?;
         for _ in 0..INDEX_RETRIES {
@@ -343,8 +366,8 @@ impl Kernel for XfrmKernel {
             .agent_for(vip)
             .filter(|p| wanted.contains(&p.selector))
             .count() as u32;
-        info!(%vip, blocked, flows = wanted.len(), priority = self.block_priority, ifindex,
-            "fail-secure engaged");
+        debug!(%vip, blocked, flows = wanted.len(), priority = self.block_priority, ifindex,
+            "guard in place");
         Ok(blocked)
     }
 
@@ -354,18 +377,57 @@ impl Kernel for XfrmKernel {
             all.retain(|f| f.vip != vip);
             all.extend(flows.into_iter().filter(|f| f.vip == vip));
         }
-        let engaged = {
-            let session = Session::open()?;
-            dump_policies(&session)
-                .await?
-                .agent_for(vip)
-                .next()
-                .is_some()
-        };
-        if engaged {
-            self.engage_fail_secure(vip).await?;
-        }
+        // The guard stands for as long as flows are configured: the new flows are added
+        // before the old ones go, so nothing slips through in between.
+        self.engage_fail_secure(vip).await?;
         Ok(())
+    }
+
+    async fn guard_check(&self) -> Result<Vec<GuardCheck>, KernelError> {
+        let session = Session::open()?;
+        let table = dump_policies(&session).await?;
+        let rules = route_guard::rules().await?;
+        let ifindex = self.ifindex().unwrap_or(0);
+        let vips: BTreeSet<Vip> = self
+            .flows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|f| f.vip)
+            .chain(table.agent.iter().map(|p| p.selector.vip))
+            .chain(rules.iter().map(|r| r.vip))
+            .collect();
+        let mut out = Vec::new();
+        for vip in vips {
+            let (wanted, installed) = match self.shape(vip)? {
+                GuardShape::Rules(w) => {
+                    let n = w.iter().filter(|r| rules.contains(r)).count();
+                    (w.len(), n)
+                }
+                GuardShape::Blocks(w) => {
+                    let w: BTreeSet<BlockSelector> = w
+                        .into_iter()
+                        .map(|mut sel| {
+                            sel.ifindex = selector_ifindex(vip, ifindex);
+                            sel
+                        })
+                        .collect();
+                    let n = table
+                        .agent_for(vip)
+                        .filter(|p| w.contains(&p.selector))
+                        .count();
+                    (w.len(), n)
+                }
+            };
+            let held = table.agent_for(vip).count() + rules.iter().filter(|r| r.vip == vip).count();
+            out.push(GuardCheck {
+                vip,
+                wanted: wanted as u32,
+                installed: installed as u32,
+                extra: held.saturating_sub(installed) as u32,
+            });
+        }
+        Ok(out)
     }
 
     async fn release_fail_secure(&self, vip: Vip) -> Result<(), KernelError> {
@@ -426,37 +488,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ipv6_peer_policies_go_unbound_and_everything_else_keeps_the_interface() {
-        let flow = |vip: &str, direction| ProtectedFlow {
-            vip: vip.parse().unwrap(),
-            protocol: crate::model::FlowProtocol::Tcp,
-            port: Some(143),
-            direction,
-        };
-        let v6_peer = flow("2001:db8::100", FlowDirection::ToVip);
-        let v6_hosted = flow("2001:db8::100", FlowDirection::FromVip);
-        let v4_peer = flow("192.0.2.100", FlowDirection::ToVip);
-        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 3), 0);
-        assert_eq!(selector_ifindex(v6_hosted.vip, &[&v6_hosted], 3), 3);
-        assert_eq!(selector_ifindex(v4_peer.vip, &[&v4_peer], 3), 3);
-        assert_eq!(selector_ifindex(v6_peer.vip, &[&v6_peer], 0), 0);
+    fn ipv6_block_policies_go_unbound_and_ipv4_ones_keep_the_interface() {
+        let v6: Vip = "2001:db8::100".parse().unwrap();
+        let v4: Vip = "192.0.2.100".parse().unwrap();
+        assert_eq!(selector_ifindex(v6, 3), 0);
+        assert_eq!(selector_ifindex(v4, 3), 3);
+        assert_eq!(selector_ifindex(v4, 0), 0);
     }
 
     #[test]
-    fn only_hosted_ipv6_vips_under_libipsec_use_routing_rules() {
-        let flow = |vip: &str, direction| ProtectedFlow {
-            vip: vip.parse().unwrap(),
-            protocol: crate::model::FlowProtocol::Tcp,
-            port: Some(143),
-            direction,
-        };
-        let hosted6 = flow("2001:db8::100", FlowDirection::FromVip);
-        let peer6 = flow("2001:db8::100", FlowDirection::ToVip);
-        let hosted4 = flow("192.0.2.100", FlowDirection::FromVip);
-        assert!(uses_route_guard(hosted6.vip, &[&hosted6], true));
-        assert!(!uses_route_guard(hosted6.vip, &[&hosted6], false));
-        assert!(!uses_route_guard(peer6.vip, &[&peer6], true));
-        assert!(!uses_route_guard(hosted4.vip, &[&hosted4], true));
-        assert!(!uses_route_guard(hosted6.vip, &[], true));
+    fn ipv6_vips_under_libipsec_use_routing_rules_whatever_their_direction() {
+        let v6: Vip = "2001:db8::100".parse().unwrap();
+        let v4: Vip = "192.0.2.100".parse().unwrap();
+        assert!(uses_route_guard(v6, true));
+        assert!(!uses_route_guard(v6, false));
+        assert!(!uses_route_guard(v4, true));
     }
 }
