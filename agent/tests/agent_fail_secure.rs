@@ -1,7 +1,7 @@
 //! The whole front-end agent with real parts: charon (kernel-libipsec) in a namespace pair,
-//! the VICI keying backend and XFRM fail-secure. The agent brings the tunnel up by itself,
-//! blocks the protected port in the kernel while charon is dead (no clear text), and
-//! unblocks it once charon is back and the SA is up again.
+//! the VICI keying backend and the XFRM guard. The guard stands from the agent's start:
+//! the tunnel passes it, clear text never does (charon dead, the guard flushed by hand and
+//! repaired, the agent SIGKILLed and restarted), and the agent never removes it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -40,7 +40,7 @@ fn out_pol_block(fe: &Netns) -> u64 {
 }
 
 #[test]
-fn charon_down_blocks_protected_traffic_and_recovery_unblocks_it() {
+fn the_guard_stands_through_charon_loss_a_flush_and_an_agent_kill() {
     let mut lab = TwoNodeLab::start().unwrap();
     let served = Arc::new(AtomicU32::new(0));
     let listener: TcpListener = lab
@@ -83,30 +83,25 @@ protect = ["tcp/143"]
     );
     let mut agent = AgentProc::start(Some(&lab.fe), dir.path(), "fe1", &body);
 
-    // Nobody initiated the tunnel: the agent does, and releases fail-secure once it is up.
+    // The guard is in before the agent answers; nobody initiated the tunnel: the agent
+    // does, and the tunnel passes the guard.
     let t = Instant::now();
     let up = |s: &serde_json::Value| {
-        s["peer_vips"][0]["ike_state"] == "established" && s["fail_secure"]["engaged"] == false
+        s["peer_vips"][0]["ike_state"] == "established"
+            && s["fail_secure"]["engaged"] == true
+            && s["peer_vips"][0]["guard"]["state"] == "held"
     };
     let s = agent.wait_status("the agent to bring the SA up", Duration::from_secs(20), up);
-    eprintln!(
-        "agent start -> SA up and fail-secure released in {:?}",
-        t.elapsed()
-    );
+    eprintln!("agent start -> SA up, guard held, in {:?}", t.elapsed());
     assert_eq!(s["keying"]["healthy"], true);
+    assert_eq!(s["kernel"]["healthy"], true);
+    assert_eq!(s["peer_vips"][0]["guard"]["source"], "config");
     assert_eq!(probe(&lab.fe).unwrap().trim(), "be");
     let served_before = served.load(Ordering::SeqCst);
 
-    // charon dies: fail-secure engages, the protected port is refused by the kernel.
+    // charon dies: the guard was already there, the protected port is refused at once.
     let blocked_before = out_pol_block(&lab.fe);
-    let t = Instant::now();
     lab.fe_charon.kill();
-    let s = agent.wait_status("fail-secure to engage", Duration::from_secs(10), |s| {
-        s["fail_secure"]["engaged"] == true
-    });
-    eprintln!("charon killed -> fail-secure engaged in {:?}", t.elapsed());
-    assert_eq!(s["keying"]["healthy"], false);
-    assert_eq!(s["fail_secure"]["flows"], 1);
     for _ in 0..5 {
         let err = probe(&lab.fe).expect_err("protected traffic must not flow while charon is down");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
@@ -120,24 +115,50 @@ protect = ["tcp/143"]
         served_before,
         "nothing reached the server in clear text"
     );
+    let s = agent.wait_status("keying reported down", Duration::from_secs(10), |s| {
+        s["keying"]["healthy"] == false
+    });
+    assert_eq!(s["fail_secure"]["engaged"], true);
 
-    // charon is back: the agent reconnects, renegotiates, and only then unblocks.
+    // Someone flushes the kernel's policies: the guard is back within a second.
+    lab.fe.ip(&["xfrm", "policy", "flush"]).unwrap();
+    let t = Instant::now();
+    // kernel.guard_check is 250 ms: well inside the second the guard may be missing.
+    agent.wait_status("the guard repaired", Duration::from_secs(1), |s| {
+        s["peer_vips"][0]["guard"]["state"] == "held"
+            && lab
+                .fe
+                .ip(&["xfrm", "policy", "list"])
+                .is_ok_and(|p| p.contains("action block"))
+    });
+    eprintln!("policies flushed -> guard back in {:?}", t.elapsed());
+    let err = probe(&lab.fe).expect_err("guard repaired");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+
+    // charon is back: the agent reconnects and renegotiates; the tunnel passes the guard.
     let t = Instant::now();
     lab.fe_charon.restart().unwrap();
-    agent.wait_status(
-        "the SA back and fail-secure released",
-        Duration::from_secs(20),
-        up,
-    );
-    eprintln!(
-        "charon restarted -> SA up and fail-secure released in {:?}",
-        t.elapsed()
-    );
+    agent.wait_status("the SA back", Duration::from_secs(20), up);
+    eprintln!("charon restarted -> SA up in {:?}", t.elapsed());
     assert_eq!(probe(&lab.fe).unwrap().trim(), "be");
 
-    // The agent stops cleanly; no block policy of its own is left behind after a release.
+    // The agent dies (SIGKILL), then charon: the guard outlives both.
+    agent.proc.signal(9).unwrap();
+    agent.proc.wait_exit(Duration::from_secs(10));
+    lab.fe_charon.kill();
+    let served_before = served.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let err = probe(&lab.fe).expect_err("no agent, no charon: still refused");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    }
+    assert_eq!(served.load(Ordering::SeqCst), served_before);
+
+    // A clean stop leaves the guard too: removing it is an explicit act.
+    lab.fe_charon.restart().unwrap();
+    let mut agent = AgentProc::start(Some(&lab.fe), dir.path(), "fe1", &body);
+    agent.wait_status("the restarted agent up", Duration::from_secs(20), up);
     agent.proc.signal(15).unwrap();
     assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(0));
     let policies = lab.fe.ip(&["xfrm", "policy", "list"]).unwrap();
-    assert!(!policies.contains("action block"), "{policies}");
+    assert!(policies.contains("action block"), "{policies}");
 }

@@ -65,10 +65,12 @@ fn lab() -> Lab {
     }
 }
 
+/// Without an interface, the config says kernel ESP (`libipsec = false`): an unbound
+/// block would also catch kernel-libipsec's tunnel, and the config refuses that.
 fn config(interface: Option<&str>, protect: &[&str]) -> Config {
     let iface = interface
         .map(|i| format!("interface = \"{i}\"\n"))
-        .unwrap_or_default();
+        .unwrap_or_else(|| "libipsec = false\n".into());
     let protect = protect
         .iter()
         .map(|p| format!("\"{p}\""))
@@ -438,7 +440,7 @@ fn connect_quick(port: u16) -> Result<(), i32> {
 fn a_hosted_vips_guard_blocks_the_servers_answers_outside_ipsec() {
     let lab = lab();
     let text = format!(
-        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\n\
+        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\nlibipsec = true\n\
          [[hosted_vip]]\naddress = \"{VIP}\"\nprotect = [\"tcp/143\"]\n"
     );
     let cfg = Config::parse(&text).unwrap();
@@ -538,10 +540,11 @@ fn lab6() -> Lab {
     }
 }
 
+/// The kernel ESP shape (`libipsec = false`): IPv6 flows get XFRM block policies.
 fn config6(interface: Option<&str>) -> Config {
     let iface = interface
-        .map(|i| format!("interface = \"{i}\"\n"))
-        .unwrap_or_default();
+        .map(|i| format!("interface = \"{i}\"\nlibipsec = false\n"))
+        .unwrap_or_else(|| "libipsec = false\n".into());
     let text = format!(
         "node = \"fe\"\n\
          [kernel]\nbackend = \"xfrm\"\nblock_priority = {BLOCK_PRIORITY}\n{iface}\
@@ -753,7 +756,7 @@ fn a_hosted_ipv6_vips_guard_refuses_answers_that_no_tunnel_route_carries() {
     use vipsec::kernel::xfrm::route_guard;
     let lab = lab6();
     let text = format!(
-        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\n\
+        "node = \"be\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"be0\"\nlibipsec = true\n\
          [[hosted_vip]]\naddress = \"{VIP6}\"\nprotect = [\"tcp/143\"]\n"
     );
     let cfg = Config::parse(&text).unwrap();
@@ -774,7 +777,7 @@ fn a_hosted_ipv6_vips_guard_refuses_answers_that_no_tunnel_route_carries() {
     assert_eq!(adopted, vec![v6]);
     assert_eq!(rules.len(), 1, "one rule, not two: {rules:?}");
     assert_eq!(
-        (rules[0].vip, rules[0].proto, rules[0].sport),
+        (rules[0].vip, rules[0].proto, rules[0].port),
         (v6, 6, Some(143))
     );
     assert!(xfrm.is_empty(), "no XFRM policy for it: {xfrm:?}");
@@ -849,5 +852,151 @@ fn a_hosted_ipv6_vips_guard_refuses_answers_that_no_tunnel_route_carries() {
     });
     assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
     let listing = lab.be.ip(&["-6", "rule"]).unwrap();
+    assert!(!listing.contains(VIP6), "{listing}");
+}
+
+/// A UDP datagram to [VIP6]:port with the socket's mark set (0 = none): Ok, or the errno of
+/// the send (a `prohibit` route refuses it at once with EACCES).
+fn udp6_send(port: u16, mark: u32) -> Result<(), i32> {
+    let sock =
+        std::net::UdpSocket::bind("[2001:db8::1]:0").map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    if mark != 0 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid socket and a u32 option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_MARK");
+    }
+    let addr = SocketAddr::new(VIP6.parse().unwrap(), port);
+    sock.send_to(b"x", addr)
+        .map(|_| ())
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// A peer IPv6 VIP's guard under kernel-libipsec is a `prohibit` rule after charon's table
+/// 220: [VIP6]:143 is refused while no tunnel route carries it, passes when one does, and
+/// an all-protocol flow still lets charon's IKE (marked, so it skips table 220) out.
+#[test]
+fn a_peer_ipv6_vips_guard_refuses_what_no_tunnel_route_carries_and_lets_ike_out() {
+    use vipsec::kernel::xfrm::route_guard;
+    let lab = lab6();
+    let text = |protect: &str| {
+        format!(
+            "node = \"fe\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"fe0\"\nlibipsec = true\n\
+             [[peer_vip]]\naddress = \"{VIP6}\"\nconnection = \"vip6\"\nprotect = [{protect}]\n"
+        )
+    };
+    let cfg = Config::parse(&text("\"tcp/143\"")).unwrap();
+    let v6: IpAddr = VIP6.parse().unwrap();
+    let (n, check) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let n = kernel.engage_fail_secure(v6).await.unwrap();
+            (n, kernel.guard_check().await.unwrap())
+        })
+    });
+    assert_eq!(n, 1);
+    assert_eq!(check.len(), 1);
+    assert!(check[0].held(), "{check:?}");
+    let listing = lab.fe.ip(&["-6", "rule"]).unwrap();
+    assert!(
+        listing.contains(&format!(
+            "221:\tfrom all to {VIP6} ipproto tcp dport 143 prohibit proto 118"
+        )),
+        "{listing}"
+    );
+    let (r143, r22) = lab
+        .fe
+        .run_in(|| (connect6_quick(143), connect6_quick(22)))
+        .unwrap();
+    assert_eq!(r143, Err(libc::EACCES), "[VIP6]:143 must be refused");
+    assert_eq!(r22, Ok(()), "[VIP6]:22 is not protected");
+
+    // charon's tunnel route in table 220 (be's side of the veth standing in for its TUN)
+    // carries the flow past the guard.
+    lab.fe
+        .ip(&[
+            "-6", "rule", "add", "priority", "220", "not", "fwmark", "0x42", "lookup", "220",
+        ])
+        .unwrap();
+    lab.fe
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "fe0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+    assert_eq!(lab.fe.run_in(|| connect6_quick(143)).unwrap(), Ok(()));
+    lab.fe
+        .ip(&[
+            "-6",
+            "route",
+            "del",
+            &format!("{VIP6}/128"),
+            "dev",
+            "fe0",
+            "table",
+            "220",
+        ])
+        .unwrap();
+
+    // All traffic protected: everything to the VIP is refused but IKE and NAT-T, whose
+    // packets carry charon's mark.
+    let cfg = Config::parse(&text("\"any\"")).unwrap();
+    let (rules, check) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            kernel.engage_fail_secure(v6).await.unwrap();
+            (
+                route_guard::rules().await.unwrap(),
+                kernel.guard_check().await.unwrap(),
+            )
+        })
+    });
+    assert_eq!(rules.len(), 3, "prohibit + two IKE pass rules: {rules:?}");
+    assert!(check[0].held(), "{check:?}");
+    let (r22, ike, natt, other) = lab
+        .fe
+        .run_in(|| {
+            (
+                connect6_quick(22),
+                udp6_send(500, 0x42),
+                udp6_send(4500, 0x42),
+                udp6_send(53, 0x42),
+            )
+        })
+        .unwrap();
+    assert_eq!(r22, Err(libc::EACCES), "every protocol is protected now");
+    assert_eq!((ike, natt), (Ok(()), Ok(())), "IKE must get out");
+    assert_eq!(other, Err(libc::EACCES), "only IKE's ports pass");
+
+    // Flushed by hand: the check says so, engage puts it back.
+    lab.fe.ip(&["-6", "rule", "flush"]).unwrap_or_default();
+    let cfg = Config::parse(&text("\"any\"")).unwrap();
+    let (before, after) = in_ns(&lab.fe, move || {
+        Box::pin(async move {
+            let kernel = XfrmKernel::new(&cfg).unwrap();
+            let before = kernel.guard_check().await.unwrap();
+            kernel.engage_fail_secure(v6).await.unwrap();
+            let after = kernel.guard_check().await.unwrap();
+            kernel.release_fail_secure(v6).await.unwrap();
+            (before, after)
+        })
+    });
+    assert_eq!(before[0].installed, 0, "{before:?}");
+    assert!(after[0].held(), "{after:?}");
+    let listing = lab.fe.ip(&["-6", "rule"]).unwrap();
     assert!(!listing.contains(VIP6), "{listing}");
 }

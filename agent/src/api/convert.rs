@@ -7,6 +7,7 @@ use vipsec_proto::v1 as pb;
 use crate::failover::NoticeKind;
 use crate::model::{ChildSaInfo, IkeSaInfo, Mode, VipOwner};
 use crate::runtime::EventRecord;
+use crate::runtime::guard::GuardView;
 use crate::runtime::status::{FailoverView, HealthView, SaStateView, StatusView};
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -59,6 +60,17 @@ fn failover(f: &FailoverView) -> pb::FailoverRecord {
     }
 }
 
+fn guard(g: &GuardView) -> pb::VipGuard {
+    pb::VipGuard {
+        state: g.state.as_str().to_string(),
+        flows: g.flows,
+        installed: g.installed,
+        source: g.source.clone(),
+        held_since: g.held_since.map(timestamp),
+        detail: g.detail.clone(),
+    }
+}
+
 pub fn status(s: &StatusView) -> pb::Status {
     pb::Status {
         node: s.node.clone(),
@@ -87,6 +99,7 @@ pub fn status(s: &StatusView) -> pb::Status {
                 ownership: h.ownership.clone(),
                 ownership_reason: h.ownership_reason.clone(),
                 split_brain: h.split_brain,
+                guard: Some(guard(&h.guard)),
             })
             .collect(),
         peer_vips: s
@@ -103,6 +116,7 @@ pub fn status(s: &StatusView) -> pb::Status {
                 established_since: p.established_since.map(timestamp),
                 renegotiating: p.renegotiating,
                 last_failover: p.last_failover.as_ref().map(failover),
+                guard: Some(guard(&p.guard)),
             })
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),

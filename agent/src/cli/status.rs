@@ -42,6 +42,32 @@ fn owner_json(o: Option<&pb::OwnerRecord>) -> Value {
     }
 }
 
+fn guard_json(g: Option<&pb::VipGuard>) -> Value {
+    match g {
+        None => Value::Null,
+        Some(g) => json!({
+            "state": g.state,
+            "flows": g.flows,
+            "installed": g.installed,
+            "source": g.source,
+            "held_since": rfc3339(g.held_since.as_ref()),
+            "detail": g.detail,
+        }),
+    }
+}
+
+/// The guard column: its state, with how much of it the kernel holds when not all.
+fn guard_cell(g: Option<&pb::VipGuard>) -> String {
+    match g {
+        None => "-".into(),
+        Some(g) if g.state == "held" || g.state == "off" => match g.source.as_str() {
+            "policy-missing" => format!("{} (policy missing)", g.state),
+            _ => g.state.clone(),
+        },
+        Some(g) => format!("{} ({}/{})", g.state.to_uppercase(), g.installed, g.flows),
+    }
+}
+
 pub fn to_json(s: &pb::Status) -> Value {
     let fs = s.fail_secure.unwrap_or_default();
     json!({
@@ -64,6 +90,7 @@ pub fn to_json(s: &pb::Status) -> Value {
             "ownership": h.ownership,
             "ownership_reason": h.ownership_reason,
             "split_brain": h.split_brain,
+            "guard": guard_json(h.guard.as_ref()),
         })).collect::<Vec<_>>(),
         "peer_vips": s.peer_vips.iter().map(|p| json!({
             "address": p.address,
@@ -75,6 +102,7 @@ pub fn to_json(s: &pb::Status) -> Value {
             "child_state": sa_state(p.child_state),
             "established_since": rfc3339(p.established_since.as_ref()),
             "renegotiating": p.renegotiating,
+            "guard": guard_json(p.guard.as_ref()),
             "last_failover": p.last_failover.as_ref().map(|f| json!({
                 "started_at": rfc3339(f.started_at.as_ref()),
                 "duration_ms": render::millis(f.duration.as_ref()),
@@ -117,9 +145,9 @@ fn print_table(s: &pb::Status) {
     let fs = s.fail_secure.unwrap_or_default();
     let fs_line = match (fs.enabled, fs.engaged) {
         (false, _) => "disabled".to_string(),
-        (true, false) => "enabled, not engaged".to_string(),
+        (true, false) => "enabled, guard NOT held for every VIP (see below)".to_string(),
         (true, true) => format!(
-            "ENGAGED since {} ({} flows blocked)",
+            "guard held since {} ({} policies or rules in the kernel)",
             ago(fs.since.as_ref()),
             fs.flows
         ),
@@ -147,7 +175,7 @@ fn print_table(s: &pb::Status) {
             };
             let here = if h.present_locally { "yes" } else { "no" };
             let draining = if h.draining { "yes" } else { "no" };
-            let guard = if h.guarded { "on" } else { "off" };
+            let guard = guard_cell(h.guard.as_ref());
             t.add_row(vec![
                 h.address.clone(),
                 here.into(),
@@ -155,7 +183,7 @@ fn print_table(s: &pb::Status) {
                 h.epoch.to_string(),
                 taken,
                 draining.into(),
-                guard.into(),
+                guard,
                 if h.split_brain {
                     "SPLIT BRAIN".to_string()
                 } else {
@@ -183,6 +211,7 @@ fn print_table(s: &pb::Status) {
             "ike",
             "child",
             "established",
+            "clear-text guard",
             "last failover",
         ]);
         for p in &s.peer_vips {
@@ -219,6 +248,7 @@ fn print_table(s: &pb::Status) {
                 ike,
                 sa_state(p.child_state).to_string(),
                 ago(p.established_since.as_ref()),
+                guard_cell(p.guard.as_ref()),
                 last,
             ]);
         }

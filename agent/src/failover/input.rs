@@ -115,13 +115,6 @@ pub enum Action {
         timer: Timer,
         after: Duration,
     },
-    /// Block the VIP's protected flows in the kernel: nothing may leave in clear text.
-    EngageFailSecure {
-        vip: Vip,
-    },
-    ReleaseFailSecure {
-        vip: Vip,
-    },
     /// Answer IKE for a hosted VIP (this node is its owner) or stop answering it.
     AcceptSas {
         vip: Vip,
@@ -140,8 +133,6 @@ impl Action {
             | Action::DeleteSas { vip, .. }
             | Action::DropStaleSas { vip }
             | Action::Initiate { vip, .. }
-            | Action::EngageFailSecure { vip }
-            | Action::ReleaseFailSecure { vip }
             | Action::AcceptSas { vip, .. } => Some(*vip),
             Action::StartTimer { .. } => None,
             Action::Notify(n) => n.vip,

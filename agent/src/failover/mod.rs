@@ -81,8 +81,6 @@ impl CoreSettings {
 pub struct HostedVip {
     /// The VIP has answers to keep out of clear text (its `protect` flows).
     pub protected: bool,
-    /// Since when those answers are blocked outside IPsec (the clear-text guard).
-    pub guarded_since: Option<Instant>,
     pub present: bool,
     pub owner: Option<VipOwner>,
     /// Highest epoch seen; kept after the record is withdrawn.
@@ -171,7 +169,6 @@ pub struct PeerVip {
     pub idle: IdleDetector,
     pub renegotiation: Option<Renegotiation>,
     pub last_failover: Option<FailoverSummary>,
-    pub fail_secure_since: Option<Instant>,
     generation: u64,
 }
 
@@ -186,7 +183,6 @@ impl PeerVip {
             idle: IdleDetector::default(),
             renegotiation: None,
             last_failover: None,
-            fail_secure_since: None,
             generation: 0,
         }
     }
@@ -294,42 +290,12 @@ impl FailoverCore {
         }
     }
 
-    /// Actions at start-up: until the keying daemon is confirmed up, protected flows are
-    /// blocked. A hosted VIP's answers are guarded for as long as the agent runs: the
-    /// block only catches what no SA carries (it is bound to the physical interface, and
-    /// below the keying daemon's policies), so it never stands in the way of IPsec, but
-    /// between one SA's deletion and the next (a drain, a move, a flap) a server socket
-    /// still open would otherwise answer in clear text.
+    /// Actions at start-up. The clear-text guard is not the core's: it stands in the
+    /// kernel for every protected flow whatever the core decides (`runtime::guard`), so
+    /// no gap between two SAs, and no state the core has not seen, can leak.
     pub fn start(&mut self, now: Instant) -> Out {
         self.now = now;
-        let mut out = Vec::new();
-        if self.settings.fail_secure {
-            for (vip, h) in self.hosted.iter_mut().filter(|(_, h)| h.protected) {
-                if h.guarded_since.is_none() {
-                    h.guarded_since = Some(now);
-                }
-                out.push(Action::EngageFailSecure { vip: *vip });
-                out.push(Action::Notify(
-                    Notice::new(NoticeKind::FailSecureEngaged, Some(*vip))
-                        .detail("clear-text guard for the hosted VIP's answers (stays while the agent runs)"),
-                ));
-            }
-            let vips: Vec<Vip> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| p.protected)
-                .map(|(v, _)| *v)
-                .collect();
-            for vip in vips {
-                self.engage(
-                    &mut out,
-                    now,
-                    vip,
-                    "agent starting; keying daemon not confirmed up yet",
-                );
-            }
-        }
-        out
+        Vec::new()
     }
 
     pub fn handle(&mut self, now: Instant, input: Input) -> Out {
@@ -356,7 +322,7 @@ impl FailoverCore {
             }
             Input::StoreHealth { healthy, detail } => self.store_health(&mut out, healthy, detail),
             Input::KeyingUp { established } => self.keying_came_up(&mut out, now, established),
-            Input::KeyingDown { detail } => self.keying_went_down(&mut out, now, detail),
+            Input::KeyingDown { detail } => self.keying_went_down(&mut out, detail),
             Input::SaUp(sa) => self.sa_up(&mut out, now, sa),
             Input::SaDown { sa, reason } => self.sa_down(&mut out, now, sa, reason),
             Input::CountersSampled { vip, counters } => self.counters(&mut out, now, vip, counters),
@@ -629,7 +595,7 @@ impl FailoverCore {
 
     // ----- keying daemon and SAs -----
 
-    fn keying_went_down(&mut self, out: &mut Out, now: Instant, detail: String) {
+    fn keying_went_down(&mut self, out: &mut Out, detail: String) {
         if self.keying_up == Some(false) {
             return;
         }
@@ -646,9 +612,6 @@ impl FailoverCore {
             // The daemon's SAs died with it.
             p.sas.clear();
             p.idle.reset();
-            if self.settings.fail_secure && p.protected {
-                self.engage(out, now, vip, "keying daemon down");
-            }
         }
     }
 
@@ -698,7 +661,6 @@ impl FailoverCore {
                 p.owner.is_some(),
             );
             if has_sa {
-                self.release(out, vip);
                 if renegotiating {
                     self.finish(out, now, vip);
                 }
@@ -763,7 +725,6 @@ impl FailoverCore {
                         .owner(p.owner.as_ref())
                         .detail(ike(sa.ike_id)),
                 ));
-                self.release(out, sa.vip);
                 if self.peers[&sa.vip].renegotiation.is_some() {
                     self.finish(out, now, sa.vip);
                 }
@@ -1105,43 +1066,6 @@ impl FailoverCore {
                     ));
                 }
                 self.guard(out, now, vip);
-            }
-        }
-    }
-
-    // ----- fail-secure -----
-
-    fn engage(&mut self, out: &mut Out, now: Instant, vip: Vip, why: &str) {
-        let p = self.peers.get_mut(&vip).expect("known peer");
-        if p.fail_secure_since.is_some() {
-            return;
-        }
-        p.fail_secure_since = Some(now);
-        out.push(Action::EngageFailSecure { vip });
-        out.push(Action::Notify(
-            Notice::new(NoticeKind::FailSecureEngaged, Some(vip)).detail(why),
-        ));
-    }
-
-    fn release(&mut self, out: &mut Out, vip: Vip) {
-        let p = self.peers.get_mut(&vip).expect("known peer");
-        if p.fail_secure_since.take().is_some() {
-            out.push(Action::ReleaseFailSecure { vip });
-            out.push(Action::Notify(
-                Notice::new(NoticeKind::FailSecureReleased, Some(vip))
-                    .detail("SA established again"),
-            ));
-        }
-    }
-
-    /// Adopts block policies found in the kernel at start-up (left by an earlier run).
-    pub fn adopt_fail_secure(&mut self, now: Instant, vips: &[Vip]) {
-        for vip in vips {
-            if let Some(p) = self.peers.get_mut(vip) {
-                p.fail_secure_since.get_or_insert(now);
-            }
-            if let Some(h) = self.hosted.get_mut(vip) {
-                h.guarded_since.get_or_insert(now);
             }
         }
     }

@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::pacing::{Pacer, PacerParts};
 use super::policies::Policies;
-use super::{Backends, EventSink, HealthView};
+use super::{Backends, EventSink};
 use crate::InputSink;
 use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
@@ -91,11 +91,6 @@ impl EpochBoard {
     }
 }
 
-enum KernelJob {
-    Engage(Vip),
-    Release(Vip),
-}
-
 /// What every lane works with.
 #[derive(Clone)]
 struct LaneContext {
@@ -116,8 +111,6 @@ pub(super) struct Lanes {
     ctx: LaneContext,
     cancel: CancellationToken,
     vip_lanes: HashMap<Vip, mpsc::UnboundedSender<Job>>,
-    kernel_lane: mpsc::UnboundedSender<KernelJob>,
-    kernel_health: Arc<Mutex<HealthView>>,
 }
 
 impl Lanes {
@@ -128,20 +121,7 @@ impl Lanes {
         tracker: TaskTracker,
         cancel: CancellationToken,
         sink: EventSink,
-        kernel_health: HealthView,
     ) -> Lanes {
-        let (kernel_lane, rx) = mpsc::unbounded_channel();
-        let kernel_health = Arc::new(Mutex::new(kernel_health));
-        tracker.spawn(
-            kernel_lane_task(
-                backends.kernel.clone(),
-                rx,
-                kernel_health.clone(),
-                sink.clone(),
-                cancel.clone(),
-            )
-            .instrument(info_span!("kernel-lane")),
-        );
         let epochs = EpochBoard::default();
         let policies = Arc::new(OnceLock::new());
         let pacer = Pacer::start(PacerParts {
@@ -170,8 +150,6 @@ impl Lanes {
             },
             cancel,
             vip_lanes: HashMap::new(),
-            kernel_lane,
-            kernel_health,
         }
     }
 
@@ -197,13 +175,6 @@ impl Lanes {
         if self.ctx.policies.get().is_some() {
             self.lane(vip, epoch, JobKind::CheckSa { role, ike_id });
         }
-    }
-
-    pub(super) fn kernel_health(&self) -> HealthView {
-        self.kernel_health
-            .lock()
-            .expect("kernel health lock")
-            .clone()
     }
 
     pub(super) fn delete_sas(
@@ -240,12 +211,6 @@ impl Lanes {
                         _ = tokio::time::sleep(after) => { let _ = inputs.send(Input::TimerFired(timer)).await; }
                     }
                 });
-            }
-            Action::EngageFailSecure { vip } => {
-                let _ = self.kernel_lane.send(KernelJob::Engage(vip));
-            }
-            Action::ReleaseFailSecure { vip } => {
-                let _ = self.kernel_lane.send(KernelJob::Release(vip));
             }
             Action::Notify(n) => self.ctx.sink.emit(n),
         }
@@ -438,54 +403,6 @@ impl VipLane {
                 // The epoch is checked again, and the policy's connection prepared, when
                 // the pacer starts it: that may be a while after this decision.
                 self.ctx.pacer.initiate(vip, attempt, epoch);
-            }
-        }
-    }
-}
-
-async fn kernel_lane_task(
-    kernel: Arc<dyn Kernel>,
-    mut rx: mpsc::UnboundedReceiver<KernelJob>,
-    health: Arc<Mutex<HealthView>>,
-    sink: EventSink,
-    cancel: CancellationToken,
-) {
-    loop {
-        let job = tokio::select! {
-            _ = cancel.cancelled() => return,
-            job = rx.recv() => match job { Some(j) => j, None => return },
-        };
-        let (vip, result) = match job {
-            KernelJob::Engage(vip) => (
-                vip,
-                kernel
-                    .engage_fail_secure(vip)
-                    .await
-                    .map(|n| format!("{n} flows blocked")),
-            ),
-            KernelJob::Release(vip) => (
-                vip,
-                kernel
-                    .release_fail_secure(vip)
-                    .await
-                    .map(|()| "released".to_string()),
-            ),
-        };
-        let mut h = health.lock().expect("kernel health lock");
-        match result {
-            Ok(what) => {
-                info!(%vip, what, "fail-secure updated");
-                h.report(true, String::new());
-            }
-            Err(e) => {
-                // Retrying blindly could flap; report loudly and let the operator see it.
-                warn!(%vip, error = %e, "fail-secure change failed");
-                h.report(false, e.to_string());
-                drop(h);
-                sink.emit(
-                    Notice::new(NoticeKind::ActionFailed, Some(vip))
-                        .detail(format!("fail-secure: {e}")),
-                );
             }
         }
     }

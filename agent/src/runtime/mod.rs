@@ -2,6 +2,7 @@
 //! failover core, carries out the core's actions, serves the API and metrics, and shuts
 //! everything down on one cancellation token.
 
+pub mod guard;
 mod lanes;
 mod moves;
 pub mod pacing;
@@ -182,20 +183,20 @@ impl Agent {
             .iter()
             .map(|h| (h.address, config.hosted_protected(h.address)))
             .collect();
-        let mut core = FailoverCore::new(CoreSettings::from_config(&config), &hosted, &peers);
+        let core = FailoverCore::new(CoreSettings::from_config(&config), &hosted, &peers);
         let mut health = Health {
             store: HealthView::new(backends.store.kind(), "connecting"),
             keying: HealthView::new(backends.keying.kind(), "connecting"),
             kernel: HealthView::new(backends.kernel.kind(), "starting"),
         };
 
-        // Block policies left by an earlier run stay in force until the SAs are back.
+        // The guard of an earlier run (or of `vipsec guard install` at boot) is adopted as
+        // it stands; whatever is missing is added before the API answers.
         match backends.kernel.reconcile().await {
             Ok(vips) => {
                 if !vips.is_empty() {
-                    info!(vips = ?vips, "adopted fail-secure block policies from an earlier run");
+                    info!(vips = ?vips, "adopted the guard of an earlier run");
                 }
-                core.adopt_fail_secure(Instant::now(), &vips);
                 health.kernel.report(true, String::new());
             }
             Err(e) => {
@@ -209,7 +210,12 @@ impl Agent {
             &config.hosted_addresses(),
             &config.peer_addresses(),
         );
-        let (status_tx, status_rx) = watch::channel(StatusView::build(&core, &health, &config));
+        let (status_tx, status_rx) = watch::channel(StatusView::build(
+            &core,
+            &health,
+            &config,
+            &guard::GuardViews::new(),
+        ));
         let sink = EventSink {
             events: events.clone(),
             metrics: metrics.clone(),
@@ -231,6 +237,21 @@ impl Agent {
         } else {
             None
         };
+        let (guard_tx, guard_rx) = watch::channel(guard::GuardViews::new());
+        if guard::GuardKeeper::enabled(&config) {
+            let keeper = guard::GuardKeeper {
+                kernel: backends.kernel.clone(),
+                config: config.clone(),
+                policies: policies.clone(),
+                sink: sink.clone(),
+                views: guard_tx,
+            };
+            if !keeper.pass(true).await {
+                warn!("the guard is not complete at start-up; retrying every kernel.guard_check");
+            }
+            let (interval, c) = (config.kernel.guard_check, cancel.clone());
+            tracker.spawn(keeper.run(interval, c).instrument(info_span!("guard")));
+        }
         let handle = AgentHandle {
             config: config.clone(),
             keying: backends.keying.clone(),
@@ -294,7 +315,6 @@ impl Agent {
             tracker.clone(),
             cancel.clone(),
             sink.clone(),
-            health.kernel.clone(),
         );
         if let Some(p) = &policies {
             lanes.set_policies(p.clone());
@@ -316,6 +336,7 @@ impl Agent {
             config: config.clone(),
             lanes,
             status: status_tx,
+            guard: guard_rx,
             sink,
             inputs: input_rx,
             commands: cmd_rx,
@@ -441,6 +462,8 @@ struct CoreLoop {
     config: Arc<Config>,
     lanes: Lanes,
     status: watch::Sender<StatusView>,
+    /// What the kernel holds of each VIP's guard (`guard::GuardKeeper`).
+    guard: watch::Receiver<guard::GuardViews>,
     sink: EventSink,
     inputs: mpsc::Receiver<Input>,
     commands: mpsc::Receiver<Command>,
@@ -465,6 +488,7 @@ impl CoreLoop {
                     self.apply(actions);
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd),
+                Ok(()) = self.guard.changed() => {}
             }
             self.publish_status();
         }
@@ -554,9 +578,8 @@ impl CoreLoop {
     }
 
     fn publish_status(&self) {
-        let mut health = self.health.clone();
-        health.kernel = self.lanes.kernel_health();
-        let view = StatusView::build(&self.core, &health, &self.config);
+        let guards = self.guard.borrow().clone();
+        let view = StatusView::build(&self.core, &self.health, &self.config, &guards);
         self.status.send_if_modified(|old| {
             if *old == view {
                 false

@@ -53,6 +53,8 @@ struct State {
     /// Owner of record per peer VIP (its IKE identity is its node name).
     owners: BTreeMap<Vip, Option<String>>,
     synced: bool,
+    /// VIPs whose policy disappeared while their last flows stay guarded.
+    kept_guarded: BTreeSet<Vip>,
 }
 
 /// What charon and the kernel were given, so that only changes are sent.
@@ -126,6 +128,7 @@ impl Policies {
                     accepting: BTreeSet::new(),
                     owners: BTreeMap::new(),
                     synced: false,
+                    kept_guarded: BTreeSet::new(),
                 }),
                 applied: tokio::sync::Mutex::new(Applied::default()),
             }),
@@ -302,6 +305,28 @@ impl Policies {
         }
     }
 
+    /// Where a policy-managed VIP's guarded flows come from: its policy, or the last one
+    /// it had ("policy-missing").
+    pub fn guard_source(&self, vip: Vip) -> &'static str {
+        if self.state().kept_guarded.contains(&vip) {
+            "policy-missing"
+        } else {
+            "policy"
+        }
+    }
+
+    /// Reports, once, that a VIP's policy is gone and its last flows stay guarded.
+    fn note_missing(&self, vip: Vip) {
+        if self.state().kept_guarded.insert(vip) {
+            warn!(%vip, "the VIP's policy disappeared; its last protected flows stay guarded (vipsec guard remove unprotects)");
+            self.inner.sink.emit(
+                Notice::new(NoticeKind::FailSecureEngaged, Some(vip)).detail(
+                    "policy missing: the last protected flows stay guarded until `vipsec guard remove`",
+                ),
+            );
+        }
+    }
+
     fn failed(&self, vip: Vip, what: String) {
         self.inner.sink.emit(
             Notice::new(NoticeKind::ActionFailed, Some(vip)).detail(format!("policy: {what}")),
@@ -381,7 +406,16 @@ impl Policies {
             VipRole::Hosted => self.inner.config.hosted_protected(vip),
             VipRole::Peer => self.inner.config.peer_protected(vip),
         };
-        if guarded {
+        // A policy that disappears (deleted, or no longer listing the VIP) does not
+        // unprotect: the last flows stay guarded until an operator removes the guard.
+        let lost = vp.as_ref().and_then(|v| v.policy.as_ref()).is_none()
+            && applied.flows.contains_key(&vip);
+        if lost {
+            self.note_missing(vip);
+        } else {
+            self.state().kept_guarded.remove(&vip);
+        }
+        if guarded && !lost {
             let flows = self.flows(vip, role, vp.as_ref());
             if applied.flows.get(&vip) != Some(&flows) {
                 match self.inner.kernel.set_flows(vip, flows.clone()).await {
@@ -392,7 +426,7 @@ impl Policies {
                 }
             }
         }
-        if self.inner.route_rules {
+        if self.inner.route_rules && !lost {
             let rules = vp
                 .as_ref()
                 .and_then(|v| v.policy.as_ref())

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::guard::{GuardState, GuardView, GuardViews};
 use crate::config::Config;
 use crate::failover::FailoverCore;
 use crate::model::{Mode, VipOwner};
@@ -39,11 +40,14 @@ impl HealthView {
     }
 }
 
+/// The standing guard over every VIP: `engaged` when every protected VIP's guard is held.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FailSecureView {
     pub enabled: bool,
     pub engaged: bool,
+    /// Since when every guard has been held.
     pub since: Option<SystemTime>,
+    /// Policies or rules the kernel holds for the protected flows.
     pub flows: u32,
 }
 
@@ -54,7 +58,9 @@ pub struct HostedView {
     pub owner: Option<VipOwner>,
     pub epoch: u64,
     pub draining: bool,
+    /// The VIP's guard is held in the kernel.
     pub guarded: bool,
+    pub guard: GuardView,
     pub ownership: String,
     pub ownership_reason: String,
     pub split_brain: bool,
@@ -88,7 +94,9 @@ pub struct PeerView {
     pub child_state: SaStateView,
     pub established_since: Option<SystemTime>,
     pub renegotiating: bool,
+    /// The VIP's guard is held in the kernel.
     pub fail_secure: bool,
+    pub guard: GuardView,
     pub last_failover: Option<FailoverView>,
 }
 
@@ -122,10 +130,16 @@ fn wall(now: Instant, wall_now: SystemTime, t: Instant) -> SystemTime {
 }
 
 impl StatusView {
-    pub fn build(core: &FailoverCore, health: &Health, config: &Config) -> StatusView {
+    pub fn build(
+        core: &FailoverCore,
+        health: &Health,
+        config: &Config,
+        guards: &GuardViews,
+    ) -> StatusView {
         let now = Instant::now();
         let wall_now = SystemTime::now();
         let s = core.settings();
+        let guard_of = |vip: &IpAddr| guards.get(vip).cloned().unwrap_or_else(GuardView::off);
         let hosted = core
             .hosted()
             .iter()
@@ -135,14 +149,13 @@ impl StatusView {
                 owner: h.owner.clone(),
                 epoch: h.epoch,
                 draining: h.draining,
-                guarded: h.guarded_since.is_some(),
+                guarded: guard_of(vip).state == GuardState::Held,
+                guard: guard_of(vip),
                 ownership: h.ownership.as_str().to_string(),
                 ownership_reason: h.ownership.reason(),
                 split_brain: h.split_brain,
             })
             .collect();
-        let mut engaged_since: Option<SystemTime> = None;
-        let mut flows = 0u32;
         let peers = core
             .peers()
             .iter()
@@ -157,11 +170,6 @@ impl StatusView {
                 } else {
                     SaStateView::Down
                 };
-                if let Some(since) = p.fail_secure_since {
-                    let t = wall(now, wall_now, since);
-                    engaged_since = Some(engaged_since.map_or(t, |e| e.min(t)));
-                    flows += config.peer(*vip).map_or(0, |c| c.protect.len() as u32);
-                }
                 PeerView {
                     address: *vip,
                     connection: conn
@@ -175,7 +183,8 @@ impl StatusView {
                     child_state: state,
                     established_since: p.established_since().map(|t| wall(now, wall_now, t)),
                     renegotiating: p.renegotiation.is_some(),
-                    fail_secure: p.fail_secure_since.is_some(),
+                    fail_secure: guard_of(vip).state == GuardState::Held,
+                    guard: guard_of(vip),
                     last_failover: p.last_failover.as_ref().map(|f| FailoverView {
                         started_at: wall(now, wall_now, f.started),
                         duration: f.duration,
@@ -186,17 +195,47 @@ impl StatusView {
                 }
             })
             .collect();
+        let protected: Vec<&GuardView> = guards.values().filter(|g| g.flows > 0).collect();
+        let engaged =
+            !protected.is_empty() && protected.iter().all(|g| g.state == GuardState::Held);
+        let since = engaged
+            .then(|| protected.iter().filter_map(|g| g.held_since).max())
+            .flatten();
+        let flows = guards.values().map(|g| g.installed).sum();
+        let mut kernel = health.kernel.clone();
+        // A VIP with protected flows and no complete guard makes the kernel unhealthy: it
+        // is what `vipsec health` (and every probe built on it) must fail on.
+        let broken: Vec<String> = guards
+            .iter()
+            .filter(|(_, g)| matches!(g.state, GuardState::Partial | GuardState::Absent))
+            .map(|(vip, g)| {
+                let why = if g.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", g.detail)
+                };
+                format!(
+                    "guard of {vip} {} ({} of {} in the kernel){why}",
+                    g.state.as_str(),
+                    g.installed,
+                    g.flows
+                )
+            })
+            .collect();
+        if !broken.is_empty() {
+            kernel.report(false, broken.join("; "));
+        }
         StatusView {
             node: s.node.clone(),
             mode: s.mode,
             idle_timeout: core.idle_timeout(),
             store: health.store.clone(),
             keying: health.keying.clone(),
-            kernel: health.kernel.clone(),
+            kernel,
             fail_secure: FailSecureView {
                 enabled: s.fail_secure,
-                engaged: engaged_since.is_some(),
-                since: engaged_since,
+                engaged,
+                since,
                 flows,
             },
             hosted,

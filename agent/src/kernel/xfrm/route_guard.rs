@@ -174,9 +174,7 @@ impl GuardRule {
                 RuleAttribute::Destination(ip) => dst = Some(*ip),
                 RuleAttribute::IpProtocol(p) => proto = i32::from(*p) as u8,
                 RuleAttribute::SourcePortRange(r) if r.start == r.end => sport = Some(r.start),
-                RuleAttribute::DestinationPortRange(r) if r.start == r.end => {
-                    dport = Some(r.start)
-                }
+                RuleAttribute::DestinationPortRange(r) if r.start == r.end => dport = Some(r.start),
                 _ => {}
             }
         }
@@ -324,7 +322,8 @@ mod tests {
     #[test]
     fn hosted_and_peer_flows_become_rules_that_read_back_the_same() {
         for d in [FlowDirection::FromVip, FlowDirection::ToVip] {
-            let rules = GuardRule::for_flow(&flow("2001:db8::100", FlowProtocol::Tcp, Some(143), d));
+            let rules =
+                GuardRule::for_flow(&flow("2001:db8::100", FlowProtocol::Tcp, Some(143), d));
             assert_eq!(rules.len(), 1);
             let rule = rules[0];
             assert_eq!((rule.proto, rule.port, rule.direction), (6, Some(143), d));
@@ -354,7 +353,7 @@ mod tests {
             pass.iter().map(|r| (r.proto, r.port)).collect::<Vec<_>>(),
             vec![(17, Some(500)), (17, Some(4500))]
         );
-        assert!(PASS_PRIORITY < 220 && RULE_PRIORITY > 220);
+        const { assert!(PASS_PRIORITY < 220 && RULE_PRIORITY > 220) };
         for r in &rules {
             assert_eq!(GuardRule::from_message(&r.message()), Some(*r));
         }

@@ -1,0 +1,257 @@
+//! The standing clear-text guard: every protected flow refused by the kernel outside
+//! IPsec, for as long as the flow is configured.
+//!
+//! The guard is not engaged on events ("charon went down"): every gap no event names (the
+//! moment between one SA's deletion and the next, a charon that dies before the agent
+//! notices, an agent that is not running) would leak. It is put in place before the agent
+//! answers its API, compared with the kernel every `kernel.guard_check`, repaired when
+//! something removed a part of it (`ip xfrm policy flush`, `ip rule del`), retried when an
+//! install failed, and never removed by the agent: SIGTERM, SIGKILL or a panic leave it in
+//! the kernel, and the next start adopts it. Only `vipsec guard remove` takes it away.
+//!
+//! IPsec passes it by construction (see `kernel::xfrm`): interface-bound blocks under
+//! kernel-libipsec, blocks below charon's own policies with kernel ESP, routing rules after
+//! charon's table 220 for IPv6 under kernel-libipsec.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::EventSink;
+use super::policies::Policies;
+use crate::config::Config;
+use crate::failover::{Notice, NoticeKind};
+use crate::kernel::{GuardCheck, Kernel};
+use crate::model::Vip;
+
+/// One VIP's guard as the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardState {
+    /// Every policy or rule the VIP's flows need is in the kernel.
+    Held,
+    /// Some are missing (being repaired, or failing to install).
+    Partial,
+    /// None is in the kernel.
+    Absent,
+    /// The kernel holds the agent's policies or rules for a VIP no flow needs any more
+    /// (a VIP removed from the configuration): kept until `vipsec guard remove`.
+    Leftover,
+    /// Fail-secure is off or there is no kernel backend: nothing is guarded.
+    Off,
+}
+
+impl GuardState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardState::Held => "held",
+            GuardState::Partial => "partial",
+            GuardState::Absent => "absent",
+            GuardState::Leftover => "leftover",
+            GuardState::Off => "off",
+        }
+    }
+
+    fn of(check: &GuardCheck) -> GuardState {
+        if check.wanted == 0 {
+            GuardState::Leftover
+        } else if check.held() {
+            GuardState::Held
+        } else if check.installed == 0 {
+            GuardState::Absent
+        } else {
+            GuardState::Partial
+        }
+    }
+}
+
+/// What status and health show of one VIP's guard.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GuardView {
+    pub state: GuardState,
+    /// Policies or rules the VIP's flows need.
+    pub flows: u32,
+    /// Of those, how many the kernel holds.
+    pub installed: u32,
+    /// Where the flows come from: "config", "policy", "policy-missing" (the VIP's policy
+    /// disappeared; its last flows stay guarded), or "" for a leftover.
+    pub source: String,
+    /// Since when the guard has been held without a gap.
+    pub held_since: Option<SystemTime>,
+    /// Why it is not held (the last install error), if it is not.
+    pub detail: String,
+}
+
+impl GuardView {
+    pub fn off() -> GuardView {
+        GuardView {
+            state: GuardState::Off,
+            flows: 0,
+            installed: 0,
+            source: String::new(),
+            held_since: None,
+            detail: String::new(),
+        }
+    }
+}
+
+pub type GuardViews = BTreeMap<Vip, GuardView>;
+
+/// Keeps the guard in the kernel; publishes what the kernel holds.
+pub(crate) struct GuardKeeper {
+    pub(crate) kernel: Arc<dyn Kernel>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) policies: Option<Policies>,
+    pub(crate) sink: EventSink,
+    pub(crate) views: watch::Sender<GuardViews>,
+}
+
+impl GuardKeeper {
+    /// Whether the agent guards anything at all.
+    pub fn enabled(config: &Config) -> bool {
+        config.kernel.fail_secure && config.kernel.backend != crate::config::KernelBackend::None
+    }
+
+    fn source(&self, vip: Vip) -> String {
+        if self.config.policy_managed(vip) {
+            self.policies
+                .as_ref()
+                .map_or("policy", |p| p.guard_source(vip))
+                .to_string()
+        } else {
+            "config".to_string()
+        }
+    }
+
+    /// Puts every protected VIP's guard in place and reads the kernel back; called before
+    /// the agent answers its API, and then every `kernel.guard_check`. Returns whether
+    /// every guard is held.
+    pub async fn pass(&self, first: bool) -> bool {
+        let checks = match self.kernel.guard_check().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read the guard from the kernel");
+                self.views.send_modify(|views| {
+                    for v in views.values_mut() {
+                        v.detail = format!("cannot read the kernel: {e}");
+                    }
+                });
+                return false;
+            }
+        };
+        let mut all_held = true;
+        let mut views = self.views.borrow().clone();
+        views.retain(|vip, _| checks.iter().any(|c| c.vip == *vip));
+        for check in checks {
+            let vip = check.vip;
+            let mut check = check;
+            let mut detail = String::new();
+            if check.wanted > 0 && !check.held() {
+                let missing = check.wanted - check.installed;
+                match self.kernel.engage_fail_secure(vip).await {
+                    Ok(n) => {
+                        check.installed = n;
+                        let what = if first {
+                            format!("guard in place: {n} of {} policies or rules", check.wanted)
+                        } else {
+                            format!(
+                                "guard repaired: {missing} of {} policies or rules were missing from the kernel",
+                                check.wanted
+                            )
+                        };
+                        if first {
+                            info!(%vip, installed = n, wanted = check.wanted, "guard in place");
+                        } else {
+                            warn!(%vip, missing, wanted = check.wanted, "guard repaired");
+                        }
+                        self.sink.emit(
+                            Notice::new(NoticeKind::FailSecureEngaged, Some(vip)).detail(what),
+                        );
+                    }
+                    Err(e) => {
+                        detail = e.to_string();
+                        let before = views.get(&vip).map(|v| v.detail.clone());
+                        // One event per distinct failure; it is retried on every pass.
+                        if before.as_deref() != Some(detail.as_str()) {
+                            warn!(%vip, error = %e, "guard install failed; retrying");
+                            self.sink.emit(
+                                Notice::new(NoticeKind::ActionFailed, Some(vip))
+                                    .detail(format!("guard: {e}")),
+                            );
+                        }
+                    }
+                }
+            }
+            let state = GuardState::of(&check);
+            all_held &= state == GuardState::Held || state == GuardState::Leftover;
+            let held_since = match (state, views.get(&vip)) {
+                (GuardState::Held, Some(v)) if v.held_since.is_some() => v.held_since,
+                (GuardState::Held, _) => Some(SystemTime::now()),
+                _ => None,
+            };
+            views.insert(
+                vip,
+                GuardView {
+                    state,
+                    flows: check.wanted,
+                    installed: check.installed,
+                    source: if check.wanted == 0 {
+                        String::new()
+                    } else {
+                        self.source(vip)
+                    },
+                    held_since,
+                    detail,
+                },
+            );
+        }
+        self.views.send_if_modified(|old| {
+            if *old == views {
+                false
+            } else {
+                *old = views;
+                true
+            }
+        });
+        all_held
+    }
+
+    /// Compares the guard with the kernel every `interval` until cancelled.
+    pub async fn run(self, interval: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => { self.pass(false).await; }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(wanted: u32, installed: u32, extra: u32) -> GuardCheck {
+        GuardCheck {
+            vip: "192.0.2.100".parse().unwrap(),
+            wanted,
+            installed,
+            extra,
+        }
+    }
+
+    #[test]
+    fn the_state_says_what_the_kernel_holds() {
+        assert_eq!(GuardState::of(&check(3, 3, 0)), GuardState::Held);
+        assert_eq!(GuardState::of(&check(3, 1, 0)), GuardState::Partial);
+        assert_eq!(GuardState::of(&check(3, 0, 2)), GuardState::Absent);
+        assert_eq!(GuardState::of(&check(0, 0, 2)), GuardState::Leftover);
+    }
+}
