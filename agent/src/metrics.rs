@@ -95,13 +95,13 @@ impl Metrics {
         let fail_secure_engaged = Family::<VipLabel, Gauge>::default();
         registry.register(
             "fail_secure_engaged",
-            "1 while the VIP's protected flows are blocked",
+            "1 while the VIP's clear-text guard is held in the kernel (every protected flow refused outside IPsec)",
             fail_secure_engaged.clone(),
         );
         let fail_secure_transitions = Family::<EventLabel, Counter>::default();
         registry.register(
             "fail_secure_transitions",
-            "Fail-secure engage and release operations",
+            "Guard installs and repairs (engage) and removals (release)",
             fail_secure_transitions.clone(),
         );
         let store_healthy = Gauge::default();
@@ -225,6 +225,15 @@ impl Metrics {
     }
 
     /// Counts a failover event.
+    /// Whether the VIP's guard is held in the kernel, as the last check read it.
+    pub fn set_guard_held(&self, vip: std::net::IpAddr, held: bool) {
+        self.fail_secure_engaged
+            .get_or_create(&VipLabel {
+                vip: vip.to_string(),
+            })
+            .set(i64::from(held));
+    }
+
     pub fn record(&self, n: &Notice) {
         self.events
             .get_or_create(&EventLabel {
@@ -257,8 +266,8 @@ impl Metrics {
             NoticeKind::IdlePeerDetected => {
                 self.idle_peers.get_or_create(&vip).inc();
             }
+            // The gauge follows the kernel (`set_guard_held`), not these events.
             NoticeKind::FailSecureEngaged => {
-                self.fail_secure_engaged.get_or_create(&vip).set(1);
                 self.fail_secure_transitions
                     .get_or_create(&EventLabel {
                         kind: "engage".into(),
@@ -266,7 +275,6 @@ impl Metrics {
                     .inc();
             }
             NoticeKind::FailSecureReleased => {
-                self.fail_secure_engaged.get_or_create(&vip).set(0);
                 self.fail_secure_transitions
                     .get_or_create(&EventLabel {
                         kind: "release".into(),

@@ -188,6 +188,9 @@ impl GuardKeeper {
                 }
             }
             let state = GuardState::of(&check);
+            self.sink
+                .metrics()
+                .set_guard_held(vip, state == GuardState::Held);
             all_held &= state == GuardState::Held || state == GuardState::Leftover;
             let held_since = match (state, views.get(&vip)) {
                 (GuardState::Held, Some(v)) if v.held_since.is_some() => v.held_since,
