@@ -109,7 +109,13 @@ pub(crate) struct GuardKeeper {
     pub(crate) policies: Option<Policies>,
     pub(crate) sink: EventSink,
     pub(crate) views: watch::Sender<GuardViews>,
+    /// VIPs whose last repair failed or changed nothing (a foreign policy holding a
+    /// selector, an interface gone): how often in a row, and when to try again.
+    pub(crate) backoff: std::sync::Mutex<BTreeMap<Vip, (u32, tokio::time::Instant)>>,
 }
+
+/// The longest wait between two repair attempts that keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl GuardKeeper {
     /// Whether the agent guards anything at all.
@@ -150,12 +156,32 @@ impl GuardKeeper {
         for check in checks {
             let vip = check.vip;
             let mut check = check;
-            let mut detail = String::new();
-            if check.wanted > 0 && !check.held() {
+            // Why it is not held stays shown while a repair waits for its next attempt.
+            let mut detail = match views.get(&vip) {
+                Some(v) if !check.held() => v.detail.clone(),
+                _ => String::new(),
+            };
+            let due = self
+                .backoff
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&vip)
+                .is_none_or(|(_, at)| tokio::time::Instant::now() >= *at);
+            if check.wanted > 0 && !check.held() && due {
                 let missing = check.wanted - check.installed;
-                match self.kernel.engage_fail_secure(vip).await {
+                let result = self.kernel.engage_fail_secure(vip).await;
+                self.note_attempt(vip, matches!(result, Ok(n) if n >= check.wanted));
+                match result {
+                    Ok(n) if n <= check.installed => {
+                        detail = format!(
+                            "{} of {} policies or rules cannot be installed (a policy the agent does not own may hold the selector; see the log)",
+                            check.wanted - n,
+                            check.wanted
+                        );
+                    }
                     Ok(n) => {
                         check.installed = n;
+                        detail.clear();
                         let what = if first {
                             format!("guard in place: {n} of {} policies or rules", check.wanted)
                         } else {
@@ -222,6 +248,19 @@ impl GuardKeeper {
             }
         });
         all_held
+    }
+
+    /// Spaces out repairs that keep failing (every pass would otherwise log and retry).
+    fn note_attempt(&self, vip: Vip, complete: bool) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        if complete {
+            backoff.remove(&vip);
+            return;
+        }
+        let failures = backoff.get(&vip).map_or(0, |(n, _)| *n) + 1;
+        let wait = (Duration::from_millis(250) * 2u32.saturating_pow(failures.min(8)))
+            .min(MAX_BACKOFF);
+        backoff.insert(vip, (failures, tokio::time::Instant::now() + wait));
     }
 
     /// Compares the guard with the kernel every `interval` until cancelled.

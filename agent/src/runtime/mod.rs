@@ -245,6 +245,7 @@ impl Agent {
                 policies: policies.clone(),
                 sink: sink.clone(),
                 views: guard_tx,
+                backoff: Default::default(),
             };
             if !keeper.pass(true).await {
                 warn!("the guard is not complete at start-up; retrying every kernel.guard_check");
