@@ -258,8 +258,8 @@ impl GuardKeeper {
             return;
         }
         let failures = backoff.get(&vip).map_or(0, |(n, _)| *n) + 1;
-        let wait = (Duration::from_millis(250) * 2u32.saturating_pow(failures.min(8)))
-            .min(MAX_BACKOFF);
+        let wait =
+            (Duration::from_millis(250) * 2u32.saturating_pow(failures.min(8))).min(MAX_BACKOFF);
         backoff.insert(vip, (failures, tokio::time::Instant::now() + wait));
     }
 
