@@ -57,9 +57,13 @@ fn show(o: &Output) -> String {
 // systemd
 
 fn verify_unit(unit_text: &str) -> Output {
+    verify_unit_named("vipsec.service", unit_text)
+}
+
+fn verify_unit_named(name: &str, unit_text: &str) -> Output {
     let analyze = require_program("systemd-analyze").unwrap();
     let dir = scratch_dir();
-    let path = dir.path().join("vipsec.service");
+    let path = dir.path().join(name);
     std::fs::write(&path, unit_text).unwrap();
     Command::new(analyze)
         .arg("verify")
@@ -134,6 +138,118 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         );
     }
     assert!(!unit.contains("ExecReload"));
+    // The agent comes after the boot-time guard, and only wants it.
+    for line in ["Wants=vipsec-guard.service", "After=vipsec-guard.service"] {
+        assert!(
+            unit.lines().any(|l| l.trim() == line),
+            "vipsec.service lacks {line:?}"
+        );
+    }
+}
+
+/// `systemd-analyze security --offline` on a unit: its exit status (threshold 2.5) and the
+/// "Overall exposure level" line.
+fn exposure(name: &str, unit_text: &str) -> (Output, String) {
+    let dir = scratch_dir();
+    let path = dir.path().join(name);
+    std::fs::write(&path, unit_text).unwrap();
+    let out = Command::new(require_program("systemd-analyze").unwrap())
+        .args(["security", "--offline=true", "--threshold=25"])
+        .arg(&path)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .unwrap();
+    let score = text(&out.stdout)
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    (out, score)
+}
+
+#[test]
+fn guard_unit_passes_systemd_analyze_verify_and_never_removes_the_guard() {
+    let unit = read(&deploy("systemd/vipsec-guard.service"));
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/local/bin/vipsec guard install --config /etc/vipsec/agent.toml"
+        )
+    );
+    let local = unit.replace("/usr/local/bin/vipsec", BIN);
+    let out = verify_unit_named("vipsec-guard.service", &local);
+    assert!(
+        out.status.success() && text(&out.stderr).trim().is_empty(),
+        "systemd-analyze verify reported problems:\n{}",
+        show(&out)
+    );
+    // Not vacuous for this unit either.
+    let broken = local.replace(
+        "RemainAfterExit=yes",
+        "RemainAfterExit=yes\nProtectEverything=yes",
+    );
+    let out = verify_unit_named("vipsec-guard.service", &broken);
+    assert!(
+        text(&out.stderr).contains("ProtectEverything"),
+        "verify did not notice a bad key:\n{}",
+        show(&out)
+    );
+    // Both units together: the agent's ordering after the guard and the guard's before the
+    // agent agree (no ordering cycle).
+    let dir = scratch_dir();
+    let agent = read(&deploy("systemd/vipsec.service")).replace("/usr/local/bin/vipsec", BIN);
+    std::fs::write(dir.path().join("vipsec.service"), agent).unwrap();
+    std::fs::write(dir.path().join("vipsec-guard.service"), &local).unwrap();
+    let out = Command::new(require_program("systemd-analyze").unwrap())
+        .arg("verify")
+        .arg(dir.path().join("vipsec.service"))
+        .arg(dir.path().join("vipsec-guard.service"))
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out.stderr).trim().is_empty(),
+        "verify of both units:\n{}",
+        show(&out)
+    );
+    let (out, score) = exposure("vipsec-guard.service", &local);
+    eprintln!("systemd-analyze security vipsec-guard.service: {score}");
+    assert!(out.status.success(), "exposure above 2.5:\n{}", show(&out));
+
+    let has = |line: &str| unit.lines().any(|l| l.trim() == line);
+    for line in [
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        // Early boot, before the network is configured.
+        "DefaultDependencies=no",
+        "After=local-fs.target systemd-modules-load.service",
+        "Wants=network-pre.target",
+        "Before=network-pre.target",
+        "Before=strongswan.service strongswan-starter.service vipsec.service",
+        // The same confinement as the agent.
+        "User=root",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "AmbientCapabilities=CAP_NET_ADMIN",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+    ] {
+        assert!(has(line), "vipsec-guard.service lacks {line:?}");
+    }
+    // Stopping the unit leaves the guard: removal is explicit (`vipsec guard remove`).
+    assert!(
+        !unit.lines().any(|l| l.trim_start().starts_with("ExecStop")),
+        "vipsec-guard.service must not remove the guard on stop"
+    );
+    assert!(
+        !unit
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("guard remove")),
+        "vipsec-guard.service must not remove the guard"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -315,3 +315,120 @@ fn etcd_over_tls_is_reached_with_the_configured_certificates_only() {
     assert_eq!(run.severity("store"), "error");
     assert!(run.summary("store").contains("/nonexistent/ca.pem"));
 }
+
+/// A namespace named `vgc-<tag>-...` (apart from the chaos labs'), deleted on drop.
+fn vgc_netns(tag: &str) -> Netns {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "vgc-{tag}-{:x}{:x}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let out = Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip netns add {name}");
+    let ns = Netns { name };
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns
+}
+
+#[test]
+fn a_peer_vip_without_a_trap_is_a_warning_under_the_guard_and_an_error_without_it() {
+    assert!(
+        vipsec_testbed::can_use_netns(),
+        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
+    );
+    let fe = vgc_netns("dt");
+    let peer = vgc_netns("dp");
+    fe.veth_to("eth0", "192.0.2.1/24", &peer, "eth0", "192.0.2.2/24")
+        .unwrap();
+    // One connection per peer VIP: a trap for .100, none for .101 (guarded) and .102 (not).
+    let conf: String = [
+        ("trapped", "192.0.2.100", "trap"),
+        ("guarded", "192.0.2.101", "none"),
+        ("bare", "192.0.2.102", "none"),
+    ]
+    .iter()
+    .map(|(name, remote, start_action)| {
+        TunnelConf {
+            name,
+            local: "192.0.2.1",
+            remote,
+            psk: "doctor-trap-test-psk",
+            start_action,
+        }
+        .render()
+    })
+    .collect();
+    let charon = Charon::start(&fe, "doctrap", &conf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{QUIET_NODE}[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n\
+             [kernel]\nbackend = \"xfrm\"\ninterface = \"eth0\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"trapped\"\nprotect = [\"tcp/143\"]\n\
+             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"guarded\"\nprotect = [\"tcp/143\"]\n\
+             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"bare\"\n",
+            charon.vici_socket().display()
+        ),
+    );
+
+    let run = doctor(Some(&fe), &config);
+    eprintln!("{:#}", run.report);
+    assert_eq!(run.severity("keying.trap[192.0.2.100]"), "ok");
+    assert!(
+        run.summary("keying.trap[192.0.2.100]")
+            .contains("trapped/trapped")
+    );
+    assert_eq!(run.severity("keying.trap[192.0.2.101]"), "warning");
+    assert!(
+        run.summary("keying.trap[192.0.2.101]")
+            .contains("no trap: between SAs traffic is refused by the guard"),
+        "{}",
+        run.summary("keying.trap[192.0.2.101]")
+    );
+    assert_eq!(run.severity("keying.trap[192.0.2.102]"), "error");
+    assert!(
+        run.summary("keying.trap[192.0.2.102]")
+            .contains("clear text")
+    );
+    // Nobody has put the guard in yet: the doctor says so, per VIP.
+    assert_eq!(run.severity("kernel.guard[192.0.2.101]"), "warning");
+    assert!(run.summary("kernel.guard[192.0.2.101]").contains("0 of 1"));
+    assert_eq!(run.severity("kernel.guard[192.0.2.102]"), "ok");
+    assert_eq!(run.code, Some(1));
+
+    // The boot unit's command puts it in: the guard findings turn ok, the trap verdicts
+    // stay (a guard refuses what a trap would have queued).
+    let out = fe
+        .command(BIN)
+        .args(["guard", "install", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = doctor(Some(&fe), &config);
+    for vip in ["192.0.2.100", "192.0.2.101"] {
+        let check = format!("kernel.guard[{vip}]");
+        assert_eq!(run.severity(&check), "ok", "{:#}", run.report);
+        assert!(
+            run.summary(&check).contains("1 of 1"),
+            "{}",
+            run.summary(&check)
+        );
+    }
+    assert_eq!(run.severity("keying.trap[192.0.2.101]"), "warning");
+    assert!(
+        !run.summary("keying.trap[192.0.2.101]").contains("once"),
+        "{}",
+        run.summary("keying.trap[192.0.2.101]")
+    );
+    assert_eq!(run.severity("keying.trap[192.0.2.102]"), "error");
+}

@@ -8,6 +8,7 @@ mod doctor;
 mod drain;
 mod drill;
 mod events;
+mod guard;
 mod health;
 mod log_level;
 mod mode;
@@ -126,6 +127,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// The kernel's standing clear-text guard, without the agent: install it (boot unit),
+    /// show it, or remove it (the only way it goes).
+    Guard {
+        #[command(subcommand)]
+        command: guard::GuardCommand,
     },
     /// Configuration files.
     Config {
@@ -257,6 +264,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         } => drill::run(&target, &vip, &to, timeout, json).await,
         Command::LogLevel { filter } => log_level::run(&target, &filter).await,
         Command::Doctor { config, json } => doctor::run(&config, json).await,
+        Command::Guard { command } => guard::run(&target, command).await,
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::run(&file),

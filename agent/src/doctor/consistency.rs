@@ -1,5 +1,5 @@
 //! The config against this node: VIPs listed once, the interfaces it names exist, the
-//! protected flows can be blocked while charon is down, peer VIPs are routable.
+//! protected flows are guarded by the kernel, peer VIPs are routable.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -167,17 +167,19 @@ fn fail_secure(config: &Config) -> Finding {
     match (config.kernel.backend, config.kernel.fail_secure) {
         (KernelBackend::Xfrm, true) => Finding::ok(
             "consistency.fail_secure",
-            format!("block policies cover {flows} protected flow(s) while charon is down"),
+            format!(
+                "the standing guard covers {flows} protected flow(s) at all times (per VIP: kernel.guard)"
+            ),
         ),
         (KernelBackend::Xfrm, false) => Finding::warning(
             "consistency.fail_secure",
-            "kernel.fail_secure is off: protected traffic may leave in clear text while charon is down",
+            "kernel.fail_secure is off: no standing guard, protected traffic may leave in clear text between SAs and while charon is down",
             "set kernel.fail_secure = true",
         ),
         (KernelBackend::None, _) if flows > 0 => Finding::warning(
             "consistency.fail_secure",
             format!(
-                "{flows} protected flow(s) but kernel.backend = none: nothing can block them, so they may leave in clear text while charon is down"
+                "{flows} protected flow(s) but kernel.backend = none: nothing can block them, so they may leave in clear text between SAs and while charon is down"
             ),
             "set kernel.backend = \"xfrm\" (and kernel.interface)",
         ),

@@ -27,6 +27,18 @@ pub struct DaemonFacts {
     pub conns: Result<BTreeMap<String, Vec<String>>, String>,
     /// Loaded plugins (`stats`).
     pub plugins: Result<Vec<String>, String>,
+    /// Installed trap policies (`list-policies` with `trap = yes`).
+    pub traps: Result<Vec<TrapPolicy>, String>,
+}
+
+/// One trap policy charon holds: traffic it covers without an SA is held back while charon
+/// negotiates one, instead of leaving in clear text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrapPolicy {
+    /// The IKE connection (`ike`), when charon reports it.
+    pub connection: Option<String>,
+    pub child: String,
+    pub remote_ts: Vec<String>,
 }
 
 /// Where reaching charon failed.
@@ -47,6 +59,7 @@ impl Default for DaemonFacts {
             version: String::new(),
             conns: Ok(BTreeMap::new()),
             plugins: Ok(Vec::new()),
+            traps: Ok(Vec::new()),
         }
     }
 }
@@ -82,6 +95,22 @@ struct ConnMsg {
     children: BTreeMap<String, ChildMsg>,
 }
 
+/// `list-policies` arguments: trap policies only (not the `drop`/`pass` shunts).
+#[derive(Serialize)]
+struct ListPolicies {
+    trap: bool,
+}
+
+/// One `list-policy` event entry (keyed by `ike/child`, or `child`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PolicyMsg {
+    child: String,
+    ike: Option<String>,
+    #[serde(rename = "remote-ts")]
+    remote_ts: Vec<String>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct ChildMsg {
@@ -89,7 +118,7 @@ struct ChildMsg {
     mode: String,
 }
 
-/// Asks charon over VICI: `version`, `list-conns`, `stats`.
+/// Asks charon over VICI: `version`, `list-conns`, `stats`, `list-policies`.
 pub async fn probe(socket: &Path) -> DaemonProbe {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(socket) {
@@ -125,11 +154,32 @@ pub async fn probe(socket: &Path) -> DaemonProbe {
         .await
         .map(|s| s.plugins)
         .map_err(|e| e.to_string());
+    let traps = conn
+        .stream_request::<_, BTreeMap<String, PolicyMsg>>(
+            "list-policies",
+            "list-policy",
+            ListPolicies { trap: true },
+            VICI_TIMEOUT,
+        )
+        .await
+        .map(|events| {
+            events
+                .into_iter()
+                .flatten()
+                .map(|(_, p)| TrapPolicy {
+                    connection: p.ike,
+                    child: p.child,
+                    remote_ts: p.remote_ts,
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string());
     Ok(DaemonFacts {
         daemon: version.daemon,
         version: version.version,
         conns,
         plugins,
+        traps,
     })
 }
 
@@ -278,6 +328,7 @@ mod tests {
             version: "5.9.8".into(),
             conns: Ok([("vip".to_string(), vec!["vip".to_string()])].into()),
             plugins: Ok(vec!["vici".into(), "kernel-libipsec".into()]),
+            traps: Ok(Vec::new()),
         }
     }
 

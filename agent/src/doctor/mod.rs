@@ -8,6 +8,7 @@
 
 pub mod consistency;
 pub mod firewall;
+pub mod guard;
 pub mod kernel;
 pub mod keying;
 pub mod nft;
@@ -109,10 +110,13 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     let mut findings = vec![config_finding(config)];
     let daemon = keying::probe(&config.keying.vici_socket).await;
     findings.extend(keying::findings(config, &daemon));
+    let guard_facts = guard::probe(config).await;
+    findings.extend(guard::trap_findings(config, &daemon, &guard_facts));
     findings.extend(store::check(config).await);
     findings.extend(consistency::check(config).await);
     let kernel_facts = kernel::probe();
     findings.push(kernel::finding(config, &kernel_facts, &daemon));
+    findings.extend(guard::guard_findings(config, &guard_facts));
     findings.extend(firewall::check(config, kernel_facts.has_esp()).await);
     findings
 }
