@@ -32,6 +32,23 @@ impl Charon {
     /// Starts charon in `ns` and loads `swanctl_conf` (swanctl.conf syntax, one setting a
     /// line) with `swanctl --load-all`.
     pub fn start(ns: &Netns, name: &str, swanctl_conf: &str) -> anyhow::Result<Charon> {
+        Self::start_with(ns, name, swanctl_conf, strongswan_conf)
+    }
+
+    /// Like [`Charon::start`], but with the kernel's own ESP: charon's normal
+    /// `kernel-netlink` backend without `kernel-libipsec`, so SAs and policies are the
+    /// kernel's (no TUN device, no fwmark, no forced encapsulation needed). Only for a
+    /// kernel that has ESP, such as the VM tier's guest.
+    pub fn start_kernel_esp(ns: &Netns, name: &str, swanctl_conf: &str) -> anyhow::Result<Charon> {
+        Self::start_with(ns, name, swanctl_conf, strongswan_conf_kernel_esp)
+    }
+
+    fn start_with(
+        ns: &Netns,
+        name: &str,
+        swanctl_conf: &str,
+        strongswan: fn(&Path, &Path) -> String,
+    ) -> anyhow::Result<Charon> {
         crate::require_program("charon")?;
         crate::require_program("swanctl")?;
         crate::require_program("unshare")?;
@@ -48,7 +65,7 @@ impl Charon {
         std::fs::write(charon.dir.path().join("swanctl.conf"), swanctl_conf)?;
         std::fs::write(
             charon.dir.path().join("strongswan.conf"),
-            strongswan_conf(&charon.vici_socket(), &charon.log_path()),
+            strongswan(&charon.vici_socket(), &charon.log_path()),
         )?;
         charon.launch()?;
         Ok(charon)
@@ -181,6 +198,35 @@ fn strongswan_conf(socket: &Path, log: &Path) -> String {
     kernel-libipsec {{
       allow_peer_ts = yes
     }}
+    vici {{
+      socket = unix://{socket}
+    }}
+  }}
+  filelog {{
+    charon {{
+      path = {log}
+      default = 1
+      ike = 2
+      time_format = %T
+      flush_line = yes
+    }}
+  }}
+}}
+"#,
+        socket = socket.display(),
+        log = log.display()
+    )
+}
+
+/// strongswan.conf for kernel ESP: no kernel-libipsec, and no routes in table 220 (a
+/// host-to-host tunnel between addresses the kernel already routes needs none).
+fn strongswan_conf_kernel_esp(socket: &Path, log: &Path) -> String {
+    format!(
+        r#"charon {{
+  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-netlink socket-default updown
+  install_routes = no
+  install_virtual_ip = no
+  plugins {{
     vici {{
       socket = unix://{socket}
     }}
