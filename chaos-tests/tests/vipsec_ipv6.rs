@@ -38,19 +38,12 @@ fn planned_and_crash(lab: &mut Lab) -> (Outcome, Outcome) {
     (planned, crash)
 }
 
-fn wall_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs_f64()
-}
-
 /// The clear-text detector (nftables counters on the bridge, tcpdump) sees IPv6: a
 /// connection from fe1 to be1's own address on port 143 (no tunnel covers it) is counted
 /// and captured.
 fn detector_sees_ipv6_clear_text(lab: &Lab) {
     let before = lab.cleartext().unwrap();
-    let wall = wall_now();
+    let wall = common::wall_now();
     let fe1 = lab.topo.node("fe1").ns.name.clone();
     let be1 = std::net::SocketAddr::from((lab.topo.node("be1").addr, 143));
     // be1's guard drops clear text on its eth0, so this connect fails; its SYN crossed
@@ -70,30 +63,21 @@ fn detector_sees_ipv6_clear_text(lab: &Lab) {
     assert!(lines[0].contains("2001:db8:1::21.143"), "{lines:?}");
 }
 
-/// fe1's charon is killed: its agent engages fail-secure (IPv6 peer policies, unbound),
-/// probes to [VIP]:143 get no answer and nothing crosses the wire in clear; a restarted
-/// charon brings the tunnel back.
+/// fe1's charon is killed: the agent's standing guard (IPv6 peer policies, unbound) was
+/// there before the kill, so probes to [VIP]:143 get EPERM and nothing crosses the wire in
+/// clear; a restarted charon brings the tunnel back and the guard stays held.
 fn front_end_charon_killed_fails_secure(lab: &mut Lab) {
     let owner = lab.owner().unwrap();
+    let vip = lab.vips[0];
+    common::wait_guard_held(lab, "fe1", vip, None, CAP).unwrap_or_else(|e| panic!("{e}"));
     let before = lab.cleartext().unwrap();
-    let wall = wall_now();
-    let killed = now_ns();
+    let wall = common::wall_now();
     lab.kill_charon("fe1");
-    let engaged = wait_for("fail-secure engaged on fe1", CAP, || {
-        let s = lab.agent_json("fe1", &["status"]).ok()?;
-        (s["fail_secure"]["engaged"] == true).then(now_ns)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    // Known gap (notes, docs): between charon's death (its TUN and table-220 routes go
-    // with it) and the agent's block, a packet sent in those few ms leaves in clear text.
-    // Counted and printed here; everything from the block on must be clean.
-    let gap = lab.cleartext().unwrap().minus(before);
-    eprintln!("[known gap] clear text between charon's death and the block: {gap:?}");
-    let before = lab.cleartext().unwrap();
+    let killed = now_ns();
     let recs = wait_for("50 probe records", CAP, || {
         lab.poll_probes().ok()?;
         let p = lab.probes().iter().find(|p| p.fe == "fe1")?;
-        let recs: Vec<_> = p.since(engaged).take(50).cloned().collect();
+        let recs: Vec<_> = p.since(killed).take(50).cloned().collect();
         (recs.len() == 50).then_some(recs)
     })
     .unwrap();
@@ -103,12 +87,13 @@ fn front_end_charon_killed_fails_secure(lab: &mut Lab) {
         .filter(|r| r.error.as_deref() == Some("eperm"))
         .count();
     let leaked = lab.cleartext().unwrap().minus(before);
+    let engaged = lab.agent_json("fe1", &["status"]).unwrap()["fail_secure"]["engaged"].clone();
     eprintln!(
-        "[ipv6] fe1's charon killed: fail-secure engaged after {}; of the next 50 probes {answered} answered, {eperm} EPERM; clear text {leaked:?}",
-        secs(since(killed, engaged))
+        "[ipv6] fe1's charon killed: of the next 50 probes {answered} answered, {eperm} EPERM; fail-secure engaged {engaged}; clear text {leaked:?}"
     );
     assert_eq!(answered, 0, "fe1 got answers without charon");
     assert_eq!(eperm, 50, "the IPv6 block policy refuses [VIP]:143");
+    assert_eq!(engaged, true, "fail-secure not engaged with charon down");
     assert_eq!(
         leaked.total(),
         0,
@@ -122,6 +107,7 @@ fn front_end_charon_killed_fails_secure(lab: &mut Lab) {
         "[ipv6] fe1 steady through the tunnel again {} after charon's restart (owner {owner})",
         secs(since(restarted, now_ns()))
     );
+    common::wait_guard_held(lab, "fe1", vip, None, CAP).unwrap_or_else(|e| panic!("{e}"));
     let leaked = lab.cleartext().unwrap().minus(before);
     assert_eq!(leaked.total(), 0, "{leaked:?}");
 }

@@ -31,6 +31,51 @@ pub struct Liveness {
     pub agent_initiates: bool,
 }
 
+/// How a front-end's connection to a VIP is written: its `start_action` (and, for the
+/// form users copy from strongSwan's examples, its `keyingtries`). The lab runs each
+/// style so that the agent's guard is shown to hold however the operator wrote them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FrontEndStyle {
+    /// `start_action = trap`: the trap covers the protected ports between SAs and the
+    /// agent initiates. A set-up without an agent initiating (the strongSwan baselines)
+    /// gets `trap|start`, since under kernel-libipsec a trap alone never starts a tunnel.
+    #[default]
+    Trap,
+    /// `start_action = trap|start`: charon covers the ports and initiates at load.
+    TrapStart,
+    /// `start_action = start` with `keyingtries` left at strongSwan's default: no trap,
+    /// the form most strongSwan examples use and a new user writes.
+    Start,
+    /// No `start_action` line: charon neither traps nor initiates; only the agent does.
+    None,
+}
+
+impl FrontEndStyle {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontEndStyle::Trap => "trap",
+            FrontEndStyle::TrapStart => "trap|start",
+            FrontEndStyle::Start => "start",
+            FrontEndStyle::None => "none",
+        }
+    }
+
+    /// The `start_action` value written, if any.
+    fn start_action(self, liveness: Liveness) -> Option<&'static str> {
+        match self {
+            FrontEndStyle::Trap if liveness.agent_initiates => Some("trap"),
+            FrontEndStyle::Trap | FrontEndStyle::TrapStart => Some("trap|start"),
+            FrontEndStyle::Start => Some("start"),
+            FrontEndStyle::None => Option::None,
+        }
+    }
+
+    /// Whether `keyingtries = 0` is written: every style but the example-copied one.
+    fn retries_forever(self) -> bool {
+        self != FrontEndStyle::Start
+    }
+}
+
 /// The connection name for a VIP: `vip100` for 192.0.2.100 and for 2001:db8:1::100 (the
 /// last group's hex digits, which the lab's plan makes the same as the IPv4 octet).
 pub fn connection_name(vip: IpAddr) -> String {
@@ -86,10 +131,17 @@ fn protected_ts(vip: IpAddr) -> String {
 }
 
 /// A front-end initiates to each VIP. Traffic selectors cover only the protected ports so
-/// the tunnel (and table 220) leave other traffic alone; the trap keeps those ports
-/// covered between SAs so nothing leaves in clear text; `keyingtries = 0` keeps
-/// retrying while the VIP has no owner yet.
-pub fn swanctl_frontend(node: &str, local: IpAddr, vips: &[IpAddr], liveness: Liveness) -> String {
+/// the tunnel (and table 220) leave other traffic alone; with a trap style the trap keeps
+/// those ports covered between SAs so nothing leaves in clear text; `keyingtries = 0`
+/// keeps retrying while the VIP has no owner yet. `style` says how much of this the
+/// operator wrote (see [`FrontEndStyle`]).
+pub fn swanctl_frontend(
+    node: &str,
+    local: IpAddr,
+    vips: &[IpAddr],
+    liveness: Liveness,
+    style: FrontEndStyle,
+) -> String {
     let mut s = String::from("connections {\n");
     for &vip in vips {
         let name = connection_name(vip);
@@ -100,7 +152,9 @@ pub fn swanctl_frontend(node: &str, local: IpAddr, vips: &[IpAddr], liveness: Li
         s += "encap = yes\n";
         s += "mobike = no\n";
         s += "proposals = aes256-sha256-modp2048\n";
-        s += "keyingtries = 0\n";
+        if style.retries_forever() {
+            s += "keyingtries = 0\n";
+        }
         if liveness.dpd {
             s += "dpd_delay = 1s\n";
         }
@@ -119,12 +173,10 @@ pub fn swanctl_frontend(node: &str, local: IpAddr, vips: &[IpAddr], liveness: Li
         s += "esp_proposals = aes256-sha256\n";
         s += "mode = tunnel\n";
         // kernel-libipsec sends no acquires (a packet hitting a trap policy without SA is
-        // only dropped), so the trap cannot start the tunnel: `start` does, and the trap
-        // keeps the protected ports covered whenever no CHILD_SA is up.
-        if liveness.agent_initiates {
-            s += "start_action = trap\n";
-        } else {
-            s += "start_action = trap|start\n";
+        // only dropped), so the trap cannot start the tunnel: `start` (or the agent) does,
+        // and the trap keeps the protected ports covered whenever no CHILD_SA is up.
+        if let Some(action) = style.start_action(liveness) {
+            let _ = writeln!(s, "start_action = {action}");
         }
         if liveness.dpd {
             s += "dpd_action = restart\n";
@@ -320,6 +372,13 @@ mod tests {
         agent_initiates: false,
     };
 
+    /// What the vipsec set-ups use: charon's own liveness checks off, the agent initiates.
+    const AGENT: Liveness = Liveness {
+        dpd: false,
+        short_retransmits: false,
+        agent_initiates: true,
+    };
+
     /// swanctl.conf and strongswan.conf want one setting per line.
     fn one_setting_per_line(text: &str) {
         for line in text.lines() {
@@ -332,7 +391,13 @@ mod tests {
     #[test]
     fn front_end_connection_is_trapped_restricted_and_retries_forever() {
         let vip = Family::V4.host(100);
-        let text = swanctl_frontend("fe1", Family::V4.host(11), &[vip], DPD);
+        let text = swanctl_frontend(
+            "fe1",
+            Family::V4.host(11),
+            &[vip],
+            DPD,
+            FrontEndStyle::default(),
+        );
         one_setting_per_line(&text);
         for want in [
             "remote_addrs = 192.0.2.100",
@@ -351,14 +416,37 @@ mod tests {
             "fe1",
             Family::V4.host(11),
             &[vip],
-            Liveness {
-                dpd: false,
-                short_retransmits: false,
-                agent_initiates: true,
-            },
+            AGENT,
+            FrontEndStyle::default(),
         );
         assert!(!plain.contains("dpd"), "{plain}");
         assert!(plain.lines().any(|l| l == "start_action = trap"), "{plain}");
+    }
+
+    /// The start_action and keyingtries lines each style writes (with an agent initiating).
+    #[test]
+    fn front_end_styles_write_their_start_action() {
+        let vip = Family::V4.host(100);
+        let cases = [
+            (FrontEndStyle::Trap, Some("trap"), true),
+            (FrontEndStyle::TrapStart, Some("trap|start"), true),
+            (FrontEndStyle::Start, Some("start"), false),
+            (FrontEndStyle::None, None, true),
+        ];
+        for (style, action, retries_forever) in cases {
+            let text = swanctl_frontend("fe1", Family::V4.host(11), &[vip], AGENT, style);
+            one_setting_per_line(&text);
+            let actions: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("start_action = "))
+                .collect();
+            assert_eq!(actions, action.into_iter().collect::<Vec<_>>(), "{text}");
+            assert_eq!(
+                text.contains("keyingtries"),
+                retries_forever,
+                "{style:?}:\n{text}"
+            );
+        }
     }
 
     #[test]
@@ -379,7 +467,13 @@ mod tests {
         let vips = crate::lab::topology::vips_of(Family::V6, 2);
         assert_eq!(connection_name(vips[0]), "vip100");
         assert_eq!(connection_name(vips[1]), "vip101");
-        let fe = swanctl_frontend("fe1", Family::V6.host(11), &vips[..1], DPD);
+        let fe = swanctl_frontend(
+            "fe1",
+            Family::V6.host(11),
+            &vips[..1],
+            DPD,
+            FrontEndStyle::default(),
+        );
         one_setting_per_line(&fe);
         for want in [
             "local_addrs = 2001:db8:1::11",

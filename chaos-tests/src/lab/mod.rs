@@ -28,7 +28,7 @@ pub use topology::Role;
 
 use crate::clock::now_ns;
 use agent::{Agent, AgentPlan};
-use charon::Charon;
+use charon::{Charon, FrontEndStyle};
 use etcd::Etcd;
 use keepalived::Keepalived;
 use probe::Probe;
@@ -58,6 +58,9 @@ pub struct LabOptions {
     pub keep_run_dir: bool,
     /// The lab network's address family (IPv4 unless asked).
     pub family: Family,
+    /// How the front-ends' connections are written in swanctl.conf (set-ups whose agents
+    /// load the connections from the stored policy write none).
+    pub frontend_style: FrontEndStyle,
 }
 
 impl LabOptions {
@@ -73,6 +76,7 @@ impl LabOptions {
             self_exe: self_exe.into(),
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
             family: Family::V4,
+            frontend_style: FrontEndStyle::default(),
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct Lab {
     probe_interval: Duration,
     reconnect: Option<vipsec::config::ReconnectConfig>,
     initiate_timeout: Duration,
+    frontend_style: FrontEndStyle,
     pub progress: Progress,
 }
 
@@ -156,6 +161,7 @@ impl Lab {
             probe_interval: opts.probe_interval,
             reconnect: opts.reconnect,
             initiate_timeout: opts.initiate_timeout,
+            frontend_style: opts.frontend_style,
             progress,
         };
         for node in lab.topo.with_role(Role::BackEnd) {
@@ -211,6 +217,16 @@ impl Lab {
     /// `[failover.reconnect]` settings.
     pub fn set_reconnect(&mut self, reconnect: Option<vipsec::config::ReconnectConfig>) {
         self.reconnect = reconnect;
+    }
+
+    /// Front-end charons started from now on (after [`Lab::reset`], a restart) get their
+    /// connections written in this style.
+    pub fn set_frontend_style(&mut self, style: FrontEndStyle) {
+        self.frontend_style = style;
+    }
+
+    pub fn frontend_style(&self) -> FrontEndStyle {
+        self.frontend_style
     }
 
     /// A node's directory in the run directory (configs, logs).
@@ -273,7 +289,9 @@ impl Lab {
         let liveness = self.setup.liveness();
         let swanctl = match node.role {
             _ if self.setup.policy_managed() => charon::swanctl_empty(),
-            Role::FrontEnd => charon::swanctl_frontend(name, node.addr, &self.vips, liveness),
+            Role::FrontEnd => {
+                charon::swanctl_frontend(name, node.addr, &self.vips, liveness, self.frontend_style)
+            }
             _ => charon::swanctl_backend(&self.vips, liveness),
         };
         let c = Charon::start(

@@ -3,8 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vipsec_chaos::clock::now_ns;
+use vipsec_testbed::process::wait_for;
 
 use vipsec_chaos::lab::faults::Fault;
 use vipsec_chaos::lab::{Lab, LabOptions, Progress, Setup};
@@ -86,4 +91,54 @@ pub fn assert_recovered(o: &Outcome, bound: Duration) {
         .recovery
         .unwrap_or_else(|| panic!("no recovery within {:?}: {}", o.cap, o.summary()));
     assert!(r <= bound, "recovery took {r:?}: {}", o.summary());
+}
+
+/// Seconds since the epoch, as tcpdump stamps its lines.
+pub fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// The `guard` object of `vip`'s entry (hosted or peer) in `vipsec status --json`.
+pub fn vip_guard(status: &Value, vip: IpAddr) -> Option<&Value> {
+    let address = vip.to_string();
+    status["hosted_vips"]
+        .as_array()
+        .into_iter()
+        .chain(status["peer_vips"].as_array())
+        .flatten()
+        .find(|v| v["address"] == address.as_str())
+        .map(|v| &v["guard"])
+}
+
+/// Polls `node`'s status until fail-secure is engaged and `vip`'s guard is `held` (from
+/// `source`, when given). Returns when that was seen (CLOCK_MONOTONIC ns), or what the
+/// node showed last.
+pub fn wait_guard_held(
+    lab: &Lab,
+    node: &str,
+    vip: IpAddr,
+    source: Option<&str>,
+    cap: Duration,
+) -> Result<u64, String> {
+    let mut last = String::from("no status");
+    wait_for(&format!("{node}'s guard for {vip} held"), cap, || {
+        let s = match lab.agent_json(node, &["status"]) {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("{e:#}");
+                return None;
+            }
+        };
+        let guard = vip_guard(&s, vip).cloned().unwrap_or(Value::Null);
+        let engaged = &s["fail_secure"]["engaged"];
+        last = format!("fail_secure.engaged {engaged}, guard {guard}");
+        let held = *engaged == true
+            && guard["state"] == "held"
+            && source.is_none_or(|src| guard["source"] == src);
+        held.then(now_ns)
+    })
+    .map_err(|e| format!("{e}; {node} showed {last}"))
 }
