@@ -418,6 +418,8 @@ mod tests {
                 .duration(Duration::from_millis(80)),
         );
         m.record(&Notice::new(NoticeKind::FailSecureEngaged, vip));
+        // The guard gauge follows the kernel's word, not the engage event.
+        m.set_guard_held(vip.unwrap(), true);
         let text = m.encode();
         assert!(
             text.contains("vipsec_failovers_total{vip=\"192.0.2.100\",outcome=\"recovered\"} 1"),
@@ -431,6 +433,10 @@ mod tests {
         );
         assert!(
             text.contains("vipsec_fail_secure_engaged{vip=\"192.0.2.100\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vipsec_fail_secure_transitions_total{kind=\"engage\"} 1"),
             "{text}"
         );
     }
