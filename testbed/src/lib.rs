@@ -6,6 +6,7 @@
 
 pub mod charon;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod netns;
 pub mod pki;
 pub mod process;
