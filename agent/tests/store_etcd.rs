@@ -69,11 +69,17 @@ impl Node {
             matches!(i, Input::StoreHealth { healthy: true, .. }).then_some(())
         })
         .await;
-        self.expect("OwnerSnapshot", |i| match i {
-            Input::OwnerSnapshot(s) => Some(s.clone()),
-            _ => None,
+        let owners = self
+            .expect("OwnerSnapshot", |i| match i {
+                Input::OwnerSnapshot(s) => Some(s.clone()),
+                _ => None,
+            })
+            .await;
+        self.expect("HoldersSnapshot", |i| {
+            matches!(i, Input::HoldersSnapshot(_)).then_some(())
         })
-        .await
+        .await;
+        owners
     }
 
     /// Stops `run` and drops the store: no withdraw, no revoke (a crash, as etcd sees it).
@@ -300,7 +306,8 @@ async fn etcd_outage_and_lost_lease_are_recovered() {
     }
 
     // The lease is revoked behind A's back (as if it had expired): A notices at its next
-    // keep-alive, takes a new lease and restores its record with a new epoch.
+    // keep-alive, takes a new lease and restores its record. Nobody claimed the VIP in
+    // between, so the epoch is kept: front-ends' SAs made under it stay current.
     let mut c = raw_client(&server).await;
     let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
     let lease = kv.kvs()[0].lease();
@@ -316,7 +323,7 @@ async fn etcd_outage_and_lost_lease_are_recovered() {
         "record restored under a new lease {:?} after the revoke",
         t.elapsed()
     );
-    assert!(restored.epoch > owner.epoch);
+    assert_eq!(restored.epoch, owner.epoch, "epoch kept on re-claim");
     let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
     assert_ne!(kv.kvs()[0].lease(), lease);
 }
@@ -561,4 +568,200 @@ async fn tls_with_client_certificates() {
         })
         .await;
     eprintln!("TLS without client certificate: {detail}");
+}
+
+// ----- a three-member etcd: leader elections -----
+
+fn cluster() -> vipsec_testbed::etcd_cluster::EtcdCluster {
+    // The store's own account of an election (what failed, what was retried) is what a
+    // failure here needs; the test harness shows it only for a failed test.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_test_writer()
+        .try_init();
+    vipsec_testbed::etcd_cluster::EtcdCluster::start()
+        .unwrap_or_else(|e| panic!("cannot start a three-member etcd: {e}"))
+}
+
+fn cluster_config(node: &str, endpoints: &[String], prefix: &str) -> Config {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "node = \"{node}\"\n[store]\nbackend = \"etcd\"\nendpoints = [{list}]\nprefix = \"{prefix}\"\nlease_ttl = \"2s\"\n"
+    );
+    Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+/// Every owner change of `vip` the node reports until `quiet` passes with none.
+async fn owner_changes_for(n: &mut Node, vip: Vip, quiet: Duration) -> Vec<Option<VipOwner>> {
+    let mut seen = Vec::new();
+    while let Ok(Some(i)) = tokio::time::timeout(quiet, n.inputs.recv()).await {
+        if let Input::OwnerChanged { vip: v, owner } = i
+            && v == vip
+        {
+            seen.push(owner);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_kill_with_the_vip_in_place_keeps_the_record_and_its_epoch() {
+    let mut etcd = cluster();
+    let prefix = unique_prefix("lk");
+    let endpoints = etcd.endpoints();
+    let mut a = Node::start(&cluster_config("be1", &endpoints, &prefix));
+    let mut b = Node::start(&cluster_config("be2", &endpoints, &prefix));
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let vip: Vip = "192.0.2.110".parse().unwrap();
+    let owner = a.store.publish(vip).await.unwrap();
+    b.expect("A's record", owner_change(vip, Some("be1"))).await;
+
+    // Kill the leader three times in a row (a rolling restart), each time waiting for
+    // the next one: the record never vanishes and never changes.
+    for round in 1..=3 {
+        let leader = etcd.leader().unwrap();
+        let t = Instant::now();
+        tokio::task::block_in_place(|| etcd.kill(&leader));
+        let (next, election) = tokio::task::block_in_place(|| {
+            etcd.wait_leader(Duration::from_secs(15))
+                .unwrap_or_else(|e| panic!("no new leader: {e}"))
+        });
+        eprintln!("round {round}: killed leader {leader}; {next} elected after {election:?}");
+        // Past the lease's TTL after the election: a lapsed lease would show by now.
+        let changes = owner_changes_for(&mut b, vip, Duration::from_secs(3)).await;
+        assert!(
+            changes.is_empty(),
+            "round {round}: the record changed during the election: {changes:?}"
+        );
+        tokio::task::block_in_place(|| etcd.restart(&leader)).expect("member restart");
+        eprintln!("round {round}: member back after {:?}", t.elapsed());
+    }
+    let (rec, _) = b.store.current(vip).await.unwrap();
+    assert_eq!(rec, Some(owner), "same record, same epoch");
+    assert!(a.store.pending_writes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdraw_during_an_election_takes_effect_once_it_is_over() {
+    let mut etcd = cluster();
+    let prefix = unique_prefix("we");
+    let endpoints = etcd.endpoints();
+    let mut a = Node::start(&cluster_config("be1", &endpoints, &prefix));
+    let mut b = Node::start(&cluster_config("be2", &endpoints, &prefix));
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let vip: Vip = "192.0.2.111".parse().unwrap();
+    let kept: Vip = "192.0.2.112".parse().unwrap();
+    a.store.publish(vip).await.unwrap();
+    let kept_owner = a.store.publish(kept).await.unwrap();
+    b.expect("A's record", owner_change(vip, Some("be1"))).await;
+
+    // One lease per VIP: losing one VIP never keeps its record alive through another's.
+    let mut raw = etcd_client::Client::connect(&endpoints, None)
+        .await
+        .unwrap();
+    let lease_of = |kv: etcd_client::GetResponse| kv.kvs()[0].lease();
+    let l1 = lease_of(raw.get(format!("{prefix}vips/{vip}"), None).await.unwrap());
+    let l2 = lease_of(raw.get(format!("{prefix}vips/{kept}"), None).await.unwrap());
+    assert_ne!(l1, l2, "each VIP's record has its own lease");
+
+    // The leader dies at the moment the VIP leaves: the first withdraw may fail; the
+    // store retries it until the record is gone.
+    let leader = etcd.leader().unwrap();
+    let t = Instant::now();
+    tokio::task::block_in_place(|| etcd.kill(&leader));
+    let withdraw = tokio::spawn({
+        let store = a.store.clone();
+        async move { store.withdraw(vip).await }
+    });
+    tokio::task::block_in_place(|| {
+        etcd.wait_leader(Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("no new leader: {e}"))
+    });
+    let election = t.elapsed();
+    eprintln!(
+        "first withdraw during the election: {:?}",
+        withdraw.await.unwrap()
+    );
+    // Through the watch, or the snapshot taken when the watch moved to another member.
+    b.expect("the record gone", |i| match i {
+        Input::OwnerChanged {
+            vip: v,
+            owner: None,
+        } if *v == vip => Some(()),
+        Input::OwnerSnapshot(s) if !s.iter().any(|(v, _)| *v == vip) => Some(()),
+        _ => None,
+    })
+    .await;
+    let gone = t.elapsed();
+    eprintln!("record gone {gone:?} after the kill (election {election:?})");
+    assert!(
+        gone < election + Duration::from_secs(1),
+        "withdraw took effect {gone:?} after the kill; election took {election:?}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !a.store.pending_writes().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", a.store.pending_writes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other VIP's record was never touched.
+    let changes = owner_changes_for(&mut b, kept, Duration::from_secs(3)).await;
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(b.store.current(kept).await.unwrap().0, Some(kept_owner));
+    let holders = raw
+        .get(
+            format!("{prefix}holders/{vip}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(holders.kvs().is_empty(), "holder mark went with the lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refused_the_record_is_seen_holding_the_address_by_the_owner() {
+    let etcd = cluster();
+    let prefix = unique_prefix("ho");
+    let endpoints = etcd.endpoints();
+    let mut a = Node::start(&cluster_config("be1", &endpoints, &prefix));
+    let mut b = Node::start(&cluster_config("be2", &endpoints, &prefix));
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let vip: Vip = "192.0.2.113".parse().unwrap();
+    a.store.publish(vip).await.unwrap();
+    // B has the address too (a split brain): its publish is fenced, but A hears of it.
+    assert!(matches!(
+        b.store.publish(vip).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    a.expect("B's holder mark", |i| match i {
+        Input::HolderChanged {
+            vip: v,
+            node,
+            holds,
+        } if *v == vip && node == "be2" => holds.then_some(()),
+        _ => None,
+    })
+    .await;
+    // B lets go of the address: the mark goes at once.
+    b.store.withdraw(vip).await.unwrap();
+    a.expect("B's holder mark gone", |i| match i {
+        Input::HolderChanged {
+            vip: v,
+            node,
+            holds,
+        } if *v == vip && node == "be2" => (!holds).then_some(()),
+        _ => None,
+    })
+    .await;
+    // A's own record was not touched by B's withdraw.
+    assert_eq!(
+        a.store.current(vip).await.unwrap().0.map(|o| o.node),
+        Some("be1".to_string())
+    );
 }

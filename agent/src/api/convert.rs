@@ -79,6 +79,7 @@ pub fn status(s: &StatusView) -> pb::Status {
         store: Some(health(&s.store)),
         keying: Some(health(&s.keying)),
         kernel: Some(health(&s.kernel)),
+        ownership: Some(health(&s.ownership)),
         fail_secure: Some(pb::FailSecure {
             enabled: s.fail_secure.enabled,
             engaged: s.fail_secure.engaged,

@@ -18,6 +18,7 @@ pub async fn run(t: &Target, quiet: bool) -> Result<(), CliError> {
         ("keying", &s.keying),
         ("store", &s.store),
         ("kernel", &s.kernel),
+        ("ownership", &s.ownership),
     ] {
         if let Some(h) = h
             && !h.healthy

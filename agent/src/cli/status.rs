@@ -78,6 +78,7 @@ pub fn to_json(s: &pb::Status) -> Value {
         "store": health_json(s.store.as_ref()),
         "keying": health_json(s.keying.as_ref()),
         "kernel": health_json(s.kernel.as_ref()),
+        "ownership": health_json(s.ownership.as_ref()),
         "fail_secure": {"enabled": fs.enabled, "engaged": fs.engaged, "since": rfc3339(fs.since.as_ref()), "flows": fs.flows},
         "initiations_queued": s.initiations_queued,
         "hosted_vips": s.hosted_vips.iter().map(|h| json!({
@@ -130,6 +131,7 @@ fn print_table(s: &pb::Status) {
         ("store", &s.store),
         ("keying", &s.keying),
         ("kernel", &s.kernel),
+        ("ownership", &s.ownership),
     ] {
         let h = h.clone().unwrap_or_default();
         let health = if h.healthy { "ok" } else { "DOWN" };

@@ -71,7 +71,10 @@ impl FailoverCore {
         }
         match &h.owner {
             Some(o) if o.node == self.settings.node => Ownership::Owner,
-            _ if self.settings.cluster_store
+            // With the store unreachable the kernel's word is trusted only when the last
+            // record was ours or nobody's: a record naming another node is not overruled
+            // by an outage.
+            None if self.settings.cluster_store
                 && self.store_healthy != Some(true)
                 && self.settings.trust_kernel_when_store_down =>
             {
@@ -102,9 +105,12 @@ impl FailoverCore {
             h.accepting = accept;
             out.push(Action::AcceptSas { vip, accept });
         }
-        let conflict = matches!(&h.owner, Some(o) if o.node != self.settings.node)
+        let refused = matches!(&h.owner, Some(o) if o.node != self.settings.node)
             && matches!(ownership, Ownership::NotOwner { .. });
-        if conflict {
+        // Ours on record while another node marks the address as its own too: keep
+        // serving (the other node refuses), but it is a split brain all the same.
+        let shared = ownership == Ownership::Owner && !h.also_held_by.is_empty();
+        if refused || shared {
             if h.conflict_since.is_none() {
                 h.conflict_since = Some(now);
                 // A hand-off passes through this state for a moment (the new owner's
@@ -115,7 +121,7 @@ impl FailoverCore {
                     after: grace,
                 });
             }
-            if !h.sas.is_empty() {
+            if refused && !h.sas.is_empty() {
                 h.sas.clear();
                 out.push(Action::DeleteSas {
                     vip,
@@ -154,14 +160,28 @@ impl FailoverCore {
             return;
         }
         h.split_brain = true;
+        let detail = if h.ownership == Ownership::Owner {
+            format!(
+                "{vip} is recorded as this node's, but {} hold(s) its address too; \
+                 serving it here while the others refuse, and leaving the address to the \
+                 cluster manager",
+                h.also_held_by
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            format!(
+                "{}; refusing SAs for it and leaving the address to the cluster manager",
+                h.ownership.reason()
+            )
+        };
         out.push(Action::Notify(
             Notice::new(NoticeKind::SplitBrain, Some(vip))
                 .owner(h.owner.as_ref())
                 .duration(lasted)
-                .detail(format!(
-                    "{}; refusing SAs for it and leaving the address to the cluster manager",
-                    h.ownership.reason()
-                )),
+                .detail(detail),
         ));
     }
 

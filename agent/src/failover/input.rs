@@ -20,6 +20,15 @@ pub enum Input {
         vip: Vip,
         owner: Option<VipOwner>,
     },
+    /// Which nodes hold each VIP's address, as they mark it in the store, after every
+    /// (re)connection.
+    HoldersSnapshot(Vec<(Vip, String)>),
+    /// A node started or stopped holding a VIP's address.
+    HolderChanged {
+        vip: Vip,
+        node: String,
+        holds: bool,
+    },
     StoreHealth {
         healthy: bool,
         detail: String,
@@ -80,6 +89,9 @@ pub enum Timer {
     SplitBrainGrace { vip: Vip },
     /// A failed publish: try again if the VIP is still here and still unrecorded.
     Republish { vip: Vip, generation: u64 },
+    /// A peer VIP's record vanished while our SA stood, and no owner came back: the SA's
+    /// peer is taken as gone.
+    Vacant { vip: Vip, generation: u64 },
 }
 
 /// What the core wants done. The runtime performs each action and reports results back

@@ -95,6 +95,8 @@ pub struct HostedVip {
     pub conflict_since: Option<Instant>,
     /// That conflict outlasted the grace and was reported.
     pub split_brain: bool,
+    /// Other nodes that mark the VIP's address as theirs in the store.
+    pub also_held_by: BTreeSet<String>,
     generation: u64,
 }
 
@@ -170,6 +172,8 @@ pub struct PeerVip {
     pub renegotiation: Option<Renegotiation>,
     pub last_failover: Option<FailoverSummary>,
     generation: u64,
+    /// Counts the times the owner record vanished (for `Timer::Vacant`).
+    vacancies: u64,
 }
 
 impl PeerVip {
@@ -184,6 +188,7 @@ impl PeerVip {
             renegotiation: None,
             last_failover: None,
             generation: 0,
+            vacancies: 0,
         }
     }
 
@@ -319,6 +324,36 @@ impl FailoverCore {
             }
             Input::OwnerChanged { vip, owner } => {
                 self.owner_update(&mut out, now, vip, owner, false)
+            }
+            Input::HoldersSnapshot(holders) => {
+                let me = self.settings.node.clone();
+                let vips: Vec<Vip> = self.hosted.keys().copied().collect();
+                for vip in vips {
+                    let others: BTreeSet<String> = holders
+                        .iter()
+                        .filter(|(v, n)| *v == vip && *n != me)
+                        .map(|(_, n)| n.clone())
+                        .collect();
+                    let h = self.hosted.get_mut(&vip).expect("hosted VIP");
+                    if h.also_held_by != others {
+                        h.also_held_by = others;
+                        self.guard(&mut out, now, vip);
+                    }
+                }
+            }
+            Input::HolderChanged { vip, node, holds } => {
+                if node != self.settings.node
+                    && let Some(h) = self.hosted.get_mut(&vip)
+                {
+                    let changed = if holds {
+                        h.also_held_by.insert(node)
+                    } else {
+                        h.also_held_by.remove(&node)
+                    };
+                    if changed {
+                        self.guard(&mut out, now, vip);
+                    }
+                }
             }
             Input::StoreHealth { healthy, detail } => self.store_health(&mut out, healthy, detail),
             Input::KeyingUp { established } => self.keying_came_up(&mut out, now, established),
@@ -490,6 +525,16 @@ impl FailoverCore {
             }
             h.owner = owner;
             out.push(Action::Notify(notice));
+            if !h.present
+                && h.owner
+                    .as_ref()
+                    .is_some_and(|o| o.node == self.settings.node)
+            {
+                // Our record, but the VIP is not here (a withdraw that has not taken effect
+                // yet, or a record left by an earlier run): it must go, or the node that
+                // has the address is refused for as long as it stands.
+                out.push(Action::WithdrawOwnership { vip });
+            }
             if h.owner.is_none() && h.present && !h.draining {
                 // The record vanished while the VIP is still here (lease lost in an outage,
                 // or removed by hand): put it back.
@@ -544,17 +589,21 @@ impl FailoverCore {
                         .epoch(p.epoch)
                         .detail("no owner"),
                 ));
+                // A working SA is kept until a *different* owner is recorded: a record
+                // also vanishes when its owner's lease lapses in a store hiccup, and the
+                // owner puts it back at the same epoch. After a real release the old
+                // owner deletes its SAs itself; after a crash the next owner's record (a
+                // newer epoch) makes ours stale. If no owner is recorded within
+                // `owner_wait`, the SA's peer is taken as gone.
+                p.vacancies += 1;
                 if !p.sas.is_empty() && cluster {
-                    // The owner released the VIP or its lease expired: whoever our SA
-                    // leads to no longer holds the VIP. Delete it gracefully: after a
-                    // planned release the old owner is alive and both sides agree at once
-                    // (its own DELETE crosses ours); a dead one costs a short grace.
-                    p.sas.clear();
-                    out.push(Action::DeleteSas {
-                        vip,
-                        role: VipRole::Peer,
+                    out.push(Action::StartTimer {
+                        timer: Timer::Vacant {
+                            vip,
+                            generation: p.vacancies,
+                        },
+                        after: self.settings.owner_wait,
                     });
-                    self.renegotiate(out, now, vip, "owner record withdrawn".into(), false);
                 }
             }
         }
@@ -1042,6 +1091,32 @@ impl FailoverCore {
                 }
             }
             Timer::SplitBrainGrace { vip } => self.split_brain_timer(out, now, vip),
+            Timer::Vacant { vip, generation } => {
+                let Some(p) = self.peers.get(&vip) else {
+                    return;
+                };
+                if p.vacancies == generation
+                    && p.owner.is_none()
+                    && !p.sas.is_empty()
+                    && p.renegotiation.is_none()
+                {
+                    let reason = format!(
+                        "no owner recorded for {}",
+                        humantime::format_duration(self.settings.owner_wait)
+                    );
+                    self.renegotiate(out, now, vip, reason, true);
+                    // `owner_wait` has already passed: initiate toward whoever answers.
+                    if let Some(r) = self
+                        .peers
+                        .get_mut(&vip)
+                        .and_then(|p| p.renegotiation.as_mut())
+                        && r.owner_wait == OwnerWait::Waiting
+                    {
+                        r.owner_wait = OwnerWait::Expired;
+                        self.advance(out, vip);
+                    }
+                }
+            }
             Timer::Republish { vip, generation } => {
                 if let Some(h) = self.hosted.get(&vip)
                     && h.generation == generation

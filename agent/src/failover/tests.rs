@@ -264,32 +264,25 @@ async fn planned_move_on_the_front_end_waits_for_the_new_owner_then_initiates_at
     let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
     let t0 = Instant::now();
 
-    // The old owner withdraws before deleting: delete our side gracefully (the old owner
-    // is alive and answers at once), and wait for the new owner.
+    // The old owner withdraws, then deletes its SAs. The vanished record alone changes
+    // nothing here: a record also vanishes in a store hiccup, with the owner unchanged.
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: None,
     });
     assert!(
-        has(
-            &a,
-            &Action::DeleteSas {
-                vip: vip(),
-                role: VipRole::Peer
-            }
-        ),
+        !a.iter()
+            .any(|x| matches!(x, Action::DeleteSas { .. } | Action::DropStaleSas { .. })),
         "{a:#?}"
     );
-    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }));
     assert!(initiates(&a).is_empty(), "no owner yet: {a:#?}");
-    // Its DELETE arrives for an SA we already dropped: nothing more to do.
-    assert!(
-        fe.feed(Input::SaDown {
-            sa: peer_sa(1),
-            reason: "deleted by peer".into()
-        })
-        .is_empty()
-    );
+    // Its DELETE arrives: renegotiate, but wait for the next owner's record.
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationStarted));
+    assert!(initiates(&a).is_empty(), "no owner yet: {a:#?}");
 
     time::advance(Duration::from_millis(600)).await;
     let a = fe.feed(Input::OwnerChanged {
@@ -440,25 +433,23 @@ async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_de
 #[tokio::test(start_paused = true)]
 async fn crash_of_the_owner_seen_as_lease_expiry_then_takeover() {
     let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
-    // The lease expired: the SA's peer is probably dead; a graceful delete with a short
-    // grace (in the keying backend) settles it either way.
+    // The lease expired: the SA stays until a different owner is recorded.
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: None,
     });
-    assert!(has(
-        &a,
-        &Action::DeleteSas {
-            vip: vip(),
-            role: VipRole::Peer
-        }
-    ));
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DeleteSas { .. } | Action::DropStaleSas { .. })),
+        "{a:#?}"
+    );
     assert!(initiates(&a).is_empty());
     time::advance(Duration::from_secs(1)).await;
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: owner("be2", 2),
     });
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
     assert_eq!(initiates(&a), [1]);
 }
 
@@ -472,6 +463,45 @@ async fn without_a_new_owner_the_front_end_initiates_after_owner_wait() {
     let a = fe.advance(Duration::from_millis(2999)).await;
     assert!(initiates(&a).is_empty());
     let a = fe.advance(Duration::from_millis(1)).await;
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    assert_eq!(initiates(&a), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_that_lapses_and_comes_back_unchanged_keeps_the_sa() {
+    let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
+    // The owner's lease lapsed in a store hiccup and it put the record back at the same
+    // epoch: the working SA is kept, now and after `owner_wait`.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    assert!(initiates(&a).is_empty());
+    time::advance(Duration::from_millis(300)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be1", 1),
+    });
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DropStaleSas { .. } | Action::Initiate { .. })),
+        "{a:#?}"
+    );
+    let a = fe.advance(Duration::from_secs(10)).await;
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DropStaleSas { .. } | Action::Initiate { .. })),
+        "{a:#?}"
+    );
+    assert_eq!(fe.core.peers()[&vip()].sas.len(), 1);
+
+    // The same owner at a newer epoch (it lost the VIP and took it back meanwhile): the
+    // SA belongs to the old tenure and is renegotiated.
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be1", 3),
+    });
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
     assert_eq!(initiates(&a), [1]);
 }
 
@@ -1072,4 +1102,94 @@ async fn a_failed_publish_is_retried_while_the_vip_is_here_and_unrecorded() {
     be.feed(Input::PublishFailed(vip()));
     let a = be.advance(Duration::from_secs(1)).await;
     assert!(!has(&a, &Action::PublishOwnership { vip: vip() }), "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_does_not_overrule_a_record_naming_another_node() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 7),
+    });
+    be.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "etcd unreachable".into(),
+    });
+    let a = be.feed(Input::VipAppeared(vip()));
+    assert!(!has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    assert!(matches!(
+        be.core.hosted()[&vip()].ownership,
+        Ownership::NotOwner { .. }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_owner_of_record_hears_that_another_node_holds_the_address_too() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 2),
+    });
+    be.feed(hosted_sa(4));
+    let a = be.feed(Input::HolderChanged {
+        vip: vip(),
+        node: "other".into(),
+        holds: true,
+    });
+    // Still the owner: it keeps serving (the other node refuses), nothing deleted.
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::DeleteSas { .. } | Action::AcceptSas { .. })),
+        "{a:#?}"
+    );
+    assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Owner);
+    let a = be.advance(Duration::from_secs(2)).await;
+    let n = notice(&a, NoticeKind::SplitBrain);
+    assert!(n.detail.contains("other"), "{}", n.detail);
+    assert!(be.core.hosted()[&vip()].split_brain);
+    assert_eq!(be.core.hosted()[&vip()].sas.len(), 1);
+
+    // The other node lets go of the address: cleared.
+    let a = be.feed(Input::HolderChanged {
+        vip: vip(),
+        node: "other".into(),
+        holds: false,
+    });
+    assert!(notices(&a).contains(&NoticeKind::SplitBrainCleared));
+
+    // Our own mark is not a conflict, and a snapshot replaces what was known.
+    let a = be.feed(Input::HoldersSnapshot(vec![
+        (vip(), "me".into()),
+        (vip(), "third".into()),
+    ]));
+    assert!(notices(&a).is_empty(), "{a:#?}");
+    assert!(be.core.hosted()[&vip()].also_held_by.contains("third"));
+    assert!(!be.core.hosted()[&vip()].also_held_by.contains("me"));
+    let a = be.advance(Duration::from_secs(2)).await;
+    assert!(notices(&a).contains(&NoticeKind::SplitBrain));
+    let a = be.feed(Input::HoldersSnapshot(vec![(vip(), "me".into())]));
+    assert!(notices(&a).contains(&NoticeKind::SplitBrainCleared));
+}
+
+#[tokio::test(start_paused = true)]
+async fn our_record_for_a_vip_that_is_not_here_is_withdrawn() {
+    // A record left by an earlier run, or a withdraw that has not taken effect yet.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    let a = be.feed(Input::OwnerSnapshot(vec![(vip(), owner("me", 3))]));
+    assert!(has(&a, &Action::WithdrawOwnership { vip: vip() }), "{a:#?}");
+    // Another node's record is not ours to touch.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    let a = be.feed(Input::OwnerSnapshot(vec![(vip(), owner("other", 3))]));
+    assert!(!has(&a, &Action::WithdrawOwnership { vip: vip() }));
 }

@@ -107,6 +107,39 @@ impl AgentHandle {
         let mut s = self.status.borrow().clone();
         // The pacer keeps this gauge current; the core's status only changes on its inputs.
         s.initiations_queued = self.metrics.initiations_queued.get().max(0) as u32;
+        // So does the store's retry loop: a write ownership depends on that has not taken
+        // effect for longer than a lease is what an operator must hear about.
+        let stuck: Vec<String> = self
+            .store
+            .pending_writes()
+            .iter()
+            .filter(|w| w.pending_for > self.config.store.lease_ttl)
+            .map(|w| {
+                format!(
+                    "{} of {} pending for {} ({} attempts{})",
+                    w.write,
+                    w.vip,
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        w.pending_for.as_millis() as u64
+                    )),
+                    w.attempts,
+                    w.last_error
+                        .as_ref()
+                        .map(|e| format!(", last: {e}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        if !stuck.is_empty() {
+            let mut detail = s.ownership.detail.clone();
+            for w in stuck {
+                if !detail.is_empty() {
+                    detail.push_str("; ");
+                }
+                detail.push_str(&w);
+            }
+            s.ownership.report(false, detail);
+        }
         s
     }
 
@@ -188,6 +221,7 @@ impl Agent {
             store: HealthView::new(backends.store.kind(), "connecting"),
             keying: HealthView::new(backends.keying.kind(), "connecting"),
             kernel: HealthView::new(backends.kernel.kind(), "starting"),
+            ownership: HealthView::new("records", ""),
         };
 
         // The guard of an earlier run (or of `vipsec guard install` at boot) is adopted as
@@ -578,9 +612,10 @@ impl CoreLoop {
         }
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
         let guards = self.guard.borrow().clone();
         let view = StatusView::build(&self.core, &self.health, &self.config, &guards);
+        self.health.ownership = view.ownership.clone();
         self.status.send_if_modified(|old| {
             if *old == view {
                 false

@@ -108,6 +108,8 @@ pub struct StatusView {
     pub store: HealthView,
     pub keying: HealthView,
     pub kernel: HealthView,
+    /// Split brains and store writes stuck longer than a lease (see the proto).
+    pub ownership: HealthView,
     pub fail_secure: FailSecureView,
     pub hosted: Vec<HostedView>,
     pub peers: Vec<PeerView>,
@@ -121,6 +123,8 @@ pub struct Health {
     pub store: HealthView,
     pub keying: HealthView,
     pub kernel: HealthView,
+    /// Keeps `since` across rebuilds of the status.
+    pub ownership: HealthView,
 }
 
 fn wall(now: Instant, wall_now: SystemTime, t: Instant) -> SystemTime {
@@ -225,6 +229,30 @@ impl StatusView {
         if !broken.is_empty() {
             kernel.report(false, broken.join("; "));
         }
+        let split: Vec<String> = core
+            .hosted()
+            .iter()
+            .filter(|(_, h)| h.split_brain)
+            .map(|(vip, h)| match &h.owner {
+                Some(o) if o.node != s.node => {
+                    format!("split brain on {vip}: here, but recorded as {}'s", o.node)
+                }
+                _ => format!(
+                    "split brain on {vip}: recorded here, but also held by {}",
+                    h.also_held_by
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+            .collect();
+        let mut ownership = health.ownership.clone();
+        if split.is_empty() {
+            ownership.report(true, String::new());
+        } else {
+            ownership.report(false, split.join("; "));
+        }
         StatusView {
             node: s.node.clone(),
             mode: s.mode,
@@ -232,6 +260,7 @@ impl StatusView {
             store: health.store.clone(),
             keying: health.keying.clone(),
             kernel,
+            ownership,
             fail_secure: FailSecureView {
                 enabled: s.fail_secure,
                 engaged,

@@ -19,24 +19,27 @@ mod moves;
 mod policies;
 mod records;
 
-use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::Client;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use self::connect::ConnectSettings;
 pub use self::keys::KeyLayout;
-use super::{OwnershipStore, StoreError};
+use self::lease::{Intents, Pending};
+use super::{OwnershipStore, PendingWrite, StoreError};
 use crate::InputSink;
 use crate::config::Config;
 use crate::model::{Vip, VipOwner};
 use crate::timeline::{MoveTimeline, NodeMarks};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Kept short: a watch that lost its member must be back on another within an election.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// What a writer saw of a VIP's epoch before deciding to take it; the write succeeds only
 /// if nobody wrote an epoch since.
@@ -75,12 +78,27 @@ pub struct EtcdStore {
     timeout: Duration,
     settings: ConnectSettings,
     client: tokio::sync::Mutex<Option<Client>>,
-    /// The lease this node's records live under; the lock serialises granting.
-    lease: tokio::sync::Mutex<Option<i64>>,
-    /// VIPs the core asked to publish and not withdrawn: restored after a lost lease.
-    published: Mutex<BTreeSet<Vip>>,
+    /// What this node wants of each VIP's records: held (with the VIP's lease), being
+    /// released, being marked draining.
+    intents: Mutex<Intents>,
+    /// Serialises lease grants.
+    granting: tokio::sync::Mutex<()>,
+    /// Wakes the lease loop when there is new work for it.
+    wake: tokio::sync::Notify,
+    /// The member (index into the endpoints) requests go to.
+    member: AtomicUsize,
+    /// The cached client belongs to a member left behind (set when it could not be
+    /// dropped at once).
+    stale_client: AtomicBool,
     /// The day-long lease move marks are written under, and when it was granted.
     moves_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+}
+
+fn clone_result(r: &Result<(), StoreError>) -> Result<(), StoreError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => Err(StoreError::Other(e.to_string())),
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -97,32 +115,81 @@ impl EtcdStore {
             timeout: s.request_timeout,
             settings: ConnectSettings::from_config(s)?,
             client: tokio::sync::Mutex::new(None),
-            lease: tokio::sync::Mutex::new(None),
-            published: Mutex::new(BTreeSet::new()),
+            intents: Mutex::new(Intents::default()),
+            granting: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            member: AtomicUsize::new(0),
+            stale_client: AtomicBool::new(false),
             moves_lease: tokio::sync::Mutex::new(None),
         })
     }
 
-    fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<Vip>> {
-        self.published.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     async fn client(&self) -> Result<Client, StoreError> {
         let mut slot = self.client.lock().await;
+        if self.stale_client.swap(false, Ordering::Relaxed) {
+            *slot = None;
+        }
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = self
-            .settings
-            .connect()
-            .await
-            .map_err(StoreError::Unavailable)?;
-        *slot = Some(c.clone());
-        Ok(c)
+        let member = self.member.load(Ordering::Relaxed);
+        match self.settings.connect_member(member).await {
+            Ok(c) => {
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                drop(slot);
+                self.next_member(member);
+                Err(StoreError::Unavailable(e))
+            }
+        }
     }
 
-    /// Drops the cached client so the next call connects (and authenticates) afresh.
-    async fn reset_client(&self) {
+    pub(super) fn member_now(&self) -> usize {
+        self.member.load(Ordering::Relaxed)
+    }
+
+    /// Moves to the next member after a failure on `member`; many requests failing at
+    /// once on the same member move only once.
+    pub(super) fn next_member(&self, member: usize) {
+        let n = self.settings.endpoint_count().max(1);
+        if self
+            .member
+            .compare_exchange(
+                member,
+                (member + 1) % n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            if let Ok(mut slot) = self.client.try_lock() {
+                *slot = None;
+            } else {
+                self.stale_client.store(true, Ordering::Relaxed);
+            }
+            if n > 1 {
+                tracing::info!(
+                    from = %self.settings.member_name(member),
+                    to = %self.settings.member_name(member + 1),
+                    "moving to the next store member"
+                );
+            }
+        }
+    }
+
+    /// Stops holding a VIP: no more renewals, no restoring; returns its lease.
+    fn forget(&self, vip: Vip) -> Option<i64> {
+        let mut intents = self.intents();
+        intents.draining.remove(&vip);
+        intents.held.remove(&vip).and_then(|h| h.lease)
+    }
+
+    /// After a failure on `member`: drops the cached client so the next call connects
+    /// (and authenticates) afresh, to the next member unless a request already moved on.
+    async fn reset_client(&self, member: usize) {
+        self.next_member(member);
         *self.client.lock().await = None;
     }
 
@@ -132,14 +199,17 @@ impl EtcdStore {
         what: &str,
         f: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
+        let member = self.member.load(Ordering::Relaxed);
+        let r = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => Err(unavailable(what, self.settings.scrub(&e.to_string()))),
             Err(_) => Err(unavailable(
                 what,
                 format!("no answer within {:?}", self.timeout),
             )),
-        }
+        };
+        self.next_member(member);
+        r
     }
 }
 
@@ -154,17 +224,34 @@ impl OwnershipStore for EtcdStore {
     }
 
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
-        self.follow(sink, cancel).await
+        let leases = async {
+            self.keep_leases(cancel.clone())
+                .instrument(tracing::info_span!("leases"))
+                .await
+        };
+        tokio::join!(self.follow(sink, cancel.clone()), leases);
     }
 
     async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError> {
-        self.published().insert(vip);
-        let r = self.publish_with(vip).await;
-        if matches!(r, Err(StoreError::Fenced { .. })) {
-            // Another node holds the VIP (a live record under its lease): the split-brain
-            // guard waits for that record to go; never fight it, now or later.
-            self.published().remove(&vip);
+        {
+            let mut intents = self.intents();
+            intents.held.entry(vip).or_default().claims = true;
+            // Back here before a release took effect: the record to keep is the new one.
+            // The old lease is left to expire; publishing re-attaches a record under it.
+            intents.releasing.remove(&vip);
+            intents.draining.remove(&vip);
         }
+        let r = self.publish_with(vip).await;
+        if matches!(r, Err(StoreError::Fenced { .. }))
+            && let Some(h) = self.intents().held.get_mut(&vip)
+        {
+            // Another node holds the VIP (a live record under its lease): the split-brain
+            // guard waits for that record to go; never fight it, now or later. The VIP is
+            // still here, so the holder mark stays: the owner of record learns of it.
+            h.claims = false;
+        }
+        // The holder mark is written by the lease loop, off the path front-ends wait on.
+        self.wake.notify_one();
         r
     }
 
@@ -175,11 +262,36 @@ impl OwnershipStore for EtcdStore {
     }
 
     async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError> {
-        self.mark_own_draining(vip).await
+        self.intents()
+            .draining
+            .entry(vip)
+            .or_insert_with(|| Pending::new(None));
+        let r = self.mark_own_draining(vip).await;
+        self.settle(vip, clone_result(&r), false);
+        r
     }
 
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {
-        self.withdraw_own(vip).await
+        // From now on the VIP's lease is not renewed: even if every attempt below fails,
+        // the record goes by itself within the lease's TTL.
+        let lease = self.forget(vip);
+        self.intents()
+            .releasing
+            .entry(vip)
+            .and_modify(|p| p.lease = p.lease.or(lease))
+            .or_insert_with(|| Pending::new(lease));
+        let lease = self.intents().releasing.get(&vip).and_then(|p| p.lease);
+        let r = match self.client().await {
+            Ok(client) => self.release_once(&client, vip, lease).await,
+            Err(e) => Err(e),
+        };
+        self.settle(vip, clone_result(&r), true);
+        self.wake.notify_one();
+        r
+    }
+
+    fn pending_writes(&self) -> Vec<PendingWrite> {
+        self.pending()
     }
 
     async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {

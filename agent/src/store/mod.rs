@@ -27,6 +27,17 @@ pub enum StoreError {
     Other(String),
 }
 
+/// A write ownership depends on that has not taken effect yet (the store retries it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWrite {
+    pub vip: Vip,
+    /// "withdraw" or "mark-draining".
+    pub write: &'static str,
+    pub pending_for: std::time::Duration,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
 #[async_trait]
 pub trait OwnershipStore: Send + Sync + 'static {
     /// "embedded" or "etcd", for status and metrics.
@@ -50,11 +61,19 @@ pub trait OwnershipStore: Send + Sync + 'static {
     async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError>;
 
     /// Marks this node's record of the VIP as draining (a planned hand-off under way), so
-    /// front-ends wait for the next owner; a no-op when the record is not this node's.
+    /// front-ends wait for the next owner; a no-op when the record is not this node's. A
+    /// failed attempt is retried until it takes effect or the VIP is withdrawn.
     async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError>;
 
-    /// Removes the VIP's record if, and only if, this node holds it.
+    /// Removes the VIP's record if, and only if, this node holds it. From the call on,
+    /// the record is never kept alive; a failed attempt is retried by the store until
+    /// the record is gone or another node's (see `pending_writes`).
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError>;
+
+    /// Writes not yet taken effect, retried in the background.
+    fn pending_writes(&self) -> Vec<PendingWrite> {
+        Vec::new()
+    }
 
     /// Stores this node's marks of one move (all of them: they replace the last ones
     /// published for the same move), for a day. A store without shared state keeps

@@ -84,12 +84,41 @@ impl ConnectSettings {
         }
     }
 
+    /// One member's endpoint for logs, without credentials.
+    pub fn member_name(&self, index: usize) -> String {
+        strip_userinfo(&self.endpoints[index % self.endpoints.len().max(1)])
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// A client of one member, `endpoints[index % len]`.
+    ///
+    /// One member at a time, not the client's balanced channel over all of them: the
+    /// balanced channel keeps sending a share of requests to a member that is down or
+    /// has no leader, and each of those fails or waits out its timeout, for as long as
+    /// the member stays away. With one member, the first failure moves everything (the
+    /// requests, the watch, the keep-alives) to the next member at once.
+    pub async fn connect_member(&self, index: usize) -> Result<Client, String> {
+        let endpoint = &self.endpoints[index % self.endpoints.len()];
+        self.connect_to(std::slice::from_ref(endpoint)).await
+    }
+
     pub async fn connect(&self) -> Result<Client, String> {
+        self.connect_to(&self.endpoints).await
+    }
+
+    async fn connect_to(&self, endpoints: &[String]) -> Result<Client, String> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
             // HTTP/2 pings find a dead server even when no request is in flight.
             .with_keep_alive(self.timeout, self.timeout)
             .with_keep_alive_while_idle(true)
+            // A member that lost its leader (partitioned, or mid-election) ends our watch
+            // and keep-alive streams at once, so they move to a member that has one,
+            // instead of waiting on a member that will never deliver.
+            .with_require_leader(true)
             .with_auto_token_refresh(true);
         if let Some((u, p)) = &self.user {
             options = options.with_user(u.clone(), p.clone());
@@ -97,11 +126,8 @@ impl ConnectSettings {
         if let Some(tls) = &self.tls {
             options = options.with_tls(tls.clone());
         }
-        match tokio::time::timeout(
-            self.timeout * 2,
-            Client::connect(&self.endpoints, Some(options)),
-        )
-        .await
+        match tokio::time::timeout(self.timeout * 2, Client::connect(endpoints, Some(options)))
+            .await
         {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.scrub(&format!("connect to {}: {e}", self.describe()))),

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
+use etcd_client::{
+    Client, EventType, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::decode_owner;
@@ -32,25 +34,52 @@ impl EtcdStore {
         }
     }
 
+    /// Owner records and holder marks, read at one revision.
     pub(super) async fn snapshot(
         &self,
         client: &Client,
-    ) -> Result<(Vec<(Vip, Option<VipOwner>)>, i64), StoreError> {
+    ) -> Result<(Vec<(Vip, Option<VipOwner>)>, Vec<(Vip, String)>, i64), StoreError> {
         let mut c = client.clone();
-        let resp = self
-            .timed(
-                "read owners",
-                c.get(self.keys.owners(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.keys.owners(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.keys.holders(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = self.timed("read owners", c.txn(txn)).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let owners = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.decode_kv(kv))
-            .map(|(v, o)| (v, Some(o)))
-            .collect();
-        Ok((owners, revision))
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let owners = gets
+            .next()
+            .map(|g| {
+                g.kvs()
+                    .iter()
+                    .filter_map(|kv| self.decode_kv(kv))
+                    .map(|(v, o)| (v, Some(o)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let holders = gets
+            .next()
+            .map(|g| {
+                g.kvs()
+                    .iter()
+                    .filter_map(|kv| self.decode_holder(kv.key()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((owners, holders, revision))
+    }
+
+    fn decode_holder(&self, key: &[u8]) -> Option<(Vip, String)> {
+        match self.keys.holder_of(key) {
+            Ok(h) => Some(h),
+            Err(reason) => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), %reason, "skipping foreign key under the holders prefix");
+                None
+            }
+        }
     }
 
     /// One connection's life: restore, snapshot, then follow the watch until it fails.
@@ -62,41 +91,60 @@ impl EtcdStore {
         reported_down: &mut bool,
     ) -> Result<SessionEnd, StoreError> {
         let client = self.client().await?;
-        let mut keeper = None;
-        // A lease that expired during the outage is found here and replaced.
-        self.keep_lease_alive(&client, &mut keeper).await?;
+        // A record that expired during the outage is put back (the lease loop finds lost
+        // leases too; this is the quick path after a reconnection).
         self.restore_published().await?;
-        let (owners, revision) = self.snapshot(&client).await?;
+        let (owners, holders, revision) = self.snapshot(&client).await?;
+        let from = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
         let mut c = client.clone();
         let mut watch: WatchStream = self
             .timed(
                 "watch owners",
-                c.watch(
-                    self.keys.owners(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                ),
+                c.watch(self.keys.owners(), Some(from.clone())),
             )
+            .await?;
+        let mut holder_watch: WatchStream = self
+            .timed("watch holders", c.watch(self.keys.holders(), Some(from)))
             .await?;
         tracing::info!(endpoints = %self.settings.describe(), revision, owners = owners.len(), "store connected");
         let up = Input::StoreHealth {
             healthy: true,
             detail: self.settings.describe(),
         };
-        if sink.send(up).await.is_err() || sink.send(Input::OwnerSnapshot(owners)).await.is_err() {
+        if sink.send(up).await.is_err()
+            || sink.send(Input::OwnerSnapshot(owners)).await.is_err()
+            || sink.send(Input::HoldersSnapshot(holders)).await.is_err()
+        {
             return Ok(SessionEnd::SinkClosed);
         }
         *backoff = BACKOFF_MIN;
         *reported_down = false;
-        let mut tick = tokio::time::interval((self.lease_ttl / 3).max(Duration::from_millis(100)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
-                _ = tick.tick() => self.keep_lease_alive(&client, &mut keeper).await?,
+                msg = holder_watch.message() => {
+                    let resp = match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(unavailable("holder watch", "stream ended")),
+                        Err(e) => return Err(unavailable("holder watch", self.settings.scrub(&e.to_string()))),
+                    };
+                    if resp.compact_revision() > 0 {
+                        return Ok(SessionEnd::Resync);
+                    }
+                    if resp.canceled() {
+                        return Err(unavailable("holder watch", format!("cancelled by the server: {}", resp.cancel_reason())));
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Some((vip, node)) = self.decode_holder(kv.key()) else { continue };
+                        let holds = ev.event_type() == EventType::Put;
+                        if sink.send(Input::HolderChanged { vip, node, holds }).await.is_err() {
+                            return Ok(SessionEnd::SinkClosed);
+                        }
+                    }
+                }
                 msg = watch.message() => {
                     let resp = match msg {
                         Ok(Some(r)) => r,
@@ -135,6 +183,7 @@ impl EtcdStore {
         let mut backoff = BACKOFF_MIN;
         let mut reported_down = false;
         loop {
+            let member = self.member_now();
             let end = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = self.session(&sink, &cancel, &mut backoff, &mut reported_down) => r,
@@ -145,7 +194,7 @@ impl EtcdStore {
                 Err(e) => {
                     let detail = self.settings.scrub(&e.to_string());
                     tracing::warn!(endpoints = %self.settings.describe(), error = %detail, retry_in = ?backoff, "store unavailable");
-                    self.reset_client().await;
+                    self.reset_client(member).await;
                     // Reported once per outage; the core keeps its last known state.
                     if !reported_down {
                         reported_down = true;

@@ -3,6 +3,9 @@
 //! `<prefix>vips/<vip>`   the live owner record, `VipOwner` as JSON, under the owner's lease;
 //! `<prefix>epochs/<vip>` the highest epoch ever written (decimal), never deleted, so the
 //!                        next owner of a withdrawn or expired VIP still gets a higher one.
+//! `<prefix>holders/<vip>/<node>` "this node holds the VIP's address", under the node's
+//!                        lease for that VIP: lets the owner of record learn that another
+//!                        node has the address too (a split brain seen from both sides).
 //! `<prefix>policies/<name>` a policy document (JSON), versioned by etcd's key version.
 //! `<prefix>moves/<vip>/<epoch>/<node>` one node's marks of one move (see `moves.rs`).
 //!
@@ -43,6 +46,33 @@ impl KeyLayout {
 
     pub fn policy(&self, name: &str) -> String {
         format!("{}policies/{name}", self.prefix)
+    }
+
+    /// The range every holder mark lives under.
+    pub fn holders(&self) -> String {
+        format!("{}holders/", self.prefix)
+    }
+
+    pub fn holder(&self, vip: Vip, node: &str) -> String {
+        format!("{}holders/{vip}/{node}", self.prefix)
+    }
+
+    /// The VIP and node a holder key names.
+    pub fn holder_of(&self, key: &[u8]) -> Result<(Vip, String), String> {
+        let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+        let rest = key
+            .strip_prefix(&self.holders())
+            .ok_or_else(|| format!("key is outside {}", self.holders()))?;
+        let (vip, node) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("{rest:?} is not <vip>/<node>"))?;
+        let parsed: Vip = vip
+            .parse()
+            .map_err(|_| format!("{vip:?} is not an IP address"))?;
+        if parsed.to_string() != vip || node.is_empty() || node.contains('/') {
+            return Err(format!("{rest:?} is not <canonical vip>/<node>"));
+        }
+        Ok((parsed, node.to_string()))
     }
 
     pub fn epoch(&self, vip: Vip) -> String {
@@ -135,6 +165,29 @@ mod tests {
             assert!(k.vip_of(key.as_bytes()).is_err(), "{key}");
         }
         assert!(k.vip_of(b"/other/vips/192.0.2.1").is_err());
+    }
+
+    #[test]
+    fn holder_keys_round_trip_and_odd_ones_are_refused() {
+        let k = KeyLayout::new("/vipsec/");
+        for vip in ["192.0.2.100", "2001:db8:1::100"] {
+            let vip: Vip = vip.parse().unwrap();
+            let key = k.holder(vip, "be-2.example");
+            assert_eq!(
+                k.holder_of(key.as_bytes()),
+                Ok((vip, "be-2.example".into()))
+            );
+        }
+        for key in [
+            "/vipsec/holders/192.0.2.100",
+            "/vipsec/holders/192.0.2.100/",
+            "/vipsec/holders/192.0.2.100/a/b",
+            "/vipsec/holders/2001:DB8::1/be1",
+            "/vipsec/holders/nonsense/be1",
+            "/vipsec/vips/192.0.2.100",
+        ] {
+            assert!(k.holder_of(key.as_bytes()).is_err(), "{key}");
+        }
     }
 
     #[test]

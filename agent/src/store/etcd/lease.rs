@@ -1,74 +1,495 @@
-//! This node's lease: granted on first use, kept alive from the watch session, and
-//! replaced (with the records restored) when etcd reports it gone.
+//! One lease per hosted VIP, kept alive only while the VIP is this node's to hold.
+//!
+//! A record lives exactly as long as its lease. With one lease per VIP, losing a VIP
+//! means no longer renewing that VIP's lease: even when etcd cannot be reached to delete
+//! the record (a leader election, a partition), it goes by itself within `lease_ttl` of
+//! the last renewal, while the records of the VIPs still here stay. A shared lease would
+//! keep every lost VIP's record alive for as long as one VIP is here.
+//!
+//! The renewals run on their own loop (`keep_leases`), not inside the watch: a watch that
+//! breaks and reconnects must not starve them. Each renewal is one keep-alive exchange
+//! under `request_timeout`, sent through the balanced channel, so it reaches whichever
+//! member answers. A failed one is retried within 100–500 ms instead of waiting for the
+//! next period, so an election costs no lease.
+//!
+//! The same loop retries the writes ownership depends on until they take effect or are
+//! superseded: the release of a lost VIP (revoking its lease) and the draining mark.
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use super::{EtcdStore, unavailable};
-use crate::store::StoreError;
+use etcd_client::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{EpochMark, EtcdStore, unavailable};
+use crate::model::{Vip, unix_ms};
+use crate::store::{PendingWrite, StoreError};
+
+/// Retry spacing of a failed renewal or write: soon enough that an election (about a
+/// second) costs no lease, slow enough not to hammer a struggling cluster.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// What the node keeps in etcd for one VIP it holds.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Held {
+    /// The lease the VIP's record lives under; granted on first publish.
+    pub lease: Option<i64>,
+    /// The epoch mark this node last wrote for the VIP: if the epoch key still carries
+    /// it, nobody claimed the VIP since and a re-created record keeps the epoch.
+    pub written: Option<EpochMark>,
+    /// The node wants the owner record too (not while another node's record stands).
+    pub claims: bool,
+    /// The holder mark is written under the current lease.
+    marked: bool,
+    renewed: Option<Instant>,
+    retry: Retry,
+}
+
+/// A write that has not taken effect yet, retried until it does or is superseded.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    /// The lease to revoke (a release); `None` when the record's lease is unknown.
+    pub lease: Option<i64>,
+    pub since: Instant,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    retry: Retry,
+}
+
+impl Pending {
+    pub fn new(lease: Option<i64>) -> Pending {
+        Pending {
+            lease,
+            since: Instant::now(),
+            attempts: 0,
+            last_error: None,
+            retry: Retry::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Retry {
+    next: Option<Instant>,
+    delay: Duration,
+}
+
+impl Retry {
+    fn failed(&mut self, now: Instant) {
+        self.delay = (self.delay * 2).clamp(RETRY_MIN, RETRY_MAX);
+        self.next = Some(now + self.delay);
+    }
+    fn due(&self, now: Instant) -> bool {
+        self.next.is_none_or(|t| t <= now)
+    }
+}
+
+/// The store's wishes per VIP; one lock, never held across an await.
+#[derive(Debug, Default)]
+pub(super) struct Intents {
+    /// VIPs the core asked to publish and not withdrawn.
+    pub held: BTreeMap<Vip, Held>,
+    /// Withdrawn VIPs whose record may still stand.
+    pub releasing: BTreeMap<Vip, Pending>,
+    /// Draining marks not written yet.
+    pub draining: BTreeMap<Vip, Pending>,
+}
+
+enum Work {
+    Renew(Vip, i64),
+    MarkHolder(Vip),
+    Restore(Vip),
+    Release(Vip, Option<i64>),
+    MarkDraining(Vip),
+}
 
 impl EtcdStore {
-    pub(super) async fn current_lease(&self, client: &Client) -> Result<i64, StoreError> {
-        let mut lease = self.lease.lock().await;
-        if let Some(id) = *lease {
+    pub(super) fn intents(&self) -> std::sync::MutexGuard<'_, Intents> {
+        self.intents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lease of a held VIP's record, granted when it has none.
+    pub(super) async fn vip_lease(&self, client: &Client, vip: Vip) -> Result<i64, StoreError> {
+        let _one_at_a_time = self.granting.lock().await;
+        if let Some(id) = self.intents().held.get(&vip).and_then(|h| h.lease) {
             return Ok(id);
         }
         let ttl = self.lease_ttl.as_secs_f64().ceil().max(1.0) as i64;
         let mut c = client.clone();
         let granted = self.timed("grant lease", c.lease_grant(ttl, None)).await?;
-        tracing::info!(lease = granted.id(), ttl = granted.ttl(), "lease granted");
-        *lease = Some(granted.id());
-        Ok(granted.id())
+        let id = granted.id();
+        let taken = {
+            let mut intents = self.intents();
+            match intents.held.get_mut(&vip) {
+                Some(h) => {
+                    h.lease = Some(id);
+                    h.marked = false;
+                    h.renewed = Some(Instant::now());
+                    h.retry = Retry::default();
+                    true
+                }
+                None => false,
+            }
+        };
+        if taken {
+            tracing::info!(%vip, lease = id, ttl = granted.ttl(), "lease granted");
+            return Ok(id);
+        }
+        // Withdrawn while the grant was under way: the lease carries nothing yet.
+        let _ = c.lease_revoke(id).await;
+        Err(StoreError::Other(format!(
+            "{vip} was withdrawn while its lease was granted"
+        )))
     }
 
-    /// Sends one keep-alive; on a lost lease grants a new one and restores the records.
-    pub(super) async fn keep_lease_alive(
+    /// Renews leases and retries pending writes until cancelled.
+    pub(super) async fn keep_leases(&self, cancel: CancellationToken) {
+        loop {
+            let now = Instant::now();
+            let (work, next) = self.due_work(now);
+            if work.is_empty() {
+                let wait =
+                    next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            let client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.all_failed(&work, &e.to_string());
+                    continue;
+                }
+            };
+            let jobs = work.into_iter().map(|w| self.run_work(&client, w));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = futures::future::join_all(jobs) => {}
+            }
+        }
+    }
+
+    fn due_work(&self, now: Instant) -> (Vec<Work>, Option<Instant>) {
+        let period = (self.lease_ttl / 3).max(Duration::from_millis(100));
+        let intents = self.intents();
+        let mut work = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut later = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for (vip, h) in &intents.held {
+            let due_at = match (h.lease, h.retry.next, h.renewed) {
+                // A lease that expired, or a renewal that failed, is retried on its own
+                // schedule; a healthy one is renewed every third of the TTL.
+                (_, Some(t), _) => t,
+                (Some(_), None, Some(r)) => r + period,
+                (Some(_), None, None) => now,
+                (None, None, _) => continue,
+            };
+            if due_at <= now {
+                work.push(match h.lease {
+                    Some(id) => Work::Renew(*vip, id),
+                    None => Work::Restore(*vip),
+                });
+            } else {
+                later(due_at);
+                if h.lease.is_some() && !h.marked {
+                    work.push(Work::MarkHolder(*vip));
+                }
+            }
+        }
+        for (vip, p) in &intents.releasing {
+            if p.retry.due(now) {
+                work.push(Work::Release(*vip, p.lease));
+            } else if let Some(t) = p.retry.next {
+                later(t);
+            }
+        }
+        for (vip, p) in &intents.draining {
+            if p.retry.due(now) {
+                work.push(Work::MarkDraining(*vip));
+            } else if let Some(t) = p.retry.next {
+                later(t);
+            }
+        }
+        // Everything due is marked as in flight, so a slow answer is not sent twice.
+        drop(intents);
+        let mut intents = self.intents();
+        let in_flight = now + self.timeout + RETRY_MAX;
+        for w in &work {
+            match w {
+                Work::Renew(vip, _) | Work::Restore(vip) => {
+                    if let Some(h) = intents.held.get_mut(vip) {
+                        h.retry.next = Some(in_flight);
+                    }
+                }
+                Work::MarkHolder(vip) => {
+                    if let Some(h) = intents.held.get_mut(vip) {
+                        h.marked = true;
+                    }
+                }
+                Work::Release(vip, _) => {
+                    if let Some(p) = intents.releasing.get_mut(vip) {
+                        p.retry.next = Some(in_flight);
+                        p.attempts += 1;
+                    }
+                }
+                Work::MarkDraining(vip) => {
+                    if let Some(p) = intents.draining.get_mut(vip) {
+                        p.retry.next = Some(in_flight);
+                        p.attempts += 1;
+                    }
+                }
+            }
+        }
+        (work, next)
+    }
+
+    fn all_failed(&self, work: &[Work], error: &str) {
+        let now = Instant::now();
+        let mut intents = self.intents();
+        for w in work {
+            match w {
+                Work::Renew(vip, _) | Work::Restore(vip) => {
+                    if let Some(h) = intents.held.get_mut(vip) {
+                        h.retry.failed(now);
+                    }
+                }
+                Work::MarkHolder(vip) => {
+                    if let Some(h) = intents.held.get_mut(vip) {
+                        h.marked = false;
+                    }
+                }
+                Work::Release(vip, _) => {
+                    if let Some(p) = intents.releasing.get_mut(vip) {
+                        p.retry.failed(now);
+                        p.last_error = Some(error.to_string());
+                    }
+                }
+                Work::MarkDraining(vip) => {
+                    if let Some(p) = intents.draining.get_mut(vip) {
+                        p.retry.failed(now);
+                        p.last_error = Some(error.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_work(&self, client: &Client, work: Work) {
+        match work {
+            Work::Renew(vip, id) => self.renew(client, vip, id).await,
+            Work::Restore(vip) => self.restore(vip).await,
+            Work::MarkHolder(vip) => {
+                if let Err(e) = self.put_holder(client, vip).await {
+                    tracing::warn!(%vip, error = %self.settings.scrub(&e.to_string()), "holder mark not written; retrying");
+                    if let Some(h) = self.intents().held.get_mut(&vip) {
+                        h.marked = false;
+                        h.retry.failed(Instant::now());
+                    }
+                }
+            }
+            Work::Release(vip, lease) => {
+                let r = self.release_once(client, vip, lease).await;
+                self.settle(vip, r, true);
+            }
+            Work::MarkDraining(vip) => {
+                let r = self.mark_own_draining(vip).await;
+                self.settle(vip, r, false);
+            }
+        }
+    }
+
+    /// Records the outcome of one attempt at a pending write.
+    pub(super) fn settle(&self, vip: Vip, r: Result<(), StoreError>, release: bool) {
+        let mut intents = self.intents();
+        let pending = if release {
+            &mut intents.releasing
+        } else {
+            &mut intents.draining
+        };
+        match r {
+            Ok(()) => {
+                if let Some(p) = pending.remove(&vip)
+                    && p.attempts > 1
+                {
+                    tracing::info!(%vip, attempts = p.attempts, took = ?p.since.elapsed(),
+                        "{} took effect after retries", if release { "withdraw" } else { "draining mark" });
+                }
+            }
+            Err(e) => {
+                if let Some(p) = pending.get_mut(&vip) {
+                    p.retry.failed(Instant::now());
+                    let e = self.settings.scrub(&e.to_string());
+                    tracing::warn!(%vip, attempts = p.attempts, error = %e,
+                        "{} failed; retrying", if release { "withdraw" } else { "draining mark" });
+                    p.last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, client: &Client, vip: Vip, id: i64) {
+        let mut c = client.clone();
+        let member = self.member_now();
+        let r = tokio::time::timeout(self.timeout, c.lease_keep_alive(id)).await;
+        if matches!(
+            r,
+            Err(_)
+                | Ok(Err(etcd_client::Error::GRpcStatus(_)))
+                | Ok(Err(etcd_client::Error::TransportError(_)))
+        ) {
+            self.next_member(member);
+        }
+        let mut intents = self.intents();
+        let Some(h) = intents.held.get_mut(&vip).filter(|h| h.lease == Some(id)) else {
+            // Withdrawn (or replaced) meanwhile: the release owns the lease now.
+            return;
+        };
+        let now = Instant::now();
+        match r {
+            Ok(Ok(_)) => {
+                h.renewed = Some(now);
+                h.retry = Retry::default();
+            }
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason))) => {
+                tracing::warn!(%vip, lease = id, %reason, "lease lost; restoring the record under a new one");
+                h.lease = None;
+                h.renewed = None;
+                h.retry = Retry {
+                    next: Some(now),
+                    delay: Duration::ZERO,
+                };
+                drop(intents);
+                self.wake.notify_one();
+            }
+            Ok(Err(e)) => {
+                h.retry.failed(now);
+                let left = h.renewed.map(|r| {
+                    self.lease_ttl
+                        .saturating_sub(now.saturating_duration_since(r))
+                });
+                tracing::warn!(%vip, lease = id, error = %self.settings.scrub(&e.to_string()), ?left, "lease renewal failed; retrying");
+            }
+            Err(_) => {
+                h.retry.failed(now);
+                tracing::warn!(%vip, lease = id, timeout = ?self.timeout, "lease renewal unanswered; retrying");
+            }
+        }
+    }
+
+    /// A held VIP whose lease expired: its holder mark and (unless another node's record
+    /// stands) its record are put back, the record at the same epoch when nobody claimed
+    /// the VIP since.
+    async fn restore(&self, vip: Vip) {
+        let claims = self.intents().held.get(&vip).is_some_and(|h| h.claims);
+        let r = match self.client().await {
+            Ok(client) => self.put_holder(&client, vip).await,
+            Err(e) => Err(e),
+        };
+        let r = match r {
+            Ok(()) if claims => self.publish_with(vip).await.map(|o| {
+                tracing::info!(%vip, epoch = o.epoch, "record restored");
+            }),
+            other => other,
+        };
+        match r {
+            Ok(()) => {
+                if let Some(h) = self.intents().held.get_mut(&vip) {
+                    h.retry = Retry::default();
+                }
+            }
+            Err(StoreError::Fenced { owner, epoch, .. }) => {
+                tracing::warn!(%vip, %owner, epoch, "VIP recorded as another node's meanwhile; not restoring the record");
+                if let Some(h) = self.intents().held.get_mut(&vip) {
+                    h.claims = false;
+                    h.retry = Retry::default();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%vip, error = %self.settings.scrub(&e.to_string()), "record not restored yet; retrying");
+                if let Some(h) = self.intents().held.get_mut(&vip) {
+                    h.retry.failed(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Marks that this node holds the VIP's address, under the VIP's lease.
+    pub(super) async fn put_holder(&self, client: &Client, vip: Vip) -> Result<(), StoreError> {
+        let lease = self.vip_lease(client, vip).await?;
+        let mut c = client.clone();
+        let value = unix_ms(std::time::SystemTime::now()).to_string();
+        self.timed(
+            "mark holder",
+            c.put(
+                self.keys.holder(vip, &self.node),
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// One attempt at removing a lost VIP's record: revoke its lease (which deletes the
+    /// record with it), then delete any record of ours under another lease (written by a
+    /// previous run of the agent).
+    pub(super) async fn release_once(
         &self,
         client: &Client,
-        keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+        vip: Vip,
+        lease: Option<i64>,
     ) -> Result<(), StoreError> {
-        let Some(id) = *self.lease.lock().await else {
-            return Ok(());
-        };
-        if keeper.as_ref().is_none_or(|(k, _)| k.id() != id) {
+        if let Some(id) = lease {
             let mut c = client.clone();
-            match tokio::time::timeout(self.timeout, c.lease_keep_alive(id)).await {
-                Ok(Ok(k)) => *keeper = Some(k),
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason))) => {
-                    return self.replace_lease(id, &reason).await;
+            let member = self.member_now();
+            match tokio::time::timeout(self.timeout, c.lease_revoke(id)).await {
+                Ok(Ok(_)) => tracing::info!(%vip, lease = id, "lease revoked: ownership withdrawn"),
+                Ok(Err(e)) if e.to_string().contains("lease not found") => {}
+                Ok(Err(e)) => {
+                    self.next_member(member);
+                    return Err(unavailable(
+                        "revoke lease",
+                        self.settings.scrub(&e.to_string()),
+                    ));
                 }
-                Ok(Err(e)) => return Err(unavailable("lease keep-alive", e)),
-                Err(_) => return Err(unavailable("lease keep-alive", "no answer")),
+                Err(_) => {
+                    self.next_member(member);
+                    return Err(unavailable(
+                        "revoke lease",
+                        format!("no answer within {:?}", self.timeout),
+                    ));
+                }
             }
-            return Ok(());
-        }
-        let Some((k, stream)) = keeper.as_mut() else {
-            return Ok(());
-        };
-        k.keep_alive()
-            .await
-            .map_err(|e| unavailable("lease keep-alive", e))?;
-        match tokio::time::timeout(self.timeout, stream.message()).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(()),
-            Ok(Ok(Some(_))) => {
-                *keeper = None;
-                self.replace_lease(id, "expired").await
+            if let Some(p) = self.intents().releasing.get_mut(&vip) {
+                p.lease = None;
             }
-            Ok(Ok(None)) => Err(unavailable("lease keep-alive", "stream closed")),
-            Ok(Err(e)) => Err(unavailable("lease keep-alive", e)),
-            Err(_) => Err(unavailable("lease keep-alive", "no answer")),
         }
+        self.delete_own_record(client, vip).await
     }
 
-    pub(super) async fn replace_lease(&self, old: i64, reason: &str) -> Result<(), StoreError> {
-        tracing::warn!(lease = old, %reason, "lease lost; granting a new one and restoring records");
-        {
-            let mut lease = self.lease.lock().await;
-            if *lease == Some(old) {
-                *lease = None;
+    /// The writes that have not taken effect yet, for status.
+    pub(super) fn pending(&self) -> Vec<PendingWrite> {
+        let intents = self.intents();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (what, map) in [
+            ("withdraw", &intents.releasing),
+            ("mark-draining", &intents.draining),
+        ] {
+            for (vip, p) in map {
+                out.push(PendingWrite {
+                    vip: *vip,
+                    write: what,
+                    pending_for: now.saturating_duration_since(p.since),
+                    attempts: p.attempts,
+                    last_error: p.last_error.clone(),
+                });
             }
         }
-        let client = self.client().await?;
-        self.current_lease(&client).await?;
-        self.restore_published().await
+        out
     }
 }

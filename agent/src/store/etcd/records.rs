@@ -69,31 +69,68 @@ impl EtcdStore {
 
     /// Takes the VIP at `seen.epoch + 1` if no epoch was written since `seen` was read.
     pub async fn claim(&self, vip: Vip, seen: EpochMark) -> Result<VipOwner, StoreError> {
+        self.intents().held.entry(vip).or_default();
+        self.claim_at(vip, seen, seen.epoch + 1).await
+    }
+
+    /// Writes this node's record at `epoch`, fenced by the epoch key's `mod_revision`:
+    /// `seen.epoch + 1` for a new claim, or `seen.epoch` when this node wrote that epoch
+    /// and nobody claimed the VIP since (its record expired in an outage), so front-ends
+    /// keep their SAs.
+    async fn claim_at(
+        &self,
+        vip: Vip,
+        seen: EpochMark,
+        epoch: u64,
+    ) -> Result<VipOwner, StoreError> {
         let client = self.client().await?;
-        let lease = self.current_lease(&client).await?;
+        let lease = self.vip_lease(&client, vip).await?;
         let owner = VipOwner {
             node: self.node.clone(),
-            epoch: seen.epoch + 1,
+            epoch,
             taken_at_ms: unix_ms(SystemTime::now()),
             draining: false,
         };
         let value = encode_owner(&owner).map_err(StoreError::Other)?;
         let epoch_key = self.keys.epoch(vip);
         let owner_key = self.keys.owner(vip);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                epoch_key.clone(),
-                CompareOp::Equal,
-                seen.mod_revision,
-            )])
-            .and_then([
+        let reclaim = epoch == seen.epoch;
+        let mut compare = vec![Compare::mod_revision(
+            epoch_key.clone(),
+            CompareOp::Equal,
+            seen.mod_revision,
+        )];
+        let mut ops = vec![TxnOp::put(
+            owner_key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        if reclaim {
+            // The epoch key stays as it is (its revision is the fence); the record must
+            // still be absent.
+            compare.push(Compare::version(owner_key, CompareOp::Equal, 0));
+        } else {
+            ops.insert(
+                0,
                 TxnOp::put(epoch_key.clone(), owner.epoch.to_string(), None),
-                TxnOp::put(owner_key, value, Some(PutOptions::new().with_lease(lease))),
-            ]);
+            );
+        }
+        let txn = Txn::new().when(compare).and_then(ops);
         let mut c = client.clone();
         let resp = self.timed("claim VIP", c.txn(txn)).await?;
         if resp.succeeded() {
-            tracing::info!(%vip, epoch = owner.epoch, lease, "ownership published");
+            let written = if reclaim {
+                seen
+            } else {
+                EpochMark {
+                    epoch: owner.epoch,
+                    mod_revision: resp.header().map_or(0, |h| h.revision()),
+                }
+            };
+            if let Some(h) = self.intents().held.get_mut(&vip) {
+                h.written = Some(written);
+            }
+            tracing::info!(%vip, epoch = owner.epoch, lease, kept_epoch = reclaim, "ownership published");
             return Ok(owner);
         }
         let now = self.view(&client, vip).await?;
@@ -112,7 +149,7 @@ impl EtcdStore {
     /// Records this node as the VIP's owner if the VIP is vacant or already ours.
     pub(super) async fn publish_with(&self, vip: Vip) -> Result<VipOwner, StoreError> {
         let client = self.client().await?;
-        let lease = self.current_lease(&client).await?;
+        let lease = self.vip_lease(&client, vip).await?;
         // A lost race only retries when the record vanished or is ours; another owner's
         // live record ends in `Fenced`.
         for _ in 0..3 {
@@ -155,7 +192,24 @@ impl EtcdStore {
                         epoch: other.epoch,
                     });
                 }
-                _ => return self.claim(vip, view.mark).await,
+                _ => {
+                    let ours = self
+                        .intents()
+                        .held
+                        .get(&vip)
+                        .and_then(|h| h.written)
+                        .is_some_and(|w| w == view.mark);
+                    let epoch = if ours {
+                        view.mark.epoch
+                    } else {
+                        view.mark.epoch + 1
+                    };
+                    match self.claim_at(vip, view.mark, epoch).await {
+                        // Lost a race with another writer of the record: read again.
+                        Err(StoreError::Fenced { owner, .. }) if owner == "(nobody)" => continue,
+                        r => return r,
+                    }
+                }
             }
         }
         Err(StoreError::Other(format!(
@@ -163,19 +217,30 @@ impl EtcdStore {
         )))
     }
 
-    /// After a reconnection or a new lease: make sure every VIP the core published is
-    /// still recorded as ours, without taking any from a newer owner.
+    /// After a reconnection: make sure every VIP this node holds is still recorded as
+    /// ours, without taking any from a newer owner.
     pub(super) async fn restore_published(&self) -> Result<(), StoreError> {
-        let vips: Vec<Vip> = self.published().iter().copied().collect();
-        for vip in vips {
-            match self.publish_with(vip).await {
-                Ok(_) => {}
-                Err(StoreError::Fenced { owner, epoch, .. }) => {
-                    tracing::warn!(%vip, %owner, epoch, "VIP taken by another node meanwhile; not restoring it");
-                    self.published().remove(&vip);
+        let held: Vec<(Vip, bool)> = self
+            .intents()
+            .held
+            .iter()
+            .map(|(v, h)| (*v, h.claims))
+            .collect();
+        let client = self.client().await?;
+        for (vip, claims) in held {
+            if claims {
+                match self.publish_with(vip).await {
+                    Ok(_) => {}
+                    Err(StoreError::Fenced { owner, epoch, .. }) => {
+                        tracing::warn!(%vip, %owner, epoch, "VIP recorded as another node's meanwhile; not restoring the record");
+                        if let Some(h) = self.intents().held.get_mut(&vip) {
+                            h.claims = false;
+                        }
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
+            self.put_holder(&client, vip).await?;
         }
         Ok(())
     }
@@ -217,13 +282,18 @@ impl EtcdStore {
         )))
     }
 
-    /// Deletes the owner record only while it is this node's (compared in the transaction).
-    pub(super) async fn withdraw_own(&self, vip: Vip) -> Result<(), StoreError> {
-        // Forget it first: even if etcd is unreachable now, never restore it later.
-        self.published().remove(&vip);
-        let client = self.client().await?;
+    /// Deletes the owner record only while it is this node's (compared in the
+    /// transaction) and the VIP is not held again.
+    pub(super) async fn delete_own_record(
+        &self,
+        client: &Client,
+        vip: Vip,
+    ) -> Result<(), StoreError> {
         for _ in 0..3 {
-            let view = self.view(&client, vip).await?;
+            if self.intents().held.contains_key(&vip) {
+                return Ok(());
+            }
+            let view = self.view(client, vip).await?;
             let Some((own, meta)) = view.owner.filter(|(o, _)| o.node == self.node) else {
                 return Ok(());
             };
