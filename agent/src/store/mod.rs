@@ -46,9 +46,11 @@ pub trait OwnershipStore: Send + Sync + 'static {
     /// Where it points (endpoints), for status; never includes credentials.
     fn describe(&self) -> String;
 
-    /// Feeds the core until cancelled: `StoreHealth`, an `OwnerSnapshot` after every
-    /// (re)connection, then one `OwnerChanged` per change. Never returns an error: an
-    /// outage is reported as `StoreHealth { healthy: false }` and retried.
+    /// Feeds the core until cancelled: `StoreHealth`, an `OwnerSnapshot` (and
+    /// `HoldersSnapshot`) at the first connection, then one `OwnerChanged` (or
+    /// `HolderChanged`) per change. After a reconnection the changes made meanwhile
+    /// follow, in order, or a snapshot when they cannot be replayed. Never returns an
+    /// error: an outage is reported as `StoreHealth { healthy: false }` and retried.
     async fn run(&self, sink: InputSink, cancel: CancellationToken);
 
     /// Records this node as the VIP's owner if the VIP is vacant or already this node's:

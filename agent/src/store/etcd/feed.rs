@@ -15,6 +15,14 @@ use crate::failover::Input;
 use crate::model::{Vip, VipOwner};
 use crate::store::StoreError;
 
+/// Where each watch resumes after a reconnection: the last revision it delivered (`None`:
+/// take a snapshot first).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Resume {
+    owners: Option<i64>,
+    holders: Option<i64>,
+}
+
 impl EtcdStore {
     pub(super) fn decode_kv(&self, kv: &KeyValue) -> Option<(Vip, VipOwner)> {
         let key = String::from_utf8_lossy(kv.key());
@@ -82,40 +90,91 @@ impl EtcdStore {
         }
     }
 
-    /// One connection's life: restore, snapshot, then follow the watch until it fails.
+    /// One connection's life: restore, then follow the watches until they fail. The
+    /// first session starts from a snapshot; a later one resumes each watch right after
+    /// the last revision it delivered, so the core hears every change made while the
+    /// watch moved (a record that came and went included), not only the end state. A
+    /// resume point that etcd compacted away falls back to a snapshot.
     pub(super) async fn session(
         &self,
         sink: &InputSink,
         cancel: &CancellationToken,
         backoff: &mut Duration,
         reported_down: &mut bool,
+        resume: &mut Resume,
     ) -> Result<SessionEnd, StoreError> {
         let client = self.client().await?;
         // A record that expired during the outage is put back (the lease loop finds lost
         // leases too; this is the quick path after a reconnection).
         self.restore_published().await?;
-        let (owners, holders, revision) = self.snapshot(&client).await?;
-        let from = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
+        let mut snapshots = None;
+        if let (Some(o), Some(h)) = (resume.owners, resume.holders) {
+            // A store that came back with an older revision (a new cluster, or a restore
+            // without a revision bump) would never deliver the revisions we wait for.
+            let mut c = client.clone();
+            let now = self
+                .timed(
+                    "read revision",
+                    c.get(
+                        self.keys.owners(),
+                        Some(GetOptions::new().with_count_only()),
+                    ),
+                )
+                .await?
+                .header()
+                .map_or(0, |h| h.revision());
+            if now < o.max(h) {
+                tracing::warn!(
+                    revision = now,
+                    resume_from = o.max(h),
+                    "the store's revision went back; taking a snapshot"
+                );
+                *resume = Resume::default();
+            }
+        }
+        let (owners_from, holders_from) = match (resume.owners, resume.holders) {
+            (Some(o), Some(h)) => (o + 1, h + 1),
+            _ => {
+                let (owners, holders, revision) = self.snapshot(&client).await?;
+                snapshots = Some((owners, holders));
+                *resume = Resume {
+                    owners: Some(revision),
+                    holders: Some(revision),
+                };
+                (revision + 1, revision + 1)
+            }
+        };
+        let from = |rev: i64| WatchOptions::new().with_prefix().with_start_revision(rev);
         let mut c = client.clone();
         let mut watch: WatchStream = self
             .timed(
                 "watch owners",
-                c.watch(self.keys.owners(), Some(from.clone())),
+                c.watch(self.keys.owners(), Some(from(owners_from))),
             )
             .await?;
         let mut holder_watch: WatchStream = self
-            .timed("watch holders", c.watch(self.keys.holders(), Some(from)))
+            .timed(
+                "watch holders",
+                c.watch(self.keys.holders(), Some(from(holders_from))),
+            )
             .await?;
-        tracing::info!(endpoints = %self.settings.describe(), revision, owners = owners.len(), "store connected");
+        tracing::info!(
+            endpoints = %self.settings.describe(),
+            member = %self.settings.member_name(self.member_now()),
+            from = owners_from,
+            resumed = snapshots.is_none(),
+            "store connected"
+        );
         let up = Input::StoreHealth {
             healthy: true,
             detail: self.settings.describe(),
         };
-        if sink.send(up).await.is_err()
-            || sink.send(Input::OwnerSnapshot(owners)).await.is_err()
-            || sink.send(Input::HoldersSnapshot(holders)).await.is_err()
+        if sink.send(up).await.is_err() {
+            return Ok(SessionEnd::SinkClosed);
+        }
+        if let Some((owners, holders)) = snapshots
+            && (sink.send(Input::OwnerSnapshot(owners)).await.is_err()
+                || sink.send(Input::HoldersSnapshot(holders)).await.is_err())
         {
             return Ok(SessionEnd::SinkClosed);
         }
@@ -131,6 +190,8 @@ impl EtcdStore {
                         Err(e) => return Err(unavailable("holder watch", self.settings.scrub(&e.to_string()))),
                     };
                     if resp.compact_revision() > 0 {
+                        tracing::warn!(compacted = resp.compact_revision(), "holder watch fell behind a compaction; resynchronising");
+                        *resume = Resume::default();
                         return Ok(SessionEnd::Resync);
                     }
                     if resp.canceled() {
@@ -138,6 +199,7 @@ impl EtcdStore {
                     }
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        resume.holders = resume.holders.max(Some(kv.mod_revision()));
                         let Some((vip, node)) = self.decode_holder(kv.key()) else { continue };
                         let holds = ev.event_type() == EventType::Put;
                         if sink.send(Input::HolderChanged { vip, node, holds }).await.is_err() {
@@ -153,6 +215,7 @@ impl EtcdStore {
                     };
                     if resp.compact_revision() > 0 {
                         tracing::warn!(compacted = resp.compact_revision(), "watch fell behind a compaction; resynchronising");
+                        *resume = Resume::default();
                         return Ok(SessionEnd::Resync);
                     }
                     if resp.canceled() {
@@ -160,6 +223,7 @@ impl EtcdStore {
                     }
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        resume.owners = resume.owners.max(Some(kv.mod_revision()));
                         let change = match ev.event_type() {
                             EventType::Put => self.decode_kv(kv).map(|(vip, o)| (vip, Some(o))),
                             EventType::Delete => match self.keys.vip_of(kv.key()) {
@@ -182,11 +246,12 @@ impl EtcdStore {
     pub(super) async fn follow(&self, sink: InputSink, cancel: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut reported_down = false;
+        let mut resume = Resume::default();
         loop {
             let member = self.member_now();
             let end = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.session(&sink, &cancel, &mut backoff, &mut reported_down) => r,
+                r = self.session(&sink, &cancel, &mut backoff, &mut reported_down, &mut resume) => r,
             };
             match end {
                 Ok(SessionEnd::Cancelled) | Ok(SessionEnd::SinkClosed) => return,
