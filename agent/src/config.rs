@@ -804,6 +804,21 @@ impl Config {
                 format!("{:?} is below etcd's minimum of 1s", self.store.lease_ttl),
             );
         }
+        if self.store.request_timeout.is_zero() {
+            bad("store.request_timeout", "must be greater than zero".into());
+        } else if self.store.request_timeout.saturating_mul(2) > self.store.lease_ttl {
+            // A renewal that waits out its timeout is retried at once; two must fit in a
+            // lease, or one slow answer during an election lets the record lapse.
+            bad(
+                "store.request_timeout",
+                format!(
+                    "{} is more than half of store.lease_ttl ({}): a lease must outlast two \
+                     renewals that each wait out the timeout",
+                    humantime::format_duration(self.store.request_timeout),
+                    humantime::format_duration(self.store.lease_ttl)
+                ),
+            );
+        }
 
         let positive = |key: &str, d: Duration, p: &mut Vec<ConfigProblem>| {
             if d.is_zero() {
@@ -1267,6 +1282,29 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
         let text = FRONTEND.replace("1500ms", "soon");
         let problems = Config::parse(&text).unwrap_err();
         assert_eq!(problems[0].key, "failover.idle_timeout");
+    }
+
+    #[test]
+    fn a_request_timeout_that_a_lease_cannot_outlast_twice_is_refused() {
+        let base = "node = \"be1\"\n[store]\nbackend = \"etcd\"\n";
+        for (extra, ok) in [
+            ("lease_ttl = \"2s\"\nrequest_timeout = \"1s\"", true),
+            ("lease_ttl = \"2s\"\nrequest_timeout = \"1500ms\"", false),
+            ("lease_ttl = \"10s\"\nrequest_timeout = \"3s\"", true),
+            ("request_timeout = \"0s\"", false),
+        ] {
+            let r = Config::parse(&format!("{base}{extra}\n"));
+            assert_eq!(r.is_ok(), ok, "{extra}: {r:?}");
+            if let Err(p) = r {
+                assert_eq!(p[0].key, "store.request_timeout");
+            }
+        }
+        let p = Config::parse(&format!("{base}request_timeout = \"1500ms\"\n")).unwrap_err();
+        assert!(
+            p[0].reason.contains("1s 500ms") && p[0].reason.contains("2s"),
+            "{}",
+            p[0].reason
+        );
     }
 
     #[test]
