@@ -728,15 +728,11 @@ impl Config {
 
         if self.node.trim().is_empty() {
             bad("node", "must not be empty".into());
-        } else if !self
-            .node
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        } else if !crate::model::valid_node_name(&self.node) {
             bad(
                 "node",
                 format!(
-                    "{:?} may only hold letters, digits, '-', '_' and '.'",
+                    "{:?} may only hold letters, digits, '-', '_' and '.' (at most 253)",
                     self.node
                 ),
             );

@@ -414,11 +414,38 @@ async fn corrupt_records_are_skipped_with_a_warning() {
     let vip: Vip = "192.0.2.110".parse().unwrap();
     assert_eq!(b.store.publish(vip).await.unwrap().epoch, 1);
 
+    // An epoch key damaged after three claims never lets an epoch be handed out again.
+    let worn: Vip = "192.0.2.114".parse().unwrap();
+    for v in ["1", "2", "3", "x!"] {
+        c.put(format!("{prefix}epochs/{worn}"), v, None)
+            .await
+            .unwrap();
+    }
+    let epoch = b.store.publish(worn).await.unwrap().epoch;
+    assert!(epoch > 3, "epoch {epoch} after a damaged epoch key at 3");
+
+    // A record naming a wildcard is no owner: it would switch off identity pinning.
+    c.put(
+        format!("{prefix}vips/192.0.2.115"),
+        r#"{"node":"%any","epoch":9,"taken_at_ms":0}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let (rec, _) = b
+        .store
+        .current("192.0.2.115".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rec, None);
+
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     for key in [
         "vips/192.0.2.110",
         "vips/not-an-address",
         "vips/192.0.2.112",
+        "vips/192.0.2.115",
+        "epochs/192.0.2.114",
     ] {
         assert!(
             text.lines().any(|l| l.contains("WARN") && l.contains(key)),

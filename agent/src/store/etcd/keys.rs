@@ -69,7 +69,7 @@ impl KeyLayout {
         let parsed: Vip = vip
             .parse()
             .map_err(|_| format!("{vip:?} is not an IP address"))?;
-        if parsed.to_string() != vip || node.is_empty() || node.contains('/') {
+        if parsed.to_string() != vip || !crate::model::valid_node_name(node) {
             return Err(format!("{rest:?} is not <canonical vip>/<node>"));
         }
         Ok((parsed, node.to_string()))
@@ -127,6 +127,14 @@ pub fn decode_owner(value: &[u8]) -> Result<VipOwner, String> {
     if owner.node.is_empty() {
         return Err("owner record names no node".into());
     }
+    if !crate::model::valid_node_name(&owner.node) {
+        // The node's name becomes the IKE identity front-ends require of the VIP's
+        // owner: a wildcard such as `%any` would switch that check off.
+        return Err(format!(
+            "owner record names {:?}, which is not a node name (letters, digits, '-', '_', '.')",
+            owner.node
+        ));
+    }
     Ok(owner)
 }
 
@@ -182,6 +190,7 @@ mod tests {
             "/vipsec/holders/192.0.2.100",
             "/vipsec/holders/192.0.2.100/",
             "/vipsec/holders/192.0.2.100/a/b",
+            "/vipsec/holders/192.0.2.100/%any",
             "/vipsec/holders/2001:DB8::1/be1",
             "/vipsec/holders/nonsense/be1",
             "/vipsec/vips/192.0.2.100",
@@ -231,6 +240,14 @@ mod tests {
         assert_eq!(decode_owner(text.as_bytes()), Ok(o));
         assert!(decode_owner(b"\xff garbage").is_err());
         assert!(decode_owner(br#"{"node":"","epoch":1,"taken_at_ms":0}"#).is_err());
+        for odd in ["%any", "be1 be2", "be1/x", "*", "be1\n"] {
+            let text = format!(
+                r#"{{"node":{},"epoch":1,"taken_at_ms":0}}"#,
+                serde_json::to_string(odd).unwrap()
+            );
+            let e = decode_owner(text.as_bytes()).unwrap_err();
+            assert!(e.contains("not a node name"), "{odd:?}: {e}");
+        }
         assert_eq!(decode_epoch(b"12"), Ok(12));
         assert!(decode_epoch(b"-1").is_err());
     }

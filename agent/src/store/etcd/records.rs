@@ -44,8 +44,11 @@ impl EtcdStore {
             Some(kv) => match decode_epoch(kv.value()) {
                 Ok(e) => (e, kv.mod_revision()),
                 Err(reason) => {
-                    tracing::warn!(key = %epoch_key, %reason, "ignoring unreadable epoch");
-                    (0, kv.mod_revision())
+                    // Every new epoch is one write of this key, so its write count is
+                    // at least the last epoch: never reuse one a front-end may know.
+                    let floor = kv.version().max(0) as u64;
+                    tracing::warn!(key = %epoch_key, %reason, floor, "unreadable epoch; counting from the key's write count");
+                    (floor, kv.mod_revision())
                 }
             },
             None => (0, 0),
