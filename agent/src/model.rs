@@ -310,6 +310,17 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether `name` may name a node: letters, digits, '-', '_' and '.', at most 253 bytes.
+/// A node's name becomes an IKE identity and part of store keys, so anything else (a
+/// wildcard such as `%any`, a '/', spaces) is refused wherever a name is read.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,15 +433,4 @@ mod tests {
         // Another address in the same /64 is not the VIP.
         assert_eq!(be.vip_role(&["2001:db8::101".parse().unwrap()], &[]), None);
     }
-}
-
-/// Whether `name` may name a node: letters, digits, '-', '_' and '.', at most 253 bytes.
-/// A node's name becomes an IKE identity and part of store keys, so anything else (a
-/// wildcard such as `%any`, a '/', spaces) is refused wherever a name is read.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
