@@ -71,12 +71,15 @@ impl FailoverCore {
         }
         match &h.owner {
             Some(o) if o.node == self.settings.node => Ownership::Owner,
-            // With the store unreachable the kernel's word is trusted only when the last
-            // record was ours or nobody's: a record naming another node is not overruled
-            // by an outage.
-            None if self.settings.cluster_store
+            // With the store unreachable the kernel's word is trusted for a VIP that was
+            // unrecorded, or that arrived during the outage (a takeover: the cluster
+            // manager moved it; the store cannot say yet whether the old owner is gone).
+            // A VIP refused because another node held its record when the store went
+            // away stays refused: an outage does not turn a split brain into an owner.
+            o if self.settings.cluster_store
                 && self.store_healthy != Some(true)
-                && self.settings.trust_kernel_when_store_down =>
+                && self.settings.trust_kernel_when_store_down
+                && (o.is_none() || h.arrived_in_outage) =>
             {
                 Ownership::Unconfirmed
             }

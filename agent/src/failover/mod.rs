@@ -97,6 +97,9 @@ pub struct HostedVip {
     pub split_brain: bool,
     /// Other nodes that mark the VIP's address as theirs in the store.
     pub also_held_by: BTreeSet<String>,
+    /// The VIP arrived while the store was unreachable (a takeover the store cannot
+    /// confirm yet), as opposed to being here already when the store went away.
+    pub arrived_in_outage: bool,
     generation: u64,
 }
 
@@ -415,6 +418,7 @@ impl FailoverCore {
         h.present = true;
         h.draining = false;
         h.generation += 1;
+        h.arrived_in_outage = self.settings.cluster_store && self.store_healthy != Some(true);
         out.push(Action::PublishOwnership { vip });
         out.push(Action::Notify(
             Notice::new(NoticeKind::VipAcquired, Some(vip)).epoch(h.epoch),
@@ -614,6 +618,11 @@ impl FailoverCore {
             return;
         }
         self.store_healthy = Some(healthy);
+        if healthy {
+            for h in self.hosted.values_mut() {
+                h.arrived_in_outage = false;
+            }
+        }
         let kind = if healthy {
             NoticeKind::StoreUp
         } else {

@@ -1105,7 +1105,33 @@ async fn a_failed_publish_is_retried_while_the_vip_is_here_and_unrecorded() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_store_outage_does_not_overrule_a_record_naming_another_node() {
+async fn a_store_outage_does_not_turn_a_refused_vip_into_an_owned_one() {
+    // Here, refused (another node's record), then the store goes away: still refused.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 7),
+    });
+    be.feed(Input::VipAppeared(vip()));
+    let a = be.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "etcd unreachable".into(),
+    });
+    assert!(!has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    assert!(matches!(
+        be.core.hosted()[&vip()].ownership,
+        Ownership::NotOwner { .. }
+    ));
+
+    // Arriving during the outage (a takeover the store cannot confirm yet): the kernel's
+    // word is taken, as configured, until the store answers again.
     let mut be = Node::back_end();
     be.feed(store_up());
     be.feed(Input::OwnerChanged {
@@ -1117,16 +1143,22 @@ async fn a_store_outage_does_not_overrule_a_record_naming_another_node() {
         detail: "etcd unreachable".into(),
     });
     let a = be.feed(Input::VipAppeared(vip()));
-    assert!(!has(
+    assert!(has(
         &a,
         &Action::AcceptSas {
             vip: vip(),
             accept: true
         }
     ));
-    assert!(matches!(
-        be.core.hosted()[&vip()].ownership,
-        Ownership::NotOwner { .. }
+    assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Unconfirmed);
+    // The store is back and still names the other node: refused again.
+    let a = be.feed(store_up());
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: false
+        }
     ));
 }
 
