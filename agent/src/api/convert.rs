@@ -100,6 +100,7 @@ pub fn status(s: &StatusView) -> pb::Status {
                 ownership: h.ownership.clone(),
                 ownership_reason: h.ownership_reason.clone(),
                 split_brain: h.split_brain,
+                also_held_by: h.also_held_by.clone(),
                 guard: Some(guard(&h.guard)),
             })
             .collect(),

@@ -91,6 +91,7 @@ pub fn to_json(s: &pb::Status) -> Value {
             "ownership": h.ownership,
             "ownership_reason": h.ownership_reason,
             "split_brain": h.split_brain,
+            "also_held_by": h.also_held_by,
             "guard": guard_json(h.guard.as_ref()),
         })).collect::<Vec<_>>(),
         "peer_vips": s.peer_vips.iter().map(|p| json!({
@@ -201,6 +202,13 @@ fn print_table(s: &pb::Status) {
             .filter(|h| h.present_locally && h.ownership != "owner")
         {
             println!("  {}: {}", h.address, h.ownership_reason);
+        }
+        for h in s.hosted_vips.iter().filter(|h| !h.also_held_by.is_empty()) {
+            println!(
+                "  {}: also held by {} (as marked in the store)",
+                h.address,
+                h.also_held_by.join(", ")
+            );
         }
     }
     if !s.peer_vips.is_empty() {

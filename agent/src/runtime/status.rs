@@ -64,6 +64,7 @@ pub struct HostedView {
     pub ownership: String,
     pub ownership_reason: String,
     pub split_brain: bool,
+    pub also_held_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -158,6 +159,7 @@ impl StatusView {
                 ownership: h.ownership.as_str().to_string(),
                 ownership_reason: h.ownership.reason(),
                 split_brain: h.split_brain,
+                also_held_by: h.also_held_by.iter().cloned().collect(),
             })
             .collect();
         let peers = core
