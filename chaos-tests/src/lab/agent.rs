@@ -21,7 +21,8 @@ pub struct AgentPlan<'a> {
     pub dir: &'a Path,
     pub vici: &'a Path,
     pub store: AgentStore,
-    pub etcd_endpoint: &'a str,
+    /// Every etcd member's client URL.
+    pub etcd_endpoints: &'a [&'a str],
     pub vips: &'a [IpAddr],
     /// `[failover.reconnect]`; the agent's defaults when None.
     pub reconnect: Option<&'a vipsec::config::ReconnectConfig>,
@@ -53,7 +54,12 @@ pub fn config_toml(plan: &AgentPlan) -> String {
     match plan.store {
         AgentStore::Etcd => {
             s += "backend = \"etcd\"\n";
-            let _ = writeln!(s, "endpoints = [\"{}\"]", plan.etcd_endpoint);
+            let endpoints: Vec<_> = plan
+                .etcd_endpoints
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect();
+            let _ = writeln!(s, "endpoints = [{}]", endpoints.join(", "));
             s += "prefix = \"/vipsec-lab/\"\n";
             s += "lease_ttl = \"2s\"\n";
         }
@@ -318,7 +324,7 @@ mod tests {
             dir: Path::new("/tmp/lab/fe1"),
             vici: Path::new("/tmp/lab/fe1/charon.vici"),
             store,
-            etcd_endpoint: "http://192.0.2.5:2379",
+            etcd_endpoints: &["http://192.0.2.5:2379"],
             vips,
             policy_managed: false,
             reconnect: None,
@@ -372,12 +378,28 @@ mod tests {
     }
 
     #[test]
+    fn every_etcd_member_is_an_endpoint() {
+        let vips = super::super::topology::vips(1);
+        let mut p = plan(Role::BackEnd, AgentStore::Etcd, &vips);
+        let members = [
+            "http://192.0.2.5:2379",
+            "http://192.0.2.6:2379",
+            "http://192.0.2.7:2379",
+        ];
+        p.etcd_endpoints = &members;
+        let text = config_toml(&p);
+        let config =
+            vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+        assert_eq!(config.store.endpoints, members);
+    }
+
+    #[test]
     fn ipv6_configs_are_valid_agent_configs() {
         use super::super::topology::{Family, vips_of};
         let vips = vips_of(Family::V6, 2);
         for role in [Role::FrontEnd, Role::BackEnd] {
             let mut p = plan(role, AgentStore::Etcd, &vips);
-            p.etcd_endpoint = "http://[2001:db8:1::5]:2379";
+            p.etcd_endpoints = &["http://[2001:db8:1::5]:2379"];
             let text = config_toml(&p);
             let config =
                 vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));

@@ -61,6 +61,9 @@ pub struct LabOptions {
     /// How the front-ends' connections are written in swanctl.conf (set-ups whose agents
     /// load the connections from the stored policy write none).
     pub frontend_style: FrontEndStyle,
+    /// etcd members: 1 is the one node `etcd` (192.0.2.5); 3 (or 5) is a cluster of
+    /// etcd1, etcd2, ... (192.0.2.5 onward), one member per node.
+    pub etcd_members: usize,
 }
 
 impl LabOptions {
@@ -77,6 +80,7 @@ impl LabOptions {
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
             family: Family::V4,
             frontend_style: FrontEndStyle::default(),
+            etcd_members: 1,
         }
     }
 }
@@ -136,6 +140,7 @@ impl Lab {
         let topo = Topology::build_family(
             opts.family,
             opts.front_ends,
+            opts.etcd_members,
             opts.nat_front_end.as_deref(),
             run_dir.path(),
         )?;
@@ -253,9 +258,15 @@ impl Lab {
                 self.vipsec_bin = Some(agent::find_binary(&self.self_exe)?);
             }
             if store == setup::AgentStore::Etcd && self.etcd.is_none() {
-                let node = self.topo.node("etcd");
-                self.etcd = Some(Etcd::start(&node.ns, node.addr, &self.node_dir("etcd"))?);
-                self.progress.step("etcd up");
+                let members: Vec<(&str, &str, IpAddr)> = self
+                    .topo
+                    .with_role(Role::Etcd)
+                    .map(|n| (n.name.as_str(), n.ns.name.as_str(), n.addr))
+                    .collect();
+                let observer = self.etcd_observer()?;
+                self.etcd = Some(Etcd::start(&members, &observer, self.run_dir.path())?);
+                self.progress
+                    .step(&format!("etcd up ({} members)", members.len()));
             }
         }
         let nodes: Vec<String> = self
@@ -311,17 +322,19 @@ impl Lab {
         let node = self.topo.node(name);
         let dir = self.node_dir(name);
         let vici = charon::vici_path(&dir);
-        let endpoint = format!(
-            "http://{}",
-            SocketAddr::from((self.topo.node("etcd").addr, etcd::CLIENT_PORT))
-        );
+        let endpoints: Vec<String> = self
+            .topo
+            .with_role(Role::Etcd)
+            .map(|n| etcd::client_url(n.addr))
+            .collect();
+        let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
         let plan = AgentPlan {
             node: name,
             role: node.role,
             dir: &dir,
             vici: &vici,
             store,
-            etcd_endpoint: &endpoint,
+            etcd_endpoints: &endpoints,
             vips: &self.vips,
             policy_managed: self.setup.policy_managed(),
             reconnect: self.reconnect.as_ref(),
@@ -566,6 +579,9 @@ impl Lab {
     /// from the last run cannot make the next one look better), traffic steady.
     pub fn reset(&mut self) -> anyhow::Result<()> {
         faults::heal(&self.topo.hub)?;
+        if let Some(etcd) = self.etcd.as_mut() {
+            etcd.restore()?;
+        }
         for be in self.names(Role::BackEnd) {
             self.restore(&be)?;
         }
@@ -646,20 +662,100 @@ impl Lab {
         self.start_agent(node)
     }
 
-    /// Freezes the lab's etcd (SIGSTOP) so the store hangs.
+    /// Freezes every etcd member (SIGSTOP) so the store hangs.
     pub fn freeze_etcd(&self) -> anyhow::Result<()> {
-        self.etcd
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))?
-            .freeze()
+        self.etcd()?.freeze()
     }
 
-    /// Lets the lab's etcd run again after [`Lab::freeze_etcd`].
-    pub fn thaw_etcd(&self) -> anyhow::Result<()> {
+    /// Lets every etcd member run again after [`Lab::freeze_etcd`].
+    pub fn thaw_etcd(&mut self) -> anyhow::Result<()> {
+        self.etcd_mut()?.thaw()
+    }
+
+    fn etcd(&self) -> anyhow::Result<&Etcd> {
         self.etcd
             .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))?
-            .thaw()
+            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))
+    }
+
+    fn etcd_mut(&mut self) -> anyhow::Result<&mut Etcd> {
+        self.etcd
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no etcd in this set-up"))
+    }
+
+    /// Where the lab asks etcd members from: the first front-end, a client of the store
+    /// that no scenario crashes.
+    fn etcd_observer(&self) -> anyhow::Result<String> {
+        self.topo
+            .with_role(Role::FrontEnd)
+            .next()
+            .map(|n| n.ns.name.clone())
+            .ok_or_else(|| anyhow::anyhow!("no front-end to ask etcd from"))
+    }
+
+    /// The etcd members' node names (`etcd`, or `etcd1`, `etcd2`, ...).
+    pub fn etcd_members(&self) -> Vec<String> {
+        self.names(Role::Etcd)
+    }
+
+    /// Every etcd member's status as a client sees it (None: no answer).
+    pub fn etcd_statuses(&self) -> anyhow::Result<Vec<(String, Option<etcd::MemberStatus>)>> {
+        Ok(self.etcd()?.statuses())
+    }
+
+    /// The member that leads the etcd cluster now.
+    pub fn etcd_leader(&self) -> anyhow::Result<String> {
+        self.etcd()?
+            .leader()
+            .ok_or_else(|| anyhow::anyhow!("no etcd member leads"))
+    }
+
+    /// SIGKILLs one etcd member, as when its machine dies.
+    pub fn kill_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.etcd_mut()?.kill(name)
+    }
+
+    /// Starts a killed etcd member again on the same data directory. It serves once it
+    /// has rejoined a quorum: [`Lab::wait_etcd_leader`] waits for that.
+    pub fn restart_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.etcd_mut()?.restart(name)
+    }
+
+    /// Every etcd member running and unfrozen again, and a leader (network faults stay:
+    /// [`faults::heal`] removes them).
+    pub fn restore_etcd(&mut self) -> anyhow::Result<()> {
+        self.etcd_mut()?.restore()
+    }
+
+    /// Cuts an etcd member off from every other node (rules in the hub's fault chain, which
+    /// [`faults::heal`] and [`Lab::reset`] remove).
+    pub fn partition_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let port = self.topo.node(name).hub_port.clone();
+        let others: Vec<String> = self
+            .topo
+            .nodes
+            .iter()
+            .filter(|n| n.name != name)
+            .map(|n| n.hub_port.clone())
+            .collect();
+        for other in &others {
+            faults::partition(&self.topo.hub, &port, other)?;
+        }
+        self.etcd_mut()?.isolated(name)
+    }
+
+    /// Waits for the etcd cluster to have a leader the lab's clients can reach. Returns it
+    /// with the election time: from the last member killed or cut off (or the thaw after a
+    /// freeze) to the first moment a reachable member reported itself leader.
+    pub fn wait_etcd_leader(&self, timeout: Duration) -> anyhow::Result<(String, Duration)> {
+        self.watch_etcd_leader(timeout)?.wait()
+    }
+
+    /// [`Lab::wait_etcd_leader`] in the background, so the election can be timed while the
+    /// scenario goes on (a planned move right after a kill).
+    pub fn watch_etcd_leader(&self, timeout: Duration) -> anyhow::Result<etcd::LeaderWatch> {
+        Ok(self.etcd()?.watch_leader(timeout))
     }
 
     /// Runs the `vipsec` CLI against a node's agent (`status --json`, `sas --json`, ...).

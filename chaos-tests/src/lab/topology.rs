@@ -105,16 +105,36 @@ pub const PLAN: &[(&str, Role, u8)] = &[
 /// The most front-ends a lab can have: fe3 onward take .43 to .99, below the VIPs.
 pub const MAX_FRONT_ENDS: usize = 59;
 
+/// An etcd cluster of several members replaces [`PLAN`]'s one etcd node with etcd1 at .5,
+/// etcd2 at .6, ... (below the front-ends; .5 to .9 in either family).
+pub const MAX_ETCD_MEMBERS: usize = 5;
+
 /// The plan for `front_ends` front-ends: [`PLAN`]'s fe1 and fe2 (as many as asked), then
 /// fe3 at .43, fe4 at .44, ... (clear of the back-ends, the NAT routers and the VIPs).
 pub fn plan(front_ends: usize) -> Vec<(String, Role, u8)> {
+    plan_with_etcd(front_ends, 1)
+}
+
+/// [`plan`] with `etcd_members` etcd nodes: the one node `etcd`, or a cluster of an odd
+/// number of members (a cluster that survives the loss of one).
+pub fn plan_with_etcd(front_ends: usize, etcd_members: usize) -> Vec<(String, Role, u8)> {
     assert!(
         (1..=MAX_FRONT_ENDS).contains(&front_ends),
         "1 to {MAX_FRONT_ENDS} front-ends"
     );
+    assert!(
+        etcd_members % 2 == 1 && etcd_members <= MAX_ETCD_MEMBERS,
+        "1, 3 or 5 etcd members"
+    );
     let mut plan: Vec<(String, Role, u8)> = Vec::new();
     let mut fe = 0;
     for &(name, role, octet) in PLAN {
+        if role == Role::Etcd && etcd_members > 1 {
+            for i in 1..=etcd_members {
+                plan.push((format!("etcd{i}"), Role::Etcd, octet + i as u8 - 1));
+            }
+            continue;
+        }
         if role == Role::FrontEnd {
             fe += 1;
             if fe > front_ends {
@@ -159,15 +179,17 @@ impl Topology {
         nat_front_end: Option<&str>,
         run_dir: &Path,
     ) -> anyhow::Result<Topology> {
-        Self::build_family(Family::V4, front_ends, nat_front_end, run_dir)
+        Self::build_family(Family::V4, front_ends, 1, nat_front_end, run_dir)
     }
 
-    /// [`Topology::build`] in either family. IPv6 keeps duplicate address detection on:
+    /// [`Topology::build`] in either family, with `etcd_members` etcd nodes (see
+    /// [`plan_with_etcd`]). IPv6 keeps duplicate address detection on:
     /// `accept_dad = 1` and `dad_transmits = 1` (the kernel defaults) are written
     /// explicitly in every namespace, so a host with other defaults runs the same lab.
     pub fn build_family(
         family: Family,
         front_ends: usize,
+        etcd_members: usize,
         nat_front_end: Option<&str>,
         run_dir: &Path,
     ) -> anyhow::Result<Topology> {
@@ -188,7 +210,7 @@ impl Topology {
         topo.hub.ip(&["link", "set", BRIDGE, "up"])?;
         topo.register()?;
         topo.register_ns(&format!("dir {}", run_dir.display()))?;
-        for (name, role, octet) in plan(front_ends) {
+        for (name, role, octet) in plan_with_etcd(front_ends, etcd_members) {
             let name = name.as_str();
             let ns = Netns::new(name)?;
             if family == Family::V6 {
@@ -483,5 +505,29 @@ mod tests {
             MAX_FRONT_ENDS
         );
         assert_eq!(plan(1).len(), 4);
+    }
+
+    #[test]
+    fn an_etcd_cluster_takes_free_addresses_in_both_families() {
+        let plan = plan_with_etcd(MAX_FRONT_ENDS, 3);
+        let etcd: Vec<_> = plan
+            .iter()
+            .filter(|(_, r, _)| *r == Role::Etcd)
+            .map(|(n, _, o)| (n.as_str(), *o))
+            .collect();
+        assert_eq!(etcd, [("etcd1", 5), ("etcd2", 6), ("etcd3", 7)]);
+        for family in [Family::V4, Family::V6] {
+            let mut addrs: Vec<IpAddr> = plan_with_etcd(MAX_FRONT_ENDS, MAX_ETCD_MEMBERS)
+                .iter()
+                .map(|(_, _, o)| family.host(*o))
+                .collect();
+            let nodes = addrs.len();
+            // The NAT routers' outside addresses and the VIPs must stay clear too.
+            addrs.extend([31, 32].map(|o| family.host(o)));
+            addrs.extend(vips_of(family, MAX_VIPS));
+            addrs.sort_unstable();
+            addrs.dedup();
+            assert_eq!(addrs.len(), nodes + 2 + MAX_VIPS);
+        }
     }
 }
