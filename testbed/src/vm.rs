@@ -47,13 +47,46 @@ $B mount --move /proc /newroot/proc
 exec $B switch_root /newroot /bin/sh /run/vm-io/stage2.sh
 "#;
 
+/// The directories directly under the host's /tmp that the guest must see through its
+/// private /tmp: the checkout and the build a test runs from, when they live there (a
+/// newcomer's clone in /tmp).
+fn host_tmp_entries() -> Vec<String> {
+    let mut out = Vec::new();
+    let exe = std::env::current_exe().ok();
+    let manifest = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    for p in [exe, manifest].into_iter().flatten() {
+        let Ok(rest) = p.strip_prefix("/tmp") else {
+            continue;
+        };
+        if let Some(first) = rest.components().next() {
+            let name = first.as_os_str().to_string_lossy().into_owned();
+            // Quoted into a shell script below: only plain names.
+            if name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+                && !out.contains(&name)
+            {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
 /// Runs on the host root (as PID 1) and powers the VM off when the script is done.
 fn stage2(script_timeout: Duration, busybox: &Path) -> String {
+    let entries = host_tmp_entries().join(" ");
     format!(
         r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp
 mount -t sysfs sysfs /sys
 mkdir -p /dev/shm /dev/pts && mount -t tmpfs tmpfs /dev/shm
+# The guest's /tmp is private; what the test runs from under the host's /tmp is bound
+# back in (read-only) from a plain bind of the root, which does not carry the tmpfs.
+mkdir -p /run/hostroot && mount --bind / /run/hostroot
+for e in {entries}; do
+  [ -d "/run/hostroot/tmp/$e" ] && mkdir -p "/tmp/$e" && mount --bind "/run/hostroot/tmp/$e" "/tmp/$e"
+done
 ip link set lo up
 for m in {GUEST_MODULES}; do modprobe "$m" || echo "stage2: modprobe $m failed"; done
 cd /run/vm-io
