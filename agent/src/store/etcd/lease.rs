@@ -259,7 +259,9 @@ impl EtcdStore {
                 }
                 Work::MarkHolder(vip) => {
                     if let Some(h) = intents.held.get_mut(vip) {
+                        // Retried after the backoff (with the renewal), not at once.
                         h.marked = false;
+                        h.retry.failed(now);
                     }
                 }
                 Work::Release(vip, _) => {
