@@ -32,6 +32,10 @@ use crate::keying::Keying;
 use crate::model::{Vip, VipRole};
 use crate::store::{OwnershipStore, StoreError};
 
+/// How long a drain waits for the store (the draining mark, the epoch check) before
+/// deleting SAs anyway.
+const MARK_DRAINING_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
 enum JobKind {
     Publish,
     Withdraw,
@@ -276,7 +280,16 @@ impl VipLane {
     /// shows another node at a newer epoch. An unreachable store does not stop a delete
     /// (a drain must go on during a store outage); the VIP is gone or ours then anyway.
     async fn hosted_epoch_current(&self, epoch: u64) -> Result<(), String> {
-        match self.ctx.store.current(self.vip).await {
+        // A store in an election must not hold up a drain's DELETEs for a whole request
+        // timeout: past a short wait, the delete goes on as if it were unreachable.
+        let read = tokio::time::timeout(MARK_DRAINING_WAIT, self.ctx.store.current(self.vip))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {MARK_DRAINING_WAIT:?}"
+                )))
+            });
+        match read {
             Ok((owner, highest)) => {
                 let ours = owner
                     .as_ref()
@@ -336,10 +349,24 @@ impl VipLane {
                     let _ = self.ctx.inputs.send(Input::PublishFailed(vip)).await;
                 }
             },
-            JobKind::MarkDraining => match self.ctx.store.mark_draining(vip).await {
-                Ok(()) => info!(%vip, "record marked draining"),
-                Err(e) => self.failed("mark draining", e),
-            },
+            JobKind::MarkDraining => {
+                // The DELETEs that follow must not wait for a slow store (an election):
+                // the mark only spares front-ends a refused attempt here, and the store
+                // keeps retrying it in the background until it takes effect.
+                match tokio::time::timeout(MARK_DRAINING_WAIT, self.ctx.store.mark_draining(vip))
+                    .await
+                {
+                    Ok(Ok(())) => info!(%vip, "record marked draining"),
+                    Ok(Err(e)) => self.failed("mark draining", e),
+                    Err(_) => self.failed(
+                        "mark draining",
+                        format!(
+                            "the store did not answer within {MARK_DRAINING_WAIT:?}; \
+                             deleting SAs now, the mark is retried in the background"
+                        ),
+                    ),
+                }
+            }
             JobKind::Withdraw => match self.ctx.store.withdraw(vip).await {
                 Ok(()) => info!(%vip, "ownership withdrawn"),
                 Err(e) => self.failed("withdraw", e),
