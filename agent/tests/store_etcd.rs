@@ -728,8 +728,11 @@ async fn a_withdraw_during_an_election_takes_effect_once_it_is_over() {
     .await;
     let gone = t.elapsed();
     eprintln!("record gone {gone:?} after the kill (election {election:?})");
+    // Retried, the withdraw lands within a few hundred milliseconds of the election's end.
+    // Left to the lease, it would land a full TTL (2 s) after it, since a new leader
+    // extends every lease: the bound tells the two apart with room for a loaded machine.
     assert!(
-        gone < election + Duration::from_secs(1),
+        gone < election + Duration::from_millis(1500),
         "withdraw took effect {gone:?} after the kill; election took {election:?}"
     );
     let deadline = Instant::now() + WAIT;

@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use super::{EpochMark, EtcdStore, unavailable};
@@ -143,32 +145,31 @@ impl EtcdStore {
         )))
     }
 
-    /// Renews leases and retries pending writes until cancelled.
+    /// Renews leases and retries pending writes until cancelled. Every exchange runs on
+    /// its own: one that waits out its timeout (a member in an election) holds up no
+    /// other renewal or retry.
     pub(super) async fn keep_leases(&self, cancel: CancellationToken) {
+        let mut in_flight = FuturesUnordered::new();
         loop {
             let now = Instant::now();
             let (work, next) = self.due_work(now);
-            if work.is_empty() {
-                let wait =
-                    next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now));
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
+            if !work.is_empty() {
+                match self.client().await {
+                    Ok(client) => {
+                        for w in work {
+                            in_flight.push(self.run_work(client.clone(), w));
+                        }
+                    }
+                    Err(e) => self.all_failed(&work, &e.to_string()),
                 }
                 continue;
             }
-            let client = match self.client().await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.all_failed(&work, &e.to_string());
-                    continue;
-                }
-            };
-            let jobs = work.into_iter().map(|w| self.run_work(&client, w));
+            let wait = next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now));
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = futures::future::join_all(jobs) => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             }
         }
     }
@@ -280,7 +281,8 @@ impl EtcdStore {
         }
     }
 
-    async fn run_work(&self, client: &Client, work: Work) {
+    async fn run_work(&self, client: Client, work: Work) {
+        let client = &client;
         match work {
             Work::Renew(vip, id) => self.renew(client, vip, id).await,
             Work::Restore(vip) => self.restore(vip).await,
@@ -448,7 +450,11 @@ impl EtcdStore {
         if let Some(id) = lease {
             let mut c = client.clone();
             let member = self.member_now();
-            match tokio::time::timeout(self.timeout, c.lease_revoke(id)).await {
+            // Short: a revoke is retried until it takes effect, and one sent to a member
+            // mid-election should not keep the next try (to a member that has a leader
+            // by then) waiting for a full request timeout. A repeated revoke is harmless.
+            let wait = self.timeout.min(RETRY_MAX);
+            match tokio::time::timeout(wait, c.lease_revoke(id)).await {
                 Ok(Ok(_)) => tracing::info!(%vip, lease = id, "lease revoked: ownership withdrawn"),
                 Ok(Err(e)) if e.to_string().contains("lease not found") => {}
                 Ok(Err(e)) => {
@@ -462,7 +468,7 @@ impl EtcdStore {
                     self.next_member(member);
                     return Err(unavailable(
                         "revoke lease",
-                        format!("no answer within {:?}", self.timeout),
+                        format!("no answer within {wait:?}"),
                     ));
                 }
             }
