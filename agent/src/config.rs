@@ -870,7 +870,7 @@ impl Config {
                 "must not be shorter than failover.retry_initial".into(),
             );
         }
-        if self.failover.idle_timeout < self.keying.sample_interval * 2 {
+        if self.failover.idle_timeout < self.keying.sample_interval.saturating_mul(2) {
             bad(
                 "failover.idle_timeout",
                 format!(

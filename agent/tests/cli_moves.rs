@@ -20,14 +20,20 @@ struct Agent {
 }
 
 fn start_agent() -> Agent {
+    start_agent_with(|_| String::new())
+}
+
+/// An agent whose config ends with `extra(dir)` (given the agent's own directory).
+fn start_agent_with(extra: impl Fn(&std::path::Path) -> String) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "node = \"solo\"\n[api]\nendpoint = \"unix://{}\"\n[store]\nbackend = \"embedded\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n",
-            socket.display()
+            "node = \"solo\"\n[api]\nendpoint = \"unix://{}\"\n[store]\nbackend = \"embedded\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n{}",
+            socket.display(),
+            extra(dir.path())
         ),
     )
     .unwrap();
@@ -130,6 +136,12 @@ fn bad_drill_and_moves_requests_are_refused() {
         ),
         (vec!["drill", VIP, "--to", "solo"], 2, "is this node"),
         (
+            vec!["drill", VIP, "--to", "be2;reboot"],
+            2,
+            "is not a node name",
+        ),
+        (vec!["drill", VIP, "--to", "%any"], 2, "is not a node name"),
+        (
             vec!["drill", VIP, "--to", "be2", "--timeout", "0s"],
             2,
             "timeout must be above zero",
@@ -158,4 +170,45 @@ fn bad_drill_and_moves_requests_are_refused() {
             text(&out.stderr)
         );
     }
+}
+
+#[test]
+fn a_second_drill_is_refused_while_one_runs() {
+    let agent = start_agent_with(|dir| {
+        format!(
+            "[drill]\nintegration = \"command\"\ncommand = [\"sh\", \"-c\", \"touch {}/started; sleep 3\"]\n",
+            dir.display()
+        )
+    });
+    let marker = agent._dir.path().join("started");
+    std::thread::scope(|s| {
+        let first = s.spawn(|| agent.cli(&["drill", VIP, "--to", "be2", "--timeout", "5s"]));
+        wait_for("the first drill's command", Duration::from_secs(10), || {
+            marker.exists().then_some(())
+        })
+        .unwrap();
+        let second = agent.cli(&["drill", VIP, "--to", "be2", "--timeout", "5s"]);
+        assert_ne!(second.status.code(), Some(0));
+        assert!(
+            text(&second.stderr).contains("a drill is already running"),
+            "{}",
+            text(&second.stderr)
+        );
+        // The first one ends (its move never comes: judged, not refused).
+        let first = first.join().unwrap();
+        assert!(
+            !text(&first.stderr).contains("already running"),
+            "{}",
+            text(&first.stderr)
+        );
+    });
+    // Once it is over, the next drill is accepted again (and runs its command).
+    std::fs::remove_file(&marker).unwrap();
+    let again = agent.cli(&["drill", VIP, "--to", "be2", "--timeout", "4s"]);
+    assert!(
+        !text(&again.stderr).contains("already running"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert!(marker.exists(), "the second drill ran its command");
 }

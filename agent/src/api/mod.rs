@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -128,7 +129,10 @@ pub fn cleanup(api: &ApiConfig) {
 }
 
 pub async fn serve(bound: BoundApi, handle: AgentHandle, cancel: CancellationToken) {
-    let svc = AgentServer::new(AgentService { handle });
+    let svc = AgentServer::new(AgentService {
+        handle,
+        drilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    });
     let shutdown = async move { cancel.cancelled().await };
     let result = match bound {
         BoundApi::Unix { listener, path } => {
@@ -157,6 +161,18 @@ pub async fn serve(bound: BoundApi, handle: AgentHandle, cancel: CancellationTok
 
 pub struct AgentService {
     handle: AgentHandle,
+    /// A drill moves the VIP through the cluster manager: two at once would race each
+    /// other's commands and judge each other's moves.
+    drilling: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Clears the drill flag however the drill ends (an error, a dropped request).
+struct DrillSlot(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DrillSlot {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl AgentService {
@@ -347,7 +363,7 @@ impl AgentApi for AgentService {
                 let d = Duration::try_from(d).map_err(|_| {
                     ApiError::InvalidArgument("idle_timeout must not be negative".into())
                 })?;
-                let min = self.handle.config.keying.sample_interval * 2;
+                let min = self.handle.config.keying.sample_interval.saturating_mul(2);
                 if d < min {
                     return Err(ApiError::InvalidArgument(format!(
                         "idle_timeout {} is shorter than two counter samples ({})",
@@ -442,6 +458,14 @@ impl AgentApi for AgentService {
         if to.is_empty() {
             return Err(ApiError::InvalidArgument("to_node must name a node".into()).into());
         }
+        // The name goes into the cluster manager's commands: only a node name is accepted.
+        if !crate::model::valid_node_name(&to) {
+            let shown: String = to.chars().take(64).collect();
+            return Err(ApiError::InvalidArgument(format!(
+                "to_node {shown:?} is not a node name (letters, digits, '-', '_', '.', at most 253)"
+            ))
+            .into());
+        }
         let timeout = match req.timeout {
             None => Duration::from_secs(30),
             Some(d) => Duration::try_from(d)
@@ -483,6 +507,22 @@ impl AgentApi for AgentService {
             owner.as_ref().map(|o| o.node.as_str()),
         )
         .map_err(ApiError::from)?;
+        if self
+            .drilling
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return Err(ApiError::FailedPrecondition(
+                "a drill is already running on this node; wait for its report".into(),
+            )
+            .into());
+        }
+        let _slot = DrillSlot(self.drilling.clone());
         let deadline = tokio::time::Instant::now() + timeout;
         let env = crate::drill::agent_env(&config.api.endpoint);
         info!(%vip, %to, epoch, "drill: moving the VIP");

@@ -54,7 +54,7 @@ pub async fn probe(config: &Config) -> Result<StoreFacts, StoreProblem> {
     let keys = KeyLayout::new(&config.store.prefix);
     let started = Instant::now();
     // The client may connect lazily: the first read is what proves etcd answers.
-    let wait = config.store.request_timeout * 2;
+    let wait = config.store.request_timeout.saturating_mul(2);
     let resp = tokio::time::timeout(
         wait,
         client.get(keys.owners(), Some(GetOptions::new().with_prefix())),

@@ -278,7 +278,7 @@ impl Keying for StrongswanKeying {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(self.reconnect_max);
+            backoff = backoff.saturating_mul(2).min(self.reconnect_max);
         }
     }
 

@@ -126,15 +126,18 @@ impl ConnectSettings {
         if let Some(tls) = &self.tls {
             options = options.with_tls(tls.clone());
         }
-        match tokio::time::timeout(self.timeout * 2, Client::connect(endpoints, Some(options)))
-            .await
+        match tokio::time::timeout(
+            self.timeout.saturating_mul(2),
+            Client::connect(endpoints, Some(options)),
+        )
+        .await
         {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(self.scrub(&format!("connect to {}: {e}", self.describe()))),
             Err(_) => Err(format!(
                 "connect to {}: no answer within {:?}",
                 self.describe(),
-                self.timeout * 2
+                self.timeout.saturating_mul(2)
             )),
         }
     }
