@@ -195,6 +195,31 @@ impl StrongswanKeying {
                         }
                     }
                 }
+                Some(Err(e)) if undecodable(&e) => {
+                    // An event this agent cannot decode (a charon newer than it knows,
+                    // a field out of range) says nothing about charon's health: skip it
+                    // without reporting the daemon down. rsvici ends that subscription,
+                    // so subscribe afresh, then list the SAs so whatever the event
+                    // carried is picked up from charon's own inventory.
+                    tracing::warn!(error = %e, "skipped a charon event that could not be decoded; subscribing again");
+                    event_conn = ViciConn::connect(&self.socket).await?;
+                    loss = event_conn.loss_signal();
+                    events = subscribe_all(&mut event_conn);
+                    early.extend(events.next().now_or_never().flatten());
+                    match self.sample(&mut sampler, &mut sas).await {
+                        Ok(inputs) => {
+                            for i in inputs {
+                                if sink.send(i).await.is_err() {
+                                    return Ok(None);
+                                }
+                            }
+                        }
+                        Err(e @ (KeyingError::Unreachable(_) | KeyingError::Timeout { .. })) => {
+                            return Ok(Some(e.to_string()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sampling SAs failed"),
+                    }
+                }
                 Some(Err(e)) => {
                     // rsvici ends a subscription at its first error; without it we would
                     // silently miss SA changes, so start over.
@@ -485,6 +510,16 @@ async fn list_all(conn: &mut ViciConn) -> Result<Vec<IkeSaInfo>, KeyingError> {
 type EventItem = Result<Vec<SaEvent>, rsvici::Error>;
 
 /// Subscribes to the SA events, merged into one stream of `SaEvent`s.
+/// Whether an event failed to decode (as opposed to the socket failing). rsvici hands
+/// event errors through its I/O layer, so a decoding error may arrive as an I/O error
+/// of kind `InvalidData`.
+fn undecodable(e: &rsvici::Error) -> bool {
+    e.is_data()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+}
+
 fn subscribe_all(
     conn: &mut ViciConn,
 ) -> futures::stream::SelectAll<futures::stream::BoxStream<'static, EventItem>> {

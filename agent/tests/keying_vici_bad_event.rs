@@ -1,0 +1,215 @@
+//! A charon event the agent cannot decode is skipped, not taken as charon going down.
+//!
+//! Real charon never sends a malformed event on purpose, so this test puts a scripted VICI
+//! peer on the socket: it speaks the wire protocol (length-prefixed packets, named
+//! requests, event registration), answers `list-sas` with an empty inventory, and sends
+//! one `ike-updown` event whose body no agent could decode. What the keying backend does
+//! with it is what the test watches: no `KeyingDown`, a fresh subscription and a fresh
+//! listing instead; a lost socket is still reported as down.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vipsec::config::Config;
+use vipsec::failover::Input;
+use vipsec::keying::Keying;
+use vipsec::keying::strongswan::StrongswanKeying;
+
+// VICI packet types.
+const CMD_REQUEST: u8 = 0;
+const CMD_RESPONSE: u8 = 1;
+const EVENT_REGISTER: u8 = 3;
+const EVENT_UNREGISTER: u8 = 4;
+const EVENT_CONFIRM: u8 = 5;
+const EVENT: u8 = 7;
+// VICI message elements.
+const KEY_VALUE: u8 = 3;
+
+#[derive(Default)]
+struct Seen {
+    /// Each connection's event registrations.
+    registrations: Vec<Vec<String>>,
+    commands: Vec<String>,
+}
+
+async fn read_packet(s: &mut UnixStream) -> Option<(u8, String)> {
+    let len = s.read_u32().await.ok()? as usize;
+    let mut buf = vec![0; len];
+    s.read_exact(&mut buf).await.ok()?;
+    let kind = buf[0];
+    let name = match kind {
+        CMD_REQUEST | EVENT_REGISTER | EVENT_UNREGISTER | EVENT => {
+            let n = buf[1] as usize;
+            String::from_utf8_lossy(&buf[2..2 + n]).into_owned()
+        }
+        _ => String::new(),
+    };
+    Some((kind, name))
+}
+
+async fn send(s: &mut UnixStream, kind: u8, name: Option<&str>, body: &[u8]) {
+    let mut p = vec![kind];
+    if let Some(n) = name {
+        p.push(n.len() as u8);
+        p.extend_from_slice(n.as_bytes());
+    }
+    p.extend_from_slice(body);
+    let mut framed = (p.len() as u32).to_be_bytes().to_vec();
+    framed.extend(p);
+    let _ = s.write_all(&framed).await;
+}
+
+fn key_value(key: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![KEY_VALUE, key.len() as u8];
+    b.extend_from_slice(key.as_bytes());
+    b.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// Serves one connection. `bad` fires the malformed event on the first connection that
+/// registers for `ike-updown`.
+async fn serve(
+    mut s: UnixStream,
+    index: usize,
+    seen: Arc<Mutex<Seen>>,
+    bad: Arc<tokio::sync::Notify>,
+) {
+    seen.lock().unwrap().registrations.push(Vec::new());
+    loop {
+        tokio::select! {
+            p = read_packet(&mut s) => {
+                let Some((kind, name)) = p else { return };
+                match kind {
+                    EVENT_REGISTER => {
+                        seen.lock().unwrap().registrations[index].push(name);
+                        send(&mut s, EVENT_CONFIRM, None, &[]).await;
+                    }
+                    EVENT_UNREGISTER => send(&mut s, EVENT_CONFIRM, None, &[]).await,
+                    CMD_REQUEST => {
+                        seen.lock().unwrap().commands.push(name);
+                        send(&mut s, CMD_RESPONSE, None, &[]).await;
+                    }
+                    _ => {}
+                }
+            }
+            _ = bad.notified() => {
+                // `up` must be yes or no; a section named by a connection must be a
+                // section. This is neither.
+                let mut body = key_value("up", "perhaps");
+                body.extend(key_value("conn-x", "not-a-section"));
+                send(&mut s, EVENT, Some("ike-updown"), &body).await;
+            }
+        }
+    }
+}
+
+async fn next(rx: &mut mpsc::Receiver<Input>, d: Duration) -> Option<Input> {
+    tokio::time::timeout(d, rx.recv()).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_is_skipped_without_reporting_charon_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("charon.vici");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let bad = Arc::new(tokio::sync::Notify::new());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn({
+        let (seen, bad, stop) = (seen.clone(), bad.clone(), stop.clone());
+        async move {
+            let mut conns = Vec::new();
+            let mut index = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    c = listener.accept() => {
+                        let Ok((s, _)) = c else { break };
+                        conns.push(tokio::spawn(serve(s, index, seen.clone(), bad.clone())));
+                        index += 1;
+                    }
+                }
+            }
+            // Dropping the connections is charon going away.
+            for c in conns {
+                c.abort();
+            }
+        }
+    });
+
+    let config = Config::parse(&format!(
+        "node = \"fe1\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\nsample_interval = \"1s\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"vip\"\n",
+        socket.display()
+    ))
+    .unwrap_or_else(|p| panic!("{p:?}"));
+    let keying = Arc::new(StrongswanKeying::new(&config));
+    let (tx, mut rx) = mpsc::channel(256);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let (keying, cancel) = (keying.clone(), cancel.clone());
+        async move { keying.run(tx, cancel).await }
+    });
+    loop {
+        match next(&mut rx, Duration::from_secs(10)).await {
+            Some(Input::KeyingUp { .. }) => break,
+            Some(_) => {}
+            None => panic!("no KeyingUp from the scripted charon"),
+        }
+    }
+    let listings_before = seen.lock().unwrap().commands.len();
+    let conns_before = seen.lock().unwrap().registrations.len();
+
+    bad.notify_waiters();
+    // The backend subscribes again on a new connection and lists the SAs: wait for both,
+    // then for one more listing, and make sure no KeyingDown came meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (conns, listings) = {
+            let s = seen.lock().unwrap();
+            let resubscribed = s.registrations[conns_before..]
+                .iter()
+                .any(|r| r.iter().any(|n| n == "ike-updown"));
+            (resubscribed, s.commands.len())
+        };
+        if conns && listings > listings_before + 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no fresh subscription and listing after the bad event: {:?} {:?}",
+            seen.lock().unwrap().registrations,
+            seen.lock().unwrap().commands
+        );
+        while let Ok(i) = rx.try_recv() {
+            assert!(
+                !matches!(i, Input::KeyingDown { .. }),
+                "a bad event was taken as charon down: {i:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Ok(i) = rx.try_recv() {
+        assert!(
+            !matches!(i, Input::KeyingDown { .. }),
+            "a bad event was taken as charon down: {i:?}"
+        );
+    }
+
+    // A lost socket still is charon down.
+    stop.cancel();
+    server.await.unwrap();
+    loop {
+        match next(&mut rx, Duration::from_secs(10)).await {
+            Some(Input::KeyingDown { .. }) => break,
+            Some(_) => {}
+            None => panic!("charon gone, but no KeyingDown"),
+        }
+    }
+    cancel.cancel();
+    task.await.unwrap();
+}
