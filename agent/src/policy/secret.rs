@@ -14,7 +14,21 @@ impl SecretKey {
     }
 
     /// Reads a key file; one trailing newline (what editors add) is not part of the key.
+    /// A file that anyone on the machine can read (or write) is refused: the key decides
+    /// who may speak for the cluster's IPsec tunnels.
     pub fn from_file(path: &Path) -> std::io::Result<SecretKey> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "key file {} has mode {mode:04o}: other users can reach it; \
+                     `chmod 600` it (or 640 with a group only the agent is in)",
+                    path.display()
+                ),
+            ));
+        }
         let mut bytes = std::fs::read(path)?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
@@ -75,11 +89,41 @@ mod tests {
 
     #[test]
     fn key_file_loses_its_trailing_newline_only() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("psk");
         std::fs::write(&p, b"abc \n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(SecretKey::from_file(&p).unwrap().expose(), b"abc ");
         std::fs::write(&p, b"\n").unwrap();
         assert!(SecretKey::from_file(&p).is_err());
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_naming_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("psk");
+        std::fs::write(&p, b"secret-key-bytes").unwrap();
+        for (mode, ok) in [
+            (0o644, false),
+            (0o606, false),
+            (0o602, false),
+            (0o640, true),
+            (0o600, true),
+            (0o400, true),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = SecretKey::from_file(&p);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}");
+            if let Err(e) = r {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("{mode:04o}")) && text.contains("chmod 600"),
+                    "{text}"
+                );
+                assert!(!text.contains("secret-key-bytes"), "{text}");
+            }
+        }
     }
 }
