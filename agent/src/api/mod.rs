@@ -97,12 +97,16 @@ async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
         path: path.to_path_buf(),
         reason,
     };
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        }
+        socket_dir_is_safe(dir).map_err(err)?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -112,13 +116,53 @@ async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
             .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    // connect() needs write permission on the socket: 0600 leaves it to root.
+    // connect() needs write permission on the socket: 0600 leaves it to root. The
+    // directory was checked to be ours and closed to others, so nobody can have swapped
+    // the path for a link between bind and chmod; still, chmod only a socket.
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.file_type().is_socket() {
+        return Err(err("what was bound is no longer a socket".into()));
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(e.to_string()))?;
     Ok(BoundApi::Unix {
         listener,
         path: path.to_path_buf(),
     })
+}
+
+/// The socket's directory must be a real directory (not a link), owned by the agent's
+/// user, and writable by nobody else: otherwise another user could replace the socket,
+/// or the path, and take the API's callers (keepalived's scripts, the CLI) for itself.
+fn socket_dir_is_safe(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("its directory {}: {e}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(format!(
+            "its directory {} is a symbolic link; point api.endpoint at the real directory",
+            dir.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "its directory {} belongs to uid {}, not to the agent (uid {me})",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "its directory {} has mode {mode:04o}: others can write there; \
+             use a directory only the agent's user can write (e.g. /run/vipsec, 0700)",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Removes the socket file at shutdown.
