@@ -325,16 +325,17 @@ fn a_second_agent_on_the_same_socket_is_refused() {
 fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    // A directory anyone can write: another user could swap the socket.
+    // A shared directory anyone can write (sticky, like /tmp): another user could swap
+    // the socket.
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
     // A link to a good directory: refused too, the real path must be named.
     let real = dir.path().join("real");
     std::fs::create_dir(&real).unwrap();
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    for (sock_dir, says) in [(&open, "mode 0777"), (&link, "symbolic link")] {
+    for (sock_dir, says) in [(&open, "mode 1777"), (&link, "symbolic link")] {
         let config = write_config(dir.path(), &sock_dir.join("agent.sock"), "");
         let out = Command::new(BIN)
             .args(["agent", "--config"])
@@ -364,5 +365,28 @@ fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
     .unwrap();
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{mode:o}");
+    proc.kill();
+
+    // The agent's own directory left open (a Kubernetes emptyDir is 0777): closed to
+    // others, and the agent starts.
+    let pod = dir.path().join("pod");
+    std::fs::create_dir(&pod).unwrap();
+    std::fs::set_permissions(&pod, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = write_config(agent_dir.path(), &pod.join("agent.sock"), "");
+    let mut proc = vipsec_testbed::process::ProcessGuard::spawn(
+        "vipsec agent",
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    vipsec_testbed::process::wait_for("the API socket", Duration::from_secs(10), || {
+        pod.join("agent.sock").exists().then_some(())
+    })
+    .unwrap();
+    let mode = std::fs::metadata(&pod).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "{mode:o}");
     proc.kill();
 }

@@ -155,13 +155,27 @@ fn socket_dir_is_safe(dir: &Path) -> Result<(), String> {
         ));
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    if mode & 0o022 == 0 {
+        return Ok(());
+    }
+    if mode & 0o1000 != 0 {
+        // Sticky and open to all: a shared scratch directory such as /tmp.
         return Err(format!(
-            "its directory {} has mode {mode:04o}: others can write there; \
-             use a directory only the agent's user can write (e.g. /run/vipsec, 0700)",
+            "its directory {} has mode {mode:04o}: a directory every user can write; \
+             use one only the agent's user can write (e.g. /run/vipsec, 0700)",
             dir.display()
         ));
     }
+    // Ours, but open (e.g. a Kubernetes emptyDir, created 0777): close it to others.
+    let tightened = mode & !0o022;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(tightened)).map_err(|e| {
+        format!(
+            "its directory {} has mode {mode:04o} (others can write there) and could not be closed: {e}",
+            dir.display()
+        )
+    })?;
+    tracing::warn!(dir = %dir.display(), from = format!("{mode:04o}"), to = format!("{tightened:04o}"),
+        "the API socket's directory was writable by others; closed it");
     Ok(())
 }
 
