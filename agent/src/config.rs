@@ -137,6 +137,10 @@ pub struct StoreConfig {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Accept plain `http://` endpoints off this machine (a lab): ownership records and
+    /// the cluster-wide policy then travel unauthenticated and in clear text.
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 impl Default for StoreConfig {
@@ -152,8 +156,25 @@ impl Default for StoreConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            allow_insecure: false,
         }
     }
+}
+
+/// Whether an endpoint URL's host is this machine (loopback).
+fn loopback_endpoint(ep: &str) -> bool {
+    let rest = ep.split_once("://").map_or(ep, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(h) = host_port.strip_prefix('[') {
+        h.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn default_etcd_endpoints() -> Vec<String> {
@@ -776,6 +797,20 @@ impl Config {
                     );
                 } else if let Some(e) = unbracketed_ipv6_host(ep) {
                     bad(&format!("store.endpoints[{i}]"), e);
+                } else if ep.starts_with("http://")
+                    && !loopback_endpoint(ep)
+                    && !self.store.allow_insecure
+                {
+                    bad(
+                        &format!("store.endpoints[{i}]"),
+                        format!(
+                            "{ep:?} is plain HTTP to another machine: who owns each VIP, and \
+                             the stored policy that decides what is encrypted cluster-wide, \
+                             would travel unauthenticated and in clear text. Use https:// \
+                             with store.tls_ca (and store.tls_cert/tls_key), or set \
+                             store.allow_insecure = true for a lab"
+                        ),
+                    );
                 }
             }
             if self.store.password_file.is_some() && self.store.username.is_none() {
@@ -1281,6 +1316,29 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
     }
 
     #[test]
+    fn plain_http_to_another_machine_needs_allow_insecure() {
+        let base = "node = \"be1\"\n[store]\nbackend = \"etcd\"\n";
+        for (endpoints, extra, ok) in [
+            ("http://127.0.0.1:2379", "", true),
+            ("http://localhost:2379", "", true),
+            ("http://[::1]:2379", "", true),
+            ("https://192.0.2.5:2379", "", true),
+            ("http://192.0.2.5:2379", "", false),
+            ("http://user:pw@192.0.2.5:2379", "", false),
+            ("http://[2001:db8::5]:2379", "", false),
+            ("http://etcd.example:2379", "", false),
+            ("http://192.0.2.5:2379", "allow_insecure = true\n", true),
+        ] {
+            let r = Config::parse(&format!("{base}endpoints = [\"{endpoints}\"]\n{extra}"));
+            assert_eq!(r.is_ok(), ok, "{endpoints} {extra}: {r:?}");
+            if let Err(p) = r {
+                assert_eq!(p[0].key, "store.endpoints[0]");
+                assert!(p[0].reason.contains("allow_insecure"), "{}", p[0].reason);
+            }
+        }
+    }
+
+    #[test]
     fn a_request_timeout_that_a_lease_cannot_outlast_twice_is_refused() {
         let base = "node = \"be1\"\n[store]\nbackend = \"etcd\"\n";
         for (extra, ok) in [
@@ -1414,6 +1472,7 @@ tls_key = "/etc/vipsec/key.pem"
 [store]
 backend = "etcd"
 endpoints = ["http://[2001:db8:1::2]:2379", "https://user@[2001:db8:1::3]:2379"]
+allow_insecure = true
 [kernel]
 backend = "xfrm"
 interface = "eth0"

@@ -61,6 +61,8 @@ pub fn config_toml(plan: &AgentPlan) -> String {
                 .collect();
             let _ = writeln!(s, "endpoints = [{}]", endpoints.join(", "));
             s += "prefix = \"/vipsec-lab/\"\n";
+            // The lab's etcd is plain HTTP on the lab network.
+            s += "allow_insecure = true\n";
             s += "lease_ttl = \"2s\"\n";
         }
         AgentStore::Embedded => s += "backend = \"embedded\"\n",
