@@ -800,3 +800,32 @@ async fn a_node_refused_the_record_is_seen_holding_the_address_by_the_owner() {
         Some("be1".to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_edit_read_before_a_delete_and_rewrite_is_refused() {
+    use vipsec::store::policies::PolicyStore;
+    let server = etcd();
+    let prefix = unique_prefix("pv");
+    let store = EtcdStore::new(&config("be1", &server.endpoint(), &prefix, "")).unwrap();
+    let first = store.put("web", r#"{"name":"web"}"#, 0).await.unwrap();
+    // Someone deletes the document and writes a new one under the same name.
+    store.delete("web", first.version).await.unwrap();
+    let second = store
+        .put("web", r#"{"name":"web","v":2}"#, 0)
+        .await
+        .unwrap();
+    assert_ne!(second.version, first.version, "a version is never reused");
+    // An edit based on the first document must not overwrite the second.
+    let stale = store
+        .put("web", r#"{"name":"web","v":1}"#, first.version)
+        .await;
+    let e = stale.unwrap_err().to_string();
+    assert!(e.contains("changed since it was read"), "{e}");
+    assert!(store.delete("web", first.version).await.is_err());
+    // The current one can be edited.
+    let third = store
+        .put("web", r#"{"name":"web","v":3}"#, second.version)
+        .await
+        .unwrap();
+    assert!(third.version > second.version);
+}

@@ -20,7 +20,9 @@ pub struct StoredPolicy {
     pub name: String,
     /// The document as stored (JSON).
     pub raw: String,
-    /// Grows by one with every write of this document (etcd's key version).
+    /// Changes with every write of this document and never repeats, even after the
+    /// document is deleted and written anew (etcd: the key's mod_revision; the embedded
+    /// store: a count).
     pub version: u64,
     /// Where it came from, for `vipsec policy show`: the etcd key or the config file.
     pub source: String,

@@ -39,7 +39,10 @@ impl EtcdStore {
                         StoredPolicy {
                             name,
                             raw: raw.to_string(),
-                            version: kv.version() as u64,
+                            // The key's mod_revision, not its version: the version starts
+                            // again at 1 when a document is deleted and written anew, so
+                            // an edit read before the delete would pass the compare.
+                            version: kv.mod_revision() as u64,
                             source: format!("etcd {key}"),
                         },
                     );
@@ -126,16 +129,10 @@ impl PolicyStore for EtcdStore {
     async fn put(&self, name: &str, raw: &str, expected: u64) -> Result<StoredPolicy, StoreError> {
         let client = self.client().await?;
         let key = self.keys.policy(name);
-        let txn = Txn::new()
-            .when([Compare::version(
-                key.clone(),
-                CompareOp::Equal,
-                expected as i64,
-            )])
-            .and_then([
-                TxnOp::put(key.clone(), raw, None),
-                TxnOp::get(key.clone(), None),
-            ]);
+        let txn = Txn::new().when([revision_is(&key, expected)]).and_then([
+            TxnOp::put(key.clone(), raw, None),
+            TxnOp::get(key.clone(), None),
+        ]);
         let mut c = client.clone();
         let resp = self.timed("write policy", c.txn(txn)).await?;
         if !resp.succeeded() {
@@ -149,10 +146,11 @@ impl PolicyStore for EtcdStore {
             .op_responses()
             .into_iter()
             .find_map(|r| match r {
-                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.version()),
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
                 _ => None,
             })
-            .unwrap_or(expected as i64 + 1) as u64;
+            .or_else(|| resp.header().map(|h| h.revision()))
+            .unwrap_or(0) as u64;
         Ok(StoredPolicy {
             name: name.to_string(),
             raw: raw.to_string(),
@@ -165,11 +163,7 @@ impl PolicyStore for EtcdStore {
         let client = self.client().await?;
         let key = self.keys.policy(name);
         let txn = Txn::new()
-            .when([Compare::version(
-                key.clone(),
-                CompareOp::Equal,
-                expected as i64,
-            )])
+            .when([revision_is(&key, expected)])
             .and_then([TxnOp::delete(key, None)]);
         let mut c = client.clone();
         if self.timed("delete policy", c.txn(txn)).await?.succeeded() {
@@ -179,5 +173,14 @@ impl PolicyStore for EtcdStore {
                 "policy {name:?} is not at version {expected}: it changed since it was read"
             )))
         }
+    }
+}
+
+/// The compare for a document read at `expected` (its mod_revision; 0: absent).
+fn revision_is(key: &str, expected: u64) -> Compare {
+    if expected == 0 {
+        Compare::version(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, expected as i64)
     }
 }
