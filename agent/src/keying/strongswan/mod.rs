@@ -65,6 +65,9 @@ pub struct StrongswanKeying {
     reconnect_max: Duration,
     /// The connection the trait's commands share (one command at a time).
     commands: tokio::sync::Mutex<Option<ViciConn>>,
+    /// A connection of its own for `ListSas`: an operator's query must not wait behind
+    /// a delete or an initiation (seconds each), nor hold them up.
+    queries: tokio::sync::Mutex<Option<ViciConn>>,
 }
 
 impl StrongswanKeying {
@@ -77,6 +80,7 @@ impl StrongswanKeying {
             reconnect_min: config.keying.reconnect_min,
             reconnect_max: config.keying.reconnect_max,
             commands: tokio::sync::Mutex::new(None),
+            queries: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -86,7 +90,15 @@ impl StrongswanKeying {
         &self,
         op: impl AsyncFnOnce(&mut ViciConn) -> Result<R, KeyingError>,
     ) -> Result<R, KeyingError> {
-        let mut guard = self.commands.lock().await;
+        self.on_conn(&self.commands, op).await
+    }
+
+    async fn on_conn<R>(
+        &self,
+        slot: &tokio::sync::Mutex<Option<ViciConn>>,
+        op: impl AsyncFnOnce(&mut ViciConn) -> Result<R, KeyingError>,
+    ) -> Result<R, KeyingError> {
+        let mut guard = slot.lock().await;
         if guard.as_ref().is_some_and(|c| c.lost().is_some()) {
             *guard = None;
         }
@@ -308,7 +320,8 @@ impl Keying for StrongswanKeying {
     }
 
     async fn list_sas(&self) -> Result<Vec<IkeSaInfo>, KeyingError> {
-        self.on_commands(async |c| list_all(c).await).await
+        self.on_conn(&self.queries, async |c| list_all(c).await)
+            .await
     }
 
     async fn delete_sas(&self, vip: Vip, role: VipRole) -> Result<u32, KeyingError> {

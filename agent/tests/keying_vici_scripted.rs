@@ -1,11 +1,10 @@
-//! A charon event the agent cannot decode is skipped, not taken as charon going down.
+//! The strongSwan keying backend against what a real charon cannot be made to do on
+//! purpose: an event no agent could decode, a command that never gets its answer.
 //!
-//! Real charon never sends a malformed event on purpose, so this test puts a scripted VICI
-//! peer on the socket: it speaks the wire protocol (length-prefixed packets, named
-//! requests, event registration), answers `list-sas` with an empty inventory, and sends
-//! one `ike-updown` event whose body no agent could decode. What the keying backend does
-//! with it is what the test watches: no `KeyingDown`, a fresh subscription and a fresh
-//! listing instead; a lost socket is still reported as down.
+//! A scripted VICI peer sits on the socket: it speaks the wire protocol (length-prefixed
+//! packets, named requests, event registration), answers `list-sas` with an empty
+//! inventory, leaves `terminate` unanswered, and on cue sends one `ike-updown` event whose
+//! body no agent could decode.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,8 +90,11 @@ async fn serve(
                     }
                     EVENT_UNREGISTER => send(&mut s, EVENT_CONFIRM, None, &[]).await,
                     CMD_REQUEST => {
+                        let stall = name == "terminate";
                         seen.lock().unwrap().commands.push(name);
-                        send(&mut s, CMD_RESPONSE, None, &[]).await;
+                        if !stall {
+                            send(&mut s, CMD_RESPONSE, None, &[]).await;
+                        }
                     }
                     _ => {}
                 }
@@ -108,12 +110,17 @@ async fn serve(
     }
 }
 
-async fn next(rx: &mut mpsc::Receiver<Input>, d: Duration) -> Option<Input> {
-    tokio::time::timeout(d, rx.recv()).await.ok().flatten()
-}
+type Scripted = (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<Mutex<Seen>>,
+    Arc<tokio::sync::Notify>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_event_is_skipped_without_reporting_charon_down() {
+/// Starts the scripted charon on a socket in a fresh directory.
+fn scripted_charon() -> Scripted {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("charon.vici");
     let listener = UnixListener::bind(&socket).unwrap();
@@ -142,12 +149,26 @@ async fn an_undecodable_event_is_skipped_without_reporting_charon_down() {
         }
     });
 
+    (dir, socket, seen, bad, stop, server)
+}
+
+fn keying_for(socket: &std::path::Path) -> StrongswanKeying {
     let config = Config::parse(&format!(
         "node = \"fe1\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\nsample_interval = \"1s\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"vip\"\n",
         socket.display()
     ))
     .unwrap_or_else(|p| panic!("{p:?}"));
-    let keying = Arc::new(StrongswanKeying::new(&config));
+    StrongswanKeying::new(&config)
+}
+
+async fn next(rx: &mut mpsc::Receiver<Input>, d: Duration) -> Option<Input> {
+    tokio::time::timeout(d, rx.recv()).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_is_skipped_without_reporting_charon_down() {
+    let (_dir, socket, seen, bad, stop, server) = scripted_charon();
+    let keying = Arc::new(keying_for(&socket));
     let (tx, mut rx) = mpsc::channel(256);
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
@@ -212,4 +233,39 @@ async fn an_undecodable_event_is_skipped_without_reporting_charon_down() {
     }
     cancel.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_sas_does_not_wait_behind_a_command_charon_has_not_answered() {
+    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+    let keying = Arc::new(keying_for(&socket));
+    // A terminate that charon sits on (a DELETE toward a peer that does not answer).
+    let stuck = tokio::spawn({
+        let keying = keying.clone();
+        async move { keying.terminate_sa(7).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen
+        .lock()
+        .unwrap()
+        .commands
+        .iter()
+        .any(|c| c == "terminate")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "terminate never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An operator's `vipsec sas` meanwhile answers at once.
+    let listed = tokio::time::timeout(Duration::from_secs(2), keying.list_sas()).await;
+    assert!(
+        matches!(listed, Ok(Ok(ref v)) if v.is_empty()),
+        "list-sas waited behind the terminate: {listed:?}"
+    );
+    assert!(!stuck.is_finished(), "the terminate was answered after all");
+    stuck.abort();
+    stop.cancel();
+    server.await.unwrap();
 }
