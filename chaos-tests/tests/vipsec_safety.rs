@@ -90,6 +90,32 @@ fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() 
     );
     let o = status(&lab, &owner);
     assert_eq!(vip_entry(&o, "hosted_vips")["ownership"], "owner");
+    // The owner of record hears of it through the rogue node's holder mark and reports
+    // the same split brain while it keeps serving; `vipsec health` fails on both.
+    let seen_by_owner = wait_for("the split brain reported on the owner", CAP, || {
+        let s = status(&lab, &owner);
+        let h = vip_entry(&s, "hosted_vips");
+        (h["split_brain"] == true).then(|| h.clone())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[measured] split brain on {owner} (owner of record) reported after {}",
+        secs(since(t0, now_ns()))
+    );
+    assert_eq!(seen_by_owner["ownership"], "owner");
+    assert!(
+        seen_by_owner["also_held_by"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n == rogue.as_str())),
+        "{seen_by_owner}"
+    );
+    for n in [&owner, &rogue] {
+        let health = lab.agent_cli(n, &["health"]);
+        assert!(
+            health.is_err(),
+            "{n}: vipsec health passed during a split brain: {health:?}"
+        );
+    }
 
     // Make every front-end negotiate afresh while both nodes hold the address: whichever
     // node its ARP entry leads to, only the owner of record may end up with the SAs.
@@ -130,9 +156,11 @@ fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() 
         .ns
         .ip(&["addr", "del", &format!("{VIP}/32"), "dev", NODE_IF])
         .unwrap();
-    wait_for("the split brain cleared", CAP, || {
-        let s = status(&lab, &rogue);
-        (vip_entry(&s, "hosted_vips")["split_brain"] == false).then_some(())
+    wait_for("the split brain cleared on both", CAP, || {
+        [&rogue, &owner]
+            .iter()
+            .all(|n| vip_entry(&status(&lab, n), "hosted_vips")["split_brain"] == false)
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let t2 = now_ns();
