@@ -124,18 +124,11 @@ impl FailoverCore {
                     after: grace,
                 });
             }
-            if refused && !h.sas.is_empty() {
-                h.sas.clear();
-                out.push(Action::DeleteSas {
-                    vip,
-                    role: VipRole::Hosted,
-                });
-                out.push(Action::Notify(
-                    Notice::new(NoticeKind::SaRefused, Some(vip))
-                        .owner(h.owner.as_ref())
-                        .detail(ownership.reason()),
-                ));
-            }
+            // SAs this node already had are deleted only if the conflict outlasts the
+            // grace (`split_brain_timer`): a node that wakes from a pause hears of the new
+            // owner's record a moment before its own address removal, and must not act on
+            // a tenure that is over. New SAs are refused at once (`AcceptSas`, and
+            // `hosted_sa_allowed`).
         } else {
             h.conflict_since = None;
             if h.split_brain {
@@ -161,6 +154,19 @@ impl FailoverCore {
             .unwrap_or(Duration::ZERO);
         if h.split_brain || h.conflict_since.is_none() || lasted < grace {
             return;
+        }
+        let refused = matches!(h.ownership, Ownership::NotOwner { .. });
+        if refused && !h.sas.is_empty() {
+            h.sas.clear();
+            out.push(Action::DeleteSas {
+                vip,
+                role: VipRole::Hosted,
+            });
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::SaRefused, Some(vip))
+                    .owner(h.owner.as_ref())
+                    .detail(h.ownership.reason()),
+            ));
         }
         h.split_brain = true;
         let detail = if h.ownership == Ownership::Owner {

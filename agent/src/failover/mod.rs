@@ -439,10 +439,23 @@ impl FailoverCore {
         // Withdraw first: front-ends learn from the store within milliseconds, while the
         // DELETEs need the keying daemon and the peers.
         out.push(Action::WithdrawOwnership { vip });
-        out.push(Action::DeleteSas {
-            vip,
-            role: VipRole::Hosted,
-        });
+        match h.owner.as_ref().filter(|o| o.node != self.settings.node) {
+            // Another node is already on record (this node was paused or slow through the
+            // move): the front-ends have moved on and drop their old SAs themselves; a
+            // DELETE decided now would act on a tenure that is over.
+            Some(o) => out.push(Action::Notify(
+                Notice::new(NoticeKind::ActionFenced, Some(vip))
+                    .owner(Some(o))
+                    .detail(format!(
+                        "delete: {} holds the VIP at epoch {}; this node's old SAs are left to expire",
+                        o.node, o.epoch
+                    )),
+            )),
+            None => out.push(Action::DeleteSas {
+                vip,
+                role: VipRole::Hosted,
+            }),
+        }
         out.push(Action::Notify(
             Notice::new(NoticeKind::VipReleased, Some(vip)).epoch(h.epoch),
         ));

@@ -1225,3 +1225,44 @@ async fn our_record_for_a_vip_that_is_not_here_is_withdrawn() {
     let a = be.feed(Input::OwnerSnapshot(vec![(vip(), owner("other", 3))]));
     assert!(!has(&a, &Action::WithdrawOwnership { vip: vip() }));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_that_leaves_after_another_node_is_on_record_deletes_nothing() {
+    // Paused through the move: when this node catches up, the new owner's record came
+    // first, then the address went. Its old SAs are not its to delete any more.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 2),
+    });
+    let a = be.feed(Input::VipDisappeared(vip()));
+    assert!(has(&a, &Action::WithdrawOwnership { vip: vip() }));
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::DeleteSas { .. })),
+        "{a:#?}"
+    );
+    assert!(notices(&a).contains(&NoticeKind::ActionFenced));
+
+    // Still the owner of record when the address goes: the graceful delete runs.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::VipAppeared(vip()));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 1),
+    });
+    let a = be.feed(Input::VipDisappeared(vip()));
+    assert!(has(
+        &a,
+        &Action::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }
+    ));
+}
