@@ -916,6 +916,35 @@ impl Config {
             );
         }
 
+        if self.kernel.backend == KernelBackend::None && self.kernel.fail_secure {
+            // The promise is that protected traffic never leaves in clear text; without a
+            // kernel backend nothing refuses it while no SA is up. Saying so in the config
+            // (`fail_secure = false`) is the only way to run that way.
+            let unguarded: Vec<String> = self
+                .hosted_vips
+                .iter()
+                .map(|h| (h.address, &h.protect))
+                .chain(self.peer_vips.iter().map(|p| (p.address, &p.protect)))
+                .filter(|(vip, flows)| !flows.is_empty() || self.policy_managed(*vip))
+                .map(|(vip, flows)| {
+                    if flows.is_empty() {
+                        format!("{vip} (its policy's flows)")
+                    } else {
+                        format!("{vip} ({})", flows.join(", "))
+                    }
+                })
+                .collect();
+            if !unguarded.is_empty() {
+                bad(
+                    "kernel.backend",
+                    format!(
+                        "\"none\" cannot keep the protected flows of {} from leaving in clear text: set kernel.backend = \"xfrm\" (with kernel.interface), or kernel.fail_secure = false to run without the guard",
+                        unguarded.join(", ")
+                    ),
+                );
+            }
+        }
+
         if self.policy.managed {
             if self.keying.backend != KeyingBackend::Strongswan {
                 bad(
@@ -1252,6 +1281,9 @@ node = "fe1"
 [failover]
 mode = "fast"
 idle_timeout = "1500ms"
+[kernel]
+backend = "xfrm"
+interface = "eth0"
 [[peer_vip]]
 address = "192.0.2.100"
 connection = "vip100"
@@ -1382,6 +1414,7 @@ protect = ["tcp/0", "sctp/5"]
                 "node",
                 "api.endpoint",
                 "store.prefix",
+                "kernel.backend",
                 "peer_vip[0].protect[0]",
                 "peer_vip[0].protect[1]"
             ]
@@ -1505,11 +1538,45 @@ protect = ["tcp/143", "any"]
     }
 
     #[test]
+    fn protected_flows_without_a_kernel_backend_are_refused_unless_the_guard_is_turned_off() {
+        let text = r#"
+node = "fe1"
+[[peer_vip]]
+address = "192.0.2.100"
+connection = "vip100"
+protect = ["tcp/143"]
+[[hosted_vip]]
+address = "192.0.2.10"
+"#;
+        let p = Config::parse(text).unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "kernel.backend");
+        assert!(
+            p[0].reason.contains("192.0.2.100 (tcp/143)")
+                && !p[0].reason.contains("192.0.2.10 ")
+                && p[0].reason.contains("kernel.fail_secure = false"),
+            "{}",
+            p[0].reason
+        );
+        // Saying so is allowed: the operator chose to run without the guard.
+        Config::parse(&text.replace(
+            "node = \"fe1\"",
+            "node = \"fe1\"\n[kernel]\nfail_secure = false",
+        ))
+        .unwrap();
+        // No protected flow, nothing to guard.
+        Config::parse(&text.replace("protect = [\"tcp/143\"]", "")).unwrap();
+    }
+
+    #[test]
     fn policy_managed_settings_are_checked() {
         let managed = r#"
 node = "be1"
 [keying]
 backend = "strongswan"
+[kernel]
+backend = "xfrm"
+interface = "eth0"
 [policy]
 managed = true
 identity = "be1.example"

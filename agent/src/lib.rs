@@ -11,6 +11,7 @@ pub mod config;
 pub mod doctor;
 pub mod drill;
 pub mod failover;
+pub mod health;
 pub mod kernel;
 pub mod keying;
 pub mod logging;

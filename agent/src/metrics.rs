@@ -29,6 +29,11 @@ pub struct StepLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailoverLabel {
     pub vip: String,
     pub outcome: String,
@@ -57,6 +62,8 @@ pub struct Metrics {
     pub initiations_queued: Gauge,
     /// From an initiation being asked for to its start (jitter, rate and concurrency).
     pub initiation_queue_wait: Histogram,
+    /// Restarts of the agent's own tasks after they stopped, failed or panicked.
+    pub task_restarts: Family<TaskLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -176,7 +183,14 @@ impl Metrics {
             "Time an initiation waited in the reconnect pacer (jitter, rate, concurrency)",
             initiation_queue_wait.clone(),
         );
+        let task_restarts = Family::<TaskLabel, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Restarts of the agent's own tasks (address watcher, store, keying, ...) after they stopped, failed or panicked",
+            task_restarts.clone(),
+        );
         Metrics {
+            task_restarts,
             move_step_seconds,
             move_seconds,
             registry,

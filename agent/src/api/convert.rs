@@ -80,6 +80,7 @@ pub fn status(s: &StatusView) -> pb::Status {
         keying: Some(health(&s.keying)),
         kernel: Some(health(&s.kernel)),
         ownership: Some(health(&s.ownership)),
+        runtime: Some(health(&s.runtime)),
         fail_secure: Some(pb::FailSecure {
             enabled: s.fail_secure.enabled,
             engaged: s.fail_secure.engaged,

@@ -186,7 +186,13 @@ pub fn cleanup(api: &ApiConfig) {
     }
 }
 
-pub async fn serve(bound: BoundApi, handle: AgentHandle, cancel: CancellationToken) {
+/// Serves until cancelled; an error is the server failing (the runtime then stops the agent:
+/// cluster managers and probes depend on the API).
+pub async fn serve(
+    bound: BoundApi,
+    handle: AgentHandle,
+    cancel: CancellationToken,
+) -> Result<(), String> {
     let svc = AgentServer::new(AgentService {
         handle,
         drilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -212,9 +218,7 @@ pub async fn serve(bound: BoundApi, handle: AgentHandle, cancel: CancellationTok
             }
         }
     };
-    if let Err(e) = result {
-        warn!(error = %e, "API server stopped");
-    }
+    result.map_err(|e| format!("API server failed: {e}"))
 }
 
 pub struct AgentService {

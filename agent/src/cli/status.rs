@@ -79,6 +79,7 @@ pub fn to_json(s: &pb::Status) -> Value {
         "keying": health_json(s.keying.as_ref()),
         "kernel": health_json(s.kernel.as_ref()),
         "ownership": health_json(s.ownership.as_ref()),
+        "runtime": health_json(s.runtime.as_ref()),
         "fail_secure": {"enabled": fs.enabled, "engaged": fs.engaged, "since": rfc3339(fs.since.as_ref()), "flows": fs.flows},
         "initiations_queued": s.initiations_queued,
         "hosted_vips": s.hosted_vips.iter().map(|h| json!({
@@ -133,6 +134,7 @@ fn print_table(s: &pb::Status) {
         ("keying", &s.keying),
         ("kernel", &s.kernel),
         ("ownership", &s.ownership),
+        ("runtime", &s.runtime),
     ] {
         let h = h.clone().unwrap_or_default();
         let health = if h.healthy { "ok" } else { "DOWN" };

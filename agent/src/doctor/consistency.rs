@@ -249,7 +249,8 @@ mod tests {
     #[test]
     fn protected_flows_without_a_kernel_backend_or_fail_secure_warn() {
         let c = Config::parse(
-            "node = \"fe1\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"vip\"\nprotect = [\"tcp/143\"]\n",
+            // Config check refuses this unless the guard is turned off explicitly.
+            "node = \"fe1\"\n[kernel]\nfail_secure = false\n[[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"vip\"\nprotect = [\"tcp/143\"]\n",
         )
         .unwrap();
         let f = findings(&c, &NodeFacts::default());

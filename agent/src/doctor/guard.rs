@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(cover(&c, &Ok(vec![]), vip()), Cover::Configured);
         let off = config(&format!("{on}\nfail_secure = false"), "\"tcp/143\"");
         assert_eq!(cover(&off, &Ok(vec![check(1, 1)]), vip()), Cover::None);
-        let none = config("backend = \"none\"", "\"tcp/143\"");
+        let none = config("backend = \"none\"\nfail_secure = false", "\"tcp/143\"");
         assert_eq!(cover(&none, &Ok(vec![]), vip()), Cover::None);
         let no_flows = config(on, "");
         assert_eq!(cover(&no_flows, &Ok(vec![]), vip()), Cover::None);
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(f[0].severity, Severity::Warning);
         assert!(f[0].summary.contains("0 of 1"), "{f:?}");
 
-        let none = config("backend = \"none\"", "\"tcp/143\"");
+        let none = config("backend = \"none\"\nfail_secure = false", "\"tcp/143\"");
         let f = guard_findings(&none, &Ok(vec![]));
         assert_eq!(f[0].severity, Severity::Warning);
         assert!(f[0].summary.contains("kernel.backend"), "{f:?}");

@@ -373,7 +373,7 @@ mod tests {
     #[test]
     fn a_policy_managed_peer_vip_needs_no_hand_written_connection() {
         let c = Config::parse(
-            "node = \"fe1\"\n[keying]\nbackend = \"strongswan\"\n[policy]\nmanaged = true\npsk_file = \"/x\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\n",
+            "node = \"fe1\"\n[keying]\nbackend = \"strongswan\"\n[kernel]\nbackend = \"xfrm\"\ninterface = \"eth0\"\n[policy]\nmanaged = true\npsk_file = \"/x\"\n[[peer_vip]]\naddress = \"192.0.2.100\"\n",
         )
         .unwrap();
         let f = findings(&c, &Ok(facts()));

@@ -264,7 +264,7 @@ impl GuardKeeper {
     }
 
     /// Compares the guard with the kernel every `interval` until cancelled.
-    pub async fn run(self, interval: Duration, cancel: CancellationToken) {
+    pub async fn run(&self, interval: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

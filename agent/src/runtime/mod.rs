@@ -8,6 +8,7 @@ mod moves;
 pub mod pacing;
 pub mod policies;
 pub mod status;
+mod supervise;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use moves::MoveLane;
 pub use moves::SharedRecorder;
 use policies::Policies;
 pub use status::{Health, HealthView, StatusView};
+use supervise::Supervisor;
 
 /// The outside systems the agent works with, one trait object each.
 pub struct Backends {
@@ -100,11 +102,14 @@ pub struct AgentHandle {
     status: watch::Receiver<StatusView>,
     events: broadcast::Sender<EventRecord>,
     commands: mpsc::Sender<Command>,
+    supervisor: Supervisor,
 }
 
 impl AgentHandle {
     pub fn status(&self) -> StatusView {
         let mut s = self.status.borrow().clone();
+        // Read live: a core loop that stopped turning cannot report that itself.
+        s.runtime = self.supervisor.health();
         // The pacer keeps this gauge current; the core's status only changes on its inputs.
         s.initiations_queued = self.metrics.initiations_queued.get().max(0) as u32;
         // So does the store's retry loop: a write ownership depends on that has not taken
@@ -201,6 +206,7 @@ impl Agent {
         let config = Arc::new(config);
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
+        let supervisor = Supervisor::new(tracker.clone(), cancel.clone(), metrics.clone());
         metrics.init_vips(&config.hosted_addresses(), &config.peer_addresses());
         let (input_tx, input_rx) = mpsc::channel::<Input>(4096);
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
@@ -222,6 +228,7 @@ impl Agent {
             keying: HealthView::new(backends.keying.kind(), "connecting"),
             kernel: HealthView::new(backends.kernel.kind(), "starting"),
             ownership: HealthView::new("records", ""),
+            runtime: supervisor.health(),
         };
 
         // The guard of an earlier run (or of `vipsec guard install` at boot) is adopted as
@@ -284,8 +291,16 @@ impl Agent {
             if !keeper.pass(true).await {
                 warn!("the guard is not complete at start-up; retrying every kernel.guard_check");
             }
+            let keeper = Arc::new(keeper);
             let (interval, c) = (config.kernel.guard_check, cancel.clone());
-            tracker.spawn(keeper.run(interval, c).instrument(info_span!("guard")));
+            supervisor.restart("guard", move || {
+                let (keeper, c) = (keeper.clone(), c.clone());
+                async move {
+                    keeper.run(interval, c).await;
+                    Ok(())
+                }
+                .instrument(info_span!("guard"))
+            });
         }
         let handle = AgentHandle {
             config: config.clone(),
@@ -298,49 +313,72 @@ impl Agent {
             status: status_rx,
             events: events.clone(),
             commands: cmd_tx,
+            supervisor: supervisor.clone(),
         };
 
         // The API comes up first so operators can look at an agent that is still starting.
         let api = crate::api::bind(&config.api).await?;
-        tracker.spawn(
+        supervisor.essential(
+            "api",
             crate::api::serve(api, handle.clone(), cancel.clone()).instrument(info_span!("api")),
         );
 
         if let Some(addr) = config.metrics.listen {
             let (m, c) = (metrics.clone(), cancel.clone());
-            tracker.spawn(
+            supervisor.restart_aside("metrics", move || {
+                let (m, c) = (m.clone(), c.clone());
                 async move {
-                    if let Err(e) = crate::metrics::serve(addr, m, c).await {
-                        warn!(%addr, error = %e, "metrics endpoint failed");
-                    }
+                    crate::metrics::serve(addr, m, c)
+                        .await
+                        .map_err(|e| format!("metrics endpoint {addr}: {e}"))
                 }
-                .instrument(info_span!("metrics")),
-            );
+                .instrument(info_span!("metrics"))
+            });
         }
 
         {
             let (store, tx, c) = (backends.store.clone(), input_tx.clone(), cancel.clone());
-            tracker.spawn(async move { store.run(tx, c).await }.instrument(info_span!("store")));
+            supervisor.restart("store", move || {
+                let (store, tx, c) = (store.clone(), tx.clone(), c.clone());
+                async move {
+                    store.run(tx, c).await;
+                    Ok(())
+                }
+                .instrument(info_span!("store"))
+            });
         }
         {
             let (keying, tx, c) = (backends.keying.clone(), input_tx.clone(), cancel.clone());
-            tracker.spawn(async move { keying.run(tx, c).await }.instrument(info_span!("keying")));
+            supervisor.restart("keying", move || {
+                let (keying, tx, c) = (keying.clone(), tx.clone(), c.clone());
+                async move {
+                    keying.run(tx, c).await;
+                    Ok(())
+                }
+                .instrument(info_span!("keying"))
+            });
         }
         {
             let (kernel, tx, c) = (backends.kernel.clone(), input_tx.clone(), cancel.clone());
-            tracker.spawn(async move { kernel.run(tx, c).await }.instrument(info_span!("kernel")));
+            supervisor.restart("kernel", move || {
+                let (kernel, tx, c) = (kernel.clone(), tx.clone(), c.clone());
+                async move {
+                    kernel.run(tx, c).await;
+                    Ok(())
+                }
+                .instrument(info_span!("kernel"))
+            });
         }
         if !config.hosted_vips.is_empty() {
+            // A restarted watcher dumps every address again, so a move it missed while
+            // down is reported then.
             let (watcher, tx, c) = (backends.watcher.clone(), input_tx.clone(), cancel.clone());
             let vips = config.hosted_vips.clone();
-            tracker.spawn(
-                async move {
-                    if let Err(e) = watcher.run(vips, tx, c).await {
-                        tracing::error!(error = %e, "address watcher stopped; VIP moves on this node go unseen");
-                    }
-                }
-                .instrument(info_span!("addrwatch")),
-            );
+            supervisor.restart("addrwatch", move || {
+                let (watcher, tx, c, vips) = (watcher.clone(), tx.clone(), c.clone(), vips.clone());
+                async move { watcher.run(vips, tx, c).await.map_err(|e| e.to_string()) }
+                    .instrument(info_span!("addrwatch"))
+            });
         }
 
         let mut lanes = Lanes::new(
@@ -354,7 +392,14 @@ impl Agent {
         if let Some(p) = &policies {
             lanes.set_policies(p.clone());
             let (runner, c) = (p.clone(), cancel.clone());
-            tracker.spawn(async move { runner.run(c).await }.instrument(info_span!("policies")));
+            supervisor.restart("policies", move || {
+                let (runner, c) = (runner.clone(), c.clone());
+                async move {
+                    runner.run(c).await;
+                    Ok(())
+                }
+                .instrument(info_span!("policies"))
+            });
         }
         let moves = MoveLane::new(
             &config.node,
@@ -378,11 +423,16 @@ impl Agent {
             pending_drains: Vec::new(),
             policies: policies.clone(),
             tracker: tracker.clone(),
+            supervisor: supervisor.clone(),
         };
         let c = cancel.clone();
-        tracker.spawn(
-            async move { core_loop.run(c).await }
-                .instrument(info_span!("core", node = %config.node)),
+        supervisor.essential(
+            "core",
+            async move {
+                core_loop.run(c).await;
+                Ok(())
+            }
+            .instrument(info_span!("core", node = %config.node)),
         );
         Ok(Agent {
             handle,
@@ -391,7 +441,8 @@ impl Agent {
         })
     }
 
-    /// Waits for cancellation, then for every task, up to the shutdown deadline.
+    /// Waits for cancellation, then for every task, up to the shutdown deadline. An error
+    /// when an essential task took the agent down.
     pub async fn wait(self) -> anyhow::Result<()> {
         self.cancel.cancelled().await;
         self.tracker.close();
@@ -405,6 +456,9 @@ impl Agent {
             );
         }
         crate::api::cleanup(&self.handle.config.api);
+        if let Some(why) = self.handle.supervisor.fatal() {
+            anyhow::bail!("agent stopped: {why}");
+        }
         info!("agent stopped");
         Ok(())
     }
@@ -505,6 +559,7 @@ struct CoreLoop {
     pending_drains: Vec<(Vip, oneshot::Sender<Result<u32, String>>)>,
     policies: Option<Policies>,
     tracker: TaskTracker,
+    supervisor: Supervisor,
 }
 
 impl CoreLoop {
@@ -512,9 +567,13 @@ impl CoreLoop {
         let start = self.core.start(Instant::now());
         self.apply(start);
         self.publish_status();
+        let mut heartbeat = tokio::time::interval(supervise::HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.supervisor.beat();
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = heartbeat.tick() => continue,
                 Some(input) = self.inputs.recv() => {
                     self.note_health(&input);
                     self.note_policy(&input);

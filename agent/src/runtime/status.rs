@@ -111,6 +111,8 @@ pub struct StatusView {
     pub kernel: HealthView,
     /// Split brains and store writes stuck longer than a lease (see the proto).
     pub ownership: HealthView,
+    /// The agent's own tasks and the core loop's heartbeat (`runtime::supervise`).
+    pub runtime: HealthView,
     pub fail_secure: FailSecureView,
     pub hosted: Vec<HostedView>,
     pub peers: Vec<PeerView>,
@@ -126,6 +128,8 @@ pub struct Health {
     pub kernel: HealthView,
     /// Keeps `since` across rebuilds of the status.
     pub ownership: HealthView,
+    /// Filled in by the supervisor when the status is read (`AgentHandle::status`).
+    pub runtime: HealthView,
 }
 
 fn wall(now: Instant, wall_now: SystemTime, t: Instant) -> SystemTime {
@@ -263,6 +267,7 @@ impl StatusView {
             keying: health.keying.clone(),
             kernel,
             ownership,
+            runtime: health.runtime.clone(),
             fail_secure: FailSecureView {
                 enabled: s.fail_secure,
                 engaged,
