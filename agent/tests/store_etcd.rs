@@ -424,6 +424,35 @@ async fn corrupt_records_are_skipped_with_a_warning() {
     let epoch = b.store.publish(worn).await.unwrap().epoch;
     assert!(epoch > 3, "epoch {epoch} after a damaged epoch key at 3");
 
+    // An epoch key at the top of the range would overflow the next claim and fence every
+    // real owner out: it counts as damaged, and the VIP can still be taken.
+    let top: Vip = "192.0.2.116".parse().unwrap();
+    c.put(format!("{prefix}epochs/{top}"), u64::MAX.to_string(), None)
+        .await
+        .unwrap();
+    let epoch = b.store.publish(top).await.unwrap().epoch;
+    assert!(
+        epoch < 1 << 53,
+        "epoch {epoch} after an epoch key at u64::MAX"
+    );
+    // So does a huge record: skipped, never echoed whole into the log.
+    c.put(
+        format!("{prefix}vips/192.0.2.117"),
+        format!(
+            r#"{{"node":"be9","epoch":2,"taken_at_ms":0,"x":"{}"}}"#,
+            "y".repeat(1 << 20)
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    let (rec, _) = b
+        .store
+        .current("192.0.2.117".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rec, None);
+
     // A record naming a wildcard is no owner: it would switch off identity pinning.
     c.put(
         format!("{prefix}vips/192.0.2.115"),
@@ -446,12 +475,18 @@ async fn corrupt_records_are_skipped_with_a_warning() {
         "vips/192.0.2.112",
         "vips/192.0.2.115",
         "epochs/192.0.2.114",
+        "epochs/192.0.2.116",
+        "vips/192.0.2.117",
     ] {
         assert!(
             text.lines().any(|l| l.contains("WARN") && l.contains(key)),
             "no warning naming {key}:\n{text}"
         );
     }
+    assert!(
+        !text.contains(&"y".repeat(1000)),
+        "the huge record was written to the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,7 +121,21 @@ pub fn encode_owner(owner: &VipOwner) -> Result<String, String> {
     serde_json::to_string(owner).map_err(|e| e.to_string())
 }
 
+/// The largest epoch a record may carry. Epochs rise by one per move, so nothing honest
+/// comes near it; a larger one is damage (or an attack) that would overflow the next claim
+/// and fence every real owner out. 2^53 - 1 also stays exact in any JSON reader.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
+/// The most bytes an owner record or epoch may take; a larger value is not one of ours.
+pub const MAX_VALUE_BYTES: usize = 4096;
+
 pub fn decode_owner(value: &[u8]) -> Result<VipOwner, String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "owner record of {} bytes (at most {MAX_VALUE_BYTES})",
+            value.len()
+        ));
+    }
     let owner: VipOwner =
         serde_json::from_slice(value).map_err(|e| format!("not an owner record: {e}"))?;
     if owner.node.is_empty() {
@@ -135,14 +149,33 @@ pub fn decode_owner(value: &[u8]) -> Result<VipOwner, String> {
             owner.node
         ));
     }
+    if owner.epoch > MAX_EPOCH {
+        return Err(format!(
+            "owner record epoch {} is beyond the largest valid epoch {MAX_EPOCH}",
+            owner.epoch
+        ));
+    }
     Ok(owner)
 }
 
 pub fn decode_epoch(value: &[u8]) -> Result<u64, String> {
-    std::str::from_utf8(value)
+    let shown = || {
+        let mut s = String::from_utf8_lossy(&value[..value.len().min(64)]).into_owned();
+        if value.len() > 64 {
+            s.push_str("...");
+        }
+        s
+    };
+    let epoch: u64 = std::str::from_utf8(value)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| format!("epoch {:?} is not a number", String::from_utf8_lossy(value)))
+        .ok_or_else(|| format!("epoch {:?} is not a number", shown()))?;
+    if epoch > MAX_EPOCH {
+        return Err(format!(
+            "epoch {epoch} is beyond the largest valid epoch {MAX_EPOCH}"
+        ));
+    }
+    Ok(epoch)
 }
 
 #[cfg(test)]
@@ -250,5 +283,29 @@ mod tests {
         }
         assert_eq!(decode_epoch(b"12"), Ok(12));
         assert!(decode_epoch(b"-1").is_err());
+        assert_eq!(
+            decode_epoch(MAX_EPOCH.to_string().as_bytes()),
+            Ok(MAX_EPOCH)
+        );
+        let e = decode_epoch(u64::MAX.to_string().as_bytes()).unwrap_err();
+        assert!(
+            e.contains("18446744073709551615") && e.contains("beyond"),
+            "{e}"
+        );
+        let e = decode_epoch(&[b'9'; 100_000]).unwrap_err();
+        assert!(
+            e.len() < 200,
+            "a huge value is not echoed whole: {} bytes",
+            e.len()
+        );
+        let e = decode_owner(
+            format!(r#"{{"node":"be1","epoch":{},"taken_at_ms":0}}"#, u64::MAX).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.contains("beyond"), "{e}");
+        let mut big = br#"{"node":"be1","epoch":1,"taken_at_ms":0,"pad":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'x', 10_000));
+        big.extend(br#""}"#);
+        assert!(decode_owner(&big).unwrap_err().contains("10"));
     }
 }
