@@ -12,7 +12,7 @@
 //! `[etcd-cluster]` JSON line per scenario and a table at the end, before the test fails
 //! with all problems. `VIPSEC_CHAOS_RUNS=N` repeats every scenario N times. The ignored
 //! `reference_*` tests run plain moves and whole-store outages on one member and on three,
-//! for the numbers in docs/bench/etcd-cluster.md.
+//! for the numbers in docs/bench/etcd-cluster.md; `tools/bench --etcd-reference` runs them.
 //! Needs the `vipsec` binary built in the same target directory (`cargo build -p vipsec`).
 
 mod common;
@@ -930,7 +930,7 @@ const REFERENCE: [Scenario; 5] = [
 ];
 
 #[test]
-#[ignore = "bench reference: run with --ignored"]
+#[ignore = "bench reference (about 6 min): run by `tools/bench --etcd-reference`"]
 fn reference_one_member() {
     let _t = common::start("etcd reference, one member");
     run_all(
@@ -942,7 +942,7 @@ fn reference_one_member() {
 }
 
 #[test]
-#[ignore = "bench reference: run with --ignored"]
+#[ignore = "bench reference (about 6 min): run by `tools/bench --etcd-reference`"]
 fn reference_three_members() {
     let _t = common::start("etcd reference, three members");
     run_all(
