@@ -361,6 +361,13 @@ pub struct FailoverConfig {
     /// "unconfirmed" in `vipsec status`).
     #[serde(default = "default_true")]
     pub trust_kernel_when_store_down: bool,
+    /// When the cluster manager gives this node a VIP whose owner of record is another
+    /// node, ask the link for this long whether that node still holds the address (ARP
+    /// probes); if nobody answers, take the record over at once instead of waiting for its
+    /// lease to run out. "0s" turns it off (wait for the lease, as with IPv6 VIPs and VIPs
+    /// on a loopback, where the link cannot tell).
+    #[serde(default = "default_takeover_probe", with = "humantime_serde")]
+    pub takeover_probe: Duration,
     /// How re-initiations are paced when many start at once (`[failover.reconnect]`).
     #[serde(default)]
     pub reconnect: ReconnectConfig,
@@ -435,6 +442,7 @@ impl Default for FailoverConfig {
             drain_hold: default_drain_hold(),
             split_brain_grace: default_split_brain_grace(),
             trust_kernel_when_store_down: true,
+            takeover_probe: default_takeover_probe(),
             reconnect: ReconnectConfig::default(),
         }
     }
@@ -457,6 +465,9 @@ fn default_retry_deadline() -> Duration {
 }
 fn default_retry_cooldown() -> Duration {
     Duration::from_secs(5)
+}
+fn default_takeover_probe() -> Duration {
+    Duration::from_millis(30)
 }
 fn default_split_brain_grace() -> Duration {
     Duration::from_secs(1)

@@ -82,6 +82,19 @@ fn a_vip_added_by_hand_on_a_second_node_is_reported_and_gets_no_sa_or_traffic() 
     );
     assert_eq!(reported["ownership"], "not-owner");
     assert_eq!(reported["owner"]["node"], owner.as_str());
+    // The rogue asked the link whether the owner of record still holds the address (the
+    // fast takeover's evidence): the owner's kernel answered, so it took nothing over.
+    let rogue_log = lab.agent_log(&rogue).unwrap();
+    assert!(
+        rogue_log
+            .lines()
+            .any(|l| l.contains("takeover-refused") && l.contains("still answers")),
+        "no refused takeover in {rogue}'s log:\n{rogue_log}"
+    );
+    assert!(
+        !rogue_log.contains("ownership taken over"),
+        "{rogue} took the record over from a live owner:\n{rogue_log}"
+    );
     assert!(
         reported["ownership_reason"]
             .as_str()

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::InputSink;
 use crate::config::HostedVipConfig;
 
+pub mod holder;
 mod presence;
 pub mod rtnetlink;
 
@@ -31,4 +32,8 @@ pub trait AddressWatcher: Send + Sync + 'static {
 
 pub fn from_config() -> Arc<dyn AddressWatcher> {
     Arc::new(rtnetlink::NetlinkAddressWatcher)
+}
+
+pub fn holder_probe() -> Arc<dyn holder::HolderProbe> {
+    Arc::new(holder::ArpProbe)
 }

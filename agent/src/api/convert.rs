@@ -195,6 +195,8 @@ pub fn event_kind(k: NoticeKind) -> pb::EventKind {
         NoticeKind::ActionFenced => E::ActionFenced,
         NoticeKind::PolicyApplied => E::PolicyApplied,
         NoticeKind::PolicyRefused => E::PolicyRefused,
+        NoticeKind::Takeover => E::Takeover,
+        NoticeKind::TakeoverRefused => E::TakeoverRefused,
     }
 }
 

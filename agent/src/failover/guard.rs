@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Action, FailoverCore, Notice, NoticeKind, Out, Timer};
+use super::{Action, FailoverCore, HolderAnswer, Notice, NoticeKind, Out, Timer};
 use crate::model::{Vip, VipRole};
 
 /// Whether this node may accept SAs for a hosted VIP, and why not.
@@ -110,6 +110,25 @@ impl FailoverCore {
         }
         let refused = matches!(&h.owner, Some(o) if o.node != self.settings.node)
             && matches!(ownership, Ownership::NotOwner { .. });
+        // The cluster manager may have given us the VIP because its owner of record died:
+        // its record outlives it by up to a lease. Ask the link whether that node still
+        // holds the address (once per arrival and record); only silence lets this node
+        // take over (`holder_probed`). A VIP added by hand next to a live owner is
+        // answered for by that owner, and stays refused.
+        if refused
+            && self.settings.cluster_store
+            && self.store_healthy == Some(true)
+            && let Some(window) = self.settings.takeover_probe
+            && let Some(o) = &h.owner
+            && h.probed != Some((h.generation, o.epoch))
+        {
+            h.probed = Some((h.generation, o.epoch));
+            out.push(Action::ProbeHolder {
+                vip,
+                epoch: o.epoch,
+                window,
+            });
+        }
         // Ours on record while another node marks the address as its own too: keep
         // serving (the other node refuses), but it is a split brain all the same.
         let shared = ownership == Ownership::Owner && !h.also_held_by.is_empty();
@@ -192,6 +211,65 @@ impl FailoverCore {
                 .duration(lasted)
                 .detail(detail),
         ));
+    }
+
+    /// The link answered a `ProbeHolder`: take the record over only if nobody holds the
+    /// address any more and nothing changed meanwhile (still here, not draining, the same
+    /// record). The store takes it over only if that record still stands unchanged.
+    pub(super) fn holder_probed(
+        &mut self,
+        out: &mut Out,
+        vip: Vip,
+        epoch: u64,
+        answer: HolderAnswer,
+    ) {
+        let window = self.settings.takeover_probe.unwrap_or_default();
+        let Some(h) = self.hosted.get(&vip) else {
+            return;
+        };
+        let Some(o) = h
+            .owner
+            .as_ref()
+            .filter(|o| o.node != self.settings.node && o.epoch == epoch)
+        else {
+            return;
+        };
+        if !h.present || h.draining {
+            return;
+        }
+        match answer {
+            HolderAnswer::Silent => {
+                out.push(Action::TakeOver {
+                    vip,
+                    from: o.clone(),
+                });
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::Takeover, Some(vip))
+                        .owner(Some(o))
+                        .detail(format!(
+                            "{vip} is here and nobody else answers for it on the link within {}: taking over {}'s record of epoch {epoch}",
+                            humantime::format_duration(window),
+                            o.node
+                        )),
+                ));
+            }
+            HolderAnswer::Answered(station) => out.push(Action::Notify(
+                Notice::new(NoticeKind::TakeoverRefused, Some(vip))
+                    .owner(Some(o))
+                    .detail(format!(
+                        "{station} still answers for {vip} on the link: {} keeps the record of epoch {epoch}, and this node refuses the VIP until it goes",
+                        o.node
+                    )),
+            )),
+            HolderAnswer::Unknown(why) => out.push(Action::Notify(
+                Notice::new(NoticeKind::TakeoverRefused, Some(vip))
+                    .owner(Some(o))
+                    .detail(format!(
+                        "the link cannot tell whether {} still holds {vip} ({why}); waiting for its record to go",
+                        o.node
+                    )),
+            )),
+        }
     }
 
     /// A hosted SA came up: keep it only if this node may accept SAs for the VIP.

@@ -63,6 +63,24 @@ pub enum Input {
     Drain(Vip),
     /// Recording this node as a hosted VIP's owner failed (the store did not answer).
     PublishFailed(Vip),
+    /// What the VIP's link said when asked whether the owner of record at `epoch` still
+    /// holds the address (`Action::ProbeHolder`).
+    HolderProbed {
+        vip: Vip,
+        epoch: u64,
+        answer: HolderAnswer,
+    },
+}
+
+/// What the link said about a VIP another node is recorded as owning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HolderAnswer {
+    /// Nobody else answered for the address within the window.
+    Silent,
+    /// Another station answered for it: its link-layer address.
+    Answered(String),
+    /// The link cannot tell (loopback, not Ethernet, IPv6, an error): why.
+    Unknown(String),
 }
 
 /// An SA the keying daemon (or the kernel) reported, mapped to its VIP.
@@ -132,6 +150,19 @@ pub enum Action {
         vip: Vip,
         accept: bool,
     },
+    /// Ask the VIP's link whether another station still holds the address, for up to
+    /// `window` (the VIP is here while `epoch`'s owner of record is another node).
+    ProbeHolder {
+        vip: Vip,
+        epoch: u64,
+        window: Duration,
+    },
+    /// Replace the owner record `from` (another node's, whose address nobody answers for
+    /// any more) with this node's at a new epoch, if it still stands unchanged.
+    TakeOver {
+        vip: Vip,
+        from: VipOwner,
+    },
     Notify(Notice),
 }
 
@@ -145,7 +176,9 @@ impl Action {
             | Action::DeleteSas { vip, .. }
             | Action::DropStaleSas { vip }
             | Action::Initiate { vip, .. }
-            | Action::AcceptSas { vip, .. } => Some(*vip),
+            | Action::AcceptSas { vip, .. }
+            | Action::ProbeHolder { vip, .. }
+            | Action::TakeOver { vip, .. } => Some(*vip),
             Action::StartTimer { .. } => None,
             Action::Notify(n) => n.vip,
         }
@@ -228,6 +261,11 @@ pub enum NoticeKind {
     PolicyApplied,
     /// A stored policy was not applied (invalid, not understood, conflicting, missing).
     PolicyRefused,
+    /// The VIP is here, its owner of record is another node, and nobody answers for the
+    /// address on the link any more: this node takes the record over at a new epoch.
+    Takeover,
+    /// No takeover: the old owner still answers for the address, or the link cannot tell.
+    TakeoverRefused,
 }
 
 impl NoticeKind {
@@ -258,6 +296,8 @@ impl NoticeKind {
             NoticeKind::ActionFenced => "action-fenced",
             NoticeKind::PolicyApplied => "policy-applied",
             NoticeKind::PolicyRefused => "policy-refused",
+            NoticeKind::Takeover => "takeover",
+            NoticeKind::TakeoverRefused => "takeover-refused",
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 pub use guard::Ownership;
 pub use idle::IdleDetector;
-pub use input::{Action, Input, Notice, NoticeKind, SaRef, Timer};
+pub use input::{Action, HolderAnswer, Input, Notice, NoticeKind, SaRef, Timer};
 pub use retry::RetrySchedule;
 
 use crate::config::{Config, KernelBackend, StoreBackend};
@@ -49,6 +49,10 @@ pub struct CoreSettings {
     pub split_brain_grace: Duration,
     /// While the store is unreachable, accept SAs for a VIP on the kernel's word alone.
     pub trust_kernel_when_store_down: bool,
+    /// When a VIP arrives here while another node is its owner of record, ask the link
+    /// for this long whether that node still holds the address; silence lets this node
+    /// take the record over at once instead of waiting out the old lease. None: never.
+    pub takeover_probe: Option<Duration>,
 }
 
 impl CoreSettings {
@@ -72,6 +76,7 @@ impl CoreSettings {
             cluster_store: c.store.backend == StoreBackend::Etcd,
             split_brain_grace: c.failover.split_brain_grace,
             trust_kernel_when_store_down: c.failover.trust_kernel_when_store_down,
+            takeover_probe: Some(c.failover.takeover_probe).filter(|w| !w.is_zero()),
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct HostedVip {
     /// The VIP arrived while the store was unreachable (a takeover the store cannot
     /// confirm yet), as opposed to being here already when the store went away.
     pub arrived_in_outage: bool,
+    /// The link was asked about the holder of record at (generation, epoch): once each.
+    probed: Option<(u64, u64)>,
     generation: u64,
 }
 
@@ -311,6 +318,9 @@ impl FailoverCore {
         let mut out = Vec::new();
         match input {
             Input::VipAppeared(vip) => self.vip_appeared(&mut out, vip),
+            Input::HolderProbed { vip, epoch, answer } => {
+                self.holder_probed(&mut out, vip, epoch, answer)
+            }
             Input::VipDisappeared(vip) => self.vip_disappeared(&mut out, vip),
             Input::OwnerSnapshot(records) => {
                 let records: BTreeMap<Vip, Option<VipOwner>> = records.into_iter().collect();

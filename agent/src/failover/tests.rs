@@ -42,6 +42,7 @@ fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
         cluster_store,
         split_brain_grace: Duration::from_secs(1),
         trust_kernel_when_store_down: true,
+        takeover_probe: Some(Duration::from_millis(30)),
     }
 }
 
@@ -926,6 +927,184 @@ async fn a_vip_added_by_hand_while_another_node_owns_it_is_a_split_brain_and_ref
     assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Owner);
     let a = be.feed(hosted_sa(10));
     assert_eq!(notices(&a), [NoticeKind::SaUp]);
+}
+
+fn probes(a: &[Action]) -> Vec<u64> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::ProbeHolder { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .collect()
+}
+
+fn take_overs(a: &[Action]) -> Vec<VipOwner> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::TakeOver { from, .. } => Some(from.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A back-end that has just been given the VIP while `other` is recorded at epoch 3.
+fn given_the_vip_of_another_node() -> (Node, Vec<Action>) {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 3),
+    });
+    let a = be.feed(Input::VipAppeared(vip()));
+    (be, a)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_whose_recorded_owner_no_longer_answers_for_it_is_taken_over_at_once() {
+    let (mut be, a) = given_the_vip_of_another_node();
+    assert!(has(
+        &a,
+        &Action::ProbeHolder {
+            vip: vip(),
+            epoch: 3,
+            window: Duration::from_millis(30)
+        }
+    ));
+    let a = be.feed(Input::HolderProbed {
+        vip: vip(),
+        epoch: 3,
+        answer: HolderAnswer::Silent,
+    });
+    assert_eq!(take_overs(&a), [owner("other", 3).unwrap()]);
+    let n = notice(&a, NoticeKind::Takeover);
+    assert!(
+        n.detail.contains("taking over other's record of epoch 3"),
+        "{}",
+        n.detail
+    );
+    // Still refused until the store says the record is ours.
+    assert!(!be.core.hosted()[&vip()].ownership.accepts_sas());
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 4),
+    });
+    assert!(has(
+        &a,
+        &Action::AcceptSas {
+            vip: vip(),
+            accept: true
+        }
+    ));
+    // The record is ours: no split brain is ever reported.
+    assert!(!notices(&be.advance(Duration::from_secs(3)).await).contains(&NoticeKind::SplitBrain));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_its_recorded_owner_still_answers_for_stays_refused() {
+    let (mut be, _) = given_the_vip_of_another_node();
+    let a = be.feed(Input::HolderProbed {
+        vip: vip(),
+        epoch: 3,
+        answer: HolderAnswer::Answered("02:00:00:00:00:02".into()),
+    });
+    assert!(take_overs(&a).is_empty());
+    assert!(
+        notice(&a, NoticeKind::TakeoverRefused)
+            .detail
+            .contains("02:00:00:00:00:02 still answers")
+    );
+    // A link that cannot tell changes nothing either.
+    let (mut be2, _) = given_the_vip_of_another_node();
+    let a = be2.feed(Input::HolderProbed {
+        vip: vip(),
+        epoch: 3,
+        answer: HolderAnswer::Unknown("192.0.2.100 is on lo, a loopback".into()),
+    });
+    assert!(take_overs(&a).is_empty());
+    assert!(
+        notice(&a, NoticeKind::TakeoverRefused)
+            .detail
+            .contains("loopback")
+    );
+    // Past the grace it is the split brain it always was.
+    let a = be.advance(Duration::from_secs(2)).await;
+    assert_eq!(
+        notice(&a, NoticeKind::SplitBrain).owner.as_deref(),
+        Some("other")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_answer_about_a_record_or_an_arrival_that_is_over_changes_nothing() {
+    // The record changed while the link was asked.
+    let (mut be, _) = given_the_vip_of_another_node();
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("third", 4),
+    });
+    let silent = || Input::HolderProbed {
+        vip: vip(),
+        epoch: 3,
+        answer: HolderAnswer::Silent,
+    };
+    assert!(take_overs(&be.feed(silent())).is_empty());
+    // The VIP left again meanwhile.
+    let (mut be, _) = given_the_vip_of_another_node();
+    be.feed(Input::VipDisappeared(vip()));
+    assert!(take_overs(&be.feed(silent())).is_empty());
+    // A drain started meanwhile.
+    let (mut be, _) = given_the_vip_of_another_node();
+    be.feed(Input::Drain(vip()));
+    assert!(take_overs(&be.feed(silent())).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_link_is_asked_once_per_arrival_and_record_and_only_with_the_store_up() {
+    let (mut be, a) = given_the_vip_of_another_node();
+    assert_eq!(probes(&a), [3]);
+    // The same record again (a snapshot after a reconnect): not asked again.
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 3),
+    });
+    assert!(probes(&a).is_empty());
+    // A new record of another node: asked about that one.
+    let a = be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("third", 5),
+    });
+    assert_eq!(probes(&a), [5]);
+    // Leaves and comes back: a new arrival.
+    be.feed(Input::VipDisappeared(vip()));
+    assert_eq!(probes(&be.feed(Input::VipAppeared(vip()))), [5]);
+
+    // With the store away nothing could be taken over: ask once it is back.
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 3),
+    });
+    be.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "etcd unreachable".into(),
+    });
+    assert!(probes(&be.feed(Input::VipAppeared(vip()))).is_empty());
+    assert_eq!(probes(&be.feed(store_up())), [3]);
+
+    // Turned off: never asked.
+    let mut s = settings(true, Mode::Normal);
+    s.takeover_probe = None;
+    let mut be = Node {
+        core: FailoverCore::new(s, &[(vip(), false)], &[]),
+        timers: Vec::new(),
+    };
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("other", 3),
+    });
+    assert!(probes(&be.feed(Input::VipAppeared(vip()))).is_empty());
 }
 
 #[tokio::test(start_paused = true)]

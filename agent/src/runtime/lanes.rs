@@ -25,11 +25,12 @@ use super::pacing::{Pacer, PacerParts};
 use super::policies::Policies;
 use super::{Backends, EventSink};
 use crate::InputSink;
+use crate::addrwatch::holder::HolderProbe;
 use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
 use crate::keying::Keying;
-use crate::model::{Vip, VipRole};
+use crate::model::{Vip, VipOwner, VipRole};
 use crate::store::{OwnershipStore, StoreError};
 
 /// How long a drain waits for the draining mark before deleting SAs anyway. (The epoch
@@ -56,6 +57,9 @@ enum JobKind {
     CheckSa {
         role: VipRole,
         ike_id: crate::model::IkeId,
+    },
+    TakeOver {
+        from: VipOwner,
     },
 }
 
@@ -100,6 +104,7 @@ impl EpochBoard {
 #[derive(Clone)]
 struct LaneContext {
     store: Arc<dyn OwnershipStore>,
+    holder: Arc<dyn HolderProbe>,
     keying: Arc<dyn Keying>,
     kernel: Arc<dyn Kernel>,
     config: Arc<Config>,
@@ -143,6 +148,7 @@ impl Lanes {
         Lanes {
             ctx: LaneContext {
                 store: backends.store.clone(),
+                holder: backends.holder.clone(),
                 keying: backends.keying.clone(),
                 kernel: backends.kernel.clone(),
                 config,
@@ -208,6 +214,30 @@ impl Lanes {
             Action::AcceptSas { vip, accept } => {
                 self.lane(vip, epoch, JobKind::AcceptSas { accept })
             }
+            Action::ProbeHolder {
+                vip,
+                epoch: record,
+                window,
+            } => {
+                // Off the VIP's lane: a withdraw decided meanwhile must not wait for it.
+                let (holder, inputs) = (self.ctx.holder.clone(), self.ctx.inputs.clone());
+                self.ctx.tracker.spawn(
+                    async move {
+                        let started = std::time::Instant::now();
+                        let answer = holder.probe(vip, window).await;
+                        info!(%vip, record, ?answer, took = ?started.elapsed(), "link asked about the VIP's holder");
+                        let _ = inputs
+                            .send(Input::HolderProbed {
+                                vip,
+                                epoch: record,
+                                answer,
+                            })
+                            .await;
+                    }
+                    .instrument(info_span!("holder-probe", %vip)),
+                );
+            }
+            Action::TakeOver { vip, from } => self.lane(vip, epoch, JobKind::TakeOver { from }),
             Action::StartTimer { timer, after } => {
                 let (inputs, cancel) = (self.ctx.inputs.clone(), self.cancel.clone());
                 self.ctx.tracker.spawn(async move {
@@ -341,6 +371,22 @@ impl VipLane {
                     self.failed("publish", e);
                     let _ = self.ctx.inputs.send(Input::PublishFailed(vip)).await;
                 }
+            },
+            JobKind::TakeOver { from } => match self.ctx.store.take_over(vip, &from).await {
+                Ok(owner) => {
+                    info!(%vip, epoch = owner.epoch, from = %from.node, "ownership taken over");
+                    let owner = Some(owner);
+                    let _ = self
+                        .ctx
+                        .inputs
+                        .send(Input::OwnerChanged { vip, owner })
+                        .await;
+                }
+                Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
+                    "takeover",
+                    format!("the record changed meanwhile ({owner} at epoch {epoch})"),
+                ),
+                Err(e) => self.failed("takeover", e),
             },
             JobKind::MarkDraining => {
                 // The DELETEs that follow must not wait for a slow store (an election):

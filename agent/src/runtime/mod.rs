@@ -43,6 +43,8 @@ use supervise::Supervisor;
 pub struct Backends {
     pub store: Arc<dyn OwnershipStore>,
     pub watcher: Arc<dyn AddressWatcher>,
+    /// Asks a VIP's link whether another node still holds the address (fast takeover).
+    pub holder: Arc<dyn crate::addrwatch::holder::HolderProbe>,
     pub keying: Arc<dyn Keying>,
     pub kernel: Arc<dyn Kernel>,
     /// Where the cluster-wide policies are kept.
@@ -54,6 +56,7 @@ impl Backends {
         Ok(Backends {
             store: crate::store::from_config(config).await?,
             watcher: crate::addrwatch::from_config(),
+            holder: crate::addrwatch::holder_probe(),
             keying: crate::keying::from_config(config),
             kernel: crate::kernel::from_config(config)?,
             policies: crate::store::policy_store_from_config(config)?,

@@ -255,6 +255,24 @@ impl OwnershipStore for EtcdStore {
         r
     }
 
+    async fn take_over(&self, vip: Vip, from: &VipOwner) -> Result<VipOwner, StoreError> {
+        {
+            let mut intents = self.intents();
+            intents.held.entry(vip).or_default().claims = true;
+            intents.releasing.remove(&vip);
+            intents.draining.remove(&vip);
+        }
+        let r = self.take_over_with(vip, from).await;
+        if r.is_err()
+            && let Some(h) = self.intents().held.get_mut(&vip)
+        {
+            // Lost to a change of the record: the split-brain guard decides again on it.
+            h.claims = false;
+        }
+        self.wake.notify_one();
+        r
+    }
+
     async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError> {
         let client = self.client().await?;
         let view = self.view(&client, vip).await?;

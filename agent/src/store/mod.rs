@@ -58,6 +58,18 @@ pub trait OwnershipStore: Send + Sync + 'static {
     /// plus one, atomically. While another node's record stands: `Fenced`.
     async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError>;
 
+    /// Replaces another node's record `from` with this node's at the highest epoch plus
+    /// one, atomically, and only while `from` still stands unchanged (the caller has
+    /// evidence its node no longer holds the VIP). `Fenced` when the record changed. A
+    /// store that knows no other node has nothing to take over.
+    async fn take_over(&self, vip: Vip, from: &VipOwner) -> Result<VipOwner, StoreError> {
+        Err(StoreError::Fenced {
+            vip,
+            owner: from.node.clone(),
+            epoch: from.epoch,
+        })
+    }
+
     /// The VIP's live owner record and its highest epoch ever written, read fresh (an
     /// action checks it right before it acts, so a paused node acts on nothing stale).
     async fn current(&self, vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError>;

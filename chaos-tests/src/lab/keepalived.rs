@@ -1,10 +1,12 @@
-//! keepalived (VRRP, one advert a second) on the back-ends, owning the VIPs. Every
+//! keepalived (VRRP, one advert a second unless the lab asks for faster) on the back-ends,
+//! owning the VIPs. Every
 //! instance starts as BACKUP with `nopreempt`, so a restarted node never takes the VIP back:
 //! each fault in a series moves the VIP away from whichever node holds it.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::ProcessGuard;
@@ -20,18 +22,22 @@ use super::topology::NODE_IF;
 /// charon skips deprecated addresses when it looks for the local address of a traffic
 /// selector: kernel-libipsec then cannot install the CHILD_SA's route ("error installing
 /// route with policy") and no CHILD_SA comes up on the VIP.
-pub fn config(node: &str, priority: u8, vips: &[IpAddr]) -> String {
+pub fn config(node: &str, priority: u8, vips: &[IpAddr], advert: Duration) -> String {
     let mut s = String::new();
     s += "global_defs {\n";
     let _ = writeln!(s, "  router_id {node}");
     s += "  vrrp_garp_master_repeat 2\n";
+    if advert < Duration::from_secs(1) {
+        // VRRPv2 counts adverts in whole seconds; version 3 in hundredths.
+        s += "  vrrp_version 3\n";
+    }
     s += "}\n";
     s += "vrrp_instance lab {\n";
     s += "  state BACKUP\n";
     let _ = writeln!(s, "  interface {NODE_IF}");
     s += "  virtual_router_id 51\n";
     let _ = writeln!(s, "  priority {priority}");
-    s += "  advert_int 1\n";
+    let _ = writeln!(s, "  advert_int {}", advert.as_secs_f64());
     s += "  nopreempt\n";
     s += "  virtual_ipaddress {\n";
     for vip in vips {
@@ -64,11 +70,12 @@ impl Keepalived {
         node: &str,
         priority: u8,
         vips: &[IpAddr],
+        advert: Duration,
     ) -> anyhow::Result<Keepalived> {
         let program = vipsec_testbed::require_program("keepalived")?;
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("keepalived.conf");
-        std::fs::write(&conf, config(node, priority, vips))?;
+        std::fs::write(&conf, config(node, priority, vips, advert))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,13 +131,30 @@ mod tests {
 
     #[test]
     fn ipv4_config_is_unchanged_and_ipv6_keeps_dad() {
-        let v4 = config("be1", 150, &vips_of(Family::V4, 1));
+        let second = Duration::from_secs(1);
+        let v4 = config("be1", 150, &vips_of(Family::V4, 1), second);
         assert!(v4.contains("    192.0.2.100/32 dev eth0\n"), "{v4}");
         assert!(!v4.contains("nodad"), "{v4}");
-        let v6 = config("be1", 150, &vips_of(Family::V6, 2));
+        assert!(
+            v4.contains("  advert_int 1\n") && !v4.contains("vrrp_version"),
+            "{v4}"
+        );
+        let v6 = config("be1", 150, &vips_of(Family::V6, 2), second);
         for vip in ["2001:db8:1::100", "2001:db8:1::101"] {
             let want = format!("    {vip}/128 dev eth0 -nodad preferred_lft forever\n");
             assert!(v6.contains(&want), "{v6}");
         }
+    }
+
+    #[test]
+    fn sub_second_adverts_use_vrrp_version_3() {
+        let fast = config(
+            "be1",
+            150,
+            &vips_of(Family::V4, 1),
+            Duration::from_millis(100),
+        );
+        assert!(fast.contains("  vrrp_version 3\n"), "{fast}");
+        assert!(fast.contains("  advert_int 0.1\n"), "{fast}");
     }
 }

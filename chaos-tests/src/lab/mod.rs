@@ -64,6 +64,8 @@ pub struct LabOptions {
     /// etcd members: 1 is the one node `etcd` (192.0.2.5); 3 (or 5) is a cluster of
     /// etcd1, etcd2, ... (192.0.2.5 onward), one member per node.
     pub etcd_members: usize,
+    /// keepalived's advert interval (1 s, its default; operators tune it to 50–100 ms).
+    pub vrrp_advert: Duration,
 }
 
 impl LabOptions {
@@ -81,6 +83,7 @@ impl LabOptions {
             family: Family::V4,
             frontend_style: FrontEndStyle::default(),
             etcd_members: 1,
+            vrrp_advert: Duration::from_secs(1),
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Lab {
     reconnect: Option<vipsec::config::ReconnectConfig>,
     initiate_timeout: Duration,
     frontend_style: FrontEndStyle,
+    vrrp_advert: Duration,
     pub progress: Progress,
 }
 
@@ -167,6 +171,7 @@ impl Lab {
             reconnect: opts.reconnect,
             initiate_timeout: opts.initiate_timeout,
             frontend_style: opts.frontend_style,
+            vrrp_advert: opts.vrrp_advert,
             progress,
         };
         for node in lab.topo.with_role(Role::BackEnd) {
@@ -371,7 +376,14 @@ impl Lab {
             .find(|(n, _)| *n == name)
             .map(|(_, p)| *p)
             .unwrap_or(100);
-        let k = Keepalived::start(&node.ns, &self.node_dir(name), name, priority, &self.vips)?;
+        let k = Keepalived::start(
+            &node.ns,
+            &self.node_dir(name),
+            name,
+            priority,
+            &self.vips,
+            self.vrrp_advert,
+        )?;
         self.procs.entry(name.to_string()).or_default().keepalived = Some(k);
         Ok(())
     }

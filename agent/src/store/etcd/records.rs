@@ -76,6 +76,69 @@ impl EtcdStore {
         self.claim_at(vip, seen, seen.epoch + 1).await
     }
 
+    /// Replaces `from` (another node's record, still standing) with ours at the next
+    /// epoch. Fenced twice: the record's own `mod_revision` (it must be the record the
+    /// caller judged) and the epoch key's (no claim in between). The old node's holder
+    /// mark goes in the same transaction: it would otherwise read as a second holder
+    /// until the old lease runs out.
+    pub(super) async fn take_over_with(
+        &self,
+        vip: Vip,
+        from: &VipOwner,
+    ) -> Result<VipOwner, StoreError> {
+        let client = self.client().await?;
+        let view = self.view(&client, vip).await?;
+        let meta = match view.owner {
+            Some((o, _)) if o.node == self.node => return Ok(o),
+            Some((o, meta)) if o.node == from.node && o.epoch == from.epoch => meta,
+            other => {
+                let (owner, epoch) = other
+                    .map_or(("(nobody)".to_string(), view.mark.epoch), |(o, _)| {
+                        (o.node, o.epoch)
+                    });
+                return Err(StoreError::Fenced { vip, owner, epoch });
+            }
+        };
+        let lease = self.vip_lease(&client, vip).await?;
+        let owner = VipOwner {
+            node: self.node.clone(),
+            epoch: view.mark.epoch + 1,
+            taken_at_ms: unix_ms(SystemTime::now()),
+            draining: false,
+        };
+        let value = encode_owner(&owner).map_err(StoreError::Other)?;
+        let (owner_key, epoch_key) = (self.keys.owner(vip), self.keys.epoch(vip));
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(owner_key.clone(), CompareOp::Equal, meta.mod_revision),
+                Compare::mod_revision(epoch_key.clone(), CompareOp::Equal, view.mark.mod_revision),
+            ])
+            .and_then([
+                TxnOp::put(epoch_key, owner.epoch.to_string(), None),
+                TxnOp::put(owner_key, value, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::delete(self.keys.holder(vip, &from.node), None),
+            ]);
+        let mut c = client.clone();
+        let resp = self.timed("take over VIP", c.txn(txn)).await?;
+        if !resp.succeeded() {
+            tracing::warn!(%vip, from = %from.node, epoch = from.epoch, "takeover refused: the record changed");
+            return Err(StoreError::Fenced {
+                vip,
+                owner: from.node.clone(),
+                epoch: from.epoch,
+            });
+        }
+        let written = EpochMark {
+            epoch: owner.epoch,
+            mod_revision: resp.header().map_or(0, |h| h.revision()),
+        };
+        if let Some(h) = self.intents().held.get_mut(&vip) {
+            h.written = Some(written);
+        }
+        tracing::info!(%vip, epoch = owner.epoch, from = %from.node, lease, "ownership taken over");
+        Ok(owner)
+    }
+
     /// Writes this node's record at `epoch`, fenced by the epoch key's `mod_revision`:
     /// `seen.epoch + 1` for a new claim, or `seen.epoch` when this node wrote that epoch
     /// and nobody claimed the VIP since (its record expired in an outage), so front-ends

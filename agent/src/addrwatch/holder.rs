@@ -1,0 +1,326 @@
+//! Does anyone else answer for a VIP on its link? The evidence a fast takeover rests on.
+//!
+//! When the cluster manager gives this node a VIP while the store still records another
+//! node as its owner, either that node died (its record lives on until its lease runs out,
+//! up to the lease TTL plus etcd's rounding) or the address was put here by hand next to a
+//! live owner (a split brain that must stay refused). A live owner still holds the address
+//! and its kernel answers an ARP probe for it; a dead or cut-off one does not. So the node
+//! asks the link, a few times within a short window (RFC 5227 probes: sender address
+//! 0.0.0.0, so no neighbour's cache changes), and only silence lets it take over.
+//!
+//! Where the link cannot answer — a VIP on a loopback or a non-Ethernet interface (routed
+//! set-ups such as BGP announce it from `lo`), IPv6 — the probe says `Unknown` and the node
+//! waits for the old record's lease as before.
+
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+pub use crate::failover::HolderAnswer;
+use crate::model::Vip;
+
+#[async_trait]
+pub trait HolderProbe: Send + Sync + 'static {
+    /// Asks the VIP's link whether another station holds the address, for up to `window`.
+    async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer;
+}
+
+/// ARP probes on the interface that holds the VIP.
+pub struct ArpProbe;
+
+#[async_trait]
+impl HolderProbe for ArpProbe {
+    async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer {
+        let IpAddr::V4(v4) = vip else {
+            return HolderAnswer::Unknown(
+                "IPv6: no neighbour probe; waiting for the old record's lease".into(),
+            );
+        };
+        match tokio::task::spawn_blocking(move || arp_probe(v4, window)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => HolderAnswer::Unknown(e),
+            Err(e) => HolderAnswer::Unknown(format!("probe task: {e}")),
+        }
+    }
+}
+
+/// The link a VIP is on, as `getifaddrs` shows it.
+#[derive(Debug)]
+struct Link {
+    name: String,
+    index: i32,
+    mac: [u8; 6],
+}
+
+const ARPHRD_ETHER: u16 = 1;
+const ETH_P_ARP: u16 = 0x0806;
+
+/// Finds the Ethernet interface carrying `vip`, or says why there is none.
+fn link_of(vip: Ipv4Addr) -> Result<Link, String> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(format!("getifaddrs: {}", std::io::Error::last_os_error()));
+    }
+    let mut name: Option<(String, u32)> = None;
+    let mut links: Vec<(String, i32, u16, [u8; 6])> = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let ifname = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: ifa_addr is non-null and at least a sockaddr.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        if family == libc::AF_INET {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == vip {
+                name = Some((ifname, ifa.ifa_flags));
+            }
+        } else if family == libc::AF_PACKET {
+            // SAFETY: an AF_PACKET address is a sockaddr_ll.
+            let ll = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_ll) };
+            let mut mac = [0u8; 6];
+            if ll.sll_halen == 6 {
+                mac.copy_from_slice(&ll.sll_addr[..6]);
+            }
+            links.push((ifname, ll.sll_ifindex, ll.sll_hatype, mac));
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    let Some((ifname, flags)) = name else {
+        return Err(format!("{vip} is on no interface here"));
+    };
+    // A label such as `eth0:vip` shares eth0's link.
+    let base = ifname.split(':').next().unwrap_or(&ifname).to_string();
+    if flags & libc::IFF_LOOPBACK as u32 != 0 {
+        return Err(format!(
+            "{vip} is on {ifname}, a loopback: no link to ask; waiting for the old record's lease"
+        ));
+    }
+    let Some((_, index, hatype, mac)) = links.into_iter().find(|(n, ..)| *n == base) else {
+        return Err(format!("{ifname}: no link-layer address"));
+    };
+    if hatype != ARPHRD_ETHER {
+        return Err(format!(
+            "{vip} is on {ifname}, which is not Ethernet (type {hatype}): no ARP to ask; waiting for the old record's lease"
+        ));
+    }
+    Ok(Link {
+        name: base,
+        index,
+        mac,
+    })
+}
+
+fn format_mac(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// An ARP probe for `vip` from `mac` (RFC 5227: sender protocol address zero).
+fn probe_packet(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    p[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    p[4] = 6;
+    p[5] = 4;
+    p[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
+    p[8..14].copy_from_slice(&mac);
+    // sender IP 0.0.0.0, target MAC zero
+    p[24..28].copy_from_slice(&vip.octets());
+    p
+}
+
+/// Whether an ARP packet shows another station using `vip`: a reply from it, or a
+/// request it sent from that address. Returns the station's MAC.
+fn answer_in(packet: &[u8], vip: Ipv4Addr, own: [u8; 6]) -> Option<[u8; 6]> {
+    if packet.len() < 28 || packet[4] != 6 || packet[5] != 4 {
+        return None;
+    }
+    let op = u16::from_be_bytes([packet[6], packet[7]]);
+    let mut sha = [0u8; 6];
+    sha.copy_from_slice(&packet[8..14]);
+    let spa = Ipv4Addr::new(packet[14], packet[15], packet[16], packet[17]);
+    ((op == 1 || op == 2) && spa == vip && sha != own).then_some(sha)
+}
+
+/// Closes the descriptor however the probe ends.
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: closing a descriptor this struct owns.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
+    let link = match link_of(vip) {
+        Ok(l) => l,
+        Err(why) => return Ok(HolderAnswer::Unknown(why)),
+    };
+    let err = |what: &str| {
+        format!(
+            "{what} on {}: {}",
+            link.name,
+            std::io::Error::last_os_error()
+        )
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(err("ARP socket"));
+    }
+    let fd = Fd(fd);
+    // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_ARP.to_be();
+    addr.sll_ifindex = link.index;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes.
+    if unsafe { libc::bind(fd.0, &addr as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(err("bind ARP socket"));
+    }
+    let mut to = addr;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let packet = probe_packet(link.mac, vip);
+    let send = || {
+        // SAFETY: sending a 28-byte buffer to a valid sockaddr_ll.
+        let n = unsafe {
+            libc::sendto(
+                fd.0,
+                packet.as_ptr() as *const libc::c_void,
+                packet.len(),
+                0,
+                &to as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        if n < 0 {
+            Err(err("send ARP probe"))
+        } else {
+            Ok(())
+        }
+    };
+    // Three probes spread over the window: one lost frame does not make a live owner
+    // look dead.
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut sends = [Duration::ZERO, window / 3, window * 2 / 3]
+        .into_iter()
+        .peekable();
+    let mut buf = [0u8; 128];
+    loop {
+        let now = Instant::now();
+        while let Some(at) = sends.peek() {
+            if start + *at <= now {
+                send()?;
+                sends.next();
+            } else {
+                break;
+            }
+        }
+        if now >= deadline {
+            return Ok(HolderAnswer::Silent);
+        }
+        let next_send = sends.peek().map(|at| start + *at).unwrap_or(deadline);
+        let wait = next_send.min(deadline).saturating_duration_since(now);
+        let mut pfd = libc::pollfd {
+            fd: fd.0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: polling one valid descriptor.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err("poll ARP socket"));
+        }
+        if ready == 0 {
+            continue;
+        }
+        // SAFETY: reading into a buffer of its stated length.
+        let n = unsafe {
+            libc::recv(
+                fd.0,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        if let Some(mac) = answer_in(&buf[..n as usize], vip, link.mac) {
+            return Ok(HolderAnswer::Answered(format_mac(&mac)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const OTHER: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn vip() -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, 100)
+    }
+
+    #[test]
+    fn the_probe_asks_for_the_vip_without_claiming_it() {
+        let p = probe_packet(OWN, vip());
+        assert_eq!(&p[..8], &[0, 1, 8, 0, 6, 4, 0, 1]);
+        assert_eq!(&p[8..14], &OWN);
+        assert_eq!(
+            &p[14..18],
+            &[0, 0, 0, 0],
+            "sender address zero: no cache changes"
+        );
+        assert_eq!(&p[24..28], &[192, 0, 2, 100]);
+        // Our own probe coming back is no answer.
+        assert_eq!(answer_in(&p, vip(), OWN), None);
+    }
+
+    #[test]
+    fn a_reply_or_a_request_from_the_vip_by_another_station_is_an_answer() {
+        let mut reply = probe_packet(OTHER, vip());
+        reply[6..8].copy_from_slice(&2u16.to_be_bytes());
+        reply[14..18].copy_from_slice(&vip().octets());
+        assert_eq!(answer_in(&reply, vip(), OWN), Some(OTHER));
+        let mut request = reply;
+        request[6..8].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(answer_in(&request, vip(), OWN), Some(OTHER));
+        // Another address, or a truncated frame, says nothing about this VIP.
+        let mut elsewhere = reply;
+        elsewhere[14..18].copy_from_slice(&[192, 0, 2, 7]);
+        assert_eq!(answer_in(&elsewhere, vip(), OWN), None);
+        assert_eq!(answer_in(&reply[..20], vip(), OWN), None);
+        assert_eq!(format_mac(&OTHER), "02:00:00:00:00:02");
+    }
+}
