@@ -864,3 +864,95 @@ async fn a_policy_edit_read_before_a_delete_and_rewrite_is_refused() {
         .unwrap();
     assert!(third.version > second.version);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owners_record_is_taken_over_at_once_and_only_as_it_was_judged() {
+    let server = etcd();
+    let prefix = unique_prefix("take");
+    let cfg_a = config("be1", &server.endpoint(), &prefix, "lease_ttl = \"10s\"");
+    let mut a = Node::start(&cfg_a);
+    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let vip: Vip = "192.0.2.118".parse().unwrap();
+    let first = a.store.publish(vip).await.unwrap();
+    b.expect("A's record", owner_change(vip, Some("be1"))).await;
+    // B holds the address too by now (refused: its holder mark is written).
+    assert!(matches!(
+        b.store.publish(vip).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    a.expect("B's holder mark", |i| match i {
+        Input::HolderChanged {
+            vip: v,
+            node,
+            holds: true,
+        } if *v == vip && node == "be2" => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // A tenure other than the one judged is never taken over: here A let go and claimed
+    // the VIP again, at a new epoch.
+    a.store.withdraw(vip).await.unwrap();
+    let second = a.store.publish(vip).await.unwrap();
+    assert_eq!(second.epoch, first.epoch + 1);
+    match b.store.take_over(vip, &first).await {
+        Err(StoreError::Fenced { owner, epoch, .. }) => {
+            assert_eq!(owner, "be1");
+            assert_eq!(epoch, second.epoch);
+        }
+        other => panic!("another tenure must not be taken over, got {other:?}"),
+    }
+    let (now, _) = a.store.current(vip).await.unwrap();
+    assert_eq!(now.as_ref(), Some(&second));
+    // The same tenure marked draining meanwhile is still the one judged.
+    a.store.mark_draining(vip).await.unwrap();
+    let judged = second;
+
+    // A dies with 10 s left on its lease; B takes the record it judged, at once.
+    a.kill().await;
+    let t = Instant::now();
+    let taken = b.store.take_over(vip, &judged).await.unwrap();
+    assert_eq!(taken.node, "be2");
+    assert_eq!(taken.epoch, judged.epoch + 1);
+    b.expect("B's record", owner_change(vip, Some("be2"))).await;
+    eprintln!(
+        "record taken over after {:?} (the lease had 10 s left)",
+        t.elapsed()
+    );
+    let mut c = raw_client(&server).await;
+    let marks = c
+        .get(
+            format!("{prefix}holders/{vip}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let holders: Vec<String> = marks
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    assert!(
+        holders.iter().all(|k| !k.ends_with("/be1")),
+        "the dead owner's holder mark went with its record: {holders:?}"
+    );
+    // Taking over again is a no-op for the owner; a second taker with the old record is
+    // fenced.
+    assert_eq!(b.store.take_over(vip, &judged).await.unwrap(), taken);
+    let cfg_c = config("be3", &server.endpoint(), &prefix, "");
+    let c3 = EtcdStore::new(&cfg_c).unwrap();
+    match c3.take_over(vip, &judged).await {
+        Err(StoreError::Fenced { owner, epoch, .. }) => {
+            assert_eq!(owner, "be2");
+            assert_eq!(epoch, taken.epoch);
+        }
+        other => panic!("a stale takeover must be fenced, got {other:?}"),
+    }
+    // The dead owner's lease running out later deletes nothing of B's.
+    let kv = c.get(format!("{prefix}vips/{vip}"), None).await.unwrap();
+    assert_ne!(kv.kvs()[0].lease(), 0);
+    let rec: VipOwner = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    assert_eq!(rec, taken);
+}

@@ -77,8 +77,9 @@ impl EtcdStore {
     }
 
     /// Replaces `from` (another node's record, still standing) with ours at the next
-    /// epoch. Fenced twice: the record's own `mod_revision` (it must be the record the
-    /// caller judged) and the epoch key's (no claim in between). The old node's holder
+    /// epoch. Fenced twice: the record must still be the tenure the caller judged (same
+    /// node and epoch) and keep its `mod_revision` from this read to the write, and the
+    /// epoch key must keep its own (no claim in between). The old node's holder
     /// mark goes in the same transaction: it would otherwise read as a second holder
     /// until the old lease runs out.
     pub(super) async fn take_over_with(
