@@ -1,6 +1,6 @@
 //! Move timelines in the lab (vipsec with etcd, real keepalived, charon, agents, probes):
 //! `vipsec drill VIP --to NODE` run on the owner moves the VIP through the handover script
-//! and reports all six marks from three nodes; a crash gets a timeline too, without the
+//! and reports all seven marks from three nodes; a crash gets a timeline too, without the
 //! release nobody could record. Needs the `vipsec` binary built in the same target
 //! directory (`cargo build -p vipsec`).
 
@@ -15,10 +15,11 @@ use vipsec_testbed::process::wait_for;
 
 const CAP: Duration = Duration::from_secs(20);
 const VIP: &str = "192.0.2.100";
-const STEPS: [&str; 6] = [
+const STEPS: [&str; 7] = [
     "released",
     "usable",
     "epoch-recorded",
+    "initiation-queued",
     "first-ike-sa-init",
     "child-sa-installed",
     "first-traffic",

@@ -301,7 +301,7 @@ mod tests {
         t.to_node = n("be2");
         let (met, detail) = judge(Some(&t), "be2", Duration::from_secs(1), true);
         assert!(met, "{detail}");
-        assert!(detail.contains("recovery 500 ms within"), "{detail}");
+        assert!(detail.contains("recovery 600 ms within"), "{detail}");
         t.marks.remove(&Mark::FirstTraffic);
         let (met, detail) = judge(Some(&t), "be2", Duration::from_secs(1), true);
         assert!(!met);

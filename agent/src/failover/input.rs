@@ -50,6 +50,12 @@ pub enum Input {
         vip: Vip,
         counters: TrafficCounters,
     },
+    /// The reconnect pacer handed an initiation to the keying daemon (it waited its turn).
+    /// The core has nothing to decide on it; the move timeline marks it.
+    InitiateStarted {
+        vip: Vip,
+        attempt: u32,
+    },
     InitiateFinished {
         vip: Vip,
         attempt: u32,

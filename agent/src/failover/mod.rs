@@ -374,6 +374,7 @@ impl FailoverCore {
             Input::SaUp(sa) => self.sa_up(&mut out, now, sa),
             Input::SaDown { sa, reason } => self.sa_down(&mut out, now, sa, reason),
             Input::CountersSampled { vip, counters } => self.counters(&mut out, now, vip, counters),
+            Input::InitiateStarted { .. } => {}
             Input::InitiateFinished {
                 vip,
                 attempt,

@@ -360,10 +360,15 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
                 }
             };
             let result = match conn {
-                Ok(conn) => keying
-                    .initiate(vip, &conn, timeout)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(conn) => {
+                    // The move's timeline marks the IKE_SA_INIT here, after the pacer's
+                    // wait, not when the core asked for it.
+                    let _ = inputs.send(Input::InitiateStarted { vip, attempt }).await;
+                    keying
+                        .initiate(vip, &conn, timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e),
             };
             // The slot frees before the core hears of the result: its next attempt must
@@ -456,14 +461,19 @@ mod tests {
         }
     }
 
+    /// The next initiation result; an initiation handed to the keying daemon is announced
+    /// first (`InitiateStarted`, for the move's timeline).
     async fn finished(rx: &mut mpsc::Receiver<Input>) -> (Vip, u32, Result<(), String>) {
-        match rx.recv().await.expect("an input") {
-            Input::InitiateFinished {
-                vip,
-                attempt,
-                result,
-            } => (vip, attempt, result),
-            other => panic!("unexpected input {other:?}"),
+        loop {
+            match rx.recv().await.expect("an input") {
+                Input::InitiateStarted { .. } => continue,
+                Input::InitiateFinished {
+                    vip,
+                    attempt,
+                    result,
+                } => return (vip, attempt, result),
+                other => panic!("unexpected input {other:?}"),
+            }
         }
     }
 

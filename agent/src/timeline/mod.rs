@@ -29,7 +29,11 @@ pub enum Mark {
     /// The new owner's record with the new epoch is in the store (the record's own
     /// `taken_at`, written just before the store committed it).
     EpochRecorded,
-    /// A front-end started an IKE_SA_INIT toward the VIP after it learnt the new owner.
+    /// A front-end decided to renegotiate toward the VIP after it learnt the new owner: the
+    /// initiation joins the reconnect pacer's queue.
+    InitiationQueued,
+    /// That initiation left the pacer and was handed to the keying daemon, which sends the
+    /// IKE_SA_INIT at once. The step before it is the pacer's wait (jitter, rate, limit).
     FirstIkeSaInit,
     /// That front-end's CHILD_SA toward the VIP is up.
     ChildSaInstalled,
@@ -38,10 +42,11 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 6] = [
+    pub const ALL: [Mark; 7] = [
         Mark::Released,
         Mark::Usable,
         Mark::EpochRecorded,
+        Mark::InitiationQueued,
         Mark::FirstIkeSaInit,
         Mark::ChildSaInstalled,
         Mark::FirstTraffic,
@@ -52,6 +57,7 @@ impl Mark {
             Mark::Released => "released",
             Mark::Usable => "usable",
             Mark::EpochRecorded => "epoch-recorded",
+            Mark::InitiationQueued => "initiation-queued",
             Mark::FirstIkeSaInit => "first-ike-sa-init",
             Mark::ChildSaInstalled => "child-sa-installed",
             Mark::FirstTraffic => "first-traffic",
@@ -66,7 +72,10 @@ impl Mark {
     pub fn is_front_end(self) -> bool {
         matches!(
             self,
-            Mark::FirstIkeSaInit | Mark::ChildSaInstalled | Mark::FirstTraffic
+            Mark::InitiationQueued
+                | Mark::FirstIkeSaInit
+                | Mark::ChildSaInstalled
+                | Mark::FirstTraffic
         )
     }
 }
@@ -102,7 +111,7 @@ pub struct MoveTimeline {
 }
 
 /// Named steps between two marks, for metrics and reports.
-pub const STEPS: [(&str, Mark, Mark); 5] = [
+pub const STEPS: [(&str, Mark, Mark); 6] = [
     ("released_to_usable", Mark::Released, Mark::Usable),
     (
         "usable_to_epoch_recorded",
@@ -110,8 +119,13 @@ pub const STEPS: [(&str, Mark, Mark); 5] = [
         Mark::EpochRecorded,
     ),
     (
-        "epoch_recorded_to_first_ike_sa_init",
+        "epoch_recorded_to_initiation_queued",
         Mark::EpochRecorded,
+        Mark::InitiationQueued,
+    ),
+    (
+        "initiation_queued_to_first_ike_sa_init",
+        Mark::InitiationQueued,
         Mark::FirstIkeSaInit,
     ),
     (
@@ -273,6 +287,7 @@ mod tests {
             part(
                 "fe1",
                 &[
+                    (Mark::InitiationQueued, 706),
                     (Mark::FirstIkeSaInit, 720),
                     (Mark::ChildSaInstalled, 760),
                     (Mark::FirstTraffic, 900),
@@ -281,6 +296,7 @@ mod tests {
             part(
                 "fe2",
                 &[
+                    (Mark::InitiationQueued, 707),
                     (Mark::FirstIkeSaInit, 710),
                     (Mark::ChildSaInstalled, 790),
                     (Mark::FirstTraffic, 1000),
@@ -288,7 +304,7 @@ mod tests {
             ),
         ])
         .unwrap();
-        assert!(t.complete());
+        assert!(t.complete(), "{}", t.summary());
         assert_eq!(t.from_node.as_deref(), Some("be1"));
         assert_eq!(t.marks[&Mark::FirstIkeSaInit], ("fe2".to_string(), 710));
         assert_eq!(t.marks[&Mark::FirstTraffic], ("fe2".to_string(), 1000));
@@ -303,10 +319,14 @@ mod tests {
     fn a_front_end_still_recovering_makes_the_move_incomplete() {
         let t = MoveTimeline::merge(&[
             part("be2", &[(Mark::Usable, 700), (Mark::EpochRecorded, 705)]),
-            part("fe1", &[(Mark::FirstIkeSaInit, 720)]),
+            part(
+                "fe1",
+                &[(Mark::InitiationQueued, 706), (Mark::FirstIkeSaInit, 720)],
+            ),
             part(
                 "fe2",
                 &[
+                    (Mark::InitiationQueued, 707),
                     (Mark::FirstIkeSaInit, 710),
                     (Mark::ChildSaInstalled, 790),
                     (Mark::FirstTraffic, 1000),

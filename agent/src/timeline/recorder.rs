@@ -106,6 +106,12 @@ impl Recorder {
                     self.pending_usable.remove(vip);
                 }
             }
+            Input::InitiateStarted { vip, .. } => {
+                if let Some(f) = self.fronts.get(vip) {
+                    let epoch = f.epoch;
+                    self.front_mark(&mut out, *vip, epoch, Mark::FirstIkeSaInit, now_ms);
+                }
+            }
             Input::SaUp(sa) if sa.role == VipRole::Peer => {
                 if let Some(f) = self.fronts.get_mut(&sa.vip) {
                     let epoch = f.epoch;
@@ -141,7 +147,7 @@ impl Recorder {
             && let Some(f) = self.fronts.get(vip)
         {
             let epoch = f.epoch;
-            self.front_mark(&mut out, *vip, epoch, Mark::FirstIkeSaInit, now_ms);
+            self.front_mark(&mut out, *vip, epoch, Mark::InitiationQueued, now_ms);
         }
         out
     }
@@ -328,6 +334,13 @@ mod tests {
         }
     }
 
+    fn started() -> Input {
+        Input::InitiateStarted {
+            vip: vip(),
+            attempt: 1,
+        }
+    }
+
     fn initiate() -> Action {
         Action::Initiate {
             vip: vip(),
@@ -378,6 +391,8 @@ mod tests {
             ),
             In(learnt, owner("be2", 4, 600)),
             Act(learnt, initiate()),
+            // The pacer's wait before the initiation reaches the keying daemon.
+            In(learnt + 12, started()),
             In(learnt + 30, sa_up()),
             // The old SA's sum before the new one carried anything: no traffic yet.
             In(learnt + 40, counters(0, 0)),
@@ -389,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn planned_move_gives_all_six_marks_in_order() {
+    fn planned_move_gives_all_seven_marks_in_order() {
         let mut be1 = back_end("be1");
         let old = run(
             &mut be1,
@@ -434,7 +449,12 @@ mod tests {
         let t = MoveTimeline::merge(&[old[1].clone(), new[0].clone(), fe[0].clone()]).unwrap();
         assert!(t.complete(), "{}", t.summary());
         let at: Vec<u64> = Mark::ALL.iter().map(|m| t.at(*m).unwrap()).collect();
-        assert_eq!(at, vec![100, 598, 600, 604, 634, 1144]);
+        assert_eq!(at, vec![100, 598, 600, 604, 616, 634, 1144]);
+        assert_eq!(
+            t.between(Mark::InitiationQueued, Mark::FirstIkeSaInit),
+            Some(std::time::Duration::from_millis(12)),
+            "the pacer's wait is a step of its own"
+        );
         assert_eq!(t.marks[&Mark::Released].0, "be1");
         assert_eq!(t.marks[&Mark::FirstTraffic].0, "fe1");
         assert_eq!(
@@ -465,13 +485,15 @@ mod tests {
                 Act(1500, initiate()),
                 In(3005, owner("be2", 4, 3002)),
                 Act(3005, initiate()),
+                In(3007, started()),
                 In(3040, sa_up()),
                 In(3250, counters(200, 200)),
             ],
         );
         let t = MoveTimeline::merge(&[new[0].clone(), fe[0].clone()]).unwrap();
         assert_eq!(t.missing(), vec![Mark::Released]);
-        assert_eq!(t.at(Mark::FirstIkeSaInit), Some(3005));
+        assert_eq!(t.at(Mark::InitiationQueued), Some(3005));
+        assert_eq!(t.at(Mark::FirstIkeSaInit), Some(3007));
         assert_eq!(t.at(Mark::FirstTraffic), Some(3250));
         assert_eq!(t.from_node.as_deref(), Some("be1"));
         assert_eq!(t.recovery(), Some(std::time::Duration::from_millis(250)));
@@ -501,6 +523,7 @@ mod tests {
         assert_eq!(
             t.missing(),
             vec![
+                Mark::InitiationQueued,
                 Mark::FirstIkeSaInit,
                 Mark::ChildSaInstalled,
                 Mark::FirstTraffic
