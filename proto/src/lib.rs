@@ -4,4 +4,8 @@
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("vipsec.v1");
+
+    /// The encoded `FileDescriptorSet` of `vipsec.v1` (and the well-known types it imports),
+    /// for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("vipsec_descriptor");
 }

@@ -1,8 +1,11 @@
 //! The gRPC API (`vipsec.v1.Agent`), served on a root-only Unix socket by default, or on
 //! TCP with TLS.
 
+pub mod authority;
 mod convert;
 mod error;
+pub mod health;
+pub mod limits;
 mod policies;
 
 pub use policies::parse as parse_policy;
@@ -193,24 +196,54 @@ pub async fn serve(
     handle: AgentHandle,
     cancel: CancellationToken,
 ) -> Result<(), String> {
-    let svc = AgentServer::new(AgentService {
-        handle,
+    let subscribers = limits::Subscribers::default();
+    let agent = AgentServer::new(AgentService {
+        handle: handle.clone(),
         drilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    });
+        subscribers: subscribers.clone(),
+    })
+    .max_decoding_message_size(limits::MAX_REQUEST_BYTES);
+    let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService {
+        handle,
+        subscribers,
+    })
+    .max_decoding_message_size(limits::MAX_REQUEST_BYTES);
+    // Reflection (grpcurl list/describe, Postman, grpcui): both protocol versions, since
+    // older tools only speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) =
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return Err(format!("API reflection: {e}")),
+        };
+    let builder = || Server::builder().max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION);
     let shutdown = async move { cancel.cancelled().await };
     let result = match bound {
         BoundApi::Unix { listener, path } => {
             info!(path = %path.display(), "API listening on unix socket");
-            Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            // Standard clients name the socket path as :authority; see `authority`.
+            let incoming = UnixListenerStream::new(listener)
+                .map(|conn| conn.map(authority::AuthorityFix::new));
+            builder()
+                .add_service(agent)
+                .add_service(health)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         BoundApi::Tcp { listener, tls } => {
             info!(addr = ?listener.local_addr().ok(), "API listening on TCP with TLS");
-            match Server::builder().tls_config(tls) {
+            match builder().tls_config(tls) {
                 Ok(mut b) => {
-                    b.add_service(svc)
+                    b.add_service(agent)
+                        .add_service(health)
+                        .add_service(reflection_v1)
+                        .add_service(reflection_v1alpha)
                         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                         .await
                 }
@@ -226,6 +259,8 @@ pub struct AgentService {
     /// A drill moves the VIP through the cluster manager: two at once would race each
     /// other's commands and judge each other's moves.
     drilling: Arc<std::sync::atomic::AtomicBool>,
+    /// Open event and health-watch streams, per client.
+    subscribers: limits::Subscribers,
 }
 
 /// Clears the drill flag however the drill ends (an error, a dropped request).
@@ -253,7 +288,8 @@ impl AgentService {
     }
 }
 
-fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
+fn parse_vip(field: &str, s: &str) -> Result<IpAddr, Status> {
+    limits::check_len(field, s, "max_vip_len", limits::MAX_VIP_LEN)?;
     // An IPv6 VIP may come bracketed ("[2001:db8::100]", as copied from a URL or from a
     // flow's text) and an IPv4-mapped one stands for the IPv4 VIP the agent knows.
     let t = s.trim();
@@ -265,6 +301,7 @@ fn parse_vip(field: &str, s: &str) -> Result<IpAddr, ApiError> {
         .map(|ip| ip.to_canonical())
         .map_err(|_| {
             ApiError::InvalidArgument(format!("{field} {s:?} is not an IPv4 or IPv6 address"))
+                .into()
         })
 }
 
@@ -287,9 +324,14 @@ impl AgentApi for AgentService {
         req: Request<pb::ApplyPolicyRequest>,
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         self.require_trusted_client()?;
-        Ok(Response::new(
-            policies::apply(&self.handle, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        limits::check_len(
+            "document",
+            &req.document,
+            "max_policy_document_len",
+            limits::MAX_POLICY_DOCUMENT_LEN,
+        )?;
+        Ok(Response::new(policies::apply(&self.handle, req).await?))
     }
 
     async fn get_status(
@@ -361,6 +403,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let slot = self.subscribers.acquire(limits::ClientKey::of(&req))?;
         let req = req.into_inner();
         let only = if req.vip.is_empty() {
             None
@@ -369,7 +412,11 @@ impl AgentApi for AgentService {
         };
         let rx = self.handle.subscribe();
         let stream = BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(e) if only.is_none() || e.notice.vip == only => Some(Ok(convert::event(&e))),
+            // The slot lives as long as the stream: the client's count drops when it ends.
+            Ok(e) if only.is_none() || e.notice.vip == only => {
+                let _ = &slot;
+                Some(Ok(convert::event(&e)))
+            }
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "event subscriber too slow; events skipped");
@@ -516,6 +563,12 @@ impl AgentApi for AgentService {
         self.require_trusted_client()?;
         let req = req.into_inner();
         let vip = parse_vip("vip", &req.vip)?;
+        limits::check_len(
+            "to_node",
+            &req.to_node,
+            "max_node_name_len",
+            limits::MAX_NODE_NAME_LEN,
+        )?;
         let to = req.to_node.trim().to_string();
         if to.is_empty() {
             return Err(ApiError::InvalidArgument("to_node must name a node".into()).into());
@@ -621,6 +674,12 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
         self.require_trusted_client()?;
         let filter = req.into_inner().filter;
+        limits::check_len(
+            "filter",
+            &filter,
+            "max_log_filter_len",
+            limits::MAX_LOG_FILTER_LEN,
+        )?;
         if filter.trim().is_empty() {
             return Err(ApiError::InvalidArgument("filter must not be empty".into()).into());
         }

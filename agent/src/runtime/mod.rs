@@ -162,6 +162,12 @@ impl AgentHandle {
             .map_err(|_| "the agent is shutting down".to_string())
     }
 
+    /// Wakes on every change of the core's status. Parts of [`status`](Self::status) are
+    /// read live (tasks, store writes) and change without it: watchers poll as well.
+    pub fn status_changes(&self) -> watch::Receiver<StatusView> {
+        self.status.clone()
+    }
+
     /// Waits until the status satisfies `f` (for tests and the lab), up to `timeout`.
     pub async fn wait_status(
         &self,
