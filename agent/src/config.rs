@@ -390,9 +390,16 @@ pub struct ReconnectConfig {
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
     /// Upper bound of the random delay (uniform from zero) before a renegotiation's first
-    /// attempt; `"0s"` turns it off.
+    /// attempt; `"0s"` turns it off. The window actually used follows the crowd: the
+    /// front-ends that renegotiate with the same new owner at once (each back-end says in
+    /// the store how many it serves) divided by `responder_rate`, and none at all for a
+    /// crowd of up to 8.
     #[serde(default = "default_reconnect_jitter", with = "humantime_serde")]
     pub jitter: Duration,
+    /// IKE_SA_INITs per second one back-end is assumed to take from a crowd of front-ends
+    /// without falling behind; sizes the jitter window (crowd / rate, at most `jitter`).
+    #[serde(default = "default_responder_rate")]
+    pub responder_rate: f64,
 }
 
 impl Default for ReconnectConfig {
@@ -402,8 +409,15 @@ impl Default for ReconnectConfig {
             burst: default_reconnect_burst(),
             concurrency: default_reconnect_concurrency(),
             jitter: default_reconnect_jitter(),
+            responder_rate: default_responder_rate(),
         }
     }
+}
+
+fn default_responder_rate() -> f64 {
+    // The storm lab's 60 initiations (20 front-ends x 3 VIPs) spread over the 200 ms the
+    // fixed jitter used to take, where every front-end recovered in every run.
+    300.0
 }
 
 fn default_reconnect_rate() -> f64 {
@@ -1021,6 +1035,15 @@ impl Config {
                 format!(
                     "{} must be a number of initiations per second above zero",
                     r.rate
+                ),
+            );
+        }
+        if !(r.responder_rate.is_finite() && r.responder_rate > 0.0) {
+            bad(
+                "failover.reconnect.responder_rate",
+                format!(
+                    "{} must be a number of IKE_SA_INITs per second above zero",
+                    r.responder_rate
                 ),
             );
         }

@@ -814,7 +814,21 @@ async fn a_node_refused_the_record_is_seen_holding_the_address_by_the_owner() {
             vip: v,
             node,
             holds,
+            ..
         } if *v == vip && node == "be2" => holds.then_some(()),
+        _ => None,
+    })
+    .await;
+    // The owner's mark says how many front-ends it serves (front-ends size their
+    // reconnect jitter by it); a new count is written again by the lease loop.
+    a.store.note_followers(vip, 7);
+    b.expect("A's mark with its front-ends", |i| match i {
+        Input::HolderChanged {
+            vip: v,
+            node,
+            holds: true,
+            followers,
+        } if *v == vip && node == "be1" => (*followers == 7).then_some(()),
         _ => None,
     })
     .await;
@@ -825,6 +839,7 @@ async fn a_node_refused_the_record_is_seen_holding_the_address_by_the_owner() {
             vip: v,
             node,
             holds,
+            ..
         } if *v == vip && node == "be2" => (!holds).then_some(()),
         _ => None,
     })
@@ -887,6 +902,7 @@ async fn a_dead_owners_record_is_taken_over_at_once_and_only_as_it_was_judged() 
             vip: v,
             node,
             holds: true,
+            ..
         } if *v == vip && node == "be2" => Some(()),
         _ => None,
     })

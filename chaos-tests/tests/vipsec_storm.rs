@@ -49,6 +49,7 @@ fn unpaced() -> ReconnectConfig {
         burst: 1_000_000,
         concurrency: 1_000_000,
         jitter: Duration::ZERO,
+        responder_rate: 1_000_000.0,
     }
 }
 

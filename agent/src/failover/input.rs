@@ -21,13 +21,15 @@ pub enum Input {
         owner: Option<VipOwner>,
     },
     /// Which nodes hold each VIP's address, as they mark it in the store, after every
-    /// (re)connection.
-    HoldersSnapshot(Vec<(Vip, String)>),
-    /// A node started or stopped holding a VIP's address.
+    /// (re)connection, each with how many front-ends it says it serves for it.
+    HoldersSnapshot(Vec<(Vip, String, u32)>),
+    /// A node started or stopped holding a VIP's address (or its count of front-ends
+    /// changed).
     HolderChanged {
         vip: Vip,
         node: String,
         holds: bool,
+        followers: u32,
     },
     StoreHealth {
         healthy: bool,
@@ -142,10 +144,13 @@ pub enum Action {
     DropStaleSas {
         vip: Vip,
     },
-    /// Start a fresh IKE_SA (IKE_SA_INIT) and its CHILD_SA toward the VIP.
+    /// Start a fresh IKE_SA (IKE_SA_INIT) and its CHILD_SA toward the VIP. `crowd`: how
+    /// many front-ends are expected to renegotiate with the VIP's owner at the same time
+    /// (the pacer spreads first attempts over a window that grows with it).
     Initiate {
         vip: Vip,
         attempt: u32,
+        crowd: u32,
     },
     StartTimer {
         timer: Timer,

@@ -10,6 +10,7 @@
 //! Time comes in as an argument (`tokio::time::Instant`), so tests drive the core with
 //! paused time and scripted inputs.
 
+mod crowd;
 mod guard;
 mod idle;
 mod input;
@@ -219,6 +220,9 @@ pub struct FailoverCore {
     store_healthy: Option<bool>,
     /// The time of the input being handled (inputs carry time; helpers read it here).
     now: Instant,
+    /// Who owns every VIP and how many front-ends each holder serves, to size the crowd
+    /// that renegotiates with a new owner at once.
+    crowds: crowd::Crowds,
 }
 
 type Out = Vec<Action>;
@@ -251,6 +255,7 @@ impl FailoverCore {
             keying_up: None,
             store_healthy: None,
             now: Instant::now(),
+            crowds: crowd::Crowds::default(),
         }
     }
 
@@ -324,6 +329,10 @@ impl FailoverCore {
             Input::VipDisappeared(vip) => self.vip_disappeared(&mut out, vip),
             Input::OwnerSnapshot(records) => {
                 let records: BTreeMap<Vip, Option<VipOwner>> = records.into_iter().collect();
+                for (vip, owner) in &records {
+                    self.crowds
+                        .owner(*vip, owner.as_ref().map(|o| o.node.as_str()));
+                }
                 let vips: Vec<Vip> = self
                     .hosted
                     .keys()
@@ -336,16 +345,19 @@ impl FailoverCore {
                 }
             }
             Input::OwnerChanged { vip, owner } => {
+                self.crowds
+                    .owner(vip, owner.as_ref().map(|o| o.node.as_str()));
                 self.owner_update(&mut out, now, vip, owner, false)
             }
             Input::HoldersSnapshot(holders) => {
+                self.crowds.holders_snapshot(&holders);
                 let me = self.settings.node.clone();
                 let vips: Vec<Vip> = self.hosted.keys().copied().collect();
                 for vip in vips {
                     let others: BTreeSet<String> = holders
                         .iter()
-                        .filter(|(v, n)| *v == vip && *n != me)
-                        .map(|(_, n)| n.clone())
+                        .filter(|(v, n, _)| *v == vip && *n != me)
+                        .map(|(_, n, _)| n.clone())
                         .collect();
                     let h = self.hosted.get_mut(&vip).expect("hosted VIP");
                     if h.also_held_by != others {
@@ -354,7 +366,13 @@ impl FailoverCore {
                     }
                 }
             }
-            Input::HolderChanged { vip, node, holds } => {
+            Input::HolderChanged {
+                vip,
+                node,
+                holds,
+                followers,
+            } => {
+                self.crowds.holder(vip, &node, holds, followers);
                 if node != self.settings.node
                     && let Some(h) = self.hosted.get_mut(&vip)
                 {
@@ -984,6 +1002,7 @@ impl FailoverCore {
         out.push(Action::Initiate {
             vip,
             attempt: r.attempts,
+            crowd: self.crowds.crowd(vip),
         });
     }
 

@@ -1355,6 +1355,7 @@ async fn the_owner_of_record_hears_that_another_node_holds_the_address_too() {
         vip: vip(),
         node: "other".into(),
         holds: true,
+        followers: 0,
     });
     // Still the owner: it keeps serving (the other node refuses), nothing deleted.
     assert!(
@@ -1374,20 +1375,21 @@ async fn the_owner_of_record_hears_that_another_node_holds_the_address_too() {
         vip: vip(),
         node: "other".into(),
         holds: false,
+        followers: 0,
     });
     assert!(notices(&a).contains(&NoticeKind::SplitBrainCleared));
 
     // Our own mark is not a conflict, and a snapshot replaces what was known.
     let a = be.feed(Input::HoldersSnapshot(vec![
-        (vip(), "me".into()),
-        (vip(), "third".into()),
+        (vip(), "me".into(), 1),
+        (vip(), "third".into(), 0),
     ]));
     assert!(notices(&a).is_empty(), "{a:#?}");
     assert!(be.core.hosted()[&vip()].also_held_by.contains("third"));
     assert!(!be.core.hosted()[&vip()].also_held_by.contains("me"));
     let a = be.advance(Duration::from_secs(2)).await;
     assert!(notices(&a).contains(&NoticeKind::SplitBrain));
-    let a = be.feed(Input::HoldersSnapshot(vec![(vip(), "me".into())]));
+    let a = be.feed(Input::HoldersSnapshot(vec![(vip(), "me".into(), 1)]));
     assert!(notices(&a).contains(&NoticeKind::SplitBrainCleared));
 }
 
@@ -1444,4 +1446,40 @@ async fn a_vip_that_leaves_after_another_node_is_on_record_deletes_nothing() {
             role: VipRole::Hosted
         }
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renegotiation_says_how_many_front_ends_move_with_it() {
+    let mut fe = Node::front_end(true, Mode::Normal);
+    let other: IpAddr = "192.0.2.101".parse().unwrap();
+    fe.feed(store_up());
+    fe.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    fe.feed(Input::OwnerSnapshot(vec![
+        (vip(), owner("be1", 3)),
+        (other, owner("be1", 7)),
+    ]));
+    fe.feed(Input::SaUp(peer_sa(1)));
+    // be1 serves 20 front-ends on each of its two VIPs.
+    fe.feed(Input::HoldersSnapshot(vec![
+        (vip(), "be1".into(), 20),
+        (other, "be1".into(), 20),
+    ]));
+    // be1 crashes: its marks go, and the VIP's record names be2.
+    fe.feed(Input::HolderChanged {
+        vip: vip(),
+        node: "be1".into(),
+        holds: false,
+        followers: 0,
+    });
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 4),
+    });
+    let crowd = a.iter().find_map(|x| match x {
+        Action::Initiate { crowd, .. } => Some(*crowd),
+        _ => None,
+    });
+    assert_eq!(crowd, Some(40), "{a:#?}");
 }

@@ -49,6 +49,7 @@ enum JobKind {
     DropStale,
     Initiate {
         attempt: u32,
+        crowd: u32,
     },
     AcceptSas {
         accept: bool,
@@ -208,9 +209,11 @@ impl Lanes {
                 self.lane(vip, epoch, JobKind::DeleteSas { role, reply: None })
             }
             Action::DropStaleSas { vip } => self.lane(vip, epoch, JobKind::DropStale),
-            Action::Initiate { vip, attempt } => {
-                self.lane(vip, epoch, JobKind::Initiate { attempt })
-            }
+            Action::Initiate {
+                vip,
+                attempt,
+                crowd,
+            } => self.lane(vip, epoch, JobKind::Initiate { attempt, crowd }),
             Action::AcceptSas { vip, accept } => {
                 self.lane(vip, epoch, JobKind::AcceptSas { accept })
             }
@@ -451,7 +454,7 @@ impl VipLane {
                     }
                 }
             }
-            JobKind::Initiate { attempt } => {
+            JobKind::Initiate { attempt, crowd } => {
                 if self.ctx.config.peer(vip).is_none() {
                     self.failed("initiate", "not a configured peer VIP");
                     let result = Err("not a configured peer VIP".to_string());
@@ -468,7 +471,7 @@ impl VipLane {
                 }
                 // The epoch is checked again, and the policy's connection prepared, when
                 // the pacer starts it: that may be a while after this decision.
-                self.ctx.pacer.initiate(vip, attempt, epoch);
+                self.ctx.pacer.initiate(vip, attempt, epoch, crowd);
             }
         }
     }

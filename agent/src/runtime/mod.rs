@@ -433,6 +433,8 @@ impl Agent {
             policies: policies.clone(),
             tracker: tracker.clone(),
             supervisor: supervisor.clone(),
+            store: backends.store.clone(),
+            followers: Default::default(),
         };
         let c = cancel.clone();
         supervisor.essential(
@@ -569,6 +571,9 @@ struct CoreLoop {
     policies: Option<Policies>,
     tracker: TaskTracker,
     supervisor: Supervisor,
+    store: Arc<dyn OwnershipStore>,
+    /// The count of front-ends last told to the store per hosted VIP.
+    followers: std::collections::HashMap<Vip, u32>,
 }
 
 impl CoreLoop {
@@ -593,6 +598,7 @@ impl CoreLoop {
                 Some(cmd) = self.commands.recv() => self.command(cmd),
                 Ok(()) = self.guard.changed() => {}
             }
+            self.note_followers();
             self.publish_status();
         }
     }
@@ -676,6 +682,18 @@ impl CoreLoop {
                     let epoch = other.vip().map_or(0, |v| self.core.epoch_of(v));
                     self.lanes.submit(other, epoch)
                 }
+            }
+        }
+    }
+
+    /// Tells the store how many front-ends (IKE_SAs) each hosted VIP here has, when that
+    /// changes: front-ends size their reconnect jitter by it when the VIP moves.
+    fn note_followers(&mut self) {
+        for (vip, h) in self.core.hosted() {
+            let n = h.sas.len() as u32;
+            if self.followers.get(vip) != Some(&n) {
+                self.followers.insert(*vip, n);
+                self.store.note_followers(*vip, n);
             }
         }
     }

@@ -7,10 +7,13 @@
 //! - a priority queue: higher `peer_vip.priority` first, then first come first served;
 //! - a token bucket: `rate` initiations per second on average, `burst` back to back;
 //! - a limit of `concurrency` initiations in flight (the one place this limit lives);
-//! - a random jitter (uniform from zero to `jitter`) before the first attempt of a
-//!   renegotiation, so the front-ends of a cluster spread their IKE_SA_INITs. Attempts
-//!   queued while one jitter window is open share it, so that this node's VIPs still go in
-//!   priority order. Later attempts get no jitter: the core's backoff already spaces them.
+//! - a random jitter before the first attempt of a renegotiation, so the front-ends of a
+//!   cluster spread their IKE_SA_INITs. Its window follows the crowd the core expects to
+//!   renegotiate with the same new owner at once ([`PacingSettings::window`]): none for a
+//!   few front-ends, so a small cluster pays nothing, up to `jitter` for a large one.
+//!   Attempts queued while one jitter window is open share it, so that this node's VIPs
+//!   still go in priority order. Later attempts get no jitter: the core's backoff already
+//!   spaces them.
 //!
 //! There is no per-peer backoff here on purpose: the failover core keeps one retry schedule
 //! per peer VIP (`failover.retry_*`, exponential up to `retry_max` and bounded by
@@ -49,6 +52,23 @@ pub struct PacingSettings {
     pub burst: u32,
     pub concurrency: usize,
     pub jitter: Duration,
+    pub responder_rate: f64,
+}
+
+/// Up to this many front-ends renegotiating at once need no spreading: the new owner
+/// takes them as fast as they come (measured: 2 front-ends with a 13 ms IKE exchange).
+pub const CROWD_WITHOUT_JITTER: u32 = 8;
+
+impl PacingSettings {
+    /// The jitter window for a first attempt when `crowd` front-ends renegotiate with the
+    /// same owner at once: long enough for the owner to take them at `responder_rate`,
+    /// at most `jitter`, and none for a small crowd.
+    pub fn window(&self, crowd: u32) -> Duration {
+        if crowd <= CROWD_WITHOUT_JITTER || self.jitter.is_zero() {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(f64::from(crowd) / self.responder_rate).min(self.jitter)
+    }
 }
 
 impl From<&ReconnectConfig> for PacingSettings {
@@ -58,6 +78,7 @@ impl From<&ReconnectConfig> for PacingSettings {
             burst: c.burst,
             concurrency: c.concurrency as usize,
             jitter: c.jitter,
+            responder_rate: c.responder_rate,
         }
     }
 }
@@ -120,24 +141,26 @@ impl InitiationQueue {
         self.in_flight
     }
 
-    /// Queues an initiation. `unit_random` (in [0, 1)) picks the jitter when this first
-    /// attempt opens a new window. A newer initiation for a VIP replaces one still queued
-    /// (the core only asks again once it stopped waiting for the old one); the replaced
-    /// one is returned.
+    /// Queues an initiation. `unit_random` (in [0, 1)) picks the jitter, within the
+    /// window `crowd` calls for, when this first attempt opens a new window. A newer
+    /// initiation for a VIP replaces one still queued (the core only asks again once it
+    /// stopped waiting for the old one); the replaced one is returned.
     pub fn enqueue(
         &mut self,
         now: Instant,
         vip: Vip,
         attempt: u32,
         priority: u8,
+        crowd: u32,
         unit_random: f64,
     ) -> Option<QueuedInitiation> {
         let replaced = self.cancel(vip);
-        let not_before = if attempt == 1 && !self.settings.jitter.is_zero() {
+        let window = self.settings.window(crowd);
+        let not_before = if attempt == 1 && !window.is_zero() {
             match self.window_end {
                 Some(end) if end > now => end,
                 _ => {
-                    let end = now + self.settings.jitter.mul_f64(unit_random.clamp(0.0, 1.0));
+                    let end = now + window.mul_f64(unit_random.clamp(0.0, 1.0));
                     self.window_end = Some(end);
                     end
                 }
@@ -202,8 +225,15 @@ impl InitiationQueue {
 }
 
 enum Request {
-    Enqueue { vip: Vip, attempt: u32, epoch: u64 },
-    Cancel { vip: Vip },
+    Enqueue {
+        vip: Vip,
+        attempt: u32,
+        epoch: u64,
+        crowd: u32,
+    },
+    Cancel {
+        vip: Vip,
+    },
 }
 
 /// The runtime's handle on the pacing task. Requests keep the order they were sent in, so
@@ -236,12 +266,14 @@ impl Pacer {
         Pacer { requests: tx }
     }
 
-    /// Queues an initiation the core decided while the VIP's epoch was `epoch`.
-    pub(super) fn initiate(&self, vip: Vip, attempt: u32, epoch: u64) {
+    /// Queues an initiation the core decided while the VIP's epoch was `epoch`, with
+    /// `crowd` front-ends expected to renegotiate with the same owner at once.
+    pub(super) fn initiate(&self, vip: Vip, attempt: u32, epoch: u64, crowd: u32) {
         let _ = self.requests.send(Request::Enqueue {
             vip,
             attempt,
             epoch,
+            crowd,
         });
     }
 
@@ -272,17 +304,17 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
             _ = parts.cancel.cancelled() => return,
             req = requests.recv() => match req {
                 None => return,
-                Some(Request::Enqueue { vip, attempt, epoch }) => {
+                Some(Request::Enqueue { vip, attempt, epoch, crowd }) => {
                     decided.insert(vip, epoch);
                     let priority = parts.config.peer(vip).map_or(
                         crate::config::DEFAULT_PEER_PRIORITY,
                         |p| p.priority,
                     );
                     let now = Instant::now();
-                    if let Some(old) = queue.enqueue(now, vip, attempt, priority, rand::random()) {
+                    if let Some(old) = queue.enqueue(now, vip, attempt, priority, crowd, rand::random()) {
                         report_unstarted(&parts, &old, "replaced by a newer attempt");
                     }
-                    debug!(%vip, attempt, priority, queued = queue.queued(), "initiation queued");
+                    debug!(%vip, attempt, priority, crowd, window = ?settings.window(crowd), queued = queue.queued(), "initiation queued");
                 }
                 Some(Request::Cancel { vip }) => {
                     if let Some(old) = queue.cancel(vip) {
@@ -401,11 +433,40 @@ mod tests {
             burst: 2,
             concurrency: 3,
             jitter: Duration::from_millis(200),
+            responder_rate: 100.0,
         }
     }
 
+    /// A crowd large enough for the whole `jitter` window.
+    const CROWD: u32 = 1000;
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_jitter_window_follows_the_crowd() {
+        let s = settings();
+        // A few front-ends: the owner takes them as they come, nobody waits.
+        assert_eq!(s.window(1), Duration::ZERO);
+        assert_eq!(s.window(CROWD_WITHOUT_JITTER), Duration::ZERO);
+        // A crowd: long enough for the owner to take it at responder_rate (100/s here).
+        assert_eq!(s.window(12), ms(120));
+        // A big one: never more than `jitter`.
+        assert_eq!(s.window(60), ms(200));
+        let off = PacingSettings {
+            jitter: Duration::ZERO,
+            ..settings()
+        };
+        assert_eq!(off.window(60), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_first_attempt_in_a_small_crowd_starts_at_once() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(settings(), t0);
+        q.enqueue(t0, vip(1), 1, 50, 2, 0.99);
+        assert_eq!(drain(&mut q, t0), [1]);
     }
 
     /// Starts everything that may start now; returns the VIPs' last octets.
@@ -512,12 +573,12 @@ mod tests {
             },
         });
         // An empty queue starts at once.
-        pacer.initiate(vip(100), 1, 0);
+        pacer.initiate(vip(100), 1, 0, 1);
         assert_eq!(started.recv().await, Some(vip(100)));
         // While it is in flight, the next ones queue up.
-        pacer.initiate(vip(102), 1, 0);
-        pacer.initiate(vip(101), 1, 0);
-        pacer.initiate(vip(103), 2, 0);
+        pacer.initiate(vip(102), 1, 0, 1);
+        pacer.initiate(vip(101), 1, 0, 1);
+        pacer.initiate(vip(103), 2, 0, 1);
         // A drop removes a queued initiation; the core hears that it will not run.
         pacer.cancel(vip(103));
         let (v, attempt, result) = finished(&mut rx).await;
@@ -550,10 +611,10 @@ mod tests {
             },
             t0,
         );
-        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        q.enqueue(t0, vip(1), 1, 50, CROWD, 0.5);
         // Later draws do not move the open window.
-        q.enqueue(t0 + ms(10), vip(2), 1, 90, 0.0);
-        q.enqueue(t0 + ms(20), vip(3), 1, 10, 0.99);
+        q.enqueue(t0 + ms(10), vip(2), 1, 90, CROWD, 0.0);
+        q.enqueue(t0 + ms(20), vip(3), 1, 10, CROWD, 0.99);
         assert_eq!(q.next(t0 + ms(20)), Next::At(t0 + ms(100)));
         tokio::time::advance(ms(100)).await;
         assert_eq!(drain(&mut q, Instant::now()), [2, 1, 3]);
@@ -571,7 +632,7 @@ mod tests {
             t0,
         );
         for n in [7, 3, 5] {
-            q.enqueue(t0, vip(n), 2, 50, 0.0);
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
         assert_eq!(drain(&mut q, t0), [7, 3, 5]);
     }
@@ -580,7 +641,7 @@ mod tests {
     async fn later_attempts_are_not_jittered() {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(settings(), t0);
-        q.enqueue(t0, vip(1), 2, 50, 0.99);
+        q.enqueue(t0, vip(1), 2, 50, CROWD, 0.99);
         assert_eq!(drain(&mut q, t0), [1]);
         // A first attempt with jitter off starts at once too.
         let mut q = InitiationQueue::new(
@@ -590,7 +651,7 @@ mod tests {
             },
             t0,
         );
-        q.enqueue(t0, vip(1), 1, 50, 0.99);
+        q.enqueue(t0, vip(1), 1, 50, CROWD, 0.99);
         assert_eq!(drain(&mut q, t0), [1]);
     }
 
@@ -598,11 +659,11 @@ mod tests {
     async fn a_closed_window_is_not_reused() {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(settings(), t0);
-        q.enqueue(t0, vip(1), 1, 50, 0.5);
+        q.enqueue(t0, vip(1), 1, 50, CROWD, 0.5);
         tokio::time::advance(ms(150)).await;
         let t1 = Instant::now();
         assert_eq!(drain(&mut q, t1), [1]);
-        q.enqueue(t1, vip(2), 1, 50, 0.25);
+        q.enqueue(t1, vip(2), 1, 50, CROWD, 0.25);
         assert_eq!(q.next(t1), Next::At(t1 + ms(50)));
     }
 
@@ -617,7 +678,7 @@ mod tests {
             t0,
         );
         for n in 1..=5 {
-            q.enqueue(t0, vip(n), 2, 50, 0.0);
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
         assert_eq!(drain(&mut q, t0), [1, 2]);
         // 10 per second: the next token in 100 ms.
@@ -643,7 +704,7 @@ mod tests {
             t0,
         );
         for n in 1..=4 {
-            q.enqueue(t0, vip(n), 2, 50, 0.0);
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
         assert_eq!(drain(&mut q, t0), [1, 2]);
         assert_eq!(q.next(t0), Next::Idle);
@@ -659,12 +720,12 @@ mod tests {
     async fn a_cancelled_or_replaced_initiation_leaves_the_queue() {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(settings(), t0);
-        q.enqueue(t0, vip(1), 1, 50, 0.5);
-        q.enqueue(t0, vip(2), 1, 50, 0.5);
+        q.enqueue(t0, vip(1), 1, 50, CROWD, 0.5);
+        q.enqueue(t0, vip(2), 1, 50, CROWD, 0.5);
         let gone = q.cancel(vip(1)).expect("queued");
         assert_eq!((gone.vip, gone.attempt), (vip(1), 1));
         assert_eq!(q.cancel(vip(1)), None);
-        let replaced = q.enqueue(t0, vip(2), 2, 50, 0.0).expect("replaced");
+        let replaced = q.enqueue(t0, vip(2), 2, 50, CROWD, 0.0).expect("replaced");
         assert_eq!(replaced.attempt, 1);
         assert_eq!(q.queued(), 1);
         // The new attempt is not jittered: it starts at once.
@@ -679,8 +740,8 @@ mod tests {
     async fn a_retry_overtakes_first_attempts_still_in_their_window() {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(settings(), t0);
-        q.enqueue(t0, vip(1), 1, 100, 0.5);
-        q.enqueue(t0, vip(2), 3, 0, 0.0);
+        q.enqueue(t0, vip(1), 1, 100, CROWD, 0.5);
+        q.enqueue(t0, vip(2), 3, 0, CROWD, 0.0);
         assert_eq!(drain(&mut q, t0), [2]);
         tokio::time::advance(ms(100)).await;
         assert_eq!(drain(&mut q, Instant::now()), [1]);

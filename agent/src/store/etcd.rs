@@ -312,6 +312,19 @@ impl OwnershipStore for EtcdStore {
         self.pending()
     }
 
+    fn note_followers(&self, vip: Vip, followers: u32) {
+        let mut intents = self.intents();
+        if let Some(h) = intents.held.get_mut(&vip)
+            && h.followers != followers
+        {
+            h.followers = followers;
+            // The lease loop writes the mark again, off every path a move waits on.
+            h.mark_again();
+            drop(intents);
+            self.wake.notify_one();
+        }
+    }
+
     async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
         self.put_marks(marks).await
     }

@@ -89,6 +89,13 @@ pub trait OwnershipStore: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// How many front-ends this node serves for a hosted VIP it holds: published beside
+    /// the holder mark, so front-ends know how many will renegotiate at once when the VIP
+    /// moves. A store with no other node has no one to tell.
+    fn note_followers(&self, vip: Vip, followers: u32) {
+        let _ = (vip, followers);
+    }
+
     /// Stores this node's marks of one move (all of them: they replace the last ones
     /// published for the same move), for a day. A store without shared state keeps
     /// nothing by default.

@@ -345,6 +345,7 @@ mod tests {
         Action::Initiate {
             vip: vip(),
             attempt: 1,
+            crowd: 1,
         }
     }
 

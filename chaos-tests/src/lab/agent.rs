@@ -93,6 +93,7 @@ pub fn config_toml(plan: &AgentPlan) -> String {
         let _ = writeln!(s, "burst = {}", r.burst);
         let _ = writeln!(s, "concurrency = {}", r.concurrency);
         let _ = writeln!(s, "jitter = \"{}us\"", r.jitter.as_micros());
+        let _ = writeln!(s, "responder_rate = {:?}", r.responder_rate);
     }
     if plan.role == Role::BackEnd {
         // `vipsec drill` on the owner steps it down the way an operator would: the handover
@@ -348,6 +349,7 @@ mod tests {
                     burst: 100,
                     concurrency: 64,
                     jitter: Duration::ZERO,
+                    responder_rate: 500.0,
                 };
                 p.reconnect = Some(&reconnect);
                 let paced = config_toml(&p);

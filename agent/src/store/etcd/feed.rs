@@ -8,7 +8,7 @@ use etcd_client::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::keys::decode_owner;
+use super::keys::{decode_owner, holder_followers};
 use super::{BACKOFF_MAX, BACKOFF_MIN, EtcdStore, SessionEnd, unavailable};
 use crate::InputSink;
 use crate::failover::Input;
@@ -46,7 +46,7 @@ impl EtcdStore {
     pub(super) async fn snapshot(
         &self,
         client: &Client,
-    ) -> Result<(Vec<(Vip, Option<VipOwner>)>, Vec<(Vip, String)>, i64), StoreError> {
+    ) -> Result<(Vec<(Vip, Option<VipOwner>)>, Vec<(Vip, String, u32)>, i64), StoreError> {
         let mut c = client.clone();
         let txn = Txn::new().and_then([
             TxnOp::get(self.keys.owners(), Some(GetOptions::new().with_prefix())),
@@ -73,7 +73,10 @@ impl EtcdStore {
             .map(|g| {
                 g.kvs()
                     .iter()
-                    .filter_map(|kv| self.decode_holder(kv.key()))
+                    .filter_map(|kv| {
+                        let (vip, node) = self.decode_holder(kv.key())?;
+                        Some((vip, node, holder_followers(kv.value())))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -202,7 +205,8 @@ impl EtcdStore {
                         resume.holders = resume.holders.max(Some(kv.mod_revision()));
                         let Some((vip, node)) = self.decode_holder(kv.key()) else { continue };
                         let holds = ev.event_type() == EventType::Put;
-                        if sink.send(Input::HolderChanged { vip, node, holds }).await.is_err() {
+                        let followers = if holds { holder_followers(kv.value()) } else { 0 };
+                        if sink.send(Input::HolderChanged { vip, node, holds, followers }).await.is_err() {
                             return Ok(SessionEnd::SinkClosed);
                         }
                     }

@@ -117,6 +117,25 @@ impl KeyLayout {
     }
 }
 
+/// A holder mark's value: when it was written and how many front-ends the holder serves.
+pub fn encode_holder(at_ms: u64, followers: u32) -> String {
+    format!(r#"{{"at_ms":{at_ms},"followers":{followers}}}"#)
+}
+
+/// The front-ends a holder mark says its node serves; 0 when it does not say (a mark
+/// written by an older agent holds only a time) or cannot be read.
+pub fn holder_followers(value: &[u8]) -> u32 {
+    #[derive(serde::Deserialize)]
+    struct Mark {
+        #[serde(default)]
+        followers: u32,
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return 0;
+    }
+    serde_json::from_slice::<Mark>(value).map_or(0, |m| m.followers)
+}
+
 pub fn encode_owner(owner: &VipOwner) -> Result<String, String> {
     serde_json::to_string(owner).map_err(|e| e.to_string())
 }
@@ -281,6 +300,16 @@ mod tests {
             let e = decode_owner(text.as_bytes()).unwrap_err();
             assert!(e.contains("not a node name"), "{odd:?}: {e}");
         }
+        assert_eq!(
+            holder_followers(encode_holder(1_700_000_000_000, 17).as_bytes()),
+            17
+        );
+        assert_eq!(
+            holder_followers(b"1700000000000"),
+            0,
+            "an older agent's mark"
+        );
+        assert_eq!(holder_followers(b"{\"followers\":-3}"), 0);
         assert_eq!(decode_epoch(b"12"), Ok(12));
         assert!(decode_epoch(b"-1").is_err());
         assert_eq!(

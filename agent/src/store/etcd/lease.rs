@@ -42,8 +42,11 @@ pub(super) struct Held {
     pub written: Option<EpochMark>,
     /// The node wants the owner record too (not while another node's record stands).
     pub claims: bool,
-    /// The holder mark is written under the current lease.
+    /// The holder mark is written under the current lease, with the current `followers`.
     marked: bool,
+    /// How many front-ends (IKE_SAs) this node serves for the VIP, carried in the holder
+    /// mark: front-ends size their reconnect jitter by it when the VIP moves.
+    pub followers: u32,
     renewed: Option<Instant>,
     retry: Retry,
 }
@@ -57,6 +60,13 @@ pub(super) struct Pending {
     pub attempts: u32,
     pub last_error: Option<String>,
     retry: Retry,
+}
+
+impl Held {
+    /// The holder mark must be written again (what it carries changed).
+    pub fn mark_again(&mut self) {
+        self.marked = false;
+    }
 }
 
 impl Pending {
@@ -421,11 +431,13 @@ impl EtcdStore {
         }
     }
 
-    /// Marks that this node holds the VIP's address, under the VIP's lease.
+    /// Marks that this node holds the VIP's address, under the VIP's lease, with how many
+    /// front-ends it serves for it.
     pub(super) async fn put_holder(&self, client: &Client, vip: Vip) -> Result<(), StoreError> {
         let lease = self.vip_lease(client, vip).await?;
         let mut c = client.clone();
-        let value = unix_ms(std::time::SystemTime::now()).to_string();
+        let followers = self.intents().held.get(&vip).map_or(0, |h| h.followers);
+        let value = super::keys::encode_holder(unix_ms(std::time::SystemTime::now()), followers);
         self.timed(
             "mark holder",
             c.put(
