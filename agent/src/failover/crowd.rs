@@ -66,11 +66,12 @@ impl Crowds {
 
     /// Front-ends expected to renegotiate at once with `vip`'s new owner: every front-end
     /// of every VIP the previous owner had (those still recorded as its, and those that
-    /// already moved to the same new owner). At least 1, this node.
+    /// already moved to the same new owner). 0 when no holder said how many it serves (a
+    /// cluster starting up, back-ends of an older version): the crowd is unknown.
     pub fn crowd(&self, vip: Vip) -> u32 {
         let own = self.last.get(&vip).copied().unwrap_or(0);
         let (Some(from), Some(to)) = (self.previous.get(&vip), self.known.get(&vip)) else {
-            return own.max(1);
+            return own;
         };
         let total: u32 = self
             .known
@@ -83,7 +84,7 @@ impl Crowds {
             })
             .map(|(v, _)| self.last.get(v).copied().unwrap_or(0))
             .fold(0u32, u32::saturating_add);
-        total.max(own).max(1)
+        total.max(own)
     }
 }
 
@@ -114,11 +115,11 @@ mod tests {
     }
 
     #[test]
-    fn without_marks_the_crowd_is_this_node_alone() {
+    fn without_counts_the_crowd_is_unknown() {
         let mut c = Crowds::default();
         c.owner(vip(100), Some("be1"));
         c.owner(vip(100), Some("be2"));
-        assert_eq!(c.crowd(vip(100)), 1);
+        assert_eq!(c.crowd(vip(100)), 0);
         // A first owner (nothing moved): its own count.
         let mut c = Crowds::default();
         c.holder(vip(100), "be1", true, 3);

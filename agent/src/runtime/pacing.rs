@@ -62,8 +62,13 @@ pub const CROWD_WITHOUT_JITTER: u32 = 8;
 impl PacingSettings {
     /// The jitter window for a first attempt when `crowd` front-ends renegotiate with the
     /// same owner at once: long enough for the owner to take them at `responder_rate`,
-    /// at most `jitter`, and none for a small crowd.
+    /// at most `jitter`, and none for a small crowd. An unknown crowd (0: a cluster
+    /// starting up, where every front-end initiates at once and no back-end has counted
+    /// its front-ends yet) gets the whole `jitter`.
     pub fn window(&self, crowd: u32) -> Duration {
+        if crowd == 0 {
+            return self.jitter;
+        }
         if crowd <= CROWD_WITHOUT_JITTER || self.jitter.is_zero() {
             return Duration::ZERO;
         }
@@ -447,6 +452,8 @@ mod tests {
     #[test]
     fn the_jitter_window_follows_the_crowd() {
         let s = settings();
+        // Nobody counted: the whole window, as for a cluster starting up.
+        assert_eq!(s.window(0), ms(200));
         // A few front-ends: the owner takes them as they come, nobody waits.
         assert_eq!(s.window(1), Duration::ZERO);
         assert_eq!(s.window(CROWD_WITHOUT_JITTER), Duration::ZERO);
