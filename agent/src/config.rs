@@ -386,9 +386,18 @@ pub struct ReconnectConfig {
     /// Initiations that may start back to back before `rate` applies.
     #[serde(default = "default_reconnect_burst")]
     pub burst: u32,
-    /// Initiations waiting in the keying daemon at once (per node).
+    /// Initiations waiting in the keying daemon at once (per node) to begin with. The limit
+    /// then follows the answers: one more after each initiation that came back within
+    /// `quick`, half as many after one that failed or was slow, up to `max_concurrency`.
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
+    /// The most initiations in flight at once the limit grows to.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// An initiation whose CHILD_SA is up within this counts as quick: the responders keep
+    /// up, and one more may start at once.
+    #[serde(default = "default_quick", with = "humantime_serde")]
+    pub quick: Duration,
     /// Upper bound of the random delay (uniform from zero) before a renegotiation's first
     /// attempt; `"0s"` turns it off. The window actually used follows the crowd: the
     /// front-ends that renegotiate with the same new owner at once (each back-end says in
@@ -408,12 +417,21 @@ impl Default for ReconnectConfig {
             rate: default_reconnect_rate(),
             burst: default_reconnect_burst(),
             concurrency: default_reconnect_concurrency(),
+            max_concurrency: default_max_concurrency(),
+            quick: default_quick(),
             jitter: default_reconnect_jitter(),
             responder_rate: default_responder_rate(),
         }
     }
 }
 
+fn default_max_concurrency() -> u32 {
+    8
+}
+fn default_quick() -> Duration {
+    // An unloaded IKE exchange with kernel-libipsec takes 13-40 ms in the lab.
+    Duration::from_millis(150)
+}
 fn default_responder_rate() -> f64 {
     // The storm lab's 60 initiations (20 front-ends x 3 VIPs) spread over the 200 ms the
     // fixed jitter used to take, where every front-end recovered in every run.
@@ -1057,6 +1075,15 @@ impl Config {
             bad(
                 "failover.reconnect.concurrency",
                 "must be at least 1 initiation in flight".into(),
+            );
+        }
+        if r.max_concurrency < r.concurrency {
+            bad(
+                "failover.reconnect.max_concurrency",
+                format!(
+                    "{} is below failover.reconnect.concurrency ({}), where the limit starts",
+                    r.max_concurrency, r.concurrency
+                ),
             );
         }
 

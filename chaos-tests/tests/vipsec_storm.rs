@@ -48,6 +48,8 @@ fn unpaced() -> ReconnectConfig {
         rate: 1_000_000.0,
         burst: 1_000_000,
         concurrency: 1_000_000,
+        max_concurrency: 1_000_000,
+        quick: Duration::from_secs(3600),
         jitter: Duration::ZERO,
         responder_rate: 1_000_000.0,
     }

@@ -6,7 +6,10 @@
 //! [`InitiationQueue`] decides, without I/O, which initiation starts when:
 //! - a priority queue: higher `peer_vip.priority` first, then first come first served;
 //! - a token bucket: `rate` initiations per second on average, `burst` back to back;
-//! - a limit of `concurrency` initiations in flight (the one place this limit lives);
+//! - a limit of initiations in flight (the one place this limit lives) that follows how
+//!   the responders answer: it starts at `concurrency`, grows by one after each attempt
+//!   that came back quickly, and halves after one that failed or was slow, never beyond
+//!   `max_concurrency` nor below one (additive increase, multiplicative decrease);
 //! - a random jitter before the first attempt of a renegotiation, so the front-ends of a
 //!   cluster spread their IKE_SA_INITs. Its window follows the crowd the core expects to
 //!   renegotiate with the same new owner at once ([`PacingSettings::window`]): none for a
@@ -53,6 +56,18 @@ pub struct PacingSettings {
     pub concurrency: usize,
     pub jitter: Duration,
     pub responder_rate: f64,
+    pub max_concurrency: usize,
+    /// An attempt that came back within this is quick: the responders keep up.
+    pub quick: Duration,
+}
+
+/// How an initiation came back, for the concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Up within the quick threshold: room for one more at once.
+    Quick,
+    /// Up, but slowly, or failed or timed out: half as many at once.
+    SlowOrFailed,
 }
 
 /// Up to this many front-ends renegotiating at once need no spreading: the new owner
@@ -84,6 +99,8 @@ impl From<&ReconnectConfig> for PacingSettings {
             concurrency: c.concurrency as usize,
             jitter: c.jitter,
             responder_rate: c.responder_rate,
+            max_concurrency: c.max_concurrency.max(c.concurrency) as usize,
+            quick: c.quick,
         }
     }
 }
@@ -120,6 +137,8 @@ pub struct InitiationQueue {
     tokens: f64,
     refilled_at: Instant,
     in_flight: usize,
+    /// Initiations allowed in flight now (see the module's notes).
+    limit: usize,
     next_seq: u64,
     /// The end of the jitter window first attempts join, while it is open.
     window_end: Option<Instant>,
@@ -133,6 +152,7 @@ impl InitiationQueue {
             tokens: f64::from(settings.burst),
             refilled_at: now,
             in_flight: 0,
+            limit: settings.concurrency.max(1),
             next_seq: 0,
             window_end: None,
         }
@@ -192,13 +212,22 @@ impl InitiationQueue {
     }
 
     /// An initiation started by [`Next::Start`] returned.
-    pub fn finished(&mut self) {
+    pub fn finished(&mut self, answer: Answer) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.limit = match answer {
+            Answer::Quick => (self.limit + 1).min(self.settings.max_concurrency.max(1)),
+            Answer::SlowOrFailed => (self.limit / 2).max(1),
+        };
+    }
+
+    /// Initiations allowed in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     pub fn next(&mut self, now: Instant) -> Next {
         self.refill(now);
-        if self.queue.is_empty() || self.in_flight >= self.settings.concurrency {
+        if self.queue.is_empty() || self.in_flight >= self.limit {
             return Next::Idle;
         }
         let best = self
@@ -290,7 +319,7 @@ impl Pacer {
 async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) {
     let settings = PacingSettings::from(&parts.config.failover.reconnect);
     let mut queue = InitiationQueue::new(settings, Instant::now());
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Answer>();
     // The epoch each VIP's queued initiation was decided under (the queue keeps one per VIP).
     let mut decided: HashMap<Vip, u64> = HashMap::new();
     loop {
@@ -327,7 +356,10 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
                     }
                 }
             },
-            Some(()) = done_rx.recv() => queue.finished(),
+            Some(answer) = done_rx.recv() => {
+                queue.finished(answer);
+                debug!(?answer, limit = queue.limit(), "initiation returned");
+            }
             _ = sleep_until(wake), if wake.is_some() => {}
         }
     }
@@ -356,7 +388,7 @@ fn report_unstarted(parts: &PacerParts, q: &QueuedInitiation, why: &str) {
     });
 }
 
-fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::UnboundedSender<()>) {
+fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::UnboundedSender<Answer>) {
     let now = Instant::now();
     let waited = now.saturating_duration_since(q.queued_at);
     parts
@@ -372,6 +404,7 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
         parts.sink.clone(),
     );
     let timeout = parts.config.keying.initiate_timeout;
+    let quick = parts.config.failover.reconnect.quick;
     info!(%vip, attempt, priority = q.priority, ?waited, "initiation started");
     parts.tracker.spawn(
         async move {
@@ -410,7 +443,12 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
             };
             // The slot frees before the core hears of the result: its next attempt must
             // find the slot free.
-            let _ = done.send(());
+            let answer = if result.is_ok() && started.elapsed() <= quick {
+                Answer::Quick
+            } else {
+                Answer::SlowOrFailed
+            };
+            let _ = done.send(answer);
             debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
             let _ = inputs
                 .send(Input::InitiateFinished {
@@ -439,6 +477,8 @@ mod tests {
             concurrency: 3,
             jitter: Duration::from_millis(200),
             responder_rate: 100.0,
+            max_concurrency: 3,
+            quick: ms(150),
         }
     }
 
@@ -716,11 +756,47 @@ mod tests {
         assert_eq!(drain(&mut q, t0), [1, 2]);
         assert_eq!(q.next(t0), Next::Idle);
         assert_eq!(q.in_flight(), 2);
-        q.finished();
+        // Slow answers keep the limit where it cannot fall lower than one.
+        q.finished(Answer::SlowOrFailed);
+        assert_eq!(q.limit(), 1);
+        assert!(drain(&mut q, t0).is_empty());
+        q.finished(Answer::SlowOrFailed);
         assert_eq!(drain(&mut q, t0), [3]);
-        q.finished();
-        q.finished();
+        q.finished(Answer::SlowOrFailed);
         assert_eq!(drain(&mut q, t0), [4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_grows_while_answers_come_quickly_and_halves_when_they_do_not() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency: 1,
+                max_concurrency: 4,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=9 {
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1]);
+        q.finished(Answer::Quick);
+        assert_eq!(drain(&mut q, t0), [2, 3], "room for one more");
+        q.finished(Answer::Quick);
+        q.finished(Answer::Quick);
+        assert_eq!(q.limit(), 4, "never beyond max_concurrency");
+        assert_eq!(drain(&mut q, t0), [4, 5, 6, 7]);
+        // The responder slows down: half as many.
+        q.finished(Answer::SlowOrFailed);
+        assert_eq!(q.limit(), 2);
+        assert!(drain(&mut q, t0).is_empty(), "three still in flight");
+        q.finished(Answer::SlowOrFailed);
+        q.finished(Answer::Quick);
+        assert_eq!(q.limit(), 2);
+        assert_eq!(drain(&mut q, t0), [8]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,6 +92,8 @@ pub fn config_toml(plan: &AgentPlan) -> String {
         let _ = writeln!(s, "rate = {:?}", r.rate);
         let _ = writeln!(s, "burst = {}", r.burst);
         let _ = writeln!(s, "concurrency = {}", r.concurrency);
+        let _ = writeln!(s, "max_concurrency = {}", r.max_concurrency);
+        let _ = writeln!(s, "quick = \"{}us\"", r.quick.as_micros());
         let _ = writeln!(s, "jitter = \"{}us\"", r.jitter.as_micros());
         let _ = writeln!(s, "responder_rate = {:?}", r.responder_rate);
     }
@@ -348,6 +350,8 @@ mod tests {
                     rate: 1000.0,
                     burst: 100,
                     concurrency: 64,
+                    max_concurrency: 64,
+                    quick: Duration::from_millis(100),
                     jitter: Duration::ZERO,
                     responder_rate: 500.0,
                 };
