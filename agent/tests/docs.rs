@@ -231,3 +231,21 @@ fn the_production_guide_builds_the_store_the_examples_expect() {
         }
     }
 }
+
+#[test]
+fn every_global_option_and_environment_variable_is_in_the_readme() {
+    use clap::CommandFactory;
+    let readme = read("README.md");
+    let cmd = vipsec::cli::Cli::command();
+    let mut seen = 0;
+    for arg in cmd.get_arguments().filter(|a| a.is_global_set()) {
+        let long = format!("--{}", arg.get_long().unwrap());
+        assert!(readme.contains(&long), "README.md does not mention {long}");
+        if let Some(env) = arg.get_env() {
+            let env = env.to_str().unwrap();
+            assert!(readme.contains(env), "README.md does not mention {env}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "only {seen} environment variables");
+}
