@@ -13,10 +13,12 @@ use crate::model::{FlowDirection, FlowProtocol, Mode, PeerConnection, ProtectedF
 
 pub const DEFAULT_API_ENDPOINT: &str = "unix:///run/vipsec/agent.sock";
 
+/// The agent's configuration file. Only `node` is required.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This node's name as recorded in the cluster store.
+    /// This node's name as recorded in the cluster store: letters, digits, `-`, `_` and
+    /// `.`, unique per node.
     pub node: String,
     #[serde(default)]
     pub api: ApiConfig,
@@ -44,13 +46,19 @@ pub struct Config {
     pub peer_vips: Vec<PeerVipConfig>,
 }
 
+/// The agent's API, which the `vipsec` client commands use.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// `unix:///path` (created 0600) or `tcp://host:port` (TLS required).
+    /// Where the CLI reaches the agent: `unix:///path` (created 0600, root only, in a
+    /// directory of the agent's user that nobody else can write; created 0700 when missing,
+    /// a link or a shared sticky directory such as /tmp refused) or `tcp://host:port` (TLS
+    /// required; for remote management).
     #[serde(default = "default_api_endpoint")]
     pub endpoint: String,
+    /// Server certificate (PEM) of a TCP endpoint; set together with `api.tls_key`.
     pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
     pub tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA.
     pub tls_client_ca: Option<PathBuf>,
@@ -71,19 +79,24 @@ fn default_api_endpoint() -> String {
     DEFAULT_API_ENDPOINT.to_string()
 }
 
+/// Prometheus metrics (deploy/README.md, "Metrics", lists them).
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for the Prometheus `/metrics` endpoint; disabled when absent.
+    /// Address for the Prometheus `/metrics` endpoint, e.g. `127.0.0.1:9641`; bind to
+    /// loopback or a management network. Disabled when absent.
     pub listen: Option<SocketAddr>,
 }
 
+/// Logging to standard error (the journal under systemd).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// tracing EnvFilter syntax, e.g. `info,vipsec::keying=debug`.
+    /// tracing EnvFilter syntax, e.g. `info,vipsec::keying=debug`; changeable at run time
+    /// with `vipsec log-level`.
     #[serde(default = "default_log_filter")]
     pub filter: String,
+    /// `json` for log shippers.
     #[serde(default)]
     pub format: LogFormat,
 }
@@ -118,24 +131,42 @@ pub enum StoreBackend {
     Etcd,
 }
 
+/// The cluster store that records who owns each VIP (etcd in a cluster).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `etcd` in any cluster; `embedded` only for a single machine (ownership then stays
+    /// local).
     #[serde(default)]
     pub backend: StoreBackend,
+    /// etcd client URLs (`http://` or `https://`); list every member: a request that fails
+    /// or waits out `store.request_timeout` moves the agent to the next one.
     #[serde(default = "default_etcd_endpoints")]
     pub endpoints: Vec<String>,
+    /// Key prefix of everything the agent stores (ownership, holders, move timelines,
+    /// policies); change it to run several independent vipsec clusters on one etcd.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// How long a record survives its node: each hosted VIP has a lease of its own, renewed
+    /// every third of this while the VIP is here and never after it leaves. Shorter:
+    /// front-ends learn of a crash sooner; too short for the etcd round trip and a busy
+    /// node loses ownership spuriously. Minimum 1s.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// One etcd request; a request that fails or waits this long moves the agent to the
+    /// next member. At most half of `store.lease_ttl` (two renewals must fit in a lease).
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// etcd user (etcd authentication with a password); with client certificates the
+    /// certificate's common name is the user instead.
     pub username: Option<String>,
-    /// File holding the etcd password, so the secret never sits in this config.
+    /// File holding the etcd password (mode 0600), so the secret never sits in this config.
     pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that etcd's server certificates must be signed by.
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`; with `store.tls_key`.
     pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
     pub tls_key: Option<PathBuf>,
     /// Accept plain `http://` endpoints off this machine (a lab): ownership records and
     /// the cluster-wide policy then travel unauthenticated and in clear text.
@@ -200,22 +231,28 @@ pub enum KeyingBackend {
     Strongswan,
 }
 
+/// The IKE daemon the agent drives (strongSwan charon over VICI).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyingConfig {
+    /// `strongswan` to drive charon; `none` tracks ownership only (no SA is touched).
     #[serde(default)]
     pub backend: KeyingBackend,
+    /// charon's VICI socket (strongswan.conf `charon.plugins.vici.socket`).
     #[serde(default = "default_vici_socket")]
     pub vici_socket: PathBuf,
-    /// How often SA counters are sampled for the idle detector.
+    /// How often SA byte counters are read for the idle detector. Lower: faster
+    /// detection, more VICI traffic. `failover.idle_timeout` must be at least twice this.
     #[serde(default = "default_sample_interval", with = "humantime_serde")]
     pub sample_interval: Duration,
-    /// Upper bound for one initiate request.
+    /// Upper bound for one IKE initiation; raise it over high-latency links.
     #[serde(default = "default_initiate_timeout", with = "humantime_serde")]
     pub initiate_timeout: Duration,
-    /// First and longest wait between reconnection attempts to the daemon.
+    /// First wait between reconnection attempts to the daemon after it went away; doubles
+    /// up to `keying.reconnect_max`.
     #[serde(default = "default_reconnect_min", with = "humantime_serde")]
     pub reconnect_min: Duration,
+    /// Longest wait between reconnection attempts to the daemon.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
 }
@@ -261,14 +298,20 @@ pub enum KernelBackend {
     Xfrm,
 }
 
+/// The kernel backend: the standing clear-text guard (XFRM block policies, routing rules).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelConfig {
+    /// `xfrm` keeps the standing guard in the kernel (needs CAP_NET_ADMIN). A config with
+    /// protected flows (`protect`, or `policy.managed`) and `none` is refused, naming the
+    /// VIPs, unless `kernel.fail_secure = false` says so on purpose.
     #[serde(default)]
     pub backend: KernelBackend,
     /// The standing guard: every protected flow is refused by the kernel outside IPsec,
     /// from the agent's start (or `vipsec guard install` at boot) on, whatever the keying
-    /// daemon's connections say, and left in place when the agent stops.
+    /// daemon's connections say, and left in place when the agent stops. Turn it off only
+    /// where availability beats confidentiality; a guard already in the kernel then stays
+    /// until `vipsec guard remove`.
     #[serde(default = "default_true")]
     pub fail_secure: bool,
     /// Bind block policies to this interface. With charon's kernel-libipsec the tunnel's
@@ -283,7 +326,9 @@ pub struct KernelConfig {
     #[serde(default = "default_block_priority")]
     pub block_priority: u32,
     /// charon does ESP itself (kernel-libipsec) rather than the kernel. Unset: yes when
-    /// the kernel has no ESP.
+    /// the kernel has no ESP. Set it on production nodes: the units'
+    /// `ProtectKernelModules=yes` hides /lib/modules, so an esp4 module that is installed
+    /// but not loaded yet is not seen.
     pub libipsec: Option<bool>,
     /// How often the guard is compared with the kernel and repaired (a flushed policy or
     /// a deleted rule is back within this long).
@@ -324,12 +369,16 @@ fn default_block_priority() -> u32 {
     1_000_000
 }
 
+/// How the agent detects a dead or moved peer and renegotiates.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailoverConfig {
+    /// `fast` arms the short idle detector (`failover.idle_timeout`); changeable at run
+    /// time with `vipsec mode`.
     #[serde(default)]
     pub mode: Mode,
-    /// Idle timeout in fast mode: outbound traffic with nothing back for this long.
+    /// Idle timeout in fast mode: outbound traffic with nothing back for this long and the
+    /// peer is declared dead. Keep it above the slowest answer the protocols expect.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Idle timeout in normal mode (the classic five minutes).
@@ -338,6 +387,8 @@ pub struct FailoverConfig {
     /// First wait after a failed initiation; doubles up to `retry_max`.
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     pub retry_initial: Duration,
+    /// Longest wait between initiations of one renegotiation; raise it for many
+    /// front-ends per back-end, to spread the load after a move.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
     /// A renegotiation cycle gives up after this long ...
@@ -346,14 +397,16 @@ pub struct FailoverConfig {
     /// ... and a new cycle starts after this pause, so recovery never ends for good.
     #[serde(default = "default_retry_cooldown", with = "humantime_serde")]
     pub retry_cooldown: Duration,
-    /// With a cluster store, how long to wait for a new owner record before initiating anyway.
+    /// With a cluster store, how long to wait for a new owner record before initiating
+    /// anyway: around the cluster manager's takeover time (VRRP: about 3 x advert interval).
     #[serde(default = "default_owner_wait", with = "humantime_serde")]
     pub owner_wait: Duration,
     /// After `vipsec drain`, publish ownership again if the VIP is still here this long after.
     #[serde(default = "default_drain_hold", with = "humantime_serde")]
     pub drain_hold: Duration,
     /// A hosted VIP here while another node holds its record for longer than this is
-    /// reported as a split brain (a hand-off passes through that state for a moment).
+    /// reported as a split brain (a hand-off passes through that state for a moment):
+    /// event `split-brain`, metric `vipsec_split_brain`, `vipsec health` failing.
     #[serde(default = "default_split_brain_grace", with = "humantime_serde")]
     pub split_brain_grace: Duration,
     /// While the store is unreachable, accept SAs for a VIP on this node's interface
@@ -365,7 +418,8 @@ pub struct FailoverConfig {
     /// node, ask the link for this long whether that node still holds the address (ARP
     /// probes); if nobody answers, take the record over at once instead of waiting for its
     /// lease to run out. "0s" turns it off (wait for the lease, as with IPv6 VIPs and VIPs
-    /// on a loopback, where the link cannot tell).
+    /// on a loopback, where the link cannot tell). Events `takeover` and, when a live owner
+    /// answers, `takeover-refused`; docs/ownership.md.
     #[serde(default = "default_takeover_probe", with = "humantime_serde")]
     pub takeover_probe: Duration,
     /// How re-initiations are paced when many start at once (`[failover.reconnect]`).
@@ -511,9 +565,11 @@ fn default_drain_hold() -> Duration {
     Duration::from_secs(10)
 }
 
+/// One VIP this node may host (back-end side); one `[[hosted_vip]]` table each.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostedVipConfig {
+    /// A VIP this node may hold (back-end).
     pub address: IpAddr,
     /// Only count the address as present on this interface.
     pub interface: Option<String>,
@@ -534,9 +590,11 @@ impl HostedVipConfig {
     }
 }
 
+/// One VIP this node talks to over IPsec (front-end side); one `[[peer_vip]]` table each.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerVipConfig {
+    /// A VIP this node talks to (front-end); not also a hosted VIP.
     pub address: IpAddr,
     /// The IKE connection (swanctl `connections.<name>`) toward the VIP; leave it out
     /// when `policy.managed` lets the agent load the connection from the VIP's policy.
@@ -628,6 +686,7 @@ pub enum DrillIntegration {
     Command,
 }
 
+/// `vipsec drill`: how a planned move is asked of the cluster manager, and its target.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DrillConfig {

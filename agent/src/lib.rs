@@ -8,6 +8,7 @@ pub mod addrwatch;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod config_reference;
 pub mod doctor;
 pub mod drill;
 pub mod failover;

@@ -4,10 +4,13 @@
 mod agent;
 mod client;
 mod config_check;
+mod config_reference;
+mod config_show;
 mod doctor;
 mod drain;
 mod drill;
 mod events;
+mod generate;
 mod guard;
 mod health;
 mod log_level;
@@ -30,7 +33,19 @@ use crate::config::DEFAULT_API_ENDPOINT;
 #[command(
     name = "vipsec",
     version,
-    about = "Keeps IPsec traffic alive across virtual IP moves"
+    about = "Keeps IPsec traffic alive across virtual IP moves",
+    long_about = "Keeps IPsec traffic alive across virtual IP moves.\n\n\
+        `vipsec agent` is the daemon that runs on every node beside charon and the cluster \
+        manager; the other commands are its client (they reach the agent at --endpoint) or \
+        work without it (doctor, guard, config).",
+    after_long_help = "Exit status: 0 on success, 1 when the work itself failed, 2 for a usage \
+        or configuration error.\n\n\
+        Environment: VIPSEC_ENDPOINT, VIPSEC_TLS_CA, VIPSEC_TLS_CERT and VIPSEC_TLS_KEY stand \
+        in for the options of the same names.\n\n\
+        Files: /etc/vipsec/agent.toml (the agent's configuration; every key in \
+        /usr/share/doc/vipsec/config-reference.md or `vipsec config reference`), \
+        /run/vipsec/agent.sock (the API socket). The operator guides are in \
+        /usr/share/doc/vipsec/."
 )]
 pub struct Cli {
     /// Agent API endpoint: unix:///path or tcp://host:port (TLS).
@@ -39,9 +54,10 @@ pub struct Cli {
     /// CA certificate to verify a TCP endpoint.
     #[arg(long, global = true, env = "VIPSEC_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate and key for a TCP endpoint that requires them.
+    /// Client certificate for a TCP endpoint that requires one (with --tls-key).
     #[arg(long, global = true, env = "VIPSEC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (with --tls-cert).
     #[arg(long, global = true, env = "VIPSEC_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     #[command(subcommand)]
@@ -52,11 +68,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the foreground.
     Agent {
+        /// Agent config file (TOML), e.g. /etc/vipsec/agent.toml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Node, mode, backends and every VIP this node hosts or talks to.
     Status {
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -64,6 +82,7 @@ pub enum Command {
     Sas {
         /// Only this VIP.
         vip: Option<String>,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -85,9 +104,13 @@ pub enum Command {
         quiet: bool,
     },
     /// Before a planned move: gracefully delete this node's SAs for a hosted VIP.
-    Drain { vip: String },
+    Drain {
+        /// The hosted VIP about to move, e.g. 192.0.2.100.
+        vip: String,
+    },
     /// Switch failover mode.
     Mode {
+        /// `fast` arms the short idle detector; `normal` uses the long idle timeout.
         mode: ModeArg,
         /// Idle timeout for that mode, e.g. 2s or 1500ms.
         #[arg(long, value_parser = parse_duration)]
@@ -97,12 +120,14 @@ pub enum Command {
     Moves {
         /// Only this VIP.
         vip: Option<String>,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Move a VIP through the configured cluster manager and report the move's timeline
     /// against the recovery target (exit 0 when the drill ran, whether or not it met it).
     Drill {
+        /// The VIP to move, e.g. 192.0.2.100.
         vip: String,
         /// The node that should take the VIP.
         #[arg(long)]
@@ -110,11 +135,15 @@ pub enum Command {
         /// How long to wait for the whole timeline.
         #[arg(long, value_parser = parse_duration, default_value = "30s")]
         timeout: Duration,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Replace the agent's log filter, e.g. `debug` or `info,vipsec::keying=trace`.
-    LogLevel { filter: String },
+    LogLevel {
+        /// tracing filter directives (EnvFilter syntax).
+        filter: String,
+    },
     /// Cluster-wide IPsec policies (the agent loads each VIP's into charon).
     Policy {
         #[command(subcommand)]
@@ -123,8 +152,10 @@ pub enum Command {
     /// Preflight check of this node (no agent needed): everything that would break
     /// failover, with what to do. Exit 0 ok/warnings, 1 errors, 2 cannot run.
     Doctor {
+        /// Agent config file to check the node against.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -134,28 +165,55 @@ pub enum Command {
         #[command(subcommand)]
         command: guard::GuardCommand,
     },
-    /// Configuration files.
+    /// Configuration files: check one, show its effective values, print the reference.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Write the man pages or shell completions generated from this command line (for
+    /// packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        command: generate::GenerateCommand,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Check a config file; prints each problem with its key and reason.
-    Check { file: PathBuf },
+    Check {
+        /// Agent config file (TOML).
+        file: PathBuf,
+    },
+    /// Print a valid config file's keys and values: with --effective every key, defaults
+    /// included, else only those that differ from their default.
+    Show {
+        /// Every key, with its value and its default.
+        #[arg(long)]
+        effective: bool,
+        /// Agent config file (TOML).
+        file: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the configuration reference (markdown): every key with its type, default and
+    /// meaning, generated from the code (docs/config-reference.md).
+    Reference,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// The policy in force for each VIP (with its source and version) and every stored one.
     Show {
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Validate a policy file (TOML or JSON) and store it cluster-wide.
     Apply {
+        /// Policy file (TOML or JSON).
         file: PathBuf,
         /// Store only if the stored version is still this one.
         #[arg(long)]
@@ -165,12 +223,17 @@ pub enum PolicyCommand {
         create: bool,
     },
     /// Validate a policy file without storing it.
-    Check { file: PathBuf },
+    Check {
+        /// Policy file (TOML or JSON).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
+    /// The cluster store drives failover; the idle detector waits the normal timeout.
     Normal,
+    /// A short idle timeout finds a dead peer in seconds.
     Fast,
 }
 
@@ -265,9 +328,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::LogLevel { filter } => log_level::run(&target, &filter).await,
         Command::Doctor { config, json } => doctor::run(&config, json).await,
         Command::Guard { command } => guard::run(&target, command).await,
-        Command::Config {
-            command: ConfigCommand::Check { file },
-        } => config_check::run(&file),
+        Command::Config { command } => match command {
+            ConfigCommand::Check { file } => config_check::run(&file),
+            ConfigCommand::Show {
+                effective,
+                file,
+                json,
+            } => config_show::run(&file, effective, json),
+            ConfigCommand::Reference => config_reference::run(),
+        },
+        Command::Generate { command } => generate::run(command),
         Command::Policy { command } => match command {
             PolicyCommand::Show { json } => policy::show(&target, json).await,
             PolicyCommand::Apply {
@@ -277,5 +347,41 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             } => policy::apply(&target, &file, expect_version, create).await,
             PolicyCommand::Check { file } => policy::check(&file),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// The man pages and completions are generated from this definition: an argument
+    /// without help text would be an undocumented one there.
+    #[test]
+    fn every_argument_and_command_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "vipsec", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }
