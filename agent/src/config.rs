@@ -50,13 +50,18 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Where the CLI reaches the agent: `unix:///path` (created 0600, root only, in a
-    /// directory of the agent's user that nobody else can write; created 0700 when missing,
-    /// a link or a shared sticky directory such as /tmp refused) or `tcp://host:port` (TLS
-    /// required; for remote management).
+    /// The Unix socket the CLI, the cluster manager's scripts and the probes reach the
+    /// agent on: `unix:///path` (created 0600, root only, in a directory of the agent's
+    /// user that nobody else can write; created 0700 when missing, a link or a shared
+    /// sticky directory such as /tmp refused). Always served.
     #[serde(default = "default_api_endpoint")]
     pub endpoint: String,
-    /// Server certificate (PEM) of a TCP endpoint; set together with `api.tls_key`.
+    /// A TCP listener in addition to the socket, for remote management: `tcp://host:port`,
+    /// TLS required (`api.tls_cert`, `api.tls_key`). Changes (drain, mode, drills,
+    /// policies, log level) over TCP need client certificates (`api.tls_client_ca`);
+    /// without it TCP serves reads only.
+    pub tcp: Option<String>,
+    /// Server certificate (PEM) of the TCP listener; set together with `api.tls_key`.
     pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub tls_key: Option<PathBuf>,
@@ -68,6 +73,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             endpoint: default_api_endpoint(),
+            tcp: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -863,18 +869,31 @@ impl Config {
 
         match ApiEndpoint::parse(&self.api.endpoint) {
             Err(e) => bad("api.endpoint", e),
-            Ok(ApiEndpoint::Tcp(_)) => {
-                if self.api.tls_cert.is_none() || self.api.tls_key.is_none() {
-                    bad(
-                        "api.endpoint",
-                        format!(
-                            "{:?} is TCP; TCP needs TLS (set api.tls_cert and api.tls_key) or use a unix:// socket",
-                            self.api.endpoint
-                        ),
-                    );
+            Ok(ApiEndpoint::Tcp(_)) => bad(
+                "api.endpoint",
+                format!(
+                    "{:?} is TCP; api.endpoint is the Unix socket that vipsec health, the cluster manager's scripts and the probes use, and it is always served: keep it unix:// and put the TCP listener in api.tcp",
+                    self.api.endpoint
+                ),
+            ),
+            Ok(ApiEndpoint::Unix(_)) => {}
+        }
+        if let Some(tcp) = &self.api.tcp {
+            match ApiEndpoint::parse(tcp) {
+                Err(e) => bad("api.tcp", e),
+                Ok(ApiEndpoint::Unix(_)) => bad(
+                    "api.tcp",
+                    format!("{tcp:?} is a Unix socket; api.tcp is a tcp://host:port listener"),
+                ),
+                Ok(ApiEndpoint::Tcp(_)) => {
+                    if self.api.tls_cert.is_none() || self.api.tls_key.is_none() {
+                        bad(
+                            "api.tcp",
+                            format!("{tcp:?} needs TLS: set api.tls_cert and api.tls_key"),
+                        );
+                    }
                 }
             }
-            Ok(ApiEndpoint::Unix(_)) => {}
         }
         if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
             bad(
@@ -1514,6 +1533,25 @@ protect = ["tcp/143", "tcp/110", "tcp/80"]
     }
 
     #[test]
+    fn the_unix_socket_is_always_served_and_tcp_comes_in_addition() {
+        let base = "node = \"be1\"\n[api]\n";
+        let p = Config::parse(&format!("{base}endpoint = \"tcp://0.0.0.0:7443\"\n")).unwrap_err();
+        assert_eq!(p[0].key, "api.endpoint");
+        assert!(p[0].reason.contains("api.tcp"), "{}", p[0].reason);
+        let p = Config::parse(&format!("{base}tcp = \"tcp://0.0.0.0:7443\"\n")).unwrap_err();
+        assert_eq!(p[0].key, "api.tcp");
+        assert!(p[0].reason.contains("api.tls_cert"), "{}", p[0].reason);
+        let p = Config::parse(&format!("{base}tcp = \"unix:///run/x.sock\"\n")).unwrap_err();
+        assert_eq!(p[0].key, "api.tcp");
+        let c = Config::parse(&format!(
+            "{base}tcp = \"tcp://0.0.0.0:7443\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.api.endpoint, DEFAULT_API_ENDPOINT);
+        assert_eq!(c.api.tcp.as_deref(), Some("tcp://0.0.0.0:7443"));
+    }
+
+    #[test]
     fn all_semantic_problems_are_reported_at_once() {
         let text = r#"
 node = ""
@@ -1619,7 +1657,7 @@ protect = ["tcp/0", "sctp/5"]
         let text = r#"
 node = "be1"
 [api]
-endpoint = "tcp://[2001:db8:1::1]:7443"
+tcp = "tcp://[2001:db8:1::1]:7443"
 tls_cert = "/etc/vipsec/cert.pem"
 tls_key = "/etc/vipsec/key.pem"
 [store]

@@ -62,13 +62,16 @@ fn the_official_python_client_works_over_the_unix_socket_and_tls() {
     let pki = TestPki::generate().unwrap();
     let tls_dir = dir.path().join("tls");
     std::fs::create_dir(&tls_dir).unwrap();
-    // AgentProc always writes a Unix endpoint: this agent's config is written here.
+    // The second agent serves TCP with TLS beside its Unix socket (written here: AgentProc
+    // writes only the socket).
     let config = tls_dir.join("tls.toml");
     let log = tls_dir.join("tls.log");
+    let tls_socket = tls_dir.join("run").join("tls.sock");
     std::fs::write(
         &config,
         format!(
-            "node = \"tls\"\n[api]\nendpoint = \"tcp://127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n{base}",
+            "node = \"tls\"\n[api]\nendpoint = \"unix://{}\"\ntcp = \"tcp://127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n{base}",
+            tls_socket.display(),
             pki.server_cert().display(),
             pki.server_key().display(),
             pki.ca().display()
@@ -87,11 +90,18 @@ fn the_official_python_client_works_over_the_unix_socket_and_tls() {
     .unwrap();
     let tls = AgentProc {
         name: "tls".into(),
-        socket: PathBuf::new(),
+        socket: tls_socket.clone(),
         log,
         proc,
     };
     let port = tcp_port(&tls);
+    // The Unix socket is served as well: the node's own tools keep working.
+    let local = tls.cli(&["status", "--json"]);
+    assert!(
+        local.status.success(),
+        "vipsec status on the TLS agent's socket: {}",
+        String::from_utf8_lossy(&local.stderr)
+    );
 
     let stubs = dir.path().join("stubs");
     std::fs::create_dir(&stubs).unwrap();

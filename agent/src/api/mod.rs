@@ -49,8 +49,12 @@ pub enum BoundApi {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("api.endpoint {endpoint:?}: {reason}")]
-    Endpoint { endpoint: String, reason: String },
+    #[error("{key} {endpoint:?}: {reason}")]
+    Endpoint {
+        key: &'static str,
+        endpoint: String,
+        reason: String,
+    },
     #[error("{path}: {reason}")]
     Socket { path: PathBuf, reason: String },
     #[error("TLS file {path}: {reason}")]
@@ -64,32 +68,36 @@ fn read_tls(path: &Path) -> Result<Vec<u8>, BindError> {
     })
 }
 
-pub async fn bind(api: &ApiConfig) -> Result<BoundApi, BindError> {
-    let endpoint = ApiEndpoint::parse(&api.endpoint).map_err(|reason| BindError::Endpoint {
-        endpoint: api.endpoint.clone(),
+/// Binds every listener: the Unix socket of `api.endpoint`, always, and the TCP listener
+/// of `api.tcp` when there is one.
+pub async fn bind(api: &ApiConfig) -> Result<Vec<BoundApi>, BindError> {
+    let mut bound = vec![bind_one(api, "api.endpoint", &api.endpoint).await?];
+    if let Some(tcp) = &api.tcp {
+        bound.push(bind_one(api, "api.tcp", tcp).await?);
+    }
+    Ok(bound)
+}
+
+async fn bind_one(api: &ApiConfig, key: &'static str, at: &str) -> Result<BoundApi, BindError> {
+    let error = |reason: String| BindError::Endpoint {
+        key,
+        endpoint: at.to_string(),
         reason,
-    })?;
-    match endpoint {
+    };
+    match ApiEndpoint::parse(at).map_err(error)? {
         ApiEndpoint::Unix(path) => bind_unix(&path).await,
         ApiEndpoint::Tcp(addr) => {
             let (Some(cert), Some(key)) = (&api.tls_cert, &api.tls_key) else {
-                return Err(BindError::Endpoint {
-                    endpoint: api.endpoint.clone(),
-                    reason: "TCP requires api.tls_cert and api.tls_key".into(),
-                });
+                return Err(error("TCP requires api.tls_cert and api.tls_key".into()));
             };
             let mut tls = ServerTlsConfig::new()
                 .identity(Identity::from_pem(read_tls(cert)?, read_tls(key)?));
             if let Some(ca) = &api.tls_client_ca {
                 tls = tls.client_ca_root(Certificate::from_pem(read_tls(ca)?));
             }
-            let listener =
-                tokio::net::TcpListener::bind(&addr)
-                    .await
-                    .map_err(|e| BindError::Endpoint {
-                        endpoint: api.endpoint.clone(),
-                        reason: e.to_string(),
-                    })?;
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| error(e.to_string()))?;
             Ok(BoundApi::Tcp { listener, tls })
         }
     }
@@ -192,15 +200,43 @@ pub fn cleanup(api: &ApiConfig) {
 /// Serves until cancelled; an error is the server failing (the runtime then stops the agent:
 /// cluster managers and probes depend on the API).
 pub async fn serve(
-    bound: BoundApi,
+    bound: Vec<BoundApi>,
     handle: AgentHandle,
     cancel: CancellationToken,
 ) -> Result<(), String> {
+    // One drill at a time and one subscriber budget, whichever listener a client uses.
     let subscribers = limits::Subscribers::default();
+    let drilling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers = bound.into_iter().map(|b| {
+        serve_one(
+            b,
+            handle.clone(),
+            subscribers.clone(),
+            drilling.clone(),
+            cancel.clone(),
+        )
+    });
+    futures::future::try_join_all(servers).await.map(|_| ())
+}
+
+async fn serve_one(
+    bound: BoundApi,
+    handle: AgentHandle,
+    subscribers: limits::Subscribers,
+    drilling: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    // Anyone on the root-only socket may change the node; over TCP only a client whose
+    // certificate the configured CA signed.
+    let changes_allowed = match &bound {
+        BoundApi::Unix { .. } => true,
+        BoundApi::Tcp { .. } => handle.config.api.tls_client_ca.is_some(),
+    };
     let agent = AgentServer::new(AgentService {
         handle: handle.clone(),
-        drilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        drilling,
         subscribers: subscribers.clone(),
+        changes_allowed,
     })
     .max_decoding_message_size(limits::MAX_REQUEST_BYTES);
     let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService {
@@ -261,6 +297,8 @@ pub struct AgentService {
     drilling: Arc<std::sync::atomic::AtomicBool>,
     /// Open event and health-watch streams, per client.
     subscribers: limits::Subscribers,
+    /// This listener takes calls that change the node (see `require_trusted_client`).
+    changes_allowed: bool,
 }
 
 /// Clears the drill flag however the drill ends (an error, a dropped request).
@@ -278,8 +316,7 @@ impl AgentService {
     /// client with a certificate the configured CA signed. A TCP endpoint without
     /// `api.tls_client_ca` serves reads only.
     fn require_trusted_client(&self) -> Result<(), Status> {
-        let api = &self.handle.config.api;
-        if api.endpoint.starts_with("tcp://") && api.tls_client_ca.is_none() {
+        if !self.changes_allowed {
             return Err(Status::permission_denied(
                 "changes over TCP need client certificates (set api.tls_client_ca); use the Unix socket on the node",
             ));
