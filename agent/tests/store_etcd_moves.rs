@@ -63,6 +63,7 @@ async fn marks_from_three_nodes_merge_expire_and_skip_garbage() {
         7,
         "fe1",
         &[
+            (Mark::InitiationQueued, 606),
             (Mark::FirstIkeSaInit, 610),
             (Mark::ChildSaInstalled, 650),
             (Mark::FirstTraffic, 900),
