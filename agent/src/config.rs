@@ -422,9 +422,9 @@ pub struct FailoverConfig {
     pub trust_kernel_when_store_down: bool,
     /// When the cluster manager gives this node a VIP whose owner of record is another
     /// node, ask the link for this long whether that node still holds the address (ARP
-    /// probes); if nobody answers, take the record over at once instead of waiting for its
-    /// lease to run out. "0s" turns it off (wait for the lease, as with IPv6 VIPs and VIPs
-    /// on a loopback, where the link cannot tell). Events `takeover` and, when a live owner
+    /// probes, IPv6 neighbour solicitations); if nobody answers, take the record over at
+    /// once instead of waiting for its lease to run out. "0s" turns it off (wait for the
+    /// lease, as with VIPs on a loopback, where the link cannot tell). Events `takeover` and, when a live owner
     /// answers, `takeover-refused`; docs/ownership.md.
     #[serde(default = "default_takeover_probe", with = "humantime_serde")]
     pub takeover_probe: Duration,

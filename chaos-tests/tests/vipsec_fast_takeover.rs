@@ -12,27 +12,39 @@ use std::time::Duration;
 
 use vipsec_chaos::clock::secs;
 use vipsec_chaos::lab::faults::Fault;
+use vipsec_chaos::lab::topology::Family;
 use vipsec_chaos::lab::{Lab, Setup};
 
 const CAP: Duration = Duration::from_secs(30);
-const VIP: &str = "192.0.2.100";
-
 fn epoch_on(lab: &Lab, node: &str) -> u64 {
+    let vip = lab.vips[0].to_string();
     let s = lab
         .agent_json(node, &["status"])
         .unwrap_or_else(|e| panic!("status of {node}: {e:#}"));
     s["hosted_vips"]
         .as_array()
-        .and_then(|l| l.iter().find(|v| v["address"] == VIP))
+        .and_then(|l| l.iter().find(|v| v["address"] == vip.as_str()))
         .and_then(|v| v["epoch"].as_u64())
-        .unwrap_or_else(|| panic!("{VIP} not in {node}'s status: {s}"))
+        .unwrap_or_else(|| panic!("{vip} not in {node}'s status: {s}"))
 }
 
 #[test]
 fn with_100ms_adverts_a_crashed_owner_is_taken_over_without_waiting_for_its_lease() {
     let _t = common::start("fast VRRP: planned move and crash");
+    fast_vrrp(Family::V4);
+}
+
+/// IPv6 asks with a neighbour solicitation instead of ARP.
+#[test]
+fn over_ipv6_too() {
+    let _t = common::start("fast VRRP over IPv6: planned move and crash");
+    fast_vrrp(Family::V6);
+}
+
+fn fast_vrrp(family: Family) {
     let mut opts = common::options(Setup::VipsecEtcd);
     opts.vrrp_advert = Duration::from_millis(100);
+    opts.family = family;
     let mut lab = common::build(opts);
 
     let planned = common::run(&mut lab, Fault::Planned, CAP);
@@ -48,8 +60,9 @@ fn with_100ms_adverts_a_crashed_owner_is_taken_over_without_waiting_for_its_leas
     common::assert_recovered(&o, CAP);
     let (takeover, recovery) = (o.takeover.unwrap(), o.recovery.unwrap());
     eprintln!(
-        "[measured] 100 ms adverts, crash of {from}: takeover {}, recovery {}, recovery - takeover {} (lease 2 s)",
+        "[measured] 100 ms adverts, {family:?}, crash of {from}: takeover {} (usable {}), recovery {}, recovery - takeover {} (lease 2 s)",
         secs(takeover),
+        secs(o.takeover_usable.unwrap_or(takeover)),
         secs(recovery),
         secs(recovery.saturating_sub(takeover)),
     );

@@ -8,12 +8,17 @@
 //! asks the link, a few times within a short window (RFC 5227 probes: sender address
 //! 0.0.0.0, so no neighbour's cache changes), and only silence lets it take over.
 //!
+//! For IPv6 the question is a neighbour solicitation for the VIP from this node's
+//! link-local address: a node holding the address answers with a neighbour advertisement.
+//! (The VIP is past duplicate address detection when the node asks, so an answer cannot
+//! make the kernel give up its own copy.)
+//!
 //! Where the link cannot answer — a VIP on a loopback or a non-Ethernet interface (routed
-//! set-ups such as BGP announce it from `lo`), IPv6 — the probe says `Unknown` and the node
-//! waits for the old record's lease as before.
+//! set-ups such as BGP announce it from `lo`), an interface without a link-local address —
+//! the probe says `Unknown` and the node waits for the old record's lease as before.
 
 use std::ffi::CStr;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -33,12 +38,11 @@ pub struct ArpProbe;
 #[async_trait]
 impl HolderProbe for ArpProbe {
     async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer {
-        let IpAddr::V4(v4) = vip else {
-            return HolderAnswer::Unknown(
-                "IPv6: no neighbour probe; waiting for the old record's lease".into(),
-            );
+        let probe = move || match vip {
+            IpAddr::V4(v4) => arp_probe(v4, window),
+            IpAddr::V6(v6) => ndp_probe(v6, window),
         };
-        match tokio::task::spawn_blocking(move || arp_probe(v4, window)).await {
+        match tokio::task::spawn_blocking(probe).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => HolderAnswer::Unknown(e),
             Err(e) => HolderAnswer::Unknown(format!("probe task: {e}")),
@@ -52,13 +56,15 @@ struct Link {
     name: String,
     index: i32,
     mac: [u8; 6],
+    /// The interface's IPv6 link-local address, if it has one.
+    link_local: Option<Ipv6Addr>,
 }
 
 const ARPHRD_ETHER: u16 = 1;
 const ETH_P_ARP: u16 = 0x0806;
 
 /// Finds the Ethernet interface carrying `vip`, or says why there is none.
-fn link_of(vip: Ipv4Addr) -> Result<Link, String> {
+fn link_of(vip: IpAddr) -> Result<Link, String> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -66,6 +72,7 @@ fn link_of(vip: Ipv4Addr) -> Result<Link, String> {
     }
     let mut name: Option<(String, u32)> = None;
     let mut links: Vec<(String, i32, u16, [u8; 6])> = Vec::new();
+    let mut link_locals: Vec<(String, Ipv6Addr)> = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
@@ -83,8 +90,17 @@ fn link_of(vip: Ipv4Addr) -> Result<Link, String> {
         if family == libc::AF_INET {
             // SAFETY: an AF_INET address is a sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == vip {
+            if IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))) == vip {
                 name = Some((ifname, ifa.ifa_flags));
+            }
+        } else if family == libc::AF_INET6 {
+            // SAFETY: an AF_INET6 address is a sockaddr_in6.
+            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            if IpAddr::V6(a) == vip {
+                name = Some((ifname, ifa.ifa_flags));
+            } else if a.is_unicast_link_local() {
+                link_locals.push((ifname, a));
             }
         } else if family == libc::AF_PACKET {
             // SAFETY: an AF_PACKET address is a sockaddr_ll.
@@ -116,10 +132,15 @@ fn link_of(vip: Ipv4Addr) -> Result<Link, String> {
             "{vip} is on {ifname}, which is not Ethernet (type {hatype}): no ARP to ask; waiting for the old record's lease"
         ));
     }
+    let link_local = link_locals
+        .into_iter()
+        .find(|(n, _)| *n == ifname || *n == base)
+        .map(|(_, a)| a);
     Ok(Link {
         name: base,
         index,
         mac,
+        link_local,
     })
 }
 
@@ -168,7 +189,7 @@ impl Drop for Fd {
 }
 
 fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
-    let link = match link_of(vip) {
+    let link = match link_of(IpAddr::V4(vip)) {
         Ok(l) => l,
         Err(why) => return Ok(HolderAnswer::Unknown(why)),
     };
@@ -223,19 +244,175 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
             Ok(())
         }
     };
-    // Three probes spread over the window: one lost frame does not make a live owner
-    // look dead.
+    ask(&fd, window, send, |p| {
+        answer_in(p, vip, link.mac).map(|mac| format_mac(&mac))
+    })
+    .map_err(err)
+}
+
+/// A neighbour solicitation for `vip` from `mac` (ICMPv6 type 135; the kernel fills in the
+/// checksum of a raw ICMPv6 socket).
+fn solicitation(mac: [u8; 6], vip: Ipv6Addr) -> [u8; 32] {
+    let mut p = [0u8; 32];
+    p[0] = 135;
+    p[8..24].copy_from_slice(&vip.octets());
+    // Source link-layer address option, so the answer needs no resolution of its own.
+    p[24] = 1;
+    p[25] = 1;
+    p[26..32].copy_from_slice(&mac);
+    p
+}
+
+/// The solicited-node multicast address a node holding `vip` listens on.
+fn solicited_node(vip: Ipv6Addr) -> Ipv6Addr {
+    let o = vip.octets();
+    Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    )
+}
+
+/// Whether an ICMPv6 message is another node advertising `vip`: the advertiser's
+/// link-layer address when it says, else "a neighbour".
+fn advertisement_of(packet: &[u8], vip: Ipv6Addr, own: [u8; 6]) -> Option<String> {
+    if packet.len() < 24 || packet[0] != 136 || packet[8..24] != vip.octets() {
+        return None;
+    }
+    // Options: type 2 is the target link-layer address.
+    let mut rest = &packet[24..];
+    while rest.len() >= 8 {
+        let (kind, len) = (rest[0], usize::from(rest[1]) * 8);
+        if len == 0 || len > rest.len() {
+            break;
+        }
+        if kind == 2 && len >= 8 {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&rest[2..8]);
+            return (mac != own).then(|| format_mac(&mac));
+        }
+        rest = &rest[len..];
+    }
+    Some("a neighbour".into())
+}
+
+fn setsockopt_int(fd: &Fd, level: i32, name: i32, value: i32) -> bool {
+    // SAFETY: setting an int option on a valid descriptor.
+    unsafe {
+        libc::setsockopt(
+            fd.0,
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+fn sockaddr_v6(a: Ipv6Addr, scope: i32) -> libc::sockaddr_in6 {
+    // SAFETY: an all-zero sockaddr_in6 is valid; fields are set below.
+    let mut s: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    s.sin6_family = libc::AF_INET6 as u16;
+    s.sin6_addr.s6_addr = a.octets();
+    s.sin6_scope_id = scope as u32;
+    s
+}
+
+fn ndp_probe(vip: Ipv6Addr, window: Duration) -> Result<HolderAnswer, String> {
+    let link = match link_of(IpAddr::V6(vip)) {
+        Ok(l) => l,
+        Err(why) => return Ok(HolderAnswer::Unknown(why)),
+    };
+    let Some(link_local) = link.link_local else {
+        return Ok(HolderAnswer::Unknown(format!(
+            "{} has no link-local address to ask from; waiting for the old record's lease",
+            link.name
+        )));
+    };
+    let err = |what: &str| {
+        format!(
+            "{what} on {}: {}",
+            link.name,
+            std::io::Error::last_os_error()
+        )
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    };
+    if fd < 0 {
+        return Err(err("ICMPv6 socket"));
+    }
+    let fd = Fd(fd);
+    // Neighbour discovery is only believed with a hop limit of 255 (RFC 4861).
+    let ok = setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, 255)
+        && setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, 255)
+        && setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, link.index)
+        && setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, 0);
+    if !ok {
+        return Err(err("ICMPv6 socket options"));
+    }
+    // From the link-local address, not the VIP: the owner answers to where it was asked
+    // from, and an address it holds itself would not be an address to answer.
+    let from = sockaddr_v6(link_local, link.index);
+    let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: `from` is a valid sockaddr_in6 of `len` bytes.
+    if unsafe { libc::bind(fd.0, &from as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(err("bind ICMPv6 socket"));
+    }
+    let to = sockaddr_v6(solicited_node(vip), link.index);
+    let packet = solicitation(link.mac, vip);
+    let send = || {
+        // SAFETY: sending a 32-byte buffer to a valid sockaddr_in6.
+        let n = unsafe {
+            libc::sendto(
+                fd.0,
+                packet.as_ptr() as *const libc::c_void,
+                packet.len(),
+                0,
+                &to as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        if n < 0 {
+            Err(err("send neighbour solicitation"))
+        } else {
+            Ok(())
+        }
+    };
+    ask(&fd, window, send, |p| advertisement_of(p, vip, link.mac)).map_err(err)
+}
+
+/// Sends the question three times spread over `window` (one lost frame does not make a
+/// live owner look dead) and waits for an answer `answer` recognises.
+fn ask(
+    fd: &Fd,
+    window: Duration,
+    send: impl Fn() -> Result<(), String>,
+    answer: impl Fn(&[u8]) -> Option<String>,
+) -> Result<HolderAnswer, &'static str> {
     let start = Instant::now();
     let deadline = start + window;
     let mut sends = [Duration::ZERO, window / 3, window * 2 / 3]
         .into_iter()
         .peekable();
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 512];
     loop {
         let now = Instant::now();
         while let Some(at) = sends.peek() {
             if start + *at <= now {
-                send()?;
+                if send().is_err() {
+                    return Err("send probe");
+                }
                 sends.next();
             } else {
                 break;
@@ -258,7 +435,7 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(err("poll ARP socket"));
+            return Err("poll probe socket");
         }
         if ready == 0 {
             continue;
@@ -275,8 +452,8 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
         if n <= 0 {
             continue;
         }
-        if let Some(mac) = answer_in(&buf[..n as usize], vip, link.mac) {
-            return Ok(HolderAnswer::Answered(format_mac(&mac)));
+        if let Some(who) = answer(&buf[..n as usize]) {
+            return Ok(HolderAnswer::Answered(who));
         }
     }
 }
@@ -322,5 +499,52 @@ mod tests {
         assert_eq!(answer_in(&elsewhere, vip(), OWN), None);
         assert_eq!(answer_in(&reply[..20], vip(), OWN), None);
         assert_eq!(format_mac(&OTHER), "02:00:00:00:00:02");
+    }
+
+    fn vip6() -> Ipv6Addr {
+        "2001:db8:1::100".parse().unwrap()
+    }
+
+    #[test]
+    fn the_solicitation_goes_to_the_vips_solicited_node_group() {
+        assert_eq!(
+            solicited_node(vip6()),
+            "ff02::1:ff00:100".parse::<Ipv6Addr>().unwrap()
+        );
+        let p = solicitation(OWN, vip6());
+        assert_eq!(p[0], 135);
+        assert_eq!(&p[8..24], &vip6().octets());
+        assert_eq!(&p[24..26], &[1, 1]);
+        assert_eq!(&p[26..32], &OWN);
+    }
+
+    #[test]
+    fn an_advertisement_of_the_vip_by_another_node_is_an_answer() {
+        let mut na = [0u8; 32];
+        na[0] = 136;
+        na[8..24].copy_from_slice(&vip6().octets());
+        na[24] = 2;
+        na[25] = 1;
+        na[26..32].copy_from_slice(&OTHER);
+        assert_eq!(
+            advertisement_of(&na, vip6(), OWN).as_deref(),
+            Some("02:00:00:00:00:02")
+        );
+        // Our own, another address, a solicitation: no answer.
+        let mut own = na;
+        own[26..32].copy_from_slice(&OWN);
+        assert_eq!(advertisement_of(&own, vip6(), OWN), None);
+        assert_eq!(
+            advertisement_of(&na, "2001:db8:1::7".parse().unwrap(), OWN),
+            None
+        );
+        let mut ns = na;
+        ns[0] = 135;
+        assert_eq!(advertisement_of(&ns, vip6(), OWN), None);
+        // Without the option it is still someone else's answer.
+        assert_eq!(
+            advertisement_of(&na[..24], vip6(), OWN).as_deref(),
+            Some("a neighbour")
+        );
     }
 }
