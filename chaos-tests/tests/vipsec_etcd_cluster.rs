@@ -159,25 +159,6 @@ impl Report {
     }
 }
 
-/// The owner record an agent holds for the VIP: (node, epoch).
-fn recorded_owner(status: &Value) -> Option<(String, u64)> {
-    let vip = status["peer_vips"]
-        .as_array()
-        .into_iter()
-        .chain(status["hosted_vips"].as_array())
-        .flatten()
-        .find(|v| v["address"] == VIP)?;
-    let owner = &vip["owner"];
-    Some((
-        owner["node"].as_str()?.to_string(),
-        owner["epoch"].as_u64()?,
-    ))
-}
-
-fn store_healthy(status: &Value) -> bool {
-    status["store"]["healthy"] == true
-}
-
 fn agent_nodes(lab: &Lab) -> Vec<String> {
     lab.names(Role::FrontEnd)
         .into_iter()
@@ -328,7 +309,7 @@ fn watch(lab: &mut Lab, d: Duration, t0: u64, r: &mut Report) {
         let _ = lab.poll_probes();
         let down = nodes.iter().any(|n| {
             lab.agent_json(n, &["status"])
-                .is_ok_and(|s| !store_healthy(&s))
+                .is_ok_and(|s| !common::store_healthy(&s))
         });
         if down {
             let at = since(t0, now_ns());
@@ -357,7 +338,7 @@ fn settle_and_watch(lab: &mut Lab, t0: u64, ended: u64, r: &mut Report) {
             .iter()
             .all(|n| {
                 lab.agent_json(n, &["status"])
-                    .is_ok_and(|s| store_healthy(&s))
+                    .is_ok_and(|s| common::store_healthy(&s))
             })
             .then(now_ns)
     });
@@ -402,8 +383,8 @@ impl Kept {
         }
         let epoch = wait_for(&format!("{owner}'s record"), CAP, || {
             let s = lab.agent_json(owner, &["status"]).ok()?;
-            match recorded_owner(&s) {
-                Some((o, e)) if o == owner && store_healthy(&s) => Some(e),
+            match common::recorded_owner(&s, VIP) {
+                Some((o, e)) if o == owner && common::store_healthy(&s) => Some(e),
                 _ => None,
             }
         });
@@ -424,10 +405,10 @@ impl Kept {
             CAP,
             || {
                 let s = lab.agent_json(&self.owner, &["status"]).ok()?;
-                let rec = recorded_owner(&s);
-                last = format!("store healthy {}, owner {rec:?}", store_healthy(&s));
+                let rec = common::recorded_owner(&s, VIP);
+                last = format!("store healthy {}, owner {rec:?}", common::store_healthy(&s));
                 match rec {
-                    Some((_, e)) if store_healthy(&s) => Some((rec, e)),
+                    Some((_, e)) if common::store_healthy(&s) => Some((rec, e)),
                     _ => None,
                 }
             },
@@ -474,9 +455,12 @@ fn agents_agree(lab: &Lab, nodes: &[String], owner: &str, r: &mut Report) {
                 all = false;
                 continue;
             };
-            let rec = recorded_owner(&s);
-            last += &format!(" {n}: store healthy {}, owner {rec:?};", store_healthy(&s));
-            all &= store_healthy(&s) && rec.is_some_and(|(o, _)| o == owner);
+            let rec = common::recorded_owner(&s, VIP);
+            last += &format!(
+                " {n}: store healthy {}, owner {rec:?};",
+                common::store_healthy(&s)
+            );
+            all &= common::store_healthy(&s) && rec.is_some_and(|(o, _)| o == owner);
         }
         all.then_some(())
     });
@@ -776,7 +760,7 @@ fn prepare(lab: &mut Lab) {
                 .iter()
                 .all(|n| {
                     lab.agent_json(n, &["status"])
-                        .is_ok_and(|s| store_healthy(&s))
+                        .is_ok_and(|s| common::store_healthy(&s))
                 })
                 .then_some(())
         })

@@ -22,25 +22,6 @@ fn status(lab: &Lab, node: &str) -> anyhow::Result<Value> {
     lab.agent_json(node, &["status"])
 }
 
-/// The owner record an agent holds for the VIP: (node, epoch).
-fn recorded_owner(status: &Value) -> Option<(String, u64)> {
-    let vip = status["peer_vips"]
-        .as_array()
-        .into_iter()
-        .chain(status["hosted_vips"].as_array())
-        .flatten()
-        .find(|v| v["address"] == VIP)?;
-    let owner = &vip["owner"];
-    Some((
-        owner["node"].as_str()?.to_string(),
-        owner["epoch"].as_u64()?,
-    ))
-}
-
-fn store_healthy(status: &Value) -> bool {
-    status["store"]["healthy"] == true
-}
-
 /// Waits until `fe` got an answer from `owner` to an attempt started at or after `t`;
 /// returns when that answer came, as time since `t`.
 fn first_answer(lab: &mut Lab, fe: &str, owner: &str, t: u64, cap: Duration) -> Duration {
@@ -116,10 +97,13 @@ fn wait_agents_agree(lab: &Lab, nodes: &[String], owner: &str, cap: Duration) ->
         last.clear();
         for n in nodes {
             let s = status(lab, n).ok()?;
-            let rec = recorded_owner(&s);
-            last += &format!(" {n}: store healthy {}, owner {rec:?};", store_healthy(&s));
+            let rec = common::recorded_owner(&s, VIP);
+            last += &format!(
+                " {n}: store healthy {}, owner {rec:?};",
+                common::store_healthy(&s)
+            );
             match rec {
-                Some((o, e)) if o == owner && store_healthy(&s) => epochs.push(e),
+                Some((o, e)) if o == owner && common::store_healthy(&s) => epochs.push(e),
                 _ => return None,
             }
         }
@@ -146,7 +130,7 @@ fn crash_while_etcd_is_frozen_recovers_by_the_idle_detector() {
     let noticed = wait_for("every agent to see the store down", CAP, || {
         nodes
             .iter()
-            .all(|n| status(&lab, n).is_ok_and(|s| !store_healthy(&s)))
+            .all(|n| status(&lab, n).is_ok_and(|s| !common::store_healthy(&s)))
             .then(now_ns)
     })
     .unwrap_or_else(|e| panic!("{e}"));
@@ -157,7 +141,7 @@ fn crash_while_etcd_is_frozen_recovers_by_the_idle_detector() {
     let o = common::run(&mut lab, Fault::Crash, CAP);
     // The store had no part in this recovery: no front-end learnt the new owner from it.
     for fe in lab.names(Role::FrontEnd) {
-        let rec = recorded_owner(&status(&lab, &fe).unwrap());
+        let rec = common::recorded_owner(&status(&lab, &fe).unwrap(), VIP);
         assert!(
             rec.as_ref().is_none_or(|(n, _)| *n != o.to),
             "{fe} knew the new owner from a frozen store: {rec:?}"
@@ -323,7 +307,8 @@ fn flapping_vip_settles_on_the_last_owner_with_one_sa() {
     let _t = common::start("flapping VIP, ten planned moves");
     let mut lab = common::lab(Setup::VipsecEtcd);
     let first = lab.owner().unwrap();
-    let (_, first_epoch) = recorded_owner(&status(&lab, &first).unwrap()).expect("an owner");
+    let (_, first_epoch) =
+        common::recorded_owner(&status(&lab, &first).unwrap(), VIP).expect("an owner");
     let before = lab.cleartext().unwrap();
     let wall = common::wall_now();
     let start = now_ns();

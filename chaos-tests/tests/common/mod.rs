@@ -93,6 +93,27 @@ pub fn assert_recovered(o: &Outcome, bound: Duration) {
     assert!(r <= bound, "recovery took {r:?}: {}", o.summary());
 }
 
+/// The owner record an agent's `status --json` holds for `vip`, hosted or peer:
+/// (node, epoch).
+pub fn recorded_owner(status: &Value, vip: &str) -> Option<(String, u64)> {
+    let entry = status["peer_vips"]
+        .as_array()
+        .into_iter()
+        .chain(status["hosted_vips"].as_array())
+        .flatten()
+        .find(|v| v["address"] == vip)?;
+    let owner = &entry["owner"];
+    Some((
+        owner["node"].as_str()?.to_string(),
+        owner["epoch"].as_u64()?,
+    ))
+}
+
+/// Whether an agent's `status --json` says its store answers.
+pub fn store_healthy(status: &Value) -> bool {
+    status["store"]["healthy"] == true
+}
+
 /// Seconds since the epoch, as tcpdump stamps its lines.
 pub fn wall_now() -> f64 {
     std::time::SystemTime::now()
