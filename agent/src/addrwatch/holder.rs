@@ -217,9 +217,7 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
     addr.sll_family = libc::AF_PACKET as u16;
     addr.sll_protocol = ETH_P_ARP.to_be();
     addr.sll_ifindex = link.index;
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes.
-    if unsafe { libc::bind(fd.0, &addr as *const _ as *const libc::sockaddr, len) } != 0 {
+    if !bind_to(&fd, &addr) {
         return Err(err("bind ARP socket"));
     }
     let mut to = addr;
@@ -227,21 +225,10 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
     to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     let packet = probe_packet(link.mac, vip);
     let send = || {
-        // SAFETY: sending a 28-byte buffer to a valid sockaddr_ll.
-        let n = unsafe {
-            libc::sendto(
-                fd.0,
-                packet.as_ptr() as *const libc::c_void,
-                packet.len(),
-                0,
-                &to as *const _ as *const libc::sockaddr,
-                len,
-            )
-        };
-        if n < 0 {
-            Err(err("send ARP probe"))
-        } else {
+        if send_to(&fd, &packet, &to) {
             Ok(())
+        } else {
+            Err(err("send ARP probe"))
         }
     };
     ask(&fd, window, send, |p| {
@@ -299,6 +286,30 @@ fn advertisement_of(packet: &[u8], vip: Ipv6Addr, own: [u8; 6]) -> Option<String
         rest = &rest[len..];
     }
     Some("a neighbour".into())
+}
+
+/// Binds to a socket address (`sockaddr_ll`, `sockaddr_in6`); false on failure.
+fn bind_to<A>(fd: &Fd, addr: &A) -> bool {
+    let len = std::mem::size_of::<A>() as libc::socklen_t;
+    // SAFETY: `addr` is a socket address structure of `len` bytes.
+    unsafe { libc::bind(fd.0, addr as *const A as *const libc::sockaddr, len) == 0 }
+}
+
+/// Sends `buf` to a socket address (`sockaddr_ll`, `sockaddr_in6`); false on failure.
+fn send_to<A>(fd: &Fd, buf: &[u8], to: &A) -> bool {
+    let len = std::mem::size_of::<A>() as libc::socklen_t;
+    // SAFETY: sending a buffer of its own length to a socket address of `len` bytes.
+    let n = unsafe {
+        libc::sendto(
+            fd.0,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            0,
+            to as *const A as *const libc::sockaddr,
+            len,
+        )
+    };
+    n >= 0
 }
 
 fn setsockopt_int(fd: &Fd, level: i32, name: i32, value: i32) -> bool {
@@ -364,29 +375,16 @@ fn ndp_probe(vip: Ipv6Addr, window: Duration) -> Result<HolderAnswer, String> {
     // From the link-local address, not the VIP: the owner answers to where it was asked
     // from, and an address it holds itself would not be an address to answer.
     let from = sockaddr_v6(link_local, link.index);
-    let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-    // SAFETY: `from` is a valid sockaddr_in6 of `len` bytes.
-    if unsafe { libc::bind(fd.0, &from as *const _ as *const libc::sockaddr, len) } != 0 {
+    if !bind_to(&fd, &from) {
         return Err(err("bind ICMPv6 socket"));
     }
     let to = sockaddr_v6(solicited_node(vip), link.index);
     let packet = solicitation(link.mac, vip);
     let send = || {
-        // SAFETY: sending a 32-byte buffer to a valid sockaddr_in6.
-        let n = unsafe {
-            libc::sendto(
-                fd.0,
-                packet.as_ptr() as *const libc::c_void,
-                packet.len(),
-                0,
-                &to as *const _ as *const libc::sockaddr,
-                len,
-            )
-        };
-        if n < 0 {
-            Err(err("send neighbour solicitation"))
-        } else {
+        if send_to(&fd, &packet, &to) {
             Ok(())
+        } else {
+            Err(err("send neighbour solicitation"))
         }
     };
     ask(&fd, window, send, |p| advertisement_of(p, vip, link.mac)).map_err(err)

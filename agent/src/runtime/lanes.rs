@@ -302,6 +302,18 @@ impl VipLane {
         );
     }
 
+    /// This node's record was written: the core hears it now rather than from the
+    /// store's watch, which front-ends get at the same moment, so this node is ready for
+    /// them.
+    async fn recorded(&self, owner: VipOwner) {
+        let (vip, owner) = (self.vip, Some(owner));
+        let _ = self
+            .ctx
+            .inputs
+            .send(Input::OwnerChanged { vip, owner })
+            .await;
+    }
+
     fn fenced(&self, what: &str, detail: String) {
         warn!(vip = %self.vip, what, %detail, "action fenced");
         self.ctx.sink.emit(
@@ -357,14 +369,7 @@ impl VipLane {
             JobKind::Publish => match self.ctx.store.publish(vip).await {
                 Ok(owner) => {
                     info!(%vip, epoch = owner.epoch, "ownership published");
-                    // The core hears it now rather than from the store's watch, which
-                    // front-ends get at the same moment: this node is ready for them.
-                    let owner = Some(owner);
-                    let _ = self
-                        .ctx
-                        .inputs
-                        .send(Input::OwnerChanged { vip, owner })
-                        .await;
+                    self.recorded(owner).await;
                 }
                 Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
                     "publish",
@@ -378,12 +383,7 @@ impl VipLane {
             JobKind::TakeOver { from } => match self.ctx.store.take_over(vip, &from).await {
                 Ok(owner) => {
                     info!(%vip, epoch = owner.epoch, from = %from.node, "ownership taken over");
-                    let owner = Some(owner);
-                    let _ = self
-                        .ctx
-                        .inputs
-                        .send(Input::OwnerChanged { vip, owner })
-                        .await;
+                    self.recorded(owner).await;
                 }
                 Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
                     "takeover",
