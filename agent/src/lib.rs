@@ -5,6 +5,7 @@
 //! only place that spawns tasks and carries out the core's actions.
 
 pub mod addrwatch;
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use vipsec::InputSink;
 use vipsec::addrwatch::rtnetlink::NetlinkAddressWatcher;
 use vipsec::addrwatch::{AddrWatchError, AddressWatcher};
+use vipsec::agent::Agent;
 use vipsec::config::{Config, HostedVipConfig};
-use vipsec::runtime::{Agent, AgentHandle, Backends, StatusView};
+use vipsec::runtime::{AgentHandle, Backends, StatusView};
 use vipsec_testbed::netns::Netns;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vipsec");

@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::keying::KeyingError;
 use crate::logging::LogError;
+use crate::runtime::{CommandError, LogLevelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -52,6 +53,9 @@ impl From<crate::drill::DrillError> for ApiError {
                 ApiError::FailedPrecondition(e.to_string())
             }
             DrillError::CommandFailed(_) => ApiError::Internal(e.to_string()),
+            DrillError::SameNode { .. } => ApiError::InvalidArgument(e.to_string()),
+            DrillError::UnknownVip(_) => ApiError::NotFound(e.to_string()),
+            DrillError::Busy => ApiError::FailedPrecondition(e.to_string()),
         }
     }
 }
@@ -59,6 +63,27 @@ impl From<crate::drill::DrillError> for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
         ApiError::Unavailable(e.to_string())
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> ApiError {
+        match e {
+            CommandError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            CommandError::NotHosted(_) => ApiError::NotFound(e.to_string()),
+            // The VIP moved on while the command waited: asking again here cannot help.
+            CommandError::Fenced(_) => ApiError::FailedPrecondition(e.to_string()),
+            CommandError::Keying(k) => k.into(),
+        }
+    }
+}
+
+impl From<LogLevelError> for ApiError {
+    fn from(e: LogLevelError) -> ApiError {
+        match e {
+            LogLevelError::NotReloadable => ApiError::Unavailable(e.to_string()),
+            LogLevelError::Filter(f) => f.into(),
+        }
     }
 }
 

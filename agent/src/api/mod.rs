@@ -15,11 +15,9 @@ use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -32,8 +30,9 @@ use vipsec_proto::v1::agent_server::{Agent as AgentApi, AgentServer};
 pub use error::ApiError;
 
 use crate::config::{ApiConfig, ApiEndpoint};
+use crate::drill::{DrillRequest, Drills};
 use crate::model::{Mode, VipRole};
-use crate::runtime::{AgentHandle, Command};
+use crate::runtime::AgentHandle;
 
 /// A listening API endpoint, bound before the agent reports itself running.
 pub enum BoundApi {
@@ -206,13 +205,13 @@ pub async fn serve(
 ) -> Result<(), String> {
     // One drill at a time and one subscriber budget, whichever listener a client uses.
     let subscribers = limits::Subscribers::default();
-    let drilling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drills = Drills::default();
     let servers = bound.into_iter().map(|b| {
         serve_one(
             b,
             handle.clone(),
             subscribers.clone(),
-            drilling.clone(),
+            drills.clone(),
             cancel.clone(),
         )
     });
@@ -223,18 +222,18 @@ async fn serve_one(
     bound: BoundApi,
     handle: AgentHandle,
     subscribers: limits::Subscribers,
-    drilling: Arc<std::sync::atomic::AtomicBool>,
+    drills: Drills,
     cancel: CancellationToken,
 ) -> Result<(), String> {
     // Anyone on the root-only socket may change the node; over TCP only a client whose
     // certificate the configured CA signed.
     let changes_allowed = match &bound {
         BoundApi::Unix { .. } => true,
-        BoundApi::Tcp { .. } => handle.config.api.tls_client_ca.is_some(),
+        BoundApi::Tcp { .. } => handle.config().api.tls_client_ca.is_some(),
     };
     let agent = AgentServer::new(AgentService {
         handle: handle.clone(),
-        drilling,
+        drills,
         subscribers: subscribers.clone(),
         changes_allowed,
     })
@@ -292,22 +291,12 @@ async fn serve_one(
 
 pub struct AgentService {
     handle: AgentHandle,
-    /// A drill moves the VIP through the cluster manager: two at once would race each
-    /// other's commands and judge each other's moves.
-    drilling: Arc<std::sync::atomic::AtomicBool>,
+    /// One drill at a time, whichever listener asks.
+    drills: Drills,
     /// Open event and health-watch streams, per client.
     subscribers: limits::Subscribers,
     /// This listener takes calls that change the node (see `require_trusted_client`).
     changes_allowed: bool,
-}
-
-/// Clears the drill flag however the drill ends (an error, a dropped request).
-struct DrillSlot(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for DrillSlot {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 impl AgentService {
@@ -388,14 +377,9 @@ impl AgentApi for AgentService {
         } else {
             Some(parse_vip("vip", &req.vip)?)
         };
-        let config = &self.handle.config;
+        let config = self.handle.config();
         let (hosted, peers) = (config.hosted_addresses(), config.peer_addresses());
-        let sas = self
-            .handle
-            .keying
-            .list_sas()
-            .await
-            .map_err(ApiError::from)?;
+        let sas = self.handle.list_sas().await.map_err(ApiError::from)?;
         let mut groups: BTreeMap<(IpAddr, i32), Vec<pb::IkeSa>> = BTreeMap::new();
         for v in &hosted {
             groups.entry((*v, pb::VipRole::Hosted as i32)).or_default();
@@ -469,20 +453,7 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::DrainResponse>, Status> {
         self.require_trusted_client()?;
         let vip = parse_vip("vip", &req.into_inner().vip)?;
-        if !self.handle.config.hosted_addresses().contains(&vip) {
-            return Err(
-                ApiError::NotFound(format!("{vip} is not a hosted VIP of this node")).into(),
-            );
-        }
-        let (reply, rx) = oneshot::channel();
-        self.handle
-            .command(Command::Drain { vip, reply })
-            .await
-            .map_err(ApiError::Unavailable)?;
-        let deleted = rx
-            .await
-            .map_err(|_| ApiError::Unavailable("the agent is shutting down".into()))?
-            .map_err(ApiError::Unavailable)?;
+        let deleted = self.handle.drain(vip).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::DrainResponse { deleted }))
     }
 
@@ -509,7 +480,12 @@ impl AgentApi for AgentService {
                 let d = Duration::try_from(d).map_err(|_| {
                     ApiError::InvalidArgument("idle_timeout must not be negative".into())
                 })?;
-                let min = self.handle.config.keying.sample_interval.saturating_mul(2);
+                let min = self
+                    .handle
+                    .config()
+                    .keying
+                    .sample_interval
+                    .saturating_mul(2);
                 if d < min {
                     return Err(ApiError::InvalidArgument(format!(
                         "idle_timeout {} is shorter than two counter samples ({})",
@@ -528,18 +504,11 @@ impl AgentApi for AgentService {
                 Some(d)
             }
         };
-        let (reply, rx) = oneshot::channel();
-        self.handle
-            .command(Command::SetMode {
-                mode,
-                idle_timeout,
-                reply,
-            })
+        let (mode, timeout) = self
+            .handle
+            .set_mode(mode, idle_timeout)
             .await
-            .map_err(ApiError::Unavailable)?;
-        let (mode, timeout) = rx
-            .await
-            .map_err(|_| ApiError::Unavailable("the agent is shutting down".into()))?;
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::SetModeResponse {
             mode: convert::mode(mode) as i32,
             idle_timeout: Some(convert::duration(timeout)),
@@ -568,24 +537,7 @@ impl AgentApi for AgentService {
         } else {
             req.limit as usize
         };
-        let mut moves = match self.handle.store.moves(vip).await {
-            Ok(m) => m,
-            Err(e) => {
-                // What this node saw itself is still worth showing.
-                warn!(error = %e, "store unavailable; listing this node's own marks of recent moves");
-                let local = self
-                    .handle
-                    .recorder
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .all_history();
-                let local = local
-                    .into_iter()
-                    .filter(|m| vip.is_none_or(|v| v == m.vip))
-                    .collect();
-                crate::timeline::MoveTimeline::merge_all(local)
-            }
-        };
+        let mut moves = self.handle.moves(vip).await;
         // The most recent ones, oldest first.
         moves.sort_by_key(|t| (t.first_ms().unwrap_or(0), t.epoch));
         let skip = moves.len().saturating_sub(limit);
@@ -629,79 +581,16 @@ impl AgentApi for AgentService {
                     )
                 })?,
         };
-        let config = &self.handle.config;
-        if to == config.node {
-            return Err(ApiError::InvalidArgument(format!(
-                "{to} is this node; name the node that should take {vip}"
-            ))
-            .into());
-        }
-        let status = self.handle.status();
-        let hosted = status.hosted.iter().find(|h| h.address == vip);
-        let peer = status.peers.iter().find(|p| p.address == vip);
-        let (owner, epoch) = match (hosted, peer) {
-            (Some(h), _) => (h.owner.clone(), h.epoch),
-            (None, Some(p)) => (p.owner.clone(), p.epoch),
-            (None, None) => {
-                return Err(ApiError::NotFound(format!(
-                    "{vip} is not a VIP this node hosts or talks to"
-                ))
-                .into());
-            }
-        };
-        let owner_here = hosted.is_some_and(|h| h.present)
-            && owner.as_ref().is_some_and(|o| o.node == config.node);
-        let plan = crate::drill::plan(
-            &config.drill,
-            vip,
-            &to,
-            owner_here,
-            owner.as_ref().map(|o| o.node.as_str()),
-        )
-        .map_err(ApiError::from)?;
-        if self
-            .drilling
-            .compare_exchange(
-                false,
-                true,
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-            )
-            .is_err()
-        {
-            return Err(ApiError::FailedPrecondition(
-                "a drill is already running on this node; wait for its report".into(),
-            )
-            .into());
-        }
-        let _slot = DrillSlot(self.drilling.clone());
-        let deadline = tokio::time::Instant::now() + timeout;
-        let env = crate::drill::agent_env(&config.api.endpoint);
-        info!(%vip, %to, epoch, "drill: moving the VIP");
-        for argv in &plan.moves {
-            crate::drill::run_command(argv, &env, timeout)
-                .await
-                .map_err(ApiError::from)?;
-        }
-        let t = crate::drill::wait_for_move(self.handle.store.as_ref(), vip, epoch, deadline).await;
-        let mut cleanup_notes = Vec::new();
-        for argv in &plan.cleanup {
-            if let Err(e) = crate::drill::run_command(argv, &env, Duration::from_secs(30)).await {
-                cleanup_notes.push(format!("clean-up failed: {e}"));
-            }
-        }
-        let target = config.drill.target;
-        let (met_target, mut detail) =
-            crate::drill::judge(t.as_ref(), &to, target, plan.target_chosen_by_manager);
-        for n in cleanup_notes {
-            detail = format!("{detail}; {n}");
-        }
-        info!(%vip, %to, met_target, %detail, "drill finished");
+        let outcome = self
+            .drills
+            .run(&self.handle, DrillRequest { vip, to, timeout })
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::DrillReport {
-            timeline: t.as_ref().map(convert::move_timeline),
-            met_target,
-            target: Some(convert::duration(target)),
-            detail,
+            timeline: outcome.timeline.as_ref().map(convert::move_timeline),
+            met_target: outcome.met_target,
+            target: Some(convert::duration(outcome.target)),
+            detail: outcome.detail,
         }))
     }
 
@@ -720,13 +609,7 @@ impl AgentApi for AgentService {
         if filter.trim().is_empty() {
             return Err(ApiError::InvalidArgument("filter must not be empty".into()).into());
         }
-        let Some(log) = &self.handle.log else {
-            return Err(ApiError::Unavailable(
-                "this agent runs without a reloadable log filter".into(),
-            )
-            .into());
-        };
-        let filter = log.set(&filter).map_err(ApiError::from)?;
+        let filter = self.handle.set_log_level(&filter).map_err(ApiError::from)?;
         Ok(Response::new(pb::SetLogLevelResponse { filter }))
     }
 }

@@ -11,7 +11,7 @@ use crate::runtime::policies::Policies;
 use crate::store::StoreError;
 
 fn policies(handle: &AgentHandle) -> Result<&Policies, ApiError> {
-    handle.policies.as_ref().ok_or_else(|| {
+    handle.policies().ok_or_else(|| {
         ApiError::FailedPrecondition(
             "policies are not managed on this node (policy.managed = false)".into(),
         )

@@ -11,7 +11,7 @@ pub async fn run(path: &Path) -> Result<(), CliError> {
     let log = crate::logging::init(&config.log.filter, config.log.format)
         .map_err(|e| CliError::Usage(format!("{}: log.filter: {e}", path.display())))?;
     tracing::info!(node = %config.node, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "vipsec agent starting");
-    crate::runtime::run_until_signal(config, Some(Arc::new(log)))
+    crate::agent::run_until_signal(config, Some(Arc::new(log)))
         .await
         .map_err(|e| CliError::Runtime(format!("{e:#}")))
 }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::EventSink;
+use super::events::EventSink;
 use super::policies::Policies;
 use crate::config::Config;
 use crate::failover::{Notice, NoticeKind};

@@ -8,22 +8,24 @@
 //! Kernel changes share one lane so an engage and a release of the same flows can never
 //! overtake each other.
 //!
-//! Fencing: every job carries the epoch its action was decided under. An initiation whose
-//! epoch the core has since moved past is not started, and a hosted VIP's SAs are deleted
-//! only after a fresh read of the store shows no newer owner: a node that was paused or
-//! cut off while the VIP moved on acts on nothing when it wakes up.
+//! Every job carries the epoch its action was decided under; [`super::fence`] decides
+//! whether it may still run.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
+use super::backends::Backends;
+use super::commands::{CommandError, DrainReply};
+use super::events::EventSink;
+use super::fence;
+use super::knowledge::KnowledgeReader;
 use super::pacing::{Pacer, PacerParts};
 use super::policies::Policies;
-use super::{Backends, EventSink};
 use crate::InputSink;
 use crate::addrwatch::holder::HolderProbe;
 use crate::config::Config;
@@ -44,7 +46,8 @@ enum JobKind {
     MarkDraining,
     DeleteSas {
         role: VipRole,
-        reply: Option<oneshot::Sender<Result<u32, String>>>,
+        /// The drain this delete answers.
+        reply: Option<DrainReply>,
     },
     DropStale,
     Initiate {
@@ -70,37 +73,6 @@ struct Job {
     epoch: u64,
 }
 
-/// The highest epoch and the owner of record the core knows per VIP, kept up to date by
-/// the core loop.
-#[derive(Clone, Default)]
-pub(super) struct EpochBoard(Arc<Mutex<HashMap<Vip, Known>>>);
-
-/// The epoch and owner of record the core knows for a VIP.
-type Known = (u64, Option<String>);
-
-impl EpochBoard {
-    fn set(&self, vip: Vip, epoch: u64, owner: Option<String>) {
-        let mut m = self.0.lock().expect("epoch board lock");
-        let e = m.entry(vip).or_default();
-        e.0 = e.0.max(epoch);
-        e.1 = owner;
-    }
-    pub(super) fn get(&self, vip: Vip) -> u64 {
-        self.0
-            .lock()
-            .expect("epoch board lock")
-            .get(&vip)
-            .map_or(0, |e| e.0)
-    }
-    pub(super) fn owner(&self, vip: Vip) -> Option<String> {
-        self.0
-            .lock()
-            .expect("epoch board lock")
-            .get(&vip)
-            .and_then(|e| e.1.clone())
-    }
-}
-
 /// What every lane works with.
 #[derive(Clone)]
 struct LaneContext {
@@ -112,9 +84,8 @@ struct LaneContext {
     inputs: InputSink,
     tracker: TaskTracker,
     sink: EventSink,
-    epochs: EpochBoard,
-    /// Set once the policy runtime exists (policy-managed VIPs only).
-    policies: Arc<OnceLock<Policies>>,
+    /// The policy runtime (policy-managed VIPs only).
+    policies: Option<Policies>,
     pacer: Pacer,
 }
 
@@ -125,6 +96,7 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         backends: &Backends,
         config: Arc<Config>,
@@ -132,17 +104,17 @@ impl Lanes {
         tracker: TaskTracker,
         cancel: CancellationToken,
         sink: EventSink,
+        knowledge: KnowledgeReader,
+        policies: Option<Policies>,
     ) -> Lanes {
-        let epochs = EpochBoard::default();
-        let policies = Arc::new(OnceLock::new());
         let pacer = Pacer::start(PacerParts {
             keying: backends.keying.clone(),
             config: config.clone(),
             inputs: inputs.clone(),
-            metrics: sink.metrics.clone(),
+            metrics: sink.metrics().clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
-            epochs: epochs.clone(),
+            knowledge,
             policies: policies.clone(),
             sink: sink.clone(),
         });
@@ -156,24 +128,12 @@ impl Lanes {
                 inputs,
                 tracker,
                 sink,
-                epochs,
                 policies,
                 pacer,
             },
             cancel,
             vip_lanes: HashMap::new(),
         }
-    }
-
-    /// Records the epoch and owner the core knows for a VIP; later actions are judged
-    /// against them.
-    pub(super) fn note_epoch(&self, vip: Vip, epoch: u64, owner: Option<String>) {
-        self.ctx.epochs.set(vip, epoch, owner);
-    }
-
-    /// Lets the lanes load policy-managed connections.
-    pub(super) fn set_policies(&mut self, policies: Policies) {
-        let _ = self.ctx.policies.set(policies);
     }
 
     /// Queues the policy check of an SA that came up.
@@ -184,17 +144,18 @@ impl Lanes {
         ike_id: crate::model::IkeId,
         epoch: u64,
     ) {
-        if self.ctx.policies.get().is_some() {
+        if self.ctx.policies.is_some() {
             self.lane(vip, epoch, JobKind::CheckSa { role, ike_id });
         }
     }
 
+    /// Queues a delete whose result answers a drain.
     pub(super) fn delete_sas(
         &mut self,
         vip: Vip,
         role: VipRole,
         epoch: u64,
-        reply: Option<oneshot::Sender<Result<u32, String>>>,
+        reply: Option<DrainReply>,
     ) {
         self.lane(vip, epoch, JobKind::DeleteSas { role, reply });
     }
@@ -322,45 +283,20 @@ impl VipLane {
         );
     }
 
-    /// Whether a hosted VIP's SAs may still be deleted under `epoch`: not once the store
-    /// shows another node at a newer epoch. An unreachable store does not stop a delete
-    /// (a drain must go on during a store outage); the VIP is gone or ours then anyway.
-    async fn hosted_epoch_current(&self, epoch: u64) -> Result<(), String> {
-        let read = self.ctx.store.current(self.vip).await;
-        match read {
-            Ok((owner, highest)) => {
-                let ours = owner
-                    .as_ref()
-                    .is_some_and(|o| o.node == self.ctx.config.node);
-                if highest > epoch && !ours {
-                    let holder = owner.map_or("nobody".to_string(), |o| o.node);
-                    return Err(format!(
-                        "decided under epoch {epoch}; the store is at epoch {highest} (owner {holder})"
-                    ));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                debug!(vip = %self.vip, error = %e, "store unreachable; deleting without an epoch check");
-                Ok(())
-            }
-        }
-    }
-
     async fn job(&self, job: Job) {
         let vip = self.vip;
         let epoch = job.epoch;
         match job.kind {
             JobKind::AcceptSas { accept } => {
                 info!(%vip, accept, epoch, "IKE for the hosted VIP {}", if accept { "accepted" } else { "refused" });
-                if let Some(p) = self.ctx.policies.get()
+                if let Some(p) = &self.ctx.policies
                     && self.ctx.config.policy_managed(vip)
                 {
                     p.set_accepting(vip, accept).await;
                 }
             }
             JobKind::CheckSa { role, ike_id } => {
-                if let Some(p) = self.ctx.policies.get()
+                if let Some(p) = &self.ctx.policies
                     && self.ctx.config.policy_managed(vip)
                 {
                     p.check_sa(vip, role, ike_id).await;
@@ -415,11 +351,17 @@ impl VipLane {
             },
             JobKind::DeleteSas { role, reply } => {
                 if role == VipRole::Hosted
-                    && let Err(why) = self.hosted_epoch_current(epoch).await
+                    && let Err(fenced) = fence::hosted_delete(
+                        self.ctx.store.as_ref(),
+                        &self.ctx.config.node,
+                        vip,
+                        epoch,
+                    )
+                    .await
                 {
-                    self.fenced("delete", why.clone());
+                    self.fenced("delete", fenced.to_string());
                     if let Some(reply) = reply {
-                        let _ = reply.send(Err(format!("fenced: {why}")));
+                        let _ = reply.send(Err(CommandError::Fenced(fenced)));
                     }
                     return;
                 }
@@ -432,7 +374,7 @@ impl VipLane {
                     Err(e) => self.failed("delete", e),
                 }
                 if let Some(reply) = reply {
-                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                    let _ = reply.send(result.map_err(CommandError::Keying));
                 }
             }
             JobKind::DropStale => {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::EventSink;
+use super::events::EventSink;
 use crate::failover::{Action, Input};
 use crate::model::{Vip, unix_ms};
 use crate::store::OwnershipStore;

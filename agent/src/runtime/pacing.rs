@@ -29,7 +29,7 @@
 //! keying daemon, and reports their results to the core as `InitiateFinished`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -38,8 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::EventSink;
-use super::lanes::EpochBoard;
+use super::events::EventSink;
+use super::fence;
+use super::knowledge::KnowledgeReader;
 use super::policies::Policies;
 use crate::InputSink;
 use crate::config::{Config, ReconnectConfig};
@@ -286,9 +287,9 @@ pub(super) struct PacerParts {
     pub tracker: TaskTracker,
     pub cancel: CancellationToken,
     /// What the core knows now: an initiation decided under an older epoch is fenced.
-    pub epochs: EpochBoard,
+    pub knowledge: KnowledgeReader,
     /// The policy runtime, for VIPs whose connection comes from their policy.
-    pub policies: Arc<OnceLock<Policies>>,
+    pub policies: Option<Policies>,
     pub sink: EventSink,
 }
 
@@ -398,8 +399,8 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
     let (vip, attempt) = (q.vip, q.attempt);
     let (keying, inputs) = (parts.keying.clone(), parts.inputs.clone());
     let written = parts.config.peer(vip).and_then(|p| p.peer_connection());
-    let (epochs, policies, sink) = (
-        parts.epochs.clone(),
+    let (knowledge, policies, sink) = (
+        parts.knowledge.clone(),
         parts.policies.clone(),
         parts.sink.clone(),
     );
@@ -409,25 +410,24 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
     parts.tracker.spawn(
         async move {
             let started = std::time::Instant::now();
-            let known = epochs.get(vip);
-            let conn = if epoch < known {
+            let conn = match fence::initiation(&knowledge, vip, epoch) {
                 // The owner changed while this waited its turn: the core has decided
                 // again under the new epoch.
-                let why = format!("decided under epoch {epoch}; the owner is now at epoch {known}");
-                warn!(%vip, attempt, %why, "initiation fenced");
-                sink.emit(
-                    Notice::new(NoticeKind::ActionFenced, Some(vip))
-                        .detail(format!("initiate: {why}")),
-                );
-                Err(format!("fenced: {why}"))
-            } else {
-                match (written, policies.get()) {
+                Err(fenced) => {
+                    warn!(%vip, attempt, why = %fenced, "initiation fenced");
+                    sink.emit(
+                        Notice::new(NoticeKind::ActionFenced, Some(vip))
+                            .detail(format!("initiate: {fenced}")),
+                    );
+                    Err(format!("fenced: {fenced}"))
+                }
+                Ok(()) => match (written, &policies) {
                     (Some(c), _) => Ok(c),
                     // The owner of record's identity is required of the peer: a node that
                     // holds the address but not the record cannot complete IKE.
-                    (None, Some(p)) => p.prepare_initiate(vip, epochs.owner(vip)).await,
+                    (None, Some(p)) => p.prepare_initiate(vip).await,
                     (None, None) => Err("not a configured peer VIP".to_string()),
-                }
+                },
             };
             let result = match conn {
                 Ok(conn) => {
@@ -611,13 +611,9 @@ mod tests {
             metrics: metrics.clone(),
             tracker: TaskTracker::new(),
             cancel: cancel.clone(),
-            epochs: EpochBoard::default(),
-            policies: Arc::new(OnceLock::new()),
-            sink: EventSink {
-                events: tokio::sync::broadcast::channel(16).0,
-                metrics: metrics.clone(),
-                node: "fe".into(),
-            },
+            knowledge: KnowledgeReader::fixed(Default::default()),
+            policies: None,
+            sink: EventSink::new(tokio::sync::broadcast::channel(16).0, metrics.clone(), "fe"),
         });
         // An empty queue starts at once.
         pacer.initiate(vip(100), 1, 0, 1);

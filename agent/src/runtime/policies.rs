@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::EventSink;
+use super::events::EventSink;
+use super::knowledge::KnowledgeReader;
 use crate::config::Config;
 use crate::failover::{Notice, NoticeKind};
 use crate::kernel::Kernel;
@@ -50,8 +51,6 @@ struct State {
     docs: Vec<ReadDocument>,
     vips: BTreeMap<Vip, VipPolicy>,
     accepting: BTreeSet<Vip>,
-    /// Owner of record per peer VIP (its IKE identity is its node name).
-    owners: BTreeMap<Vip, Option<String>>,
     synced: bool,
     /// VIPs whose policy disappeared while their last flows stay guarded.
     kept_guarded: BTreeSet<Vip>,
@@ -78,6 +77,8 @@ struct Inner {
     store: Arc<dyn PolicyStore>,
     psk: SecretKey,
     sink: EventSink,
+    /// The owner of record per peer VIP (its IKE identity is its node name).
+    knowledge: KnowledgeReader,
     /// The managed VIPs and this node's role for each.
     roles: Vec<(Vip, VipRole)>,
     /// Keep a partial policy's other traffic out of kernel-libipsec's TUN.
@@ -100,6 +101,7 @@ impl Policies {
         store: Arc<dyn PolicyStore>,
         psk: SecretKey,
         sink: EventSink,
+        knowledge: KnowledgeReader,
     ) -> Policies {
         let roles: Vec<(Vip, VipRole)> = config
             .hosted_vips
@@ -121,12 +123,12 @@ impl Policies {
                 store,
                 psk,
                 sink,
+                knowledge,
                 roles,
                 state: Mutex::new(State {
                     docs: Vec::new(),
                     vips: BTreeMap::new(),
                     accepting: BTreeSet::new(),
-                    owners: BTreeMap::new(),
                     synced: false,
                     kept_guarded: BTreeSet::new(),
                 }),
@@ -231,14 +233,9 @@ impl Policies {
         let _ = self.apply_vip(vip).await;
     }
 
-    /// Loads the front-end connection toward `vip`, requiring `owner` (the owner of
-    /// record; `None`: whoever answers) as the peer, and names what to initiate.
-    pub async fn prepare_initiate(
-        &self,
-        vip: Vip,
-        owner: Option<String>,
-    ) -> Result<PeerConnection, String> {
-        self.state().owners.insert(vip, owner);
+    /// Loads the front-end connection toward `vip`, requiring the owner of record (none
+    /// known: whoever answers) as the peer, and names what to initiate.
+    pub async fn prepare_initiate(&self, vip: Vip) -> Result<PeerConnection, String> {
         self.apply_vip(vip).await?;
         if let Some(spec) = self.inner.applied.lock().await.conns.get(&vip) {
             return Ok(PeerConnection {
@@ -399,7 +396,12 @@ impl Policies {
             (
                 st.vips.get(&vip).cloned(),
                 st.accepting.contains(&vip),
-                st.owners.get(&vip).cloned().flatten(),
+                // A front-end requires the owner of record as its peer; a back-end's own
+                // connection accepts any front-end.
+                match role {
+                    VipRole::Peer => self.inner.knowledge.owner(vip),
+                    VipRole::Hosted => None,
+                },
             )
         };
         let guarded = match role {

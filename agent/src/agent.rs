@@ -1,0 +1,66 @@
+//! The agent as one process: the runtime with the API server in front of it.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span};
+
+use crate::config::Config;
+use crate::logging::LogControl;
+use crate::runtime::{AgentHandle, Backends, Runtime, Starting};
+
+/// A started agent.
+pub struct Agent {
+    pub handle: AgentHandle,
+    runtime: Runtime,
+}
+
+impl Agent {
+    /// Puts the guard in place, opens the API, then starts the backends and the core loop.
+    pub async fn start(
+        config: Config,
+        backends: Backends,
+        log: Option<Arc<LogControl>>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Agent> {
+        let starting = Starting::new(config, backends, log, cancel.clone()).await?;
+        let api = crate::api::bind(&starting.handle().config().api).await?;
+        starting.essential(
+            "api",
+            crate::api::serve(api, starting.handle().clone(), cancel).instrument(info_span!("api")),
+        );
+        let runtime = starting.launch();
+        Ok(Agent {
+            handle: runtime.handle().clone(),
+            runtime,
+        })
+    }
+
+    /// Waits for cancellation and every task, and removes the API socket. An error when an
+    /// essential task took the agent down.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let result = self.runtime.wait().await;
+        crate::api::cleanup(&self.handle.config().api);
+        result?;
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: Config, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives while the agent starts must still stop it cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let cancel = CancellationToken::new();
+    let backends = Backends::from_config(&config).await?;
+    let agent = Agent::start(config, backends, log, cancel.clone()).await?;
+    info!("agent running");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+        _ = cancel.cancelled() => {}
+    }
+    cancel.cancel();
+    agent.wait().await
+}
