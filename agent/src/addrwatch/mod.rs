@@ -9,6 +9,7 @@ use crate::InputSink;
 use crate::config::HostedVipConfig;
 
 pub mod holder;
+pub mod memory;
 mod presence;
 pub mod rtnetlink;
 

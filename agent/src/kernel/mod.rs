@@ -11,6 +11,7 @@ use crate::InputSink;
 use crate::config::{Config, KernelBackend};
 use crate::model::{ProtectedFlow, Vip};
 
+pub mod memory;
 pub mod none;
 pub mod xfrm;
 

@@ -22,6 +22,8 @@ pub mod pacing;
 pub mod policies;
 pub mod status;
 mod supervise;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! In-process ownership store for a single machine: same contract as etcd, no server.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -28,7 +28,7 @@ struct Records {
 
 pub struct EmbeddedStore {
     node: String,
-    records: Mutex<Records>,
+    records: Arc<Mutex<Records>>,
     changes: broadcast::Sender<(Vip, Option<VipOwner>)>,
 }
 
@@ -37,8 +37,18 @@ impl EmbeddedStore {
         let (changes, _) = broadcast::channel(1024);
         EmbeddedStore {
             node,
-            records: Mutex::new(Records::default()),
+            records: Arc::new(Mutex::new(Records::default())),
             changes,
+        }
+    }
+
+    /// Another node's view of the same records: several agents in one process (runtime
+    /// tests, simulations) share one store the way a cluster shares etcd.
+    pub fn for_node(&self, node: &str) -> EmbeddedStore {
+        EmbeddedStore {
+            node: node.to_string(),
+            records: self.records.clone(),
+            changes: self.changes.clone(),
         }
     }
 

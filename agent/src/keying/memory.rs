@@ -1,0 +1,258 @@
+//! A keying daemon in memory: it keeps SAs in a list, records every call, and can hold a
+//! kind of call until released. For in-process runtime tests and simulations, where the
+//! question is what the agent asked for and in which order, not what charon did with it.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Keying, KeyingError};
+use crate::InputSink;
+use crate::failover::{Input, SaRef};
+use crate::model::{IkeId, IkeSaInfo, PeerConnection, Vip, VipRole};
+use crate::policy::{ConnectionSpec, SecretKey};
+
+/// One call the agent made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyingCall {
+    Initiate { vip: Vip, connection: String },
+    DeleteSas { vip: Vip, role: VipRole },
+    DropSas { vip: Vip },
+    Terminate(IkeId),
+    LoadConnection(String),
+    UnloadConnection(String),
+    LoadPsk,
+}
+
+/// The kinds of call that can be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hold {
+    Initiate,
+    DeleteSas,
+    DropSas,
+}
+
+#[derive(Default)]
+struct State {
+    sas: Vec<SaRef>,
+    next_id: IkeId,
+    sink: Option<InputSink>,
+    connections: BTreeSet<String>,
+}
+
+pub struct MemoryKeying {
+    state: Mutex<State>,
+    calls: watch::Sender<Vec<KeyingCall>>,
+    held: watch::Sender<BTreeSet<Hold>>,
+}
+
+impl Default for MemoryKeying {
+    fn default() -> Self {
+        MemoryKeying::new(Vec::new())
+    }
+}
+
+impl MemoryKeying {
+    /// A daemon holding `sas` when the agent connects.
+    pub fn new(sas: Vec<SaRef>) -> MemoryKeying {
+        let next_id = sas.iter().map(|s| s.ike_id).max().unwrap_or(0) + 1;
+        MemoryKeying {
+            state: Mutex::new(State {
+                sas,
+                next_id,
+                ..State::default()
+            }),
+            calls: watch::channel(Vec::new()).0,
+            held: watch::channel(BTreeSet::new()).0,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<KeyingCall> {
+        self.calls.borrow().clone()
+    }
+
+    /// Waits until a call satisfies `f`, up to `timeout`; returns it.
+    pub async fn wait_call(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&KeyingCall) -> bool,
+    ) -> Option<KeyingCall> {
+        let mut rx = self.calls.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(c) = rx.borrow_and_update().iter().find(|c| f(c)) {
+                    return Some(c.clone());
+                }
+                rx.changed().await.ok()?;
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Calls of this kind wait from now on until [`release`](Self::release).
+    pub fn hold(&self, kind: Hold) {
+        self.held.send_modify(|h| {
+            h.insert(kind);
+        });
+    }
+
+    pub fn release(&self, kind: Hold) {
+        self.held.send_modify(|h| {
+            h.remove(&kind);
+        });
+    }
+
+    /// The SAs the daemon holds now.
+    pub fn sas(&self) -> Vec<SaRef> {
+        self.state().sas.clone()
+    }
+
+    /// The connections loaded now.
+    pub fn connections(&self) -> BTreeSet<String> {
+        self.state().connections.clone()
+    }
+
+    async fn record(&self, call: KeyingCall, kind: Option<Hold>) {
+        self.calls.send_modify(|c| c.push(call));
+        if let Some(kind) = kind {
+            let mut rx = self.held.subscribe();
+            let _ = rx.wait_for(|h| !h.contains(&kind)).await;
+        }
+    }
+
+    async fn tell(&self, input: Input) {
+        let sink = self.state().sink.clone();
+        if let Some(sink) = sink {
+            let _ = sink.send(input).await;
+        }
+    }
+
+    /// Removes the SAs matching `f` and tells the agent they went.
+    async fn remove(&self, f: impl Fn(&SaRef) -> bool, reason: &str) -> u32 {
+        let gone: Vec<SaRef> = {
+            let mut st = self.state();
+            let (gone, kept) = st.sas.drain(..).partition(|s| f(s));
+            st.sas = kept;
+            gone
+        };
+        for sa in &gone {
+            self.tell(Input::SaDown {
+                sa: *sa,
+                reason: reason.to_string(),
+            })
+            .await;
+        }
+        gone.len() as u32
+    }
+}
+
+#[async_trait]
+impl Keying for MemoryKeying {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn run(&self, sink: InputSink, cancel: CancellationToken) {
+        let established = {
+            let mut st = self.state();
+            st.sink = Some(sink.clone());
+            st.sas.clone()
+        };
+        let _ = sink.send(Input::KeyingUp { established }).await;
+        cancel.cancelled().await;
+    }
+
+    async fn list_sas(&self) -> Result<Vec<IkeSaInfo>, KeyingError> {
+        Ok(Vec::new())
+    }
+
+    async fn delete_sas(&self, vip: Vip, role: VipRole) -> Result<u32, KeyingError> {
+        self.record(KeyingCall::DeleteSas { vip, role }, Some(Hold::DeleteSas))
+            .await;
+        Ok(self
+            .remove(|s| s.vip == vip && s.role == role, "deleted")
+            .await)
+    }
+
+    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError> {
+        self.record(KeyingCall::DropSas { vip }, Some(Hold::DropSas))
+            .await;
+        Ok(self
+            .remove(|s| s.vip == vip && s.role == VipRole::Peer, "dropped")
+            .await)
+    }
+
+    async fn initiate(
+        &self,
+        vip: Vip,
+        conn: &PeerConnection,
+        _timeout: Duration,
+    ) -> Result<(), KeyingError> {
+        let call = KeyingCall::Initiate {
+            vip,
+            connection: conn.connection.clone(),
+        };
+        self.record(call, Some(Hold::Initiate)).await;
+        let sa = {
+            let mut st = self.state();
+            let sa = SaRef {
+                vip,
+                role: VipRole::Peer,
+                ike_id: st.next_id,
+            };
+            st.next_id += 1;
+            st.sas.push(sa);
+            sa
+        };
+        self.tell(Input::SaUp(sa)).await;
+        Ok(())
+    }
+
+    async fn terminate_sa(&self, ike_id: IkeId) -> Result<(), KeyingError> {
+        self.record(KeyingCall::Terminate(ike_id), None).await;
+        self.remove(|s| s.ike_id == ike_id, "terminated").await;
+        Ok(())
+    }
+
+    async fn load_connection(&self, spec: &ConnectionSpec) -> Result<(), KeyingError> {
+        self.record(KeyingCall::LoadConnection(spec.name.clone()), None)
+            .await;
+        self.state().connections.insert(spec.name.clone());
+        Ok(())
+    }
+
+    async fn unload_connection(&self, name: &str) -> Result<(), KeyingError> {
+        self.record(KeyingCall::UnloadConnection(name.to_string()), None)
+            .await;
+        self.state().connections.remove(name);
+        Ok(())
+    }
+
+    async fn load_psk(&self, _key: &SecretKey) -> Result<(), KeyingError> {
+        self.record(KeyingCall::LoadPsk, None).await;
+        Ok(())
+    }
+
+    async fn key_exchange_methods(&self) -> Result<Vec<String>, KeyingError> {
+        Ok([
+            "MODP_2048",
+            "MODP_3072",
+            "ECP_256",
+            "ECP_384",
+            "CURVE_25519",
+        ]
+        .map(String::from)
+        .to_vec())
+    }
+}

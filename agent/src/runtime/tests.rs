@@ -1,0 +1,376 @@
+//! The runtime in one process, on paused time: real core loop, lanes, pacer and fences,
+//! with in-memory keying, kernel, addresses and a shared embedded store standing in for the
+//! outside systems. Each test is a scenario a network-namespace test could only reach by
+//! luck of timing: what is fenced, and what answers a command.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentHandle, Backends, CommandError, EventRecord, Runtime, Starting, StatusView};
+use crate::addrwatch::memory::{FixedHolder, MemoryAddresses};
+use crate::config::Config;
+use crate::failover::{HolderAnswer, NoticeKind, SaRef};
+use crate::kernel::memory::MemoryKernel;
+use crate::keying::memory::{Hold, KeyingCall, MemoryKeying};
+use crate::model::{Vip, VipRole};
+use crate::store::OwnershipStore;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::policies::LocalPolicies;
+
+/// Long enough for anything the runtime does on its own; time is paused, so waiting costs
+/// nothing and the deadline only bounds a test that went wrong.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn vip() -> Vip {
+    "192.0.2.100".parse().unwrap()
+}
+
+struct Node {
+    handle: AgentHandle,
+    keying: Arc<MemoryKeying>,
+    addrs: Arc<MemoryAddresses>,
+    events: broadcast::Receiver<EventRecord>,
+    cancel: CancellationToken,
+    runtime: Runtime,
+}
+
+async fn start(config: &str, store: EmbeddedStore, keying: MemoryKeying) -> Node {
+    start_with(
+        config,
+        store,
+        keying,
+        LocalPolicies::new("test", Vec::new()),
+    )
+    .await
+}
+
+async fn start_with(
+    config: &str,
+    store: EmbeddedStore,
+    keying: MemoryKeying,
+    policies: LocalPolicies,
+) -> Node {
+    let config = Config::parse(config).expect("valid config");
+    let keying = Arc::new(keying);
+    let addrs = Arc::new(MemoryAddresses::default());
+    let backends = Backends {
+        store: Arc::new(store),
+        watcher: addrs.clone(),
+        holder: Arc::new(FixedHolder(HolderAnswer::Unknown("in memory".into()))),
+        keying: keying.clone(),
+        kernel: Arc::new(MemoryKernel::default()),
+        policies: Arc::new(policies),
+    };
+    let cancel = CancellationToken::new();
+    let starting = Starting::new(config, backends, None, cancel.clone())
+        .await
+        .expect("runtime starts");
+    let events = starting.handle().subscribe();
+    let runtime = starting.launch();
+    Node {
+        handle: runtime.handle().clone(),
+        keying,
+        addrs,
+        events,
+        cancel,
+        runtime,
+    }
+}
+
+impl Node {
+    async fn status(&self, what: &str, f: impl Fn(&StatusView) -> bool) -> StatusView {
+        self.handle
+            .wait_status(DEADLINE, f)
+            .await
+            .unwrap_or_else(|| panic!("status never showed {what}: {:#?}", self.handle.status()))
+    }
+
+    /// The next event of `kind` for the VIP.
+    async fn event(&mut self, kind: NoticeKind) -> EventRecord {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match self.events.recv().await {
+                    Ok(e) if e.notice.kind == kind && e.moved.is_none() => return e,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {} event", kind.as_str()))
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.runtime.wait().await.expect("clean stop");
+    }
+}
+
+fn hosted_owner(s: &StatusView, node: &str) -> bool {
+    s.hosted
+        .iter()
+        .any(|h| h.owner.as_ref().is_some_and(|o| o.node == node))
+}
+
+fn peer_epoch(s: &StatusView) -> u64 {
+    s.peers.first().map_or(0, |p| p.epoch)
+}
+
+const BACKEND: &str = "node = \"be1\"\n\
+    [failover]\ndrain_hold = \"1h\"\n\
+    [[hosted_vip]]\naddress = \"192.0.2.100\"\n";
+
+const FRONTEND: &str = "node = \"fe1\"\n\
+    [failover.reconnect]\njitter = \"0s\"\n\
+    [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"mail\"\n";
+
+fn hosted_sas(n: u64) -> Vec<SaRef> {
+    (1..=n)
+        .map(|ike_id| SaRef {
+            vip: vip(),
+            role: VipRole::Hosted,
+            ike_id,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_is_answered_by_the_delete_its_own_decision_named() {
+    let store = EmbeddedStore::new("be1".into());
+    let be1 = start(
+        BACKEND,
+        store.for_node("be1"),
+        MemoryKeying::new(hosted_sas(2)),
+    )
+    .await;
+    be1.addrs.add(vip());
+    be1.status("be1 owning the VIP", |s| hosted_owner(s, "be1"))
+        .await;
+
+    assert_eq!(be1.handle.drain(vip()).await.expect("drained"), 2);
+    assert!(
+        be1.keying.calls().contains(&KeyingCall::DeleteSas {
+            vip: vip(),
+            role: VipRole::Hosted
+        }),
+        "{:?}",
+        be1.keying.calls()
+    );
+    be1.status("the record withdrawn", |s| s.hosted[0].owner.is_none())
+        .await;
+    assert_eq!(store.current(vip()).await.unwrap().0, None);
+
+    // A VIP this node does not host is refused before the core is asked.
+    let other: Vip = "192.0.2.101".parse().unwrap();
+    assert!(matches!(
+        be1.handle.drain(other).await,
+        Err(CommandError::NotHosted(v)) if v == other
+    ));
+    be1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_decided_before_the_vip_moved_on_is_fenced_and_the_drain_told_so() {
+    let store = EmbeddedStore::new("be1".into());
+    let mut be1 = start(
+        BACKEND,
+        store.for_node("be1"),
+        MemoryKeying::new(hosted_sas(2)),
+    )
+    .await;
+    be1.addrs.add(vip());
+    be1.status("be1 owning the VIP", |s| hosted_owner(s, "be1"))
+        .await;
+
+    // The first drain's delete hangs in the daemon (a paused node, a slow charon); a
+    // second drain is decided meanwhile, under the same epoch 1.
+    be1.keying.hold(Hold::DeleteSas);
+    let first = tokio::spawn({
+        let h = be1.handle.clone();
+        async move { h.drain(vip()).await }
+    });
+    be1.keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::DeleteSas { .. }))
+        .await
+        .expect("the first delete reached the daemon");
+    be1.event(NoticeKind::Drained).await;
+    let second = tokio::spawn({
+        let h = be1.handle.clone();
+        async move { h.drain(vip()).await }
+    });
+    be1.event(NoticeKind::Drained).await;
+
+    // Then the VIP moves on: be2 is its owner at epoch 2.
+    let moved = store
+        .for_node("be2")
+        .publish(vip())
+        .await
+        .expect("be2 publishes");
+    assert_eq!(moved.epoch, 2);
+    be1.status("be2 recorded at epoch 2", |s| hosted_owner(s, "be2"))
+        .await;
+
+    be1.keying.release(Hold::DeleteSas);
+    assert_eq!(first.await.unwrap().expect("the first drain ran"), 2);
+    let fenced = match second.await.unwrap() {
+        Err(CommandError::Fenced(f)) => f,
+        other => panic!("the second drain was not fenced: {other:?}"),
+    };
+    assert_eq!(fenced.decided, 1);
+    assert_eq!(fenced.now, "the store is at epoch 2 (owner be2)");
+    let notice = be1.event(NoticeKind::ActionFenced).await.notice;
+    assert!(
+        notice.detail.starts_with("delete: decided under epoch 1"),
+        "{notice:?}"
+    );
+    let deletes = be1
+        .keying
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, KeyingCall::DeleteSas { .. }))
+        .count();
+    assert_eq!(deletes, 1, "{:?}", be1.keying.calls());
+    be1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_initiation_decided_under_an_older_owner_is_not_started() {
+    let store = EmbeddedStore::new("be1".into());
+    store.publish(vip()).await.expect("be1 publishes");
+    let sa = SaRef {
+        vip: vip(),
+        role: VipRole::Peer,
+        ike_id: 1,
+    };
+    let mut fe = start(FRONTEND, store.for_node("fe1"), MemoryKeying::new(vec![sa])).await;
+    fe.status("be1 at epoch 1", |s| peer_epoch(s) == 1).await;
+
+    // be2 takes the VIP: the front-end drops the stale SA (which hangs, keeping the VIP's
+    // lane busy) and decides an initiation under epoch 2, queued behind the drop.
+    fe.keying.hold(Hold::DropSas);
+    store
+        .for_node("be2")
+        .publish(vip())
+        .await
+        .expect("be2 publishes");
+    fe.keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::DropSas { .. }))
+        .await
+        .expect("the drop reached the daemon");
+    // Before that initiation can start, be3 takes the VIP at epoch 3: the core decides
+    // again, and what it knows now is epoch 3.
+    store
+        .for_node("be3")
+        .publish(vip())
+        .await
+        .expect("be3 publishes");
+    fe.status("be3 at epoch 3", |s| peer_epoch(s) == 3).await;
+
+    fe.keying.release(Hold::DropSas);
+    let notice = fe.event(NoticeKind::ActionFenced).await.notice;
+    assert_eq!(
+        notice.detail,
+        "initiate: decided under epoch 2; the owner is now at epoch 3"
+    );
+    fe.status("protection back toward be3", |s| {
+        s.peers[0].owner.as_ref().is_some_and(|o| o.node == "be3") && !s.peers[0].renegotiating
+    })
+    .await;
+    let initiations = fe
+        .keying
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, KeyingCall::Initiate { .. }))
+        .count();
+    assert_eq!(initiations, 1, "{:?}", fe.keying.calls());
+    fe.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_rolls_out_toward_the_owner_of_record_and_follows_the_vip() {
+    let dir = tempfile::tempdir().unwrap();
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, "a secret shared by the cluster's nodes").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "node = \"fe1\"\n\
+         [failover.reconnect]\njitter = \"0s\"\n\
+         [keying]\nbackend = \"strongswan\"\n\
+         [kernel]\nbackend = \"xfrm\"\n\
+         [policy]\nmanaged = true\nroute_rules = false\npsk_file = \"{}\"\n\
+         [[peer_vip]]\naddress = \"192.0.2.100\"\n",
+        psk.display()
+    );
+    let store = EmbeddedStore::new("be1".into());
+    store.publish(vip()).await.expect("be1 publishes");
+    let sa = SaRef {
+        vip: vip(),
+        role: VipRole::Peer,
+        ike_id: 1,
+    };
+    let fe = start_with(
+        &config,
+        store.for_node("fe1"),
+        MemoryKeying::new(vec![sa]),
+        LocalPolicies::new("test", Vec::new()),
+    )
+    .await;
+    fe.status("be1 at epoch 1", |s| peer_epoch(s) == 1).await;
+    assert!(fe.keying.connections().is_empty());
+
+    // An operator applies the cluster policy: the connection is loaded, requiring the
+    // owner of record as the peer.
+    let policy = crate::policy::Policy::parse_toml(include_str!(
+        "../../../deploy/examples/policy-mail.toml"
+    ))
+    .expect("the example policy parses")
+    .policy;
+    let p = fe.handle.policies().expect("policies managed");
+    p.store()
+        .put(&policy.name, &policy.to_json(), 0)
+        .await
+        .expect("stored");
+    let loaded = fe
+        .keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::LoadConnection(_)))
+        .await
+        .unwrap_or_else(|| panic!("no connection loaded: {:#?}", p.view().vips));
+    assert_eq!(
+        loaded,
+        KeyingCall::LoadConnection("vipsec-mail-192-0-2-100-to-be1".into())
+    );
+
+    // The VIP moves: the initiation toward be2 uses a connection that requires be2.
+    store
+        .for_node("be2")
+        .publish(vip())
+        .await
+        .expect("be2 publishes");
+    let initiated = fe
+        .keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::Initiate { .. }))
+        .await
+        .expect("an initiation");
+    assert_eq!(
+        initiated,
+        KeyingCall::Initiate {
+            vip: vip(),
+            connection: "vipsec-mail-192-0-2-100-to-be2".into()
+        }
+    );
+    assert!(
+        fe.keying
+            .connections()
+            .contains("vipsec-mail-192-0-2-100-to-be2")
+    );
+    assert!(
+        !fe.keying
+            .connections()
+            .contains("vipsec-mail-192-0-2-100-to-be1")
+    );
+    fe.stop().await;
+}
