@@ -249,3 +249,55 @@ fn every_global_option_and_environment_variable_is_in_the_readme() {
     }
     assert!(seen >= 4, "only {seen} environment variables");
 }
+
+/// The README's layout names files and folders by indentation: top level from the
+/// repository, two spaces in from `agent/src/`, four from the folder above. Each must exist,
+/// and every folder of `agent/src/` must be named, so the map never sends a newcomer to a
+/// place that moved.
+#[test]
+fn the_readme_layout_matches_the_tree() {
+    let readme = read("README.md");
+    let block = readme
+        .split("## Layout")
+        .nth(1)
+        .and_then(|s| s.split("```").nth(1))
+        .expect("a Layout section with a code block");
+    let mut parent = String::new();
+    let mut named = Vec::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let indent = line.len() - line.trim_start().len();
+        let base = match indent {
+            0 => String::new(),
+            2 => "agent/src/".to_string(),
+            4 => parent.clone(),
+            _ => continue,
+        };
+        // A line may name several files before a colon ("a.rs b.rs: what they hold").
+        let head = line.trim_start().split(':').next().unwrap_or_default();
+        let names: Vec<&str> = head
+            .split_whitespace()
+            .take_while(|t| t.ends_with('/') || t.ends_with(".rs"))
+            .collect();
+        for name in names {
+            let path = format!("{base}{name}");
+            assert!(
+                repo(&path).exists(),
+                "README's layout names {path}, which does not exist"
+            );
+            if indent == 2 && name.ends_with('/') {
+                parent = path.clone();
+            }
+            named.push(path);
+        }
+    }
+    for entry in std::fs::read_dir(repo("agent/src")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            let path = format!("agent/src/{}/", entry.file_name().to_string_lossy());
+            assert!(
+                named.contains(&path),
+                "README's layout does not name {path}"
+            );
+        }
+    }
+}
