@@ -374,3 +374,61 @@ async fn a_policy_rolls_out_toward_the_owner_of_record_and_follows_the_vip() {
     );
     fe.stop().await;
 }
+
+/// The whole cluster in one process: two back-ends and a front-end share one store. A
+/// planned move is carried out end to end, and each node's move lane leaves its marks.
+#[tokio::test(start_paused = true)]
+async fn a_planned_move_in_one_process_ends_with_the_moves_timeline() {
+    let store = EmbeddedStore::new("be1".into());
+    let be1 = start(BACKEND, store.for_node("be1"), MemoryKeying::default()).await;
+    let be2 = start(
+        &BACKEND.replace("be1", "be2"),
+        store.for_node("be2"),
+        MemoryKeying::default(),
+    )
+    .await;
+    be1.addrs.add(vip());
+    be1.status("be1 owning the VIP", |s| hosted_owner(s, "be1"))
+        .await;
+    let sa = SaRef {
+        vip: vip(),
+        role: VipRole::Peer,
+        ike_id: 1,
+    };
+    let mut fe = start(FRONTEND, store.for_node("fe1"), MemoryKeying::new(vec![sa])).await;
+    fe.status("be1 at epoch 1", |s| peer_epoch(s) == 1).await;
+
+    // The cluster manager's planned move: drain, the address goes, the next node takes it.
+    be1.handle.drain(vip()).await.expect("drained");
+    be1.addrs.remove(vip());
+    be2.addrs.add(vip());
+    be2.status("be2 owning the VIP", |s| hosted_owner(s, "be2"))
+        .await;
+    fe.keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::Initiate { .. }))
+        .await
+        .expect("the front-end initiated toward the new owner");
+    // `move-completed` rides on an event with the store's timeline attached.
+    let moved = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match fe.events.recv().await {
+                Ok(e) if e.moved.is_some() => return e,
+                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a move-completed event");
+    let t = moved.moved.expect("a timeline");
+    assert_eq!((t.epoch, t.to_node.as_str()), (2, "be2"));
+    assert_eq!(t.from_node.as_deref(), Some("be1"));
+    let listed = fe.handle.moves(Some(vip())).await;
+    assert!(
+        listed.iter().any(|m| m.epoch == 2 && m.to_node == "be2"),
+        "{listed:?}"
+    );
+    for node in [be1, be2, fe] {
+        node.stop().await;
+    }
+}
