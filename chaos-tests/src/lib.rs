@@ -11,3 +11,4 @@ pub mod demo;
 pub mod lab;
 pub mod nsexec;
 pub mod scenario;
+pub mod sim;

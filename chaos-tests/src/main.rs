@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use vipsec_chaos::lab::probe::{self, ProbeArgs};
 use vipsec_chaos::lab::{Lab, LabOptions, Progress, Setup, mailserver};
-use vipsec_chaos::{bench, demo};
+use vipsec_chaos::{bench, demo, sim};
 
 #[derive(Parser)]
 #[command(name = "vipsec-chaos", about = "vipsec's multi-node failover lab")]
@@ -46,6 +46,36 @@ enum Command {
         /// How many VIPs (192.0.2.100 onward), all moved together by keepalived.
         #[arg(long, default_value_t = 1)]
         vips: usize,
+    },
+    /// A reconnect storm in one process on paused time: front-ends' real runtimes against
+    /// a model of the new owner's charon (see docs/bench/simulation.md).
+    Simulate {
+        /// Comma-separated front-end counts, e.g. 20,100,1000.
+        #[arg(long, value_delimiter = ',', default_value = "20")]
+        front_ends: Vec<usize>,
+        /// VIPs per front-end, all owned by one back-end.
+        #[arg(long, default_value_t = 3)]
+        vips: usize,
+        /// Comma-separated: adaptive, fixed, off.
+        #[arg(long, value_delimiter = ',', default_value = "adaptive,fixed,off")]
+        control: Vec<String>,
+        /// The responder's CPU per IKE_SA, in milliseconds, and how many it builds at once.
+        #[arg(long, default_value_t = 25)]
+        cost_ms: u64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// IKE_SA_INITs the responder holds waiting; more are lost (its UDP buffer).
+        #[arg(long, default_value_t = 256)]
+        queue: usize,
+        /// The front-ends' `keying.initiate_timeout` and `failover.retry_max` (the lab's
+        /// storm settings by default; the agent's defaults are 1000 and 1000).
+        #[arg(long, default_value_t = 500)]
+        initiate_timeout_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        retry_max_ms: u64,
+        /// Simulated seconds to follow the storm.
+        #[arg(long, default_value_t = 120)]
+        horizon: u64,
     },
     /// (inside a back-end) The mail-like server.
     ServeMail {
@@ -98,6 +128,42 @@ fn main() -> anyhow::Result<()> {
             drop(lab);
             println!("{}", bench::markdown(&bench::rows(&outcomes), cap));
             println!("written to {}", out.display());
+            Ok(())
+        }
+        Command::Simulate {
+            front_ends,
+            vips,
+            control,
+            cost_ms,
+            workers,
+            queue,
+            initiate_timeout_ms,
+            retry_max_ms,
+            horizon,
+        } => {
+            let mut results = Vec::new();
+            for n in front_ends {
+                for c in &control {
+                    let control = match c.as_str() {
+                        "adaptive" => sim::Control::Adaptive,
+                        "fixed" => sim::Control::Fixed,
+                        "off" => sim::Control::Off,
+                        other => anyhow::bail!("--control {other:?}: adaptive, fixed or off"),
+                    };
+                    let mut plan = sim::SimPlan::lab(n, vips, control);
+                    plan.cost = Duration::from_millis(cost_ms);
+                    plan.workers = workers;
+                    plan.queue = queue;
+                    plan.initiate_timeout = Duration::from_millis(initiate_timeout_ms);
+                    plan.retry_max = Duration::from_millis(retry_max_ms);
+                    plan.horizon = Duration::from_secs(horizon);
+                    eprintln!("simulating {n} front-ends x {vips} VIPs, storm control {c} ...");
+                    let r = sim::run(&plan)?;
+                    eprint!("{}", sim::markdown(std::slice::from_ref(&r)));
+                    results.push(r);
+                }
+            }
+            println!("{}", sim::markdown(&results));
             Ok(())
         }
         Command::ServeMail { node, ports, bind } => tokio::runtime::Builder::new_current_thread()

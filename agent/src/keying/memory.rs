@@ -28,6 +28,15 @@ pub enum KeyingCall {
     LoadPsk,
 }
 
+/// The IKE daemon on the other side: by default an initiation is answered at once; a
+/// simulation puts a model of the new owner's charon here (a cost per IKE_SA, so many at
+/// once). It works through every initiation handed to it, also those the initiator stopped
+/// waiting for, as a real responder does.
+pub trait Responder: Send + Sync + 'static {
+    /// Starts establishing an IKE_SA toward `vip`; the receiver fires when it is up.
+    fn submit(&self, vip: Vip) -> tokio::sync::oneshot::Receiver<()>;
+}
+
 /// The kinds of call that can be held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hold {
@@ -46,6 +55,10 @@ struct State {
 
 pub struct MemoryKeying {
     state: Mutex<State>,
+    responder: Option<std::sync::Arc<dyn Responder>>,
+    /// Follow an initiation past its timeout for one more, as the strongSwan backend does
+    /// (a responder under load often completes it).
+    follow_late: bool,
     calls: watch::Sender<Vec<KeyingCall>>,
     held: watch::Sender<BTreeSet<Hold>>,
 }
@@ -68,7 +81,21 @@ impl MemoryKeying {
             }),
             calls: watch::channel(Vec::new()).0,
             held: watch::channel(BTreeSet::new()).0,
+            responder: None,
+            follow_late: true,
         }
+    }
+
+    /// Initiations are answered by `responder`; one it has not answered within the
+    /// timeout is followed for one more timeout when `follow_late`.
+    pub fn answered_by(
+        mut self,
+        responder: std::sync::Arc<dyn Responder>,
+        follow_late: bool,
+    ) -> Self {
+        self.responder = Some(responder);
+        self.follow_late = follow_late;
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -197,13 +224,28 @@ impl Keying for MemoryKeying {
         &self,
         vip: Vip,
         conn: &PeerConnection,
-        _timeout: Duration,
+        timeout: Duration,
     ) -> Result<(), KeyingError> {
         let call = KeyingCall::Initiate {
             vip,
             connection: conn.connection.clone(),
         };
         self.record(call, Some(Hold::Initiate)).await;
+        if let Some(responder) = &self.responder {
+            let done = responder.submit(vip);
+            let waits = if self.follow_late { 2 } else { 1 };
+            let deadline = tokio::time::Instant::now() + timeout * waits;
+            // A responder that dropped the request (its queue full) is silence, as a lost
+            // IKE_SA_INIT is: the initiator only learns it from its timeout.
+            let answered = matches!(tokio::time::timeout_at(deadline, done).await, Ok(Ok(())));
+            if !answered {
+                tokio::time::sleep_until(deadline).await;
+                return Err(KeyingError::Timeout {
+                    command: format!("initiate {}", conn.child),
+                    after: timeout,
+                });
+            }
+        }
         let sa = {
             let mut st = self.state();
             let sa = SaRef {

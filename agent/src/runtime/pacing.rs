@@ -67,9 +67,19 @@ pub struct PacingSettings {
 pub enum Answer {
     /// Up within the quick threshold: room for one more at once.
     Quick,
-    /// Up, but slowly, or failed or timed out: half as many at once.
-    SlowOrFailed,
+    /// Up, but slowly: half as many at once.
+    Slow,
+    /// Failed or timed out: half as many at once, and with one in flight already, a pause
+    /// before the next.
+    Failed,
+    /// Never reached the responder (fenced, no connection): says nothing about it.
+    NotAsked,
 }
+
+/// The longest pause after answers that keep timing out at one initiation in flight: long
+/// enough that a thousand front-ends spread over it stay within what one responder builds
+/// (about 80 IKE_SAs a second on two cores; docs/bench/simulation.md).
+pub const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// Up to this many front-ends renegotiating at once need no spreading: the new owner
 /// takes them as fast as they come (measured: 2 front-ends with a 13 ms IKE exchange).
@@ -143,7 +153,20 @@ pub struct InitiationQueue {
     next_seq: u64,
     /// The end of the jitter window first attempts join, while it is open.
     window_end: Option<Instant>,
+    /// Below one initiation in flight: after answers that keep coming back slow or not at
+    /// all with only one in flight, the next start waits up to this long (doubling, to
+    /// [`MAX_PAUSE`]), so that many front-ends back off together as TCP does.
+    pause: Duration,
+    /// No start before this (a random point within `pause`).
+    resume_at: Option<Instant>,
+    /// Failures in a row with one in flight, since the last answer or news of an owner.
+    failures: u32,
 }
+
+/// Failures in a row, with one initiation in flight, before starts pause: a peer that is
+/// gone (a crash the front-end learns of only by silence, without a cluster store) costs
+/// this many timeouts anyway, and a crash taken over within them pays no pause.
+pub const FAILURES_BEFORE_PAUSE: u32 = 3;
 
 impl InitiationQueue {
     pub fn new(settings: PacingSettings, now: Instant) -> Self {
@@ -156,6 +179,9 @@ impl InitiationQueue {
             limit: settings.concurrency.max(1),
             next_seq: 0,
             window_end: None,
+            pause: Duration::ZERO,
+            resume_at: None,
+            failures: 0,
         }
     }
 
@@ -212,13 +238,52 @@ impl InitiationQueue {
         Some(self.queue.remove(i))
     }
 
-    /// An initiation started by [`Next::Start`] returned.
-    pub fn finished(&mut self, answer: Answer) {
+    /// An initiation started by [`Next::Start`] returned. `unit_random` (in [0, 1)) picks
+    /// where within the pause the next start may go.
+    pub fn finished(&mut self, now: Instant, answer: Answer, unit_random: f64) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.limit = match answer {
-            Answer::Quick => (self.limit + 1).min(self.settings.max_concurrency.max(1)),
-            Answer::SlowOrFailed => (self.limit / 2).max(1),
-        };
+        match answer {
+            Answer::Quick => {
+                self.limit = (self.limit + 1).min(self.settings.max_concurrency.max(1));
+                self.failures = 0;
+                self.shrink_pause();
+            }
+            // An answer, even a slow one, means the responder gets through its work.
+            Answer::Slow => {
+                self.limit = (self.limit / 2).max(1);
+                self.failures = 0;
+                self.shrink_pause();
+            }
+            Answer::NotAsked => {}
+            Answer::Failed if self.limit > 1 => self.limit /= 2,
+            Answer::Failed if self.failures + 1 < FAILURES_BEFORE_PAUSE => self.failures += 1,
+            Answer::Failed => {
+                self.pause = (self.pause * 2).clamp(self.settings.quick, MAX_PAUSE);
+                let at = now + self.pause.mul_f64(unit_random.clamp(0.0, 1.0));
+                self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
+            }
+        }
+    }
+
+    fn shrink_pause(&mut self) {
+        self.pause /= 2;
+        if self.pause < self.settings.quick {
+            self.pause = Duration::ZERO;
+            self.resume_at = None;
+        }
+    }
+
+    /// News of a new owner: the answers that made the queue pause were about an owner that
+    /// is gone (a VIP in transit times out), so the next attempts go at once.
+    pub fn owner_changed(&mut self) {
+        self.pause = Duration::ZERO;
+        self.resume_at = None;
+        self.failures = 0;
+    }
+
+    /// How long starts pause now after slow answers (zero when they do not).
+    pub fn pause(&self) -> Duration {
+        self.pause
     }
 
     /// Initiations allowed in flight now.
@@ -230,6 +295,9 @@ impl InitiationQueue {
         self.refill(now);
         if self.queue.is_empty() || self.in_flight >= self.limit {
             return Next::Idle;
+        }
+        if let Some(at) = self.resume_at.filter(|at| *at > now) {
+            return Next::At(at);
         }
         let best = self
             .queue
@@ -340,7 +408,9 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
             req = requests.recv() => match req {
                 None => return,
                 Some(Request::Enqueue { vip, attempt, epoch, crowd }) => {
-                    decided.insert(vip, epoch);
+                    if decided.insert(vip, epoch).is_some_and(|before| epoch > before) {
+                        queue.owner_changed();
+                    }
                     let priority = parts.config.peer(vip).map_or(
                         crate::config::DEFAULT_PEER_PRIORITY,
                         |p| p.priority,
@@ -358,8 +428,8 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
                 }
             },
             Some(answer) = done_rx.recv() => {
-                queue.finished(answer);
-                debug!(?answer, limit = queue.limit(), "initiation returned");
+                queue.finished(Instant::now(), answer, rand::random());
+                debug!(?answer, limit = queue.limit(), pause = ?queue.pause(), "initiation returned");
             }
             _ = sleep_until(wake), if wake.is_some() => {}
         }
@@ -409,7 +479,8 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
     info!(%vip, attempt, priority = q.priority, ?waited, "initiation started");
     parts.tracker.spawn(
         async move {
-            let started = std::time::Instant::now();
+            // The runtime's clock, so a simulation on paused time judges answers as the lab would.
+            let started = Instant::now();
             let conn = match fence::initiation(&knowledge, vip, epoch) {
                 // The owner changed while this waited its turn: the core has decided
                 // again under the new epoch.
@@ -429,6 +500,7 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
                     (None, None) => Err("not a configured peer VIP".to_string()),
                 },
             };
+            let asked = conn.is_ok();
             let result = match conn {
                 Ok(conn) => {
                     // The move's timeline marks the IKE_SA_INIT here, after the pacer's
@@ -443,10 +515,11 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
             };
             // The slot frees before the core hears of the result: its next attempt must
             // find the slot free.
-            let answer = if result.is_ok() && started.elapsed() <= quick {
-                Answer::Quick
-            } else {
-                Answer::SlowOrFailed
+            let answer = match &result {
+                Ok(()) if started.elapsed() <= quick => Answer::Quick,
+                Ok(()) => Answer::Slow,
+                Err(_) if !asked => Answer::NotAsked,
+                Err(_) => Answer::Failed,
             };
             let _ = done.send(answer);
             debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
@@ -753,12 +826,12 @@ mod tests {
         assert_eq!(q.next(t0), Next::Idle);
         assert_eq!(q.in_flight(), 2);
         // Slow answers keep the limit where it cannot fall lower than one.
-        q.finished(Answer::SlowOrFailed);
+        q.finished(t0, Answer::Failed, 0.0);
         assert_eq!(q.limit(), 1);
         assert!(drain(&mut q, t0).is_empty());
-        q.finished(Answer::SlowOrFailed);
+        q.finished(t0, Answer::Failed, 0.0);
         assert_eq!(drain(&mut q, t0), [3]);
-        q.finished(Answer::SlowOrFailed);
+        q.finished(t0, Answer::Failed, 0.0);
         assert_eq!(drain(&mut q, t0), [4]);
     }
 
@@ -779,20 +852,87 @@ mod tests {
             q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
         assert_eq!(drain(&mut q, t0), [1]);
-        q.finished(Answer::Quick);
+        q.finished(t0, Answer::Quick, 0.0);
         assert_eq!(drain(&mut q, t0), [2, 3], "room for one more");
-        q.finished(Answer::Quick);
-        q.finished(Answer::Quick);
+        q.finished(t0, Answer::Quick, 0.0);
+        q.finished(t0, Answer::Quick, 0.0);
         assert_eq!(q.limit(), 4, "never beyond max_concurrency");
         assert_eq!(drain(&mut q, t0), [4, 5, 6, 7]);
         // The responder slows down: half as many.
-        q.finished(Answer::SlowOrFailed);
+        q.finished(t0, Answer::Failed, 0.0);
         assert_eq!(q.limit(), 2);
         assert!(drain(&mut q, t0).is_empty(), "three still in flight");
-        q.finished(Answer::SlowOrFailed);
-        q.finished(Answer::Quick);
+        q.finished(t0, Answer::Failed, 0.0);
+        q.finished(t0, Answer::Quick, 0.0);
         assert_eq!(q.limit(), 2);
         assert_eq!(drain(&mut q, t0), [8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_that_keep_failing_at_one_in_flight_pause_starts_until_news_or_quick_answers() {
+        let t0 = Instant::now();
+        let quick = settings().quick;
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency: 1,
+                ..settings()
+            },
+            t0,
+        );
+        for n in 1..=6 {
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1]);
+        // Timeouts with one in flight: the first few are what a peer that is gone costs,
+        // with no pause ...
+        for _ in 1..FAILURES_BEFORE_PAUSE {
+            q.finished(t0, Answer::Failed, 1.0);
+            assert_eq!(q.pause(), Duration::ZERO);
+        }
+        // ... then the next start waits within a pause that doubles with every further
+        // one, up to MAX_PAUSE.
+        q.finished(t0, Answer::Failed, 1.0);
+        assert_eq!(q.pause(), quick);
+        assert_eq!(q.next(t0), Next::At(t0 + quick));
+        let t1 = t0 + quick;
+        assert_eq!(drain(&mut q, t1), [2]);
+        q.finished(t1, Answer::Failed, 0.5);
+        assert_eq!(q.pause(), quick * 2);
+        assert_eq!(q.next(t1), Next::At(t1 + quick));
+        for _ in 0..20 {
+            q.finished(t1, Answer::Failed, 0.0);
+        }
+        assert_eq!(q.pause(), MAX_PAUSE);
+        // Quick answers shrink it away.
+        let t2 = t1 + MAX_PAUSE;
+        assert_eq!(drain(&mut q, t2), [3]);
+        q.finished(t2, Answer::Quick, 0.0);
+        assert_eq!(q.pause(), MAX_PAUSE / 2);
+        // The quick answer made room for two; a failure first halves that again, and the
+        // count of failures in a row starts over.
+        q.finished(t2, Answer::Failed, 1.0);
+        assert_eq!((q.limit(), q.pause()), (1, MAX_PAUSE / 2));
+        for _ in 1..FAILURES_BEFORE_PAUSE {
+            q.finished(t2, Answer::Failed, 1.0);
+        }
+        assert_eq!(q.pause(), MAX_PAUSE / 2);
+        q.finished(t2, Answer::Failed, 1.0);
+        assert_eq!(q.next(t2), Next::At(t2 + MAX_PAUSE));
+        // A slow answer is an answer: the responder gets through, so the pause shrinks.
+        q.finished(t2, Answer::Slow, 0.0);
+        assert_eq!((q.limit(), q.pause()), (1, MAX_PAUSE / 2));
+        q.finished(t2, Answer::Failed, 1.0);
+        assert_eq!(
+            q.pause(),
+            MAX_PAUSE / 2,
+            "the count of failures starts over"
+        );
+        // News of a new owner: what timed out was aimed at the old one.
+        q.owner_changed();
+        assert_eq!(q.pause(), Duration::ZERO);
+        assert_eq!(drain(&mut q, t2), [4]);
     }
 
     #[tokio::test(start_paused = true)]
