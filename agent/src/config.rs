@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{FlowDirection, FlowProtocol, Mode, PeerConnection, ProtectedFlow, Vip};
+use crate::model::{FlowDirection, Mode, PeerConnection, ProtectedFlow, Vip, parse_flow};
 
 pub const DEFAULT_API_ENDPOINT: &str = "unix:///run/vipsec/agent.sock";
 
@@ -642,42 +642,6 @@ impl PeerVipConfig {
             .map(|s| parse_flow(self.address, s, FlowDirection::ToVip))
             .collect()
     }
-}
-
-/// Parses `tcp/143`, `udp/53`, `tcp` (all ports) or `any`.
-pub fn parse_flow(vip: Vip, s: &str, direction: FlowDirection) -> Result<ProtectedFlow, String> {
-    let (proto, port) = match s.split_once('/') {
-        Some((p, port)) => (p, Some(port)),
-        None => (s, None),
-    };
-    let protocol = match proto {
-        "tcp" => FlowProtocol::Tcp,
-        "udp" => FlowProtocol::Udp,
-        "any" => FlowProtocol::Any,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown protocol {other:?} (expected tcp, udp or any)"
-            ));
-        }
-    };
-    let port = match port {
-        None => None,
-        Some(_) if protocol == FlowProtocol::Any => {
-            return Err(format!("{s:?}: \"any\" takes no port"));
-        }
-        Some(p) => match p.parse::<u16>() {
-            Ok(0) | Err(_) => {
-                return Err(format!("{s:?}: port {p:?} is not a number from 1 to 65535"));
-            }
-            Ok(n) => Some(n),
-        },
-    };
-    Ok(ProtectedFlow {
-        vip,
-        protocol,
-        port,
-        direction,
-    })
 }
 
 /// How `vipsec drill` asks the cluster manager to move a VIP.
@@ -1791,24 +1755,5 @@ address = "192.0.2.200"
         assert!(unbracketed_ipv6_host("http://2001:db8::1:2379").is_some());
         assert!(unbracketed_ipv6_host("http://[2001:db8::1]:2379").is_none());
         assert!(unbracketed_ipv6_host("http://u:p@192.0.2.1:2379").is_none());
-    }
-
-    #[test]
-    fn flows_parse() {
-        let vip: Vip = "192.0.2.1".parse().unwrap();
-        assert_eq!(
-            parse_flow(vip, "any", FlowDirection::ToVip)
-                .unwrap()
-                .protocol,
-            FlowProtocol::Any
-        );
-        assert_eq!(
-            parse_flow(vip, "udp/53", FlowDirection::ToVip)
-                .unwrap()
-                .port,
-            Some(53)
-        );
-        assert!(parse_flow(vip, "any/5", FlowDirection::ToVip).is_err());
-        assert!(parse_flow(vip, "tcp/70000", FlowDirection::ToVip).is_err());
     }
 }
