@@ -114,15 +114,78 @@ impl FlowProtocol {
             FlowProtocol::Any => None,
         }
     }
+
+    /// The name the flow syntax uses (`tcp/143`, `any`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowProtocol::Tcp => "tcp",
+            FlowProtocol::Udp => "udp",
+            FlowProtocol::Any => "any",
+        }
+    }
+}
+
+/// Why a flow such as `tcp/143` does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowSyntaxError {
+    #[error("{text:?}: unknown protocol {protocol:?} (expected tcp, udp or any)")]
+    UnknownProtocol { text: String, protocol: String },
+    #[error("{text:?}: \"any\" takes no port")]
+    AnyWithPort { text: String },
+    #[error("{text:?}: port {port:?} is not a number from 1 to 65535")]
+    BadPort { text: String, port: String },
+}
+
+/// The flow syntax of `protect` lists and policy documents: `tcp/143`, `udp/53`, `tcp`
+/// (every TCP port) or `any` (all traffic). The port is `None` for every port.
+pub fn parse_traffic(text: &str) -> Result<(FlowProtocol, Option<u16>), FlowSyntaxError> {
+    let (proto, port) = match text.split_once('/') {
+        Some((p, port)) => (p, Some(port)),
+        None => (text, None),
+    };
+    let protocol = match proto {
+        "tcp" => FlowProtocol::Tcp,
+        "udp" => FlowProtocol::Udp,
+        "any" => FlowProtocol::Any,
+        other => {
+            return Err(FlowSyntaxError::UnknownProtocol {
+                text: text.into(),
+                protocol: other.into(),
+            });
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(_) if protocol == FlowProtocol::Any => {
+            return Err(FlowSyntaxError::AnyWithPort { text: text.into() });
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                return Err(FlowSyntaxError::BadPort {
+                    text: text.into(),
+                    port: p.into(),
+                });
+            }
+            Ok(n) => Some(n),
+        },
+    };
+    Ok((protocol, port))
+}
+
+/// Parses one entry of a VIP's `protect` list (`tcp/143`, `udp/53`, `tcp`, `any`).
+pub fn parse_flow(vip: Vip, s: &str, direction: FlowDirection) -> Result<ProtectedFlow, String> {
+    let (protocol, port) = parse_traffic(s).map_err(|e| e.to_string())?;
+    Ok(ProtectedFlow {
+        vip,
+        protocol,
+        port,
+        direction,
+    })
 }
 
 impl fmt::Display for ProtectedFlow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.protocol {
-            FlowProtocol::Tcp => "tcp",
-            FlowProtocol::Udp => "udp",
-            FlowProtocol::Any => "any",
-        };
+        let proto = self.protocol.as_str();
         let from = match self.direction {
             FlowDirection::ToVip => "",
             FlowDirection::FromVip => "from ",
@@ -341,6 +404,45 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(be.vip_role(&[vip], &[]), Some((vip, VipRole::Hosted)));
+    }
+
+    #[test]
+    fn flows_parse() {
+        let vip: Vip = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            parse_flow(vip, "any", FlowDirection::ToVip)
+                .unwrap()
+                .protocol,
+            FlowProtocol::Any
+        );
+        assert_eq!(
+            parse_flow(vip, "udp/53", FlowDirection::ToVip)
+                .unwrap()
+                .port,
+            Some(53)
+        );
+        assert!(parse_flow(vip, "any/5", FlowDirection::ToVip).is_err());
+        assert!(parse_flow(vip, "tcp/70000", FlowDirection::ToVip).is_err());
+    }
+
+    #[test]
+    fn flow_syntax_errors_name_the_entry_and_what_is_wrong() {
+        assert_eq!(parse_traffic("tcp"), Ok((FlowProtocol::Tcp, None)));
+        assert_eq!(parse_traffic("udp/53"), Ok((FlowProtocol::Udp, Some(53))));
+        let e = |s| parse_traffic(s).unwrap_err().to_string();
+        assert_eq!(
+            e("sctp/5"),
+            "\"sctp/5\": unknown protocol \"sctp\" (expected tcp, udp or any)"
+        );
+        assert_eq!(e("any/5"), "\"any/5\": \"any\" takes no port");
+        assert_eq!(
+            e("tcp/0"),
+            "\"tcp/0\": port \"0\" is not a number from 1 to 65535"
+        );
+        assert_eq!(
+            e("tcp/http"),
+            "\"tcp/http\": port \"http\" is not a number from 1 to 65535"
+        );
     }
 
     #[test]

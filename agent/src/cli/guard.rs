@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn flows_read_like_the_config() {
         let vip: Vip = "192.0.2.100".parse().unwrap();
-        let f = |s| crate::config::parse_flow(vip, s, FlowDirection::ToVip).unwrap();
+        let f = |s| crate::model::parse_flow(vip, s, FlowDirection::ToVip).unwrap();
         assert_eq!(flow_text(&f("tcp/143")), "tcp/143");
         assert_eq!(flow_text(&f("udp")), "udp");
         assert_eq!(flow_text(&f("any")), "any");

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::FlowProtocol;
+use crate::model::{FlowProtocol, FlowSyntaxError, parse_traffic};
 
 /// One protected kind of traffic: a protocol, and a port of it or every port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -39,58 +39,41 @@ impl TrafficEntry {
     pub fn ts_suffix(&self) -> String {
         match (self.protocol, self.port) {
             (FlowProtocol::Any, _) => String::new(),
-            (p, Some(port)) => format!("[{}/{port}]", proto_name(p)),
-            (p, None) => format!("[{}]", proto_name(p)),
+            (p, Some(port)) => format!("[{}/{port}]", p.as_str()),
+            (p, None) => format!("[{}]", p.as_str()),
         }
-    }
-}
-
-fn proto_name(p: FlowProtocol) -> &'static str {
-    match p {
-        FlowProtocol::Tcp => "tcp",
-        FlowProtocol::Udp => "udp",
-        FlowProtocol::Any => "any",
     }
 }
 
 impl fmt::Display for TrafficEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.port {
-            Some(p) => write!(f, "{}/{p}", proto_name(self.protocol)),
-            None => f.write_str(proto_name(self.protocol)),
+            Some(p) => write!(f, "{}/{p}", self.protocol.as_str()),
+            None => f.write_str(self.protocol.as_str()),
         }
     }
 }
 
-/// `tcp/110`, `udp/53`, `tcp` (every TCP port), `udp`; `any` is the `all` template's
-/// job and is refused here so a custom list never silently widens to all traffic.
+/// `tcp/110`, `udp/53`, `tcp` (every TCP port), `udp` (the flow syntax of `protect`
+/// lists); `any` is the `all` template's job and is refused here so a custom list never
+/// silently widens to all traffic.
 impl FromStr for TrafficEntry {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (proto, port) = match s.split_once('/') {
-            Some((p, port)) => (p, Some(port)),
-            None => (s, None),
+        let unknown = |protocol: &str| {
+            format!(
+                "{s:?}: unknown protocol {protocol:?} (expected \"tcp\" or \"udp\"; \
+                 use template = \"all\" for all traffic)"
+            )
         };
-        let protocol = match proto {
-            "tcp" => FlowProtocol::Tcp,
-            "udp" => FlowProtocol::Udp,
-            other => {
-                return Err(format!(
-                    "{s:?}: unknown protocol {other:?} (expected \"tcp\" or \"udp\"; \
-                     use template = \"all\" for all traffic)"
-                ));
+        match parse_traffic(s) {
+            Ok((FlowProtocol::Any, _)) | Err(FlowSyntaxError::AnyWithPort { .. }) => {
+                Err(unknown("any"))
             }
-        };
-        let port = match port {
-            None => None,
-            Some(p) => match p.parse::<u16>() {
-                Ok(0) | Err(_) => {
-                    return Err(format!("{s:?}: port {p:?} is not a number from 1 to 65535"));
-                }
-                Ok(n) => Some(n),
-            },
-        };
-        Ok(TrafficEntry { protocol, port })
+            Err(FlowSyntaxError::UnknownProtocol { protocol, .. }) => Err(unknown(&protocol)),
+            Err(e) => Err(e.to_string()),
+            Ok((protocol, port)) => Ok(TrafficEntry { protocol, port }),
+        }
     }
 }
 
@@ -229,5 +212,7 @@ mod tests {
         let e = "tcp/http".parse::<TrafficEntry>().unwrap_err();
         assert!(e.contains("\"http\""), "{e}");
         assert!("any".parse::<TrafficEntry>().is_err());
+        let e = "any/5".parse::<TrafficEntry>().unwrap_err();
+        assert!(e.contains("use template = \"all\""), "{e}");
     }
 }

@@ -1,0 +1,208 @@
+//! What the keying daemon reports: it going down and coming back, SAs up and down, and
+//! the traffic counters the idle detector reads.
+
+use tokio::time::Instant;
+
+use super::{Action, FailoverCore, Notice, NoticeKind, Out, PeerSa, SaRef};
+use crate::model::{IkeId, TrafficCounters, Vip, VipRole};
+
+impl FailoverCore {
+    pub(super) fn keying_went_down(&mut self, out: &mut Out, detail: String) {
+        if self.keying_up == Some(false) {
+            return;
+        }
+        self.keying_up = Some(false);
+        out.push(Action::Notify(
+            Notice::new(NoticeKind::KeyingDown, None).detail(detail),
+        ));
+        for h in self.hosted.values_mut() {
+            h.sas.clear();
+        }
+        let vips: Vec<Vip> = self.peers.keys().copied().collect();
+        for vip in vips {
+            let p = self.peers.get_mut(&vip).expect("known peer");
+            // The daemon's SAs died with it.
+            p.sas.clear();
+            p.idle.reset();
+        }
+    }
+
+    pub(super) fn keying_came_up(&mut self, out: &mut Out, now: Instant, established: Vec<SaRef>) {
+        let was = self.keying_up;
+        self.keying_up = Some(true);
+        if was != Some(true) {
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::KeyingUp, None)
+                    .detail(format!("{} SAs established", established.len())),
+            ));
+        }
+        for h in self.hosted.values_mut() {
+            h.sas.clear();
+        }
+        for p in self.peers.values_mut() {
+            p.sas.clear();
+            p.idle.reset();
+        }
+        for sa in established {
+            match sa.role {
+                VipRole::Hosted => {
+                    if let Some(h) = self.hosted.get_mut(&sa.vip) {
+                        h.sas.insert(sa.ike_id);
+                    }
+                }
+                VipRole::Peer => {
+                    let tag = self.sa_epoch_tag(sa.vip);
+                    if let Some(p) = self.peers.get_mut(&sa.vip) {
+                        p.sas.insert(
+                            sa.ike_id,
+                            PeerSa {
+                                since: now,
+                                epoch: tag,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let vips: Vec<Vip> = self.peers.keys().copied().collect();
+        for vip in vips {
+            let p = &self.peers[&vip];
+            let (has_sa, renegotiating, owner_known) = (
+                !p.sas.is_empty(),
+                p.renegotiation.is_some(),
+                p.owner.is_some(),
+            );
+            if has_sa {
+                if renegotiating {
+                    self.finish(out, now, vip);
+                }
+            } else if renegotiating {
+                self.kick(out, vip);
+            } else if !self.waits_for_owner_record(vip) || owner_known {
+                self.renegotiate(out, now, vip, "no SA toward the VIP".into(), false);
+            }
+        }
+        // SAs the daemon already had for a hosted VIP this node may not accept (a restart
+        // in the middle of a split brain) go now, like any refused SA.
+        let hosted: Vec<Vip> = self.hosted.keys().copied().collect();
+        for vip in hosted {
+            self.guard(out, now, vip);
+        }
+    }
+
+    /// The epoch an SA coming up now belongs to. With a synced, healthy store that is the
+    /// latest epoch, even while no record exists: an SA made in that gap leads to whoever
+    /// still answers on the VIP (the old owner, not yet gone), so the next owner's record
+    /// must find it stale. Only without store knowledge is the owner unknown (0).
+    fn sa_epoch_tag(&self, vip: Vip) -> u64 {
+        let store_ok = self.store_healthy == Some(true);
+        match self.peers.get(&vip) {
+            Some(p) if store_ok && p.synced && (p.owner.is_some() || p.epoch > 0) => p.epoch,
+            _ => 0,
+        }
+    }
+
+    pub(super) fn sa_up(&mut self, out: &mut Out, now: Instant, sa: SaRef) {
+        match sa.role {
+            VipRole::Hosted => {
+                if !self.hosted_sa_allowed(out, sa.vip) {
+                    return;
+                }
+                if let Some(h) = self.hosted.get_mut(&sa.vip)
+                    && h.sas.insert(sa.ike_id)
+                {
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::SaUp, Some(sa.vip)).detail(ike(sa.ike_id)),
+                    ));
+                }
+            }
+            VipRole::Peer => {
+                let tag = self.sa_epoch_tag(sa.vip);
+                let Some(p) = self.peers.get_mut(&sa.vip) else {
+                    return;
+                };
+                if p.sas.contains_key(&sa.ike_id) {
+                    return;
+                }
+                p.sas.insert(
+                    sa.ike_id,
+                    PeerSa {
+                        since: now,
+                        epoch: tag,
+                    },
+                );
+                p.idle.reset();
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaUp, Some(sa.vip))
+                        .owner(p.owner.as_ref())
+                        .detail(ike(sa.ike_id)),
+                ));
+                if self.peers[&sa.vip].renegotiation.is_some() {
+                    self.finish(out, now, sa.vip);
+                }
+            }
+        }
+    }
+
+    pub(super) fn sa_down(&mut self, out: &mut Out, now: Instant, sa: SaRef, reason: String) {
+        match sa.role {
+            VipRole::Hosted => {
+                if let Some(h) = self.hosted.get_mut(&sa.vip)
+                    && h.sas.remove(&sa.ike_id)
+                {
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::SaDeleted, Some(sa.vip))
+                            .detail(format!("{}: {reason}", ike(sa.ike_id))),
+                    ));
+                }
+            }
+            VipRole::Peer => {
+                let keying_up = self.keying_up == Some(true);
+                let Some(p) = self.peers.get_mut(&sa.vip) else {
+                    return;
+                };
+                // Unknown SAs are ones we dropped ourselves: already handled.
+                if p.sas.remove(&sa.ike_id).is_none() {
+                    return;
+                }
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaDeleted, Some(sa.vip))
+                        .detail(format!("{}: {reason}", ike(sa.ike_id))),
+                ));
+                if p.sas.is_empty() && keying_up {
+                    self.renegotiate(out, now, sa.vip, format!("SA deleted ({reason})"), false);
+                }
+            }
+        }
+    }
+
+    pub(super) fn counters(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        counters: TrafficCounters,
+    ) {
+        let timeout = self.idle_timeout();
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return;
+        };
+        if p.sas.is_empty() || p.renegotiation.is_some() {
+            p.idle.reset();
+            return;
+        }
+        if let Some(silent) = p.idle.observe(now, counters, timeout) {
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::IdlePeerDetected, Some(vip))
+                    .owner(p.owner.as_ref())
+                    .duration(silent)
+                    .detail("outbound traffic with nothing back"),
+            ));
+            self.renegotiate(out, now, vip, "idle peer".into(), true);
+        }
+    }
+}
+
+fn ike(id: IkeId) -> String {
+    format!("IKE_SA #{id}")
+}

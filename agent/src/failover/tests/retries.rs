@@ -1,0 +1,96 @@
+//! A renegotiation's bounded retry schedule and its new cycles.
+
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn renegotiation_retries_on_a_bounded_schedule_then_starts_a_new_cycle() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    let t0 = Instant::now();
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "expired".into(),
+    });
+    assert_eq!(initiates(&a), [1]);
+    let mut gaps = Vec::new();
+    let mut attempt = 1;
+    loop {
+        // Each attempt takes 100 ms to fail.
+        time::advance(Duration::from_millis(100)).await;
+        let a = fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt,
+            result: Err("peer not answering".into()),
+        });
+        if notices(&a).contains(&NoticeKind::RenegotiationFailed) {
+            assert!(
+                Instant::now() - t0 >= Duration::from_secs(10),
+                "gave up before the deadline"
+            );
+            break;
+        }
+        let (waited, a) = fe.next_timer().await;
+        assert_eq!(initiates(&a), [attempt + 1], "{a:#?}");
+        assert!(
+            has(&a, &Action::DropStaleSas { vip: vip() }),
+            "clear the half-open IKE_SA first: {a:#?}"
+        );
+        gaps.push(waited.as_millis());
+        attempt += 1;
+        assert!(attempt < 100, "unbounded");
+    }
+    // The backoff doubles from 50 ms up to the 1 s cap and counts from the start of each
+    // attempt, which took 100 ms here: so the waits after each failure are 100 ms shorter.
+    assert_eq!(gaps[..7], [0, 0, 100, 300, 700, 900, 900]);
+    assert!(
+        Instant::now() - t0 < Duration::from_millis(10_200),
+        "{:?}",
+        Instant::now() - t0
+    );
+    let p = &fe.core.peers()[&vip()];
+    assert_eq!(
+        p.last_failover.as_ref().unwrap().outcome,
+        FailoverOutcome::GaveUp
+    );
+    assert_eq!(p.last_failover.as_ref().unwrap().attempts, attempt);
+    assert!(p.renegotiation.is_none());
+    // Recovery never ends for good: after the cooldown a new cycle starts.
+    let a = fe.advance(Duration::from_secs(5)).await;
+    assert_eq!(initiates(&a), [1]);
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationStarted));
+}
+
+#[tokio::test(start_paused = true)]
+async fn renegotiation_succeeds_mid_schedule() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("no answer".into()),
+    });
+    let a = fe.advance(Duration::from_millis(50)).await;
+    assert_eq!(initiates(&a), [2]);
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Err("no answer".into()),
+    });
+    let a = fe.advance(Duration::from_millis(100)).await;
+    assert_eq!(initiates(&a), [3]);
+    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    let done = notice(&a, NoticeKind::RenegotiationFinished);
+    assert_eq!(done.duration, Some(Duration::from_millis(150)));
+    // The late result of attempt 3 changes nothing.
+    assert!(
+        fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt: 3,
+            result: Ok(())
+        })
+        .is_empty()
+    );
+    assert!(fe.advance(Duration::from_secs(60)).await.is_empty());
+}
