@@ -335,8 +335,9 @@ impl Lab {
             }
             _ => charon::swanctl_backend(&self.vips, liveness),
         };
-        let c = Charon::start(
+        let c = Charon::start_in(
             &node.ns,
+            name,
             &dir,
             &charon::strongswan_conf(&dir, liveness),
             &swanctl,
