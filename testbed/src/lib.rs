@@ -1,9 +1,10 @@
 //! Real parts for tests: network namespaces joined by veth or a bridge, processes that are
-//! killed when their guard drops, and (in their own modules) charon and etcd.
+//! killed when their guard drops, and (in their own modules) charon, etcd and the agent.
 //!
 //! Everything is named uniquely per run and torn down by Drop guards, so a failed or
 //! crashed test never breaks the next one.
 
+pub mod agent;
 pub mod charon;
 pub mod etcd;
 pub mod etcd_cluster;
