@@ -16,6 +16,7 @@ use vipsec::model::{IkeSaInfo, TrafficCounters, Vip, VipRole};
 use vipsec::policy::{self, Identities, Policy, SecretKey, Template};
 use vipsec_testbed::charon::Charon;
 use vipsec_testbed::netns::Netns;
+use vipsec_testbed::pki::TestPki;
 
 const FE: &str = "192.0.2.1";
 const BE: &str = "192.0.2.2";
@@ -429,89 +430,16 @@ async fn a_group_charon_lacks_is_found_before_loading_and_fails_at_initiate() {
     }
 }
 
-/// A throwaway RSA CA and one certificate per node (RSA: Debian's charon has no ECDSA
-/// without its openssl plugin), made with the `openssl` command.
-struct RsaPki {
-    dir: tempfile::TempDir,
-}
+/// A throwaway RSA CA and one certificate per node, with the reads this test wants.
+struct RsaPki(TestPki);
 
 impl RsaPki {
     fn generate(nodes: &[&str]) -> RsaPki {
-        vipsec_testbed::require_program("openssl").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["genrsa", "-traditional", "-out", "ca.key", "2048"]);
-        run(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            "/CN=vipsec-policy-ca",
-            "-days",
-            "2",
-            "-out",
-            "ca.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        for n in nodes {
-            let ext = format!("subjectAltName=DNS:{n}\nbasicConstraints=CA:FALSE\n");
-            std::fs::write(dir.path().join(format!("{n}.ext")), ext).unwrap();
-            run(&[
-                "genrsa",
-                "-traditional",
-                "-out",
-                &format!("{n}.key"),
-                "2048",
-            ]);
-            run(&[
-                "req",
-                "-new",
-                "-key",
-                &format!("{n}.key"),
-                "-subj",
-                &format!("/CN={n}"),
-                "-out",
-                &format!("{n}.csr"),
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{n}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{n}.pem"),
-                "-extfile",
-                &format!("{n}.ext"),
-            ]);
-        }
-        RsaPki { dir }
+        RsaPki(TestPki::rsa_nodes(nodes).unwrap())
     }
 
     fn read(&self, file: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(file)).unwrap()
+        self.0.read(file).unwrap()
     }
 
     fn ids(&self, node: &str) -> Identities {
