@@ -27,10 +27,7 @@ fn vip() -> Vip {
 }
 
 fn lab() -> TwoNodeLab {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "these tests need root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     TwoNodeLab::start().expect("start the two-node lab")
 }
 
@@ -499,10 +496,7 @@ async fn counter_samples_grow_with_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_cost_with_a_hundred_sas() {
     const N: usize = 100;
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "needs root for network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let lab = TwoNodeLab::with_vips(N).expect("start the lab with many VIPs");
     let mut toml = format!(
         "node = \"fe\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n",

@@ -47,10 +47,7 @@ fn keying(socket: &Path, vip_section: &str) -> StrongswanKeying {
 }
 
 fn lab() -> Lab {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "these tests need root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let fe = Netns::new("pfe").unwrap();
     let be = Netns::new("pbe").unwrap();
     fe.veth_to(
