@@ -7,7 +7,7 @@ use std::time::Duration;
 use vipsec_testbed::process::wait_for;
 
 mod common;
-use common::SoloAgent;
+use common::{SoloAgent, text};
 
 const VIP: &str = "192.0.2.100";
 
@@ -23,10 +23,6 @@ fn start_agent_with(extra: impl Fn(&std::path::Path) -> String) -> SoloAgent {
             extra(dir)
         )
     })
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -19,7 +19,7 @@ use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 mod common;
-use common::{AgentProc, BIN};
+use common::{AgentProc, BIN, show, text};
 
 const VIP4: &str = "192.0.2.100";
 const VIP6: &str = "2001:db8::100";
@@ -188,19 +188,6 @@ fn connect(addr: SocketAddr) -> Result<(), i32> {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
 }
 
 /// The state word `show --json` gives a VIP.

@@ -16,8 +16,11 @@ use vipsec::config::Config;
 use vipsec::failover::{Input, SaRef};
 use vipsec::keying::Keying;
 use vipsec::keying::strongswan::StrongswanKeying;
-use vipsec::model::{IkeSaInfo, PeerConnection, TrafficCounters, Vip, VipRole};
+use vipsec::model::{IkeSaInfo, PeerConnection, Vip, VipRole};
 use vipsec_testbed::charon::{Charon, TwoNodeLab};
+
+mod common;
+use common::total;
 
 /// Generous bound for anything that should take milliseconds: "it did not hang".
 const HANG: Duration = Duration::from_secs(15);
@@ -185,17 +188,6 @@ fn tcp_exchange(lab: &TwoNodeLab) {
     client.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"pong");
     server.join().unwrap();
-}
-
-fn total(sas: &[IkeSaInfo]) -> TrafficCounters {
-    sas.iter()
-        .map(|s| s.counters())
-        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
-            bytes_in: a.bytes_in + c.bytes_in,
-            bytes_out: a.bytes_out + c.bytes_out,
-            packets_in: a.packets_in + c.packets_in,
-            packets_out: a.packets_out + c.packets_out,
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 use vipsec::config::Config;
 use vipsec::keying::Keying;
 use vipsec::keying::strongswan::StrongswanKeying;
-use vipsec::model::{IkeSaInfo, TrafficCounters, Vip, VipRole};
+use vipsec::model::{TrafficCounters, Vip, VipRole};
 use vipsec::policy::{self, Identities, Policy, SecretKey, Template};
 use vipsec_testbed::charon::Charon;
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::pki::TestPki;
+
+mod common;
+use common::total;
 
 const FE: &str = "192.0.2.1";
 const BE: &str = "192.0.2.2";
@@ -106,17 +109,6 @@ async fn load_both_as(lab: &Lab, policy: &Policy, fe: &Identities, be: &Identiti
     let started = Instant::now();
     lab.fe_keying.load_connection(&fe_spec).await.unwrap();
     started.elapsed()
-}
-
-fn total(sas: &[IkeSaInfo]) -> TrafficCounters {
-    sas.iter()
-        .map(|s| s.counters())
-        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
-            bytes_in: a.bytes_in + c.bytes_in,
-            bytes_out: a.bytes_out + c.bytes_out,
-            packets_in: a.packets_in + c.packets_in,
-            packets_out: a.packets_out + c.packets_out,
-        })
 }
 
 /// The front-end's SA counters once the last packets of earlier exchanges (a closing

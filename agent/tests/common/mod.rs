@@ -7,11 +7,39 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use vipsec::model::{IkeSaInfo, TrafficCounters};
 use vipsec_testbed::agent::AgentLaunch;
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+
+/// A program's output bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A finished command's exit code, stdout and stderr, for an assertion's message.
+pub fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+/// The traffic of all `sas`, added up.
+pub fn total(sas: &[IkeSaInfo]) -> TrafficCounters {
+    sas.iter()
+        .map(|s| s.counters())
+        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
+            bytes_in: a.bytes_in + c.bytes_in,
+            bytes_out: a.bytes_out + c.bytes_out,
+            packets_in: a.packets_in + c.packets_in,
+            packets_out: a.packets_out + c.packets_out,
+        })
+}
 
 /// An agent config: `node = name`, the API on `socket`, then `body` (the other sections).
 pub fn config_text(name: &str, socket: &Path, body: &str) -> String {
