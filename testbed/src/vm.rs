@@ -488,3 +488,41 @@ impl Cpio {
         self.out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_lives_under_the_hosts_tmp_is_named_once_by_its_first_component() {
+        let paths = [
+            PathBuf::from("/tmp/a clone/target/debug/deps/t-123"),
+            PathBuf::from("/work/main/testbed"),
+            PathBuf::from("/tmp/a clone/testbed"),
+            PathBuf::from("/tmp/it's/x"),
+            PathBuf::from("/tmpfoo/x"),
+        ];
+        assert_eq!(host_tmp_entries(&paths), ["a clone", "it's"]);
+    }
+
+    #[test]
+    fn a_bound_back_name_reaches_the_guest_as_one_shell_word() {
+        let script = stage2(
+            Duration::from_secs(60),
+            Path::new("/bin/busybox"),
+            &["a clone".into(), "it's".into()],
+        );
+        assert!(
+            script.contains(r#"for e in 'a clone' 'it'\''s'; do"#),
+            "{script}"
+        );
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("for e in {}; do echo \"[$e]\"; done", shell_quote("it's a")),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "[it's a]\n");
+    }
+}
