@@ -224,51 +224,43 @@ impl Drop for Charon {
 }
 
 fn strongswan_conf(socket: &Path, log: &Path) -> String {
-    format!(
-        r#"charon {{
-  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-libipsec kernel-netlink socket-default updown
-  install_routes = yes
-  install_virtual_ip = no
-  plugins {{
-    socket-default {{
-      fwmark = 0x42
-    }}
-    kernel-netlink {{
-      fwmark = !0x42
-    }}
-    kernel-libipsec {{
-      allow_peer_ts = yes
-    }}
-    vici {{
-      socket = unix://{socket}
-    }}
-  }}
-  filelog {{
-    charon {{
-      path = {log}
-      default = 1
-      ike = 2
-      time_format = %T
-      flush_line = yes
-    }}
-  }}
-}}
-"#,
-        socket = socket.display(),
-        log = log.display()
-    )
+    render_strongswan_conf(true, socket, log)
 }
 
-/// strongswan.conf for kernel ESP: no kernel-libipsec, and no routes in table 220 (a
-/// host-to-host tunnel between addresses the kernel already routes needs none).
 fn strongswan_conf_kernel_esp(socket: &Path, log: &Path) -> String {
+    render_strongswan_conf(false, socket, log)
+}
+
+/// strongswan.conf with kernel-libipsec (userspace ESP over a TUN device, IKE sockets
+/// marked 0x42, routes in table 220) or for kernel ESP: no kernel-libipsec, and no routes
+/// in table 220 (a host-to-host tunnel between addresses the kernel already routes needs
+/// none).
+fn render_strongswan_conf(libipsec: bool, socket: &Path, log: &Path) -> String {
+    let (load_libipsec, install_routes, libipsec_plugins) = if libipsec {
+        (
+            " kernel-libipsec",
+            "yes",
+            r#"    socket-default {
+      fwmark = 0x42
+    }
+    kernel-netlink {
+      fwmark = !0x42
+    }
+    kernel-libipsec {
+      allow_peer_ts = yes
+    }
+"#,
+        )
+    } else {
+        ("", "no", "")
+    };
     format!(
         r#"charon {{
-  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-netlink socket-default updown
-  install_routes = no
+  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici{load_libipsec} kernel-netlink socket-default updown
+  install_routes = {install_routes}
   install_virtual_ip = no
   plugins {{
-    vici {{
+{libipsec_plugins}    vici {{
       socket = unix://{socket}
     }}
   }}
