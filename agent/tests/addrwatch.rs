@@ -85,10 +85,7 @@ fn hosted(addr: &str, interface: Option<&str>) -> HostedVipConfig {
 }
 
 fn lab() -> Netns {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     vipsec_testbed::require_program("ip").unwrap();
     let ns = Netns::new("aw").expect("netns");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])

@@ -81,10 +81,7 @@ async fn until(handle: &AgentHandle, what: &str, f: impl Fn(&StatusView) -> bool
 
 #[test]
 fn a_failing_address_watcher_is_restarted_reported_and_catches_up() {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let ns = Netns::new("sv").expect("netns");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
         .unwrap();

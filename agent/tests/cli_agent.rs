@@ -6,81 +6,36 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use vipsec_testbed::netns::Netns;
-use vipsec_testbed::process::{ProcessGuard, wait_for};
+use vipsec_testbed::process::wait_for;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+mod common;
+use common::{AgentProc, BIN, SoloAgent};
 
-/// An agent in a network namespace of its own, so the host's addresses never matter.
-struct Agent {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    proc: ProcessGuard,
-    ns: Netns,
-}
-
-fn write_config(dir: &Path, socket: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("agent.toml");
-    let text = format!(
-        r#"node = "solo"
-[api]
-endpoint = "unix://{}"
-[store]
+/// The config after `[api]`: the embedded store and one hosted VIP, then `extra`.
+fn body(extra: &str) -> String {
+    format!(
+        r#"[store]
 backend = "embedded"
 [failover]
 mode = "normal"
 [[hosted_vip]]
 address = "192.0.2.100"
-{extra}"#,
-        socket.display()
-    );
-    std::fs::write(&path, text).unwrap();
+{extra}"#
+    )
+}
+
+fn write_config(dir: &Path, socket: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, common::config_text("solo", socket, &body(extra))).unwrap();
     path
 }
 
-fn start_agent() -> Agent {
+fn start_agent() -> SoloAgent {
     start_agent_with("")
 }
 
-fn start_agent_with(extra: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("run/agent.sock");
-    let config = write_config(dir.path(), &socket, extra);
-    let ns = Netns::new("cli").unwrap();
-    let proc = ProcessGuard::spawn(
-        "vipsec agent",
-        ns.command(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .stdout(Stdio::null()),
-    )
-    .unwrap();
-    wait_for("the API socket", Duration::from_secs(10), || {
-        socket.exists().then_some(())
-    })
-    .unwrap();
-    Agent {
-        _dir: dir,
-        socket,
-        proc,
-        ns,
-    }
-}
-
-impl Agent {
-    fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--endpoint")
-            .arg(self.endpoint())
-            .args(args)
-            .output()
-            .unwrap()
-    }
+fn start_agent_with(extra: &str) -> SoloAgent {
+    SoloAgent::start("cli", |_| body(extra))
 }
 
 fn stdout(o: &Output) -> String {
@@ -323,7 +278,6 @@ fn a_second_agent_on_the_same_socket_is_refused() {
 
 #[test]
 fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     // A shared directory anyone can write (sticky, like /tmp): another user could swap
     // the socket.
@@ -350,22 +304,10 @@ fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
     let fresh = dir.path().join("fresh/run");
     let agent_dir = tempfile::tempdir().unwrap();
     let config = write_config(agent_dir.path(), &fresh.join("agent.sock"), "");
-    let mut proc = vipsec_testbed::process::ProcessGuard::spawn(
-        "vipsec agent",
-        Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    )
-    .unwrap();
-    vipsec_testbed::process::wait_for("the API socket", Duration::from_secs(10), || {
-        fresh.join("agent.sock").exists().then_some(())
-    })
-    .unwrap();
+    let mut agent = AgentProc::start_config(None, "solo", &config, &fresh.join("agent.sock"), &[]);
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{mode:o}");
-    proc.kill();
+    agent.proc.kill();
 
     // The agent's own directory left open (a Kubernetes emptyDir is 0777): closed to
     // others, and the agent starts.
@@ -373,20 +315,8 @@ fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
     std::fs::create_dir(&pod).unwrap();
     std::fs::set_permissions(&pod, std::fs::Permissions::from_mode(0o777)).unwrap();
     let config = write_config(agent_dir.path(), &pod.join("agent.sock"), "");
-    let mut proc = vipsec_testbed::process::ProcessGuard::spawn(
-        "vipsec agent",
-        Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    )
-    .unwrap();
-    vipsec_testbed::process::wait_for("the API socket", Duration::from_secs(10), || {
-        pod.join("agent.sock").exists().then_some(())
-    })
-    .unwrap();
+    let mut agent = AgentProc::start_config(None, "solo", &config, &pod.join("agent.sock"), &[]);
     let mode = std::fs::metadata(&pod).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o755, "{mode:o}");
-    proc.kill();
+    agent.proc.kill();
 }

@@ -2,77 +2,27 @@
 //! namespace of its own: the VIP appearing there is recorded as a move with the new owner's
 //! marks, and malformed or impossible requests are refused with the right exit code.
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use vipsec_testbed::netns::Netns;
-use vipsec_testbed::process::{ProcessGuard, wait_for};
+use vipsec_testbed::process::wait_for;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
+mod common;
+use common::{SoloAgent, text};
+
 const VIP: &str = "192.0.2.100";
 
-struct Agent {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    _proc: ProcessGuard,
-    ns: Netns,
-}
-
-fn start_agent() -> Agent {
+fn start_agent() -> SoloAgent {
     start_agent_with(|_| String::new())
 }
 
 /// An agent whose config ends with `extra(dir)` (given the agent's own directory).
-fn start_agent_with(extra: impl Fn(&std::path::Path) -> String) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
+fn start_agent_with(extra: impl Fn(&std::path::Path) -> String) -> SoloAgent {
+    SoloAgent::start("moves", |dir| {
         format!(
-            "node = \"solo\"\n[api]\nendpoint = \"unix://{}\"\n[store]\nbackend = \"embedded\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n{}",
-            socket.display(),
-            extra(dir.path())
-        ),
-    )
-    .unwrap();
-    let ns = Netns::new("moves").unwrap();
-    ns.link_set("lo", true).unwrap();
-    let proc = ProcessGuard::spawn(
-        "vipsec agent",
-        ns.command(BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .stdout(Stdio::null()),
-    )
-    .unwrap();
-    wait_for("the API socket", Duration::from_secs(10), || {
-        socket.exists().then_some(())
+            "[store]\nbackend = \"embedded\"\n[[hosted_vip]]\naddress = \"{VIP}\"\n{}",
+            extra(dir)
+        )
     })
-    .unwrap();
-    Agent {
-        _dir: dir,
-        socket,
-        _proc: proc,
-        ns,
-    }
-}
-
-impl Agent {
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -180,7 +130,7 @@ fn a_second_drill_is_refused_while_one_runs() {
             dir.display()
         )
     });
-    let marker = agent._dir.path().join("started");
+    let marker = agent.dir.path().join("started");
     std::thread::scope(|s| {
         let first = s.spawn(|| agent.cli(&["drill", VIP, "--to", "be2", "--timeout", "5s"]));
         wait_for("the first drill's command", Duration::from_secs(10), || {

@@ -13,6 +13,9 @@ use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 use vipsec_testbed::require_program;
 
+mod common;
+use common::{show, text};
+
 const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
 const VIP: &str = "192.0.2.100";
 
@@ -38,19 +41,6 @@ fn scratch_dir() -> tempfile::TempDir {
 fn write_executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
 }
 
 // ---------------------------------------------------------------------------------------

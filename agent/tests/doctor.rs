@@ -14,10 +14,7 @@ use vipsec_testbed::netns::Netns;
 const BIN: &str = env!("CARGO_BIN_EXE_vipsec");
 
 fn lab(tag: &str) -> Netns {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     vipsec_testbed::require_program("nft").unwrap();
     Netns::new(tag).expect("netns")
 }
@@ -336,10 +333,7 @@ fn vgc_netns(tag: &str) -> Netns {
 
 #[test]
 fn a_peer_vip_without_a_trap_is_a_warning_under_the_guard_and_an_error_without_it() {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let fe = vgc_netns("dt");
     let peer = vgc_netns("dp");
     fe.veth_to("eth0", "192.0.2.1/24", &peer, "eth0", "192.0.2.2/24")

@@ -19,21 +19,11 @@ use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 mod common;
-use common::{AgentProc, BIN};
+use common::{AgentProc, BIN, show, text};
 
 const VIP4: &str = "192.0.2.100";
 const VIP6: &str = "2001:db8::100";
 const HOSTED: &str = "192.0.2.50";
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "guard_cli tests need root (network namespaces, XFRM policies, routing rules)"
-    );
-    vipsec_testbed::require_program("ip").unwrap();
-}
 
 /// A namespace named `vgc-<tag>-<pid><n>`, deleted (with what runs in it) on drop.
 fn vgc_netns(tag: &str) -> Netns {
@@ -66,7 +56,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        require_root();
+        vipsec_testbed::require_root().unwrap();
         let fe = vgc_netns("gf");
         let be = vgc_netns("gb");
         fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")
@@ -198,19 +188,6 @@ fn connect(addr: SocketAddr) -> Result<(), i32> {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
 }
 
 /// The state word `show --json` gives a VIP.

@@ -27,12 +27,11 @@ use std::time::{Duration, Instant};
 use vipsec_testbed::charon::Charon;
 use vipsec_testbed::netns::{Netns, unique_name};
 use vipsec_testbed::process::{ProcessGuard, wait_for};
-use vipsec_testbed::vm::{INSTALL_HINT, VmTier};
+use vipsec_testbed::vm::test_in_vm;
 
 mod common;
 use common::AgentProc;
 
-const GUEST_ENV: &str = "VIPSEC_VM_GUEST";
 const TEST: &str = "standing_guard_with_kernel_esp_in_vm";
 const FE: &str = "192.0.2.1";
 const BE1: &str = "192.0.2.2";
@@ -44,34 +43,7 @@ const PSK: &str = "vipsec-guard-vm-not-a-secret";
 
 #[test]
 fn standing_guard_with_kernel_esp_in_vm() {
-    if std::env::var_os(GUEST_ENV).is_some() {
-        guest();
-        return;
-    }
-    let tier = match VmTier::locate() {
-        Ok(tier) => tier,
-        Err(why) => {
-            eprintln!("\n******** SKIPPED: VM tier unavailable ({INSTALL_HINT}): {why} ********\n");
-            return;
-        }
-    };
-    let exe = std::env::current_exe().unwrap();
-    let run = tier
-        .run_test(
-            &exe,
-            TEST,
-            &[(GUEST_ENV, "1"), ("RUST_BACKTRACE", "1")],
-            Duration::from_secs(420),
-        )
-        .unwrap();
-    eprintln!("--- guest output ---\n{}", run.output);
-    eprintln!("VM tier wall time (boot, test, power-off): {:?}", run.wall);
-    assert_eq!(
-        run.exit_code,
-        Some(0),
-        "guest test failed\n--- console ---\n{}",
-        run.console
-    );
+    test_in_vm(TEST, Duration::from_secs(420), guest);
 }
 
 // ----- the lab -----

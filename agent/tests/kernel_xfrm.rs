@@ -7,7 +7,6 @@
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vipsec::config::Config;
@@ -25,22 +24,8 @@ struct Lab {
     _listeners: Vec<TcpListener>,
 }
 
-fn require_root_and_ip() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "kernel_xfrm tests need root (network namespaces, XFRM policies)"
-    );
-    let ok = Command::new("ip").arg("-V").output().is_ok();
-    assert!(
-        ok,
-        "kernel_xfrm tests need iproute2's `ip` (apt-get install iproute2)"
-    );
-}
-
 fn lab() -> Lab {
-    require_root_and_ip();
+    vipsec_testbed::require_root().unwrap();
     let fe = Netns::new("xf").unwrap();
     let be = Netns::new("xb").unwrap();
     fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")
@@ -501,7 +486,7 @@ const VIP6: &str = "2001:db8::100";
 /// addresses are added `nodad`: this test is about XFRM selectors, and a listener cannot
 /// bind a tentative address (DAD itself is covered by the addrwatch tests).
 fn lab6() -> Lab {
-    require_root_and_ip();
+    vipsec_testbed::require_root().unwrap();
     let fe = Netns::new("x6f").unwrap();
     let be = Netns::new("x6b").unwrap();
     fe.veth_to("fe0", "192.0.2.1/24", &be, "be0", "192.0.2.2/24")

@@ -15,11 +15,8 @@ use vipsec::kernel::xfrm::state::SaDirection;
 use vipsec::kernel::xfrm::{XfrmEvent, XfrmKernel};
 use vipsec::model::VipRole;
 use vipsec_testbed::netns::Netns;
-use vipsec_testbed::vm::{INSTALL_HINT, VmTier};
+use vipsec_testbed::vm::test_in_vm;
 
-const GUEST_ENV: &str = "VIPSEC_VM_GUEST";
-/// One VM at a time: two software-emulated guests on two cores would slow each other.
-static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const FE: &str = "192.0.2.1";
 const BE: &str = "192.0.2.2";
 const VIP: &str = "192.0.2.100";
@@ -30,35 +27,7 @@ const ENC_IN: &str = "0x44444444444444444444444444444444";
 
 #[test]
 fn esp_states_in_vm() {
-    if std::env::var_os(GUEST_ENV).is_some() {
-        guest();
-        return;
-    }
-    let tier = match VmTier::locate() {
-        Ok(tier) => tier,
-        Err(why) => {
-            eprintln!("\n******** SKIPPED: VM tier unavailable ({INSTALL_HINT}): {why} ********\n");
-            return;
-        }
-    };
-    let exe = std::env::current_exe().unwrap();
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let run = tier
-        .run_test(
-            &exe,
-            "esp_states_in_vm",
-            &[(GUEST_ENV, "1"), ("RUST_BACKTRACE", "1")],
-            Duration::from_secs(400),
-        )
-        .unwrap();
-    eprintln!("--- guest output ---\n{}", run.output);
-    eprintln!("VM tier wall time (boot, test, power-off): {:?}", run.wall);
-    assert_eq!(
-        run.exit_code,
-        Some(0),
-        "guest test failed\n--- console ---\n{}",
-        run.console
-    );
+    test_in_vm("esp_states_in_vm", Duration::from_secs(400), guest);
 }
 
 fn vip() -> IpAddr {
@@ -313,35 +282,7 @@ const VIP6: &str = "2001:db8::100";
 /// fail-secure block (unbound for an IPv6 peer VIP) losing to the ESP policy.
 #[test]
 fn esp6_states_in_vm() {
-    if std::env::var_os(GUEST_ENV).is_some() {
-        guest6();
-        return;
-    }
-    let tier = match VmTier::locate() {
-        Ok(tier) => tier,
-        Err(why) => {
-            eprintln!("\n******** SKIPPED: VM tier unavailable ({INSTALL_HINT}): {why} ********\n");
-            return;
-        }
-    };
-    let exe = std::env::current_exe().unwrap();
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let run = tier
-        .run_test(
-            &exe,
-            "esp6_states_in_vm",
-            &[(GUEST_ENV, "1"), ("RUST_BACKTRACE", "1")],
-            Duration::from_secs(400),
-        )
-        .unwrap();
-    eprintln!("--- guest output ---\n{}", run.output);
-    eprintln!("VM tier wall time (boot, test, power-off): {:?}", run.wall);
-    assert_eq!(
-        run.exit_code,
-        Some(0),
-        "guest test failed\n--- console ---\n{}",
-        run.console
-    );
+    test_in_vm("esp6_states_in_vm", Duration::from_secs(400), guest6);
 }
 
 fn add_policy6(ns: &Netns, dir: &str, src: &str, dst: &str, reqid: &str) {

@@ -16,8 +16,11 @@ use vipsec::config::Config;
 use vipsec::failover::{Input, SaRef};
 use vipsec::keying::Keying;
 use vipsec::keying::strongswan::StrongswanKeying;
-use vipsec::model::{IkeSaInfo, PeerConnection, TrafficCounters, Vip, VipRole};
+use vipsec::model::{IkeSaInfo, PeerConnection, Vip, VipRole};
 use vipsec_testbed::charon::{Charon, TwoNodeLab};
+
+mod common;
+use common::total;
 
 /// Generous bound for anything that should take milliseconds: "it did not hang".
 const HANG: Duration = Duration::from_secs(15);
@@ -27,10 +30,7 @@ fn vip() -> Vip {
 }
 
 fn lab() -> TwoNodeLab {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "these tests need root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     TwoNodeLab::start().expect("start the two-node lab")
 }
 
@@ -188,17 +188,6 @@ fn tcp_exchange(lab: &TwoNodeLab) {
     client.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"pong");
     server.join().unwrap();
-}
-
-fn total(sas: &[IkeSaInfo]) -> TrafficCounters {
-    sas.iter()
-        .map(|s| s.counters())
-        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
-            bytes_in: a.bytes_in + c.bytes_in,
-            bytes_out: a.bytes_out + c.bytes_out,
-            packets_in: a.packets_in + c.packets_in,
-            packets_out: a.packets_out + c.packets_out,
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,10 +488,7 @@ async fn counter_samples_grow_with_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_cost_with_a_hundred_sas() {
     const N: usize = 100;
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "needs root for network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let lab = TwoNodeLab::with_vips(N).expect("start the lab with many VIPs");
     let mut toml = format!(
         "node = \"fe\"\n[keying]\nbackend = \"strongswan\"\nvici_socket = \"{}\"\n",

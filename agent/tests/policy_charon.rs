@@ -12,10 +12,14 @@ use std::time::{Duration, Instant};
 use vipsec::config::Config;
 use vipsec::keying::Keying;
 use vipsec::keying::strongswan::StrongswanKeying;
-use vipsec::model::{IkeSaInfo, TrafficCounters, Vip, VipRole};
+use vipsec::model::{TrafficCounters, Vip, VipRole};
 use vipsec::policy::{self, Identities, Policy, SecretKey, Template};
 use vipsec_testbed::charon::Charon;
 use vipsec_testbed::netns::Netns;
+use vipsec_testbed::pki::TestPki;
+
+mod common;
+use common::total;
 
 const FE: &str = "192.0.2.1";
 const BE: &str = "192.0.2.2";
@@ -46,10 +50,7 @@ fn keying(socket: &Path, vip_section: &str) -> StrongswanKeying {
 }
 
 fn lab() -> Lab {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "these tests need root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let fe = Netns::new("pfe").unwrap();
     let be = Netns::new("pbe").unwrap();
     fe.veth_to(
@@ -108,17 +109,6 @@ async fn load_both_as(lab: &Lab, policy: &Policy, fe: &Identities, be: &Identiti
     let started = Instant::now();
     lab.fe_keying.load_connection(&fe_spec).await.unwrap();
     started.elapsed()
-}
-
-fn total(sas: &[IkeSaInfo]) -> TrafficCounters {
-    sas.iter()
-        .map(|s| s.counters())
-        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
-            bytes_in: a.bytes_in + c.bytes_in,
-            bytes_out: a.bytes_out + c.bytes_out,
-            packets_in: a.packets_in + c.packets_in,
-            packets_out: a.packets_out + c.packets_out,
-        })
 }
 
 /// The front-end's SA counters once the last packets of earlier exchanges (a closing
@@ -429,89 +419,16 @@ async fn a_group_charon_lacks_is_found_before_loading_and_fails_at_initiate() {
     }
 }
 
-/// A throwaway RSA CA and one certificate per node (RSA: Debian's charon has no ECDSA
-/// without its openssl plugin), made with the `openssl` command.
-struct RsaPki {
-    dir: tempfile::TempDir,
-}
+/// A throwaway RSA CA and one certificate per node, with the reads this test wants.
+struct RsaPki(TestPki);
 
 impl RsaPki {
     fn generate(nodes: &[&str]) -> RsaPki {
-        vipsec_testbed::require_program("openssl").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["genrsa", "-traditional", "-out", "ca.key", "2048"]);
-        run(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            "/CN=vipsec-policy-ca",
-            "-days",
-            "2",
-            "-out",
-            "ca.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        for n in nodes {
-            let ext = format!("subjectAltName=DNS:{n}\nbasicConstraints=CA:FALSE\n");
-            std::fs::write(dir.path().join(format!("{n}.ext")), ext).unwrap();
-            run(&[
-                "genrsa",
-                "-traditional",
-                "-out",
-                &format!("{n}.key"),
-                "2048",
-            ]);
-            run(&[
-                "req",
-                "-new",
-                "-key",
-                &format!("{n}.key"),
-                "-subj",
-                &format!("/CN={n}"),
-                "-out",
-                &format!("{n}.csr"),
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{n}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{n}.pem"),
-                "-extfile",
-                &format!("{n}.ext"),
-            ]);
-        }
-        RsaPki { dir }
+        RsaPki(TestPki::rsa_nodes(nodes).unwrap())
     }
 
     fn read(&self, file: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(file)).unwrap()
+        self.0.read(file).unwrap()
     }
 
     fn ids(&self, node: &str) -> Identities {

@@ -65,35 +65,22 @@ fn the_official_python_client_works_over_the_unix_socket_and_tls() {
     // The second agent serves TCP with TLS beside its Unix socket (written here: AgentProc
     // writes only the socket).
     let config = tls_dir.join("tls.toml");
-    let log = tls_dir.join("tls.log");
     let tls_socket = tls_dir.join("run").join("tls.sock");
     std::fs::write(
         &config,
-        format!(
-            "node = \"tls\"\n[api]\nendpoint = \"unix://{}\"\ntcp = \"tcp://127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n{base}",
-            tls_socket.display(),
-            pki.server_cert().display(),
-            pki.server_key().display(),
-            pki.ca().display()
+        common::config_text(
+            "tls",
+            &tls_socket,
+            &format!(
+                "tcp = \"tcp://127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n{base}",
+                pki.server_cert().display(),
+                pki.server_key().display(),
+                pki.ca().display()
+            ),
         ),
     )
     .unwrap();
-    let proc = vipsec_testbed::process::ProcessGuard::spawn(
-        "vipsec agent (tls)",
-        Command::new(common::BIN)
-            .args(["agent", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    )
-    .unwrap();
-    let tls = AgentProc {
-        name: "tls".into(),
-        socket: tls_socket.clone(),
-        log,
-        proc,
-    };
+    let tls = AgentProc::start_config(None, "tls", &config, &tls_socket, &[("RUST_LOG", "info")]);
     let port = tcp_port(&tls);
     // The Unix socket is served as well: the node's own tools keep working.
     let local = tls.cli(&["status", "--json"]);

@@ -112,6 +112,31 @@ fn etcd() -> EtcdServer {
     EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd: {e}"))
 }
 
+/// Two nodes, be1 and be2, on one fresh etcd under a prefix of their own (`tag`);
+/// `a_extra` ends be1's store section.
+struct TwoNodes {
+    server: EtcdServer,
+    prefix: String,
+    cfg_a: Config,
+    a: Node,
+    b: Node,
+}
+
+fn two_nodes(tag: &str, a_extra: &str) -> TwoNodes {
+    let server = etcd();
+    let prefix = unique_prefix(tag);
+    let cfg_a = config("be1", &server.endpoint(), &prefix, a_extra);
+    let a = Node::start(&cfg_a);
+    let b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    TwoNodes {
+        server,
+        prefix,
+        cfg_a,
+        a,
+        b,
+    }
+}
+
 async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
     etcd_client::Client::connect([server.endpoint()], None)
         .await
@@ -120,10 +145,13 @@ async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_withdraw_reach_the_other_node() {
-    let server = etcd();
-    let prefix = unique_prefix("pw");
-    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, ""));
-    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    let TwoNodes {
+        server,
+        prefix,
+        mut a,
+        mut b,
+        ..
+    } = two_nodes("pw", "");
     assert!(a.expect_connected().await.is_empty());
     assert!(b.expect_connected().await.is_empty());
     assert_eq!(a.store.describe(), server.endpoint());
@@ -180,11 +208,13 @@ async fn publish_and_withdraw_reach_the_other_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_owner_expires_and_its_stale_write_is_fenced() {
-    let server = etcd();
-    let prefix = unique_prefix("kill");
-    let cfg_a = config("be1", &server.endpoint(), &prefix, "lease_ttl = \"2s\"");
-    let mut a = Node::start(&cfg_a);
-    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    let TwoNodes {
+        server,
+        prefix,
+        cfg_a,
+        mut a,
+        mut b,
+    } = two_nodes("kill", "lease_ttl = \"2s\"");
     a.expect_connected().await;
     b.expect_connected().await;
 
@@ -249,10 +279,13 @@ async fn killed_owner_expires_and_its_stale_write_is_fenced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_outage_and_lost_lease_are_recovered() {
-    let mut server = etcd();
-    let prefix = unique_prefix("out");
-    let mut a = Node::start(&config("be1", &server.endpoint(), &prefix, ""));
-    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    let TwoNodes {
+        mut server,
+        prefix,
+        mut a,
+        mut b,
+        ..
+    } = two_nodes("out", "");
     a.expect_connected().await;
     b.expect_connected().await;
     let vip: Vip = "192.0.2.102".parse().unwrap();
@@ -882,11 +915,13 @@ async fn a_policy_edit_read_before_a_delete_and_rewrite_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_owners_record_is_taken_over_at_once_and_only_as_it_was_judged() {
-    let server = etcd();
-    let prefix = unique_prefix("take");
-    let cfg_a = config("be1", &server.endpoint(), &prefix, "lease_ttl = \"10s\"");
-    let mut a = Node::start(&cfg_a);
-    let mut b = Node::start(&config("be2", &server.endpoint(), &prefix, ""));
+    let TwoNodes {
+        server,
+        prefix,
+        mut a,
+        mut b,
+        ..
+    } = two_nodes("take", "lease_ttl = \"10s\"");
     a.expect_connected().await;
     b.expect_connected().await;
     let vip: Vip = "192.0.2.118".parse().unwrap();

@@ -53,10 +53,7 @@ fn charon_conf_path(c: &Charon) -> String {
 
 #[test]
 fn the_guides_swanctl_examples_load_into_charon_under_the_names_the_configs_use() {
-    assert!(
-        vipsec_testbed::can_use_netns(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces"
-    );
+    vipsec_testbed::require_root().unwrap();
     let ns = Netns::new("swex").expect("netns");
 
     let frontend = Config::parse(&example("frontend.toml")).expect("frontend.toml");

@@ -30,22 +30,13 @@ pub fn tcp_reachable(ns: &str, addr: std::net::SocketAddr) -> bool {
     .unwrap_or(false)
 }
 
-/// Starts `command` (a shell command line) inside `ns`, in a private mount namespace with
-/// its own tmpfs `/run`, so daemons that keep pid files or sockets there (charon,
-/// keepalived) never see another node's instance or the host's. Output goes to `log`.
+/// Starts `command` (a shell command line) inside `ns` with a private tmpfs `/run`; see
+/// [`vipsec_testbed::process::spawn_with_private_run`].
 pub fn spawn_with_private_run(
     ns: &vipsec_testbed::netns::Netns,
     name: &str,
     command: &str,
     log: std::fs::File,
 ) -> anyhow::Result<vipsec_testbed::process::ProcessGuard> {
-    let script = format!("mount -t tmpfs tmpfs /run && exec {command}");
-    vipsec_testbed::process::ProcessGuard::spawn(
-        name,
-        ns.command("unshare")
-            .args(["-m", "sh", "-c", &script])
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-    )
+    vipsec_testbed::process::spawn_with_private_run(&ns.name, name, command, log)
 }

@@ -19,13 +19,26 @@ use crate::process::{ProcessGuard, wait_for};
 /// How long charon may take to open its VICI socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running charon. Drop kills it (SIGKILL) and removes its temp dir.
+/// A running charon. Drop kills it (SIGKILL) and removes its temp dir (a directory the
+/// caller gave to [`Charon::start_in`] stays).
 pub struct Charon {
     pub name: String,
     ns: String,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
     swanctl_conf: String,
     process: Option<ProcessGuard>,
+}
+
+/// Where a charon whose files live in `dir` opens its VICI socket.
+pub fn vici_socket_in(dir: &Path) -> PathBuf {
+    dir.join("charon.vici")
+}
+
+/// Where a charon whose files live in `dir` writes its log (the `filelog` path its
+/// strongswan.conf names).
+pub fn log_in(dir: &Path) -> PathBuf {
+    dir.join("charon.log")
 }
 
 impl Charon {
@@ -49,31 +62,47 @@ impl Charon {
         swanctl_conf: &str,
         strongswan: fn(&Path, &Path) -> String,
     ) -> anyhow::Result<Charon> {
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("{}-", unique_name(name)))
+            .tempdir()?;
+        let dir = temp.path().to_path_buf();
+        let conf = strongswan(&vici_socket_in(&dir), &log_in(&dir));
+        let mut charon = Self::start_in(ns, name, &dir, &conf, swanctl_conf)?;
+        charon._temp = Some(temp);
+        Ok(charon)
+    }
+
+    /// Starts charon in `ns` with its files in `dir`, which the caller keeps (a lab's run
+    /// directory): `strongswan_conf` as written, which must open the VICI socket at
+    /// [`vici_socket_in`]`(dir)`, and `swanctl_conf`, loaded with `swanctl --load-all`.
+    pub fn start_in(
+        ns: &Netns,
+        name: &str,
+        dir: &Path,
+        strongswan_conf: &str,
+        swanctl_conf: &str,
+    ) -> anyhow::Result<Charon> {
         crate::require_program("charon")?;
         crate::require_program("swanctl")?;
         crate::require_program("unshare")?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{}-", unique_name(name)))
-            .tempdir()?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("swanctl.conf"), swanctl_conf)?;
+        std::fs::write(dir.join("strongswan.conf"), strongswan_conf)?;
         let mut charon = Charon {
             name: name.to_string(),
             ns: ns.name.clone(),
-            dir,
+            dir: dir.to_path_buf(),
+            _temp: None,
             swanctl_conf: swanctl_conf.to_string(),
             process: None,
         };
-        std::fs::write(charon.dir.path().join("swanctl.conf"), swanctl_conf)?;
-        std::fs::write(
-            charon.dir.path().join("strongswan.conf"),
-            strongswan(&charon.vici_socket(), &charon.log_path()),
-        )?;
         charon.launch()?;
         Ok(charon)
     }
 
     /// Path of the VICI socket, reachable from the host.
     pub fn vici_socket(&self) -> PathBuf {
-        self.dir.path().join("charon.vici")
+        vici_socket_in(&self.dir)
     }
 
     /// `unix://` URI of the VICI socket, as swanctl's `--uri` wants it.
@@ -83,7 +112,7 @@ impl Charon {
 
     /// charon's log file (level 1, IKE level 2), for debugging a failed test.
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("charon.log")
+        log_in(&self.dir)
     }
 
     /// The swanctl.conf this charon loads.
@@ -109,6 +138,11 @@ impl Charon {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The charon process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(|p| p.pid())
+    }
+
     /// Whether the charon process still runs.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(|p| p.is_running())
@@ -130,23 +164,24 @@ impl Charon {
     fn launch(&mut self) -> anyhow::Result<()> {
         let socket = self.vici_socket();
         let _ = std::fs::remove_file(&socket);
-        let conf = self.dir.path().join("strongswan.conf");
-        let script = format!(
-            "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF={} exec /usr/lib/ipsec/charon",
-            conf.display()
-        );
+        let conf = self.dir.join("strongswan.conf");
+        let stderr = self.dir.join("charon.stderr");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("charon.stderr"))?;
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns", "exec", &self.ns, "unshare", "-m", "sh", "-c", &script,
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-        let mut process = ProcessGuard::spawn(&format!("charon {}", self.name), &mut cmd)?;
+            .open(&stderr)?;
+        let command = format!(
+            "env STRONGSWAN_CONF={} {}",
+            conf.display(),
+            crate::require_program("charon")?.display()
+        );
+        let mut process = crate::process::spawn_with_private_run(
+            &self.ns,
+            &format!("charon {}", self.name),
+            &command,
+            log,
+        )?;
+        // Ready once it accepts on the socket: the file appears at bind, before listen.
         let started = wait_for(
             &format!("charon {} to open {}", self.name, socket.display()),
             START_TIMEOUT,
@@ -161,17 +196,23 @@ impl Charon {
             anyhow::bail!(
                 "charon {} exited at start; see {}",
                 self.name,
-                self.dir.path().join("charon.stderr").display()
+                stderr.display()
             );
         }
         self.process = Some(process);
-        let conf = self.dir.path().join("swanctl.conf");
+        let conf = self.dir.join("swanctl.conf");
         self.swanctl(&[
             "--load-all",
             "--noprompt",
             "--file",
             &conf.display().to_string(),
         ])?;
+        anyhow::ensure!(
+            self.is_running(),
+            "charon {} exited after loading its connections; see {}",
+            self.name,
+            stderr.display()
+        );
         Ok(())
     }
 }
@@ -183,51 +224,43 @@ impl Drop for Charon {
 }
 
 fn strongswan_conf(socket: &Path, log: &Path) -> String {
-    format!(
-        r#"charon {{
-  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-libipsec kernel-netlink socket-default updown
-  install_routes = yes
-  install_virtual_ip = no
-  plugins {{
-    socket-default {{
-      fwmark = 0x42
-    }}
-    kernel-netlink {{
-      fwmark = !0x42
-    }}
-    kernel-libipsec {{
-      allow_peer_ts = yes
-    }}
-    vici {{
-      socket = unix://{socket}
-    }}
-  }}
-  filelog {{
-    charon {{
-      path = {log}
-      default = 1
-      ike = 2
-      time_format = %T
-      flush_line = yes
-    }}
-  }}
-}}
-"#,
-        socket = socket.display(),
-        log = log.display()
-    )
+    render_strongswan_conf(true, socket, log)
 }
 
-/// strongswan.conf for kernel ESP: no kernel-libipsec, and no routes in table 220 (a
-/// host-to-host tunnel between addresses the kernel already routes needs none).
 fn strongswan_conf_kernel_esp(socket: &Path, log: &Path) -> String {
+    render_strongswan_conf(false, socket, log)
+}
+
+/// strongswan.conf with kernel-libipsec (userspace ESP over a TUN device, IKE sockets
+/// marked 0x42, routes in table 220) or for kernel ESP: no kernel-libipsec, and no routes
+/// in table 220 (a host-to-host tunnel between addresses the kernel already routes needs
+/// none).
+fn render_strongswan_conf(libipsec: bool, socket: &Path, log: &Path) -> String {
+    let (load_libipsec, install_routes, libipsec_plugins) = if libipsec {
+        (
+            " kernel-libipsec",
+            "yes",
+            r#"    socket-default {
+      fwmark = 0x42
+    }
+    kernel-netlink {
+      fwmark = !0x42
+    }
+    kernel-libipsec {
+      allow_peer_ts = yes
+    }
+"#,
+        )
+    } else {
+        ("", "no", "")
+    };
     format!(
         r#"charon {{
-  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici kernel-netlink socket-default updown
-  install_routes = no
+  load = random nonce openssl pem pkcs1 x509 revocation constraints pubkey sha1 sha2 hmac aes kdf gmp vici{load_libipsec} kernel-netlink socket-default updown
+  install_routes = {install_routes}
   install_virtual_ip = no
   plugins {{
-    vici {{
+{libipsec_plugins}    vici {{
       socket = unix://{socket}
     }}
   }}

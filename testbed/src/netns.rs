@@ -43,7 +43,10 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// `Err` naming what is missing when this process is not root or has no `ip`.
     pub fn new(tag: &str) -> anyhow::Result<Netns> {
+        crate::require_root()?;
+        crate::require_program("ip")?;
         let name = unique_name(tag);
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Netns { name };

@@ -91,3 +91,24 @@ pub fn wait_for<T>(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Starts `command` (a shell command line) inside the network namespace `ns`, in a
+/// private mount namespace with its own tmpfs `/run`, so daemons that keep pid files or
+/// sockets there (charon, keepalived) never see another node's instance or the host's.
+/// Output goes to `log`.
+pub fn spawn_with_private_run(
+    ns: &str,
+    name: &str,
+    command: &str,
+    log: std::fs::File,
+) -> anyhow::Result<ProcessGuard> {
+    let script = format!("mount -t tmpfs tmpfs /run && exec {command}");
+    ProcessGuard::spawn(
+        name,
+        Command::new("ip")
+            .args(["netns", "exec", ns, "unshare", "-m", "sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )
+}

@@ -48,24 +48,17 @@ exec $B switch_root /newroot /bin/sh /run/vm-io/stage2.sh
 "#;
 
 /// The directories directly under the host's /tmp that the guest must see through its
-/// private /tmp: the checkout and the build a test runs from, when they live there (a
-/// newcomer's clone in /tmp).
-fn host_tmp_entries() -> Vec<String> {
+/// private /tmp: those that hold `paths` (the test binary, the checkout, the working
+/// directory), when they live there (a newcomer's clone in /tmp).
+fn host_tmp_entries(paths: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
-    let exe = std::env::current_exe().ok();
-    let manifest = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    for p in [exe, manifest].into_iter().flatten() {
+    for p in paths {
         let Ok(rest) = p.strip_prefix("/tmp") else {
             continue;
         };
         if let Some(first) = rest.components().next() {
             let name = first.as_os_str().to_string_lossy().into_owned();
-            // Quoted into a shell script below: only plain names.
-            if name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-                && !out.contains(&name)
-            {
+            if !out.contains(&name) {
                 out.push(name);
             }
         }
@@ -73,9 +66,15 @@ fn host_tmp_entries() -> Vec<String> {
     out
 }
 
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// Runs on the host root (as PID 1) and powers the VM off when the script is done.
-fn stage2(script_timeout: Duration, busybox: &Path) -> String {
-    let entries = host_tmp_entries().join(" ");
+fn stage2(script_timeout: Duration, busybox: &Path, tmp_entries: &[String]) -> String {
+    let entries: Vec<String> = tmp_entries.iter().map(|e| shell_quote(e)).collect();
+    let entries = entries.join(" ");
     format!(
         r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp
@@ -198,12 +197,32 @@ impl VmTier {
     /// Boots a VM, runs `script` (sh) on the host's file system inside it, and powers off.
     /// `timeout` bounds the whole run; the script is killed a little before.
     pub fn run_script(&self, script: &str, timeout: Duration) -> anyhow::Result<VmRun> {
+        self.run(script, timeout, &[])
+    }
+
+    /// [`VmTier::run_script`], with `extra_paths` on the host that the guest must see
+    /// (besides this process's executable and working directory, and the checkout).
+    fn run(
+        &self,
+        script: &str,
+        timeout: Duration,
+        extra_paths: &[PathBuf],
+    ) -> anyhow::Result<VmRun> {
         let (vmlinux, initrd) = self.boot_files()?;
         let io = tempfile::Builder::new().prefix("vipsec-vm-io-").tempdir()?;
         let script_timeout = timeout.saturating_sub(Duration::from_secs(15));
+        let seen: Vec<PathBuf> = [
+            std::env::current_exe().ok(),
+            std::env::current_dir().ok(),
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(extra_paths.iter().cloned())
+        .collect();
         fs::write(
             io.path().join("stage2.sh"),
-            stage2(script_timeout, &self.busybox),
+            stage2(script_timeout, &self.busybox, &host_tmp_entries(&seen)),
         )?;
         fs::write(io.path().join("script.sh"), script)?;
         let console = io.path().join("console.log");
@@ -279,11 +298,50 @@ impl VmTier {
             script.push_str(&format!("export {k}='{v}'\n"));
         }
         script.push_str(&format!(
-            "exec '{}' --exact '{test_name}' --nocapture --test-threads=1\n",
-            test_binary.display()
+            "exec {} --exact {} --nocapture --test-threads=1\n",
+            shell_quote(&test_binary.display().to_string()),
+            shell_quote(test_name)
         ));
-        self.run_script(&script, timeout)
+        self.run(&script, timeout, &[test_binary.to_path_buf()])
     }
+}
+
+/// Set in the guest for the test binary the host side of [`test_in_vm`] starts there.
+pub const GUEST_ENV: &str = "VIPSEC_VM_GUEST";
+
+/// One VM at a time in a test process: two software-emulated guests on two cores would
+/// slow each other.
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The body of a VM-tier test named `test_name`. In the guest (this same test binary,
+/// started with [`GUEST_ENV`] set) it runs `guest`; on the host it boots the VM, runs the
+/// test there within `timeout`, shows the guest's output and panics unless the guest side
+/// passed. Panics naming what is missing when the VM tier cannot run on this machine.
+pub fn test_in_vm(test_name: &str, timeout: Duration, guest: impl FnOnce()) {
+    if std::env::var_os(GUEST_ENV).is_some() {
+        guest();
+        return;
+    }
+    let tier = VmTier::locate()
+        .unwrap_or_else(|why| panic!("the VM tier cannot run here: {why} ({INSTALL_HINT})"));
+    let exe = std::env::current_exe().expect("this test binary's path");
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let run = tier
+        .run_test(
+            &exe,
+            test_name,
+            &[(GUEST_ENV, "1"), ("RUST_BACKTRACE", "1")],
+            timeout,
+        )
+        .unwrap_or_else(|e| panic!("{test_name} in the VM: {e}"));
+    eprintln!("--- guest output ---\n{}", run.output);
+    eprintln!("VM tier wall time (boot, test, power-off): {:?}", run.wall);
+    assert_eq!(
+        run.exit_code,
+        Some(0),
+        "{test_name} failed in the VM\n--- console ---\n{}",
+        run.console
+    );
 }
 
 /// The module files (relative to `modules`) that `wanted` need, dependencies first, as
@@ -428,5 +486,43 @@ impl Cpio {
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[]);
         self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_lives_under_the_hosts_tmp_is_named_once_by_its_first_component() {
+        let paths = [
+            PathBuf::from("/tmp/a clone/target/debug/deps/t-123"),
+            PathBuf::from("/work/main/testbed"),
+            PathBuf::from("/tmp/a clone/testbed"),
+            PathBuf::from("/tmp/it's/x"),
+            PathBuf::from("/tmpfoo/x"),
+        ];
+        assert_eq!(host_tmp_entries(&paths), ["a clone", "it's"]);
+    }
+
+    #[test]
+    fn a_bound_back_name_reaches_the_guest_as_one_shell_word() {
+        let script = stage2(
+            Duration::from_secs(60),
+            Path::new("/bin/busybox"),
+            &["a clone".into(), "it's".into()],
+        );
+        assert!(
+            script.contains(r#"for e in 'a clone' 'it'\''s'; do"#),
+            "{script}"
+        );
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("for e in {}; do echo \"[$e]\"; done", shell_quote("it's a")),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "[it's a]\n");
     }
 }

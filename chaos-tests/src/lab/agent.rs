@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use vipsec_testbed::agent::AgentLaunch;
 use vipsec_testbed::netns::Netns;
-use vipsec_testbed::process::{ProcessGuard, wait_for};
+use vipsec_testbed::process::ProcessGuard;
 
 use super::charon::{PROTECTED_PORTS, connection_name};
 use super::setup::AgentStore;
@@ -210,52 +210,16 @@ impl Agent {
             std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600))?;
         }
         let api_socket = api_socket(plan.dir);
-        let _ = std::fs::remove_file(&api_socket);
-        let log_path = plan.dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let mut guard = ProcessGuard::spawn(
-            "vipsec agent",
-            ns.command(&binary.display().to_string())
-                .arg("agent")
-                .arg("--config")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-        )?;
-        let ready = wait_for("the agent's API socket", Duration::from_secs(15), || {
-            if api_socket.exists() {
-                Some(Ok(()))
-            } else if !guard.is_running() {
-                Some(Err(()))
-            } else {
-                None
-            }
-        });
-        if !matches!(ready, Ok(Ok(()))) {
-            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<_> = tail.lines().rev().take(15).collect();
-            let tail: Vec<_> = tail.into_iter().rev().collect();
-            anyhow::bail!(
-                "vipsec agent on {} did not come up ({}): {}\n{}",
-                plan.node,
-                binary.display(),
-                match ready {
-                    Ok(_) => format!(
-                        "it exited{}",
-                        guard
-                            .wait_exit(Duration::from_millis(100))
-                            .map(|c| format!(" with code {c}; is it a build with `vipsec agent`?"))
-                            .unwrap_or_default()
-                    ),
-                    Err(e) => e.to_string(),
-                },
-                tail.join("\n")
-            );
+        let guard = AgentLaunch {
+            name: plan.node,
+            binary,
+            ns: Some(ns),
+            config: &config,
+            socket: &api_socket,
+            log: &plan.dir.join("agent.log"),
+            env: &[],
         }
+        .spawn()?;
         Ok(Agent {
             guard,
             api_socket,

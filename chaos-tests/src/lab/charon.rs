@@ -8,11 +8,6 @@ use std::net::IpAddr;
 
 use super::topology::{Family, host_cidr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
-
-use vipsec_testbed::netns::Netns;
-use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 /// The ports the lab protects (IMAP, POP3, HTTP).
 pub const PROTECTED_PORTS: [u16; 3] = [143, 110, 80];
@@ -97,7 +92,11 @@ pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
     }
     s += "filelog {\n";
     s += "lab {\n";
-    let _ = writeln!(s, "path = {}", dir.join("charon.log").display());
+    let _ = writeln!(
+        s,
+        "path = {}",
+        vipsec_testbed::charon::log_in(dir).display()
+    );
     s += "time_format = %H:%M:%S\n";
     s += "default = 1\n";
     s += "ike = 1\n";
@@ -269,98 +268,12 @@ fn secrets() -> String {
 }
 
 pub fn vici_path(dir: &Path) -> PathBuf {
-    dir.join("charon.vici")
+    vipsec_testbed::charon::vici_socket_in(dir)
 }
 
-/// A running charon inside one node.
-pub struct Charon {
-    guard: ProcessGuard,
-    pub vici: PathBuf,
-    pub swanctl_conf: PathBuf,
-}
-
-impl Charon {
-    /// Writes the configs into `dir`, starts charon in `ns` and loads the connections.
-    pub fn start(
-        ns: &Netns,
-        dir: &Path,
-        strongswan_conf: &str,
-        swanctl_conf: &str,
-    ) -> anyhow::Result<Charon> {
-        let charon = vipsec_testbed::require_program("charon")?;
-        vipsec_testbed::require_program("swanctl")?;
-        std::fs::create_dir_all(dir)?;
-        let ss_conf = dir.join("strongswan.conf");
-        let sw_conf = dir.join("swanctl.conf");
-        std::fs::write(&ss_conf, strongswan_conf)?;
-        std::fs::write(&sw_conf, swanctl_conf)?;
-        let vici = vici_path(dir);
-        let _ = std::fs::remove_file(&vici);
-        let log = std::fs::File::create(dir.join("charon.stderr"))?;
-        // A private mount namespace with its own /run: charon's pid file must not clash
-        // with the other nodes' charons (or the host's).
-        let command = format!(
-            "env STRONGSWAN_CONF={} {}",
-            ss_conf.display(),
-            charon.display()
-        );
-        let guard = crate::nsexec::spawn_with_private_run(ns, "charon", &command, log)?;
-        let mut c = Charon {
-            guard,
-            vici: vici.clone(),
-            swanctl_conf: sw_conf,
-        };
-        wait_for("charon's VICI socket", Duration::from_secs(10), || {
-            vici.exists().then_some(())
-        })?;
-        c.load()?;
-        anyhow::ensure!(c.guard.is_running(), "charon in {} exited", ns.name);
-        Ok(c)
-    }
-
-    /// `swanctl --load-all` against this charon.
-    pub fn load(&self) -> anyhow::Result<()> {
-        let file = self.swanctl_conf.display().to_string();
-        // The socket appears a moment before charon accepts on it; retry briefly.
-        let mut last = String::new();
-        wait_for(
-            "swanctl --load-all",
-            Duration::from_secs(5),
-            || match self.swanctl(&["--load-all", "--noprompt", "--file", &file]) {
-                Ok(_) => Some(()),
-                Err(e) => {
-                    last = e.to_string();
-                    None
-                }
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("{e}: {last}"))
-    }
-
-    /// Runs swanctl with `args` against this charon's VICI socket.
-    pub fn swanctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("swanctl")
-            .args(args)
-            .arg("--uri")
-            .arg(format!("unix://{}", self.vici.display()))
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "swanctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.guard.pid()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.guard.is_running()
-    }
-}
+/// A node's charon: the testbed's, started with the configs above in the node's directory
+/// ([`Charon::start_in`]).
+pub use vipsec_testbed::charon::Charon;
 
 #[cfg(test)]
 mod tests {

@@ -121,10 +121,7 @@ impl Lab {
     /// Builds the network and starts every part, then waits until both front-ends get
     /// answers through the tunnel.
     pub fn build(opts: LabOptions, progress: Progress) -> anyhow::Result<Lab> {
-        anyhow::ensure!(
-            vipsec_testbed::can_use_netns(),
-            "the chaos lab needs root (CAP_NET_ADMIN) to create network namespaces"
-        );
+        vipsec_testbed::require_root()?;
         for p in [
             "ip",
             "ss",
@@ -335,8 +332,9 @@ impl Lab {
             }
             _ => charon::swanctl_backend(&self.vips, liveness),
         };
-        let c = Charon::start(
+        let c = Charon::start_in(
             &node.ns,
+            name,
             &dir,
             &charon::strongswan_conf(&dir, liveness),
             &swanctl,
