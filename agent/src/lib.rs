@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod drill;
 pub mod failover;
 pub mod health;
+pub mod host;
 pub mod kernel;
 pub mod keying;
 pub mod logging;

@@ -57,7 +57,7 @@ impl KernelConfig {
     /// Whether charon uses kernel-libipsec (configured, or detected from the kernel).
     pub fn libipsec(&self) -> bool {
         self.libipsec
-            .unwrap_or_else(|| !crate::doctor::kernel::probe().has_esp())
+            .unwrap_or_else(|| !crate::host::probe().has_esp())
     }
 }
 

@@ -113,7 +113,7 @@ impl Policies {
         let route_rules = config
             .policy
             .route_rules
-            .unwrap_or_else(|| !crate::doctor::kernel::probe().has_esp());
+            .unwrap_or_else(|| !crate::host::probe().has_esp());
         Policies {
             inner: Arc::new(Inner {
                 route_rules,
