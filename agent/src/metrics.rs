@@ -173,6 +173,10 @@ impl Metrics {
         ];
         let move_step_seconds =
             Family::<StepLabel, Histogram>::new_with_constructor(|| Histogram::new(MOVE_BUCKETS));
+        // Every step from the start, at zero: dashboards show each one before the first move.
+        for (step, _, _) in crate::timeline::STEPS {
+            let _ = move_step_seconds.get_or_create(&StepLabel { step: step.into() });
+        }
         registry.register(
             "move_step_seconds",
             "Time between two marks of a VIP move (recorded by the new owner)",
@@ -486,7 +490,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            !text.contains("step=\"first_ike_sa_init_to_child_sa_installed\""),
+            text.contains(
+                "vipsec_move_step_seconds_count{step=\"first_ike_sa_init_to_child_sa_installed\"} 0"
+            ),
             "a step without its marks is not observed: {text}"
         );
         assert!(text.contains("vipsec_move_seconds_sum 0.9"), "{text}");
