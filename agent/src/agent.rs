@@ -24,6 +24,10 @@ impl Agent {
         cancel: CancellationToken,
     ) -> anyhow::Result<Agent> {
         let starting = Starting::new(config, backends, log, cancel.clone()).await?;
+        let handle = starting.handle().clone();
+        starting.serve_metrics(Arc::new(move || {
+            crate::api::convert::status(&handle.status())
+        }));
         let api = crate::api::bind(&starting.handle().config().api).await?;
         starting.essential(
             "api",

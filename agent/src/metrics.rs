@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+use vipsec_proto::v1 as pb;
 
 use crate::failover::{Notice, NoticeKind};
 
@@ -31,6 +33,11 @@ pub struct StepLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabel {
     pub task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabel {
+    pub part: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +71,14 @@ pub struct Metrics {
     pub initiation_queue_wait: Histogram,
     /// Restarts of the agent's own tasks after they stopped, failed or panicked.
     pub task_restarts: Family<TaskLabel, Counter>,
+    /// 1 while a health part is healthy, by the verdict `vipsec health` gives; read from
+    /// the status at each scrape.
+    pub health_part_healthy: Family<PartLabel, Gauge>,
+    /// When a health part last turned healthy or unhealthy, in Unix seconds, so an alert
+    /// can tell how long an outage has lasted without waiting out a `for:`.
+    pub health_part_since: Family<PartLabel, Gauge<f64, AtomicU64>>,
+    /// `store.lease_ttl`: an outage longer than a lease is what an operator must hear about.
+    pub store_lease_ttl: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -158,6 +173,10 @@ impl Metrics {
         ];
         let move_step_seconds =
             Family::<StepLabel, Histogram>::new_with_constructor(|| Histogram::new(MOVE_BUCKETS));
+        // Every step from the start, at zero: dashboards show each one before the first move.
+        for (step, _, _) in crate::timeline::STEPS {
+            let _ = move_step_seconds.get_or_create(&StepLabel { step: step.into() });
+        }
         registry.register(
             "move_step_seconds",
             "Time between two marks of a VIP move (recorded by the new owner)",
@@ -189,7 +208,28 @@ impl Metrics {
             "Restarts of the agent's own tasks (address watcher, store, keying, ...) after they stopped, failed or panicked",
             task_restarts.clone(),
         );
+        let health_part_healthy = Family::<PartLabel, Gauge>::default();
+        registry.register(
+            "health_part_healthy",
+            "1 while the health part (store, keying, kernel, ownership, guard, runtime) is healthy, as `vipsec health` judges it",
+            health_part_healthy.clone(),
+        );
+        let health_part_since = Family::<PartLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "health_part_since_timestamp_seconds",
+            "When the health part last turned healthy or unhealthy (Unix time)",
+            health_part_since.clone(),
+        );
+        let store_lease_ttl = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "store_lease_ttl_seconds",
+            "The ownership records' lease (store.lease_ttl)",
+            store_lease_ttl.clone(),
+        );
         Metrics {
+            health_part_healthy,
+            health_part_since,
+            store_lease_ttl,
             task_restarts,
             move_step_seconds,
             move_seconds,
@@ -238,7 +278,34 @@ impl Metrics {
         }
     }
 
-    /// Counts a failover event.
+    /// Sets the health parts from the status `vipsec health` and the gRPC health service
+    /// judge, so the metrics never disagree with them.
+    pub fn set_health(&self, status: &pb::Status) {
+        for part in crate::health::parts(status) {
+            let label = PartLabel {
+                part: part.name.into(),
+            };
+            self.health_part_healthy
+                .get_or_create(&label)
+                .set(i64::from(part.healthy));
+        }
+        let backends = [
+            ("store", &status.store),
+            ("keying", &status.keying),
+            ("kernel", &status.kernel),
+            ("ownership", &status.ownership),
+            ("runtime", &status.runtime),
+        ];
+        for (part, health) in backends {
+            if let Some(since) = health.as_ref().and_then(|h| h.since.as_ref()) {
+                let at = since.seconds as f64 + f64::from(since.nanos) / 1e9;
+                self.health_part_since
+                    .get_or_create(&PartLabel { part: part.into() })
+                    .set(at);
+            }
+        }
+    }
+
     /// Whether the VIP's guard is held in the kernel, as the last check read it.
     pub fn set_guard_held(&self, vip: std::net::IpAddr, held: bool) {
         self.fail_secure_engaged
@@ -248,6 +315,7 @@ impl Metrics {
             .set(i64::from(held));
     }
 
+    /// Counts a failover event.
     pub fn record(&self, n: &Notice) {
         self.events
             .get_or_create(&EventLabel {
@@ -356,17 +424,22 @@ impl Metrics {
     }
 }
 
+/// Reads the agent's status at a scrape, for the health parts.
+pub type StatusSource = Arc<dyn Fn() -> pb::Status + Send + Sync>;
+
 /// Serves `GET /metrics` until cancelled.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    status: StatusSource,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let metrics = metrics.clone();
+            let (metrics, status) = (metrics.clone(), status.clone());
             async move {
+                metrics.set_health(&status());
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
@@ -417,10 +490,58 @@ mod tests {
             "{text}"
         );
         assert!(
-            !text.contains("step=\"first_ike_sa_init_to_child_sa_installed\""),
+            text.contains(
+                "vipsec_move_step_seconds_count{step=\"first_ike_sa_init_to_child_sa_installed\"} 0"
+            ),
             "a step without its marks is not observed: {text}"
         );
         assert!(text.contains("vipsec_move_seconds_sum 0.9"), "{text}");
+    }
+
+    #[test]
+    fn health_parts_follow_the_health_verdict_with_their_since() {
+        let m = Metrics::new();
+        let health = |healthy| {
+            Some(pb::BackendHealth {
+                kind: "etcd".into(),
+                healthy,
+                detail: String::new(),
+                since: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 500_000_000,
+                }),
+            })
+        };
+        let status = pb::Status {
+            store: health(false),
+            keying: health(true),
+            ..Default::default()
+        };
+        m.set_health(&status);
+        let text = m.encode();
+        assert!(
+            text.contains("vipsec_health_part_healthy{part=\"store\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vipsec_health_part_healthy{part=\"keying\"} 1"),
+            "{text}"
+        );
+        // A part an older status does not carry counts as healthy, as in `vipsec health`.
+        assert!(
+            text.contains("vipsec_health_part_healthy{part=\"runtime\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vipsec_health_part_since_timestamp_seconds{part=\"store\"} 1700000000.5"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("vipsec_health_part_since_timestamp_seconds{part=\"runtime\"}"),
+            "no since without a report: {text}"
+        );
     }
 
     #[test]

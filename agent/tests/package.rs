@@ -140,6 +140,7 @@ fn debian_package_installs_on_a_clean_debian_12_root_and_goes_without_a_trace() 
         "./usr/share/doc/vipsec/README.md",
         "./usr/share/doc/vipsec/production.md",
         "./usr/share/doc/vipsec/config-reference.md",
+        "./usr/share/doc/vipsec/alerts.md",
         "./usr/share/doc/vipsec/CHANGELOG.md",
         "./usr/share/doc/vipsec/copyright",
         "./usr/share/doc/vipsec/examples/backend.toml",
@@ -148,6 +149,9 @@ fn debian_package_installs_on_a_clean_debian_12_root_and_goes_without_a_trace() 
         "./usr/share/doc/vipsec/examples/keepalived.conf.example",
         "./usr/share/doc/vipsec/examples/strongswan/frontend-swanctl.conf",
         "./usr/share/doc/vipsec/examples/strongswan/strongswan-libipsec.conf",
+        "./usr/share/vipsec/prometheus/vipsec-alerts.yml",
+        "./usr/share/vipsec/prometheus/vipsec-alerts.test.yml",
+        "./usr/share/vipsec/grafana/vipsec-dashboard.json",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(path)),
@@ -285,6 +289,7 @@ fn debian_package_installs_on_a_clean_debian_12_root_and_goes_without_a_trace() 
         "/lib/systemd/system/vipsec.service",
         "/usr/share/man/man1/vipsec.1.gz",
         "/usr/share/doc/vipsec",
+        "/usr/share/vipsec",
     ] {
         assert!(!root.path(gone).exists(), "{gone} outlived the purge");
     }

@@ -2,7 +2,7 @@
 //! TCP with TLS.
 
 pub mod authority;
-mod convert;
+pub(crate) mod convert;
 mod error;
 pub mod health;
 pub mod limits;

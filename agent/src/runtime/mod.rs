@@ -96,6 +96,9 @@ impl Starting {
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new(tracker.clone(), cancel.clone(), metrics.clone());
         metrics.init_vips(&config.hosted_addresses(), &config.peer_addresses());
+        metrics
+            .store_lease_ttl
+            .set(config.store.lease_ttl.as_secs_f64());
         let inputs = mpsc::channel::<Input>(4096);
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
         let (events, _) = broadcast::channel::<EventRecord>(1024);
@@ -235,6 +238,24 @@ impl Starting {
         self.supervisor.essential(name, task);
     }
 
+    /// Serves `metrics.listen`, if set, restarting it when it stops; `status` gives the
+    /// health parts at each scrape (the API's view of the status, built outside the runtime).
+    pub fn serve_metrics(&self, status: crate::metrics::StatusSource) {
+        let Some(addr) = self.config.metrics.listen else {
+            return;
+        };
+        let (m, c) = (self.metrics.clone(), self.cancel.clone());
+        self.supervisor.restart_aside("metrics", move || {
+            let (m, s, c) = (m.clone(), status.clone(), c.clone());
+            async move {
+                crate::metrics::serve(addr, m, s, c)
+                    .await
+                    .map_err(|e| format!("metrics endpoint {addr}: {e}"))
+            }
+            .instrument(info_span!("metrics"))
+        });
+    }
+
     /// Starts the backends' sessions, the lanes and the core loop.
     pub fn launch(self) -> Runtime {
         let Starting {
@@ -244,7 +265,7 @@ impl Starting {
             tracker,
             cancel,
             supervisor,
-            metrics,
+            metrics: _,
             core,
             health,
             inputs: (input_tx, input_rx),
@@ -256,18 +277,6 @@ impl Starting {
             policies,
             recorder,
         } = self;
-        if let Some(addr) = config.metrics.listen {
-            let (m, c) = (metrics.clone(), cancel.clone());
-            supervisor.restart_aside("metrics", move || {
-                let (m, c) = (m.clone(), c.clone());
-                async move {
-                    crate::metrics::serve(addr, m, c)
-                        .await
-                        .map_err(|e| format!("metrics endpoint {addr}: {e}"))
-                }
-                .instrument(info_span!("metrics"))
-            });
-        }
         {
             let (store, tx, c) = (backends.store.clone(), input_tx.clone(), cancel.clone());
             supervisor.restart("store", move || {

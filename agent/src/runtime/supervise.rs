@@ -134,6 +134,11 @@ impl Supervisor {
         M: Fn() -> F + Send + 'static,
         F: Future<Output = Result<(), String>> + Send + 'static,
     {
+        // At zero from the start: an alert on `increase()` sees the first restart too.
+        let _ = self
+            .metrics
+            .task_restarts
+            .get_or_create(&crate::metrics::TaskLabel { task: name.into() });
         self.board().tasks.insert(
             name,
             TaskRecord {
