@@ -94,7 +94,7 @@ fn cell(s: &Stats, cap: Duration) -> (String, String) {
 
 pub fn markdown(rows: &[Row], cap: Duration) -> String {
     let mut s = String::new();
-    s += "| set-up | fault | runs | recovery median | recovery p99 | VRRP takeover median | recovery − takeover median | clear-text packets | stale answers |\n";
+    s += "| set-up | fault | runs | recovery median | recovery p99 | takeover median | recovery − takeover median | clear-text packets | stale answers |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in rows {
         let (rm, rp) = cell(&r.recovery, cap);
@@ -238,7 +238,7 @@ pub fn run(lab: &mut Lab, plan: &BenchPlan, out: &Path) -> anyhow::Result<Vec<Ou
             lab.progress.step(&format!("switching to {setup}"));
             lab.switch_setup(setup)?;
         }
-        for fault in [Fault::Planned, Fault::Crash] {
+        for fault in faults(setup) {
             for i in 0..plan.runs {
                 lab.reset()?;
                 lab.progress.step(&format!(
@@ -260,10 +260,24 @@ pub fn run(lab: &mut Lab, plan: &BenchPlan, out: &Path) -> anyhow::Result<Vec<Ou
     Ok(outcomes)
 }
 
+/// The faults a set-up is measured with: a planned move and a crash everywhere; beside
+/// Pacemaker also standby and the agent's resource failing (agent SIGKILLed).
+pub fn faults(setup: Setup) -> Vec<Fault> {
+    match setup.cluster_manager() {
+        crate::lab::ClusterManager::Keepalived => vec![Fault::Planned, Fault::Crash],
+        crate::lab::ClusterManager::Pacemaker => vec![
+            Fault::Planned,
+            Fault::Crash,
+            Fault::Standby,
+            Fault::AgentKilled,
+        ],
+    }
+}
+
 pub fn write_reports(outcomes: &[Outcome], cap: Duration, out: &Path) -> anyhow::Result<()> {
     let rows = rows(outcomes);
     let md = format!(
-        "# vipsec chaos bench\n\nRecovery = fault to the first answer from the new owner on every front-end (probe: new TCP connection to VIP:143 every 20 ms). Takeover = fault to the VIP present on the new owner (keepalived, advert 1 s). Cap {} s.\n\n{}",
+        "# vipsec chaos bench\n\nRecovery = fault to the first answer from the new owner on every front-end (probe: new TCP connection to VIP:143 every 20 ms). Takeover = fault to the VIP present on the new owner (keepalived with advert 1 s, or Pacemaker's IPaddr2 with corosync's 1 s token). Pacemaker's planned move is `crm_resource --move`. Cap {} s.\n\n{}",
         cap.as_secs(),
         markdown(&rows, cap)
     );

@@ -24,6 +24,7 @@ pub fn run(setup: Setup, self_exe: PathBuf, cap: Duration) -> anyhow::Result<()>
             match fault {
                 Fault::Planned => "keepalived stops gracefully on",
                 Fault::Crash => "freeze, link down and kill everything on",
+                _ => "fault on",
             }
         ));
         results.push(scenario::run(&mut lab, fault, cap)?);

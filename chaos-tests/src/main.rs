@@ -32,7 +32,8 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Comma-separated: strongswan-defaults, strongswan-dpd, vipsec-etcd, vipsec-idle,
-        /// vipsec-policy.
+        /// vipsec-policy (keepalived moves the VIP), pacemaker (a two-node Pacemaker
+        /// cluster does; also measured: standby and the agent's resource failing).
         #[arg(
             long,
             value_delimiter = ',',

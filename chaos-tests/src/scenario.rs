@@ -132,10 +132,7 @@ pub fn run_with(
     let fault_wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
-    match fault {
-        Fault::Planned => lab.planned_move(&from)?,
-        Fault::Crash => lab.crash(&from)?,
-    }
+    lab.inject(fault, &from, &to)?;
     lab.progress
         .step(&format!("{} on {from}: fault injected", fault.name()));
     meanwhile(lab)?;

@@ -565,6 +565,7 @@ fn leader_killed_at(lab: &mut Lab, fault: Fault) -> Vec<Report> {
         match fault {
             Fault::Planned => "leader killed at a planned move",
             Fault::Crash => "leader killed at an owner crash",
+            other => unreachable!("{} is not run here", other.name()),
         },
     );
     let Some(leader) = leader_or_problem(lab, &mut r) else {

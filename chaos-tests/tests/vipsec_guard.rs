@@ -320,6 +320,7 @@ fn owner_fault(lab: &mut Lab, fault: Fault) -> Report {
     let mut report = Report::new(match fault {
         Fault::Planned => "planned move",
         Fault::Crash => "owner crash",
+        other => other.name(),
     });
     let window = Window::open(lab);
     match vipsec_chaos::scenario::run(lab, fault, CAP) {

@@ -11,7 +11,7 @@ use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::ProcessGuard;
 
 use super::charon::{PROTECTED_PORTS, connection_name};
-use super::setup::AgentStore;
+use super::setup::{AgentStore, ClusterManager};
 use super::topology::{NODE_IF, Role};
 
 /// Everything the lab decides about one node's agent.
@@ -29,6 +29,10 @@ pub struct AgentPlan<'a> {
     /// Connections come from the cluster policy (no `connection`, no `protect`).
     pub policy_managed: bool,
     pub initiate_timeout: Duration,
+    /// What moves the VIPs. Under Pacemaker a back-end's agent is started by the resource
+    /// agent with the operator's paths (endpoint under the node's own /run) and drills
+    /// move the VIP's group with `crm_resource`.
+    pub cluster_manager: ClusterManager,
 }
 
 pub fn psk_file(dir: &Path) -> PathBuf {
@@ -42,12 +46,18 @@ pub fn api_socket(dir: &Path) -> PathBuf {
 pub fn config_toml(plan: &AgentPlan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "node = \"{}\"", plan.node);
+    let pacemaker_node =
+        plan.role == Role::BackEnd && plan.cluster_manager == ClusterManager::Pacemaker;
     s += "\n[api]\n";
-    let _ = writeln!(
-        s,
-        "endpoint = \"unix://{}\"",
-        api_socket(plan.dir).display()
-    );
+    if pacemaker_node {
+        let _ = writeln!(s, "endpoint = \"{}\"", super::pacemaker::NODE_ENDPOINT);
+    } else {
+        let _ = writeln!(
+            s,
+            "endpoint = \"unix://{}\"",
+            api_socket(plan.dir).display()
+        );
+    }
     s += "\n[log]\n";
     s += "filter = \"info,vipsec=debug\"\n";
     s += "\n[store]\n";
@@ -97,7 +107,14 @@ pub fn config_toml(plan: &AgentPlan) -> String {
         let _ = writeln!(s, "jitter = \"{}us\"", r.jitter.as_micros());
         let _ = writeln!(s, "responder_rate = {:?}", r.responder_rate);
     }
-    if plan.role == Role::BackEnd {
+    if pacemaker_node {
+        // `vipsec drill` (on any back-end) moves the VIP's group, then clears the
+        // location constraint the move left.
+        s += "\n[drill]\n";
+        s += "integration = \"pacemaker\"\n";
+        s += "target = \"1s\"\n";
+        let _ = writeln!(s, "resource = \"{}\"", super::pacemaker::VIP_GROUP);
+    } else if plan.role == Role::BackEnd {
         // `vipsec drill` on the owner steps it down the way an operator would: the handover
         // script drains through the agent, then stops this node's keepalived (the lab's
         // instances run `nopreempt`, so lowering the priority would not move the VIP).
@@ -298,6 +315,7 @@ mod tests {
             policy_managed: false,
             reconnect: None,
             initiate_timeout: Duration::from_millis(500),
+            cluster_manager: ClusterManager::Keepalived,
         }
     }
 

@@ -9,12 +9,20 @@ use super::topology::NODE_IF;
 
 /// What a scenario does to the VIP's owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Fault {
-    /// keepalived stops gracefully on the owner (priority-0 advert): a planned move.
+    /// keepalived stops gracefully on the owner (priority-0 advert), or Pacemaker moves
+    /// the VIP's group (`crm_resource --move`): a planned move.
     Planned,
     /// The owner freezes, loses its link and dies: no goodbye of any kind.
     Crash,
+    /// (Pacemaker) the owner is put in standby: its resources stop, the VIP moves.
+    Standby,
+    /// (Pacemaker) the owner's agent is SIGKILLed: the vipsec resource's monitor fails.
+    AgentKilled,
+    /// (Pacemaker) `vipsec drill VIP --to OTHER` on the owner: `crm_resource --move`, the
+    /// move's timeline, `crm_resource --clear`.
+    Drill,
 }
 
 impl Fault {
@@ -22,6 +30,9 @@ impl Fault {
         match self {
             Fault::Planned => "planned",
             Fault::Crash => "crash",
+            Fault::Standby => "standby",
+            Fault::AgentKilled => "agent-killed",
+            Fault::Drill => "drill",
         }
     }
 }

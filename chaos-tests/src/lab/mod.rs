@@ -6,10 +6,12 @@
 pub mod agent;
 pub mod charon;
 pub mod cleartext;
+mod cluster;
 pub mod etcd;
 pub mod faults;
 pub mod keepalived;
 pub mod mailserver;
+pub mod pacemaker;
 pub mod probe;
 pub mod progress;
 pub mod setup;
@@ -23,7 +25,7 @@ use std::time::Duration;
 use vipsec_testbed::process::{ProcessGuard, wait_for};
 
 pub use progress::Progress;
-pub use setup::Setup;
+pub use setup::{ClusterManager, Setup};
 pub use topology::Role;
 
 use crate::clock::now_ns;
@@ -31,6 +33,7 @@ use agent::{Agent, AgentPlan};
 use charon::{Charon, FrontEndStyle};
 use etcd::Etcd;
 use keepalived::Keepalived;
+use pacemaker::PacemakerNode;
 use probe::Probe;
 use topology::{Family, NODE_IF, Topology, host_cidr};
 
@@ -91,6 +94,8 @@ impl LabOptions {
 /// What runs on one node.
 #[derive(Default)]
 struct NodeProcs {
+    /// A Pacemaker node (its daemons, and the agent and VIP its resources run).
+    pacemaker: Option<PacemakerNode>,
     agent: Option<Agent>,
     charon: Option<Charon>,
     keepalived: Option<Keepalived>,
@@ -114,6 +119,12 @@ pub struct Lab {
     initiate_timeout: Duration,
     frontend_style: FrontEndStyle,
     vrrp_advert: Duration,
+    /// corosync's shared key, made with the cluster (Pacemaker set-up).
+    corosync_authkey: Option<Vec<u8>>,
+    /// The cluster's CIB holds the operator's configuration (Pacemaker set-up).
+    pacemaker_configured: bool,
+    /// A `vipsec drill` started by [`Fault::Drill`], not yet collected.
+    pending_drill: Option<std::process::Child>,
     pub progress: Progress,
 }
 
@@ -133,6 +144,15 @@ impl Lab {
             "tcpdump",
         ] {
             vipsec_testbed::require_program(p)?;
+        }
+        if opts.setup.cluster_manager() == ClusterManager::Pacemaker {
+            for p in pacemaker::PROGRAMS {
+                vipsec_testbed::require_program(p)?;
+            }
+            anyhow::ensure!(
+                opts.vips == 1 && opts.family == Family::V4,
+                "the Pacemaker lab applies deploy/pacemaker/constraints.example as shipped: one IPv4 VIP"
+            );
         }
         let mut run_dir = tempfile::Builder::new().prefix("vipsec-lab-").tempdir()?;
         if opts.keep_run_dir {
@@ -169,6 +189,9 @@ impl Lab {
             initiate_timeout: opts.initiate_timeout,
             frontend_style: opts.frontend_style,
             vrrp_advert: opts.vrrp_advert,
+            corosync_authkey: None,
+            pacemaker_configured: false,
+            pending_drill: None,
             progress,
         };
         for node in lab.topo.with_role(Role::BackEnd) {
@@ -190,13 +213,29 @@ impl Lab {
         let backends: Vec<String> = lab.names(Role::BackEnd);
         for be in &backends {
             lab.start_server(be)?;
-            lab.start_keepalived(be)?;
+            lab.start_cluster_manager(be)?;
         }
-        lab.progress
-            .step("charon, mail servers and keepalived started");
-        let owner = lab.wait_owner(Duration::from_secs(15))?;
-        lab.progress
-            .step(&format!("VRRP elected {owner} as the VIP's owner"));
+        let owner = match lab.setup.cluster_manager() {
+            ClusterManager::Keepalived => {
+                lab.progress
+                    .step("charon, mail servers and keepalived started");
+                let owner = lab.wait_owner(Duration::from_secs(15))?;
+                lab.progress
+                    .step(&format!("VRRP elected {owner} as the VIP's owner"));
+                owner
+            }
+            ClusterManager::Pacemaker => {
+                lab.progress
+                    .step("charon, mail servers, corosync and pacemaker started");
+                lab.configure_pacemaker()?;
+                lab.wait_cluster(Duration::from_secs(90))?;
+                let owner = lab.wait_owner(Duration::from_secs(10))?;
+                lab.progress
+                    .step(&format!("Pacemaker started the VIP on {owner}"));
+                owner
+            }
+        };
+        let _ = owner;
         let targets: Vec<SocketAddr> = lab
             .vips
             .iter()
@@ -367,7 +406,16 @@ impl Lab {
             policy_managed: self.setup.policy_managed(),
             reconnect: self.reconnect.as_ref(),
             initiate_timeout: self.initiate_timeout,
+            cluster_manager: self.setup.cluster_manager(),
         };
+        if node.role == Role::BackEnd && self.setup.cluster_manager() == ClusterManager::Pacemaker {
+            // Pacemaker starts this agent (deploy/pacemaker/vipsec) from the node's
+            // /etc/vipsec/agent.toml.
+            let etc = dir.join("etc-vipsec");
+            std::fs::create_dir_all(&etc)?;
+            std::fs::write(etc.join("agent.toml"), agent::config_toml(&plan))?;
+            return Ok(());
+        }
         let a = Agent::start(&bin, &node.ns, &plan)?;
         self.procs.entry(name.to_string()).or_default().agent = Some(a);
         Ok(())
@@ -415,6 +463,16 @@ impl Lab {
     /// back-ends are restored, as in [`Lab::reset`]); the network, keepalived, servers and
     /// probes stay.
     pub fn switch_setup(&mut self, setup: Setup) -> anyhow::Result<()> {
+        if setup.cluster_manager() != self.setup.cluster_manager() {
+            // The VIPs leave with the old cluster manager; the new one places them.
+            for be in self.names(Role::BackEnd) {
+                self.restore(&be)?;
+            }
+            self.stop_cluster_managers()?;
+            if setup.agent().is_some() && self.vipsec_bin.is_none() {
+                self.vipsec_bin = Some(agent::find_binary(&self.self_exe)?);
+            }
+        }
         self.setup = setup;
         self.reset()
     }
@@ -584,6 +642,9 @@ impl Lab {
     /// loses the VIP it held (keepalived died without removing it), gets its link back and
     /// restarts every daemon; a node after a planned move only restarts keepalived.
     pub fn restore(&mut self, node: &str) -> anyhow::Result<()> {
+        if self.setup.cluster_manager() == ClusterManager::Pacemaker {
+            return self.restore_pacemaker(node);
+        }
         let n = self.topo.node(node);
         let procs = self.procs.entry(node.to_string()).or_default();
         let crashed = procs.server.is_none();
@@ -622,6 +683,11 @@ impl Lab {
         }
         self.stop_agents_and_charons();
         self.start_setup()?;
+        if self.setup.cluster_manager() == ClusterManager::Pacemaker {
+            // Pacemaker's agents stay (restarting them would restart the VIP's group,
+            // which is ordered after them); they reconnect to the new charons.
+            self.settle_pacemaker()?;
+        }
         self.settle()
     }
 
@@ -644,6 +710,17 @@ impl Lab {
         if let Some(mut a) = self.procs.get_mut(node).and_then(|p| p.agent.take()) {
             a.kill();
         }
+        // The agent Pacemaker started: its resource's next monitor finds it gone.
+        if let Some(pid) = self
+            .procs
+            .get(node)
+            .and_then(|p| p.pacemaker.as_ref()?.agent_pid())
+        {
+            // SAFETY: kill(2) on the agent process of a lab node.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
     }
 
     /// Pauses a node's agent (SIGSTOP), as when its VM or process stalls.
@@ -658,6 +735,9 @@ impl Lab {
 
     /// What a node's agent logged so far.
     pub fn agent_log(&self, node: &str) -> anyhow::Result<String> {
+        if let Some(p) = self.procs.get(node).and_then(|p| p.pacemaker.as_ref()) {
+            return Ok(p.agent_log());
+        }
         Ok(self.agent(node)?.log())
     }
 
@@ -819,7 +899,11 @@ impl Lab {
 
     /// A lab node's agent API socket (vipsec set-ups only).
     pub fn agent_socket(&self, node: &str) -> Option<PathBuf> {
-        Some(self.procs.get(node)?.agent.as_ref()?.api_socket.clone())
+        let procs = self.procs.get(node)?;
+        if let Some(p) = procs.pacemaker.as_ref() {
+            return Some(p.api_socket());
+        }
+        Some(procs.agent.as_ref()?.api_socket.clone())
     }
 
     /// swanctl against a node's charon.

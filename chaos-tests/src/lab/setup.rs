@@ -19,6 +19,16 @@ pub enum Setup {
     /// vipsec with etcd, every IKE connection loaded by the agents from one cluster-wide
     /// policy stored in etcd (charon starts with no connection at all).
     VipsecPolicy,
+    /// vipsec with etcd beside a two-node Pacemaker cluster (corosync 3, IPaddr2, the
+    /// agent run by deploy/pacemaker/vipsec) instead of keepalived.
+    Pacemaker,
+}
+
+/// What moves the VIPs between the back-ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterManager {
+    Keepalived,
+    Pacemaker,
 }
 
 /// How a vipsec set-up stores ownership.
@@ -29,12 +39,13 @@ pub enum AgentStore {
 }
 
 impl Setup {
-    pub const ALL: [Setup; 5] = [
+    pub const ALL: [Setup; 6] = [
         Setup::StrongswanDefaults,
         Setup::StrongswanDpd,
         Setup::VipsecEtcd,
         Setup::VipsecIdle,
         Setup::VipsecPolicy,
+        Setup::Pacemaker,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +55,7 @@ impl Setup {
             Setup::VipsecEtcd => "vipsec-etcd",
             Setup::VipsecIdle => "vipsec-idle",
             Setup::VipsecPolicy => "vipsec-policy",
+            Setup::Pacemaker => "pacemaker",
         }
     }
 
@@ -61,17 +73,19 @@ impl Setup {
                 short_retransmits: false,
                 agent_initiates: false,
             },
-            Setup::VipsecEtcd | Setup::VipsecIdle | Setup::VipsecPolicy => Liveness {
-                dpd: false,
-                short_retransmits: false,
-                agent_initiates: true,
-            },
+            Setup::VipsecEtcd | Setup::VipsecIdle | Setup::VipsecPolicy | Setup::Pacemaker => {
+                Liveness {
+                    dpd: false,
+                    short_retransmits: false,
+                    agent_initiates: true,
+                }
+            }
         }
     }
 
     pub fn agent(self) -> Option<AgentStore> {
         match self {
-            Setup::VipsecEtcd | Setup::VipsecPolicy => Some(AgentStore::Etcd),
+            Setup::VipsecEtcd | Setup::VipsecPolicy | Setup::Pacemaker => Some(AgentStore::Etcd),
             Setup::VipsecIdle => Some(AgentStore::Embedded),
             _ => None,
         }
@@ -82,6 +96,13 @@ impl Setup {
     /// The agents load the IKE connections from the stored policy.
     pub fn policy_managed(self) -> bool {
         self == Setup::VipsecPolicy
+    }
+
+    pub fn cluster_manager(self) -> ClusterManager {
+        match self {
+            Setup::Pacemaker => ClusterManager::Pacemaker,
+            _ => ClusterManager::Keepalived,
+        }
     }
 }
 
