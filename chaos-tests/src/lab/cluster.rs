@@ -137,7 +137,10 @@ impl Lab {
             // Pacemaker's own tool: `crm node standby` (crmsh 4.4.1) returned success
             // without setting the attribute in this lab.
             Fault::Standby => self
-                .crm(Some(from), &format!("crm_standby --node {from} --update on"))
+                .crm(
+                    Some(from),
+                    &format!("crm_standby --node {from} --update on"),
+                )
                 .map(|_| ()),
             Fault::AgentKilled => {
                 self.kill_agent(from);
@@ -215,13 +218,31 @@ impl Lab {
     /// failures recorded, every resource started.
     pub(super) fn settle_pacemaker(&mut self) -> anyhow::Result<()> {
         self.configure_pacemaker()?;
-        for be in self.names(Role::BackEnd) {
-            self.crm(Some(&be), &format!("crm_standby --node {be} --update off"))?;
+        let backends = self.names(Role::BackEnd);
+        let mut script: Vec<String> = backends
+            .iter()
+            .map(|be| format!("crm_standby --node {be} --update off"))
+            .collect();
+        script.push(format!(
+            "{{ crm_resource --clear --resource {VIP_GROUP} >/dev/null 2>&1; true; }}"
+        ));
+        script.push("crm_resource --cleanup >/dev/null".into());
+        let script = script.join(" && ");
+        // A node that has just booted takes commands once its CIB daemon is up: ask every
+        // node, so both are.
+        for be in &backends {
+            let mut last = String::new();
+            wait_for(
+                "the cluster to take commands",
+                Duration::from_secs(60),
+                || {
+                    self.crm(Some(be), &script)
+                        .map_err(|e| last = e.to_string())
+                        .ok()
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
         }
-        self.crm(
-            None,
-            &format!("crm_resource --clear --resource {VIP_GROUP} >/dev/null 2>&1; crm_resource --cleanup >/dev/null"),
-        )?;
         self.wait_cluster(Duration::from_secs(90))
     }
 
