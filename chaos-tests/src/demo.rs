@@ -21,9 +21,12 @@ pub fn run(setup: Setup, self_exe: PathBuf, cap: Duration) -> anyhow::Result<()>
         progress.step(&format!(
             "{}: {} the VIP's owner",
             fault.name(),
-            match fault {
-                Fault::Planned => "keepalived stops gracefully on",
-                Fault::Crash => "freeze, link down and kill everything on",
+            match (fault, setup.cluster_manager()) {
+                (Fault::Planned, crate::lab::ClusterManager::Pacemaker) => {
+                    "crm_resource --move away from"
+                }
+                (Fault::Planned, _) => "keepalived stops gracefully on",
+                (Fault::Crash, _) => "freeze, link down and kill everything on",
                 _ => "fault on",
             }
         ));
