@@ -224,6 +224,8 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
 
 pub struct BenchPlan {
     pub setups: Vec<Setup>,
+    /// Only these faults (of those each set-up is measured with); all when empty.
+    pub faults: Vec<Fault>,
     pub runs: usize,
     pub cap: Duration,
 }
@@ -238,7 +240,10 @@ pub fn run(lab: &mut Lab, plan: &BenchPlan, out: &Path) -> anyhow::Result<Vec<Ou
             lab.progress.step(&format!("switching to {setup}"));
             lab.switch_setup(setup)?;
         }
-        for fault in faults(setup) {
+        for fault in faults(setup)
+            .into_iter()
+            .filter(|f| plan.faults.is_empty() || plan.faults.contains(f))
+        {
             for i in 0..plan.runs {
                 lab.reset()?;
                 lab.progress.step(&format!(

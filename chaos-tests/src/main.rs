@@ -40,6 +40,10 @@ enum Command {
             default_value = "strongswan-defaults,strongswan-dpd,vipsec-etcd,vipsec-idle,vipsec-policy"
         )]
         setups: Vec<Setup>,
+        /// Comma-separated: only these faults (planned, crash; with pacemaker also standby,
+        /// agent-killed); all of a set-up's when absent.
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<vipsec_chaos::lab::faults::Fault>,
         #[arg(long, default_value = "chaos-bench-out")]
         out: PathBuf,
         #[arg(long, default_value_t = 60)]
@@ -113,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             runs,
             setups,
+            faults,
             out,
             cap,
             vips,
@@ -124,7 +129,12 @@ fn main() -> anyhow::Result<()> {
             let mut opts = LabOptions::new(setups[0], self_exe);
             opts.vips = vips;
             let mut lab = Lab::build(opts, progress.clone())?;
-            let plan = bench::BenchPlan { setups, runs, cap };
+            let plan = bench::BenchPlan {
+                setups,
+                faults,
+                runs,
+                cap,
+            };
             let outcomes = bench::run(&mut lab, &plan, &out)?;
             drop(lab);
             println!("{}", bench::markdown(&bench::rows(&outcomes), cap));

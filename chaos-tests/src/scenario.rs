@@ -121,7 +121,7 @@ pub fn run_with(
     meanwhile: impl FnOnce(&mut Lab) -> anyhow::Result<()>,
 ) -> anyhow::Result<Outcome> {
     let from = lab.wait_owner(Duration::from_secs(10))?;
-    let to = lab
+    let mut to = lab
         .names(Role::BackEnd)
         .into_iter()
         .find(|n| *n != from)
@@ -137,7 +137,28 @@ pub fn run_with(
         .step(&format!("{} on {from}: fault injected", fault.name()));
     meanwhile(lab)?;
 
-    let takeover = {
+    // Answers that count for recovery: from the new owner, after the fault; when the
+    // cluster manager may put the VIP back where it was, after it came back.
+    let mut answers_from = fault_at;
+    let takeover = if fault == Fault::AgentKilled {
+        // Pacemaker recovers the failed agent's resource in place by default (the VIP's
+        // group restarts on the same node, or moves when the node may not run the agent):
+        // the new owner is whoever holds the VIP once it is back.
+        let gone = wait_for("the VIP to leave its owner", cap, || {
+            (lab.owner().as_deref() != Some(from.as_str())).then_some(())
+        });
+        let back = gone.ok().and_then(|()| {
+            wait_for("the VIP back on a node", cap, || {
+                lab.owner().map(|o| (o, now_ns()))
+            })
+            .ok()
+        });
+        back.map(|(owner, t)| {
+            to = owner;
+            answers_from = t;
+            since(fault_at, t)
+        })
+    } else {
         let node = lab.topo.node(&to);
         let vips = lab.vips.clone();
         wait_for("the VIPs on the new owner", cap, || {
@@ -146,6 +167,7 @@ pub fn run_with(
         .ok()
         .map(|t| since(fault_at, t))
     };
+    let to = to;
     let takeover_usable = match takeover {
         Some(_) if lab.vips.iter().any(|v| v.is_ipv6()) => {
             let node = lab.topo.node(&to);
@@ -179,7 +201,7 @@ pub fn run_with(
             for r in p
                 .records
                 .iter()
-                .filter(|r| r.end >= fault_at && r.node.as_deref() == Some(to.as_str()))
+                .filter(|r| r.end >= answers_from && r.node.as_deref() == Some(to.as_str()))
             {
                 let key = flow_key(&p.fe, r.target.ip(), many);
                 let slot = per_flow.get_mut(&key).expect("a probed flow");

@@ -61,6 +61,23 @@ pub fn crash(ns: &Netns) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let all = [
+            Fault::Planned,
+            Fault::Crash,
+            Fault::Standby,
+            Fault::AgentKilled,
+            Fault::Drill,
+        ];
+        all.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<_> = all.iter().map(|f| f.name()).collect();
+            format!("unknown fault {s:?}; known: {}", names.join(", "))
+        })
+    }
+}
+
 fn pids_in(ns: &Netns) -> anyhow::Result<Vec<i32>> {
     let out = std::process::Command::new("ip")
         .args(["netns", "pids", &ns.name])
