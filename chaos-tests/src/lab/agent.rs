@@ -368,6 +368,31 @@ mod tests {
     }
 
     #[test]
+    fn pacemaker_back_end_configs_use_the_operator_endpoint_and_drill_through_crm() {
+        let vips = super::super::topology::vips(1);
+        let mut p = plan(Role::BackEnd, AgentStore::Etcd, &vips);
+        p.cluster_manager = ClusterManager::Pacemaker;
+        let text = config_toml(&p);
+        let config =
+            vipsec::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p:?}\n{text}"));
+        assert_eq!(
+            config.drill.integration,
+            Some(vipsec::config::DrillIntegration::Pacemaker)
+        );
+        assert_eq!(
+            config.drill.resource.as_deref(),
+            Some(super::super::pacemaker::VIP_GROUP)
+        );
+        assert!(
+            text.contains(&format!(
+                "endpoint = \"{}\"",
+                super::super::pacemaker::NODE_ENDPOINT
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn every_etcd_member_is_an_endpoint() {
         let vips = super::super::topology::vips(1);
         let mut p = plan(Role::BackEnd, AgentStore::Etcd, &vips);
