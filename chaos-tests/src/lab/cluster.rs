@@ -84,12 +84,12 @@ impl Lab {
             },
         )
         .map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
-        let host_map: Vec<String> = backends
+        let host_map: Vec<(String, String)> = backends
             .iter()
-            .map(|b| format!("{b}:{}", self.topo.node(b).ns.name))
+            .map(|b| (b.clone(), self.topo.node(b).ns.name.clone()))
             .collect();
         let settings = self.run_dir().join("pacemaker-lab-settings.crm");
-        std::fs::write(&settings, pacemaker::cluster_settings(&host_map.join(";")))?;
+        std::fs::write(&settings, pacemaker::cluster_settings(&host_map))?;
         first.sh(&format!("crm configure load update {}", settings.display()))?;
         first.sh(&format!(
             "crm configure load update {}",

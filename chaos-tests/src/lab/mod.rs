@@ -215,14 +215,13 @@ impl Lab {
             lab.start_server(be)?;
             lab.start_cluster_manager(be)?;
         }
-        let owner = match lab.setup.cluster_manager() {
+        match lab.setup.cluster_manager() {
             ClusterManager::Keepalived => {
                 lab.progress
                     .step("charon, mail servers and keepalived started");
                 let owner = lab.wait_owner(Duration::from_secs(15))?;
                 lab.progress
                     .step(&format!("VRRP elected {owner} as the VIP's owner"));
-                owner
             }
             ClusterManager::Pacemaker => {
                 lab.progress
@@ -232,10 +231,8 @@ impl Lab {
                 let owner = lab.wait_owner(Duration::from_secs(10))?;
                 lab.progress
                     .step(&format!("Pacemaker started the VIP on {owner}"));
-                owner
             }
-        };
-        let _ = owner;
+        }
         let targets: Vec<SocketAddr> = lab
             .vips
             .iter()

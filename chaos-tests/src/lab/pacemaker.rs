@@ -98,13 +98,16 @@ pub fn corosync_conf(nodes: &[(&str, IpAddr)]) -> String {
 /// the lab's fence agent, and stickiness so a node that comes back does not pull the VIP
 /// back (every fault in a series moves it away from whoever holds it, as in the
 /// keepalived set-ups with `nopreempt`).
-pub fn cluster_settings(host_map: &str) -> String {
+pub fn cluster_settings(host_map: &[(String, String)]) -> String {
+    let hosts: Vec<&str> = host_map.iter().map(|(n, _)| n.as_str()).collect();
+    let map: Vec<String> = host_map.iter().map(|(n, ns)| format!("{n}:{ns}")).collect();
+    let (hosts, host_map) = (hosts.join(" "), map.join(";"));
     format!(
         "property cib-bootstrap-options: stonith-enabled=true stonith-timeout=30s\n\
          rsc_defaults rsc-options: resource-stickiness=100\n\
          primitive fence-lab stonith:fence_vipsec_lab \\\n    \
          params pcmk_host_map=\"{host_map}\" pcmk_host_check=static-list \
-         pcmk_host_list=\"be1 be2\" \\\n    \
+         pcmk_host_list=\"{hosts}\" \\\n    \
          op monitor interval=60s timeout=20s\n"
     )
 }
@@ -404,6 +407,20 @@ mod tests {
         assert!(c.contains("ring0_addr: 192.0.2.21\n    name: be1\n    nodeid: 1"));
         assert!(c.contains("ring0_addr: 192.0.2.22\n    name: be2\n    nodeid: 2"));
         assert!(c.contains("two_node: 1") && c.contains("transport: knet"));
+    }
+
+    #[test]
+    fn fencing_maps_every_node_to_its_namespace() {
+        let s = cluster_settings(&[
+            ("be1".into(), "vt-be1-1".into()),
+            ("be2".into(), "vt-be2-2".into()),
+        ]);
+        assert!(s.contains("stonith-enabled=true"), "{s}");
+        assert!(
+            s.contains("pcmk_host_map=\"be1:vt-be1-1;be2:vt-be2-2\""),
+            "{s}"
+        );
+        assert!(s.contains("pcmk_host_list=\"be1 be2\""), "{s}");
     }
 
     #[test]
