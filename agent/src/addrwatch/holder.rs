@@ -30,6 +30,14 @@ use crate::model::Vip;
 pub trait HolderProbe: Send + Sync + 'static {
     /// Asks the VIP's link whether another station holds the address, for up to `window`.
     async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer;
+
+    /// Tells the link this node holds the VIP now (gratuitous ARP), so that peers stop
+    /// sending to the old holder's MAC before the cluster manager gets round to it. Best
+    /// effort: why it could not is returned for the log.
+    async fn announce(&self, vip: Vip) -> Result<(), String> {
+        let _ = vip;
+        Ok(())
+    }
 }
 
 /// ARP probes on the interface that holds the VIP.
@@ -46,6 +54,17 @@ impl HolderProbe for ArpProbe {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => HolderAnswer::Unknown(e),
             Err(e) => HolderAnswer::Unknown(format!("probe task: {e}")),
+        }
+    }
+
+    async fn announce(&self, vip: Vip) -> Result<(), String> {
+        match vip {
+            // IPv6 peers learn the new holder from the kernel's own neighbour
+            // advertisement after DAD, or by solicitation when they find it unreachable.
+            IpAddr::V6(_) => Ok(()),
+            IpAddr::V4(v4) => tokio::task::spawn_blocking(move || arp_announce(v4))
+                .await
+                .map_err(|e| format!("announce task: {e}"))?,
         }
     }
 }
@@ -165,6 +184,14 @@ fn probe_packet(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 28] {
     p
 }
 
+/// A gratuitous ARP for `vip` from `mac` (RFC 5227's announcement: a request with the VIP
+/// as both sender and target address), which updates every neighbour cache that has it.
+fn announcement_packet(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 28] {
+    let mut p = probe_packet(mac, vip);
+    p[14..18].copy_from_slice(&vip.octets());
+    p
+}
+
 /// Whether an ARP packet shows another station using `vip`: a reply from it, or a
 /// request it sent from that address. Returns the station's MAC.
 fn answer_in(packet: &[u8], vip: Ipv4Addr, own: [u8; 6]) -> Option<[u8; 6]> {
@@ -235,6 +262,45 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
         answer_in(p, vip, link.mac).map(|mac| format_mac(&mac))
     })
     .map_err(err)
+}
+
+/// Two gratuitous ARPs for `vip` on its link (two, as RFC 5227 announces, in case one is
+/// lost; back to back, since the point is to beat the peers' next packet).
+fn arp_announce(vip: Ipv4Addr) -> Result<(), String> {
+    let link = link_of(IpAddr::V4(vip))?;
+    let err = |what: &str| {
+        format!(
+            "{what} on {}: {}",
+            link.name,
+            std::io::Error::last_os_error()
+        )
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(err("ARP socket"));
+    }
+    let fd = Fd(fd);
+    // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = link.index;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let packet = announcement_packet(link.mac, vip);
+    for _ in 0..2 {
+        if !send_to(&fd, &packet, &to) {
+            return Err(err("send gratuitous ARP"));
+        }
+    }
+    Ok(())
 }
 
 /// A neighbour solicitation for `vip` from `mac` (ICMPv6 type 135; the kernel fills in the
@@ -480,6 +546,19 @@ mod tests {
         assert_eq!(&p[24..28], &[192, 0, 2, 100]);
         // Our own probe coming back is no answer.
         assert_eq!(answer_in(&p, vip(), OWN), None);
+    }
+
+    #[test]
+    fn the_announcement_claims_the_vip_for_this_station() {
+        let mac = [2, 0, 0, 0, 0, 0x21];
+        let p = announcement_packet(mac, vip());
+        assert_eq!(&p[6..8], &[0, 1], "a request");
+        assert_eq!(&p[8..14], &mac);
+        assert_eq!(&p[14..18], &vip().octets(), "sender: the VIP");
+        assert_eq!(&p[18..24], &[0; 6]);
+        assert_eq!(&p[24..28], &vip().octets(), "target: the VIP");
+        // Another node's probe logic sees it as this station holding the address.
+        assert_eq!(answer_in(&p, vip(), [2, 0, 0, 0, 0, 0x22]), Some(mac));
     }
 
     #[test]

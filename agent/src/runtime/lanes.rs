@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::backends::Backends;
 use super::commands::{CommandError, DrainReply};
@@ -275,6 +275,16 @@ impl VipLane {
             .await;
     }
 
+    /// The VIP is here and recorded as this node's (never before: a VIP added by hand next
+    /// to a live owner must not draw its traffic). Peers that hear of the record must reach
+    /// it here, not at the old holder's MAC from their ARP cache: a cluster manager may
+    /// announce the address later (IPaddr2's send_arp runs in the background), or never.
+    async fn announce(&self) {
+        if let Err(why) = self.ctx.holder.announce(self.vip).await {
+            debug!(vip = %self.vip, %why, "no gratuitous ARP");
+        }
+    }
+
     fn fenced(&self, what: &str, detail: String) {
         warn!(vip = %self.vip, what, %detail, "action fenced");
         self.ctx.sink.emit(
@@ -305,6 +315,7 @@ impl VipLane {
             JobKind::Publish => match self.ctx.store.publish(vip).await {
                 Ok(owner) => {
                     info!(%vip, epoch = owner.epoch, "ownership published");
+                    self.announce().await;
                     self.recorded(owner).await;
                 }
                 Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
@@ -319,6 +330,7 @@ impl VipLane {
             JobKind::TakeOver { from } => match self.ctx.store.take_over(vip, &from).await {
                 Ok(owner) => {
                     info!(%vip, epoch = owner.epoch, from = %from.node, "ownership taken over");
+                    self.announce().await;
                     self.recorded(owner).await;
                 }
                 Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
