@@ -140,8 +140,8 @@ wait_until 30 owner_is_be1
 run status_before_drill vipsec status
 # What the agent's sandbox makes of /run, seen from inside its mount namespace.
 pid=$(systemctl show -P MainPID vipsec.service)
-run sandbox_mounts sh -c "grep -E ' /run(/vipsec)? ' /proc/$pid/mountinfo"
-run sandbox_write nsenter -t "$pid" -m sh -c 'echo probe >/run/vipsec-sandbox-probe && rm /run/vipsec-sandbox-probe && echo writable'
+run sandbox_mounts sh -c "grep -E ' /run(/vipsec|/keepalived-vipsec-handover)? ' /proc/$pid/mountinfo"
+run sandbox_write nsenter -t "$pid" -m sh -c 'if echo probe >/run/vipsec-sandbox-probe; then rm /run/vipsec-sandbox-probe; echo writable; else echo read-only; fi'
 c=$(cursor)
 run drill vipsec drill __VIP__ --to be2 --timeout 15s
 run vip_be1 ip -o addr show to __VIP__
@@ -429,10 +429,27 @@ fn systemd_runs_the_units_guard_before_charon_restart_on_kill_clean_stop_and_han
 
     // The handover script, run by the agent inside its unit's sandbox, drained the VIP,
     // wrote keepalived's track file, and be2 took the VIP over.
-    eprintln!(
-        "the agent's sandbox and /run:\n{}{}",
-        get("sandbox_mounts").0,
-        get("sandbox_write").0
+    // The sandbox as the agent sees it: /run read-only, the API's directory and the track
+    // file writable.
+    let mounts = ok("sandbox_mounts");
+    let mount_opts = |point: &str| -> String {
+        mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(point))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or_else(|| panic!("{point} is not a mount in the agent's namespace:\n{mounts}"))
+            .to_string()
+    };
+    assert!(mount_opts("/run").starts_with("ro"), "{mounts}");
+    assert!(mount_opts("/run/vipsec").starts_with("rw"), "{mounts}");
+    assert!(
+        mount_opts("/run/keepalived-vipsec-handover").starts_with("rw"),
+        "{mounts}"
+    );
+    let write = ok("sandbox_write");
+    assert!(
+        write.trim().ends_with("read-only") && write.contains("Read-only file system"),
+        "a write elsewhere in /run from the agent's namespace: {write}"
     );
     let drill = ok("drill");
     assert!(
