@@ -458,7 +458,7 @@ fn systemd_runs_the_units_guard_before_charon_restart_on_kill_clean_stop_and_han
     );
     let drill_journal = ok("drill_journal");
     for needle in [
-        "drill: moving the VIP",
+        "drill finished",
         "event=\"drained\"",
         "(VIP_100) Entering BACKUP STATE",
     ] {
