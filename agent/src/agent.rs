@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::logging::LogControl;
@@ -60,11 +60,23 @@ pub async fn run_until_signal(config: Config, log: Option<Arc<LogControl>>) -> a
     let backends = Backends::from_config(&config).await?;
     let agent = Agent::start(config, backends, log, cancel.clone()).await?;
     info!("agent running");
+    // Under systemd (vipsec.service is Type=notify) the start job ends here, once the guard
+    // has had its first pass and the API socket is bound: `systemctl start vipsec` returns
+    // when the agent answers, and units ordered after it find it answering. Without
+    // NOTIFY_SOCKET (a shell, Pacemaker, a container) this does nothing.
+    notify_service_manager(sd_notify::NotifyState::Ready);
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
         _ = cancel.cancelled() => {}
     }
+    notify_service_manager(sd_notify::NotifyState::Stopping);
     cancel.cancel();
     agent.wait().await
+}
+
+fn notify_service_manager(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!(error = %e, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
 }

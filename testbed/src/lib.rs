@@ -11,6 +11,7 @@ pub mod etcd_cluster;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod systemd_vm;
 pub mod vm;
 
 /// The one rule for tests that need root or a program: they call [`require_root`] and

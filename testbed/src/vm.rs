@@ -489,6 +489,42 @@ impl Cpio {
     }
 }
 
+// ----- For other guests of the VM tier (systemd_vm boots a whole Debian root) -----
+
+impl VmTier {
+    pub(crate) fn qemu(&self) -> &Path {
+        &self.qemu
+    }
+
+    /// The kernel decompressed to an ELF (PVH boot), built once per kernel version.
+    pub(crate) fn vmlinux(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.boot_files()?.0)
+    }
+
+    /// An initramfs of busybox, `init` as /init, and `modules` (with their dependencies)
+    /// under /modules, listed in load order in /modules.list.
+    pub(crate) fn initramfs_with(&self, init: &str, modules: &[&str]) -> anyhow::Result<Vec<u8>> {
+        let dir = Path::new("/usr/lib/modules").join(&self.kernel_version);
+        let mut cpio = Cpio::default();
+        for d in ["bin", "modules"] {
+            cpio.dir(d);
+        }
+        cpio.file("init", init.as_bytes());
+        cpio.file("bin/busybox", &fs::read(&self.busybox)?);
+        let mut list = String::new();
+        for m in module_load_order(&dir, modules)? {
+            let data = fs::read(dir.join(&m))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(&m).display()))?;
+            let name = Path::new(&m).file_name().unwrap().to_string_lossy();
+            cpio.file(&format!("modules/{name}"), &data);
+            list.push_str(&name);
+            list.push('\n');
+        }
+        cpio.file("modules.list", list.as_bytes());
+        Ok(cpio.finish())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
