@@ -215,18 +215,17 @@ impl Drop for Fd {
     }
 }
 
-fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
-    let link = match link_of(IpAddr::V4(vip)) {
-        Ok(l) => l,
-        Err(why) => return Ok(HolderAnswer::Unknown(why)),
-    };
-    let err = |what: &str| {
-        format!(
-            "{what} on {}: {}",
-            link.name,
-            std::io::Error::last_os_error()
-        )
-    };
+/// "what on link: the OS error", for the socket calls below.
+fn link_error(link: &Link, what: &str) -> String {
+    format!(
+        "{what} on {}: {}",
+        link.name,
+        std::io::Error::last_os_error()
+    )
+}
+
+/// An ARP socket bound to the VIP's link, and the link's broadcast address to send to.
+fn arp_socket(link: &Link) -> Result<(Fd, libc::sockaddr_ll), String> {
     // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
     let fd = unsafe {
         libc::socket(
@@ -236,7 +235,7 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
         )
     };
     if fd < 0 {
-        return Err(err("ARP socket"));
+        return Err(link_error(link, "ARP socket"));
     }
     let fd = Fd(fd);
     // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
@@ -245,59 +244,43 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
     addr.sll_protocol = ETH_P_ARP.to_be();
     addr.sll_ifindex = link.index;
     if !bind_to(&fd, &addr) {
-        return Err(err("bind ARP socket"));
+        return Err(link_error(link, "bind ARP socket"));
     }
-    let mut to = addr;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let mut broadcast = addr;
+    broadcast.sll_halen = 6;
+    broadcast.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    Ok((fd, broadcast))
+}
+
+fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
+    let link = match link_of(IpAddr::V4(vip)) {
+        Ok(l) => l,
+        Err(why) => return Ok(HolderAnswer::Unknown(why)),
+    };
+    let (fd, to) = arp_socket(&link)?;
     let packet = probe_packet(link.mac, vip);
     let send = || {
         if send_to(&fd, &packet, &to) {
             Ok(())
         } else {
-            Err(err("send ARP probe"))
+            Err(link_error(&link, "send ARP probe"))
         }
     };
     ask(&fd, window, send, |p| {
         answer_in(p, vip, link.mac).map(|mac| format_mac(&mac))
     })
-    .map_err(err)
+    .map_err(|what| link_error(&link, what))
 }
 
 /// Two gratuitous ARPs for `vip` on its link (two, as RFC 5227 announces, in case one is
 /// lost; back to back, since the point is to beat the peers' next packet).
 fn arp_announce(vip: Ipv4Addr) -> Result<(), String> {
     let link = link_of(IpAddr::V4(vip))?;
-    let err = |what: &str| {
-        format!(
-            "{what} on {}: {}",
-            link.name,
-            std::io::Error::last_os_error()
-        )
-    };
-    // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
-    if fd < 0 {
-        return Err(err("ARP socket"));
-    }
-    let fd = Fd(fd);
-    // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_protocol = ETH_P_ARP.to_be();
-    to.sll_ifindex = link.index;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let (fd, to) = arp_socket(&link)?;
     let packet = announcement_packet(link.mac, vip);
     for _ in 0..2 {
         if !send_to(&fd, &packet, &to) {
-            return Err(err("send gratuitous ARP"));
+            return Err(link_error(&link, "send gratuitous ARP"));
         }
     }
     Ok(())

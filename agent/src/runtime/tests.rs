@@ -137,6 +137,15 @@ fn hosted_sas(n: u64) -> Vec<SaRef> {
         .collect()
 }
 
+/// The front-end's IKE_SA with the VIP's first owner.
+fn peer_sa() -> SaRef {
+    SaRef {
+        vip: vip(),
+        role: VipRole::Peer,
+        ike_id: 1,
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_drain_is_answered_by_the_delete_its_own_decision_named() {
     let store = EmbeddedStore::new("be1".into());
@@ -240,12 +249,12 @@ async fn a_delete_decided_before_the_vip_moved_on_is_fenced_and_the_drain_told_s
 async fn an_initiation_decided_under_an_older_owner_is_not_started() {
     let store = EmbeddedStore::new("be1".into());
     store.publish(vip()).await.expect("be1 publishes");
-    let sa = SaRef {
-        vip: vip(),
-        role: VipRole::Peer,
-        ike_id: 1,
-    };
-    let mut fe = start(FRONTEND, store.for_node("fe1"), MemoryKeying::new(vec![sa])).await;
+    let mut fe = start(
+        FRONTEND,
+        store.for_node("fe1"),
+        MemoryKeying::new(vec![peer_sa()]),
+    )
+    .await;
     fe.status("be1 at epoch 1", |s| peer_epoch(s) == 1).await;
 
     // be2 takes the VIP: the front-end drops the stale SA (which hangs, keeping the VIP's
@@ -307,15 +316,10 @@ async fn a_policy_rolls_out_toward_the_owner_of_record_and_follows_the_vip() {
     );
     let store = EmbeddedStore::new("be1".into());
     store.publish(vip()).await.expect("be1 publishes");
-    let sa = SaRef {
-        vip: vip(),
-        role: VipRole::Peer,
-        ike_id: 1,
-    };
     let fe = start_with(
         &config,
         store.for_node("fe1"),
-        MemoryKeying::new(vec![sa]),
+        MemoryKeying::new(vec![peer_sa()]),
         LocalPolicies::new("test", Vec::new()),
     )
     .await;
@@ -390,12 +394,12 @@ async fn a_planned_move_in_one_process_ends_with_the_moves_timeline() {
     be1.addrs.add(vip());
     be1.status("be1 owning the VIP", |s| hosted_owner(s, "be1"))
         .await;
-    let sa = SaRef {
-        vip: vip(),
-        role: VipRole::Peer,
-        ike_id: 1,
-    };
-    let mut fe = start(FRONTEND, store.for_node("fe1"), MemoryKeying::new(vec![sa])).await;
+    let mut fe = start(
+        FRONTEND,
+        store.for_node("fe1"),
+        MemoryKeying::new(vec![peer_sa()]),
+    )
+    .await;
     fe.status("be1 at epoch 1", |s| peer_epoch(s) == 1).await;
 
     // The cluster manager's planned move: drain, the address goes, the next node takes it.
