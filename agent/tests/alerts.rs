@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::AgentProc;
+use common::{AgentProc, http_get};
 use serde_json::Value;
 use vipsec_testbed::netns::Netns;
 use vipsec_testbed::process::wait_for;
@@ -284,19 +284,6 @@ fn the_dashboard_is_a_grafana_model_on_a_prometheus_datasource_variable_and_its_
         "a dashboard query does not parse: {}\n{rules}",
         show(&out)
     );
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
 }
 
 /// Sample names and values of an exposition, e.g. `vipsec_failovers_total{..}` -> 0.

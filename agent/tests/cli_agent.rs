@@ -9,7 +9,7 @@ use std::time::Duration;
 use vipsec_testbed::process::wait_for;
 
 mod common;
-use common::{AgentProc, BIN, SoloAgent};
+use common::{AgentProc, BIN, SoloAgent, http_get};
 
 /// The config after `[api]`: the embedded store and one hosted VIP, then `extra`.
 fn body(extra: &str) -> String {
@@ -142,19 +142,6 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one-line reason: {err}");
     assert!(err.contains("is it running?"), "{err}");
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
 }
 
 #[test]

@@ -172,3 +172,17 @@ impl std::ops::DerefMut for SoloAgent {
         &mut self.agent
     }
 }
+
+/// A plain HTTP GET on loopback (the metrics endpoint); the whole answer, headers too.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
