@@ -29,6 +29,8 @@ pub struct AgentPlan<'a> {
     /// Connections come from the cluster policy (no `connection`, no `protect`).
     pub policy_managed: bool,
     pub initiate_timeout: Duration,
+    /// `store.lease_ttl` on etcd.
+    pub lease_ttl: Duration,
     /// What moves the VIPs. Under Pacemaker a back-end's agent is started by the resource
     /// agent with the operator's paths (endpoint under the node's own /run) and drills
     /// move the VIP's group with `crm_resource`.
@@ -73,7 +75,7 @@ pub fn config_toml(plan: &AgentPlan) -> String {
             s += "prefix = \"/vipsec-lab/\"\n";
             // The lab's etcd is plain HTTP on the lab network.
             s += "allow_insecure = true\n";
-            s += "lease_ttl = \"2s\"\n";
+            let _ = writeln!(s, "lease_ttl = \"{}ms\"", plan.lease_ttl.as_millis());
         }
         AgentStore::Embedded => s += "backend = \"embedded\"\n",
     }
@@ -315,6 +317,7 @@ mod tests {
             policy_managed: false,
             reconnect: None,
             initiate_timeout: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(2),
             cluster_manager: ClusterManager::Keepalived,
         }
     }

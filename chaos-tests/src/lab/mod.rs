@@ -53,6 +53,8 @@ pub struct LabOptions {
     /// `keying.initiate_timeout` of every agent: short in the small lab, so a move is
     /// retried fast; a back-end answering many front-ends at once needs longer.
     pub initiate_timeout: Duration,
+    /// `store.lease_ttl` of every agent on etcd (2 s: the lab's fast-failover value).
+    pub lease_ttl: Duration,
     /// Put this front-end behind a masquerading router.
     pub nat_front_end: Option<String>,
     /// The `vipsec-chaos` binary, run inside nodes for `serve-mail` and `probe`.
@@ -80,6 +82,7 @@ impl LabOptions {
             probe_interval: Duration::from_millis(20),
             reconnect: None,
             initiate_timeout: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(2),
             nat_front_end: None,
             self_exe: self_exe.into(),
             keep_run_dir: std::env::var_os("VIPSEC_CHAOS_KEEP").is_some(),
@@ -117,6 +120,7 @@ pub struct Lab {
     probe_interval: Duration,
     reconnect: Option<vipsec::config::ReconnectConfig>,
     initiate_timeout: Duration,
+    lease_ttl: Duration,
     frontend_style: FrontEndStyle,
     vrrp_advert: Duration,
     /// corosync's shared key, made with the cluster (Pacemaker set-up).
@@ -187,6 +191,7 @@ impl Lab {
             probe_interval: opts.probe_interval,
             reconnect: opts.reconnect,
             initiate_timeout: opts.initiate_timeout,
+            lease_ttl: opts.lease_ttl,
             frontend_style: opts.frontend_style,
             vrrp_advert: opts.vrrp_advert,
             corosync_authkey: None,
@@ -403,6 +408,7 @@ impl Lab {
             policy_managed: self.setup.policy_managed(),
             reconnect: self.reconnect.as_ref(),
             initiate_timeout: self.initiate_timeout,
+            lease_ttl: self.lease_ttl,
             cluster_manager: self.setup.cluster_manager(),
         };
         if node.role == Role::BackEnd && self.setup.cluster_manager() == ClusterManager::Pacemaker {
