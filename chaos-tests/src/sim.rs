@@ -283,6 +283,8 @@ async fn storm(plan: SimPlan) -> anyhow::Result<SimResult> {
             store: Arc::new(OwnersOnly(store.for_node(&format!("fe{n}")))),
             watcher: Arc::new(MemoryAddresses::default()),
             holder: Arc::new(FixedHolder(HolderAnswer::Unknown("simulation".into()))),
+            // The owners' records tell the front-ends everything; the probe is never asked.
+            ike_probe: Arc::new(vipsec::keying::memory::MemoryIkeProbe::default()),
             keying: Arc::new(keying),
             kernel: Arc::new(MemoryKernel::default()),
             policies: Arc::new(LocalPolicies::new("simulation", Vec::new())),

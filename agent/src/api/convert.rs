@@ -197,6 +197,7 @@ pub fn event_kind(k: NoticeKind) -> pb::EventKind {
         NoticeKind::PolicyRefused => E::PolicyRefused,
         NoticeKind::Takeover => E::Takeover,
         NoticeKind::TakeoverRefused => E::TakeoverRefused,
+        NoticeKind::PeerAnswers => E::PeerAnswers,
     }
 }
 

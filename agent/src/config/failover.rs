@@ -61,6 +61,14 @@ pub struct FailoverConfig {
     /// answers, `takeover-refused`; docs/ownership.md.
     #[serde(default = "default_takeover_probe", with = "humantime_serde")]
     pub takeover_probe: Duration,
+    /// While a front-end renegotiates without an owner record to go by (no cluster store,
+    /// or the store unreachable), send the peer VIP's IKE port an IKE_SA_INIT probe this
+    /// often (one no responder accepts, so it costs the responder no key exchange) and
+    /// start the next attempt the moment the port answers after silence, instead of
+    /// waiting out an attempt sent while the VIP was in transit. "0s" turns it off. Event
+    /// `peer-answers`; docs/embedded-store.md.
+    #[serde(default = "default_ike_probe_interval", with = "humantime_serde")]
+    pub ike_probe_interval: Duration,
     /// How re-initiations are paced when many start at once (`[failover.reconnect]`).
     #[serde(default)]
     pub reconnect: ReconnectConfig,
@@ -168,6 +176,7 @@ impl Default for FailoverConfig {
             split_brain_grace: default_split_brain_grace(),
             trust_kernel_when_store_down: true,
             takeover_probe: default_takeover_probe(),
+            ike_probe_interval: default_ike_probe_interval(),
             reconnect: ReconnectConfig::default(),
         }
     }
@@ -194,6 +203,13 @@ fn default_retry_cooldown() -> Duration {
 fn default_takeover_probe() -> Duration {
     Duration::from_millis(30)
 }
+/// Below this a silent VIP is asked more often than an answer could come back across a
+/// loaded network.
+const MIN_IKE_PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+fn default_ike_probe_interval() -> Duration {
+    Duration::from_millis(50)
+}
 fn default_split_brain_grace() -> Duration {
     Duration::from_secs(1)
 }
@@ -215,6 +231,17 @@ impl FailoverConfig {
             p.bad(
                 "failover.retry_max",
                 "must not be shorter than failover.retry_initial",
+            );
+        }
+        if !self.ike_probe_interval.is_zero() && self.ike_probe_interval < MIN_IKE_PROBE_INTERVAL {
+            p.bad(
+                "failover.ike_probe_interval",
+                format!(
+                    "{} is below {}: every front-end would ask each silent VIP that often; \
+                     \"0s\" turns the probe off",
+                    humantime::format_duration(self.ike_probe_interval),
+                    humantime::format_duration(MIN_IKE_PROBE_INTERVAL)
+                ),
             );
         }
         if self.idle_timeout < sample_interval.saturating_mul(2) {

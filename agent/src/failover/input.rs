@@ -78,6 +78,11 @@ pub enum Input {
         epoch: u64,
         answer: HolderAnswer,
     },
+    /// Whether anything answered IKE at a peer VIP (`Action::ProbeIke`).
+    IkeProbed {
+        vip: Vip,
+        answered: bool,
+    },
 }
 
 /// What the link said about a VIP another node is recorded as owning.
@@ -151,6 +156,10 @@ pub enum Action {
         vip: Vip,
         attempt: u32,
         crowd: u32,
+        /// The attempt follows news of a new holder (a new owner record, or the VIP's IKE
+        /// port answering after silence): failures before it were about the old one, so
+        /// the pacer's pause after them does not apply.
+        news: bool,
     },
     StartTimer {
         timer: Timer,
@@ -166,6 +175,13 @@ pub enum Action {
     ProbeHolder {
         vip: Vip,
         epoch: u64,
+        window: Duration,
+    },
+    /// After `after`, send one IKE_SA_INIT probe to a peer VIP and wait up to `window`
+    /// for any answer (`keying::ike_probe`); reported as `Input::IkeProbed`.
+    ProbeIke {
+        vip: Vip,
+        after: Duration,
         window: Duration,
     },
     /// Replace the owner record `from` (another node's, whose address nobody answers for
@@ -189,6 +205,7 @@ impl Action {
             | Action::Initiate { vip, .. }
             | Action::AcceptSas { vip, .. }
             | Action::ProbeHolder { vip, .. }
+            | Action::ProbeIke { vip, .. }
             | Action::TakeOver { vip, .. } => Some(*vip),
             Action::StartTimer { .. } => None,
             Action::Notify(n) => n.vip,
@@ -277,6 +294,9 @@ pub enum NoticeKind {
     Takeover,
     /// No takeover: the old owner still answers for the address, or the link cannot tell.
     TakeoverRefused,
+    /// Without an owner record to go by, a peer VIP's IKE port answered again after
+    /// silence (a new holder): the next attempt goes at once.
+    PeerAnswers,
 }
 
 impl NoticeKind {
@@ -309,6 +329,7 @@ impl NoticeKind {
             NoticeKind::PolicyRefused => "policy-refused",
             NoticeKind::Takeover => "takeover",
             NoticeKind::TakeoverRefused => "takeover-refused",
+            NoticeKind::PeerAnswers => "peer-answers",
         }
     }
 }

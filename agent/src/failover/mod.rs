@@ -19,6 +19,7 @@ mod crowd;
 mod guard;
 mod hosted;
 mod idle;
+mod ike_probing;
 mod input;
 mod owners;
 mod renegotiation;
@@ -40,7 +41,8 @@ pub use input::{Action, HolderAnswer, Input, Notice, NoticeKind, SaRef, Timer};
 pub use retry::RetrySchedule;
 pub use settings::CoreSettings;
 pub use state::{
-    FailoverOutcome, FailoverSummary, HostedVip, OwnerWait, PeerSa, PeerVip, Renegotiation,
+    FailoverOutcome, FailoverSummary, HostedVip, IkeProbing, OwnerWait, PeerSa, PeerVip,
+    Renegotiation,
 };
 
 use crate::model::{Mode, Vip, VipOwner};
@@ -186,6 +188,7 @@ impl FailoverCore {
             Input::SetMode { mode, idle_timeout } => self.set_mode(&mut out, mode, idle_timeout),
             Input::Drain(vip) => self.drain(&mut out, vip),
             Input::PublishFailed(vip) => self.publish_failed(&mut out, vip),
+            Input::IkeProbed { vip, answered } => self.ike_probed(&mut out, now, vip, answered),
         }
         out
     }

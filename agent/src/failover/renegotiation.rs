@@ -58,6 +58,8 @@ impl FailoverCore {
             waiting_for_keying: false,
             retry_now: false,
             attempt_started: now,
+            news: false,
+            probing: Default::default(),
         });
         p.last_failover = Some(FailoverSummary {
             started: now,
@@ -128,7 +130,9 @@ impl FailoverCore {
             vip,
             attempt: r.attempts,
             crowd: self.crowds.crowd(vip),
+            news: std::mem::take(&mut r.news),
         });
+        self.start_ike_probe(out, vip);
     }
 
     /// Something changed that makes an immediate attempt worthwhile.

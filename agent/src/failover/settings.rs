@@ -29,6 +29,10 @@ pub struct CoreSettings {
     /// for this long whether that node still holds the address; silence lets this node
     /// take the record over at once instead of waiting out the old lease. None: never.
     pub takeover_probe: Option<Duration>,
+    /// While a renegotiation has no owner record to wait for (no cluster store, or the
+    /// store unreachable), probe the VIP's IKE port this often and initiate the moment it
+    /// answers after silence. None: never.
+    pub ike_probe: Option<Duration>,
 }
 
 impl CoreSettings {
@@ -53,6 +57,7 @@ impl CoreSettings {
             split_brain_grace: c.failover.split_brain_grace,
             trust_kernel_when_store_down: c.failover.trust_kernel_when_store_down,
             takeover_probe: Some(c.failover.takeover_probe).filter(|w| !w.is_zero()),
+            ike_probe: Some(c.failover.ike_probe_interval).filter(|w| !w.is_zero()),
         }
     }
 }

@@ -59,6 +59,21 @@ pub struct Renegotiation {
     pub(super) retry_now: bool,
     /// When the attempt under way (or the last one) started.
     pub(super) attempt_started: Instant,
+    /// The next attempt follows news of a new holder.
+    pub(super) news: bool,
+    pub(super) probing: IkeProbing,
+}
+
+/// The IKE port probe beside a renegotiation that has no owner record to go by.
+#[derive(Debug, Clone, Default)]
+pub struct IkeProbing {
+    /// A probe was asked for and has not reported yet.
+    pub(super) asked: bool,
+    /// When the VIP last stayed silent; None once it answered.
+    pub(super) silent_at: Option<Instant>,
+    /// Answers in a row. The next probe waits longer after each: a live responder is not
+    /// asked ten times a second by every front-end while their attempts run.
+    pub(super) answers: u32,
 }
 
 /// Whether a renegotiation holds back for a new owner record.

@@ -11,6 +11,7 @@ use crate::InputSink;
 use crate::config::{Config, KernelBackend};
 use crate::model::{ProtectedFlow, Vip};
 
+pub mod ike_bypass;
 pub mod memory;
 pub mod none;
 pub mod xfrm;

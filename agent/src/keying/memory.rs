@@ -298,3 +298,44 @@ impl Keying for MemoryKeying {
         .to_vec())
     }
 }
+
+/// The IKE ports of peer VIPs in memory: a test says which VIPs answer and counts the
+/// probes. A silent VIP takes the probe's whole window, as on a real link.
+#[derive(Default)]
+pub struct MemoryIkeProbe {
+    answering: watch::Sender<BTreeSet<Vip>>,
+    asked: Mutex<u32>,
+}
+
+impl MemoryIkeProbe {
+    /// Starts or stops answering for `vip` (a holder taking the VIP, or leaving it).
+    pub fn set_answering(&self, vip: Vip, answering: bool) {
+        self.answering.send_modify(|a| {
+            if answering {
+                a.insert(vip);
+            } else {
+                a.remove(&vip);
+            }
+        });
+    }
+
+    /// Probes sent so far.
+    pub fn asked(&self) -> u32 {
+        *self.asked.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl super::ike_probe::IkeProbe for MemoryIkeProbe {
+    async fn answers(&self, vip: Vip, window: Duration) -> super::ike_probe::ProbeAnswer {
+        use super::ike_probe::ProbeAnswer;
+        *self.asked.lock().unwrap() += 1;
+        let mut rx = self.answering.subscribe();
+        // A holder arriving within the window answers this probe, as it would on a link.
+        let answered = tokio::time::timeout(window, rx.wait_for(|a| a.contains(&vip))).await;
+        match answered {
+            Ok(Ok(_)) => ProbeAnswer::Answered(Duration::ZERO),
+            _ => ProbeAnswer::Silent(format!("nobody answers for {vip} in memory")),
+        }
+    }
+}

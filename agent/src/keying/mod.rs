@@ -14,6 +14,7 @@ use crate::config::{Config, KeyingBackend};
 use crate::model::{IkeSaInfo, LoadedConnection, PeerConnection, Vip, VipRole};
 use crate::policy::{ConnectionSpec, SecretKey};
 
+pub mod ike_probe;
 pub mod memory;
 pub mod none;
 pub mod strongswan;

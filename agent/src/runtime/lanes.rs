@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
 use crate::keying::Keying;
+use crate::keying::ike_probe::IkeProbe;
 use crate::model::{Vip, VipOwner, VipRole};
 use crate::store::{OwnershipStore, StoreError};
 
@@ -53,6 +54,7 @@ enum JobKind {
     Initiate {
         attempt: u32,
         crowd: u32,
+        news: bool,
     },
     AcceptSas {
         accept: bool,
@@ -78,6 +80,7 @@ struct Job {
 struct LaneContext {
     store: Arc<dyn OwnershipStore>,
     holder: Arc<dyn HolderProbe>,
+    ike_probe: Arc<dyn IkeProbe>,
     keying: Arc<dyn Keying>,
     kernel: Arc<dyn Kernel>,
     config: Arc<Config>,
@@ -122,6 +125,7 @@ impl Lanes {
             ctx: LaneContext {
                 store: backends.store.clone(),
                 holder: backends.holder.clone(),
+                ike_probe: backends.ike_probe.clone(),
                 keying: backends.keying.clone(),
                 kernel: backends.kernel.clone(),
                 config,
@@ -174,7 +178,16 @@ impl Lanes {
                 vip,
                 attempt,
                 crowd,
-            } => self.lane(vip, epoch, JobKind::Initiate { attempt, crowd }),
+                news,
+            } => self.lane(
+                vip,
+                epoch,
+                JobKind::Initiate {
+                    attempt,
+                    crowd,
+                    news,
+                },
+            ),
             Action::AcceptSas { vip, accept } => {
                 self.lane(vip, epoch, JobKind::AcceptSas { accept })
             }
@@ -199,6 +212,30 @@ impl Lanes {
                             .await;
                     }
                     .instrument(info_span!("holder-probe", %vip)),
+                );
+            }
+            Action::ProbeIke { vip, after, window } => {
+                // Off the VIP's lane, like the holder probe: the drop and the attempt it
+                // may trigger must not queue behind a probe waiting out its window.
+                let (probe, inputs, cancel) = (
+                    self.ctx.ike_probe.clone(),
+                    self.ctx.inputs.clone(),
+                    self.cancel.clone(),
+                );
+                self.ctx.tracker.spawn(
+                    async move {
+                        let answer = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            a = async {
+                                tokio::time::sleep(after).await;
+                                probe.answers(vip, window).await
+                            } => a,
+                        };
+                        debug!(%vip, ?answer, "IKE port probed");
+                        let answered = answer.answered();
+                        let _ = inputs.send(Input::IkeProbed { vip, answered }).await;
+                    }
+                    .instrument(info_span!("ike-probe", %vip)),
                 );
             }
             Action::TakeOver { vip, from } => self.lane(vip, epoch, JobKind::TakeOver { from }),
@@ -408,7 +445,11 @@ impl VipLane {
                     }
                 }
             }
-            JobKind::Initiate { attempt, crowd } => {
+            JobKind::Initiate {
+                attempt,
+                crowd,
+                news,
+            } => {
                 if self.ctx.config.peer(vip).is_none() {
                     self.failed("initiate", "not a configured peer VIP");
                     let result = Err("not a configured peer VIP".to_string());
@@ -425,7 +466,7 @@ impl VipLane {
                 }
                 // The epoch is checked again, and the policy's connection prepared, when
                 // the pacer starts it: that may be a while after this decision.
-                self.ctx.pacer.initiate(vip, attempt, epoch, crowd);
+                self.ctx.pacer.initiate(vip, attempt, epoch, crowd, news);
             }
         }
     }

@@ -333,6 +333,7 @@ enum Request {
         attempt: u32,
         epoch: u64,
         crowd: u32,
+        news: bool,
     },
     Cancel {
         vip: Vip,
@@ -370,13 +371,15 @@ impl Pacer {
     }
 
     /// Queues an initiation the core decided while the VIP's epoch was `epoch`, with
-    /// `crowd` front-ends expected to renegotiate with the same owner at once.
-    pub(super) fn initiate(&self, vip: Vip, attempt: u32, epoch: u64, crowd: u32) {
+    /// `crowd` front-ends expected to renegotiate with the same owner at once. `news`: the
+    /// core heard of a new holder without a new epoch (the VIP's IKE port answering again).
+    pub(super) fn initiate(&self, vip: Vip, attempt: u32, epoch: u64, crowd: u32, news: bool) {
         let _ = self.requests.send(Request::Enqueue {
             vip,
             attempt,
             epoch,
             crowd,
+            news,
         });
     }
 
@@ -407,8 +410,8 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
             _ = parts.cancel.cancelled() => return,
             req = requests.recv() => match req {
                 None => return,
-                Some(Request::Enqueue { vip, attempt, epoch, crowd }) => {
-                    if decided.insert(vip, epoch).is_some_and(|before| epoch > before) {
+                Some(Request::Enqueue { vip, attempt, epoch, crowd, news }) => {
+                    if decided.insert(vip, epoch).is_some_and(|before| epoch > before) || news {
                         queue.owner_changed();
                     }
                     let priority = parts.config.peer(vip).map_or(
@@ -689,12 +692,12 @@ mod tests {
             sink: EventSink::new(tokio::sync::broadcast::channel(16).0, metrics.clone(), "fe"),
         });
         // An empty queue starts at once.
-        pacer.initiate(vip(100), 1, 0, 1);
+        pacer.initiate(vip(100), 1, 0, 1, false);
         assert_eq!(started.recv().await, Some(vip(100)));
         // While it is in flight, the next ones queue up.
-        pacer.initiate(vip(102), 1, 0, 1);
-        pacer.initiate(vip(101), 1, 0, 1);
-        pacer.initiate(vip(103), 2, 0, 1);
+        pacer.initiate(vip(102), 1, 0, 1, false);
+        pacer.initiate(vip(101), 1, 0, 1, false);
+        pacer.initiate(vip(103), 2, 0, 1, false);
         // A drop removes a queued initiation; the core hears that it will not run.
         pacer.cancel(vip(103));
         let (v, attempt, result) = finished(&mut rx).await;

@@ -14,7 +14,7 @@ use crate::addrwatch::memory::{FixedHolder, MemoryAddresses};
 use crate::config::Config;
 use crate::failover::{HolderAnswer, NoticeKind, SaRef};
 use crate::kernel::memory::MemoryKernel;
-use crate::keying::memory::{Hold, KeyingCall, MemoryKeying};
+use crate::keying::memory::{Hold, KeyingCall, MemoryIkeProbe, MemoryKeying};
 use crate::model::{Vip, VipRole};
 use crate::store::OwnershipStore;
 use crate::store::embedded::EmbeddedStore;
@@ -60,6 +60,7 @@ async fn start_with(
         store: Arc::new(store),
         watcher: addrs.clone(),
         holder: Arc::new(FixedHolder(HolderAnswer::Unknown("in memory".into()))),
+        ike_probe: Arc::new(MemoryIkeProbe::default()),
         keying: keying.clone(),
         kernel: Arc::new(MemoryKernel::default()),
         policies: Arc::new(policies),

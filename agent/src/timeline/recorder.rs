@@ -346,6 +346,7 @@ mod tests {
             vip: vip(),
             attempt: 1,
             crowd: 1,
+            news: false,
         }
     }
 

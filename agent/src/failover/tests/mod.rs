@@ -6,6 +6,7 @@ mod back_end;
 mod front_end;
 mod guard;
 mod idle;
+mod ike_probe;
 mod keying;
 mod retries;
 
@@ -51,6 +52,8 @@ fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
         split_brain_grace: Duration::from_secs(1),
         trust_kernel_when_store_down: true,
         takeover_probe: Some(Duration::from_millis(30)),
+        // Its own tests turn it on (`ike_probe.rs`): the others follow the attempts alone.
+        ike_probe: None,
     }
 }
 

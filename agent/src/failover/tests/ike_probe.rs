@@ -1,0 +1,176 @@
+//! The IKE port probe beside a renegotiation without an owner record: silence, then an
+//! answer, sends the next attempt at once; answers alone only slow the probes down.
+
+use super::*;
+
+const PROBE: Duration = Duration::from_millis(100);
+
+/// A store-less front-end whose SA toward the VIP was just deleted by its peer.
+fn renegotiating() -> (Node, Vec<Action>) {
+    let mut fe = Node::front_end(false, Mode::Fast);
+    fe.core.settings.ike_probe = Some(PROBE);
+    fe.start();
+    fe.feed(Input::StoreHealth {
+        healthy: true,
+        detail: String::new(),
+    });
+    fe.feed(Input::OwnerSnapshot(vec![(vip(), None)]));
+    fe.feed(Input::KeyingUp {
+        established: vec![peer_sa(1)],
+    });
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    (fe, a)
+}
+
+fn probes(actions: &[Action]) -> Vec<Duration> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ProbeIke {
+                vip: v,
+                after,
+                window,
+            } if *v == vip() => {
+                assert_eq!(*window, PROBE);
+                Some(*after)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn probed(fe: &mut Node, answered: bool) -> Vec<Action> {
+    fe.feed(Input::IkeProbed {
+        vip: vip(),
+        answered,
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_after_silence_replaces_the_attempt_sent_into_it() {
+    let (mut fe, a) = renegotiating();
+    assert_eq!(initiates(&a), [1]);
+    assert_eq!(probes(&a), [Duration::ZERO], "one probe beside the attempt");
+
+    // The VIP is in transit: the probe waits out its window, and the next goes at once.
+    time::advance(PROBE).await;
+    let a = probed(&mut fe, false);
+    assert_eq!(probes(&a), [Duration::ZERO]);
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+
+    // A new holder answers while attempt 1, sent into the silence, still waits.
+    time::advance(PROBE / 2).await;
+    let a = probed(&mut fe, true);
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    assert_eq!(initiates(&a), [2]);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Initiate {
+            news: true,
+            attempt: 2,
+            ..
+        }
+    )));
+    assert!(notices(&a).contains(&NoticeKind::PeerAnswers));
+    assert_eq!(probes(&a), [PROBE], "an answer slows the next probe down");
+
+    // Attempt 1 reporting late changes nothing; attempt 2 succeeding ends it all.
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Ok(()),
+    });
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
+    let a = probed(&mut fe, true);
+    assert!(a.is_empty(), "no renegotiation, no more probes: {a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_without_silence_change_nothing_and_slow_down() {
+    let (mut fe, _) = renegotiating();
+    let mut waits = Vec::new();
+    for _ in 0..7 {
+        let a = probed(&mut fe, true);
+        assert!(
+            initiates(&a).is_empty(),
+            "the holder answered all along: {a:#?}"
+        );
+        assert!(!has(&a, &Action::DropStaleSas { vip: vip() }));
+        waits.extend(probes(&a));
+    }
+    let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, [100, 200, 400, 800, 1600, 1600, 1600]);
+    // Silence starts over from the short interval.
+    let a = probed(&mut fe, false);
+    assert_eq!(probes(&a), [Duration::ZERO]);
+    let a = probed(&mut fe, true);
+    assert_eq!(probes(&a), [PROBE]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_while_waiting_to_retry_retries_at_once() {
+    let (mut fe, _) = renegotiating();
+    time::advance(Duration::from_millis(500)).await;
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    assert!(initiates(&a).is_empty(), "the backoff first: {a:#?}");
+    probed(&mut fe, false);
+    let a = probed(&mut fe, true);
+    assert_eq!(initiates(&a), [2], "{a:#?}");
+    // The retry timer that was pending no longer fires an attempt of its own.
+    let a = fe.advance(Duration::from_secs(1)).await;
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_started_after_the_silence_is_left_to_finish() {
+    let (mut fe, _) = renegotiating();
+    probed(&mut fe, false);
+    // Attempt 1 failed, and attempt 2 went out after the last silent probe.
+    time::advance(Duration::from_millis(10)).await;
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("refused".into()),
+    });
+    let a = fe.advance(Duration::from_millis(60)).await;
+    assert_eq!(initiates(&a), [2]);
+    let a = probed(&mut fe, true);
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_cluster_store_tells_more_than_the_probe() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    fe.core.settings.ike_probe = Some(PROBE);
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1]);
+    assert!(probes(&a).is_empty(), "{a:#?}");
+    // Once the store is unreachable, the probe is the front-end's only news.
+    fe.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "gone".into(),
+    });
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    let a = [a, fe.advance(Duration::from_secs(1)).await].concat();
+    assert_eq!(probes(&a), [Duration::ZERO], "{a:#?}");
+}
