@@ -38,6 +38,14 @@ pub trait HolderProbe: Send + Sync + 'static {
         let _ = vip;
         Ok(())
     }
+
+    /// Forgets the link-layer address this node has cached for a peer VIP, so that the
+    /// next packet (an initiation's IKE_SA_INIT) asks the link who holds it now; returns
+    /// how many entries went. Best effort, like `announce`.
+    async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
+        let _ = vip;
+        Ok(0)
+    }
 }
 
 /// ARP probes on the interface that holds the VIP.
@@ -66,6 +74,10 @@ impl HolderProbe for ArpProbe {
                 .await
                 .map_err(|e| format!("announce task: {e}"))?,
         }
+    }
+
+    async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
+        super::neighbour::forget(vip).await
     }
 }
 

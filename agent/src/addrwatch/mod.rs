@@ -10,6 +10,7 @@ use crate::config::HostedVipConfig;
 
 pub mod holder;
 pub mod memory;
+pub mod neighbour;
 mod presence;
 pub mod rtnetlink;
 

@@ -464,6 +464,15 @@ impl VipLane {
                         .await;
                     return;
                 }
+                // The VIP has (or had) another holder: its IKE_SA_INIT must not go to the
+                // MAC of the one before (addrwatch::neighbour).
+                match self.ctx.holder.forget_holder(vip).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(%vip, entries = n, "the VIP's link-layer address forgotten"),
+                    Err(e) => {
+                        debug!(%vip, error = %e, "the VIP's link-layer address not forgotten")
+                    }
+                }
                 // The epoch is checked again, and the policy's connection prepared, when
                 // the pacer starts it: that may be a while after this decision.
                 self.ctx.pacer.initiate(vip, attempt, epoch, crowd, news);
