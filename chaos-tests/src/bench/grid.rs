@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use vipsec_testbed::process::wait_for;
 
 use super::cell::Cell;
 use super::footprint::{self, Sampler, Usage};
@@ -235,7 +236,14 @@ fn run_one(lab: &mut Lab, cell: Cell, fault: Fault, cap: Duration) -> anyhow::Re
     let reactions = match lab.setup.agent() {
         Some(AgentStore::Etcd) => {
             let fault_ms = (outcome.fault_at / 1_000_000) as i64 + mono_to_wall_ms;
-            let marks = lab.move_marks()?;
+            // etcd may still be busy with the storm's writes; a slow read is not a failure.
+            let mut last_error = None;
+            let marks = wait_for("the move marks in etcd", Duration::from_secs(10), || {
+                lab.move_marks()
+                    .map_err(|e| last_error = Some(format!("{e:#}")))
+                    .ok()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}: {}", last_error.unwrap_or_default()))?;
             // The fault's ms was truncated; a record taken in the same ms still counts.
             let r = reaction::reactions(
                 &marks,
