@@ -448,7 +448,7 @@ pub fn footprint_markdown(grid: &Grid) -> String {
         names.dedup();
         let _ = writeln!(
             s,
-            "| {cell} | {setup} | {}: fault → recovery, {} runs | {} ({role}) | {} SAs on the owner before | median {cpu_median:.1}, max {cpu_max:.1} | {} |",
+            "| {cell} | {setup} | {}: fault → recovery, {} runs | {} ({role}) | {} in the cell | median {cpu_median:.1}, max {cpu_max:.1} | {} |",
             fault.name(),
             usages.len(),
             names.join(", "),

@@ -117,14 +117,15 @@ pub fn spread(values: &[i64]) -> Spread {
     }
 }
 
-/// Counts per bin of `bin_ms`: `(bin start, count)` for every bin from the lowest value's
-/// to the highest's, empty bins included, so the bars line up with the axis.
+/// Counts per bin of `bin_ms`: `(bin start, count)` for every bin from zero (or the
+/// lowest value's, when below) to the highest value's, empty bins included, so the bars
+/// line up with the axis and histograms of different set-ups compare at a glance.
 pub fn histogram(values: &[i64], bin_ms: i64) -> Vec<(i64, usize)> {
     assert!(bin_ms > 0, "a bin is at least 1 ms wide");
     let (Some(&lo), Some(&hi)) = (values.iter().min(), values.iter().max()) else {
         return Vec::new();
     };
-    let first = lo.div_euclid(bin_ms);
+    let first = lo.min(0).div_euclid(bin_ms);
     let last = hi.div_euclid(bin_ms);
     let mut bins: Vec<(i64, usize)> = (first..=last).map(|b| (b * bin_ms, 0)).collect();
     for v in values {
@@ -309,6 +310,7 @@ mod tests {
             vec![(-5, 1), (0, 2), (5, 1), (10, 0), (15, 1)]
         );
         assert!(histogram(&[], 5).is_empty());
+        assert_eq!(histogram(&[12], 5), vec![(0, 0), (5, 0), (10, 1)]);
         let svg = svg("t", &[3, 4, 12], 5);
         assert!(
             svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
