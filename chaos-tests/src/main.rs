@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vipsec_chaos::lab::probe::{self, ProbeArgs};
-use vipsec_chaos::lab::{Lab, LabOptions, Progress, Setup, mailserver};
+use vipsec_chaos::lab::{Progress, Setup, mailserver};
 use vipsec_chaos::{bench, demo, sim};
 
 #[derive(Parser)]
@@ -27,7 +27,8 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         cap: u64,
     },
-    /// Planned moves and crashes N times per set-up; writes report.md, results.json, SVGs.
+    /// Planned moves and crashes N times per set-up and cell (front-ends x VIPs, one lab
+    /// per cell); writes report.md, results.json, probe timelines and reaction histograms.
     Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -48,9 +49,39 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 60)]
         cap: u64,
-        /// How many VIPs (192.0.2.100 onward), all moved together by keepalived.
+        /// How many VIPs (192.0.2.100 onward), all moved together by keepalived (one cell,
+        /// when --cells is absent).
         #[arg(long, default_value_t = 1)]
         vips: usize,
+        /// How many front-ends (one cell, when --cells is absent).
+        #[arg(long, default_value_t = 2)]
+        front_ends: usize,
+        /// Comma-separated cells FRONT_ENDSxVIPS, e.g. 1x1,1x10,20x1,20x3,1x100: each gets
+        /// a lab of its own, one after the other, and every set-up runs on it.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["vips", "front_ends"])]
+        cells: Vec<bench::Cell>,
+        /// keepalived's advert interval (e.g. 100ms).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        vrrp_advert: Duration,
+        /// Probe interval per front-end and VIP; by default 20 ms, slower in cells whose
+        /// probes would pass 400 connections a second.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        probe_interval: Option<Duration>,
+        /// The agents' keying.initiate_timeout; by default 500 ms, 2 s in cells of more than
+        /// 20 SAs on the owner.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        initiate_timeout: Option<Duration>,
+        /// Steady state measured for the agent's idle footprint, per cell and vipsec
+        /// set-up; 0s skips it.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        idle_window: Duration,
+        /// Width of the reaction histograms' bins, in ms.
+        #[arg(long, default_value_t = 5)]
+        bin_ms: i64,
+        /// Build the release binaries (`cargo build --release -p vipsec -p vipsec-chaos`,
+        /// output live) and run the whole bench from them.
+        #[arg(long)]
+        release: bool,
     },
     /// A reconnect storm in one process on paused time: front-ends' real runtimes against
     /// a model of the new owner's charon (see docs/bench/simulation.md).
@@ -121,23 +152,49 @@ fn main() -> anyhow::Result<()> {
             out,
             cap,
             vips,
+            front_ends,
+            cells,
+            vrrp_advert,
+            probe_interval,
+            initiate_timeout,
+            idle_window,
+            bin_ms,
+            release,
         } => {
             anyhow::ensure!(!setups.is_empty(), "name at least one set-up");
+            anyhow::ensure!(runs > 0, "--runs takes at least 1");
+            anyhow::ensure!(bin_ms > 0, "--bin-ms takes at least 1");
             let progress = Progress::new(true);
-            let cap = Duration::from_secs(cap);
-            anyhow::ensure!((1..=11).contains(&vips), "--vips takes 1 to 11");
-            let mut opts = LabOptions::new(setups[0], self_exe);
-            opts.vips = vips;
-            let mut lab = Lab::build(opts, progress.clone())?;
-            let plan = bench::BenchPlan {
+            let self_exe = if release {
+                bench::release::build_and_hand_over(&progress)?
+            } else {
+                self_exe
+            };
+            let cells = if cells.is_empty() {
+                let cell = format!("{front_ends}x{vips}");
+                vec![cell.parse().map_err(|e: String| anyhow::anyhow!(e))?]
+            } else {
+                cells
+            };
+            let plan = bench::GridPlan {
+                cells,
                 setups,
                 faults,
                 runs,
-                cap,
+                cap: Duration::from_secs(cap),
+                vrrp_advert,
+                probe_interval,
+                initiate_timeout,
+                idle_window,
+                bin_ms,
+                self_exe,
             };
-            let outcomes = bench::run(&mut lab, &plan, &out)?;
-            drop(lab);
-            println!("{}", bench::markdown(&bench::rows(&outcomes), cap));
+            let grid = bench::grid::run(&plan, &progress, &out)?;
+            println!("{}", bench::markdown(&bench::rows(&grid.runs), plan.cap));
+            println!("{}", bench::grid::footprint_markdown(&grid));
+            for f in &grid.failures {
+                println!("not measured: {f}");
+            }
             println!("written to {}", out.display());
             Ok(())
         }

@@ -37,6 +37,9 @@ pub struct AgentPlan<'a> {
     pub cluster_manager: ClusterManager,
 }
 
+/// `store.prefix` of every lab agent on etcd.
+pub const ETCD_PREFIX: &str = "/vipsec-lab/";
+
 pub fn psk_file(dir: &Path) -> PathBuf {
     dir.join("psk")
 }
@@ -72,7 +75,7 @@ pub fn config_toml(plan: &AgentPlan) -> String {
                 .map(|e| format!("\"{e}\""))
                 .collect();
             let _ = writeln!(s, "endpoints = [{}]", endpoints.join(", "));
-            s += "prefix = \"/vipsec-lab/\"\n";
+            let _ = writeln!(s, "prefix = \"{ETCD_PREFIX}\"");
             // The lab's etcd is plain HTTP on the lab network.
             s += "allow_insecure = true\n";
             let _ = writeln!(s, "lease_ttl = \"{}ms\"", plan.lease_ttl.as_millis());
@@ -257,6 +260,11 @@ impl Agent {
 
     pub fn is_running(&mut self) -> bool {
         self.guard.is_running()
+    }
+
+    /// The agent's own process id (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.pid()
     }
 
     /// SIGSTOP: the agent hangs as a paused VM or a stalled process would.

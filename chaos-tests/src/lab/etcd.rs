@@ -184,6 +184,32 @@ impl Etcd {
         self.members.iter().map(|m| client_url(m.addr)).collect()
     }
 
+    /// Every value stored under `prefix`, read with etcdctl from the observer's namespace
+    /// (a client's view; the host cannot reach the lab network).
+    pub fn values_with_prefix(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let program = vipsec_testbed::require_program("etcdctl")?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.observer])
+            .arg(program)
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .args(["--command-timeout=10s", "get", "--prefix", prefix])
+            .arg("--print-value-only")
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "etcdctl get --prefix {prefix}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        // The values are one-line JSON documents, one per line.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     fn member(&mut self, name: &str) -> anyhow::Result<&mut Member> {
         self.members
             .iter_mut()

@@ -39,7 +39,23 @@ pub fn config(node: &str, priority: u8, vips: &[IpAddr], advert: Duration) -> St
     let _ = writeln!(s, "  priority {priority}");
     let _ = writeln!(s, "  advert_int {}", advert.as_secs_f64());
     s += "  nopreempt\n";
-    s += "  virtual_ipaddress {\n";
+    // A VRRP advert lists the instance's addresses; past 20 keepalived warns, and 100 IPv6
+    // addresses would not fit one packet. The rest move with the instance just the same as
+    // excluded addresses, which adverts do not carry.
+    let (advertised, excluded) = vips.split_at(vips.len().min(ADVERTISED_VIPS));
+    address_block(&mut s, "virtual_ipaddress", advertised);
+    if !excluded.is_empty() {
+        address_block(&mut s, "virtual_ipaddress_excluded", excluded);
+    }
+    s += "}\n";
+    s
+}
+
+/// How many VIPs an instance's adverts carry; the rest are excluded addresses.
+const ADVERTISED_VIPS: usize = 20;
+
+fn address_block(s: &mut String, name: &str, vips: &[IpAddr]) {
+    let _ = writeln!(s, "  {name} {{");
     for vip in vips {
         match vip {
             IpAddr::V4(_) => {
@@ -53,9 +69,7 @@ pub fn config(node: &str, priority: u8, vips: &[IpAddr], advert: Duration) -> St
             }
         }
     }
-    s += "  }\n";
-    s += "}\n";
-    s
+    *s += "  }\n";
 }
 
 pub struct Keepalived {
@@ -144,6 +158,20 @@ mod tests {
             let want = format!("    {vip}/128 dev eth0 -nodad preferred_lft forever\n");
             assert!(v6.contains(&want), "{v6}");
         }
+    }
+
+    #[test]
+    fn many_vips_past_twenty_are_excluded_from_the_adverts() {
+        let vips = vips_of(Family::V4, 100);
+        let text = config("be1", 150, &vips, Duration::from_secs(1));
+        let (advertised, excluded) = text
+            .split_once("  virtual_ipaddress_excluded {\n")
+            .expect("an excluded block");
+        assert_eq!(advertised.matches("/32 dev eth0").count(), 20, "{text}");
+        assert_eq!(excluded.matches("/32 dev eth0").count(), 80, "{text}");
+        assert!(excluded.contains("192.0.2.199/32"), "{text}");
+        let few = config("be1", 150, &vips_of(Family::V4, 11), Duration::from_secs(1));
+        assert!(!few.contains("excluded"), "{few}");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct LabOptions {
     pub etcd_members: usize,
     /// keepalived's advert interval (1 s, its default; operators tune it to 50–100 ms).
     pub vrrp_advert: Duration,
+    /// How long the lab may take to carry steady traffic after it is built or reset.
+    pub steady_timeout: Duration,
 }
 
 impl LabOptions {
@@ -90,6 +92,7 @@ impl LabOptions {
             frontend_style: FrontEndStyle::default(),
             etcd_members: 1,
             vrrp_advert: Duration::from_secs(1),
+            steady_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -123,6 +126,7 @@ pub struct Lab {
     lease_ttl: Duration,
     frontend_style: FrontEndStyle,
     vrrp_advert: Duration,
+    steady_timeout: Duration,
     /// corosync's shared key, made with the cluster (Pacemaker set-up).
     corosync_authkey: Option<Vec<u8>>,
     /// The cluster's CIB holds the operator's configuration (Pacemaker set-up).
@@ -194,6 +198,7 @@ impl Lab {
             lease_ttl: opts.lease_ttl,
             frontend_style: opts.frontend_style,
             vrrp_advert: opts.vrrp_advert,
+            steady_timeout: opts.steady_timeout,
             corosync_authkey: None,
             pacemaker_configured: false,
             pending_drill: None,
@@ -268,7 +273,7 @@ impl Lab {
     /// mend it themselves; that is what they are tested for), the front-ends'
     /// connections are started once more before the lab gives up.
     fn settle(&mut self) -> anyhow::Result<()> {
-        let first = self.wait_steady(Duration::from_secs(30));
+        let first = self.wait_steady(self.steady_timeout);
         if first.is_ok() || self.setup.agent().is_some() {
             return first;
         }
@@ -283,7 +288,7 @@ impl Lab {
                 let _ = self.swanctl(&fe, &["--initiate", "--child", &conn, "--timeout", "5"]);
             }
         }
-        self.wait_steady(Duration::from_secs(30))
+        self.wait_steady(self.steady_timeout)
     }
 
     /// Agents started from now on (after [`Lab::reset`], a restart) get these
@@ -893,6 +898,28 @@ impl Lab {
         let mut args = args.to_vec();
         args.push("--json");
         Ok(serde_json::from_str(&self.agent_cli(node, &args)?)?)
+    }
+
+    /// Every node's marks of every move the store holds (etcd set-ups), as each agent
+    /// published them: `vipsec moves` merges them into one front-end's view, the bench
+    /// needs each front-end's.
+    pub fn move_marks(&self) -> anyhow::Result<Vec<vipsec::timeline::NodeMarks>> {
+        let values = self
+            .etcd()?
+            .values_with_prefix(&format!("{}moves/", agent::ETCD_PREFIX))?;
+        Ok(values
+            .iter()
+            .filter_map(|v| serde_json::from_str(v).ok())
+            .collect())
+    }
+
+    /// The process id of a node's agent (the one Pacemaker started on its back-ends).
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        let procs = self.procs.get(node)?;
+        if let Some(p) = procs.pacemaker.as_ref() {
+            return p.agent_pid().and_then(|pid| u32::try_from(pid).ok());
+        }
+        procs.agent.as_ref()?.pid()
     }
 
     /// Pids of the daemons on a node, for reports.

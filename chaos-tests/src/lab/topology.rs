@@ -14,9 +14,10 @@ use vipsec_testbed::netns::Netns;
 pub const BRIDGE: &str = "br0";
 /// Each node's interface toward the bridge.
 pub const NODE_IF: &str = "eth0";
-/// The first VIP; many-VIP scenarios use the following addresses up to .110.
+/// The first VIP; many-VIP scenarios use the following addresses, up to .199.
 pub const VIP_BASE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-pub const MAX_VIPS: usize = 11;
+/// Enough for the bench's 100-VIP cell; .200 onward stays free.
+pub const MAX_VIPS: usize = 100;
 
 /// The lab network's address family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

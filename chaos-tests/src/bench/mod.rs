@@ -1,15 +1,25 @@
-//! The benchmark: planned moves and crashes N times per set-up on one lab, summarised as
-//! a Markdown table, JSON, and an SVG timeline of the probes around each fault.
+//! The benchmark: planned moves and crashes N times per set-up, on one lab per cell of the
+//! grid (front-ends × VIPs), summarised as a Markdown table, JSON, an SVG timeline of the
+//! probes around each fault, a histogram of the agents' reaction times, and the agent's
+//! footprint idle and during the storm.
+
+pub mod cell;
+pub mod footprint;
+pub mod grid;
+pub mod reaction;
+pub mod release;
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::lab::Setup;
 use crate::lab::faults::Fault;
-use crate::lab::{Lab, Setup};
 use crate::scenario::{self, Outcome};
+
+pub use cell::Cell;
+pub use grid::{BenchRun, Grid, GridPlan};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
@@ -17,9 +27,10 @@ pub struct Stats {
     pub recovered: usize,
     pub median: Option<Duration>,
     pub p99: Option<Duration>,
+    pub max: Option<Duration>,
 }
 
-/// Median and p99 (nearest rank) of the runs that recovered.
+/// Median, p99 (nearest rank) and max of the runs that recovered.
 pub fn stats(values: &[Option<Duration>]) -> Stats {
     let mut v: Vec<Duration> = values.iter().flatten().copied().collect();
     v.sort();
@@ -35,77 +46,123 @@ pub fn stats(values: &[Option<Duration>]) -> Stats {
         recovered: v.len(),
         median: rank(0.5),
         p99: rank(0.99),
+        max: v.last().copied(),
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    pub cell: Cell,
     pub setup: String,
     pub fault: Fault,
     pub recovery: Stats,
     pub takeover: Stats,
+    /// Per run: its recovery minus its own takeover.
     pub recovery_minus_takeover: Stats,
+    /// Every front-end's and VIP's reaction in every run, ms; None where the set-up has
+    /// no owner event to react to (no store, or no agent).
+    pub reaction: Option<reaction::Spread>,
     pub cleartext_packets: u64,
     pub stale_answers: usize,
 }
 
-pub fn rows(outcomes: &[Outcome]) -> Vec<Row> {
+/// One row per cell, set-up and fault, in the order they ran.
+pub fn rows(runs: &[BenchRun]) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mut keys: Vec<(String, Fault)> = Vec::new();
-    for o in outcomes {
-        if !keys.contains(&(o.setup.clone(), o.fault)) {
-            keys.push((o.setup.clone(), o.fault));
+    let mut keys: Vec<(Cell, String, Fault)> = Vec::new();
+    for r in runs {
+        let key = (r.cell, r.outcome.setup.clone(), r.outcome.fault);
+        if !keys.contains(&key) {
+            keys.push(key);
         }
     }
-    for (setup, fault) in keys {
-        let of: Vec<&Outcome> = outcomes
+    for (cell, setup, fault) in keys {
+        let of: Vec<&BenchRun> = runs
             .iter()
-            .filter(|o| o.setup == setup && o.fault == fault)
+            .filter(|r| r.cell == cell && r.outcome.setup == setup && r.outcome.fault == fault)
             .collect();
+        let outcomes: Vec<&Outcome> = of.iter().map(|r| &r.outcome).collect();
+        let reaction = of
+            .iter()
+            .map(|r| r.reactions.as_ref())
+            .collect::<Option<Vec<_>>>()
+            .map(|all| {
+                let ms: Vec<i64> = all
+                    .iter()
+                    .flat_map(|r| r.reactions.iter().map(|x| x.reaction_ms))
+                    .collect();
+                reaction::spread(&ms)
+            });
         rows.push(Row {
+            cell,
             setup,
             fault,
-            recovery: stats(&of.iter().map(|o| o.recovery).collect::<Vec<_>>()),
-            takeover: stats(&of.iter().map(|o| o.takeover).collect::<Vec<_>>()),
+            recovery: stats(&outcomes.iter().map(|o| o.recovery).collect::<Vec<_>>()),
+            takeover: stats(&outcomes.iter().map(|o| o.takeover).collect::<Vec<_>>()),
             recovery_minus_takeover: stats(
-                &of.iter()
+                &outcomes
+                    .iter()
                     .map(|o| o.recovery_minus_takeover())
                     .collect::<Vec<_>>(),
             ),
-            cleartext_packets: of.iter().map(|o| o.cleartext.total()).sum(),
-            stale_answers: of.iter().map(|o| o.stale_answers).sum(),
+            reaction,
+            cleartext_packets: outcomes.iter().map(|o| o.cleartext.total()).sum(),
+            stale_answers: outcomes.iter().map(|o| o.stale_answers).sum(),
         });
     }
     rows
 }
 
-fn cell(s: &Stats, cap: Duration) -> (String, String) {
-    let f = |d: Option<Duration>| match d {
-        Some(d) => format!("{:.2} s", d.as_secs_f64()),
+/// A duration for the table; None is a run that never got there.
+fn secs_or_never(d: Option<Duration>, cap: Duration) -> String {
+    match d {
+        Some(d) => format!("{:.3} s", d.as_secs_f64()),
         None => format!("no recovery (> {} s)", cap.as_secs()),
-    };
-    let med = if s.recovered < s.runs && s.recovered > 0 {
-        format!("{} ({}/{} recovered)", f(s.median), s.recovered, s.runs)
+    }
+}
+
+/// Median with the share of runs it stands for when some never got there.
+fn median_cell(s: &Stats, cap: Duration) -> String {
+    let m = secs_or_never(s.median, cap);
+    if s.recovered < s.runs && s.recovered > 0 {
+        format!("{m} ({}/{} recovered)", s.recovered, s.runs)
     } else {
-        f(s.median)
-    };
-    (med, f(s.p99))
+        m
+    }
+}
+
+fn ms_or_dash(v: Option<i64>) -> String {
+    v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into())
 }
 
 pub fn markdown(rows: &[Row], cap: Duration) -> String {
     let mut s = String::new();
-    s += "| set-up | fault | runs | recovery median | recovery p99 | takeover median | recovery − takeover median | clear-text packets | stale answers |\n";
-    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    s += "| cell | set-up | fault | runs | recovery median | recovery p99 | recovery max | takeover median | recovery − takeover median | recovery − takeover p99 | recovery − takeover max | reaction median | reaction p99 | clear-text packets | stale answers |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in rows {
-        let (rm, rp) = cell(&r.recovery, cap);
-        let (tm, _) = cell(&r.takeover, cap);
-        let (dm, _) = cell(&r.recovery_minus_takeover, cap);
+        let d = |d: Option<Duration>| secs_or_never(d, cap);
+        let (react_median, react_p99) = match &r.reaction {
+            Some(x) if x.n > 0 => (
+                format!("{} (n={})", ms_or_dash(x.median_ms), x.n),
+                ms_or_dash(x.p99_ms),
+            ),
+            Some(_) => ("none recorded".into(), "-".into()),
+            None => ("n/a".into(), "n/a".into()),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {rm} | {rp} | {tm} | {dm} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {react_median} | {react_p99} | {} | {} |",
+            r.cell,
             r.setup,
             r.fault.name(),
             r.recovery.runs,
+            median_cell(&r.recovery, cap),
+            d(r.recovery.p99),
+            d(r.recovery.max),
+            median_cell(&r.takeover, cap),
+            median_cell(&r.recovery_minus_takeover, cap),
+            d(r.recovery_minus_takeover.p99),
+            d(r.recovery_minus_takeover.max),
             r.cleartext_packets,
             r.stale_answers
         );
@@ -222,49 +279,6 @@ pub fn svg(outcomes: &[&Outcome]) -> String {
     s
 }
 
-pub struct BenchPlan {
-    pub setups: Vec<Setup>,
-    /// Only these faults (of those each set-up is measured with); all when empty.
-    pub faults: Vec<Fault>,
-    pub runs: usize,
-    pub cap: Duration,
-}
-
-/// Runs the benchmark on `lab`, switching set-ups in turn; writes report.md, results.json
-/// and one SVG per set-up and fault into `out`.
-pub fn run(lab: &mut Lab, plan: &BenchPlan, out: &Path) -> anyhow::Result<Vec<Outcome>> {
-    std::fs::create_dir_all(out)?;
-    let mut outcomes = Vec::new();
-    for &setup in &plan.setups {
-        if lab.setup != setup {
-            lab.progress.step(&format!("switching to {setup}"));
-            lab.switch_setup(setup)?;
-        }
-        for fault in faults(setup)
-            .into_iter()
-            .filter(|f| plan.faults.is_empty() || plan.faults.contains(f))
-        {
-            for i in 0..plan.runs {
-                lab.reset()?;
-                lab.progress.step(&format!(
-                    "{setup} {} run {}/{}",
-                    fault.name(),
-                    i + 1,
-                    plan.runs
-                ));
-                let o = scenario::run(lab, fault, plan.cap)?;
-                lab.progress.step(&o.summary());
-                for line in &o.cleartext_seen {
-                    lab.progress.step(&format!("clear text: {line}"));
-                }
-                outcomes.push(o);
-            }
-        }
-        write_reports(&outcomes, plan.cap, out)?;
-    }
-    Ok(outcomes)
-}
-
 /// The faults a set-up is measured with: a planned move and a crash everywhere; beside
 /// Pacemaker also standby and the agent's resource failing (agent SIGKILLed).
 pub fn faults(setup: Setup) -> Vec<Fault> {
@@ -279,39 +293,6 @@ pub fn faults(setup: Setup) -> Vec<Fault> {
     }
 }
 
-pub fn write_reports(outcomes: &[Outcome], cap: Duration, out: &Path) -> anyhow::Result<()> {
-    let rows = rows(outcomes);
-    let md = format!(
-        "# vipsec chaos bench\n\nRecovery = fault to the first answer from the new owner on every front-end (probe: new TCP connection to VIP:143 every 20 ms). Takeover = fault to the VIP present on the new owner (keepalived with advert 1 s, or Pacemaker's IPaddr2 with corosync's 1 s token). Pacemaker's planned move is `crm_resource --move`. Cap {} s.\n\n{}",
-        cap.as_secs(),
-        markdown(&rows, cap)
-    );
-    std::fs::write(out.join("report.md"), md)?;
-    #[derive(Serialize)]
-    struct Json<'a> {
-        rows: &'a [Row],
-        runs: &'a [Outcome],
-    }
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&Json {
-            rows: &rows,
-            runs: outcomes,
-        })?,
-    )?;
-    for r in &rows {
-        let of: Vec<&Outcome> = outcomes
-            .iter()
-            .filter(|o| o.setup == r.setup && o.fault == r.fault)
-            .collect();
-        std::fs::write(
-            out.join(format!("timeline-{}-{}.svg", r.setup, r.fault.name())),
-            svg(&of),
-        )?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +304,7 @@ mod tests {
         assert_eq!((s.runs, s.recovered), (4, 3));
         assert_eq!(s.median, ms(200));
         assert_eq!(s.p99, ms(300));
+        assert_eq!(s.max, ms(300));
         assert_eq!(stats(&[None, None]).median, None);
     }
 }
