@@ -161,7 +161,16 @@ pub struct InitiationQueue {
     resume_at: Option<Instant>,
     /// Failures in a row with one in flight, since the last answer or news of an owner.
     failures: u32,
+    /// When an initiation last started or returned.
+    busy_at: Instant,
 }
+
+/// After this long with nothing in flight the limit starts again from `concurrency`: what
+/// the last storm taught about a responder says nothing about the next one, which may hit
+/// another owner, or this one with many more front-ends at once (TCP restarts its window
+/// after idle for the same reason, RFC 2861). Kept high, eight first attempts of one move
+/// went to a two-core owner at once and came back slower than one after another.
+pub const RESTART_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Failures in a row, with one initiation in flight, before starts pause: a peer that is
 /// gone (a crash the front-end learns of only by silence, without a cluster store) costs
@@ -182,6 +191,7 @@ impl InitiationQueue {
             pause: Duration::ZERO,
             resume_at: None,
             failures: 0,
+            busy_at: now,
         }
     }
 
@@ -207,6 +217,10 @@ impl InitiationQueue {
         unit_random: f64,
     ) -> Option<QueuedInitiation> {
         let replaced = self.cancel(vip);
+        if self.in_flight == 0 && now.saturating_duration_since(self.busy_at) >= RESTART_AFTER_IDLE
+        {
+            self.limit = self.settings.concurrency.max(1);
+        }
         let window = self.settings.window(crowd);
         let not_before = if attempt == 1 && !window.is_zero() {
             match self.window_end {
@@ -242,6 +256,7 @@ impl InitiationQueue {
     /// where within the pause the next start may go.
     pub fn finished(&mut self, now: Instant, answer: Answer, unit_random: f64) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.busy_at = now;
         match answer {
             Answer::Quick => {
                 self.limit = (self.limit + 1).min(self.settings.max_concurrency.max(1));
@@ -316,6 +331,7 @@ impl InitiationQueue {
         }
         self.tokens -= 1.0;
         self.in_flight += 1;
+        self.busy_at = now;
         Next::Start(self.queue.remove(i))
     }
 
@@ -836,6 +852,43 @@ mod tests {
         assert_eq!(drain(&mut q, t0), [3]);
         q.finished(t0, Answer::Failed, 0.0);
         assert_eq!(drain(&mut q, t0), [4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_pause_with_nothing_in_flight_the_limit_starts_again_from_concurrency() {
+        let t0 = Instant::now();
+        let mut q = InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency: 1,
+                max_concurrency: 8,
+                ..settings()
+            },
+            t0,
+        );
+        q.enqueue(t0, vip(1), 2, 50, CROWD, 0.0);
+        assert_eq!(drain(&mut q, t0), [1]);
+        for _ in 0..3 {
+            q.finished(t0, Answer::Quick, 0.0);
+        }
+        assert_eq!(q.limit(), 4);
+        // Still busy a moment ago: the limit learnt holds.
+        let soon = t0 + RESTART_AFTER_IDLE / 2;
+        for n in 2..=3 {
+            q.enqueue(soon, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, soon), [2, 3]);
+        q.finished(soon, Answer::Quick, 0.0);
+        q.finished(soon, Answer::Quick, 0.0);
+        assert_eq!(q.limit(), 6);
+        // The next move, later: one at a time again, growing with the answers.
+        let later = soon + RESTART_AFTER_IDLE;
+        for n in 4..=9 {
+            q.enqueue(later, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(q.limit(), 1);
+        assert_eq!(drain(&mut q, later), [4]);
     }
 
     #[tokio::test(start_paused = true)]
