@@ -8,9 +8,18 @@
 //! holds the VIP now; an answer after silence means somebody new does, and the next
 //! attempt goes at once, replacing one that was sent into the silence.
 //!
+//! The probe goes on for a probation of one idle timeout after the renegotiation brought an
+//! SA back: in a planned move the old holder, draining, refuses new SAs, but one can still
+//! come up with it in the instant before its address goes, and then nobody can tell the
+//! front-end (a DELETE cannot leave from an address that is gone). Silence and an answer
+//! after that SA came up say it was with the holder before: it is dropped and replaced at
+//! once, instead of after the idle timeout.
+//!
 //! An answer without silence before it says nothing new (the old holder still answering,
-//! or the attempt under way reaching a live one), so the probes then slow down, doubling
-//! up to 16 intervals, until the next silence.
+//! or the attempt under way reaching a live one), so while a renegotiation lasts the
+//! probes then slow down, doubling up to 16 intervals, until the next silence.
+
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -21,7 +30,7 @@ use crate::model::Vip;
 const MAX_BACKOFF_SHIFT: u32 = 4;
 
 impl FailoverCore {
-    fn probes_ike(&self) -> bool {
+    pub(super) fn probes_ike(&self) -> bool {
         self.settings.ike_probe.is_some()
             && !(self.settings.cluster_store && self.store_healthy == Some(true))
     }
@@ -31,20 +40,16 @@ impl FailoverCore {
         let (probes, Some(window)) = (self.probes_ike(), self.settings.ike_probe) else {
             return;
         };
-        let Some(r) = self
-            .peers
-            .get_mut(&vip)
-            .and_then(|p| p.renegotiation.as_mut())
-        else {
+        let Some(p) = self.peers.get_mut(&vip) else {
             return;
         };
-        if !probes || r.probing.asked {
+        if !probes || p.renegotiation.is_none() || p.probing.asked {
             return;
         }
-        r.probing.asked = true;
+        p.probing.asked = true;
         out.push(Action::ProbeIke {
             vip,
-            after: std::time::Duration::ZERO,
+            after: Duration::ZERO,
             window,
         });
     }
@@ -57,34 +62,66 @@ impl FailoverCore {
         let Some(p) = self.peers.get_mut(&vip) else {
             return;
         };
-        // The renegotiation is over (or a new one has its own probe): stop here.
-        let Some(r) = p.renegotiation.as_mut() else {
-            return;
-        };
-        r.probing.asked = false;
-        if !probes {
+        p.probing.asked = false;
+        let renegotiating = p.renegotiation.is_some();
+        let on_probation = p.probation_until.is_some_and(|t| now < t) && !p.sas.is_empty();
+        if !probes || !(renegotiating || on_probation) {
+            // Nothing left to learn from the port: start afresh next time.
+            p.probing = Default::default();
+            p.probation_until = None;
             return;
         }
-        r.probing.asked = true;
+        p.probing.asked = true;
         if !answered {
-            r.probing.silent_at = Some(now);
-            r.probing.answers = 0;
+            p.probing.silent_at = Some(now);
+            p.probing.answers = 0;
             // A silent probe has already waited its window.
             out.push(Action::ProbeIke {
                 vip,
-                after: std::time::Duration::ZERO,
+                after: Duration::ZERO,
                 window,
             });
             return;
         }
-        let shift = r.probing.answers.min(MAX_BACKOFF_SHIFT);
-        r.probing.answers += 1;
+        // A renegotiation may last; a probation is one idle timeout and must not miss the
+        // silence it is there for.
+        let shift = if renegotiating {
+            p.probing.answers.min(MAX_BACKOFF_SHIFT)
+        } else {
+            0
+        };
+        p.probing.answers += 1;
         out.push(Action::ProbeIke {
             vip,
             after: window.saturating_mul(1 << shift),
             window,
         });
-        let Some(silent_at) = r.probing.silent_at.take() else {
+        let Some(silent_at) = p.probing.silent_at.take() else {
+            return;
+        };
+        let epoch = p.epoch;
+        let Some(r) = p.renegotiation.as_mut() else {
+            // On probation: an SA that came up before the silence is with the old holder.
+            let stale = p.sas.values().any(|sa| sa.since <= silent_at);
+            if stale {
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::PeerAnswers, Some(vip))
+                        .epoch(epoch)
+                        .detail(format!(
+                            "{vip}'s IKE port went silent and answers again since the SA came \
+                             up: that SA is with the holder before"
+                        )),
+                ));
+                let reason = "the VIP's holder changed after the SA came up".to_string();
+                self.renegotiate(out, now, vip, reason, true);
+                for a in out.iter_mut() {
+                    if let Action::Initiate { vip: v, news, .. } = a
+                        && *v == vip
+                    {
+                        *news = true;
+                    }
+                }
+            }
             return;
         };
         let sent_into_silence = r.in_flight && r.attempt_started <= silent_at;
@@ -101,7 +138,7 @@ impl FailoverCore {
         let attempts = r.attempts;
         out.push(Action::Notify(
             Notice::new(NoticeKind::PeerAnswers, Some(vip))
-                .epoch(p.epoch)
+                .epoch(epoch)
                 .detail(format!(
                     "{vip}'s IKE port answers again after silence; attempt {} now",
                     attempts + 1

@@ -52,14 +52,13 @@ impl FailoverCore {
         p.renegotiation = Some(Renegotiation {
             started: now,
             reason: reason.clone(),
-            attempts: 0,
+            attempts: p.late_attempt.unwrap_or(0),
             in_flight: false,
             owner_wait: OwnerWait::NotYet,
             waiting_for_keying: false,
             retry_now: false,
             attempt_started: now,
             news: false,
-            probing: Default::default(),
         });
         p.last_failover = Some(FailoverSummary {
             started: now,
@@ -152,6 +151,9 @@ impl FailoverCore {
         let Some(p) = self.peers.get_mut(&vip) else {
             return;
         };
+        if p.late_attempt == Some(attempt) {
+            p.late_attempt = None;
+        }
         let Some(r) = p.renegotiation.as_mut() else {
             return;
         };
@@ -215,10 +217,15 @@ impl FailoverCore {
     }
 
     pub(super) fn finish(&mut self, out: &mut Out, now: Instant, vip: Vip) {
+        let probation = self.probes_ike().then(|| now + self.idle_timeout());
         let p = self.peers.get_mut(&vip).expect("known peer");
         let Some(r) = p.renegotiation.take() else {
             return;
         };
+        if r.in_flight {
+            p.late_attempt = Some(r.attempts);
+        }
+        p.probation_until = probation;
         p.generation += 1;
         let took = now.saturating_duration_since(r.started);
         p.last_failover = Some(FailoverSummary {

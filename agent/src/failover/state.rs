@@ -61,10 +61,10 @@ pub struct Renegotiation {
     pub(super) attempt_started: Instant,
     /// The next attempt follows news of a new holder.
     pub(super) news: bool,
-    pub(super) probing: IkeProbing,
 }
 
-/// The IKE port probe beside a renegotiation that has no owner record to go by.
+/// The IKE port probe beside a renegotiation that has no owner record to go by, and for a
+/// probation after it (`failover::ike_probing`).
 #[derive(Debug, Clone, Default)]
 pub struct IkeProbing {
     /// A probe was asked for and has not reported yet.
@@ -127,6 +127,14 @@ pub struct PeerVip {
     pub(super) generation: u64,
     /// Counts the times the owner record vanished (for `Timer::Vacant`).
     pub(super) vacancies: u64,
+    pub(super) probing: IkeProbing,
+    /// A store-less renegotiation ended this recently: the SA it brought may be with a
+    /// holder that is about to leave, so the probe goes on until then.
+    pub(super) probation_until: Option<Instant>,
+    /// An attempt of a renegotiation that already ended (its SA came up first) has not
+    /// reported yet: the next renegotiation numbers its attempts after it, so that late
+    /// result cannot pass for one of its own.
+    pub(super) late_attempt: Option<u32>,
 }
 
 impl PeerVip {
@@ -142,6 +150,9 @@ impl PeerVip {
             last_failover: None,
             generation: 0,
             vacancies: 0,
+            probing: IkeProbing::default(),
+            probation_until: None,
+            late_attempt: None,
         }
     }
 

@@ -142,6 +142,11 @@ async fn an_sa_made_while_no_owner_is_recorded_is_stale_for_the_next_owner() {
         owner: None,
     });
     fe.feed(Input::SaUp(peer_sa(2)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
     // The new owner's record must not adopt that SA: it leads to the old owner.
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
@@ -300,6 +305,11 @@ async fn a_vip_moving_away_and_back_renegotiates_each_time() {
         assert_eq!(initiates(&a), [1], "move to {node}");
         ike += 1;
         fe.feed(Input::SaUp(peer_sa(ike)));
+        fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt: 1,
+            result: Ok(()),
+        });
         assert_eq!(fe.core.peers()[&vip()].sas[&ike].epoch, epoch);
         assert!(fe.core.peers()[&vip()].renegotiation.is_none());
     }

@@ -83,14 +83,16 @@ async fn an_answer_after_silence_replaces_the_attempt_sent_into_it() {
         attempt: 1,
         result: Err("timeout".into()),
     });
-    let a = fe.feed(Input::InitiateFinished {
+    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
+    fe.feed(Input::InitiateFinished {
         vip: vip(),
         attempt: 2,
         result: Ok(()),
     });
-    assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
+    // On probation now: probes go on for one idle timeout, at the base interval.
     let a = probed(&mut fe, true);
-    assert!(a.is_empty(), "no renegotiation, no more probes: {a:#?}");
+    assert_eq!(probes(&a), [PROBE], "{a:#?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -173,4 +175,54 @@ async fn a_healthy_cluster_store_tells_more_than_the_probe() {
     });
     let a = [a, fe.advance(Duration::from_secs(1)).await].concat();
     assert_eq!(probes(&a), [Duration::ZERO], "{a:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sa_made_with_a_holder_that_leaves_right_after_is_replaced_on_the_next_answer() {
+    let (mut fe, _) = renegotiating();
+    // The draining holder still takes attempt 1, then its address goes.
+    time::advance(Duration::from_millis(30)).await;
+    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    // On probation the probe goes on, without slowing down.
+    let a = probed(&mut fe, true);
+    assert_eq!(probes(&a), [PROBE]);
+    time::advance(PROBE).await;
+    probed(&mut fe, false);
+    time::advance(PROBE).await;
+    let a = probed(&mut fe, true);
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Initiate { news: true, .. })),
+        "{a:#?}"
+    );
+    assert!(notices(&a).contains(&NoticeKind::PeerAnswers));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_probation_ends_after_one_idle_timeout() {
+    let (mut fe, _) = renegotiating();
+    fe.feed(Input::SaUp(peer_sa(2)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    time::advance(fe.core.idle_timeout()).await;
+    let a = probed(&mut fe, true);
+    assert!(a.is_empty(), "{a:#?}");
+    // An SA that came up after the silence is the new holder's: nothing to replace.
+    let (mut fe, _) = renegotiating();
+    probed(&mut fe, false);
+    time::advance(PROBE).await;
+    probed(&mut fe, true);
+    fe.feed(Input::SaUp(peer_sa(2)));
+    let a = probed(&mut fe, true);
+    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
 }

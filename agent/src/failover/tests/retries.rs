@@ -94,3 +94,38 @@ async fn renegotiation_succeeds_mid_schedule() {
     );
     assert!(fe.advance(Duration::from_secs(60)).await.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_result_of_an_ended_renegotiation_is_not_taken_for_the_next_ones() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(initiates(&a), [1]);
+    // The SA comes up before its initiation returns, and the peer deletes it at once (a
+    // draining holder refusing it): a new renegotiation starts while attempt 1 is out.
+    fe.feed(Input::SaUp(peer_sa(2)));
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(2),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(initiates(&a), [2], "numbered after the one still out");
+    // Attempt 1 returns: it is the ended renegotiation's, not this one's.
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    assert!(
+        !notices(&a).contains(&NoticeKind::RenegotiationFinished),
+        "{a:#?}"
+    );
+    assert!(fe.core.peers()[&vip()].renegotiation.is_some());
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 2,
+        result: Err("timeout".into()),
+    });
+    assert!(fe.core.peers()[&vip()].renegotiation.is_some(), "{a:#?}");
+}
