@@ -577,6 +577,21 @@ mod tests {
     /// A crowd large enough for the whole `jitter` window.
     const CROWD: u32 = 1000;
 
+    /// A queue whose token bucket never holds anything back: only the limit of
+    /// initiations in flight (from `concurrency`, at most `max_concurrency`) paces it.
+    fn unpaced(t0: Instant, concurrency: usize, max_concurrency: usize) -> InitiationQueue {
+        InitiationQueue::new(
+            PacingSettings {
+                rate: 1000.0,
+                burst: 100,
+                concurrency,
+                max_concurrency,
+                ..settings()
+            },
+            t0,
+        )
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -829,15 +844,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrency_limits_initiations_in_flight() {
         let t0 = Instant::now();
-        let mut q = InitiationQueue::new(
-            PacingSettings {
-                rate: 1000.0,
-                burst: 100,
-                concurrency: 2,
-                ..settings()
-            },
-            t0,
-        );
+        let mut q = unpaced(t0, 2, 3);
         for n in 1..=4 {
             q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
@@ -857,16 +864,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_a_pause_with_nothing_in_flight_the_limit_starts_again_from_concurrency() {
         let t0 = Instant::now();
-        let mut q = InitiationQueue::new(
-            PacingSettings {
-                rate: 1000.0,
-                burst: 100,
-                concurrency: 1,
-                max_concurrency: 8,
-                ..settings()
-            },
-            t0,
-        );
+        let mut q = unpaced(t0, 1, 8);
         q.enqueue(t0, vip(1), 2, 50, CROWD, 0.0);
         assert_eq!(drain(&mut q, t0), [1]);
         for _ in 0..3 {
@@ -894,16 +892,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_limit_grows_while_answers_come_quickly_and_halves_when_they_do_not() {
         let t0 = Instant::now();
-        let mut q = InitiationQueue::new(
-            PacingSettings {
-                rate: 1000.0,
-                burst: 100,
-                concurrency: 1,
-                max_concurrency: 4,
-                ..settings()
-            },
-            t0,
-        );
+        let mut q = unpaced(t0, 1, 4);
         for n in 1..=9 {
             q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
@@ -928,15 +917,7 @@ mod tests {
     async fn answers_that_keep_failing_at_one_in_flight_pause_starts_until_news_or_quick_answers() {
         let t0 = Instant::now();
         let quick = settings().quick;
-        let mut q = InitiationQueue::new(
-            PacingSettings {
-                rate: 1000.0,
-                burst: 100,
-                concurrency: 1,
-                ..settings()
-            },
-            t0,
-        );
+        let mut q = unpaced(t0, 1, 3);
         for n in 1..=6 {
             q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }

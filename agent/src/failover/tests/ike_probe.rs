@@ -42,6 +42,18 @@ fn probes(actions: &[Action]) -> Vec<Duration> {
         .collect()
 }
 
+/// SA `ike` comes up, then the attempt that made it returns, as the runtime reports them;
+/// what the SA's arrival decided.
+fn came_up(fe: &mut Node, ike: u64, attempt: u32) -> Vec<Action> {
+    let a = fe.feed(Input::SaUp(peer_sa(ike)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt,
+        result: Ok(()),
+    });
+    a
+}
+
 fn probed(fe: &mut Node, answered: bool) -> Vec<Action> {
     fe.feed(Input::IkeProbed {
         vip: vip(),
@@ -83,13 +95,8 @@ async fn an_answer_after_silence_replaces_the_attempt_sent_into_it() {
         attempt: 1,
         result: Err("timeout".into()),
     });
-    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    let a = came_up(&mut fe, 2, 2);
     assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
-    fe.feed(Input::InitiateFinished {
-        vip: vip(),
-        attempt: 2,
-        result: Ok(()),
-    });
     // On probation now: probes go on for one idle timeout, at the base interval.
     let a = probed(&mut fe, true);
     assert_eq!(probes(&a), [PROBE], "{a:#?}");
@@ -182,13 +189,8 @@ async fn an_sa_made_with_a_holder_that_leaves_right_after_is_replaced_on_the_nex
     let (mut fe, _) = renegotiating();
     // The draining holder still takes attempt 1, then its address goes.
     time::advance(Duration::from_millis(30)).await;
-    let a = fe.feed(Input::SaUp(peer_sa(2)));
+    let a = came_up(&mut fe, 2, 1);
     assert!(notices(&a).contains(&NoticeKind::RenegotiationFinished));
-    fe.feed(Input::InitiateFinished {
-        vip: vip(),
-        attempt: 1,
-        result: Ok(()),
-    });
     // On probation the probe goes on, without slowing down.
     let a = probed(&mut fe, true);
     assert_eq!(probes(&a), [PROBE]);
@@ -208,12 +210,7 @@ async fn an_sa_made_with_a_holder_that_leaves_right_after_is_replaced_on_the_nex
 #[tokio::test(start_paused = true)]
 async fn the_probation_ends_after_one_idle_timeout() {
     let (mut fe, _) = renegotiating();
-    fe.feed(Input::SaUp(peer_sa(2)));
-    fe.feed(Input::InitiateFinished {
-        vip: vip(),
-        attempt: 1,
-        result: Ok(()),
-    });
+    came_up(&mut fe, 2, 1);
     time::advance(fe.core.idle_timeout()).await;
     let a = probed(&mut fe, true);
     assert!(a.is_empty(), "{a:#?}");
