@@ -143,6 +143,52 @@ async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
         .expect("raw etcd client")
 }
 
+/// A front-end only watches: nothing comes from etcd while nothing moves, so its
+/// connection carries only our HTTP/2 pings. etcd closes a connection whose pings come
+/// more often than its `--grpc-keepalive-min-time` (5s by default) with nothing to send
+/// back ("too_many_pings"), after three such strikes. fe2 pings every second and must be
+/// dropped (the setting reaches the connection, and etcd's policy is what we assume);
+/// fe1, with the default (10s, twice etcd's minimum), sits idle beside it and must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watch_stays_connected_under_etcds_ping_policy() {
+    let server = etcd();
+    let prefix = unique_prefix("pings");
+    let mut steady = Node::start(&config("fe1", &server.endpoint(), &prefix, ""));
+    let mut eager = Node::start(&config(
+        "fe2",
+        &server.endpoint(),
+        &prefix,
+        "keepalive_interval = \"1s\"",
+    ));
+    steady.expect_connected().await;
+    eager.expect_connected().await;
+    let started = Instant::now();
+    // Watched over two of fe2's drops, about eight seconds of the same idle watch.
+    for n in 1..=2 {
+        let why = eager
+            .expect("fe2 (pings every 1s) dropped by etcd", |i| match i {
+                Input::StoreHealth {
+                    healthy: false,
+                    detail,
+                } => Some(detail.clone()),
+                _ => None,
+            })
+            .await;
+        eprintln!("fe2 dropped ({n}) after {:?}: {why}", started.elapsed());
+    }
+    while let Ok(i) = steady.inputs.try_recv() {
+        if let Input::StoreHealth {
+            healthy: false,
+            detail,
+        } = i
+        {
+            panic!("fe1 (default keepalive) lost its store connection while idle: {detail}");
+        }
+    }
+    steady.kill().await;
+    eager.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_withdraw_reach_the_other_node() {
     let TwoNodes {

@@ -42,6 +42,14 @@ pub struct StoreConfig {
     /// next member. At most half of `store.lease_ttl` (two renewals must fit in a lease).
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often an HTTP/2 ping goes to the etcd member while nothing else arrives from
+    /// it, so a member that died without closing the connection is left after this plus
+    /// `store.request_timeout`. Keep it at or above the members'
+    /// `--grpc-keepalive-min-time` (etcd's default: 5s): etcd answers pings that come
+    /// more often, on a connection with nothing to send (a front-end's idle watch), by
+    /// closing it ("too_many_pings"), and the agent would reconnect every few seconds.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
     /// etcd user (etcd authentication with a password); with client certificates the
     /// certificate's common name is the user instead.
     pub username: Option<String>,
@@ -67,6 +75,7 @@ impl Default for StoreConfig {
             prefix: default_prefix(),
             lease_ttl: default_lease_ttl(),
             request_timeout: default_store_timeout(),
+            keepalive_interval: default_keepalive_interval(),
             username: None,
             password_file: None,
             tls_ca: None,
@@ -104,6 +113,11 @@ fn default_lease_ttl() -> Duration {
 }
 fn default_store_timeout() -> Duration {
     Duration::from_secs(1)
+}
+fn default_keepalive_interval() -> Duration {
+    // Twice etcd's default --grpc-keepalive-min-time: a ping that arrives a little early
+    // still counts as on time there.
+    Duration::from_secs(10)
 }
 
 /// An IPv6 host in a URL without brackets (`http://2001:db8::1:2379`): the URL parser of
@@ -168,6 +182,7 @@ impl StoreConfig {
                 format!("{:?} is below etcd's minimum of 1s", self.lease_ttl),
             );
         }
+        p.positive("store.keepalive_interval", self.keepalive_interval);
         if self.request_timeout.is_zero() {
             p.bad("store.request_timeout", "must be greater than zero");
         } else if self.request_timeout.saturating_mul(2) > self.lease_ttl {

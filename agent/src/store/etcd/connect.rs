@@ -13,6 +13,7 @@ pub struct ConnectSettings {
     user: Option<(String, String)>,
     tls: Option<TlsOptions>,
     timeout: Duration,
+    keepalive: Duration,
 }
 
 fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -64,6 +65,7 @@ impl ConnectSettings {
             user,
             tls,
             timeout: c.request_timeout,
+            keepalive: c.keepalive_interval,
         })
     }
 
@@ -112,8 +114,9 @@ impl ConnectSettings {
     async fn connect_to(&self, endpoints: &[String]) -> Result<Client, String> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
-            // HTTP/2 pings find a dead server even when no request is in flight.
-            .with_keep_alive(self.timeout, self.timeout)
+            // HTTP/2 pings find a dead server even when no request is in flight; not
+            // more often than etcd accepts (store.keepalive_interval).
+            .with_keep_alive(self.keepalive, self.timeout)
             .with_keep_alive_while_idle(true)
             // A member that lost its leader (partitioned, or mid-election) ends our watch
             // and keep-alive streams at once, so they move to a member that has one,
