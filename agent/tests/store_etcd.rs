@@ -143,50 +143,43 @@ async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
         .expect("raw etcd client")
 }
 
-/// A front-end only watches: nothing comes from etcd while nothing moves, so its
-/// connection carries only our HTTP/2 pings. etcd closes a connection whose pings come
-/// more often than its `--grpc-keepalive-min-time` (5s by default) with nothing to send
-/// back ("too_many_pings"), after three such strikes. fe2 pings every second and must be
-/// dropped (the setting reaches the connection, and etcd's policy is what we assume);
-/// fe1, with the default (10s, twice etcd's minimum), sits idle beside it and must not.
+/// A front-end only watches: nothing comes from etcd while nothing moves. etcd closes a
+/// connection pinged more often than its `--grpc-keepalive-min-time` (5s by default)
+/// while it has nothing to send, after three such pings (with pings every second, as the
+/// agent once sent them, an idle watcher was dropped every 4 s). The agent instead asks a
+/// quiet watch for its progress every `store.keepalive_interval` (1s): the connection
+/// must stay up while idle, and a member frozen with its connection open (SIGSTOP: no
+/// close, no reset, nothing) must be left because its progress answer does not come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_watch_stays_connected_under_etcds_ping_policy() {
+async fn an_idle_watch_stays_connected_and_a_member_gone_silent_is_left() {
     let server = etcd();
-    let prefix = unique_prefix("pings");
-    let mut steady = Node::start(&config("fe1", &server.endpoint(), &prefix, ""));
-    let mut eager = Node::start(&config(
-        "fe2",
-        &server.endpoint(),
-        &prefix,
-        "keepalive_interval = \"1s\"",
-    ));
-    steady.expect_connected().await;
-    eager.expect_connected().await;
-    let started = Instant::now();
-    // Watched over two of fe2's drops, about eight seconds of the same idle watch.
-    for n in 1..=2 {
-        let why = eager
-            .expect("fe2 (pings every 1s) dropped by etcd", |i| match i {
-                Input::StoreHealth {
-                    healthy: false,
-                    detail,
-                } => Some(detail.clone()),
-                _ => None,
-            })
-            .await;
-        eprintln!("fe2 dropped ({n}) after {:?}: {why}", started.elapsed());
-    }
-    while let Ok(i) = steady.inputs.try_recv() {
-        if let Input::StoreHealth {
+    let prefix = unique_prefix("quiet");
+    let mut fe = Node::start(&config("fe1", &server.endpoint(), &prefix, ""));
+    fe.expect_connected().await;
+    let lost = |i: &Input| match i {
+        Input::StoreHealth {
             healthy: false,
             detail,
-        } = i
-        {
-            panic!("fe1 (default keepalive) lost its store connection while idle: {detail}");
-        }
+        } => Some(detail.clone()),
+        _ => None,
+    };
+    // Longer than three pings at one a second would last; about six progress rounds.
+    let idle = Duration::from_secs(6);
+    if let Ok(why) = tokio::time::timeout(idle, fe.expect("an idle drop", lost)).await {
+        panic!("an idle watch lost its etcd connection: {why}");
     }
-    steady.kill().await;
-    eager.kill().await;
+
+    server.signal(libc::SIGSTOP).expect("freeze etcd");
+    let frozen = Instant::now();
+    let why = fe.expect("the frozen member left", lost).await;
+    let after = frozen.elapsed();
+    server.signal(libc::SIGCONT).expect("wake etcd");
+    eprintln!("[measured] frozen member left after {after:?}: {why}");
+    assert!(
+        why.contains("no answer to a progress request"),
+        "left for another reason than the unanswered progress request: {why}"
+    );
+    fe.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

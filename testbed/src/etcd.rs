@@ -116,6 +116,15 @@ impl EtcdServer {
         }
     }
 
+    /// Sends the server a signal: SIGSTOP freezes it with its connections open (a member
+    /// gone silent without closing anything), SIGCONT wakes it.
+    pub fn signal(&self, sig: i32) -> anyhow::Result<()> {
+        self.process
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("etcd is stopped"))?
+            .signal(sig)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(|p| p.is_running())
     }

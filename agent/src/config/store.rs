@@ -42,12 +42,11 @@ pub struct StoreConfig {
     /// next member. At most half of `store.lease_ttl` (two renewals must fit in a lease).
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How often an HTTP/2 ping goes to the etcd member while nothing else arrives from
-    /// it, so a member that died without closing the connection is left after this plus
-    /// `store.request_timeout`. Keep it at or above the members'
-    /// `--grpc-keepalive-min-time` (etcd's default: 5s): etcd answers pings that come
-    /// more often, on a connection with nothing to send (a front-end's idle watch), by
-    /// closing it ("too_many_pings"), and the agent would reconnect every few seconds.
+    /// How long a watch on etcd may stay quiet (nothing moving) before the agent asks the
+    /// member for the watch's progress; no answer within `store.request_timeout` moves the
+    /// agent to the next member. This is how a member that died without closing the
+    /// connection is found. (HTTP/2 pings are not used for it: etcd closes a connection
+    /// pinged more often than its `--grpc-keepalive-min-time`, 5s by default.)
     #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
     pub keepalive_interval: Duration,
     /// etcd user (etcd authentication with a password); with client certificates the
@@ -115,9 +114,7 @@ fn default_store_timeout() -> Duration {
     Duration::from_secs(1)
 }
 fn default_keepalive_interval() -> Duration {
-    // Twice etcd's default --grpc-keepalive-min-time: a ping that arrives a little early
-    // still counts as on time there.
-    Duration::from_secs(10)
+    Duration::from_secs(1)
 }
 
 /// An IPv6 host in a URL without brackets (`http://2001:db8::1:2379`): the URL parser of

@@ -15,6 +15,7 @@ pub mod connect;
 mod feed;
 pub mod keys;
 mod lease;
+mod liveness;
 mod moves;
 mod policies;
 mod records;
@@ -76,6 +77,8 @@ pub struct EtcdStore {
     keys: KeyLayout,
     lease_ttl: Duration,
     timeout: Duration,
+    /// How long a watch may stay quiet before its member is asked (`liveness`).
+    quiet: Duration,
     settings: ConnectSettings,
     client: tokio::sync::Mutex<Option<Client>>,
     /// What this node wants of each VIP's records: held (with the VIP's lease), being
@@ -113,6 +116,7 @@ impl EtcdStore {
             keys: KeyLayout::new(&s.prefix),
             lease_ttl: s.lease_ttl,
             timeout: s.request_timeout,
+            quiet: s.keepalive_interval,
             settings: ConnectSettings::from_config(s)?,
             client: tokio::sync::Mutex::new(None),
             intents: Mutex::new(Intents::default()),

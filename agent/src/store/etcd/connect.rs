@@ -8,12 +8,16 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 use crate::config::StoreConfig;
 
+/// Twice etcd's default `--grpc-keepalive-min-time`: etcd closes a connection whose pings
+/// come more often while it has nothing to send ("too_many_pings"), and one that comes a
+/// little early still counts as on time there.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+
 pub struct ConnectSettings {
     endpoints: Vec<String>,
     user: Option<(String, String)>,
     tls: Option<TlsOptions>,
     timeout: Duration,
-    keepalive: Duration,
 }
 
 fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -65,7 +69,6 @@ impl ConnectSettings {
             user,
             tls,
             timeout: c.request_timeout,
-            keepalive: c.keepalive_interval,
         })
     }
 
@@ -114,9 +117,9 @@ impl ConnectSettings {
     async fn connect_to(&self, endpoints: &[String]) -> Result<Client, String> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
-            // HTTP/2 pings find a dead server even when no request is in flight; not
-            // more often than etcd accepts (store.keepalive_interval).
-            .with_keep_alive(self.keepalive, self.timeout)
+            // HTTP/2 pings, a backstop for a request stuck on a dead connection; not more
+            // often than etcd accepts (see `liveness`, which finds a dead member sooner).
+            .with_keep_alive(PING_INTERVAL, self.timeout)
             .with_keep_alive_while_idle(true)
             // A member that lost its leader (partitioned, or mid-election) ends our watch
             // and keep-alive streams at once, so they move to a member that has one,

@@ -6,9 +6,11 @@ use std::time::Duration;
 use etcd_client::{
     Client, EventType, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{decode_owner, holder_followers};
+use super::liveness::{Check, Liveness};
 use super::{BACKOFF_MAX, BACKOFF_MIN, EtcdStore, SessionEnd, unavailable};
 use crate::InputSink;
 use crate::failover::Input;
@@ -183,10 +185,38 @@ impl EtcdStore {
         }
         *backoff = BACKOFF_MIN;
         *reported_down = false;
+        let now = Instant::now();
+        let mut owners_alive = Liveness::new(now, self.quiet, self.timeout);
+        let mut holders_alive = owners_alive.clone();
         loop {
+            let due = owners_alive.due().min(holders_alive.due());
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
+                _ = tokio::time::sleep_until(due) => {
+                    let now = Instant::now();
+                    for (name, alive, stream) in [
+                        ("watch", &mut owners_alive, &mut watch),
+                        ("holder watch", &mut holders_alive, &mut holder_watch),
+                    ] {
+                        match alive.check(now) {
+                            Check::Wait => {}
+                            Check::Ask => {
+                                stream.request_progress().await.map_err(|e| {
+                                    unavailable(name, self.settings.scrub(&e.to_string()))
+                                })?;
+                                alive.asked(now);
+                            }
+                            Check::Gone(after) => {
+                                return Err(unavailable(
+                                    name,
+                                    format!("quiet, and no answer to a progress request within {after:?}"),
+                                ));
+                            }
+                        }
+                    }
+                }
                 msg = holder_watch.message() => {
+                    holders_alive.heard(Instant::now());
                     let resp = match msg {
                         Ok(Some(r)) => r,
                         Ok(None) => return Err(unavailable("holder watch", "stream ended")),
@@ -212,6 +242,7 @@ impl EtcdStore {
                     }
                 }
                 msg = watch.message() => {
+                    owners_alive.heard(Instant::now());
                     let resp = match msg {
                         Ok(Some(r)) => r,
                         Ok(None) => return Err(unavailable("watch", "stream ended")),
