@@ -124,6 +124,18 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
     assert!(stderr(&out).contains("not-an-ip"), "{}", stderr(&out));
     let out = agent.cli(&["drain", "192.0.2.77"]);
     assert_eq!(out.status.code(), Some(2), "unknown VIP is a usage error");
+    // Several at once: each failure is named, none is lost.
+    let out = agent.cli(&["drain", "192.0.2.77", "not-an-ip"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 of 2 VIPs not drained")
+            && stderr(&out).contains("192.0.2.77:")
+            && stderr(&out).contains("not-an-ip:"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli(&["drain"]);
+    assert_eq!(out.status.code(), Some(2), "drain without a VIP");
     let out = agent.cli(&["mode", "fast", "--idle-timeout", "10ms"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

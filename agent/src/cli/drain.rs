@@ -1,21 +1,58 @@
-//! `vipsec drain VIP`.
+//! `vipsec drain VIP [VIP...]`.
 
+use futures::future::join_all;
 use vipsec_proto::v1 as pb;
 
 use super::CliError;
 use super::client::{Target, connect};
 
-pub async fn run(t: &Target, vip: &str) -> Result<(), CliError> {
-    let mut client = connect(t).await?;
-    let r = client
-        .drain(pb::DrainRequest {
-            vip: vip.to_string(),
-        })
-        .await?
-        .into_inner();
-    println!(
-        "drained {vip}: {} IKE_SA(s) deleted with a DELETE to the peer; ownership withdrawn",
-        r.deleted
-    );
-    Ok(())
+/// Drains every VIP at once: the VIPs of one VRRP instance move together, and draining
+/// them one after another (each waits for its peers' answers to the DELETE) would hold the
+/// move back by the sum of those waits.
+pub async fn run(t: &Target, vips: &[String]) -> Result<(), CliError> {
+    let client = connect(t).await?;
+    let results = join_all(vips.iter().map(|vip| {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .drain(pb::DrainRequest { vip: vip.clone() })
+                .await
+                .map(|r| r.into_inner());
+            (vip, r)
+        }
+    }))
+    .await;
+    let mut failed = Vec::new();
+    for (vip, r) in results {
+        match r {
+            Ok(r) => println!(
+                "drained {vip}: {} IKE_SA(s) deleted with a DELETE to the peer; ownership withdrawn",
+                r.deleted
+            ),
+            Err(status) => failed.push((vip, CliError::from(status))),
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        // One VIP: its own error, with its exit code (2 for a VIP the agent does not host).
+        1 if vips.len() == 1 => Err(failed.remove(0).1),
+        _ => {
+            let code_2 = failed.iter().all(|(_, e)| matches!(e, CliError::Usage(_)));
+            let text = failed
+                .iter()
+                .map(|(vip, e)| format!("{vip}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let text = format!(
+                "{} of {} VIPs not drained: {text}",
+                failed.len(),
+                vips.len()
+            );
+            Err(if code_2 {
+                CliError::Usage(text)
+            } else {
+                CliError::Runtime(text)
+            })
+        }
+    }
 }

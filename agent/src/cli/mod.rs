@@ -103,10 +103,12 @@ pub enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Before a planned move: gracefully delete this node's SAs for a hosted VIP.
+    /// Before a planned move: gracefully delete this node's SAs for hosted VIPs (all at
+    /// once).
     Drain {
-        /// The hosted VIP about to move, e.g. 192.0.2.100.
-        vip: String,
+        /// The hosted VIPs about to move, e.g. 192.0.2.100 192.0.2.101.
+        #[arg(required = true)]
+        vips: Vec<String>,
     },
     /// Switch failover mode.
     Mode {
@@ -316,7 +318,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sas { vip, json } => sas::run(&target, vip, json).await,
         Command::Events { vip, json, count } => events::run(&target, vip, json, count).await,
         Command::Health { quiet } => health::run(&target, quiet).await,
-        Command::Drain { vip } => drain::run(&target, &vip).await,
+        Command::Drain { vips } => drain::run(&target, &vips).await,
         Command::Mode { mode, idle_timeout } => mode::run(&target, mode, idle_timeout).await,
         Command::Moves { vip, json } => moves::run(&target, vip, json).await,
         Command::Drill {

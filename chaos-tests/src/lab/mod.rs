@@ -580,23 +580,11 @@ impl Lab {
     /// A planned move away from `node`: its keepalived stops gracefully.
     pub fn planned_move(&mut self, node: &str) -> anyhow::Result<()> {
         // Where an agent runs, the move goes through the operator's own tool,
-        // deploy/keepalived/vipsec-handover: it drains the VIP (an IKE DELETE to each
-        // front-end while the address is still here), stops keepalived and waits until the
-        // address has left. Further VIPs of a many-VIP lab are drained first, directly.
+        // deploy/keepalived/vipsec-handover, given every VIP of the instance: it drains
+        // them at once (an IKE DELETE to each front-end while the addresses are still
+        // here), stops keepalived and waits until the addresses have left.
         if let (Some(bin), Some(socket)) = (self.vipsec_bin.clone(), self.agent_socket(node)) {
             let endpoint = format!("unix://{}", socket.display());
-            for vip in self.vips.iter().skip(1) {
-                let out = std::process::Command::new(&bin)
-                    .arg("--endpoint")
-                    .arg(&endpoint)
-                    .args(["drain", &vip.to_string()])
-                    .output()?;
-                anyhow::ensure!(
-                    out.status.success(),
-                    "vipsec drain {vip} on {node}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
             let procs = self.procs.entry(node.to_string()).or_default();
             let k = procs
                 .keepalived
@@ -613,7 +601,8 @@ impl Lab {
                 .ns
                 .command("sh")
                 .arg(&script)
-                .args(["--stop", "-t", "10", &self.vips[0].to_string()])
+                .args(["--stop", "-t", "10"])
+                .args(self.vips.iter().map(|v| v.to_string()))
                 .env("VIPSEC", &bin)
                 .env("VIPSEC_ENDPOINT", &endpoint)
                 .env("KEEPALIVED_STOP", format!("kill -TERM {pid}"))
