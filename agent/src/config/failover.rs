@@ -92,7 +92,9 @@ pub struct ReconnectConfig {
     /// `quick`, half as many after one that failed or was slow, up to `max_concurrency`.
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
-    /// The most initiations in flight at once the limit grows to.
+    /// The most initiations in flight at once the limit grows to. Keep it below the
+    /// owners' strongSwan `charon.block_threshold` (default 5): the owner silently drops
+    /// IKE_SA_INITs from an address with that many half-open IKE_SAs.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
     /// An initiation whose CHILD_SA is up within this counts as quick: the responders keep
@@ -127,7 +129,12 @@ impl Default for ReconnectConfig {
 }
 
 fn default_max_concurrency() -> u32 {
-    8
+    // strongSwan's responder ignores IKE_SA_INITs from a peer address that already has
+    // `charon.block_threshold` (default 5) half-open IKE_SAs with it. All of a node's
+    // initiations toward one owner come from one address: with 8 in flight, three were
+    // dropped and waited for charon's retransmission 4 s later (the 1x100 bench, 16-25 s
+    // to recover). Raise both together on back-ends serving many VIPs.
+    4
 }
 fn default_quick() -> Duration {
     // An unloaded IKE exchange with kernel-libipsec takes 13-40 ms in the lab.
@@ -314,7 +321,7 @@ mod tests {
         assert_eq!(c.failover.reconnect.jitter, Duration::from_millis(200));
         assert_eq!(c.peer_vips[0].priority, DEFAULT_PEER_PRIORITY);
         let text = format!(
-            "{FRONTEND}priority = 90\n[failover.reconnect]\nrate = 5.5\nburst = 2\nconcurrency = 8\njitter = \"1s\"\n"
+            "{FRONTEND}priority = 90\n[failover.reconnect]\nrate = 5.5\nburst = 2\nconcurrency = 8\nmax_concurrency = 8\njitter = \"1s\"\n"
         );
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.peer_vips[0].priority, 90);
