@@ -3,8 +3,8 @@
 //!
 //! A scripted VICI peer sits on the socket: it speaks the wire protocol (length-prefixed
 //! packets, named requests, event registration), answers `list-sas` with an empty
-//! inventory, leaves `terminate` unanswered, and on cue sends one `ike-updown` event whose
-//! body no agent could decode.
+//! inventory (slowly, on request), leaves `terminate` unanswered, and on cue sends one
+//! `ike-updown` event whose body no agent could decode.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +33,8 @@ struct Seen {
     /// Each connection's event registrations.
     registrations: Vec<Vec<String>>,
     commands: Vec<String>,
+    /// How long `list-sas` takes to answer (a charon with many SAs to list).
+    list_delay: Duration,
 }
 
 async fn read_packet(s: &mut UnixStream) -> Option<(u8, String)> {
@@ -91,7 +93,13 @@ async fn serve(
                     EVENT_UNREGISTER => send(&mut s, EVENT_CONFIRM, None, &[]).await,
                     CMD_REQUEST => {
                         let stall = name == "terminate";
+                        let delay = if name == "list-sas" {
+                            seen.lock().unwrap().list_delay
+                        } else {
+                            Duration::ZERO
+                        };
                         seen.lock().unwrap().commands.push(name);
+                        tokio::time::sleep(delay).await;
                         if !stall {
                             send(&mut s, CMD_RESPONSE, None, &[]).await;
                         }
@@ -266,6 +274,60 @@ async fn listing_sas_does_not_wait_behind_a_command_charon_has_not_answered() {
     );
     assert!(!stuck.is_finished(), "the terminate was answered after all");
     stuck.abort();
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// A drain of many VIPs at once lists the SAs for each VIP, and again while it waits for
+/// the peers' answers. Callers that queue behind a listing share the next one (it started
+/// after each of them asked); a caller that asks after a listing finished gets a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_listings_share_the_next_one_and_a_later_caller_gets_a_fresh_one() {
+    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+    seen.lock().unwrap().list_delay = Duration::from_millis(300);
+    let keying = Arc::new(keying_for(&socket));
+    let listings = |seen: &Mutex<Seen>| {
+        seen.lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter(|c| *c == "list-sas")
+            .count()
+    };
+    let first = tokio::spawn({
+        let keying = keying.clone();
+        async move { keying.list_sas().await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listings(&seen) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "list-sas never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Twenty callers while the first listing is still being answered.
+    let waiting: Vec<_> = (0..20)
+        .map(|_| {
+            let keying = keying.clone();
+            tokio::spawn(async move { keying.list_sas().await })
+        })
+        .collect();
+    first.await.unwrap().expect("first listing");
+    for w in waiting {
+        w.await.unwrap().expect("shared listing");
+    }
+    assert_eq!(
+        listings(&seen),
+        2,
+        "the twenty waiting callers should have shared one listing after the first"
+    );
+    keying.list_sas().await.expect("a later listing");
+    assert_eq!(
+        listings(&seen),
+        3,
+        "a caller after the last listing gets a fresh one"
+    );
     stop.cancel();
     server.await.unwrap();
 }
