@@ -134,6 +134,18 @@ fn bad_requests_exit_2_and_a_missing_agent_exits_1() {
         "{}",
         stderr(&out)
     );
+    // A hundred at once on one fresh connection, above the API's 64 streams a
+    // connection: every one is answered (here: not hosted), none is refused by HTTP/2.
+    let many: Vec<String> = (0..100).map(|i| format!("198.51.100.{i}")).collect();
+    let mut args = vec!["drain"];
+    args.extend(many.iter().map(String::as_str));
+    let out = agent.cli(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("100 of 100 VIPs not drained") && !stderr(&out).contains("h2"),
+        "{}",
+        stderr(&out)
+    );
     let out = agent.cli(&["drain"]);
     assert_eq!(out.status.code(), Some(2), "drain without a VIP");
     let out = agent.cli(&["mode", "fast", "--idle-timeout", "10ms"]);

@@ -25,7 +25,8 @@ pub const MAX_POLICY_DOCUMENT_LEN: usize = 256 * 1024;
 /// limit is what a caller meets first (tonic refuses a larger message with OUT_OF_RANGE).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// HTTP/2 streams one connection may have open at once (h2's SETTINGS): grpc clients queue
-/// calls above it rather than fail.
+/// calls above it once they have read the server's settings, but calls opened in a burst
+/// on a fresh connection before that are refused (`vipsec drain` keeps below it).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// Open `WatchEvents` and `grpc.health.v1.Health/Watch` streams of one client (one process
 /// on the Unix socket, one address over TCP).
