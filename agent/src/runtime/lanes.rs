@@ -31,10 +31,18 @@ use crate::addrwatch::holder::HolderProbe;
 use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
-use crate::keying::Keying;
 use crate::keying::ike_probe::IkeProbe;
+use crate::keying::{Keying, KeyingError};
 use crate::model::{Vip, VipOwner, VipRole};
 use crate::store::{OwnershipStore, StoreError};
+
+/// A store call in a lane may take this many request timeouts: a reconnection, a lease
+/// grant, and a few reads and transactions.
+const STORE_CALL_REQUESTS: u32 = 10;
+
+/// The longest a lane waits for one keying call made of several commands (a listing,
+/// a DELETE per SA, polls for the answers); each command is timed on its own.
+const KEYING_CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a drain waits for the draining mark before deleting SAs anyway. (The epoch
 /// check before a delete is not shortened: it is what fences a node that wakes from a
@@ -293,6 +301,30 @@ impl VipLane {
         }
     }
 
+    /// The longest a lane waits for one store call. Every request inside is timed, but a
+    /// call may wait for a lock the store holds across requests (one lease grant at a
+    /// time), and a lane that waits forever holds every later job of its VIP with it: a
+    /// drain then never answers (seen with 100 VIPs drained at once).
+    fn store_limit(&self) -> std::time::Duration {
+        self.ctx
+            .config
+            .store
+            .request_timeout
+            .saturating_mul(STORE_CALL_REQUESTS)
+    }
+
+    async fn store_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.store_limit();
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {limit:?}"
+            )))
+        })
+    }
+
     fn failed(&self, what: &str, error: impl std::fmt::Display) {
         self.ctx.sink.emit(
             Notice::new(NoticeKind::ActionFailed, Some(self.vip))
@@ -349,7 +381,7 @@ impl VipLane {
                     p.check_sa(vip, role, ike_id).await;
                 }
             }
-            JobKind::Publish => match self.ctx.store.publish(vip).await {
+            JobKind::Publish => match self.store_call(self.ctx.store.publish(vip)).await {
                 Ok(owner) => {
                     info!(%vip, epoch = owner.epoch, "ownership published");
                     self.announce().await;
@@ -364,18 +396,20 @@ impl VipLane {
                     let _ = self.ctx.inputs.send(Input::PublishFailed(vip)).await;
                 }
             },
-            JobKind::TakeOver { from } => match self.ctx.store.take_over(vip, &from).await {
-                Ok(owner) => {
-                    info!(%vip, epoch = owner.epoch, from = %from.node, "ownership taken over");
-                    self.announce().await;
-                    self.recorded(owner).await;
+            JobKind::TakeOver { from } => {
+                match self.store_call(self.ctx.store.take_over(vip, &from)).await {
+                    Ok(owner) => {
+                        info!(%vip, epoch = owner.epoch, from = %from.node, "ownership taken over");
+                        self.announce().await;
+                        self.recorded(owner).await;
+                    }
+                    Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
+                        "takeover",
+                        format!("the record changed meanwhile ({owner} at epoch {epoch})"),
+                    ),
+                    Err(e) => self.failed("takeover", e),
                 }
-                Err(StoreError::Fenced { owner, epoch, .. }) => self.fenced(
-                    "takeover",
-                    format!("the record changed meanwhile ({owner} at epoch {epoch})"),
-                ),
-                Err(e) => self.failed("takeover", e),
-            },
+            }
             JobKind::MarkDraining => {
                 // The DELETEs that follow must not wait for a slow store (an election):
                 // the mark only spares front-ends a refused attempt here, and the store
@@ -394,20 +428,26 @@ impl VipLane {
                     ),
                 }
             }
-            JobKind::Withdraw => match self.ctx.store.withdraw(vip).await {
+            JobKind::Withdraw => match self.store_call(self.ctx.store.withdraw(vip)).await {
                 Ok(()) => info!(%vip, "ownership withdrawn"),
                 Err(e) => self.failed("withdraw", e),
             },
             JobKind::DeleteSas { role, reply } => {
-                if role == VipRole::Hosted
-                    && let Err(fenced) = fence::hosted_delete(
-                        self.ctx.store.as_ref(),
-                        &self.ctx.config.node,
-                        vip,
-                        epoch,
-                    )
-                    .await
-                {
+                let check = fence::hosted_delete(
+                    self.ctx.store.as_ref(),
+                    &self.ctx.config.node,
+                    vip,
+                    epoch,
+                );
+                // Bounded like every store call here; without an answer the delete goes
+                // ahead, as with a store that is unreachable.
+                let checked = match role {
+                    VipRole::Hosted => tokio::time::timeout(self.store_limit(), check)
+                        .await
+                        .unwrap_or(Ok(())),
+                    VipRole::Peer => Ok(()),
+                };
+                if let Err(fenced) = checked {
                     self.fenced("delete", fenced.to_string());
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(CommandError::Fenced(fenced)));
@@ -415,7 +455,15 @@ impl VipLane {
                     return;
                 }
                 let started = std::time::Instant::now();
-                let result = self.ctx.keying.delete_sas(vip, role).await;
+                let result =
+                    tokio::time::timeout(KEYING_CALL_LIMIT, self.ctx.keying.delete_sas(vip, role))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(KeyingError::Timeout {
+                                command: "delete SAs".into(),
+                                after: KEYING_CALL_LIMIT,
+                            })
+                        });
                 match &result {
                     Ok(n) => {
                         info!(%vip, deleted = n, took = ?started.elapsed(), "SAs deleted gracefully")

@@ -123,7 +123,7 @@ impl EtcdStore {
 
     /// The lease of a held VIP's record, granted when it has none.
     pub(super) async fn vip_lease(&self, client: &Client, vip: Vip) -> Result<i64, StoreError> {
-        let _one_at_a_time = self.granting.lock().await;
+        let one_at_a_time = self.granting.lock().await;
         if let Some(id) = self.intents().held.get(&vip).and_then(|h| h.lease) {
             return Ok(id);
         }
@@ -148,8 +148,11 @@ impl EtcdStore {
             tracing::info!(%vip, lease = id, ttl = granted.ttl(), "lease granted");
             return Ok(id);
         }
-        // Withdrawn while the grant was under way: the lease carries nothing yet.
-        let _ = c.lease_revoke(id).await;
+        // Withdrawn while the grant was under way: the lease carries nothing yet. Revoked
+        // off the grant lock and under the request timeout: every publish waits for that
+        // lock, and an unanswered revoke held it for good.
+        drop(one_at_a_time);
+        let _ = tokio::time::timeout(self.timeout, c.lease_revoke(id)).await;
         Err(StoreError::Other(format!(
             "{vip} was withdrawn while its lease was granted"
         )))
