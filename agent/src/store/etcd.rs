@@ -13,6 +13,7 @@
 
 pub mod connect;
 mod feed;
+mod keepalive;
 pub mod keys;
 mod lease;
 mod liveness;
@@ -86,6 +87,8 @@ pub struct EtcdStore {
     intents: Mutex<Intents>,
     /// Serialises lease grants.
     granting: tokio::sync::Mutex<()>,
+    /// Each lease's keep-alive stream, open between renewals.
+    keepalives: keepalive::KeepAlives,
     /// Wakes the lease loop when there is new work for it.
     wake: tokio::sync::Notify,
     /// The member (index into the endpoints) requests go to.
@@ -121,6 +124,7 @@ impl EtcdStore {
             client: tokio::sync::Mutex::new(None),
             intents: Mutex::new(Intents::default()),
             granting: tokio::sync::Mutex::new(()),
+            keepalives: keepalive::KeepAlives::default(),
             wake: tokio::sync::Notify::new(),
             member: AtomicUsize::new(0),
             stale_client: AtomicBool::new(false),

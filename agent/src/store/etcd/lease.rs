@@ -23,6 +23,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
+use super::keepalive::Renewal;
 use super::{EpochMark, EtcdStore, unavailable};
 use crate::model::{Vip, unix_ms};
 use crate::store::{PendingWrite, StoreError};
@@ -349,30 +350,39 @@ impl EtcdStore {
     }
 
     async fn renew(&self, client: &Client, vip: Vip, id: i64) {
-        let mut c = client.clone();
         let member = self.member_now();
-        let r = tokio::time::timeout(self.timeout, c.lease_keep_alive(id)).await;
+        let r = self
+            .keepalives
+            .renew(client, member, id, self.timeout)
+            .await;
+        // The old way of renewing moved on after a timeout or a failed exchange; so does
+        // this: the next renewal (and every other request) goes to the next member.
         if matches!(
             r,
-            Err(_)
-                | Ok(Err(etcd_client::Error::GRpcStatus(_)))
-                | Ok(Err(etcd_client::Error::TransportError(_)))
+            Renewal::Unanswered
+                | Renewal::Failed(
+                    etcd_client::Error::GRpcStatus(_)
+                        | etcd_client::Error::TransportError(_)
+                        | etcd_client::Error::WatchError(_)
+                )
         ) {
             self.next_member(member);
         }
         let mut intents = self.intents();
+        let leases: Vec<i64> = intents.held.values().filter_map(|h| h.lease).collect();
+        self.keepalives.keep_only(&leases);
         let Some(h) = intents.held.get_mut(&vip).filter(|h| h.lease == Some(id)) else {
             // Withdrawn (or replaced) meanwhile: the release owns the lease now.
             return;
         };
         let now = Instant::now();
         match r {
-            Ok(Ok(_)) => {
+            Renewal::Renewed => {
                 h.renewed = Some(now);
                 h.retry = Retry::default();
             }
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason))) => {
-                tracing::warn!(%vip, lease = id, %reason, "lease lost; restoring the record under a new one");
+            Renewal::LeaseGone => {
+                tracing::warn!(%vip, lease = id, "lease lost; restoring the record under a new one");
                 h.lease = None;
                 h.renewed = None;
                 h.retry = Retry {
@@ -382,7 +392,7 @@ impl EtcdStore {
                 drop(intents);
                 self.wake.notify_one();
             }
-            Ok(Err(e)) => {
+            Renewal::Failed(e) => {
                 h.retry.failed(now);
                 let left = h.renewed.map(|r| {
                     self.lease_ttl
@@ -390,7 +400,7 @@ impl EtcdStore {
                 });
                 tracing::warn!(%vip, lease = id, error = %self.settings.scrub(&e.to_string()), ?left, "lease renewal failed; retrying");
             }
-            Err(_) => {
+            Renewal::Unanswered => {
                 h.retry.failed(now);
                 tracing::warn!(%vip, lease = id, timeout = ?self.timeout, "lease renewal unanswered; retrying");
             }
