@@ -191,7 +191,11 @@ impl EtcdStore {
     fn forget(&self, vip: Vip) -> Option<i64> {
         let mut intents = self.intents();
         intents.draining.remove(&vip);
-        intents.held.remove(&vip).and_then(|h| h.lease)
+        let lease = intents.held.remove(&vip).and_then(|h| h.lease);
+        if let Some(id) = lease {
+            self.keepalives.forget(id);
+        }
+        lease
     }
 
     /// After a failure on `member`: drops the cached client so the next call connects

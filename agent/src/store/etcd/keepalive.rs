@@ -33,10 +33,10 @@ impl KeepAlives {
         streams.entry(lease).or_default().clone()
     }
 
-    /// Closes the streams of leases no longer in use.
-    pub(super) fn keep_only(&self, leases: &[i64]) {
+    /// Closes the lease's stream: the lease was given up or is gone.
+    pub(super) fn forget(&self, lease: i64) {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.retain(|id, _| leases.contains(id));
+        streams.remove(&lease);
     }
 
     /// Renews `lease` once, within `timeout`, over its open stream to `member` or a new one.

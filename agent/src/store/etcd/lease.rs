@@ -369,10 +369,9 @@ impl EtcdStore {
             self.next_member(member);
         }
         let mut intents = self.intents();
-        let leases: Vec<i64> = intents.held.values().filter_map(|h| h.lease).collect();
-        self.keepalives.keep_only(&leases);
         let Some(h) = intents.held.get_mut(&vip).filter(|h| h.lease == Some(id)) else {
             // Withdrawn (or replaced) meanwhile: the release owns the lease now.
+            self.keepalives.forget(id);
             return;
         };
         let now = Instant::now();
@@ -383,6 +382,7 @@ impl EtcdStore {
             }
             Renewal::LeaseGone => {
                 tracing::warn!(%vip, lease = id, "lease lost; restoring the record under a new one");
+                self.keepalives.forget(id);
                 h.lease = None;
                 h.renewed = None;
                 h.retry = Retry {
