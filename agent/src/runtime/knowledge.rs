@@ -19,6 +19,9 @@ pub struct VipKnowledge {
     pub owner: Option<String>,
     /// This node is draining the VIP (hosted VIPs only).
     pub draining: bool,
+    /// A peer VIP has an SA up and no renegotiation running: an initiation still waiting
+    /// in the pacer would only make a second IKE_SA.
+    pub covered: bool,
 }
 
 /// Every VIP the core knows of.
@@ -37,6 +40,10 @@ impl Knowledge {
                     epoch,
                     owner: core.owner_of(vip).map(|o| o.node.clone()),
                     draining: core.hosted().get(&vip).is_some_and(|h| h.draining),
+                    covered: core
+                        .peers()
+                        .get(&vip)
+                        .is_some_and(|p| !p.sas.is_empty() && p.renegotiation.is_none()),
                 };
                 (vip, k)
             })
@@ -96,6 +103,10 @@ impl KnowledgeReader {
         self.0.borrow().vip(vip).is_some_and(|k| k.draining)
     }
 
+    pub fn covered(&self, vip: Vip) -> bool {
+        self.0.borrow().vip(vip).is_some_and(|k| k.covered)
+    }
+
     /// A reader that never changes, for tests of one task on its own.
     #[cfg(test)]
     pub(super) fn fixed(knowledge: Knowledge) -> KnowledgeReader {
@@ -120,8 +131,18 @@ impl Knowledge {
                 epoch,
                 owner: owner.map(str::to_string),
                 draining: false,
+                covered: false,
             },
         );
+        self
+    }
+
+    /// A peer VIP with an SA up toward `owner`.
+    pub(super) fn with_covered(mut self, vip: Vip, epoch: u64, owner: &str) -> Knowledge {
+        self = self.with(vip, epoch, Some(owner));
+        if let Some(k) = self.vips.get_mut(&vip) {
+            k.covered = true;
+        }
         self
     }
 }

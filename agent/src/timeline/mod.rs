@@ -34,6 +34,9 @@ pub enum Mark {
     InitiationQueued,
     /// That initiation left the pacer and was handed to the keying daemon, which sends the
     /// IKE_SA_INIT at once. The step before it is the pacer's wait (jitter, rate, limit).
+    /// When the new owner answers an initiation that was already out before the move was
+    /// learnt (the daemon retransmits it to the VIP's address), this step and the one
+    /// before are the moment the move was learnt: there was no wait.
     FirstIkeSaInit,
     /// That front-end's CHILD_SA toward the VIP is up.
     ChildSaInstalled,

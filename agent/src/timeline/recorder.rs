@@ -18,6 +18,9 @@ struct FrontMove {
     epoch: u64,
     /// Counters when the CHILD_SA came up: traffic is growth beyond them.
     baseline: Option<TrafficCounters>,
+    /// When the move was learnt, if an initiation handed to the keying daemon before then
+    /// was still out (the daemon retransmits its IKE_SA_INIT to the VIP's address).
+    carried: Option<u64>,
 }
 
 /// What the recorder learnt of a VIP's owners.
@@ -41,6 +44,8 @@ pub struct Recorder {
     pending_usable: BTreeMap<Vip, u64>,
     fronts: BTreeMap<Vip, FrontMove>,
     last_counters: BTreeMap<Vip, TrafficCounters>,
+    /// Initiations handed to the keying daemon that have not returned: (VIP, attempt).
+    in_flight: BTreeSet<(Vip, u32)>,
     history: BTreeMap<Vip, VecDeque<NodeMarks>>,
 }
 
@@ -64,6 +69,7 @@ impl Recorder {
             pending_usable: BTreeMap::new(),
             fronts: BTreeMap::new(),
             last_counters: BTreeMap::new(),
+            in_flight: BTreeSet::new(),
             history: BTreeMap::new(),
         }
     }
@@ -88,11 +94,11 @@ impl Recorder {
         match input {
             Input::OwnerSnapshot(records) => {
                 for (vip, owner) in records {
-                    self.owner_seen(&mut out, *vip, owner.as_ref(), true);
+                    self.owner_seen(&mut out, now_ms, *vip, owner.as_ref(), true);
                 }
             }
             Input::OwnerChanged { vip, owner } => {
-                self.owner_seen(&mut out, *vip, owner.as_ref(), false)
+                self.owner_seen(&mut out, now_ms, *vip, owner.as_ref(), false)
             }
             Input::VipAppeared(vip) if self.hosted.contains(vip) => {
                 self.pending_usable.insert(*vip, now_ms);
@@ -106,11 +112,15 @@ impl Recorder {
                     self.pending_usable.remove(vip);
                 }
             }
-            Input::InitiateStarted { vip, .. } => {
+            Input::InitiateStarted { vip, attempt } => {
+                self.in_flight.insert((*vip, *attempt));
                 if let Some(f) = self.fronts.get(vip) {
                     let epoch = f.epoch;
                     self.front_mark(&mut out, *vip, epoch, Mark::FirstIkeSaInit, now_ms);
                 }
+            }
+            Input::InitiateFinished { vip, attempt, .. } => {
+                self.in_flight.remove(&(*vip, *attempt));
             }
             Input::SaUp(sa) if sa.role == VipRole::Peer => {
                 if let Some(f) = self.fronts.get_mut(&sa.vip) {
@@ -118,6 +128,9 @@ impl Recorder {
                     if f.baseline.is_none() {
                         f.baseline =
                             Some(self.last_counters.get(&sa.vip).copied().unwrap_or_default());
+                    }
+                    if let Some(learnt) = f.carried {
+                        self.carried_initiation(sa.vip, epoch, learnt);
                     }
                     self.front_mark(&mut out, sa.vip, epoch, Mark::ChildSaInstalled, now_ms);
                 }
@@ -155,6 +168,7 @@ impl Recorder {
     fn owner_seen(
         &mut self,
         out: &mut Vec<NodeMarks>,
+        now_ms: u64,
         vip: Vip,
         owner: Option<&VipOwner>,
         snapshot: bool,
@@ -193,15 +207,39 @@ impl Recorder {
             }
         }
         if self.peers.contains(&vip) {
+            let carried = self
+                .in_flight
+                .range((vip, 0)..=(vip, u32::MAX))
+                .next()
+                .map(|_| now_ms);
             self.fronts.insert(
                 vip,
                 FrontMove {
                     epoch: o.epoch,
                     baseline: None,
+                    carried,
                 },
             );
             // Create the entry so later marks know from and to.
             self.entry(vip, o.epoch, from, &to);
+        }
+    }
+
+    /// The CHILD_SA came up before this move's own initiation left the pacer: the new
+    /// owner answered an IKE_SA_INIT that was already out when the move was learnt. For
+    /// this move, that initiation was queued and handed over when the move was learnt,
+    /// whatever was marked for the one still waiting in the pacer.
+    fn carried_initiation(&mut self, vip: Vip, epoch: u64, learnt: u64) {
+        let Some(e) = self
+            .history
+            .get_mut(&vip)
+            .and_then(|h| h.iter_mut().find(|e| e.epoch == epoch))
+        else {
+            return;
+        };
+        if !e.marks.contains_key(&Mark::FirstIkeSaInit) {
+            e.marks.insert(Mark::InitiationQueued, learnt);
+            e.marks.insert(Mark::FirstIkeSaInit, learnt);
         }
     }
 
@@ -499,6 +537,91 @@ mod tests {
         assert_eq!(t.at(Mark::FirstTraffic), Some(3250));
         assert_eq!(t.from_node.as_deref(), Some("be1"));
         assert_eq!(t.recovery(), Some(std::time::Duration::from_millis(250)));
+    }
+
+    fn attempt(n: u32) -> (Action, Input, Input) {
+        let act = Action::Initiate {
+            vip: vip(),
+            attempt: n,
+            crowd: 1,
+            news: false,
+        };
+        let started = Input::InitiateStarted {
+            vip: vip(),
+            attempt: n,
+        };
+        let finished = Input::InitiateFinished {
+            vip: vip(),
+            attempt: n,
+            result: Err("timed out".into()),
+        };
+        (act, started, finished)
+    }
+
+    #[test]
+    fn an_initiation_already_out_when_the_move_is_learnt_counts_if_it_is_answered() {
+        // The idle detector's second attempt is out when the new owner is learnt; the new
+        // owner answers its retransmission before the next attempt leaves the pacer.
+        let (act2, started2, _) = attempt(2);
+        let (act3, started3, _) = attempt(3);
+        let mut fe1 = front_end("fe1");
+        let fe = run(
+            &mut fe1,
+            vec![
+                In(0, snapshot("be1", 3)),
+                Act(2000, act2),
+                In(2001, started2),
+                In(3005, owner("be2", 4, 3002)),
+                Act(3006, act3),
+                In(3040, sa_up()),
+                In(3090, started3),
+                In(3250, counters(200, 200)),
+            ],
+        );
+        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
+        let at = |m| t.at(m).unwrap();
+        assert_eq!(
+            [
+                Mark::InitiationQueued,
+                Mark::FirstIkeSaInit,
+                Mark::ChildSaInstalled
+            ]
+            .map(at),
+            [3005, 3005, 3040],
+            "{}",
+            t.summary()
+        );
+
+        // The same, but the attempt out fails and the next one makes the SA.
+        let (act2, started2, finished2) = attempt(2);
+        let (act3, started3, _) = attempt(3);
+        let mut fe1 = front_end("fe1");
+        let fe = run(
+            &mut fe1,
+            vec![
+                In(0, snapshot("be1", 3)),
+                Act(2000, act2),
+                In(2001, started2),
+                In(3005, owner("be2", 4, 3002)),
+                Act(3006, act3),
+                In(3020, finished2),
+                In(3030, started3),
+                In(3070, sa_up()),
+            ],
+        );
+        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
+        let at = |m| t.at(m).unwrap();
+        assert_eq!(
+            [
+                Mark::InitiationQueued,
+                Mark::FirstIkeSaInit,
+                Mark::ChildSaInstalled
+            ]
+            .map(at),
+            [3006, 3030, 3070],
+            "{}",
+            t.summary()
+        );
     }
 
     #[test]
