@@ -125,21 +125,41 @@ async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
         std::fs::remove_file(path)
             .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    // connect() needs write permission on the socket: 0600 leaves it to root. The
-    // directory was checked to be ours and closed to others, so nobody can have swapped
-    // the path for a link between bind and chmod; still, chmod only a socket.
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
-    if !meta.file_type().is_socket() {
-        return Err(err("what was bound is no longer a socket".into()));
+    // Bound under a name of its own, made root-only, then renamed into place: the socket
+    // never appears at `path` with the umask's mode, so nobody (a caller polling for it,
+    // a test) can find it open for a moment.
+    let staging = staging_path(path);
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging).map_err(|e| err(e.to_string()))?;
+    let placed = restrict_and_place(&staging, path);
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&staging);
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(e.to_string()))?;
+    placed.map_err(err)?;
     Ok(BoundApi::Unix {
         listener,
         path: path.to_path_buf(),
     })
+}
+
+/// A name beside `path` for binding before the socket is made root-only; short, as a
+/// socket's path is limited to 107 bytes.
+fn staging_path(path: &Path) -> std::path::PathBuf {
+    path.with_file_name(format!(".bind-{}", std::process::id()))
+}
+
+fn restrict_and_place(staging: &Path, path: &Path) -> Result<(), String> {
+    // connect() needs write permission on the socket: 0600 leaves it to root. The
+    // directory was checked to be ours and closed to others, so nobody can have swapped
+    // the name for a link between bind and chmod; still, chmod only a socket.
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::symlink_metadata(staging).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_socket() {
+        return Err("what was bound is no longer a socket".into());
+    }
+    std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
+    std::fs::rename(staging, path).map_err(|e| format!("cannot move the socket into place: {e}"))
 }
 
 /// The socket's directory must be a real directory (not a link), owned by the agent's
@@ -631,5 +651,35 @@ mod vip_argument_tests {
         for s in ["[2001:db8::100", "2001:db8::100]", "[192.0.2.100]:1", "vip"] {
             assert!(parse_vip("vip", s).is_err(), "{s:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_socket_appears_root_only_and_nothing_is_left_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join("agent.sock");
+        let bound = bind_unix(&path).await.expect("bound");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["agent.sock".to_string()]);
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("the listener answers at the final path");
+        let again = bind_unix(&path)
+            .await
+            .err()
+            .expect("a second agent is refused");
+        assert!(again.to_string().contains("already listening"), "{again}");
+        drop(bound);
     }
 }
