@@ -73,8 +73,12 @@ enum Command {
         initiate_timeout: Option<Duration>,
         /// Steady state measured for the agent's idle footprint, per cell and vipsec
         /// set-up; 0s skips it.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         idle_window: Duration,
+        /// Left out before the idle window, once every front-end's agent reports all its
+        /// tunnels up (the lab's reset restarts the agents).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        idle_warmup: Duration,
         /// Width of the reaction histograms' bins, in ms.
         #[arg(long, default_value_t = 5)]
         bin_ms: i64,
@@ -103,6 +107,10 @@ enum Command {
         /// IKE_SA_INITs the responder holds waiting; more are lost (its UDP buffer).
         #[arg(long, default_value_t = 256)]
         queue: usize,
+        /// Half-open IKE_SAs the responder takes from one front-end (strongSwan's
+        /// `charon.block_threshold`); more are ignored.
+        #[arg(long, default_value_t = 5)]
+        per_peer: usize,
         /// The front-ends' `keying.initiate_timeout` and `failover.retry_max` (the lab's
         /// storm settings by default; the agent's defaults are 1000 and 1000).
         #[arg(long, default_value_t = 500)]
@@ -158,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             probe_interval,
             initiate_timeout,
             idle_window,
+            idle_warmup,
             bin_ms,
             release,
         } => {
@@ -186,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                 probe_interval,
                 initiate_timeout,
                 idle_window,
+                idle_warmup,
                 bin_ms,
                 self_exe,
             };
@@ -205,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             cost_ms,
             workers,
             queue,
+            per_peer,
             initiate_timeout_ms,
             retry_max_ms,
             horizon,
@@ -222,6 +233,7 @@ fn main() -> anyhow::Result<()> {
                     plan.cost = Duration::from_millis(cost_ms);
                     plan.workers = workers;
                     plan.queue = queue;
+                    plan.per_peer = per_peer;
                     plan.initiate_timeout = Duration::from_millis(initiate_timeout_ms);
                     plan.retry_max = Duration::from_millis(retry_max_ms);
                     plan.horizon = Duration::from_secs(horizon);

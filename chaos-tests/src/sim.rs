@@ -33,7 +33,7 @@ use vipsec::timeline::{MoveTimeline, NodeMarks};
 /// The storm control a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// The defaults: concurrency that follows the answers (1 to 8), a timed-out attempt
+    /// The defaults: concurrency that follows the answers (1 to 4), a timed-out attempt
     /// followed for one more timeout, the jitter window.
     Adaptive,
     /// Before the adaptive work: one initiation in flight, a timed-out attempt abandoned.
@@ -72,6 +72,10 @@ pub struct SimPlan {
     pub workers: usize,
     /// IKE_SA_INITs waiting beyond this are lost (the responder's UDP receive buffer).
     pub queue: usize,
+    /// Half-open IKE_SAs one front-end may have with the responder; more are ignored
+    /// (strongSwan's `charon.block_threshold`, 5 by default: a front-end's initiations all
+    /// come from one address).
+    pub per_peer: usize,
     /// `keying.initiate_timeout` and `failover.retry_max` on the front-ends.
     pub initiate_timeout: Duration,
     pub retry_max: Duration,
@@ -90,6 +94,7 @@ impl SimPlan {
             workers: 2,
             // Linux's default UDP receive buffer (208 KiB) holds about 256 IKE_SA_INITs.
             queue: 256,
+            per_peer: 5,
             initiate_timeout: Duration::from_millis(500),
             retry_max: Duration::from_millis(500),
             horizon: Duration::from_secs(120),
@@ -110,7 +115,7 @@ pub struct SimResult {
     /// IKE_SAs the new owner built, and how many of them nobody was waiting for.
     pub built: u64,
     pub wasted: u64,
-    /// IKE_SA_INITs lost at the full queue.
+    /// IKE_SA_INITs lost at the full queue or ignored over the per-peer limit.
     pub lost: u64,
     /// Renegotiation cycles that reached their deadline.
     pub gave_up: u64,
@@ -124,6 +129,9 @@ struct Owner {
     workers: Arc<Semaphore>,
     queue: usize,
     waiting: std::sync::atomic::AtomicUsize,
+    per_peer: usize,
+    /// Half-open IKE_SAs per front-end.
+    half_open: Mutex<HashMap<usize, usize>>,
     lost: AtomicU64,
     cost: Duration,
     built: AtomicU64,
@@ -142,16 +150,28 @@ impl Responder for Link {
     fn submit(&self, vip: Vip) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let (owner, fe) = (self.owner.clone(), self.front_end);
-        if owner.waiting.fetch_add(1, Ordering::Relaxed) >= owner.queue {
-            owner.waiting.fetch_sub(1, Ordering::Relaxed);
-            owner.lost.fetch_add(1, Ordering::Relaxed);
-            return rx;
+        {
+            let mut half_open = owner.half_open.lock().unwrap();
+            let mine = half_open.entry(fe).or_default();
+            if *mine >= owner.per_peer {
+                owner.lost.fetch_add(1, Ordering::Relaxed);
+                return rx;
+            }
+            if owner.waiting.fetch_add(1, Ordering::Relaxed) >= owner.queue {
+                owner.waiting.fetch_sub(1, Ordering::Relaxed);
+                owner.lost.fetch_add(1, Ordering::Relaxed);
+                return rx;
+            }
+            *mine += 1;
         }
         tokio::spawn(async move {
             let permit = owner.workers.clone().acquire_owned().await;
             owner.waiting.fetch_sub(1, Ordering::Relaxed);
             tokio::time::sleep(owner.cost).await;
             drop(permit);
+            if let Some(n) = owner.half_open.lock().unwrap().get_mut(&fe) {
+                *n -= 1;
+            }
             owner.built.fetch_add(1, Ordering::Relaxed);
             if tx.send(()).is_ok() {
                 owner
@@ -255,6 +275,8 @@ async fn storm(plan: SimPlan) -> anyhow::Result<SimResult> {
         workers: Arc::new(Semaphore::new(plan.workers)),
         queue: plan.queue,
         waiting: std::sync::atomic::AtomicUsize::new(0),
+        per_peer: plan.per_peer,
+        half_open: Mutex::new(HashMap::new()),
         lost: AtomicU64::new(0),
         cost: plan.cost,
         built: AtomicU64::new(0),

@@ -41,6 +41,9 @@ pub struct GridPlan {
     pub initiate_timeout: Option<Duration>,
     /// Steady state measured for the idle footprint; zero skips it.
     pub idle_window: Duration,
+    /// Left out before the idle window, once every front-end's tunnels are up: the agents
+    /// (restarted by the lab's reset) are still granting leases and taking first samples.
+    pub idle_warmup: Duration,
     /// Width of the reaction histograms' bins.
     pub bin_ms: i64,
     /// The `vipsec-chaos` binary the nodes run (the agent is the `vipsec` beside it).
@@ -184,7 +187,7 @@ fn run_setup(
     }
     if setup.agent().is_some() && !plan.idle_window.is_zero() {
         lab.reset()?;
-        let idle = idle_footprint(lab, cell, plan.idle_window)?;
+        let idle = idle_footprint(lab, cell, plan.idle_warmup, plan.idle_window)?;
         grid.idle.extend(idle);
     }
     let fault_list: Vec<Fault> = faults(setup)
@@ -319,13 +322,48 @@ pub fn count_sas(sas: &serde_json::Value) -> (usize, usize) {
     (ike.len(), children)
 }
 
+/// How long the front-ends' agents may take to report every peer VIP up after a reset.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Whether an agent's `status --json` shows every peer VIP with its CHILD_SA up and no
+/// renegotiation running.
+fn peers_settled(status: &serde_json::Value) -> bool {
+    status["peer_vips"].as_array().is_some_and(|peers| {
+        peers
+            .iter()
+            .all(|p| p["child_state"] == "established" && p["renegotiating"] == false)
+    })
+}
+
 /// The agent on the VIPs' owner and on the first front-end over `window` of steady
-/// traffic with nothing moving.
+/// traffic with nothing moving: after every front-end's agent reports all its peer VIPs
+/// up, and `warmup` more.
 fn idle_footprint(
     lab: &mut Lab,
     cell: Cell,
+    warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<Vec<IdleFootprint>> {
+    let settle_from = now_ns();
+    for fe in lab.names(Role::FrontEnd) {
+        let mut last = serde_json::Value::Null;
+        let settled = wait_for(&format!("{fe}'s peer VIPs up"), SETTLE_LIMIT, || {
+            last = lab.agent_json(&fe, &["status"]).ok()?;
+            peers_settled(&last).then_some(())
+        });
+        settled.map_err(|e| anyhow::anyhow!("{e}: {last:#}"))?;
+    }
+    lab.progress.step(&format!(
+        "idle footprint: every front-end's tunnels up after {:.1} s; {} s of warm-up left out",
+        (now_ns() - settle_from) as f64 / 1e9,
+        warmup.as_secs_f64()
+    ));
+    // Left out of the measurement on purpose; the probes keep the SAs busy meanwhile.
+    let until = now_ns() + warmup.as_nanos() as u64;
+    while now_ns() < until {
+        lab.poll_probes()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let owner = lab.wait_owner(Duration::from_secs(10))?;
     let fe = lab
         .names(Role::FrontEnd)
@@ -591,6 +629,20 @@ pub fn profile_of(exe: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::peers_settled;
+
+    #[test]
+    fn settled_needs_every_peer_vip_up_and_none_renegotiating() {
+        let status = |peers: serde_json::Value| serde_json::json!({ "peer_vips": peers });
+        let up = serde_json::json!({"child_state": "established", "renegotiating": false});
+        let again = serde_json::json!({"child_state": "established", "renegotiating": true});
+        let down = serde_json::json!({"child_state": "connecting", "renegotiating": true});
+        assert!(peers_settled(&status(serde_json::json!([up, up]))));
+        assert!(!peers_settled(&status(serde_json::json!([up, again]))));
+        assert!(!peers_settled(&status(serde_json::json!([down, up]))));
+        assert!(!peers_settled(&serde_json::json!({"error": "no agent"})));
+    }
+
     use super::*;
 
     #[test]
