@@ -103,6 +103,14 @@ async fn marks_from_three_nodes_merge_expire_and_skip_garbage() {
     eprintln!("[timeline] {}", t.summary());
     assert_eq!(be1.moves(None).await.unwrap().len(), 3);
 
+    // One move alone, as a node following it reads it: only its own keys.
+    let one = fe1.move_timeline(vip, 7).await.unwrap().expect("move 7");
+    assert_eq!(one.epoch, 7);
+    assert_eq!(one.marks, t.marks);
+    assert_eq!(fe1.move_timeline(vip, 6).await.unwrap().unwrap().epoch, 6);
+    assert!(fe1.move_timeline(vip, 70).await.unwrap().is_none());
+    assert!(fe1.move_timeline(other, 7).await.unwrap().is_none());
+
     // Every record sits under a lease of about a day.
     let resp = raw
         .get(

@@ -344,4 +344,11 @@ impl OwnershipStore for EtcdStore {
     async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {
         self.get_moves(vip).await
     }
+    async fn move_timeline(
+        &self,
+        vip: Vip,
+        epoch: u64,
+    ) -> Result<Option<MoveTimeline>, StoreError> {
+        self.get_move(vip, epoch).await
+    }
 }

@@ -109,6 +109,20 @@ pub trait OwnershipStore: Send + Sync + 'static {
         let _ = vip;
         Ok(Vec::new())
     }
+
+    /// One move of a VIP, every node's marks merged, if any node recorded it. A store
+    /// that keeps many moves reads only this one's marks.
+    async fn move_timeline(
+        &self,
+        vip: Vip,
+        epoch: u64,
+    ) -> Result<Option<MoveTimeline>, StoreError> {
+        Ok(self
+            .moves(Some(vip))
+            .await?
+            .into_iter()
+            .find(|t| t.epoch == epoch))
+    }
 }
 
 /// Where policies are kept: etcd (a client of its own), or the config's documents.

@@ -87,6 +87,11 @@ impl KeyLayout {
         }
     }
 
+    /// Every node's marks of one move.
+    pub fn move_prefix(&self, vip: Vip, epoch: u64) -> String {
+        format!("{}moves/{vip}/{epoch:020}/", self.prefix)
+    }
+
     /// One node's marks of one move; the epoch zero-padded so keys sort by epoch.
     pub fn move_marks(&self, vip: Vip, epoch: u64, node: &str) -> String {
         format!("{}moves/{vip}/{epoch:020}/{node}", self.prefix)

@@ -68,8 +68,21 @@ impl EtcdStore {
         &self,
         vip: Option<Vip>,
     ) -> Result<Vec<MoveTimeline>, StoreError> {
+        self.read_moves(self.keys.moves(vip)).await
+    }
+
+    /// One move: only its own keys, not every move of the VIP of the last day.
+    pub(super) async fn get_move(
+        &self,
+        vip: Vip,
+        epoch: u64,
+    ) -> Result<Option<MoveTimeline>, StoreError> {
+        let moves = self.read_moves(self.keys.move_prefix(vip, epoch)).await?;
+        Ok(moves.into_iter().find(|t| t.vip == vip && t.epoch == epoch))
+    }
+
+    async fn read_moves(&self, prefix: String) -> Result<Vec<MoveTimeline>, StoreError> {
         let client = self.client().await?;
-        let prefix = self.keys.moves(vip);
         let mut c = client.clone();
         let resp = self
             .timed(
@@ -103,6 +116,10 @@ mod tests {
         assert_eq!(key, "/vipsec/moves/2001:db8::1/00000000000000000012/fe1");
         assert!(key.starts_with(&k.moves(Some(vip))));
         assert_eq!(k.moves(None), "/vipsec/moves/");
+        let one = k.move_prefix(vip, 12);
+        assert!(key.starts_with(&one), "{key} under {one}");
+        assert!(!k.move_marks(vip, 120, "fe1").starts_with(&one));
+        assert!(!k.move_marks(vip, 1, "fe1").starts_with(&one));
         let m = NodeMarks {
             vip,
             epoch: 12,
