@@ -120,6 +120,10 @@ enum Command {
         /// Simulated seconds to follow the storm.
         #[arg(long, default_value_t = 120)]
         horizon: u64,
+        /// The front-ends' `failover.reconnect.jitter` (the most their window may grow
+        /// to), in milliseconds; the agent's default when absent.
+        #[arg(long)]
+        jitter_ms: Option<u64>,
     },
     /// (inside a back-end) The mail-like server.
     ServeMail {
@@ -219,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             initiate_timeout_ms,
             retry_max_ms,
             horizon,
+            jitter_ms,
         } => {
             let mut results = Vec::new();
             for n in front_ends {
@@ -237,6 +242,7 @@ fn main() -> anyhow::Result<()> {
                     plan.initiate_timeout = Duration::from_millis(initiate_timeout_ms);
                     plan.retry_max = Duration::from_millis(retry_max_ms);
                     plan.horizon = Duration::from_secs(horizon);
+                    plan.jitter = jitter_ms.map(Duration::from_millis);
                     eprintln!("simulating {n} front-ends x {vips} VIPs, storm control {c} ...");
                     let r = sim::run(&plan)?;
                     eprint!("{}", sim::markdown(std::slice::from_ref(&r)));

@@ -81,6 +81,8 @@ pub struct SimPlan {
     pub retry_max: Duration,
     /// Stop following the storm this long after the move.
     pub horizon: Duration,
+    /// `failover.reconnect.jitter` on the front-ends (storm control on), if not the default.
+    pub jitter: Option<Duration>,
 }
 
 impl SimPlan {
@@ -98,6 +100,7 @@ impl SimPlan {
             initiate_timeout: Duration::from_millis(500),
             retry_max: Duration::from_millis(500),
             horizon: Duration::from_secs(120),
+            jitter: None,
         }
     }
 }
@@ -190,7 +193,11 @@ impl Responder for Link {
 
 /// The cluster store without move timelines: thousands of front-ends' marks are not what
 /// the simulation measures, and merging them on every poll would be most of its work.
-struct OwnersOnly(EmbeddedStore);
+struct OwnersOnly {
+    store: EmbeddedStore,
+    /// What be1 says in its holder marks: each of its VIPs serves every front-end.
+    holders: Vec<(Vip, String, u32)>,
+}
 
 #[async_trait]
 impl OwnershipStore for OwnersOnly {
@@ -201,22 +208,28 @@ impl OwnershipStore for OwnersOnly {
         "simulation".into()
     }
     async fn run(&self, sink: vipsec::InputSink, cancel: CancellationToken) {
-        self.0.run(sink, cancel).await
+        // The crowd the front-ends size their jitter by, as an etcd store would tell it.
+        let _ = sink
+            .send(vipsec::failover::Input::HoldersSnapshot(
+                self.holders.clone(),
+            ))
+            .await;
+        self.store.run(sink, cancel).await
     }
     async fn publish(&self, vip: Vip) -> Result<vipsec::model::VipOwner, StoreError> {
-        self.0.publish(vip).await
+        self.store.publish(vip).await
     }
     async fn current(
         &self,
         vip: Vip,
     ) -> Result<(Option<vipsec::model::VipOwner>, u64), StoreError> {
-        self.0.current(vip).await
+        self.store.current(vip).await
     }
     async fn mark_draining(&self, vip: Vip) -> Result<(), StoreError> {
-        self.0.mark_draining(vip).await
+        self.store.mark_draining(vip).await
     }
     async fn withdraw(&self, vip: Vip) -> Result<(), StoreError> {
-        self.0.withdraw(vip).await
+        self.store.withdraw(vip).await
     }
     async fn publish_marks(&self, _marks: &NodeMarks) -> Result<(), StoreError> {
         Ok(())
@@ -243,6 +256,9 @@ fn front_end_config(plan: &SimPlan, n: usize) -> String {
         plan.retry_max.as_millis(),
         plan.control.reconnect()
     );
+    if let (Some(j), true) = (plan.jitter, plan.control != Control::Off) {
+        c.push_str(&format!("jitter = \"{}ms\"\n", j.as_millis()));
+    }
     for i in 0..plan.vips {
         c.push_str(&format!(
             "[[peer_vip]]\naddress = \"{}\"\nconnection = \"c{i}\"\n",
@@ -302,7 +318,12 @@ async fn storm(plan: SimPlan) -> anyhow::Result<SimResult> {
         });
         let keying = MemoryKeying::new(sas).answered_by(link, plan.control == Control::Adaptive);
         let backends = Backends {
-            store: Arc::new(OwnersOnly(store.for_node(&format!("fe{n}")))),
+            store: Arc::new(OwnersOnly {
+                store: store.for_node(&format!("fe{n}")),
+                holders: (0..plan.vips)
+                    .map(|i| (vip(i), "be1".to_string(), plan.front_ends as u32))
+                    .collect(),
+            }),
             watcher: Arc::new(MemoryAddresses::default()),
             holder: Arc::new(FixedHolder(HolderAnswer::Unknown("simulation".into()))),
             // The owners' records tell the front-ends everything; the probe is never asked.
@@ -389,15 +410,20 @@ fn secs(d: Option<Duration>) -> String {
 /// A Markdown table of runs.
 pub fn markdown(results: &[SimResult]) -> String {
     let mut s = String::from(
-        "| front-ends × VIPs | storm control | timeout / retry max | recovered | median s | p99 s | max s | IKE_SAs built (wasted) | requests lost | gave up | sim took |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| front-ends × VIPs | storm control | jitter at most | timeout / retry max | recovered | median s | p99 s | max s | IKE_SAs built (wasted) | requests lost | gave up | sim took |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in results {
         s.push_str(&format!(
-            "| {} × {} | {} | {} / {} ms | {}/{} | {} | {} | {} | {} ({}) | {} | {} | {:.0} s |\n",
+            "| {} × {} | {} | {} | {} / {} ms | {}/{} | {} | {} | {} | {} ({}) | {} | {} | {:.0} s |\n",
             r.plan.front_ends,
             r.plan.vips,
             r.plan.control.as_str(),
+            match (r.plan.control, r.plan.jitter) {
+                (Control::Off, _) => "—".to_string(),
+                (_, Some(j)) => format!("{} ms", j.as_millis()),
+                (_, None) => "200 ms".to_string(),
+            },
             r.plan.initiate_timeout.as_millis(),
             r.plan.retry_max.as_millis(),
             r.recovered,

@@ -103,9 +103,10 @@ pub struct ReconnectConfig {
     pub quick: Duration,
     /// Upper bound of the random delay (uniform from zero) before a renegotiation's first
     /// attempt; `"0s"` turns it off. The window actually used follows the crowd: the
-    /// front-ends that renegotiate with the same new owner at once (each back-end says in
-    /// the store how many it serves) divided by `responder_rate`, none at all for a crowd
-    /// of up to 8, and all of it while the crowd is unknown (a cluster starting up).
+    /// initiations that reach the same new owner at once (each back-end says in the store
+    /// how many front-ends it serves; each front-end sends at most `max_concurrency` of
+    /// its own at a time) divided by `responder_rate`, none at all for a crowd of up to 8,
+    /// and all of it while the crowd is unknown (a cluster starting up).
     #[serde(default = "default_reconnect_jitter", with = "humantime_serde")]
     pub jitter: Duration,
     /// IKE_SA_INITs per second one back-end is assumed to take from a crowd of front-ends

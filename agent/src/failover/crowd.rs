@@ -70,21 +70,36 @@ impl Crowds {
     /// cluster starting up, back-ends of an older version): the crowd is unknown.
     pub fn crowd(&self, vip: Vip) -> u32 {
         let own = self.last.get(&vip).copied().unwrap_or(0);
-        let (Some(from), Some(to)) = (self.previous.get(&vip), self.known.get(&vip)) else {
+        let Some(set) = self.moving_together(vip) else {
             return own;
         };
-        let total: u32 = self
-            .known
-            .iter()
-            .filter(|(v, _)| {
-                let still_old = self.owner.get(*v).and_then(|o| o.as_deref()) == Some(from);
-                let moved_along =
-                    self.previous.get(*v) == Some(from) && self.known.get(*v) == Some(to);
-                still_old || moved_along
-            })
-            .map(|(v, _)| self.last.get(v).copied().unwrap_or(0))
+        let total: u32 = set
+            .map(|v| self.last.get(v).copied().unwrap_or(0))
             .fold(0u32, u32::saturating_add);
         total.max(own)
+    }
+
+    /// How many of `mine` move together with `vip` (itself included): those the previous
+    /// owner had. A node's initiations toward one owner share its pacer, so only a few of
+    /// them reach the owner at once however many VIPs the node follows.
+    pub fn together(&self, vip: Vip, mine: impl Fn(&Vip) -> bool) -> u32 {
+        match self.moving_together(vip) {
+            Some(set) => set.filter(|v| mine(v)).count().max(1) as u32,
+            None => 1,
+        }
+    }
+
+    /// The VIPs that move with `vip` from its previous owner to its new one, if both are
+    /// known.
+    fn moving_together(&self, vip: Vip) -> Option<impl Iterator<Item = &Vip>> {
+        let (Some(from), Some(to)) = (self.previous.get(&vip), self.known.get(&vip)) else {
+            return None;
+        };
+        Some(self.known.keys().filter(move |v| {
+            let still_old = self.owner.get(*v).and_then(|o| o.as_deref()) == Some(from);
+            let moved_along = self.previous.get(*v) == Some(from) && self.known.get(*v) == Some(to);
+            still_old || moved_along
+        }))
     }
 }
 

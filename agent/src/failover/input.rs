@@ -150,8 +150,9 @@ pub enum Action {
         vip: Vip,
     },
     /// Start a fresh IKE_SA (IKE_SA_INIT) and its CHILD_SA toward the VIP. `crowd`: how
-    /// many front-ends are expected to renegotiate with the VIP's owner at the same time
-    /// (the pacer spreads first attempts over a window that grows with it).
+    /// many initiations are expected to reach the VIP's owner at the same time: the
+    /// front-ends moving with it, each with as many at once as its pacer allows (the
+    /// pacer spreads first attempts over a window that grows with it).
     Initiate {
         vip: Vip,
         attempt: u32,

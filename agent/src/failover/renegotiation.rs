@@ -84,6 +84,7 @@ impl FailoverCore {
         let keying_up = self.keying_up == Some(true);
         let wait_owner = self.waits_for_owner_record(vip);
         let owner_wait = self.settings.owner_wait;
+        let crowd = self.crowd_at_once(vip);
         let p = self.peers.get_mut(&vip).expect("known peer");
         let Some(r) = p.renegotiation.as_mut() else {
             return;
@@ -128,10 +129,23 @@ impl FailoverCore {
         out.push(Action::Initiate {
             vip,
             attempt: r.attempts,
-            crowd: self.crowds.crowd(vip),
+            crowd,
             news: std::mem::take(&mut r.news),
         });
         self.start_ike_probe(out, vip);
+    }
+
+    /// Initiations expected to reach `vip`'s new owner at once: the crowd of front-end
+    /// pairs moving with it, each front-end sending at most `max_concurrency` of its own
+    /// at a time. Front-ends are taken to follow as many of the moving VIPs as this one:
+    /// one node with 100 VIPs is a crowd of 4, not of 100 (no jitter), and 1,000 such
+    /// nodes a crowd of 4,000. 0: unknown.
+    pub(super) fn crowd_at_once(&self, vip: Vip) -> u32 {
+        let pairs = self.crowds.crowd(vip);
+        let mine = self.crowds.together(vip, |v| self.peers.contains_key(v));
+        let at_once = mine.min(self.settings.max_concurrency);
+        let scaled = u64::from(pairs) * u64::from(at_once) / u64::from(mine);
+        if pairs > 0 { (scaled as u32).max(1) } else { 0 }
     }
 
     /// Something changed that makes an immediate attempt worthwhile.

@@ -33,6 +33,10 @@ pub struct CoreSettings {
     /// store unreachable), probe the VIP's IKE port this often and initiate the moment it
     /// answers after silence. None: never.
     pub ike_probe: Option<Duration>,
+    /// The most initiations this node's pacer has in flight at once
+    /// (`failover.reconnect.max_concurrency`): how many of its own VIPs can reach a new
+    /// owner together, for the size of the crowd it is part of.
+    pub max_concurrency: u32,
 }
 
 impl CoreSettings {
@@ -58,6 +62,12 @@ impl CoreSettings {
             trust_kernel_when_store_down: c.failover.trust_kernel_when_store_down,
             takeover_probe: Some(c.failover.takeover_probe).filter(|w| !w.is_zero()),
             ike_probe: Some(c.failover.ike_probe_interval).filter(|w| !w.is_zero()),
+            max_concurrency: c
+                .failover
+                .reconnect
+                .max_concurrency
+                .max(c.failover.reconnect.concurrency)
+                .max(1),
         }
     }
 }

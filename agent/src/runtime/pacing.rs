@@ -11,9 +11,10 @@
 //!   that came back quickly, and halves after one that failed or was slow, never beyond
 //!   `max_concurrency` nor below one (additive increase, multiplicative decrease);
 //! - a random jitter before the first attempt of a renegotiation, so the front-ends of a
-//!   cluster spread their IKE_SA_INITs. Its window follows the crowd the core expects to
-//!   renegotiate with the same new owner at once ([`PacingSettings::window`]): none for a
-//!   few front-ends, so a small cluster pays nothing, up to `jitter` for a large one.
+//!   cluster spread their IKE_SA_INITs. Its window follows the crowd of initiations the
+//!   core expects to reach the same new owner at once ([`PacingSettings::window`]): none
+//!   for a few, so a small cluster (or one node with many VIPs, which this pacer already
+//!   spaces) pays nothing, up to `jitter` for a large one.
 //!   Attempts queued while one jitter window is open share it, so that this node's VIPs
 //!   still go in priority order. Later attempts get no jitter: the core's backoff already
 //!   spaces them.

@@ -54,6 +54,7 @@ fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
         takeover_probe: Some(Duration::from_millis(30)),
         // Its own tests turn it on (`ike_probe.rs`): the others follow the attempts alone.
         ike_probe: None,
+        max_concurrency: 4,
     }
 }
 
