@@ -129,7 +129,6 @@ async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
     // never appears at `path` with the umask's mode, so nobody (a caller polling for it,
     // a test) can find it open for a moment.
     let staging = staging_path(path);
-    let _ = std::fs::remove_file(&staging);
     let listener = tokio::net::UnixListener::bind(&staging).map_err(|e| err(e.to_string()))?;
     let placed = restrict_and_place(&staging, path);
     if placed.is_err() {
@@ -143,9 +142,10 @@ async fn bind_unix(path: &Path) -> Result<BoundApi, BindError> {
 }
 
 /// A name beside `path` for binding before the socket is made root-only; short, as a
-/// socket's path is limited to 107 bytes.
+/// socket's path is limited to 107 bytes, and random, as two agents in containers may
+/// both be pid 1.
 fn staging_path(path: &Path) -> std::path::PathBuf {
-    path.with_file_name(format!(".bind-{}", std::process::id()))
+    path.with_file_name(format!(".bind-{:08x}", rand::random::<u32>()))
 }
 
 fn restrict_and_place(staging: &Path, path: &Path) -> Result<(), String> {
@@ -159,7 +159,14 @@ fn restrict_and_place(staging: &Path, path: &Path) -> Result<(), String> {
     }
     std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| e.to_string())?;
-    std::fs::rename(staging, path).map_err(|e| format!("cannot move the socket into place: {e}"))
+    // A link, not a rename: it fails if another agent put its socket there meanwhile,
+    // as bind(2) at the path itself would.
+    std::fs::hard_link(staging, path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => "another agent is already listening there".into(),
+        _ => format!("cannot move the socket into place: {e}"),
+    })?;
+    let _ = std::fs::remove_file(staging);
+    Ok(())
 }
 
 /// The socket's directory must be a real directory (not a link), owned by the agent's
@@ -681,5 +688,20 @@ mod socket_tests {
             .expect("a second agent is refused");
         assert!(again.to_string().contains("already listening"), "{again}");
         drop(bound);
+    }
+
+    #[tokio::test]
+    async fn a_socket_put_in_place_meanwhile_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        // Another agent got there between this one's check and its move into place.
+        let _theirs = tokio::net::UnixListener::bind(&path).unwrap();
+        let staging = staging_path(&path);
+        let _mine = tokio::net::UnixListener::bind(&staging).unwrap();
+        let e = restrict_and_place(&staging, &path).unwrap_err();
+        assert!(e.contains("already listening"), "{e}");
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("theirs still answers at the path");
     }
 }

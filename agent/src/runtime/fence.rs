@@ -24,9 +24,7 @@ pub struct Fenced {
     pub now: String,
 }
 
-/// An initiation decided under `decided` may start only if the core has not moved past it:
-/// no newer owner, and no SA that came up while it waited (an attempt already out when
-/// the VIP moved is often answered by the new owner first).
+/// An initiation decided under `decided` may start only if the core has not moved past it.
 pub(super) fn initiation(
     knowledge: &KnowledgeReader,
     vip: Vip,
@@ -37,12 +35,6 @@ pub(super) fn initiation(
         return Err(Fenced {
             decided,
             now: format!("the owner is now at epoch {known}"),
-        });
-    }
-    if knowledge.covered(vip) {
-        return Err(Fenced {
-            decided,
-            now: "an SA toward the VIP came up meanwhile".to_string(),
         });
     }
     Ok(())
@@ -94,16 +86,6 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "decided under epoch 6; the owner is now at epoch 7"
-        );
-    }
-
-    #[test]
-    fn an_initiation_is_fenced_once_an_sa_came_up_while_it_waited() {
-        let k = KnowledgeReader::fixed(Knowledge::default().with_covered(vip(), 7, "be2"));
-        let e = initiation(&k, vip(), 7).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "decided under epoch 7; an SA toward the VIP came up meanwhile"
         );
     }
 }

@@ -164,7 +164,7 @@ async fn follow(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep_until((tokio::time::Instant::now() + poll).min(deadline)) => {}
         }
         poll = next_poll(poll);
     }

@@ -501,24 +501,32 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
         async move {
             // The runtime's clock, so a simulation on paused time judges answers as the lab would.
             let started = Instant::now();
-            let conn = match fence::initiation(&knowledge, vip, epoch) {
-                // The owner changed while this waited its turn: the core has decided
-                // again under the new epoch.
-                Err(fenced) => {
-                    warn!(%vip, attempt, why = %fenced, "initiation fenced");
-                    sink.emit(
-                        Notice::new(NoticeKind::ActionFenced, Some(vip))
-                            .detail(format!("initiate: {fenced}")),
-                    );
-                    Err(format!("fenced: {fenced}"))
+            // An SA came up while this waited (often the new owner answering an attempt
+            // that was out before the move): a second IKE_SA would be waste. Not a fence
+            // (nothing was decided on stale news), so no `action-fenced`.
+            let conn = if knowledge.covered(vip) {
+                debug!(%vip, attempt, "initiation not needed: an SA came up meanwhile");
+                Err("not needed: an SA toward the VIP came up meanwhile".to_string())
+            } else {
+                match fence::initiation(&knowledge, vip, epoch) {
+                    // The owner changed while this waited its turn: the core has decided
+                    // again under the new epoch.
+                    Err(fenced) => {
+                        warn!(%vip, attempt, why = %fenced, "initiation fenced");
+                        sink.emit(
+                            Notice::new(NoticeKind::ActionFenced, Some(vip))
+                                .detail(format!("initiate: {fenced}")),
+                        );
+                        Err(format!("fenced: {fenced}"))
+                    }
+                    Ok(()) => match (written, &policies) {
+                        (Some(c), _) => Ok(c),
+                        // The owner of record's identity is required of the peer: a node
+                        // that holds the address but not the record cannot complete IKE.
+                        (None, Some(p)) => p.prepare_initiate(vip).await,
+                        (None, None) => Err("not a configured peer VIP".to_string()),
+                    },
                 }
-                Ok(()) => match (written, &policies) {
-                    (Some(c), _) => Ok(c),
-                    // The owner of record's identity is required of the peer: a node that
-                    // holds the address but not the record cannot complete IKE.
-                    (None, Some(p)) => p.prepare_initiate(vip).await,
-                    (None, None) => Err("not a configured peer VIP".to_string()),
-                },
             };
             let asked = conn.is_ok();
             let result = match conn {
@@ -749,6 +757,46 @@ mod tests {
         keying.gate.add_permits(1);
         assert_eq!(finished(&mut rx).await, (vip(102), 1, Ok(())));
         assert_eq!(metrics.initiations_queued.get(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_initiation_for_a_vip_already_covered_is_not_started() {
+        let config = Config::parse(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n",
+        )
+        .expect("valid config");
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let keying = Arc::new(GatedKeying {
+            started: started_tx,
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let (inputs, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let cancel = CancellationToken::new();
+        let (events, mut notices) = tokio::sync::broadcast::channel(16);
+        let knowledge =
+            crate::runtime::knowledge::Knowledge::default().with_covered(vip(100), 4, "be2");
+        let pacer = Pacer::start(PacerParts {
+            keying: keying.clone(),
+            config: Arc::new(config),
+            inputs,
+            metrics: metrics.clone(),
+            tracker: TaskTracker::new(),
+            cancel: cancel.clone(),
+            knowledge: KnowledgeReader::fixed(knowledge),
+            policies: None,
+            sink: EventSink::new(events, metrics.clone(), "fe"),
+        });
+        pacer.initiate(vip(100), 3, 4, 1, false);
+        let (v, attempt, result) = finished(&mut rx).await;
+        assert_eq!((v, attempt), (vip(100), 3));
+        assert!(result.unwrap_err().contains("not needed"));
+        assert!(started.try_recv().is_err(), "charon was asked anyway");
+        // Not an action fenced on stale news: no event an alert would count.
+        assert!(notices.try_recv().is_err());
         cancel.cancel();
     }
 

@@ -329,9 +329,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 /// renegotiation running.
 fn peers_settled(status: &serde_json::Value) -> bool {
     status["peer_vips"].as_array().is_some_and(|peers| {
-        peers
-            .iter()
-            .all(|p| p["child_state"] == "established" && p["renegotiating"] == false)
+        !peers.is_empty()
+            && peers
+                .iter()
+                .all(|p| p["child_state"] == "established" && p["renegotiating"] == false)
     })
 }
 
@@ -641,6 +642,7 @@ mod tests {
         assert!(!peers_settled(&status(serde_json::json!([up, again]))));
         assert!(!peers_settled(&status(serde_json::json!([down, up]))));
         assert!(!peers_settled(&serde_json::json!({"error": "no agent"})));
+        assert!(!peers_settled(&status(serde_json::json!([]))));
     }
 
     use super::*;
