@@ -701,25 +701,28 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_task_runs_initiations_in_order_one_at_a_time_and_reports_cancelled_ones() {
-        let config = Config::parse(
-            "node = \"fe\"\n\
-             [failover.reconnect]\njitter = \"0s\"\n\
-             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n\
-             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"b\"\npriority = 90\n\
-             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"c\"\n\
-             [[peer_vip]]\naddress = \"192.0.2.103\"\nconnection = \"d\"\n",
-        )
-        .expect("valid config");
-        let (started_tx, mut started) = mpsc::unbounded_channel();
+    /// A pacer task over a gated keying daemon, and what it reports.
+    struct Harness {
+        pacer: Pacer,
+        keying: Arc<GatedKeying>,
+        started: mpsc::UnboundedReceiver<Vip>,
+        rx: mpsc::Receiver<Input>,
+        notices: tokio::sync::broadcast::Receiver<crate::runtime::events::EventRecord>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    }
+
+    fn harness(config: &str, knowledge: crate::runtime::knowledge::Knowledge) -> Harness {
+        let config = Config::parse(config).expect("valid config");
+        let (started_tx, started) = mpsc::unbounded_channel();
         let keying = Arc::new(GatedKeying {
             started: started_tx,
             gate: tokio::sync::Semaphore::new(0),
         });
-        let (inputs, mut rx) = mpsc::channel(16);
+        let (inputs, rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
         let cancel = CancellationToken::new();
+        let (events, notices) = tokio::sync::broadcast::channel(16);
         let pacer = Pacer::start(PacerParts {
             keying: keying.clone(),
             config: Arc::new(config),
@@ -727,10 +730,40 @@ mod tests {
             metrics: metrics.clone(),
             tracker: TaskTracker::new(),
             cancel: cancel.clone(),
-            knowledge: KnowledgeReader::fixed(Default::default()),
+            knowledge: KnowledgeReader::fixed(knowledge),
             policies: None,
-            sink: EventSink::new(tokio::sync::broadcast::channel(16).0, metrics.clone(), "fe"),
+            sink: EventSink::new(events, metrics.clone(), "fe"),
         });
+        Harness {
+            pacer,
+            keying,
+            started,
+            rx,
+            notices,
+            metrics,
+            cancel,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_runs_initiations_in_order_one_at_a_time_and_reports_cancelled_ones() {
+        let Harness {
+            pacer,
+            keying,
+            mut started,
+            mut rx,
+            metrics,
+            cancel,
+            ..
+        } = harness(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"b\"\npriority = 90\n\
+             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"c\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.103\"\nconnection = \"d\"\n",
+            Default::default(),
+        );
         // An empty queue starts at once.
         pacer.initiate(vip(100), 1, 0, 1, false);
         assert_eq!(started.recv().await, Some(vip(100)));
@@ -762,34 +795,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_initiation_for_a_vip_already_covered_is_not_started() {
-        let config = Config::parse(
+        let Harness {
+            pacer,
+            mut started,
+            mut rx,
+            mut notices,
+            cancel,
+            ..
+        } = harness(
             "node = \"fe\"\n\
              [failover.reconnect]\njitter = \"0s\"\n\
              [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n",
-        )
-        .expect("valid config");
-        let (started_tx, mut started) = mpsc::unbounded_channel();
-        let keying = Arc::new(GatedKeying {
-            started: started_tx,
-            gate: tokio::sync::Semaphore::new(0),
-        });
-        let (inputs, mut rx) = mpsc::channel(16);
-        let metrics = Arc::new(Metrics::new());
-        let cancel = CancellationToken::new();
-        let (events, mut notices) = tokio::sync::broadcast::channel(16);
-        let knowledge =
-            crate::runtime::knowledge::Knowledge::default().with_covered(vip(100), 4, "be2");
-        let pacer = Pacer::start(PacerParts {
-            keying: keying.clone(),
-            config: Arc::new(config),
-            inputs,
-            metrics: metrics.clone(),
-            tracker: TaskTracker::new(),
-            cancel: cancel.clone(),
-            knowledge: KnowledgeReader::fixed(knowledge),
-            policies: None,
-            sink: EventSink::new(events, metrics.clone(), "fe"),
-        });
+            crate::runtime::knowledge::Knowledge::default().with_covered(vip(100), 4, "be2"),
+        );
         pacer.initiate(vip(100), 3, 4, 1, false);
         let (v, attempt, result) = finished(&mut rx).await;
         assert_eq!((v, attempt), (vip(100), 3));

@@ -558,70 +558,50 @@ mod tests {
         (act, started, finished)
     }
 
+    /// fe1's queued, first IKE_SA_INIT and CHILD_SA marks of the move to be2 (learnt at
+    /// 3005 with attempt 2 out since 2001, attempt 3 queued at 3006), after `then`.
+    fn marks_with_attempt_out(then: impl FnOnce(Input, Input) -> Vec<Step>) -> [u64; 3] {
+        let (act2, started2, finished2) = attempt(2);
+        let (act3, started3, _) = attempt(3);
+        let mut script = vec![
+            In(0, snapshot("be1", 3)),
+            Act(2000, act2),
+            In(2001, started2),
+            In(3005, owner("be2", 4, 3002)),
+            Act(3006, act3),
+        ];
+        script.extend(then(finished2, started3));
+        let fe = run(&mut front_end("fe1"), script);
+        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
+        [
+            Mark::InitiationQueued,
+            Mark::FirstIkeSaInit,
+            Mark::ChildSaInstalled,
+        ]
+        .map(|m| {
+            t.at(m)
+                .unwrap_or_else(|| panic!("no {m:?}: {}", t.summary()))
+        })
+    }
+
     #[test]
     fn an_initiation_already_out_when_the_move_is_learnt_counts_if_it_is_answered() {
-        // The idle detector's second attempt is out when the new owner is learnt; the new
-        // owner answers its retransmission before the next attempt leaves the pacer.
-        let (act2, started2, _) = attempt(2);
-        let (act3, started3, _) = attempt(3);
-        let mut fe1 = front_end("fe1");
-        let fe = run(
-            &mut fe1,
+        // The new owner answers the retransmission of the attempt out before the next
+        // attempt leaves the pacer.
+        let answered = marks_with_attempt_out(|_, started3| {
             vec![
-                In(0, snapshot("be1", 3)),
-                Act(2000, act2),
-                In(2001, started2),
-                In(3005, owner("be2", 4, 3002)),
-                Act(3006, act3),
                 In(3040, sa_up()),
                 In(3090, started3),
                 In(3250, counters(200, 200)),
-            ],
-        );
-        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
-        let at = |m| t.at(m).unwrap();
-        assert_eq!(
-            [
-                Mark::InitiationQueued,
-                Mark::FirstIkeSaInit,
-                Mark::ChildSaInstalled
             ]
-            .map(at),
-            [3005, 3005, 3040],
-            "{}",
-            t.summary()
-        );
+        });
+        assert_eq!(answered, [3005, 3005, 3040]);
 
         // The same, but the attempt out fails and the next one makes the SA.
-        let (act2, started2, finished2) = attempt(2);
-        let (act3, started3, _) = attempt(3);
-        let mut fe1 = front_end("fe1");
-        let fe = run(
-            &mut fe1,
-            vec![
-                In(0, snapshot("be1", 3)),
-                Act(2000, act2),
-                In(2001, started2),
-                In(3005, owner("be2", 4, 3002)),
-                Act(3006, act3),
-                In(3020, finished2),
-                In(3030, started3),
-                In(3070, sa_up()),
-            ],
-        );
-        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
-        let at = |m| t.at(m).unwrap();
-        assert_eq!(
-            [
-                Mark::InitiationQueued,
-                Mark::FirstIkeSaInit,
-                Mark::ChildSaInstalled
-            ]
-            .map(at),
-            [3006, 3030, 3070],
-            "{}",
-            t.summary()
-        );
+        let next = marks_with_attempt_out(|finished2, started3| {
+            vec![In(3020, finished2), In(3030, started3), In(3070, sa_up())]
+        });
+        assert_eq!(next, [3006, 3030, 3070]);
     }
 
     #[test]

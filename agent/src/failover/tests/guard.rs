@@ -642,10 +642,9 @@ async fn a_renegotiation_says_how_many_front_ends_move_with_it() {
     assert_eq!(crowd, Some(40), "{a:#?}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_front_end_with_many_vips_counts_as_its_pacer_not_as_its_vips() {
-    // This front-end follows ten VIPs of be1; so do 99 others, each VIP with 100
-    // front-ends: 1,000 pairs, but each front-end sends at most 4 initiations at a time.
+/// The crowd of the first initiation when a front-end following ten VIPs of be1 hears
+/// that one moved to be2, be1 having said it serves `followers` front-ends on each.
+fn crowd_with_ten_vips(followers: u32) -> Option<u32> {
     let vips: Vec<IpAddr> = (100..110)
         .map(|n| format!("192.0.2.{n}").parse().unwrap())
         .collect();
@@ -662,42 +661,24 @@ async fn a_front_end_with_many_vips_counts_as_its_pacer_not_as_its_vips() {
         vips.iter().map(|v| (*v, owner("be1", 3))).collect(),
     ));
     fe.feed(Input::HoldersSnapshot(
-        vips.iter().map(|v| (*v, "be1".into(), 100)).collect(),
+        vips.iter().map(|v| (*v, "be1".into(), followers)).collect(),
     ));
     fe.feed(Input::SaUp(peer_sa(1)));
     let a = fe.feed(Input::OwnerChanged {
         vip: vip(),
         owner: owner("be2", 4),
     });
-    let crowd = a.iter().find_map(|x| match x {
+    a.iter().find_map(|x| match x {
         Action::Initiate { crowd, .. } => Some(*crowd),
         _ => None,
-    });
-    assert_eq!(crowd, Some(400), "{a:#?}");
+    })
+}
 
+#[tokio::test(start_paused = true)]
+async fn a_front_end_with_many_vips_counts_as_its_pacer_not_as_its_vips() {
+    // Ten VIPs, each with 100 front-ends: 1,000 pairs, but each front-end sends at most 4
+    // initiations at a time.
+    assert_eq!(crowd_with_ten_vips(100), Some(400));
     // One front-end alone with its ten VIPs: a crowd of its own 4, too few for jitter.
-    let mut alone = Node {
-        core: FailoverCore::new(settings(true, Mode::Normal), &[], &peers),
-        timers: Vec::new(),
-    };
-    alone.feed(store_up());
-    alone.feed(Input::KeyingUp {
-        established: vec![],
-    });
-    alone.feed(Input::OwnerSnapshot(
-        vips.iter().map(|v| (*v, owner("be1", 3))).collect(),
-    ));
-    alone.feed(Input::HoldersSnapshot(
-        vips.iter().map(|v| (*v, "be1".into(), 1)).collect(),
-    ));
-    alone.feed(Input::SaUp(peer_sa(1)));
-    let a = alone.feed(Input::OwnerChanged {
-        vip: vip(),
-        owner: owner("be2", 4),
-    });
-    let crowd = a.iter().find_map(|x| match x {
-        Action::Initiate { crowd, .. } => Some(*crowd),
-        _ => None,
-    });
-    assert_eq!(crowd, Some(4), "{a:#?}");
+    assert_eq!(crowd_with_ten_vips(1), Some(4));
 }
