@@ -123,7 +123,8 @@ protect = ["tcp/143"]
     // Someone flushes the kernel's policies: the guard is back within a second.
     lab.fe.ip(&["xfrm", "policy", "flush"]).unwrap();
     let t = Instant::now();
-    // kernel.guard_check is 250 ms: well inside the second the guard may be missing.
+    // The kernel announces the flush and the agent repairs at once (kernel.guard_check,
+    // 2 s, is only the backstop): well inside the second the guard may be missing.
     agent.wait_status("the guard repaired", Duration::from_secs(1), |s| {
         s["peer_vips"][0]["guard"]["state"] == "held"
             && lab

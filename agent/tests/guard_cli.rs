@@ -521,3 +521,76 @@ fn remove_is_refused_while_an_agent_answers_unless_forced() {
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     eprintln!("guard back {:?} after a forced remove", t.elapsed());
 }
+
+#[test]
+fn a_running_agent_repairs_what_the_kernel_announces_without_waiting_for_its_check() {
+    let lab = Lab::new();
+    // The periodic comparison is far off: only the kernel's announcements can bring the
+    // guard back within the deadlines below.
+    let body = format!(
+        "[store]\nbackend = \"embedded\"\n\
+         [kernel]\nbackend = \"xfrm\"\ninterface = \"fe0\"\nlibipsec = true\nguard_check = \"60s\"\n\
+         [[peer_vip]]\naddress = \"{VIP4}\"\nconnection = \"vip\"\nprotect = [\"tcp/143\"]\n\
+         [[peer_vip]]\naddress = \"{VIP6}\"\nconnection = \"vip6\"\nprotect = [\"tcp/143\"]\n"
+    );
+    let agent = AgentProc::start(Some(&lab.fe), lab.dir.path(), "fe", &body);
+    let block = format!("dst {VIP4}/32 proto tcp dport 143 dev fe0");
+    let prohibit = format!("221:\tfrom all to {VIP6} ipproto tcp dport 143 prohibit");
+    let whole = || lab.policies().contains(&block) && lab.rules6().contains(&prohibit);
+    wait_for("the agent's guard", Duration::from_secs(10), || {
+        whole().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    let deadline = Duration::from_secs(2);
+    // The repair can be quicker than a look at the kernel: the agent's log counts them.
+    let repairs = || agent.log_text().matches("guard repaired vip=").count();
+
+    // A block policy deleted by its selector: the kernel's notice names no index, so
+    // whose policy it was is not known from the notice alone.
+    lab.fe
+        .ip(&[
+            "xfrm",
+            "policy",
+            "delete",
+            "dir",
+            "out",
+            "src",
+            "0.0.0.0/0",
+            "dst",
+            &format!("{VIP4}/32"),
+            "proto",
+            "tcp",
+            "dport",
+            "143",
+            "dev",
+            "fe0",
+        ])
+        .unwrap();
+    let t = Instant::now();
+    wait_for("the block policy back", deadline, || {
+        lab.policies().contains(&block).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.policies(), agent.log_text()));
+    eprintln!("block policy deleted -> back in {:?}", t.elapsed());
+    wait_for("the repair in the log", deadline, || {
+        (repairs() == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    assert_eq!(lab.connect(VIP4, 143), Err(libc::EPERM));
+
+    // The IPv6 guard's routing rule deleted.
+    lab.fe
+        .ip(&["-6", "rule", "del", "priority", "221"])
+        .unwrap();
+    let t = Instant::now();
+    wait_for("the prohibit rule back", deadline, || {
+        lab.rules6().contains(&prohibit).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.rules6(), agent.log_text()));
+    eprintln!("prohibit rule deleted -> back in {:?}", t.elapsed());
+    wait_for("the repair in the log", deadline, || {
+        (repairs() == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    assert_eq!(lab.connect(VIP6, 143), Err(libc::EACCES));
+}

@@ -3,7 +3,8 @@
 //!
 //! The guard (XFRM block policies bound to `kernel.interface` for IPv4; policy routing
 //! `prohibit` rules after charon's table 220 for IPv6 under kernel-libipsec) is installed
-//! by the agent, repaired every `kernel.guard_check` and never removed by it. These
+//! by the agent, repaired as soon as the kernel announces a change to it (and every
+//! `kernel.guard_check`), and never removed by it. These
 //! commands put it in before anything else runs (`install`, for the boot unit), show what
 //! the kernel holds (`show`), and take it out on purpose (`remove`, the only way it goes).
 //! None of them needs the agent, charon or etcd: they talk to the kernel over netlink.
@@ -62,8 +63,8 @@ pub enum GuardCommand {
         /// Every VIP the kernel holds a guard for, configured or not.
         #[arg(long)]
         all: bool,
-        /// Remove even though an agent answers (it puts a configured VIP's guard back
-        /// within `kernel.guard_check`).
+        /// Remove even though an agent answers (it puts a configured VIP's guard back at
+        /// once).
         #[arg(long)]
         force: bool,
         /// Agent config, also checked for a running agent at its `api.endpoint`; default
@@ -570,7 +571,7 @@ async fn remove(
         for t in &targets {
             if let Some(why) = agent_answers(t).await {
                 return Err(CliError::Runtime(format!(
-                    "{why}: it would put a configured VIP's guard back within kernel.guard_check; stop the agent first (systemctl stop vipsec), or pass --force"
+                    "{why}: it would put a configured VIP's guard back at once; stop the agent first (systemctl stop vipsec), or pass --force"
                 )));
             }
         }

@@ -47,8 +47,10 @@ pub struct KernelConfig {
     /// `ProtectKernelModules=yes` hides /lib/modules, so an esp4 module that is installed
     /// but not loaded yet is not seen.
     pub libipsec: Option<bool>,
-    /// How often the guard is compared with the kernel and repaired (a flushed policy or
-    /// a deleted rule is back within this long).
+    /// How often the guard is compared with the kernel and repaired even when the kernel
+    /// announced no change. A policy deleted or flushed and a rule deleted are announced
+    /// and repaired at once; this bounds what no announcement names (notifications lost
+    /// while the agent was busy are followed by a comparison too).
     #[serde(default = "default_guard_check", with = "humantime_serde")]
     pub guard_check: Duration,
 }
@@ -62,7 +64,7 @@ impl KernelConfig {
 }
 
 fn default_guard_check() -> Duration {
-    Duration::from_millis(250)
+    Duration::from_secs(2)
 }
 
 impl Default for KernelConfig {

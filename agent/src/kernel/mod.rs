@@ -79,6 +79,14 @@ pub trait Kernel: Send + Sync + 'static {
     /// Deletes the kernel's SAs to or from the VIP (the forceful path); returns how many.
     async fn delete_states(&self, vip: Vip) -> Result<u32, KernelError>;
 
+    /// Told when the kernel announces a change that may have removed part of the guard
+    /// (a policy deleted or flushed, a rule deleted) or when such announcements may have
+    /// been missed; `None` when the kernel announces nothing. `run` sends the
+    /// notifications.
+    fn guard_disturbed(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Feeds kernel events (expire, acquire) to the core until cancelled.
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
         let _ = sink;

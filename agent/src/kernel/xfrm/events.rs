@@ -16,7 +16,7 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_xfrm::{
     XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XfrmMessage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -84,14 +84,18 @@ pub enum XfrmEvent {
 }
 
 /// Decodes and logs kernel events until cancelled, sending each to `events` if given;
-/// re-subscribes if the socket fails.
+/// re-subscribes if the socket fails. `disturbed` is told whenever a policy is deleted or
+/// the policies are flushed, and whenever events may have been missed (a new
+/// subscription, a lost notification): the guard keeper then compares the guard with the
+/// kernel at once instead of at its next periodic check.
 pub(super) async fn watch(
     vips: &VipMap,
     events: Option<mpsc::Sender<XfrmEvent>>,
+    disturbed: Option<&Notify>,
     cancel: CancellationToken,
 ) {
     while !cancel.is_cancelled() {
-        if let Err(e) = watch_once(vips, events.as_ref(), &cancel).await {
+        if let Err(e) = watch_once(vips, events.as_ref(), disturbed, &cancel).await {
             warn!(error = %e, "XFRM event subscription failed; retrying");
         }
         tokio::select! {
@@ -104,6 +108,7 @@ pub(super) async fn watch(
 async fn watch_once(
     vips: &VipMap,
     events: Option<&mpsc::Sender<XfrmEvent>>,
+    disturbed: Option<&Notify>,
     cancel: &CancellationToken,
 ) -> std::io::Result<()> {
     let (mut conn, _handle, mut messages) = xfrmnetlink::new_connection()?;
@@ -112,20 +117,30 @@ async fn watch_once(
     let task = tokio::spawn(conn);
     let _stop = AbortOnDrop(task);
     info!("watching XFRM events (acquire, expire, sa, policy)");
+    // Whatever happened while nobody was subscribed is only seen by a check.
+    disturbed.inspect(|n| n.notify_one());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             msg = messages.next() => match msg {
-                Some((msg, _)) => {
-                    if let NetlinkPayload::InnerMessage(m) = msg.payload {
+                Some((msg, _)) => match msg.payload {
+                    NetlinkPayload::InnerMessage(m) => {
                         let event = decode(vips, &m);
                         log_event(&event);
+                        if event.may_touch_the_guard() {
+                            disturbed.inspect(|n| n.notify_one());
+                        }
                         if let Some(tx) = events {
                             // A slow consumer loses events rather than stall the socket.
                             let _ = tx.try_send(event);
                         }
                     }
-                }
+                    NetlinkPayload::Overrun(_) => {
+                        warn!("XFRM notifications were lost (socket buffer full)");
+                        disturbed.inspect(|n| n.notify_one());
+                    }
+                    _ => {}
+                },
                 None => return Err(std::io::Error::other("XFRM netlink socket closed")),
             },
         }
@@ -163,6 +178,19 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl XfrmEvent {
+    /// A policy deleted by selector carries no index, so whether it was one of the
+    /// agent's is unknown: every deletion counts.
+    fn may_touch_the_guard(&self) -> bool {
+        matches!(
+            self,
+            XfrmEvent::PolicyDeleted { .. }
+                | XfrmEvent::PoliciesFlushed
+                | XfrmEvent::PolicyExpire { hard: true, .. }
+        )
     }
 }
 

@@ -46,6 +46,8 @@ pub struct XfrmKernel {
     /// Engage and release read, then change the policy table; one at a time keeps two
     /// calls from picking the same free index.
     policy_ops: Mutex<()>,
+    /// See [`Kernel::guard_disturbed`].
+    disturbed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl XfrmKernel {
@@ -57,6 +59,7 @@ impl XfrmKernel {
             libipsec: config.kernel.libipsec(),
             vips: VipMap::from_config(config),
             policy_ops: Mutex::new(()),
+            disturbed: Default::default(),
         })
     }
 
@@ -86,7 +89,7 @@ impl XfrmKernel {
         events: tokio::sync::mpsc::Sender<XfrmEvent>,
         cancel: CancellationToken,
     ) {
-        events::watch(&self.vips, Some(events), cancel).await;
+        events::watch(&self.vips, Some(events), None, cancel).await;
     }
 
     /// The agent's block policies currently in the kernel.
@@ -476,10 +479,29 @@ impl Kernel for XfrmKernel {
         Ok(deleted)
     }
 
-    /// Logs kernel events; sends nothing to the core (see [`events`] for why).
+    fn guard_disturbed(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.disturbed.clone())
+    }
+
+    /// Logs kernel events and tells the guard keeper of changes that may touch the
+    /// guard; sends nothing to the core (see [`events`] for why).
     async fn run(&self, sink: InputSink, cancel: CancellationToken) {
         drop(sink);
-        events::watch(&self.vips, None, cancel).await;
+        let rules = async {
+            while !cancel.is_cancelled() {
+                if let Err(e) = route_guard::watch_deletions(&self.disturbed, &cancel).await {
+                    warn!(error = %e, "routing rule subscription failed; retrying");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        tokio::join!(
+            events::watch(&self.vips, None, Some(&self.disturbed), cancel.clone()),
+            rules
+        );
     }
 }
 

@@ -252,6 +252,43 @@ pub async fn rules() -> Result<Vec<GuardRule>, KernelError> {
     Ok(dump(&rtnl).await?.into_iter().map(|(g, _)| g).collect())
 }
 
+/// Tells `disturbed` whenever a routing rule is deleted, and when notifications may have
+/// been lost (a new subscription, a full socket buffer), until cancelled or the socket
+/// fails. The guard keeper then compares its rules with the kernel at once.
+pub async fn watch_deletions(
+    disturbed: &tokio::sync::Notify,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), KernelError> {
+    use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use rtnetlink::MulticastGroup;
+
+    let (connection, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Rule, MulticastGroup::Ipv6Rule])
+            .map_err(|e| KernelError::Netlink(format!("subscribe to rule changes: {e}")))?;
+    disturbed.notify_one();
+    let watch = async {
+        while let Some((message, _)) = messages.next().await {
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRule(_)) => {
+                    disturbed.notify_one()
+                }
+                NetlinkPayload::Overrun(_) => {
+                    tracing::warn!("rule notifications were lost (socket buffer full)");
+                    disturbed.notify_one();
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        _ = watch => Err(KernelError::Netlink("rule notifications ended".into())),
+        _ = connection => Err(KernelError::Netlink("rule notification socket closed".into())),
+    }
+}
+
 /// Adds the missing rules of `wanted` (all of one VIP), `pass` rules first, then removes
 /// the VIP's rules no longer wanted; returns how many of `wanted` are in place.
 pub async fn engage(vip: Vip, wanted: &[GuardRule]) -> Result<u32, KernelError> {
