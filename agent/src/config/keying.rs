@@ -31,6 +31,14 @@ pub struct KeyingConfig {
     /// detection, more VICI traffic. `failover.idle_timeout` must be at least twice this.
     #[serde(default = "default_sample_interval", with = "humantime_serde")]
     pub sample_interval: Duration,
+    /// How often SA counters are read while every peer VIP's traffic is answered (or
+    /// there is none); `keying.sample_interval` as soon as one VIP's traffic goes
+    /// unanswered. A silence that starts while sampling is calm is seen up to this late.
+    /// Unset: 1 s with an etcd store (ownership changes come from the store; the idle
+    /// detector is the backstop), `keying.sample_interval` without one (the idle detector
+    /// is how a dead owner is found).
+    #[serde(default, with = "humantime_serde")]
+    pub calm_sample_interval: Option<Duration>,
     /// Upper bound for one IKE initiation; raise it over high-latency links.
     #[serde(default = "default_initiate_timeout", with = "humantime_serde")]
     pub initiate_timeout: Duration,
@@ -49,6 +57,7 @@ impl Default for KeyingConfig {
             backend: KeyingBackend::default(),
             vici_socket: default_vici_socket(),
             sample_interval: default_sample_interval(),
+            calm_sample_interval: None,
             initiate_timeout: default_initiate_timeout(),
             reconnect_min: default_reconnect_min(),
             reconnect_max: default_reconnect_max(),
@@ -78,6 +87,18 @@ fn default_reconnect_max() -> Duration {
 impl KeyingConfig {
     pub(super) fn validate(&self, p: &mut Problems) {
         p.positive("keying.sample_interval", self.sample_interval);
+        if let Some(calm) = self.calm_sample_interval
+            && calm < self.sample_interval
+        {
+            p.bad(
+                "keying.calm_sample_interval",
+                format!(
+                    "{} is shorter than keying.sample_interval ({})",
+                    humantime::format_duration(calm),
+                    humantime::format_duration(self.sample_interval)
+                ),
+            );
+        }
         p.positive("keying.initiate_timeout", self.initiate_timeout);
         p.positive("keying.reconnect_min", self.reconnect_min);
         if self.reconnect_max < self.reconnect_min {
@@ -86,5 +107,39 @@ impl KeyingConfig {
                 "must not be shorter than keying.reconnect_min",
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::Config;
+    use crate::config::tests::FRONTEND;
+
+    #[test]
+    fn calm_sampling_defaults_to_one_second_with_etcd_and_to_the_sample_interval_without() {
+        let embedded = Config::parse(FRONTEND).unwrap();
+        assert_eq!(embedded.calm_sample_interval(), Duration::from_millis(250));
+        let etcd = Config::parse(&format!("{FRONTEND}[store]\nbackend = \"etcd\"\n")).unwrap();
+        assert_eq!(etcd.calm_sample_interval(), Duration::from_secs(1));
+        let set = Config::parse(&format!(
+            "{FRONTEND}[keying]\ncalm_sample_interval = \"500ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(set.calm_sample_interval(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_calm_interval_shorter_than_the_sample_interval_is_refused_with_both_values() {
+        let problems = Config::parse(&format!(
+            "{FRONTEND}[keying]\nsample_interval = \"500ms\"\ncalm_sample_interval = \"100ms\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "keying.calm_sample_interval");
+        assert!(
+            problems[0].reason.contains("100ms") && problems[0].reason.contains("500ms"),
+            "{problems:?}"
+        );
     }
 }

@@ -204,6 +204,16 @@ impl Config {
         self.hosted_vips.iter().map(|v| v.address).collect()
     }
 
+    /// `keying.calm_sample_interval`, or its default for this store.
+    pub fn calm_sample_interval(&self) -> Duration {
+        self.keying
+            .calm_sample_interval
+            .unwrap_or(match self.store.backend {
+                StoreBackend::Etcd => Duration::from_secs(1).max(self.keying.sample_interval),
+                StoreBackend::Embedded => self.keying.sample_interval,
+            })
+    }
+
     pub fn peer_addresses(&self) -> Vec<Vip> {
         self.peer_vips.iter().map(|v| v.address).collect()
     }

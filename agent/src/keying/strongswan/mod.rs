@@ -12,6 +12,7 @@
 //! - `initiate` with `timeout = N` answers when the CHILD_SA is installed, or with
 //!   "... not established after Nms" (the IKE_SA keeps trying in the background).
 
+mod cadence;
 pub mod connection;
 pub mod loader;
 pub mod messages;
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use self::cadence::Cadence;
 use self::connection::ViciConn;
 use self::messages::{
     ChildRekeyPair, ControlLog, IkeRekeyPair, IkeSaMsg, InitiateRequest, ListSasRequest,
@@ -61,6 +63,8 @@ pub struct StrongswanKeying {
     hosted: Vec<Vip>,
     peers: Vec<Vip>,
     sample_interval: Duration,
+    /// See `cadence`.
+    calm_sample_interval: Duration,
     reconnect_min: Duration,
     reconnect_max: Duration,
     /// The connection the trait's commands share (one command at a time).
@@ -79,6 +83,7 @@ impl StrongswanKeying {
             hosted: config.hosted_addresses(),
             peers: config.peer_addresses(),
             sample_interval: config.keying.sample_interval,
+            calm_sample_interval: config.calm_sample_interval(),
             reconnect_min: config.keying.reconnect_min,
             reconnect_max: config.keying.reconnect_max,
             commands: tokio::sync::Mutex::new(None),
@@ -170,8 +175,9 @@ impl StrongswanKeying {
             return Ok(None);
         }
 
-        let mut ticker = tokio::time::interval(self.sample_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cadence = Cadence::new(self.sample_interval, self.calm_sample_interval);
+        let next_sample = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(next_sample);
         let sampling = !self.peers.is_empty();
         loop {
             let item = if let Some(item) = early.pop_front() {
@@ -181,9 +187,14 @@ impl StrongswanKeying {
                     _ = cancel.cancelled() => return Ok(None),
                     why = connection::lost_reason(&mut loss) => return Ok(Some(why)),
                     item = events.next() => item,
-                    _ = ticker.tick(), if sampling => {
-                        match self.sample(&mut sampler, &mut sas).await {
-                            Ok(inputs) => {
+                    _ = &mut next_sample, if sampling => {
+                        let result = self.sample(&mut sampler, &mut sas, &mut cadence).await;
+                        // Timed from the end of this sample, as the interval it replaces
+                        // delayed a missed tick.
+                        let wait = result.as_ref().map_or(self.sample_interval, |(_, w)| *w);
+                        next_sample.as_mut().reset(tokio::time::Instant::now() + wait);
+                        match result {
+                            Ok((inputs, _)) => {
                                 for i in inputs {
                                     if sink.send(i).await.is_err() {
                                         return Ok(None);
@@ -221,8 +232,8 @@ impl StrongswanKeying {
                     loss = event_conn.loss_signal();
                     events = subscribe_all(&mut event_conn);
                     early.extend(events.next().now_or_never().flatten());
-                    match self.sample(&mut sampler, &mut sas).await {
-                        Ok(inputs) => {
+                    match self.sample(&mut sampler, &mut sas, &mut cadence).await {
+                        Ok((inputs, _)) => {
                             for i in inputs {
                                 if sink.send(i).await.is_err() {
                                     return Ok(None);
@@ -246,12 +257,13 @@ impl StrongswanKeying {
     }
 
     /// One sample: a single list-sas, reconciled into the SA set, and the summed counters
-    /// of every peer VIP's CHILD_SAs.
+    /// of every peer VIP's CHILD_SAs; with the wait until the next sample.
     async fn sample(
         &self,
         conn: &mut ViciConn,
         sas: &mut SaSet,
-    ) -> Result<Vec<Input>, KeyingError> {
+        cadence: &mut Cadence,
+    ) -> Result<(Vec<Input>, Duration), KeyingError> {
         let started = Instant::now();
         let listing = list_all(conn).await?;
         tracing::trace!(ike_sas = listing.len(), took = ?started.elapsed(), "sampled SAs");
@@ -272,11 +284,12 @@ impl StrongswanKeying {
                 sum.packets_out += c.packets_out;
             }
         }
+        let wait = cadence.after(&sums);
         inputs.extend(
             sums.into_iter()
                 .map(|(vip, counters)| Input::CountersSampled { vip, counters }),
         );
-        Ok(inputs)
+        Ok((inputs, wait))
     }
 }
 
