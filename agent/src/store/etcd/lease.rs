@@ -194,16 +194,19 @@ impl EtcdStore {
         let mut work = Vec::new();
         let mut next: Option<Instant> = None;
         let mut later = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        let due_at = |h: &Held| match (h.lease, h.retry.next, h.renewed) {
+            // A lease that expired, or a renewal that failed, is retried on its own
+            // schedule; a healthy one is renewed every third of the TTL.
+            (_, Some(t), _) => Some(t),
+            (Some(_), None, Some(r)) => Some(r + period),
+            (Some(_), None, None) => Some(now),
+            (None, None, _) => None,
+        };
+        let batch_until = batch_until(intents.held.values().map(due_at), now, period);
         for (vip, h) in &intents.held {
-            let due_at = match (h.lease, h.retry.next, h.renewed) {
-                // A lease that expired, or a renewal that failed, is retried on its own
-                // schedule; a healthy one is renewed every third of the TTL.
-                (_, Some(t), _) => t,
-                (Some(_), None, Some(r)) => r + period,
-                (Some(_), None, None) => now,
-                (None, None, _) => continue,
-            };
-            if due_at <= now {
+            let Some(due_at) = due_at(h) else { continue };
+            let healthy = h.lease.is_some() && h.retry.next.is_none();
+            if due_at <= now || (healthy && due_at <= batch_until) {
                 work.push(match h.lease {
                     Some(id) => Work::Renew(*vip, id),
                     None => Work::Restore(*vip),
@@ -524,5 +527,43 @@ impl EtcdStore {
             }
         }
         out
+    }
+}
+
+/// Until when healthy leases are renewed together with one that is due now: half a
+/// period ahead. Renewed a little early, they fall into step, and a node with 100 VIPs
+/// wakes about once a period for all of them instead of 150 times a second, one lease at
+/// a time. With nothing due now, nothing is renewed early.
+fn batch_until(
+    dues: impl IntoIterator<Item = Option<Instant>>,
+    now: Instant,
+    period: Duration,
+) -> Instant {
+    if dues.into_iter().flatten().any(|t| t <= now) {
+        now + period / 2
+    } else {
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_due_soon_are_renewed_with_one_due_now_and_none_early_otherwise() {
+        let now = Instant::now();
+        let period = Duration::from_millis(600);
+        let ms = |n| Duration::from_millis(n);
+        let due = [
+            Some(now - ms(1)),
+            Some(now + ms(200)),
+            None,
+            Some(now + ms(500)),
+        ];
+        assert_eq!(batch_until(due, now, period), now + ms(300));
+        let later = [Some(now + ms(1)), Some(now + ms(200))];
+        assert_eq!(batch_until(later, now, period), now);
+        assert_eq!(batch_until([None], now, period), now);
     }
 }
