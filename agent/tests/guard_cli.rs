@@ -593,4 +593,43 @@ fn a_running_agent_repairs_what_the_kernel_announces_without_waiting_for_its_che
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     assert_eq!(lab.connect(VIP6, 143), Err(libc::EACCES));
+
+    // An update with the block's selector replaces it (whatever its priority), keeps its
+    // index, and is announced as that policy allowing. The agent cannot put its block
+    // beside it (the kernel refuses a second one) but reports the guard gone at once.
+    lab.fe
+        .ip(&[
+            "xfrm",
+            "policy",
+            "update",
+            "dir",
+            "out",
+            "src",
+            "0.0.0.0/0",
+            "dst",
+            &format!("{VIP4}/32"),
+            "proto",
+            "tcp",
+            "dport",
+            "143",
+            "dev",
+            "fe0",
+            "priority",
+            "1000000",
+            "action",
+            "allow",
+        ])
+        .unwrap();
+    let t = Instant::now();
+    let guard_of = |s: &Value, vip: &str| {
+        s["peer_vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|p| p["address"] == vip))
+            .map(|p| p["guard"]["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    agent.wait_status("the replaced block reported", deadline, |s| {
+        guard_of(s, VIP4) == "absent"
+    });
+    eprintln!("block replaced -> reported in {:?}", t.elapsed());
 }

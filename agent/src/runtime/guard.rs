@@ -122,8 +122,7 @@ pub(crate) struct GuardKeeper {
 /// The longest wait between two repair attempts that keep failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// How often a guard that is not whole is looked at (each repair still waits for its
-/// backoff).
+/// The soonest a guard that is not whole is looked at again.
 const RETRY: Duration = Duration::from_millis(250);
 
 impl GuardKeeper {
@@ -259,6 +258,19 @@ impl GuardKeeper {
         all_held
     }
 
+    /// How soon a guard that is not whole is looked at again: when the first repair's
+    /// backoff ends, or [`RETRY`] when none is waiting (a pass that could not read the
+    /// kernel).
+    fn retry_in(&self) -> Duration {
+        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        backoff
+            .values()
+            .map(|(_, at)| at.saturating_duration_since(now))
+            .min()
+            .map_or(RETRY, |d| d.max(RETRY))
+    }
+
     /// Spaces out repairs that keep failing (every pass would otherwise log and retry).
     fn note_attempt(&self, vip: Vip, complete: bool) {
         let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
@@ -274,8 +286,8 @@ impl GuardKeeper {
 
     /// Compares the guard with the kernel until cancelled: at once when the kernel
     /// announces a change that may have removed part of it, every `interval` in any case
-    /// (a change nothing announced), and every [`RETRY`] while a guard is not whole, so a
-    /// repair waits no longer than its backoff.
+    /// (a change nothing announced), and, while a guard is not whole, when the next
+    /// repair's backoff ends.
     pub async fn run(&self, interval: Duration, cancel: CancellationToken) {
         let disturbed = self.kernel.guard_disturbed();
         let announced = async || match &disturbed {
@@ -285,7 +297,11 @@ impl GuardKeeper {
         // Not known after a restart of this task: look again soon.
         let mut whole = false;
         loop {
-            let wait = if whole { interval } else { interval.min(RETRY) };
+            let wait = if whole {
+                interval
+            } else {
+                self.retry_in().min(interval)
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}

@@ -177,7 +177,7 @@ impl Starting {
                 backoff: Default::default(),
             };
             if !keeper.pass(true).await {
-                warn!("the guard is not complete at start-up; retrying every kernel.guard_check");
+                warn!("the guard is not complete at start-up; retrying");
             }
             let keeper = Arc::new(keeper);
             let (interval, c) = (config.kernel.guard_check, cancel.clone());

@@ -14,7 +14,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_xfrm::{
-    XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XfrmMessage,
+    XFRM_POLICY_BLOCK, XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
+    XfrmAttrs, XfrmMessage,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -67,11 +68,15 @@ pub enum XfrmEvent {
     PolicyAdded {
         index: u32,
         action: u8,
+        priority: u32,
     },
     PolicyDeleted {
+        /// From the notice's id, or from the policy it carries when deleted by selector.
         index: u32,
         /// One of the agent's block policies.
         agent: bool,
+        /// The notice said which policy went (an index, or the policy itself).
+        known: bool,
     },
     PoliciesFlushed,
     PolicyExpire {
@@ -84,8 +89,8 @@ pub enum XfrmEvent {
 }
 
 /// Decodes and logs kernel events until cancelled, sending each to `events` if given;
-/// re-subscribes if the socket fails. `disturbed` is told whenever a policy is deleted or
-/// the policies are flushed, and whenever events may have been missed (a new
+/// re-subscribes if the socket fails. `disturbed` is told of every change that may have
+/// removed part of the guard, and whenever events may have been missed (a new
 /// subscription, a lost notification): the guard keeper then compares the guard with the
 /// kernel at once instead of at its next periodic check.
 pub(super) async fn watch(
@@ -182,15 +187,21 @@ impl Drop for AbortOnDrop {
 }
 
 impl XfrmEvent {
-    /// A policy deleted by selector carries no index, so whether it was one of the
-    /// agent's is unknown: every deletion counts.
+    /// One of the agent's policies went (or a deletion that does not say which), the
+    /// policies were flushed, or one of the agent's blocks was replaced: an update with a
+    /// block's selector replaces it whatever its priority, keeps its index, and is
+    /// announced as that policy with another action. The keying daemon's own policy
+    /// changes, many in a mass move, are not.
     fn may_touch_the_guard(&self) -> bool {
-        matches!(
-            self,
-            XfrmEvent::PolicyDeleted { .. }
-                | XfrmEvent::PoliciesFlushed
-                | XfrmEvent::PolicyExpire { hard: true, .. }
-        )
+        match self {
+            XfrmEvent::PolicyDeleted { agent, known, .. } => *agent || !*known,
+            XfrmEvent::PoliciesFlushed => true,
+            XfrmEvent::PolicyExpire { index, hard } => *hard && is_agent_index(*index),
+            XfrmEvent::PolicyAdded { index, action, .. } => {
+                is_agent_index(*index) && *action != XFRM_POLICY_BLOCK
+            }
+            _ => false,
+        }
     }
 }
 
@@ -237,11 +248,25 @@ fn decode(vips: &VipMap, m: &XfrmMessage) -> XfrmEvent {
         XfrmMessage::AddPolicy(p) | XfrmMessage::UpdatePolicy(p) => XfrmEvent::PolicyAdded {
             index: p.user_policy_info.index,
             action: p.user_policy_info.action,
+            priority: p.user_policy_info.priority,
         },
-        XfrmMessage::DeletePolicy(p) => XfrmEvent::PolicyDeleted {
-            index: p.user_policy_id.index,
-            agent: is_agent_index(p.user_policy_id.index),
-        },
+        XfrmMessage::DeletePolicy(p) => {
+            // Deleted by selector, the notice's id has no index; the kernel attaches the
+            // deleted policy itself.
+            let attached = p.nlas.iter().find_map(|a| match a {
+                XfrmAttrs::PolicyInfo(info) => Some(info.index),
+                _ => None,
+            });
+            let index = match p.user_policy_id.index {
+                0 => attached.unwrap_or(0),
+                i => i,
+            };
+            XfrmEvent::PolicyDeleted {
+                index,
+                agent: is_agent_index(index),
+                known: index != 0,
+            }
+        }
         XfrmMessage::FlushPolicy(_) => XfrmEvent::PoliciesFlushed,
         XfrmMessage::PolicyExpire(p) => XfrmEvent::PolicyExpire {
             index: p.expire.pol.index,
@@ -287,16 +312,26 @@ fn log_event(event: &XfrmEvent) {
             "XFRM SA deleted"
         ),
         XfrmEvent::SasFlushed => info!(event = "sa-flush", "XFRM SAs flushed"),
-        XfrmEvent::PolicyAdded { index, action } => {
-            debug!(event = "policy-new", index, action, "XFRM policy added")
+        XfrmEvent::PolicyAdded {
+            index,
+            action,
+            priority,
+        } => {
+            debug!(
+                event = "policy-new",
+                index, action, priority, "XFRM policy added"
+            )
         }
         // Expected on release; worth seeing when someone else removes a block.
-        XfrmEvent::PolicyDeleted { index, agent: true } => {
+        XfrmEvent::PolicyDeleted {
+            index, agent: true, ..
+        } => {
             info!(event = "policy-delete", index, "agent block policy removed")
         }
         XfrmEvent::PolicyDeleted {
             index,
             agent: false,
+            ..
         } => {
             debug!(event = "policy-delete", index, "XFRM policy deleted")
         }
