@@ -33,10 +33,13 @@ pub struct KeyingConfig {
     pub sample_interval: Duration,
     /// How often SA counters are read while every peer VIP's traffic is answered (or
     /// there is none); `keying.sample_interval` as soon as one VIP's traffic goes
-    /// unanswered. A silence that starts while sampling is calm is seen up to this late.
-    /// Unset: 1 s with an etcd store (ownership changes come from the store; the idle
-    /// detector is the backstop), `keying.sample_interval` without one (the idle detector
-    /// is how a dead owner is found).
+    /// unanswered. A silence that starts just after a calm sample is counted from up to
+    /// twice this later (the next sample still holds the last answers). At most
+    /// `failover.idle_timeout`.
+    /// Unset: with an etcd store half of `failover.idle_timeout`, at most 1 s (ownership
+    /// changes come from the store; the idle detector is the backstop), and
+    /// `keying.sample_interval` without one (the idle detector is how a dead owner is
+    /// found).
     #[serde(default, with = "humantime_serde")]
     pub calm_sample_interval: Option<Duration>,
     /// Upper bound for one IKE initiation; raise it over high-latency links.
@@ -122,12 +125,33 @@ mod tests {
         let embedded = Config::parse(FRONTEND).unwrap();
         assert_eq!(embedded.calm_sample_interval(), Duration::from_millis(250));
         let etcd = Config::parse(&format!("{FRONTEND}[store]\nbackend = \"etcd\"\n")).unwrap();
-        assert_eq!(etcd.calm_sample_interval(), Duration::from_secs(1));
+        // Half of FRONTEND's 1.5 s idle timeout.
+        assert_eq!(etcd.calm_sample_interval(), Duration::from_millis(750));
+        let long = Config::parse(&format!("{FRONTEND}[store]\nbackend = \"etcd\"\n"))
+            .map(|mut c| {
+                c.failover.idle_timeout = Duration::from_secs(10);
+                c
+            })
+            .unwrap();
+        assert_eq!(long.calm_sample_interval(), Duration::from_secs(1));
         let set = Config::parse(&format!(
             "{FRONTEND}[keying]\ncalm_sample_interval = \"500ms\"\n"
         ))
         .unwrap();
         assert_eq!(set.calm_sample_interval(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_calm_interval_longer_than_the_idle_timeout_is_refused() {
+        let problems = Config::parse(&format!(
+            "{FRONTEND}[keying]\ncalm_sample_interval = \"5s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "keying.calm_sample_interval");
+        assert!(
+            problems[0].reason.contains("5s") && problems[0].reason.contains("1s 500ms"),
+            "{problems:?}"
+        );
     }
 
     #[test]

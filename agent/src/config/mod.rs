@@ -174,6 +174,19 @@ impl Config {
         self.keying.validate(&mut p);
         self.kernel.validate(&mut p);
         self.failover.validate(self.keying.sample_interval, &mut p);
+        if let Some(calm) = self.keying.calm_sample_interval
+            && calm > self.failover.idle_timeout
+        {
+            p.bad(
+                "keying.calm_sample_interval",
+                format!(
+                    "{} is longer than failover.idle_timeout ({}): a silence would be seen \
+                     long after it should have been declared",
+                    humantime::format_duration(calm),
+                    humantime::format_duration(self.failover.idle_timeout)
+                ),
+            );
+        }
         kernel::validate_fail_secure(self, &mut p);
         policy::validate(self, &mut p);
         self.drill.validate(&mut p);
@@ -204,13 +217,17 @@ impl Config {
         self.hosted_vips.iter().map(|v| v.address).collect()
     }
 
-    /// `keying.calm_sample_interval`, or its default for this store.
+    /// `keying.calm_sample_interval`, or its default for this store: with etcd half the
+    /// idle timeout, at most 1 s, so a silence is counted within one idle timeout.
     pub fn calm_sample_interval(&self) -> Duration {
+        let fast = self.keying.sample_interval;
         self.keying
             .calm_sample_interval
             .unwrap_or(match self.store.backend {
-                StoreBackend::Etcd => Duration::from_secs(1).max(self.keying.sample_interval),
-                StoreBackend::Embedded => self.keying.sample_interval,
+                StoreBackend::Etcd => (self.failover.idle_timeout / 2)
+                    .min(Duration::from_secs(1))
+                    .max(fast),
+                StoreBackend::Embedded => fast,
             })
     }
 

@@ -33,7 +33,7 @@ pub struct StoreConfig {
     #[serde(default = "default_prefix")]
     pub prefix: String,
     /// How long a record survives its node: each hosted VIP has a lease of its own, renewed
-    /// every third of this while the VIP is here and never after it leaves. Shorter:
+    /// every sixth to third of this (in step with the node's other leases) while the VIP is here and never after it leaves. Shorter:
     /// front-ends learn of a crash sooner; too short for the etcd round trip and a busy
     /// node loses ownership spuriously. Minimum 1s.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]

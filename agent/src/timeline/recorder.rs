@@ -21,6 +21,8 @@ struct FrontMove {
     /// When the move was learnt, if an initiation handed to the keying daemon before then
     /// was still out (the daemon retransmits its IKE_SA_INIT to the VIP's address).
     carried: Option<u64>,
+    /// Those initiations: once all of them failed, nothing was carried.
+    carried_attempts: BTreeSet<u32>,
 }
 
 /// What the recorder learnt of a VIP's owners.
@@ -119,8 +121,19 @@ impl Recorder {
                     self.front_mark(&mut out, *vip, epoch, Mark::FirstIkeSaInit, now_ms);
                 }
             }
-            Input::InitiateFinished { vip, attempt, .. } => {
+            Input::InitiateFinished {
+                vip,
+                attempt,
+                result,
+            } => {
                 self.in_flight.remove(&(*vip, *attempt));
+                if result.is_err()
+                    && let Some(f) = self.fronts.get_mut(vip)
+                    && f.carried_attempts.remove(attempt)
+                    && f.carried_attempts.is_empty()
+                {
+                    f.carried = None;
+                }
             }
             Input::SaUp(sa) if sa.role == VipRole::Peer => {
                 if let Some(f) = self.fronts.get_mut(&sa.vip) {
@@ -207,17 +220,18 @@ impl Recorder {
             }
         }
         if self.peers.contains(&vip) {
-            let carried = self
+            let carried_attempts: BTreeSet<u32> = self
                 .in_flight
                 .range((vip, 0)..=(vip, u32::MAX))
-                .next()
-                .map(|_| now_ms);
+                .map(|(_, attempt)| *attempt)
+                .collect();
             self.fronts.insert(
                 vip,
                 FrontMove {
                     epoch: o.epoch,
                     baseline: None,
-                    carried,
+                    carried: (!carried_attempts.is_empty()).then_some(now_ms),
+                    carried_attempts,
                 },
             );
             // Create the entry so later marks know from and to.
@@ -602,6 +616,30 @@ mod tests {
             vec![In(3020, finished2), In(3030, started3), In(3070, sa_up())]
         });
         assert_eq!(next, [3006, 3030, 3070]);
+    }
+
+    #[test]
+    fn an_initiation_out_when_the_move_is_learnt_that_fails_is_not_counted_for_a_later_sa() {
+        // Attempt 2 was out when the move was learnt and fails; an SA then comes up that
+        // no initiation of this move made (the pacer skips the queued one as not needed).
+        let (act2, started2, finished2) = attempt(2);
+        let (act3, _, _) = attempt(3);
+        let fe = run(
+            &mut front_end("fe1"),
+            vec![
+                In(0, snapshot("be1", 3)),
+                Act(2000, act2),
+                In(2001, started2),
+                In(3005, owner("be2", 4, 3002)),
+                Act(3006, act3),
+                In(3020, finished2),
+                In(3040, sa_up()),
+            ],
+        );
+        let t = MoveTimeline::merge(&[fe[0].clone()]).unwrap();
+        assert_eq!(t.at(Mark::InitiationQueued), Some(3006), "{}", t.summary());
+        assert_eq!(t.at(Mark::FirstIkeSaInit), None, "{}", t.summary());
+        assert_eq!(t.at(Mark::ChildSaInstalled), Some(3040), "{}", t.summary());
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! outbound traffic without inbound, or counters that start over (a new SA), they come
 //! every `fast` interval until all is answered again.
 //!
-//! The price: a silence that starts while samples are calm is first seen up to `calm`
-//! after it began instead of up to `fast`, and the idle detector counts from that sample,
-//! never from before it (no peer is declared idle early).
+//! The price: a silence that starts just after a calm sample is first seen up to two
+//! `calm` intervals after it began (the next sample still holds the answers that came
+//! before it) instead of up to two `fast` ones, and the idle detector counts from that
+//! sample, never from before it (no peer is declared idle early).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

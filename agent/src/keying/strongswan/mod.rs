@@ -232,7 +232,13 @@ impl StrongswanKeying {
                     loss = event_conn.loss_signal();
                     events = subscribe_all(&mut event_conn);
                     early.extend(events.next().now_or_never().flatten());
-                    match self.sample(&mut sampler, &mut sas, &mut cadence).await {
+                    let result = self.sample(&mut sampler, &mut sas, &mut cadence).await;
+                    if let Ok((_, wait)) = &result {
+                        next_sample
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + *wait);
+                    }
+                    match result {
                         Ok((inputs, _)) => {
                             for i in inputs {
                                 if sink.send(i).await.is_err() {

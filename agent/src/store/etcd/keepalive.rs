@@ -1,6 +1,6 @@
 //! One keep-alive stream per lease, kept open between renewals.
 //!
-//! Every hosted VIP has a lease of its own, renewed every third of its TTL. Opening a new
+//! Every hosted VIP has a lease of its own, renewed every sixth to third of its TTL. Opening a new
 //! keep-alive stream for each renewal (what `Client::lease_keep_alive` does) cost a node
 //! with 100 VIPs 150 HTTP/2 streams a second and most of its idle CPU. A renewal now sends
 //! one request on the lease's open stream and reads one answer; a stream that fails, ends

@@ -196,7 +196,8 @@ impl EtcdStore {
         let mut later = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         let due_at = |h: &Held| match (h.lease, h.retry.next, h.renewed) {
             // A lease that expired, or a renewal that failed, is retried on its own
-            // schedule; a healthy one is renewed every third of the TTL.
+            // schedule; a healthy one is renewed every third of the TTL
+            // (sooner, in step with one that is due: `batch_until`).
             (_, Some(t), _) => Some(t),
             (Some(_), None, Some(r)) => Some(r + period),
             (Some(_), None, None) => Some(now),
