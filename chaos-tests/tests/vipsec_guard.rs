@@ -449,6 +449,26 @@ fn front_ends_without_start_action_leak_nothing_through_any_fault() {
     every_fault(FrontEndStyle::None);
 }
 
+/// Connections as a newcomer writes them on both ends (`start_action = start`, MOBIKE and
+/// `keyingtries` at strongSwan's defaults, the back-ends answering on any address) and
+/// keepalived without notify scripts: a planned move is keepalived stopping, with no drain
+/// before the VIP leaves; the agents learn of it from the address and the store only.
+#[test]
+fn hand_written_connections_without_notify_scripts_leak_nothing_on_moves_and_a_crash() {
+    let _t = common::start("guard, hand-written connections, no notify scripts");
+    let mut opts = common::options(Setup::VipsecEtcd);
+    opts.frontend_style = FrontEndStyle::Start;
+    opts.handover = false;
+    let mut lab = common::build(opts);
+    let mut reports = vec![guard_at_start(&lab, "config")];
+    for fault in [Fault::Planned, Fault::Crash, Fault::Planned] {
+        prepare(&mut lab);
+        reports.push(owner_fault(&mut lab, fault));
+    }
+    drop(lab);
+    finish("hand-written connections, no notify scripts", &reports);
+}
+
 #[test]
 fn start_style_over_ipv6_leaks_nothing_on_a_move_or_a_charon_kill() {
     let _t = common::start("guard over IPv6, start_action = start");

@@ -38,8 +38,9 @@ pub enum FrontEndStyle {
     Trap,
     /// `start_action = trap|start`: charon covers the ports and initiates at load.
     TrapStart,
-    /// `start_action = start` with `keyingtries` left at strongSwan's default: no trap,
-    /// the form most strongSwan examples use and a new user writes.
+    /// `start_action = start` with `keyingtries` and `mobike` left at strongSwan's
+    /// defaults (one try; MOBIKE on): no trap, the form most strongSwan examples use and a
+    /// new user writes.
     Start,
     /// No `start_action` line: charon neither traps nor initiates; only the agent does.
     None,
@@ -67,6 +68,12 @@ impl FrontEndStyle {
 
     /// Whether `keyingtries = 0` is written: every style but the example-copied one.
     fn retries_forever(self) -> bool {
+        self != FrontEndStyle::Start
+    }
+
+    /// Whether `mobike = no` is written (here and on the back-ends): every style but the
+    /// example-copied one.
+    pub fn mobike_off(self) -> bool {
         self != FrontEndStyle::Start
     }
 }
@@ -149,7 +156,9 @@ pub fn swanctl_frontend(
         let _ = writeln!(s, "local_addrs = {local}");
         let _ = writeln!(s, "remote_addrs = {vip}");
         s += "encap = yes\n";
-        s += "mobike = no\n";
+        if style.mobike_off() {
+            s += "mobike = no\n";
+        }
         s += "proposals = aes256-sha256-modp2048\n";
         if style.retries_forever() {
             s += "keyingtries = 0\n";
@@ -191,17 +200,23 @@ pub fn swanctl_frontend(
 }
 
 /// A back-end answers on each VIP it may host (`local_addrs` is the VIP, never its own
-/// address, so there is nothing for a MOBIKE update to move to).
-pub fn swanctl_backend(vips: &[IpAddr], liveness: Liveness) -> String {
+/// address). `mobike`: left at strongSwan's default (on), as in a file written by hand
+/// beside the front-ends' [`FrontEndStyle::Start`]; otherwise off, so there is nothing for
+/// a MOBIKE update to move to.
+pub fn swanctl_backend(vips: &[IpAddr], liveness: Liveness, mobike: bool) -> String {
     let mut s = String::from("connections {\n");
     for &vip in vips {
         let name = connection_name(vip);
         let _ = writeln!(s, "{name} {{");
         s += "version = 2\n";
-        let _ = writeln!(s, "local_addrs = {vip}");
+        if !mobike {
+            let _ = writeln!(s, "local_addrs = {vip}");
+        }
         s += "remote_addrs = %any\n";
         s += "encap = yes\n";
-        s += "mobike = no\n";
+        if !mobike {
+            s += "mobike = no\n";
+        }
         s += "proposals = aes256-sha256-modp2048\n";
         if liveness.dpd {
             s += "dpd_delay = 1s\n";
@@ -336,7 +351,8 @@ mod tests {
         assert!(plain.lines().any(|l| l == "start_action = trap"), "{plain}");
     }
 
-    /// The start_action and keyingtries lines each style writes (with an agent initiating).
+    /// The start_action, keyingtries and mobike lines each style writes (with an agent
+    /// initiating).
     #[test]
     fn front_end_styles_write_their_start_action() {
         let vip = Family::V4.host(100);
@@ -359,13 +375,18 @@ mod tests {
                 retries_forever,
                 "{style:?}:\n{text}"
             );
+            assert_eq!(
+                text.contains("mobike = no"),
+                retries_forever,
+                "{style:?}:\n{text}"
+            );
         }
     }
 
     #[test]
     fn back_end_answers_on_the_vip_only() {
         let vips = crate::lab::topology::vips(2);
-        let text = swanctl_backend(&vips, DPD);
+        let text = swanctl_backend(&vips, DPD, false);
         one_setting_per_line(&text);
         assert!(text.contains("local_addrs = 192.0.2.100\n"));
         assert!(text.contains("local_addrs = 192.0.2.101\n"));
@@ -397,7 +418,7 @@ mod tests {
             assert!(fe.lines().any(|l| l == want), "{want} missing:\n{fe}");
         }
         assert!(!fe.contains("/32"), "{fe}");
-        let be = swanctl_backend(&vips, DPD);
+        let be = swanctl_backend(&vips, DPD, false);
         one_setting_per_line(&be);
         for want in [
             "local_addrs = 2001:db8:1::100",

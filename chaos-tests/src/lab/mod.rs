@@ -73,6 +73,10 @@ pub struct LabOptions {
     pub vrrp_advert: Duration,
     /// How long the lab may take to carry steady traffic after it is built or reset.
     pub steady_timeout: Duration,
+    /// A planned move goes through `deploy/keepalived/vipsec-handover` where an agent
+    /// runs (a drain before keepalived stops); false: keepalived just stops, as where no
+    /// one wired the script in.
+    pub handover: bool,
 }
 
 impl LabOptions {
@@ -93,6 +97,7 @@ impl LabOptions {
             etcd_members: 1,
             vrrp_advert: Duration::from_secs(1),
             steady_timeout: Duration::from_secs(30),
+            handover: true,
         }
     }
 }
@@ -125,6 +130,7 @@ pub struct Lab {
     initiate_timeout: Duration,
     lease_ttl: Duration,
     frontend_style: FrontEndStyle,
+    handover: bool,
     vrrp_advert: Duration,
     steady_timeout: Duration,
     /// corosync's shared key, made with the cluster (Pacemaker set-up).
@@ -197,6 +203,7 @@ impl Lab {
             initiate_timeout: opts.initiate_timeout,
             lease_ttl: opts.lease_ttl,
             frontend_style: opts.frontend_style,
+            handover: opts.handover,
             vrrp_advert: opts.vrrp_advert,
             steady_timeout: opts.steady_timeout,
             corosync_authkey: None,
@@ -376,7 +383,7 @@ impl Lab {
             Role::FrontEnd => {
                 charon::swanctl_frontend(name, node.addr, &self.vips, liveness, self.frontend_style)
             }
-            _ => charon::swanctl_backend(&self.vips, liveness),
+            _ => charon::swanctl_backend(&self.vips, liveness, !self.frontend_style.mobike_off()),
         };
         let c = Charon::start_in(
             &node.ns,
@@ -583,7 +590,11 @@ impl Lab {
         // deploy/keepalived/vipsec-handover, given every VIP of the instance: it drains
         // them at once (an IKE DELETE to each front-end while the addresses are still
         // here), stops keepalived and waits until the addresses have left.
-        if let (Some(bin), Some(socket)) = (self.vipsec_bin.clone(), self.agent_socket(node)) {
+        if let (true, Some(bin), Some(socket)) = (
+            self.handover,
+            self.vipsec_bin.clone(),
+            self.agent_socket(node),
+        ) {
             let endpoint = format!("unix://{}", socket.display());
             let procs = self.procs.entry(node.to_string()).or_default();
             let k = procs
