@@ -544,82 +544,66 @@ fn a_running_agent_repairs_what_the_kernel_announces_without_waiting_for_its_che
     let deadline = Duration::from_secs(2);
     // The repair can be quicker than a look at the kernel: the agent's log counts them.
     let repairs = || agent.log_text().matches("guard repaired vip=").count();
+    // Waits for `what` to be back in the kernel (`listing` shows it) and for the
+    // `n`th repair in the agent's log.
+    let back = |what: &str, present: &dyn Fn() -> bool, listing: &dyn Fn() -> String, n| {
+        let t = Instant::now();
+        wait_for(what, deadline, || present().then_some(()))
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", listing(), agent.log_text()));
+        eprintln!("{what} in {:?}", t.elapsed());
+        wait_for("the repair in the log", deadline, || {
+            (repairs() == n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    };
+    let vip4_host = format!("{VIP4}/32");
+    let block_selector = [
+        "dir",
+        "out",
+        "src",
+        "0.0.0.0/0",
+        "dst",
+        &vip4_host,
+        "proto",
+        "tcp",
+        "dport",
+        "143",
+        "dev",
+        "fe0",
+    ];
 
-    // A block policy deleted by its selector: the kernel's notice names no index, so
-    // whose policy it was is not known from the notice alone.
-    lab.fe
-        .ip(&[
-            "xfrm",
-            "policy",
-            "delete",
-            "dir",
-            "out",
-            "src",
-            "0.0.0.0/0",
-            "dst",
-            &format!("{VIP4}/32"),
-            "proto",
-            "tcp",
-            "dport",
-            "143",
-            "dev",
-            "fe0",
-        ])
-        .unwrap();
-    let t = Instant::now();
-    wait_for("the block policy back", deadline, || {
-        lab.policies().contains(&block).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.policies(), agent.log_text()));
-    eprintln!("block policy deleted -> back in {:?}", t.elapsed());
-    wait_for("the repair in the log", deadline, || {
-        (repairs() == 1).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    // A block policy deleted by its selector: the notice's id names no index; the
+    // deleted policy the kernel attaches to it does.
+    let mut delete = vec!["xfrm", "policy", "delete"];
+    delete.extend(block_selector);
+    lab.fe.ip(&delete).unwrap();
+    back(
+        "the block policy back",
+        &|| lab.policies().contains(&block),
+        &|| lab.policies(),
+        1,
+    );
     assert_eq!(lab.connect(VIP4, 143), Err(libc::EPERM));
 
     // The IPv6 guard's routing rule deleted.
     lab.fe
         .ip(&["-6", "rule", "del", "priority", "221"])
         .unwrap();
-    let t = Instant::now();
-    wait_for("the prohibit rule back", deadline, || {
-        lab.rules6().contains(&prohibit).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.rules6(), agent.log_text()));
-    eprintln!("prohibit rule deleted -> back in {:?}", t.elapsed());
-    wait_for("the repair in the log", deadline, || {
-        (repairs() == 2).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    back(
+        "the prohibit rule back",
+        &|| lab.rules6().contains(&prohibit),
+        &|| lab.rules6(),
+        2,
+    );
     assert_eq!(lab.connect(VIP6, 143), Err(libc::EACCES));
 
     // An update with the block's selector replaces it (whatever its priority), keeps its
     // index, and is announced as that policy allowing. The agent cannot put its block
     // beside it (the kernel refuses a second one) but reports the guard gone at once.
-    lab.fe
-        .ip(&[
-            "xfrm",
-            "policy",
-            "update",
-            "dir",
-            "out",
-            "src",
-            "0.0.0.0/0",
-            "dst",
-            &format!("{VIP4}/32"),
-            "proto",
-            "tcp",
-            "dport",
-            "143",
-            "dev",
-            "fe0",
-            "priority",
-            "1000000",
-            "action",
-            "allow",
-        ])
-        .unwrap();
+    let mut update = vec!["xfrm", "policy", "update"];
+    update.extend(block_selector);
+    update.extend(["priority", "1000000", "action", "allow"]);
+    lab.fe.ip(&update).unwrap();
     let t = Instant::now();
     let guard_of = |s: &Value, vip: &str| {
         s["peer_vips"]

@@ -188,23 +188,11 @@ impl StrongswanKeying {
                     why = connection::lost_reason(&mut loss) => return Ok(Some(why)),
                     item = events.next() => item,
                     _ = &mut next_sample, if sampling => {
-                        let result = self.sample(&mut sampler, &mut sas, &mut cadence).await;
                         // Timed from the end of this sample, as the interval it replaces
                         // delayed a missed tick.
-                        let wait = result.as_ref().map_or(self.sample_interval, |(_, w)| *w);
-                        next_sample.as_mut().reset(tokio::time::Instant::now() + wait);
-                        match result {
-                            Ok((inputs, _)) => {
-                                for i in inputs {
-                                    if sink.send(i).await.is_err() {
-                                        return Ok(None);
-                                    }
-                                }
-                            }
-                            Err(e @ (KeyingError::Unreachable(_) | KeyingError::Timeout { .. })) => {
-                                return Ok(Some(e.to_string()));
-                            }
-                            Err(e) => tracing::warn!(error = %e, "sampling SAs failed"),
+                        match self.sample_and_send(&mut sampler, &mut sas, &mut cadence, sink).await {
+                            Ok(wait) => next_sample.as_mut().reset(tokio::time::Instant::now() + wait),
+                            Err(end) => return Ok(end),
                         }
                         continue;
                     }
@@ -232,24 +220,14 @@ impl StrongswanKeying {
                     loss = event_conn.loss_signal();
                     events = subscribe_all(&mut event_conn);
                     early.extend(events.next().now_or_never().flatten());
-                    let result = self.sample(&mut sampler, &mut sas, &mut cadence).await;
-                    if let Ok((_, wait)) = &result {
-                        next_sample
+                    match self
+                        .sample_and_send(&mut sampler, &mut sas, &mut cadence, sink)
+                        .await
+                    {
+                        Ok(wait) => next_sample
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + *wait);
-                    }
-                    match result {
-                        Ok((inputs, _)) => {
-                            for i in inputs {
-                                if sink.send(i).await.is_err() {
-                                    return Ok(None);
-                                }
-                            }
-                        }
-                        Err(e @ (KeyingError::Unreachable(_) | KeyingError::Timeout { .. })) => {
-                            return Ok(Some(e.to_string()));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "sampling SAs failed"),
+                            .reset(tokio::time::Instant::now() + wait),
+                        Err(end) => return Ok(end),
                     }
                 }
                 Some(Err(e)) => {
@@ -258,6 +236,34 @@ impl StrongswanKeying {
                     return Ok(Some(format!("event subscription failed: {e}")));
                 }
                 None => return Ok(Some("event subscriptions ended".into())),
+            }
+        }
+    }
+
+    /// One sample, its inputs sent to the core; returns the wait until the next one, or
+    /// (`Err`) what the session returns: `None` when the core is gone, why charon is lost.
+    async fn sample_and_send(
+        &self,
+        conn: &mut ViciConn,
+        sas: &mut SaSet,
+        cadence: &mut Cadence,
+        sink: &InputSink,
+    ) -> Result<Duration, Option<String>> {
+        match self.sample(conn, sas, cadence).await {
+            Ok((inputs, wait)) => {
+                for i in inputs {
+                    if sink.send(i).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                Ok(wait)
+            }
+            Err(e @ (KeyingError::Unreachable(_) | KeyingError::Timeout { .. })) => {
+                Err(Some(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sampling SAs failed");
+                Ok(self.sample_interval)
             }
         }
     }
