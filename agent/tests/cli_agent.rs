@@ -193,8 +193,13 @@ fn metrics_endpoint_counts_failover_events() {
 #[test]
 fn health_reports_healthy_parts_with_exit_0() {
     let agent = start_agent();
-    let out = agent.cli(&["health"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The API answers before every part has reported for the first time (the embedded
+    // store says "connecting" for a moment, seen in CI): poll until the parts are up.
+    let out = wait_for("the agent healthy", Duration::from_secs(10), || {
+        let out = agent.cli(&["health"]);
+        (out.status.code() == Some(0)).then_some(out)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", stderr(&agent.cli(&["health"]))));
     assert_eq!(stdout(&out).trim(), "healthy");
     let out = Command::new(BIN)
         .args(["--endpoint", "unix:///nonexistent/agent.sock", "health"])
