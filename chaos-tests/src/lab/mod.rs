@@ -533,9 +533,11 @@ impl Lab {
             (Duration::from_millis(500).as_nanos() / self.probe_interval.as_nanos()) as usize;
         let settled_min = (per_half_second * 4 / 5).max(1);
         let mut status = String::new();
+        let mut unsteady: Vec<String> = Vec::new();
         let result = wait_for("steady traffic through the tunnel", timeout, || {
             self.poll_probes().ok()?;
             status.clear();
+            unsteady.clear();
             let Some(owner) = self.owner() else {
                 status = format!(" VIP held by {:?}", self.topo.holders(self.vips[0]));
                 return None;
@@ -568,11 +570,29 @@ impl Lab {
                     p.fe,
                     tail.last().map(|r| r.node.clone().or(r.error.clone()))
                 );
+                if !good {
+                    unsteady.push(p.fe.clone());
+                }
                 all &= good;
             }
             all.then_some(())
         });
-        result.map_err(|e| anyhow::anyhow!("{e} (last:{status})"))
+        result.map_err(|e| anyhow::anyhow!("{e} (last:{status}){}", self.diagnose(&unsteady)))
+    }
+
+    /// What a failed wait leaves to read once the run directory is gone (CI): for the
+    /// first few front-ends that never settled, their SAs and the end of their agent's log.
+    fn diagnose(&self, front_ends: &[String]) -> String {
+        let mut out = String::new();
+        for fe in front_ends.iter().take(3) {
+            let sas = self
+                .swanctl(fe, &["--list-sas"])
+                .unwrap_or_else(|e| format!("{e:#}"));
+            let log = vipsec_testbed::agent::log_tail(&self.node_dir(fe).join("agent.log"), 25);
+            out +=
+                &format!("\n--- {fe}: swanctl --list-sas\n{sas}\n--- {fe}: agent.log (end)\n{log}");
+        }
+        out
     }
 
     pub fn cleartext(&self) -> anyhow::Result<cleartext::ClearText> {
