@@ -1,6 +1,7 @@
 //! The agent as one process: the runtime with the API server in front of it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -8,6 +9,9 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::config::Config;
 use crate::logging::LogControl;
 use crate::runtime::{AgentHandle, Backends, Runtime, Starting};
+
+/// The longest readiness waits for the store's and the keying daemon's first reports.
+const FIRST_REPORTS: Duration = Duration::from_secs(10);
 
 /// A started agent.
 pub struct Agent {
@@ -60,10 +64,25 @@ pub async fn run_until_signal(config: Config, log: Option<Arc<LogControl>>) -> a
     let backends = Backends::from_config(&config).await?;
     let agent = Agent::start(config, backends, log, cancel.clone()).await?;
     info!("agent running");
+    // `systemctl start vipsec && vipsec health` should say how the store and the keying
+    // daemon are, not that they are still being asked: readiness waits for their first
+    // reports, good or bad, but not for ever (a store that cannot be reached is reported
+    // as such within its dial timeout; this bound is only for one that hangs).
+    let reported = agent
+        .handle
+        .wait_status(FIRST_REPORTS, |s| s.store.reported && s.keying.reported)
+        .await;
+    if reported.is_none() {
+        warn!(
+            waited = ?FIRST_REPORTS,
+            "the store or the keying daemon has not reported yet; ready anyway"
+        );
+    }
     // Under systemd (vipsec.service is Type=notify) the start job ends here, once the guard
-    // has had its first pass and the API socket is bound: `systemctl start vipsec` returns
-    // when the agent answers, and units ordered after it find it answering. Without
-    // NOTIFY_SOCKET (a shell, Pacemaker, a container) this does nothing.
+    // has had its first pass, the API socket is bound and the store and keying daemon
+    // have reported: `systemctl start vipsec` returns when the agent answers, and units
+    // ordered after it find it answering. Without NOTIFY_SOCKET (a shell, Pacemaker, a
+    // container) this does nothing.
     notify_service_manager(sd_notify::NotifyState::Ready);
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),

@@ -336,3 +336,59 @@ fn an_api_socket_directory_others_can_write_or_a_link_is_refused() {
     assert_eq!(mode, 0o755, "{mode:o}");
     agent.proc.kill();
 }
+
+/// Under systemd (`Type=notify`) `systemctl start vipsec` returns at READY=1: the first
+/// `vipsec status` after it must say how the store and the keying daemon are, not that
+/// they are still being asked. The store here is an etcd endpoint that accepts the
+/// connection and never answers, so its first report (unhealthy) takes its request
+/// timeout.
+#[test]
+fn readiness_waits_for_the_first_reports_of_the_store_and_the_keying_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = vipsec_testbed::netns::Netns::new("ready").unwrap();
+    let silent = ns
+        .run_in(|| std::net::TcpListener::bind("127.0.0.1:2379"))
+        .unwrap()
+        .unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let socket = dir.path().join("solo.sock");
+    let config = dir.path().join("solo.toml");
+    let body = r#"[store]
+backend = "etcd"
+endpoints = ["http://127.0.0.1:2379"]
+request_timeout = "1s"
+[[peer_vip]]
+address = "192.0.2.100"
+connection = "vip100"
+"#;
+    std::fs::write(&config, common::config_text("solo", &socket, body)).unwrap();
+    let notify_env = notify_path.to_str().unwrap();
+    let agent = AgentProc::start_config(
+        Some(&ns),
+        "solo",
+        &config,
+        &socket,
+        &[("NOTIFY_SOCKET", notify_env)],
+    );
+    let mut buf = [0u8; 512];
+    loop {
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no READY=1 from the agent: {e}"));
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    let out = agent.cli(&["status", "--json"]);
+    let s: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    assert_eq!(s["store"]["healthy"], false, "{s:#}");
+    for part in ["store", "keying"] {
+        assert_ne!(s[part]["detail"], "connecting", "{part}: {s:#}");
+    }
+    drop(silent);
+}

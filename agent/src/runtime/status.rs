@@ -18,6 +18,10 @@ pub struct HealthView {
     pub healthy: bool,
     pub detail: String,
     pub since: SystemTime,
+    /// The part has said how it is at least once (until then `detail` is what it is doing
+    /// to find out, such as "connecting").
+    #[serde(skip)]
+    pub reported: bool,
 }
 
 impl HealthView {
@@ -27,6 +31,7 @@ impl HealthView {
             healthy: false,
             detail: detail.into(),
             since: SystemTime::now(),
+            reported: false,
         }
     }
 
@@ -37,6 +42,7 @@ impl HealthView {
         }
         self.healthy = healthy;
         self.detail = detail;
+        self.reported = true;
     }
 }
 
