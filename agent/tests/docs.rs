@@ -193,6 +193,10 @@ fn strongswan_conf_examples_load_what_each_esp_mode_needs() {
     assert_eq!(setting(&libipsec, "fwmark"), ["0x42", "!0x42"]);
     assert_eq!(setting(&libipsec, "allow_peer_ts"), ["yes"]);
     assert_eq!(setting(&esp, "load"), ["no"]);
+    // Every renegotiation storm is paid in DH work: exponents sized to the group's strength.
+    for conf in [&libipsec, &esp] {
+        assert_eq!(setting(conf, "dh_exponent_ansi_x9_42"), ["no"]);
+    }
     // The agent's VICI socket is where the examples put charon's.
     for conf in [&libipsec, &esp] {
         assert_eq!(setting(conf, "socket"), ["unix:///var/run/charon.vici"]);

@@ -124,6 +124,11 @@ pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
     s += "}\n";
     s += "}\n";
     s += "}\n";
+    // As deploy/examples/strongswan's files set it: DH exponents sized to the group's
+    // strength, not as long as the prime (several times less work per IKE_SA with gmp).
+    s += "libstrongswan {\n";
+    s += "dh_exponent_ansi_x9_42 = no\n";
+    s += "}\n";
     s
 }
 
