@@ -92,9 +92,12 @@ pub struct ReconnectConfig {
     /// `quick`, half as many after one that failed or was slow, up to `max_concurrency`.
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
-    /// The most initiations in flight at once the limit grows to. Keep it below the
-    /// owners' strongSwan `charon.block_threshold` (default 5): the owner silently drops
-    /// IKE_SA_INITs from an address with that many half-open IKE_SAs.
+    /// The most initiations in flight at once the limit grows to. Keep it at or below the
+    /// owners' strongSwan `charon.cookie_threshold_ip` (default 3): from that many
+    /// half-open IKE_SAs from one address on, the owner answers with a COOKIE, which costs
+    /// a round trip and, with charon 5.9.8 as initiator, can lose the real answer for a
+    /// 4 s retransmission. Above `charon.block_threshold` (default 5) the owner drops
+    /// IKE_SA_INITs outright. Raise these on the back-ends before raising this.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
     /// An initiation whose CHILD_SA is up within this counts as quick: the responders keep
@@ -130,12 +133,14 @@ impl Default for ReconnectConfig {
 }
 
 fn default_max_concurrency() -> u32 {
-    // strongSwan's responder ignores IKE_SA_INITs from a peer address that already has
-    // `charon.block_threshold` (default 5) half-open IKE_SAs with it. All of a node's
-    // initiations toward one owner come from one address: with 8 in flight, three were
-    // dropped and waited for charon's retransmission 4 s later (the 1x100 bench, 16-25 s
-    // to recover). Raise both together on back-ends serving many VIPs.
-    4
+    // strongSwan's responder asks an address for a COOKIE once it has
+    // `charon.cookie_threshold_ip` (default 3) half-open IKE_SAs from it, and drops its
+    // IKE_SA_INITs at `charon.block_threshold` (5). All of a node's initiations toward one
+    // owner come from one address. With 4 in flight, cookies came, and charon 5.9.8 as
+    // initiator sometimes took the answer to its retried IKE_SA_INIT for a duplicate
+    // ("ignoring request with ID 0, already processing") and waited 4 s to retransmit:
+    // the 1x100 bench's 4-5 s outliers. With 8, block_threshold dropped three outright.
+    3
 }
 fn default_quick() -> Duration {
     // An unloaded IKE exchange with kernel-libipsec takes 13-40 ms in the lab.
