@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Action, FailoverCore, HolderAnswer, Notice, NoticeKind, Out, Timer};
-use crate::model::{Vip, VipRole};
+use crate::model::{IkeId, Vip, VipRole};
 
 /// Whether this node may accept SAs for a hosted VIP, and why not.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -273,7 +273,7 @@ impl FailoverCore {
     }
 
     /// A hosted SA came up: keep it only if this node may accept SAs for the VIP.
-    pub(super) fn hosted_sa_allowed(&mut self, out: &mut Out, vip: Vip) -> bool {
+    pub(super) fn hosted_sa_allowed(&mut self, out: &mut Out, vip: Vip, ike_id: IkeId) -> bool {
         let Some(h) = self.hosted.get(&vip) else {
             return false;
         };
@@ -282,14 +282,14 @@ impl FailoverCore {
         if h.accepting || h.ownership == Ownership::Absent {
             return true;
         }
-        out.push(Action::DeleteSas {
-            vip,
-            role: VipRole::Hosted,
-        });
+        out.push(Action::RefuseSa { vip, ike_id });
         out.push(Action::Notify(
             Notice::new(NoticeKind::SaRefused, Some(vip))
                 .owner(h.owner.as_ref())
-                .detail(format!("not the owner of record: {}", h.ownership.reason())),
+                .detail(format!(
+                    "IKE_SA #{ike_id}: not the owner of record: {}",
+                    h.ownership.reason()
+                )),
         ));
         false
     }

@@ -145,6 +145,15 @@ pub enum Action {
         vip: Vip,
         role: VipRole,
     },
+    /// Delete one hosted IKE_SA that came up while this node could not accept SAs for the
+    /// VIP. Only that one: a delete of every SA, run after this node became the owner of
+    /// record, would take down the SAs its front-ends built since (a crash's stale
+    /// attempts reach the new owner in that window, and the 20-front-end bench lost every
+    /// SA of a VIP to such deletes, twice, just after recovering).
+    RefuseSa {
+        vip: Vip,
+        ike_id: IkeId,
+    },
     /// Remove the IKE_SAs toward a peer VIP at once, without waiting for the dead peer.
     DropStaleSas {
         vip: Vip,
@@ -202,6 +211,7 @@ impl Action {
             | Action::WithdrawOwnership { vip }
             | Action::MarkDraining { vip }
             | Action::DeleteSas { vip, .. }
+            | Action::RefuseSa { vip, .. }
             | Action::DropStaleSas { vip }
             | Action::Initiate { vip, .. }
             | Action::AcceptSas { vip, .. }

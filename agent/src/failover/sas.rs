@@ -105,7 +105,7 @@ impl FailoverCore {
     pub(super) fn sa_up(&mut self, out: &mut Out, now: Instant, sa: SaRef) {
         match sa.role {
             VipRole::Hosted => {
-                if !self.hosted_sa_allowed(out, sa.vip) {
+                if !self.hosted_sa_allowed(out, sa.vip, sa.ike_id) {
                     return;
                 }
                 if let Some(h) = self.hosted.get_mut(&sa.vip)

@@ -58,6 +58,10 @@ enum JobKind {
         /// The drain this delete answers.
         reply: Option<DrainReply>,
     },
+    /// One hosted IKE_SA refused (see `Action::RefuseSa`).
+    RefuseSa {
+        ike_id: crate::model::IkeId,
+    },
     DropStale,
     Initiate {
         attempt: u32,
@@ -181,6 +185,7 @@ impl Lanes {
             Action::DeleteSas { vip, role } => {
                 self.lane(vip, epoch, JobKind::DeleteSas { role, reply: None })
             }
+            Action::RefuseSa { vip, ike_id } => self.lane(vip, epoch, JobKind::RefuseSa { ike_id }),
             Action::DropStaleSas { vip } => self.lane(vip, epoch, JobKind::DropStale),
             Action::Initiate {
                 vip,
@@ -472,6 +477,14 @@ impl VipLane {
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(result.map_err(CommandError::Keying));
+                }
+            }
+            JobKind::RefuseSa { ike_id } => {
+                // A DELETE for that IKE_SA alone, not waited for: the peer's answer
+                // changes nothing here, and the lane has others to serve.
+                match self.ctx.keying.terminate_sa(ike_id).await {
+                    Ok(()) => info!(%vip, ike_sa = ike_id, "refused IKE_SA deleted"),
+                    Err(e) => self.failed(&format!("delete refused IKE_SA #{ike_id}"), e),
                 }
             }
             JobKind::DropStale => {

@@ -42,12 +42,14 @@ async fn a_vip_added_by_hand_while_another_node_owns_it_is_a_split_brain_and_ref
     let a = be.feed(hosted_sa(9));
     assert!(has(
         &a,
-        &Action::DeleteSas {
+        &Action::RefuseSa {
             vip: vip(),
-            role: VipRole::Hosted
+            ike_id: 9
         }
     ));
-    assert!(notice(&a, NoticeKind::SaRefused).detail.contains("other"));
+    let refused = notice(&a, NoticeKind::SaRefused);
+    assert!(refused.detail.contains("other"));
+    assert!(refused.detail.contains("#9"));
     assert!(be.core.hosted()[&vip()].sas.is_empty());
 
     // Past the grace it is reported, once.
@@ -85,6 +87,54 @@ async fn a_vip_added_by_hand_while_another_node_owns_it_is_a_split_brain_and_ref
     assert_eq!(be.core.hosted()[&vip()].ownership, Ownership::Owner);
     let a = be.feed(hosted_sa(10));
     assert_eq!(notices(&a), [NoticeKind::SaUp]);
+}
+
+/// After a crash, front-ends' attempts still retransmitted toward the VIP reach the node
+/// that took it before its record is written. Those SAs are refused one by one; once the
+/// record is this node's, SAs that come up are kept and nothing deletes the VIP's SAs.
+#[tokio::test(start_paused = true)]
+async fn sas_refused_before_the_record_is_ours_are_deleted_alone() {
+    let mut be = Node::back_end();
+    be.feed(store_up());
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("dead", 2),
+    });
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: None,
+    });
+    be.feed(Input::VipAppeared(vip()));
+    assert!(!be.core.hosted()[&vip()].accepting);
+
+    let a = be.feed(hosted_sa(4));
+    assert!(has(
+        &a,
+        &Action::RefuseSa {
+            vip: vip(),
+            ike_id: 4
+        }
+    ));
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::DeleteSas { .. })),
+        "a refusal deletes the one SA, not the VIP's: {a:?}"
+    );
+
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 3),
+    });
+    assert!(be.core.hosted()[&vip()].accepting);
+    for id in [5, 6, 7] {
+        let a = be.feed(hosted_sa(id));
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, Action::RefuseSa { .. } | Action::DeleteSas { .. })),
+            "SA #{id} came up after the record: {a:?}"
+        );
+    }
+    let kept: Vec<u64> = be.core.hosted()[&vip()].sas.iter().copied().collect();
+    assert_eq!(kept, vec![5, 6, 7]);
 }
 
 fn probes(a: &[Action]) -> Vec<u64> {
