@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::state::HostedVip;
 use super::{Action, FailoverCore, HolderAnswer, Notice, NoticeKind, Out, Timer};
 use crate::model::{IkeId, Vip, VipRole};
 
@@ -160,6 +161,42 @@ impl FailoverCore {
             }
         }
         h.ownership = ownership;
+        self.settle_awaiting(out, vip);
+    }
+
+    /// SAs kept while this node wrote its record: accepted once the VIP is this node's,
+    /// refused once the record (or the VIP's absence, or a drain) says otherwise.
+    fn settle_awaiting(&mut self, out: &mut Out, vip: Vip) {
+        let store_healthy = self.store_healthy;
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            return;
+        };
+        if h.awaiting_record.is_empty() {
+            return;
+        }
+        if h.accepting {
+            for id in std::mem::take(&mut h.awaiting_record) {
+                if h.sas.insert(id) {
+                    out.push(Action::Notify(
+                        Notice::new(NoticeKind::SaUp, Some(vip)).detail(format!(
+                            "IKE_SA #{id}, up before the record, which is now this node's"
+                        )),
+                    ));
+                }
+            }
+        } else if !awaits_own_record(h, store_healthy) {
+            for ike_id in std::mem::take(&mut h.awaiting_record) {
+                out.push(Action::RefuseSa { vip, ike_id });
+                out.push(Action::Notify(
+                    Notice::new(NoticeKind::SaRefused, Some(vip))
+                        .owner(h.owner.as_ref())
+                        .detail(format!(
+                            "IKE_SA #{ike_id}, up before the record: {}",
+                            h.ownership.reason()
+                        )),
+                ));
+            }
+        }
     }
 
     pub(super) fn split_brain_timer(&mut self, out: &mut Out, now: Instant, vip: Vip) {
@@ -274,13 +311,22 @@ impl FailoverCore {
 
     /// A hosted SA came up: keep it only if this node may accept SAs for the VIP.
     pub(super) fn hosted_sa_allowed(&mut self, out: &mut Out, vip: Vip, ike_id: IkeId) -> bool {
-        let Some(h) = self.hosted.get(&vip) else {
+        let store_healthy = self.store_healthy;
+        let Some(h) = self.hosted.get_mut(&vip) else {
             return false;
         };
         // An SA for a VIP that is not here cannot carry anything; leave it to the
         // keying daemon rather than act on a presence not yet reported.
         if h.accepting || h.ownership == Ownership::Absent {
             return true;
+        }
+        if awaits_own_record(h, store_healthy) {
+            // After a crash the front-ends' retransmitted IKE_SA_INITs reach this node
+            // as soon as the address is here, a store round trip before its record is:
+            // refusing them costs each front-end a second IKE_SA at the busiest moment.
+            // The verdict waits for the record this node is writing (`settle_awaiting`).
+            h.awaiting_record.insert(ike_id);
+            return false;
         }
         out.push(Action::RefuseSa { vip, ike_id });
         out.push(Action::Notify(
@@ -293,4 +339,14 @@ impl FailoverCore {
         ));
         false
     }
+}
+
+/// The VIP is here, nobody's record stands, and this node, with the store answering, is
+/// writing its own: an SA that comes up now waits for that record.
+fn awaits_own_record(h: &HostedVip, store_healthy: Option<bool>) -> bool {
+    h.present
+        && !h.draining
+        && h.owner.is_none()
+        && store_healthy == Some(true)
+        && matches!(h.ownership, Ownership::NotOwner { .. })
 }

@@ -17,6 +17,7 @@ impl FailoverCore {
         ));
         for h in self.hosted.values_mut() {
             h.sas.clear();
+            h.awaiting_record.clear();
         }
         let vips: Vec<Vip> = self.peers.keys().copied().collect();
         for vip in vips {
@@ -148,7 +149,7 @@ impl FailoverCore {
         match sa.role {
             VipRole::Hosted => {
                 if let Some(h) = self.hosted.get_mut(&sa.vip)
-                    && h.sas.remove(&sa.ike_id)
+                    && (h.sas.remove(&sa.ike_id) | h.awaiting_record.remove(&sa.ike_id))
                 {
                     out.push(Action::Notify(
                         Notice::new(NoticeKind::SaDeleted, Some(sa.vip))

@@ -20,6 +20,10 @@ pub struct HostedVip {
     pub epoch: u64,
     pub draining: bool,
     pub sas: BTreeSet<IkeId>,
+    /// SAs that came up while the VIP was here with no record at all and this node was
+    /// writing its own: kept until the record says whose the VIP is (this node's: they
+    /// join `sas`; another node's, or the VIP gone: each is refused).
+    pub awaiting_record: BTreeSet<IkeId>,
     /// What the split-brain guard concluded last.
     pub ownership: Ownership,
     /// The runtime was told to accept SAs for the VIP.
