@@ -323,7 +323,7 @@ async fn drop_toward_an_unreachable_peer_returns_at_once_and_leaves_nothing() {
     lab.fe.link_set(TwoNodeLab::IFACE, false).unwrap();
     let fe = fe_keying(&lab);
     let started = Instant::now();
-    let n = fe.drop_sas(vip()).await.unwrap();
+    let n = fe.drop_sas(vip(), &|_| false).await.unwrap();
     let took = started.elapsed();
     eprintln!("drop_sas toward a peer behind a downed link took {took:?}");
     assert_eq!(n, 1);
@@ -331,7 +331,34 @@ async fn drop_toward_an_unreachable_peer_returns_at_once_and_leaves_nothing() {
     assert!(fe.list_sas().await.unwrap().is_empty());
     assert!(no_sa_left(&lab.fe_charon));
     // Nothing to drop is not an error.
-    assert_eq!(fe.drop_sas(vip()).await.unwrap(), 0);
+    assert_eq!(fe.drop_sas(vip(), &|_| false).await.unwrap(), 0);
+}
+
+/// A drop decided on news of a new holder leaves alone the SA that came up since (the
+/// runtime asks its core for each IKE_SA just before removing it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_leaves_the_sas_it_is_told_to_spare() {
+    let lab = lab();
+    lab.connect().unwrap();
+    let fe = fe_keying(&lab);
+    let sas = fe.list_sas().await.unwrap();
+    assert_eq!(sas.len(), 1, "{sas:?}");
+    let fresh = sas[0].unique_id;
+    let asked = std::sync::Mutex::new(Vec::new());
+    let spare = |id| {
+        asked.lock().unwrap().push(id);
+        id == fresh
+    };
+    assert_eq!(fe.drop_sas(vip(), &spare).await.unwrap(), 0);
+    assert_eq!(*asked.lock().unwrap(), vec![fresh]);
+    let left = fe.list_sas().await.unwrap();
+    assert!(
+        left.iter()
+            .any(|s| s.unique_id == fresh && s.is_established()),
+        "the spared IKE_SA is gone: {left:?}"
+    );
+    assert_eq!(fe.drop_sas(vip(), &|_| false).await.unwrap(), 1);
+    assert!(fe.list_sas().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,7 +704,7 @@ async fn initiate_toward_a_dead_peer_times_out_and_drop_clears_the_half_open_sa(
     assert_eq!(only_sa(&sas).state, "CONNECTING");
     // ... until the drop removes it.
     let started = Instant::now();
-    assert_eq!(fe.drop_sas(vip()).await.unwrap(), 1);
+    assert_eq!(fe.drop_sas(vip(), &|_| false).await.unwrap(), 1);
     eprintln!(
         "drop_sas of the half-open IKE_SA took {:?}",
         started.elapsed()

@@ -320,7 +320,7 @@ async fn policy_loads_into_charon_and_the_sa_carries_exactly_its_ports() {
         sas.iter().map(|s| s.state.as_str()).collect::<Vec<_>>()
     );
     // A fresh SA is built from the new connection and carries tcp/80 too.
-    lab.fe_keying.drop_sas(vip()).await.unwrap();
+    lab.fe_keying.drop_sas(vip(), &|_| false).await.unwrap();
     let started = Instant::now();
     lab.fe_keying
         .initiate(vip(), &policy::render::peer_connection(&mail, vip()), HANG)
@@ -484,7 +484,7 @@ async fn certificates_authenticate_both_sides() {
 
     // A peer whose certificate is from another CA is refused.
     let other = RsaPki::generate(&["fe.vipsec.test"]);
-    lab.fe_keying.drop_sas(vip()).await.unwrap();
+    lab.fe_keying.drop_sas(vip(), &|_| false).await.unwrap();
     lab.fe_keying
         .load_private_key(&SecretKey::new(other.read("fe.vipsec.test.key")))
         .await

@@ -212,11 +212,14 @@ impl Keying for MemoryKeying {
             .await)
     }
 
-    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError> {
+    async fn drop_sas(&self, vip: Vip, spare: &super::SpareSa<'_>) -> Result<u32, KeyingError> {
         self.record(KeyingCall::DropSas { vip }, Some(Hold::DropSas))
             .await;
         Ok(self
-            .remove(|s| s.vip == vip && s.role == VipRole::Peer, "dropped")
+            .remove(
+                |s| s.vip == vip && s.role == VipRole::Peer && !spare(s.ike_id),
+                "dropped",
+            )
             .await)
     }
 

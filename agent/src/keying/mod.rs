@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::InputSink;
 use crate::config::{Config, KeyingBackend};
-use crate::model::{IkeSaInfo, LoadedConnection, PeerConnection, Vip, VipRole};
+use crate::model::{IkeId, IkeSaInfo, LoadedConnection, PeerConnection, Vip, VipRole};
 use crate::policy::{ConnectionSpec, SecretKey};
 
 pub mod ike_probe;
@@ -29,6 +29,9 @@ pub enum KeyingError {
     Timeout { command: String, after: Duration },
 }
 
+/// Which IKE_SAs a drop leaves alone (see [`Keying::drop_sas`]).
+pub type SpareSa<'a> = dyn Fn(IkeId) -> bool + Send + Sync + 'a;
+
 #[async_trait]
 pub trait Keying: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
@@ -45,8 +48,10 @@ pub trait Keying: Send + Sync + 'static {
     /// IKE_SAs were deleted.
     async fn delete_sas(&self, vip: Vip, role: VipRole) -> Result<u32, KeyingError>;
 
-    /// Removes the IKE_SAs toward a peer VIP at once, without waiting for the peer.
-    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError>;
+    /// Removes the IKE_SAs toward a peer VIP at once, without waiting for the peer, except
+    /// those `spare` names when their turn comes (asked just before each is removed: an
+    /// SA that came up while the listing ran is judged on what is known then).
+    async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError>;
 
     /// Starts a fresh IKE_SA and CHILD_SA toward the VIP; returns when the CHILD_SA is
     /// installed or the timeout passes.

@@ -36,7 +36,7 @@ impl Keying for NoKeying {
         Ok(0)
     }
 
-    async fn drop_sas(&self, _vip: Vip) -> Result<u32, KeyingError> {
+    async fn drop_sas(&self, _vip: Vip, _spare: &super::SpareSa<'_>) -> Result<u32, KeyingError> {
         Ok(0)
     }
 

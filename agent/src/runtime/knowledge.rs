@@ -3,12 +3,12 @@
 //! the pacer and the policy runtime read it here; none keeps a copy of its own, so an action
 //! is always judged against what the core knows now, not what some task last heard.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::sync::watch;
 
 use crate::failover::FailoverCore;
-use crate::model::Vip;
+use crate::model::{IkeId, Vip};
 
 /// One VIP as the core knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +22,10 @@ pub struct VipKnowledge {
     /// A peer VIP has an SA up and no renegotiation running: an initiation still waiting
     /// in the pacer would only make a second IKE_SA.
     pub covered: bool,
+    /// The peer VIP's SAs the core holds. A drop is decided with none held (the core
+    /// forgets the SAs it drops), so any held when the drop runs came up since, toward
+    /// the VIP's new holder, and is spared.
+    pub sas: BTreeSet<IkeId>,
 }
 
 /// Every VIP the core knows of.
@@ -44,6 +48,11 @@ impl Knowledge {
                         .peers()
                         .get(&vip)
                         .is_some_and(|p| !p.sas.is_empty() && p.renegotiation.is_none()),
+                    sas: core
+                        .peers()
+                        .get(&vip)
+                        .map(|p| p.sas.keys().copied().collect())
+                        .unwrap_or_default(),
                 };
                 (vip, k)
             })
@@ -107,6 +116,14 @@ impl KnowledgeReader {
         self.0.borrow().vip(vip).is_some_and(|k| k.covered)
     }
 
+    /// The core holds this SA toward the peer VIP now.
+    pub fn holds_sa(&self, vip: Vip, ike_id: IkeId) -> bool {
+        self.0
+            .borrow()
+            .vip(vip)
+            .is_some_and(|k| k.sas.contains(&ike_id))
+    }
+
     /// A reader that never changes, for tests of one task on its own.
     #[cfg(test)]
     pub(super) fn fixed(knowledge: Knowledge) -> KnowledgeReader {
@@ -132,6 +149,7 @@ impl Knowledge {
                 owner: owner.map(str::to_string),
                 draining: false,
                 covered: false,
+                sas: BTreeSet::new(),
             },
         );
         self

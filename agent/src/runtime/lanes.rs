@@ -102,6 +102,8 @@ struct LaneContext {
     /// The policy runtime (policy-managed VIPs only).
     policies: Option<Policies>,
     pacer: Pacer,
+    /// What the core knows now (a drop spares the SAs that came up since it was decided).
+    knowledge: KnowledgeReader,
 }
 
 pub(super) struct Lanes {
@@ -129,7 +131,7 @@ impl Lanes {
             metrics: sink.metrics().clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
-            knowledge,
+            knowledge: knowledge.clone(),
             policies: policies.clone(),
             sink: sink.clone(),
         });
@@ -146,6 +148,7 @@ impl Lanes {
                 sink,
                 policies,
                 pacer,
+                knowledge,
             },
             cancel,
             vip_lanes: HashMap::new(),
@@ -491,7 +494,12 @@ impl VipLane {
                 // An attempt still queued was aimed at the SAs being dropped.
                 self.ctx.pacer.cancel(vip);
                 let started = std::time::Instant::now();
-                match self.ctx.keying.drop_sas(vip).await {
+                // The drop was decided when news of a new holder came; an attempt already
+                // out can complete with that holder before the listing is through (the
+                // 20-front-end crash bench lost such SAs 70 ms after they came up).
+                let knowledge = self.ctx.knowledge.clone();
+                let spare = move |id| knowledge.holds_sa(vip, id);
+                match self.ctx.keying.drop_sas(vip, &spare).await {
                     Ok(n) => {
                         info!(%vip, dropped = n, took = ?started.elapsed(), "stale IKE_SAs dropped")
                     }

@@ -670,7 +670,11 @@ mod tests {
         ) -> Result<u32, crate::keying::KeyingError> {
             Ok(0)
         }
-        async fn drop_sas(&self, _vip: Vip) -> Result<u32, crate::keying::KeyingError> {
+        async fn drop_sas(
+            &self,
+            _vip: Vip,
+            _spare: &crate::keying::SpareSa<'_>,
+        ) -> Result<u32, crate::keying::KeyingError> {
             Ok(0)
         }
         async fn initiate(

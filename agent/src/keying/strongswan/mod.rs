@@ -34,7 +34,7 @@ use self::messages::{
     SaEventMsg, TerminateRequest,
 };
 use self::sa_set::{SaEvent, SaSet};
-use super::{Keying, KeyingError};
+use super::{Keying, KeyingError, SpareSa};
 use crate::InputSink;
 use crate::config::Config;
 use crate::failover::Input;
@@ -414,7 +414,7 @@ impl Keying for StrongswanKeying {
         Ok(targets.len() as u32)
     }
 
-    async fn drop_sas(&self, vip: Vip) -> Result<u32, KeyingError> {
+    async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError> {
         let started = Instant::now();
         // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
         let targets: Vec<u64> = self
@@ -424,11 +424,18 @@ impl Keying for StrongswanKeying {
             .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
             .map(|sa| sa.unique_id)
             .collect();
-        for id in &targets {
-            self.terminate(*id, true).await?;
+        let mut dropped = 0;
+        let mut spared = Vec::new();
+        for id in targets {
+            if spare(id) {
+                spared.push(id);
+                continue;
+            }
+            self.terminate(id, true).await?;
+            dropped += 1;
         }
-        tracing::info!(%vip, dropped = targets.len(), took = ?started.elapsed(), "dropped SAs");
-        Ok(targets.len() as u32)
+        tracing::info!(%vip, dropped, ?spared, took = ?started.elapsed(), "dropped SAs");
+        Ok(dropped)
     }
 
     async fn terminate_sa(&self, ike_id: crate::model::IkeId) -> Result<(), KeyingError> {
