@@ -217,7 +217,14 @@ impl Keying for MemoryKeying {
             .await;
         Ok(self
             .remove(
-                |s| s.vip == vip && s.role == VipRole::Peer && !spare(s.ike_id),
+                |s| {
+                    s.vip == vip
+                        && s.role == VipRole::Peer
+                        && !spare(super::DropCandidate {
+                            ike_id: s.ike_id,
+                            answered: false,
+                        })
+                },
                 "dropped",
             )
             .await)

@@ -29,8 +29,17 @@ pub enum KeyingError {
     Timeout { command: String, after: Duration },
 }
 
+/// An IKE_SA a drop is about to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCandidate {
+    pub ike_id: IkeId,
+    /// Half-open as initiator with its IKE_SA_INIT answered: IKE_AUTH is under way with
+    /// whoever holds the VIP now.
+    pub answered: bool,
+}
+
 /// Which IKE_SAs a drop leaves alone (see [`Keying::drop_sas`]).
-pub type SpareSa<'a> = dyn Fn(IkeId) -> bool + Send + Sync + 'a;
+pub type SpareSa<'a> = dyn Fn(DropCandidate) -> bool + Send + Sync + 'a;
 
 #[async_trait]
 pub trait Keying: Send + Sync + 'static {

@@ -494,11 +494,17 @@ impl VipLane {
                 // An attempt still queued was aimed at the SAs being dropped.
                 self.ctx.pacer.cancel(vip);
                 let started = std::time::Instant::now();
-                // The drop was decided when news of a new holder came; an attempt already
-                // out can complete with that holder before the listing is through (the
-                // 20-front-end crash bench lost such SAs 70 ms after they came up).
+                // The drop was decided when news of a new holder came (or silence); an
+                // attempt already out can complete with that holder before the listing is
+                // through (the 20-front-end crash bench lost such SAs 70 ms after they came
+                // up), or be in its IKE_AUTH with it: destroyed there, it stays half-open on
+                // the new owner, whose cookie threshold per address it fills (and charon
+                // 5.9.8 can lose the answer to a cookie retry for 4 s). An attempt that
+                // timed out was ended by the keying daemon itself.
                 let knowledge = self.ctx.knowledge.clone();
-                let spare = move |id| knowledge.holds_sa(vip, id);
+                let spare = move |c: crate::keying::DropCandidate| {
+                    c.answered || knowledge.holds_sa(vip, c.ike_id)
+                };
                 match self.ctx.keying.drop_sas(vip, &spare).await {
                     Ok(n) => {
                         info!(%vip, dropped = n, took = ?started.elapsed(), "stale IKE_SAs dropped")

@@ -34,7 +34,7 @@ use self::messages::{
     SaEventMsg, TerminateRequest,
 };
 use self::sa_set::{SaEvent, SaSet};
-use super::{Keying, KeyingError, SpareSa};
+use super::{DropCandidate, Keying, KeyingError, SpareSa};
 use crate::InputSink;
 use crate::config::Config;
 use crate::failover::Input;
@@ -417,21 +417,24 @@ impl Keying for StrongswanKeying {
     async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError> {
         let started = Instant::now();
         // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
-        let targets: Vec<u64> = self
+        let targets: Vec<DropCandidate> = self
             .list_sas()
             .await?
             .iter()
             .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
-            .map(|sa| sa.unique_id)
+            .map(|sa| DropCandidate {
+                ike_id: sa.unique_id,
+                answered: init_answered(sa),
+            })
             .collect();
         let mut dropped = 0;
         let mut spared = Vec::new();
-        for id in targets {
-            if spare(id) {
-                spared.push(id);
+        for c in targets {
+            if spare(c) {
+                spared.push(c.ike_id);
                 continue;
             }
-            self.terminate(id, true).await?;
+            self.terminate(c.ike_id, true).await?;
             dropped += 1;
         }
         tracing::info!(%vip, dropped, ?spared, took = ?started.elapsed(), "dropped SAs");
@@ -526,11 +529,20 @@ impl Keying for StrongswanKeying {
                 // responder under load completes it a moment later: a retry now would
                 // build a second IKE_SA beside it (the storm lab counted 1240 for 60
                 // flows). Follow this one for up to one more timeout first.
-                if let Some(id) = initiated_ike_sa(&log)
+                let ike_sa = initiated_ike_sa(&log);
+                if let Some(id) = ike_sa
                     && self.completes_late(id, conn, timeout).await
                 {
                     tracing::info!(%vip, connection = %conn.connection, ike_sa = id, took = ?started.elapsed(), "CHILD_SA up after the initiate timed out");
                     return Ok(());
+                }
+                if let Some(id) = ike_sa {
+                    // Given up: left alone, charon would go on retransmitting it and might
+                    // complete it beside the next attempt's (a drop spares half-open
+                    // IKE_SAs whose IKE_SA_INIT was answered).
+                    if let Err(e) = self.terminate(id, true).await {
+                        tracing::debug!(%vip, ike_sa = id, error = %e, "cannot end the timed-out IKE_SA");
+                    }
                 }
                 tracing::info!(%vip, connection = %conn.connection, ?took, "initiate timed out");
                 Err(KeyingError::Timeout {
@@ -555,6 +567,15 @@ impl Keying for StrongswanKeying {
             Err(KeyingError::Unreachable(why)) => Err(KeyingError::Unreachable(why)),
         }
     }
+}
+
+/// A half-open IKE_SA this node initiated whose IKE_SA_INIT was answered (the responder's
+/// SPI is known): its IKE_AUTH is on the way.
+fn init_answered(sa: &IkeSaInfo) -> bool {
+    sa.initiator
+        && sa.state == "CONNECTING"
+        && !sa.responder_spi.is_empty()
+        && sa.responder_spi.bytes().any(|b| b != b'0')
 }
 
 /// The unique id of the IKE_SA an initiate started, from charon's "initiating IKE_SA
