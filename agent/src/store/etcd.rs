@@ -21,8 +21,9 @@ mod moves;
 mod policies;
 mod records;
 
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -85,8 +86,9 @@ pub struct EtcdStore {
     /// What this node wants of each VIP's records: held (with the VIP's lease), being
     /// released, being marked draining.
     intents: Mutex<Intents>,
-    /// Serialises lease grants.
-    granting: tokio::sync::Mutex<()>,
+    /// Serialises lease grants per VIP (two callers of one VIP must share its lease); VIPs
+    /// are granted side by side: one after another, the 100 VIPs of a node took 0.5 s.
+    granting: Mutex<HashMap<Vip, Arc<tokio::sync::Mutex<()>>>>,
     /// Each lease's keep-alive stream, open between renewals.
     keepalives: keepalive::KeepAlives,
     /// Wakes the lease loop when there is new work for it.
@@ -123,7 +125,7 @@ impl EtcdStore {
             settings: ConnectSettings::from_config(s)?,
             client: tokio::sync::Mutex::new(None),
             intents: Mutex::new(Intents::default()),
-            granting: tokio::sync::Mutex::new(()),
+            granting: Mutex::default(),
             keepalives: keepalive::KeepAlives::default(),
             wake: tokio::sync::Notify::new(),
             member: AtomicUsize::new(0),

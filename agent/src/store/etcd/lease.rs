@@ -124,7 +124,14 @@ impl EtcdStore {
 
     /// The lease of a held VIP's record, granted when it has none.
     pub(super) async fn vip_lease(&self, client: &Client, vip: Vip) -> Result<i64, StoreError> {
-        let one_at_a_time = self.granting.lock().await;
+        let vip_lock = self
+            .granting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(vip)
+            .or_default()
+            .clone();
+        let one_at_a_time = vip_lock.lock().await;
         if let Some(id) = self.intents().held.get(&vip).and_then(|h| h.lease) {
             return Ok(id);
         }
