@@ -185,17 +185,23 @@ impl FailoverCore {
                 }
             }
         } else if !awaits_own_record(h, store_healthy) {
-            for ike_id in std::mem::take(&mut h.awaiting_record) {
-                out.push(Action::RefuseSa { vip, ike_id });
-                out.push(Action::Notify(
-                    Notice::new(NoticeKind::SaRefused, Some(vip))
-                        .owner(h.owner.as_ref())
-                        .detail(format!(
-                            "IKE_SA #{ike_id}, up before the record: {}",
-                            h.ownership.reason()
-                        )),
-                ));
-            }
+            let why = h.ownership.reason();
+            self.refuse_awaiting(out, vip, &why);
+        }
+    }
+
+    /// Refuses, one by one, the SAs that waited for a record that will not be this node's.
+    pub(super) fn refuse_awaiting(&mut self, out: &mut Out, vip: Vip, why: &str) {
+        let Some(h) = self.hosted.get_mut(&vip) else {
+            return;
+        };
+        for ike_id in std::mem::take(&mut h.awaiting_record) {
+            out.push(Action::RefuseSa { vip, ike_id });
+            out.push(Action::Notify(
+                Notice::new(NoticeKind::SaRefused, Some(vip))
+                    .owner(h.owner.as_ref())
+                    .detail(format!("IKE_SA #{ike_id}, up before the record: {why}")),
+            ));
         }
     }
 
@@ -343,7 +349,7 @@ impl FailoverCore {
 
 /// The VIP is here, nobody's record stands, and this node, with the store answering, is
 /// writing its own: an SA that comes up now waits for that record.
-fn awaits_own_record(h: &HostedVip, store_healthy: Option<bool>) -> bool {
+pub(super) fn awaits_own_record(h: &HostedVip, store_healthy: Option<bool>) -> bool {
     h.present
         && !h.draining
         && h.owner.is_none()

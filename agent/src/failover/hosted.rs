@@ -107,6 +107,13 @@ impl FailoverCore {
     }
 
     pub(super) fn publish_failed(&mut self, out: &mut Out, vip: Vip) {
+        // The SAs that waited for this record do not wait for the retries: the store may
+        // answer its watch and still refuse writes (a cluster without quorum) for long.
+        self.refuse_awaiting(
+            out,
+            vip,
+            "this node could not write its record (retrying); the VIP accepts no SA here until it does",
+        );
         // Without its record the VIP accepts no SA here: never leave it at one try.
         if let Some(h) = self.hosted.get(&vip)
             && h.present

@@ -44,11 +44,18 @@ impl FailoverCore {
             p.sas.clear();
             p.idle.reset();
         }
+        let store_healthy = self.store_healthy;
         for sa in established {
             match sa.role {
                 VipRole::Hosted => {
                     if let Some(h) = self.hosted.get_mut(&sa.vip) {
-                        h.sas.insert(sa.ike_id);
+                        // One that was waiting for this node's record when the daemon
+                        // went away waits again, rather than slip in as accepted.
+                        if !h.accepting && super::guard::awaits_own_record(h, store_healthy) {
+                            h.awaiting_record.insert(sa.ike_id);
+                        } else {
+                            h.sas.insert(sa.ike_id);
+                        }
                     }
                 }
                 VipRole::Peer => {

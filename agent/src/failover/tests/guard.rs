@@ -177,6 +177,51 @@ async fn sas_up_before_the_record_wait_for_it() {
     assert_eq!(refusals(&a), vec![11]);
     assert!(be.core.hosted()[&vip()].awaiting_record.is_empty());
 
+    // The write fails: the SAs do not wait for the retries (a store without quorum can
+    // answer its watch and refuse writes for long).
+    let mut be = crashed_owner_gone();
+    be.feed(hosted_sa(12));
+    let a = be.feed(Input::PublishFailed(vip()));
+    assert_eq!(refusals(&a), vec![12]);
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::StartTimer {
+                timer: Timer::Republish { .. },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+
+    // A drain while waiting refuses them too.
+    let mut be = crashed_owner_gone();
+    be.feed(hosted_sa(13));
+    let a = be.feed(Input::Drain(vip()));
+    assert_eq!(refusals(&a), vec![13]);
+
+    // The keying daemon reconnects meanwhile: its inventory does not make them accepted.
+    let mut be = crashed_owner_gone();
+    be.feed(hosted_sa(14));
+    be.feed(Input::KeyingDown {
+        detail: "charon restarted".into(),
+    });
+    let a = be.feed(Input::KeyingUp {
+        established: vec![SaRef {
+            vip: vip(),
+            role: VipRole::Hosted,
+            ike_id: 14,
+        }],
+    });
+    assert!(refusals(&a).is_empty(), "{a:?}");
+    assert!(be.core.hosted()[&vip()].sas.is_empty());
+    assert!(be.core.hosted()[&vip()].awaiting_record.contains(&14));
+    be.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("me", 3),
+    });
+    assert!(be.core.hosted()[&vip()].sas.contains(&14));
+
     // With the store unreachable nothing is written, so nothing waits: the strict
     // set-up refuses at once (`while_the_store_is_down_...`).
 }
