@@ -82,6 +82,11 @@ async fn start_with(
 }
 
 impl Node {
+    /// How many calls to the keying daemon `f` picks.
+    fn calls_of(&self, f: impl Fn(&KeyingCall) -> bool) -> usize {
+        self.keying.calls().iter().filter(|c| f(c)).count()
+    }
+
     async fn status(&self, what: &str, f: impl Fn(&StatusView) -> bool) -> StatusView {
         self.handle
             .wait_status(DEADLINE, f)
@@ -236,12 +241,7 @@ async fn a_delete_decided_before_the_vip_moved_on_is_fenced_and_the_drain_told_s
         notice.detail.starts_with("delete: decided under epoch 1"),
         "{notice:?}"
     );
-    let deletes = be1
-        .keying
-        .calls()
-        .iter()
-        .filter(|c| matches!(c, KeyingCall::DeleteSas { .. }))
-        .count();
+    let deletes = be1.calls_of(|c| matches!(c, KeyingCall::DeleteSas { .. }));
     assert_eq!(deletes, 1, "{:?}", be1.keying.calls());
     be1.stop().await;
 }
@@ -289,12 +289,7 @@ async fn an_initiation_decided_under_an_older_owner_is_not_started() {
         s.peers[0].owner.as_ref().is_some_and(|o| o.node == "be3") && !s.peers[0].renegotiating
     })
     .await;
-    let initiations = fe
-        .keying
-        .calls()
-        .iter()
-        .filter(|c| matches!(c, KeyingCall::Initiate { .. }))
-        .count();
+    let initiations = fe.calls_of(|c| matches!(c, KeyingCall::Initiate { .. }));
     assert_eq!(initiations, 1, "{:?}", fe.keying.calls());
     fe.stop().await;
 }
@@ -341,12 +336,7 @@ async fn an_sa_that_comes_up_while_a_drop_is_on_its_way_is_spared() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(fe.keying.sas().len(), 1, "{:?}", fe.keying.calls());
     assert!(!fe.handle.status().peers[0].renegotiating);
-    let initiations = fe
-        .keying
-        .calls()
-        .iter()
-        .filter(|c| matches!(c, KeyingCall::Initiate { .. }))
-        .count();
+    let initiations = fe.calls_of(|c| matches!(c, KeyingCall::Initiate { .. }));
     assert_eq!(initiations, 1, "{:?}", fe.keying.calls());
     fe.stop().await;
 }
