@@ -127,3 +127,53 @@ async fn marks_from_three_nodes_merge_expire_and_skip_garbage() {
         "lease TTL {ttl}s, want about a day"
     );
 }
+
+/// A storm moves many VIPs at once: their marks are written and read back in batches larger
+/// than one etcd transaction may hold (128 operations by default), and each move comes back
+/// in the order asked, `None` where no node recorded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_of_many_moves_are_written_and_read_in_batches() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    let prefix = format!("/vt-moves-batch-{}/", std::process::id());
+    let ep = server.endpoint();
+    let (be2, fe1) = (store("be2", &ep, &prefix), store("fe1", &ep, &prefix));
+    let vips: Vec<Vip> = (0..150u32)
+        .map(|i| Vip::from(std::net::Ipv4Addr::from(0xc000_0200 + i)))
+        .collect();
+
+    let owner: Vec<NodeMarks> = vips
+        .iter()
+        .map(|v| marks(*v, 3, "be2", &[(Mark::Usable, 600)]))
+        .collect();
+    be2.publish_marks_batch(&owner).await.unwrap();
+    let front: Vec<NodeMarks> = vips
+        .iter()
+        .enumerate()
+        .map(|(i, v)| marks(*v, 3, "fe1", &[(Mark::FirstIkeSaInit, 700 + i as u64)]))
+        .collect();
+    fe1.publish_marks_batch(&front).await.unwrap();
+
+    // Asked in reverse, with a move nobody recorded in the middle.
+    let mut asked: Vec<(Vip, u64)> = vips.iter().rev().map(|v| (*v, 3)).collect();
+    asked.insert(75, (vips[0], 2));
+    let read = fe1.move_timelines(&asked).await.unwrap();
+    assert_eq!(read.len(), asked.len());
+    for ((vip, epoch), t) in asked.iter().zip(&read) {
+        if *epoch == 2 {
+            assert!(t.is_none(), "move {vip} epoch 2 was never recorded: {t:?}");
+            continue;
+        }
+        let t = t
+            .as_ref()
+            .unwrap_or_else(|| panic!("move of {vip} not read"));
+        assert_eq!((t.vip, t.epoch), (*vip, 3));
+        let i = vips.iter().position(|v| v == vip).unwrap() as u64;
+        let at = |m: Mark| t.marks.get(&m).map(|(_, ms)| *ms);
+        assert_eq!(at(Mark::Usable), Some(600), "{t:?}");
+        assert_eq!(at(Mark::FirstIkeSaInit), Some(700 + i), "{t:?}");
+    }
+    // One move alone reads the same as in a batch.
+    let one = be2.move_timeline(vips[149], 3).await.unwrap();
+    assert_eq!(one.as_ref(), read[0].as_ref());
+    assert!(be2.move_timeline(vips[0], 2).await.unwrap().is_none());
+}

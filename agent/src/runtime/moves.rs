@@ -1,13 +1,16 @@
 //! The move lane: feeds the timeline recorder what the core is told and asks for, publishes
 //! this node's marks to the store one write at a time (each write carries all of a move's
-//! marks, so an older write can never replace a newer one), and follows each move this
-//! node took part in until the store holds its whole timeline, then emits `move-completed`.
+//! marks, so an older write can never replace a newer one; marks queued meanwhile go in
+//! the next write together), and follows each move this node took part in until the store
+//! holds its whole timeline, then emits `move-completed`. A storm moves many VIPs at once:
+//! their marks are written, and their timelines read, a few round trips at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -16,7 +19,7 @@ use super::events::EventSink;
 use crate::failover::{Action, Input};
 use crate::model::{Vip, unix_ms};
 use crate::store::OwnershipStore;
-use crate::timeline::{NodeMarks, Recorder};
+use crate::timeline::{MoveTimeline, NodeMarks, Recorder};
 
 /// Moves per VIP the recorder keeps in memory.
 const MOVES_IN_MEMORY: usize = 16;
@@ -60,9 +63,13 @@ impl MoveLane {
         sink: EventSink,
     ) -> MoveLane {
         let (publish, rx) = mpsc::unbounded_channel();
-        let t = tracker.clone();
+        let (follow, follow_rx) = mpsc::unbounded_channel();
         tracker.spawn(
-            publisher(store, rx, t, cancel, sink, node.to_string()).instrument(info_span!("moves")),
+            publisher(store.clone(), rx, follow, cancel.clone()).instrument(info_span!("moves")),
+        );
+        tracker.spawn(
+            follower(store, follow_rx, cancel, sink, node.to_string())
+                .instrument(info_span!("move-follower")),
         );
         MoveLane { recorder, publish }
     }
@@ -93,26 +100,34 @@ impl MoveLane {
     }
 }
 
+/// Publishes marks as they come. Marks that queued while a write was out go together in
+/// the next one, and only the latest of each move counts (it carries all the earlier):
+/// a front-end whose 100 VIPs moved at once made some 400 writes one after another, on
+/// the store every recovery waits for.
 async fn publisher(
     store: Arc<dyn OwnershipStore>,
     mut rx: mpsc::UnboundedReceiver<NodeMarks>,
-    tracker: TaskTracker,
+    follow: mpsc::UnboundedSender<(Vip, u64)>,
     cancel: CancellationToken,
-    sink: EventSink,
-    node: String,
 ) {
     let mut followed: BTreeSet<(Vip, u64)> = BTreeSet::new();
     loop {
-        let marks = tokio::select! {
+        let first = tokio::select! {
             _ = cancel.cancelled() => return,
             m = rx.recv() => match m { Some(m) => m, None => return },
         };
+        let mut latest = BTreeMap::new();
+        latest.insert((first.vip, first.epoch), first);
+        while let Ok(m) = rx.try_recv() {
+            latest.insert((m.vip, m.epoch), m);
+        }
+        let batch: Vec<NodeMarks> = latest.into_values().collect();
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=PUBLISH_ATTEMPTS {
-            match store.publish_marks(&marks).await {
+            match store.publish_marks_batch(&batch).await {
                 Ok(()) => break,
                 Err(e) if attempt == PUBLISH_ATTEMPTS => {
-                    warn!(vip = %marks.vip, epoch = marks.epoch, error = %e, "move marks not published")
+                    warn!(moves = batch.len(), error = %e, "move marks not published")
                 }
                 Err(_) => {
                     tokio::select! {
@@ -123,52 +138,105 @@ async fn publisher(
                 }
             }
         }
-        if followed.insert((marks.vip, marks.epoch)) {
-            // Only recent moves matter; the set stays small.
-            if followed.len() > 256 {
-                let oldest = *followed.iter().next().expect("not empty");
-                followed.remove(&oldest);
+        for m in &batch {
+            if followed.insert((m.vip, m.epoch)) {
+                // Only recent moves matter; the set stays small.
+                if followed.len() > 256 {
+                    let oldest = *followed.iter().next().expect("not empty");
+                    followed.remove(&oldest);
+                }
+                let _ = follow.send((m.vip, m.epoch));
             }
-            let (s, c, sink, me) = (store.clone(), cancel.clone(), sink.clone(), node.clone());
-            tracker.spawn(
-                follow(s, marks.vip, marks.epoch, c, sink, me)
-                    .instrument(info_span!("move", vip = %marks.vip, epoch = marks.epoch)),
-            );
         }
     }
 }
 
-/// Waits until the store holds the whole move, or the limit; then reports it. The new
-/// owner alone feeds the metrics, so a move counts once however many nodes saw it.
-async fn follow(
+/// A move being followed until the store holds all of it.
+struct Followed {
+    deadline: Instant,
+    next_read: Instant,
+    poll: Duration,
+    last: Option<MoveTimeline>,
+}
+
+/// Follows every move this node took part in until the store holds its whole timeline, or
+/// the limit; then reports it. The moves due at once are read together.
+async fn follower(
     store: Arc<dyn OwnershipStore>,
-    vip: Vip,
-    epoch: u64,
+    mut rx: mpsc::UnboundedReceiver<(Vip, u64)>,
     cancel: CancellationToken,
     sink: EventSink,
     node: String,
 ) {
-    let deadline = tokio::time::Instant::now() + MOVE_FOLLOW_LIMIT;
-    let mut last = None;
-    let mut poll = MOVE_POLL;
+    let mut followed: BTreeMap<(Vip, u64), Followed> = BTreeMap::new();
     loop {
-        if let Ok(Some(t)) = store.move_timeline(vip, epoch).await {
-            let complete = t.complete();
-            last = Some(t);
-            if complete {
-                break;
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
+        let next = followed.values().map(|f| f.next_read).min();
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until((tokio::time::Instant::now() + poll).min(deadline)) => {}
+            m = rx.recv() => {
+                let Some(first) = m else { return };
+                let now = Instant::now();
+                let mut add = |key| {
+                    followed.entry(key).or_insert(Followed {
+                        deadline: now + MOVE_FOLLOW_LIMIT,
+                        // Its marks were just written: nobody else's are there yet.
+                        next_read: now + MOVE_POLL,
+                        poll: MOVE_POLL,
+                        last: None,
+                    });
+                };
+                add(first);
+                while let Ok(key) = rx.try_recv() {
+                    add(key);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
         }
-        poll = next_poll(poll);
+        let now = Instant::now();
+        let due: Vec<(Vip, u64)> = followed
+            .iter()
+            .filter(|(_, f)| f.next_read <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        let read = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.move_timelines(&due) => r,
+        };
+        let now = Instant::now();
+        let mut read = match read {
+            Ok(timelines) => timelines.into_iter(),
+            Err(e) => {
+                debug!(moves = due.len(), error = %e, "moves not read");
+                Vec::new().into_iter()
+            }
+        };
+        for key in due {
+            let Some(f) = followed.get_mut(&key) else {
+                continue;
+            };
+            if let Some(t) = read.next().flatten() {
+                let complete = t.complete();
+                f.last = Some(t);
+                if complete {
+                    report(followed.remove(&key).and_then(|f| f.last), &sink, &node);
+                    continue;
+                }
+            }
+            if now >= f.deadline {
+                report(followed.remove(&key).and_then(|f| f.last), &sink, &node);
+                continue;
+            }
+            f.next_read = (now + f.poll).min(f.deadline);
+            f.poll = next_poll(f.poll);
+        }
     }
-    let Some(t) = last else {
+}
+
+/// Reports a followed move as it stands. The new owner alone feeds the metrics, so a move
+/// counts once however many nodes saw it.
+fn report(timeline: Option<MoveTimeline>, sink: &EventSink, node: &str) {
+    let Some(t) = timeline else {
         return;
     };
     if t.to_node == node {
@@ -186,6 +254,109 @@ fn next_poll(poll: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::InputSink;
+    use crate::model::VipOwner;
+    use crate::store::StoreError;
+    use crate::timeline::Mark;
+
+    /// Records each batch of marks it is asked to write; nothing else.
+    #[derive(Default)]
+    struct BatchLog(Mutex<Vec<Vec<NodeMarks>>>);
+
+    #[async_trait::async_trait]
+    impl OwnershipStore for BatchLog {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn describe(&self) -> String {
+            String::new()
+        }
+        async fn run(&self, _sink: InputSink, cancel: CancellationToken) {
+            cancel.cancelled().await
+        }
+        async fn publish(&self, vip: Vip) -> Result<VipOwner, StoreError> {
+            Err(StoreError::Other(format!("no records here ({vip})")))
+        }
+        async fn current(&self, _vip: Vip) -> Result<(Option<VipOwner>, u64), StoreError> {
+            Ok((None, 0))
+        }
+        async fn mark_draining(&self, _vip: Vip) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn withdraw(&self, _vip: Vip) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn publish_marks_batch(&self, batch: &[NodeMarks]) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(batch.to_vec());
+            Ok(())
+        }
+    }
+
+    fn marks(vip: Vip, upto: usize) -> NodeMarks {
+        let steps = [
+            Mark::InitiationQueued,
+            Mark::FirstIkeSaInit,
+            Mark::ChildSaInstalled,
+        ];
+        NodeMarks {
+            vip,
+            epoch: 4,
+            node: "fe1".into(),
+            from_node: Some("be1".into()),
+            to_node: "be2".into(),
+            marks: steps[..upto]
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (*m, i as u64))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn marks_queued_during_a_write_go_in_one_batch_the_latest_of_each_move() {
+        let store = Arc::new(BatchLog::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (follow_tx, mut follow_rx) = mpsc::unbounded_channel();
+        let (a, b): (Vip, Vip) = (
+            "192.0.2.100".parse().unwrap(),
+            "192.0.2.101".parse().unwrap(),
+        );
+        // Queued while the publisher was busy: three writes of one move, two of another.
+        for m in [
+            marks(a, 1),
+            marks(b, 1),
+            marks(a, 2),
+            marks(b, 2),
+            marks(a, 3),
+        ] {
+            tx.send(m).unwrap();
+        }
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(publisher(store.clone(), rx, follow_tx, cancel.clone()));
+        let first = tokio::time::timeout(Duration::from_secs(5), follow_rx.recv())
+            .await
+            .expect("a move to follow")
+            .unwrap();
+        let second = follow_rx.recv().await.unwrap();
+        assert_eq!([first, second], [(a, 4), (b, 4)]);
+        // A later mark of a move already followed is written, not followed twice.
+        tx.send(marks(b, 3)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while store.0.lock().unwrap().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the second write");
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(follow_rx.try_recv().is_err());
+        let batches = store.0.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![vec![marks(a, 3), marks(b, 2)], vec![marks(b, 3)]]
+        );
+    }
 
     #[test]
     fn a_followed_move_is_read_less_and_less_often_within_its_limit() {

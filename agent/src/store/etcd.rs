@@ -340,7 +340,18 @@ impl OwnershipStore for EtcdStore {
     }
 
     async fn publish_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
-        self.put_marks(marks).await
+        self.put_marks(std::slice::from_ref(marks)).await
+    }
+
+    async fn publish_marks_batch(&self, batch: &[NodeMarks]) -> Result<(), StoreError> {
+        self.put_marks(batch).await
+    }
+
+    async fn move_timelines(
+        &self,
+        moves: &[(Vip, u64)],
+    ) -> Result<Vec<Option<MoveTimeline>>, StoreError> {
+        self.get_move_batch(moves).await
     }
 
     async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {

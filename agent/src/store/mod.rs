@@ -104,6 +104,28 @@ pub trait OwnershipStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Stores this node's marks of several moves, as [`Self::publish_marks`] does each; a
+    /// store that can takes them in few round trips (a storm moves many VIPs at once).
+    async fn publish_marks_batch(&self, batch: &[NodeMarks]) -> Result<(), StoreError> {
+        for marks in batch {
+            self.publish_marks(marks).await?;
+        }
+        Ok(())
+    }
+
+    /// Several moves as [`Self::move_timeline`] reads each, in the order asked; a store
+    /// that can reads them in few round trips.
+    async fn move_timelines(
+        &self,
+        moves: &[(Vip, u64)],
+    ) -> Result<Vec<Option<MoveTimeline>>, StoreError> {
+        let mut out = Vec::with_capacity(moves.len());
+        for (vip, epoch) in moves {
+            out.push(self.move_timeline(*vip, *epoch).await?);
+        }
+        Ok(out)
+    }
+
     /// The moves of one VIP (or of all), every node's marks merged, oldest first.
     async fn moves(&self, vip: Option<Vip>) -> Result<Vec<MoveTimeline>, StoreError> {
         let _ = vip;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::{GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::EtcdStore;
 use crate::model::Vip;
@@ -16,6 +16,9 @@ use crate::timeline::{MoveTimeline, NodeMarks};
 pub const MOVES_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A fresh lease is taken this often, so marks live between 23 and 24 hours.
 const MOVES_LEASE_RENEW: Duration = Duration::from_secs(3600);
+/// Moves per transaction: etcd refuses more operations in one than `--max-txn-ops`
+/// (128 by default).
+pub const OPS_PER_TXN: usize = 64;
 
 /// Decodes one stored value; the key must agree with what the value says.
 pub fn decode_marks(key: &str, value: &[u8]) -> Result<NodeMarks, String> {
@@ -50,17 +53,31 @@ impl EtcdStore {
         Ok(granted.id())
     }
 
-    pub(super) async fn put_marks(&self, marks: &NodeMarks) -> Result<(), StoreError> {
+    /// Writes this node's marks of each move, a transaction per [`OPS_PER_TXN`] moves.
+    pub(super) async fn put_marks(&self, batch: &[NodeMarks]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let client = self.client().await?;
         let lease = self.moves_lease(&client).await?;
-        let key = self.keys.move_marks(marks.vip, marks.epoch, &marks.node);
-        let value = serde_json::to_string(marks).map_err(|e| StoreError::Other(e.to_string()))?;
-        let mut c = client.clone();
-        self.timed(
-            "write move marks",
-            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
-        )
-        .await?;
+        for chunk in batch.chunks(OPS_PER_TXN) {
+            let ops = chunk
+                .iter()
+                .map(|m| {
+                    let key = self.keys.move_marks(m.vip, m.epoch, &m.node);
+                    let value =
+                        serde_json::to_string(m).map_err(|e| StoreError::Other(e.to_string()))?;
+                    Ok(TxnOp::put(
+                        key,
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let mut c = client.clone();
+            self.timed("write move marks", c.txn(Txn::new().and_then(ops)))
+                .await?;
+        }
         Ok(())
     }
 
@@ -68,7 +85,15 @@ impl EtcdStore {
         &self,
         vip: Option<Vip>,
     ) -> Result<Vec<MoveTimeline>, StoreError> {
-        self.read_moves(self.keys.moves(vip)).await
+        let client = self.client().await?;
+        let mut c = client.clone();
+        let resp = self
+            .timed(
+                "read moves",
+                c.get(self.keys.moves(vip), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(MoveTimeline::merge_all(decode_all(resp.kvs())))
     }
 
     /// One move: only its own keys, not every move of the VIP of the last day.
@@ -77,29 +102,61 @@ impl EtcdStore {
         vip: Vip,
         epoch: u64,
     ) -> Result<Option<MoveTimeline>, StoreError> {
-        let moves = self.read_moves(self.keys.move_prefix(vip, epoch)).await?;
-        Ok(moves.into_iter().find(|t| t.vip == vip && t.epoch == epoch))
+        Ok(self.get_move_batch(&[(vip, epoch)]).await?.pop().flatten())
     }
 
-    async fn read_moves(&self, prefix: String) -> Result<Vec<MoveTimeline>, StoreError> {
+    /// Each move's own keys, a transaction of ranges per [`OPS_PER_TXN`] moves.
+    pub(super) async fn get_move_batch(
+        &self,
+        moves: &[(Vip, u64)],
+    ) -> Result<Vec<Option<MoveTimeline>>, StoreError> {
+        let mut out = Vec::with_capacity(moves.len());
+        if moves.is_empty() {
+            return Ok(out);
+        }
         let client = self.client().await?;
-        let mut c = client.clone();
-        let resp = self
-            .timed(
-                "read moves",
-                c.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        let mut parts = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            match decode_marks(&key, kv.value()) {
-                Ok(m) => parts.push(m),
-                Err(reason) => tracing::warn!(%key, %reason, "skipping an unreadable move record"),
+        for chunk in moves.chunks(OPS_PER_TXN) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(vip, epoch)| {
+                    TxnOp::get(
+                        self.keys.move_prefix(*vip, *epoch),
+                        Some(GetOptions::new().with_prefix()),
+                    )
+                })
+                .collect();
+            let mut c = client.clone();
+            let resp = self
+                .timed("read moves", c.txn(Txn::new().and_then(ops)))
+                .await?;
+            let mut answers = resp.op_responses().into_iter();
+            for (vip, epoch) in chunk {
+                let parts = match answers.next() {
+                    Some(TxnOpResponse::Get(g)) => decode_all(g.kvs()),
+                    _ => Vec::new(),
+                };
+                out.push(
+                    MoveTimeline::merge_all(parts)
+                        .into_iter()
+                        .find(|t| t.vip == *vip && t.epoch == *epoch),
+                );
             }
         }
-        Ok(MoveTimeline::merge_all(parts))
+        Ok(out)
     }
+}
+
+/// The readable records among `kvs`; an unreadable one is logged and skipped.
+fn decode_all(kvs: &[KeyValue]) -> Vec<NodeMarks> {
+    let mut parts = Vec::with_capacity(kvs.len());
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match decode_marks(&key, kv.value()) {
+            Ok(m) => parts.push(m),
+            Err(reason) => tracing::warn!(%key, %reason, "skipping an unreadable move record"),
+        }
+    }
+    parts
 }
 
 #[cfg(test)]
