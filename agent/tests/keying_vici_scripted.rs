@@ -3,8 +3,9 @@
 //!
 //! A scripted VICI peer sits on the socket: it speaks the wire protocol (length-prefixed
 //! packets, named requests, event registration), answers `list-sas` with an empty
-//! inventory (slowly, on request), leaves `terminate` unanswered, and on cue sends one
-//! `ike-updown` event whose body no agent could decode.
+//! inventory (slowly, on request), leaves `terminate` unanswered, starts an IKE_SA on
+//! `initiate` and then never answers it, and on cue sends one `ike-updown` event whose
+//! body no agent could decode.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,6 +92,13 @@ async fn serve(
                         send(&mut s, EVENT_CONFIRM, None, &[]).await;
                     }
                     EVENT_UNREGISTER => send(&mut s, EVENT_CONFIRM, None, &[]).await,
+                    CMD_REQUEST if name == "initiate" => {
+                        // charon starts the IKE_SA, says so on the control log, and then
+                        // answers nothing (a daemon too busy to report its own timeout).
+                        seen.lock().unwrap().commands.push(name);
+                        let body = key_value("msg", "initiating IKE_SA vip[7] to 192.0.2.100");
+                        send(&mut s, EVENT, Some("control-log"), &body).await;
+                    }
                     CMD_REQUEST => {
                         let stall = name == "terminate";
                         let delay = if name == "list-sas" {
@@ -327,6 +335,71 @@ async fn concurrent_listings_share_the_next_one_and_a_later_caller_gets_a_fresh_
         listings(&seen),
         3,
         "a caller after the last listing gets a fresh one"
+    );
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// An initiate that charon never answers (not even with its own timeout) ends with the
+/// IKE_SA it started: left alone, charon would go on retransmitting it, and every such
+/// half-open IKE_SA counts toward the responder's per-address cookie threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
+    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+    let keying = Arc::new(keying_for(&socket));
+    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
+    let conn = vipsec::model::PeerConnection {
+        connection: "vip".into(),
+        child: "vip".into(),
+    };
+    let started = tokio::time::Instant::now();
+    let initiate = tokio::spawn({
+        let keying = keying.clone();
+        async move {
+            keying
+                .initiate(vip, &conn, Duration::from_millis(200))
+                .await
+        }
+    });
+    let deadline = started + Duration::from_secs(15);
+    while !seen
+        .lock()
+        .unwrap()
+        .commands
+        .iter()
+        .any(|c| c == "terminate")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unanswered initiate's IKE_SA was never ended: {:?}",
+            seen.lock().unwrap().commands
+        );
+        assert!(
+            !initiate.is_finished(),
+            "initiate returned without ending its IKE_SA"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Not before the initiate's own wait (its timeout and the margin for charon's answer).
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    let commands = seen.lock().unwrap().commands.clone();
+    assert_eq!(
+        commands.iter().filter(|c| *c == "initiate").count(),
+        1,
+        "{commands:?}"
+    );
+    // The scripted charon sits on the terminate too; the initiate still returns a timeout.
+    let result = tokio::time::timeout(Duration::from_secs(15), initiate)
+        .await
+        .expect("initiate returned")
+        .unwrap();
+    assert!(
+        matches!(result, Err(vipsec::keying::KeyingError::Timeout { .. })),
+        "{result:?}"
     );
     stop.cancel();
     server.await.unwrap();

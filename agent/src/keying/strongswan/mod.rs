@@ -560,10 +560,21 @@ impl Keying for StrongswanKeying {
                 tracing::info!(%vip, connection = %conn.connection, ?took, %reason, "initiate failed");
                 Err(KeyingError::Refused { command, reason })
             }
-            Err(KeyingError::Timeout { .. }) => Err(KeyingError::Timeout {
-                command,
-                after: timeout,
-            }),
+            Err(KeyingError::Timeout { .. }) => {
+                // charon did not even report its own timeout: too busy to be waited for
+                // again, but the IKE_SA it started would go on retransmitting and hold a
+                // half-open slot on the responder (`cookie_threshold_ip`), so it ends.
+                if let Some(id) = initiated_ike_sa(&log)
+                    && let Err(e) = self.terminate(id, true).await
+                {
+                    tracing::debug!(%vip, ike_sa = id, error = %e, "cannot end the IKE_SA of an unanswered initiate");
+                }
+                tracing::info!(%vip, connection = %conn.connection, ?took, "charon did not answer the initiate");
+                Err(KeyingError::Timeout {
+                    command,
+                    after: timeout,
+                })
+            }
             Err(KeyingError::Unreachable(why)) => Err(KeyingError::Unreachable(why)),
         }
     }
