@@ -212,10 +212,12 @@ async fn follower(
             }
         };
         for key in due {
+            // One answer per move asked, in order, whatever becomes of the move.
+            let answer = read.next().flatten();
             let Some(f) = followed.get_mut(&key) else {
                 continue;
             };
-            if let Some(t) = read.next().flatten() {
+            if let Some(t) = answer {
                 let complete = t.complete();
                 f.last = Some(t);
                 if complete {
