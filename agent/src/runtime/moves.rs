@@ -5,7 +5,8 @@
 //! holds its whole timeline, then emits `move-completed`. A storm moves many VIPs at once:
 //! their marks are written, and their timelines read, a few round trips at a time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +33,9 @@ pub const MOVE_FOLLOW_LIMIT: Duration = Duration::from_secs(30);
 /// a quarter of its CPU after the move.
 const MOVE_POLL: Duration = Duration::from_millis(200);
 const MOVE_POLL_MAX: Duration = Duration::from_secs(2);
+/// How long a move handed to the follower is remembered: well past the follow limit, as
+/// its last marks come within seconds of the move.
+const FOLLOWED_KEPT: Duration = Duration::from_secs(2 * MOVE_FOLLOW_LIMIT.as_secs());
 /// Retries of one publication while the store is briefly away.
 const PUBLISH_ATTEMPTS: u32 = 5;
 
@@ -110,7 +114,9 @@ async fn publisher(
     follow: mpsc::UnboundedSender<(Vip, u64)>,
     cancel: CancellationToken,
 ) {
-    let mut followed: BTreeSet<(Vip, u64)> = BTreeSet::new();
+    // Moves handed to the follower, and when: a later mark of one is not followed again
+    // (that would report it twice), while it can still be marked.
+    let mut followed: HashMap<(Vip, u64), Instant> = HashMap::new();
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -138,13 +144,11 @@ async fn publisher(
                 }
             }
         }
+        let now = Instant::now();
+        followed.retain(|_, since| now.saturating_duration_since(*since) < FOLLOWED_KEPT);
         for m in &batch {
-            if followed.insert((m.vip, m.epoch)) {
-                // Only recent moves matter; the set stays small.
-                if followed.len() > 256 {
-                    let oldest = *followed.iter().next().expect("not empty");
-                    followed.remove(&oldest);
-                }
+            if let Entry::Vacant(e) = followed.entry((m.vip, m.epoch)) {
+                e.insert(now);
                 let _ = follow.send((m.vip, m.epoch));
             }
         }
@@ -357,6 +361,52 @@ mod tests {
         assert_eq!(
             batches,
             vec![vec![marks(a, 3), marks(b, 2)], vec![marks(b, 3)]]
+        );
+    }
+
+    /// A storm moves hundreds of VIPs: a late mark of the first move must not hand it to
+    /// the follower again (it would be reported twice, and counted twice in the metrics).
+    #[tokio::test]
+    async fn a_late_mark_of_a_move_among_hundreds_is_not_followed_twice() {
+        let store = Arc::new(BatchLog::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (follow_tx, mut follow_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(publisher(store.clone(), rx, follow_tx, cancel.clone()));
+        let vips: Vec<Vip> = (0..300u32)
+            .map(|i| Vip::from(std::net::Ipv4Addr::from(0xc000_0200 + i)))
+            .collect();
+        for v in &vips {
+            tx.send(marks(*v, 1)).unwrap();
+        }
+        let mut handed = 0;
+        while handed < vips.len() {
+            tokio::time::timeout(Duration::from_secs(5), follow_rx.recv())
+                .await
+                .expect("every move handed to the follower")
+                .unwrap();
+            handed += 1;
+        }
+        tx.send(marks(vips[0], 3)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !store
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .flatten()
+                .any(|m| *m == marks(vips[0], 3))
+            {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the late mark written");
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(
+            follow_rx.try_recv().is_err(),
+            "the first move was followed twice"
         );
     }
 
