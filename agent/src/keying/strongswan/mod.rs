@@ -55,6 +55,9 @@ const DELETE_POLL_FIRST: Duration = Duration::from_millis(2);
 const DELETE_POLL_MAX: Duration = Duration::from_millis(20);
 /// Extra time over charon's own initiate timeout before we stop waiting for its answer.
 const INITIATE_MARGIN: Duration = Duration::from_secs(1);
+/// How long an initiate charon never answered waits for the end of its IKE_SA: charon is
+/// too busy to be waited for, and the initiation's pacer slot is held meanwhile.
+const UNANSWERED_TERMINATE: Duration = Duration::from_secs(1);
 /// Events charon raises that change which SAs are up.
 const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"];
 
@@ -126,13 +129,23 @@ impl StrongswanKeying {
 
     /// Terminates one IKE_SA; "no matching SAs" (already gone) counts as done.
     async fn terminate(&self, ike_id: u64, force: bool) -> Result<(), KeyingError> {
+        self.terminate_within(ike_id, force, COMMAND_TIMEOUT).await
+    }
+
+    /// [`Self::terminate`], waiting at most `wait` for charon's answer.
+    async fn terminate_within(
+        &self,
+        ike_id: u64,
+        force: bool,
+        wait: Duration,
+    ) -> Result<(), KeyingError> {
         let req = TerminateRequest {
             ike_id,
             force,
             timeout: -1,
         };
         let res = self
-            .on_commands(async |c| c.command("terminate", req, COMMAND_TIMEOUT).await)
+            .on_commands(async |c| c.command("terminate", req, wait).await)
             .await;
         match res {
             Err(KeyingError::Refused { reason, .. }) if reason.contains("no matching SAs") => {
@@ -565,7 +578,7 @@ impl Keying for StrongswanKeying {
                 // again, but the IKE_SA it started would go on retransmitting and hold a
                 // half-open slot on the responder (`cookie_threshold_ip`), so it ends.
                 if let Some(id) = initiated_ike_sa(&log)
-                    && let Err(e) = self.terminate(id, true).await
+                    && let Err(e) = self.terminate_within(id, true, UNANSWERED_TERMINATE).await
                 {
                     tracing::debug!(%vip, ike_sa = id, error = %e, "cannot end the IKE_SA of an unanswered initiate");
                 }
