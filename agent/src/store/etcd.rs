@@ -332,8 +332,9 @@ impl OwnershipStore for EtcdStore {
             && h.followers != followers
         {
             h.followers = followers;
-            // The lease loop writes the mark again, off every path a move waits on.
-            h.mark_again();
+            // The lease loop writes the mark again, off every path a move waits on, and
+            // not during the recovery that changed the count.
+            h.mark_followers(std::time::Instant::now());
             drop(intents);
             self.wake.notify_one();
         }

@@ -48,6 +48,8 @@ pub(super) struct Held {
     /// How many front-ends (IKE_SAs) this node serves for the VIP, carried in the holder
     /// mark: front-ends size their reconnect jitter by it when the VIP moves.
     pub followers: u32,
+    /// A mark that only carries a new `followers` count waits until then.
+    mark_not_before: Option<Instant>,
     renewed: Option<Instant>,
     retry: Retry,
 }
@@ -63,10 +65,21 @@ pub(super) struct Pending {
     retry: Retry,
 }
 
+/// How long a new `followers` count waits before its holder mark is written. A recovery
+/// brings many front-ends' IKE_SAs up within a fraction of a second, and writing each
+/// count at once put a store write, and a watch event on every node, per IKE_SA into the
+/// recovery itself; the count only sizes the jitter of the VIP's next move.
+pub const FOLLOWERS_SETTLE: Duration = Duration::from_secs(1);
+
 impl Held {
-    /// The holder mark must be written again (what it carries changed).
-    pub fn mark_again(&mut self) {
-        self.marked = false;
+    /// The holder mark must be written again with a new `followers` count: within
+    /// [`FOLLOWERS_SETTLE`], together with the counts that follow meanwhile. A mark already
+    /// due for another reason (a new lease) stays due at once.
+    pub fn mark_followers(&mut self, now: Instant) {
+        if self.marked {
+            self.marked = false;
+            self.mark_not_before = Some(now + FOLLOWERS_SETTLE);
+        }
     }
 }
 
@@ -145,6 +158,7 @@ impl EtcdStore {
                 Some(h) => {
                     h.lease = Some(id);
                     h.marked = false;
+                    h.mark_not_before = None;
                     h.renewed = Some(Instant::now());
                     h.retry = Retry::default();
                     true
@@ -222,7 +236,10 @@ impl EtcdStore {
             } else {
                 later(due_at);
                 if h.lease.is_some() && !h.marked {
-                    work.push(Work::MarkHolder(*vip));
+                    match h.mark_not_before {
+                        Some(t) if t > now => later(t),
+                        _ => work.push(Work::MarkHolder(*vip)),
+                    }
                 }
             }
         }
@@ -254,6 +271,7 @@ impl EtcdStore {
                 Work::MarkHolder(vip) => {
                     if let Some(h) = intents.held.get_mut(vip) {
                         h.marked = true;
+                        h.mark_not_before = None;
                     }
                 }
                 Work::Release(vip, _) => {
