@@ -96,8 +96,9 @@ pub struct ReconnectConfig {
     /// The most initiations in flight at once the limit grows to. Keep it at or below the
     /// owners' strongSwan `charon.cookie_threshold_ip` (default 3): from that many
     /// half-open IKE_SAs from one address on, the owner answers with a COOKIE, which costs
-    /// a round trip and, with charon 5.9.8 as initiator, can lose the real answer for a
-    /// 4 s retransmission. Above `charon.block_threshold` (default 5) the owner drops
+    /// a round trip and, with charon 5.9.8 as initiator, can lose the real answer until its
+    /// next retransmission (`charon.retransmit_timeout`: 4 s by default, 1 s in the
+    /// example strongswan.conf). Above `charon.block_threshold` (default 5) the owner drops
     /// IKE_SA_INITs outright. Raise these on the back-ends before raising this.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
