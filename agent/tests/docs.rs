@@ -197,10 +197,6 @@ fn strongswan_conf_examples_load_what_each_esp_mode_needs() {
     for conf in [&libipsec, &esp] {
         assert_eq!(setting(conf, "dh_exponent_ansi_x9_42"), ["no"]);
     }
-    // A lost or ignored IKE message costs a failover 1 s, not charon's default 4 s.
-    for conf in [&libipsec, &esp] {
-        assert_eq!(setting(conf, "retransmit_timeout"), ["1.0"]);
-    }
     // The agent's VICI socket is where the examples put charon's.
     for conf in [&libipsec, &esp] {
         assert_eq!(setting(conf, "socket"), ["unix:///var/run/charon.vici"]);

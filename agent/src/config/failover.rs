@@ -97,9 +97,9 @@ pub struct ReconnectConfig {
     /// owners' strongSwan `charon.cookie_threshold_ip` (default 3): from that many
     /// half-open IKE_SAs from one address on, the owner answers with a COOKIE, which costs
     /// a round trip and, with charon 5.9.8 as initiator, can lose the real answer until its
-    /// next retransmission (`charon.retransmit_timeout`: 4 s by default, 1 s in the
-    /// example strongswan.conf). Above `charon.block_threshold` (default 5) the owner drops
-    /// IKE_SA_INITs outright. Raise these on the back-ends before raising this.
+    /// next retransmission (`charon.retransmit_timeout`, 4 s). Above
+    /// `charon.block_threshold` (default 5) the owner drops IKE_SA_INITs outright. Raise
+    /// these on the back-ends before raising this.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
     /// An initiation whose CHILD_SA is up within this counts as quick: the responders keep
