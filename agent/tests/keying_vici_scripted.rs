@@ -177,6 +177,26 @@ fn keying_for(socket: &std::path::Path) -> StrongswanKeying {
     StrongswanKeying::new(&config)
 }
 
+/// Polls until the scripted charon has been sent `command`, at most `within`; `meanwhile`
+/// checks what must hold while it waits.
+async fn wait_for_command(
+    seen: &Mutex<Seen>,
+    command: &str,
+    within: Duration,
+    mut meanwhile: impl FnMut(),
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !seen.lock().unwrap().commands.iter().any(|c| c == command) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{command} never sent: {:?}",
+            seen.lock().unwrap().commands
+        );
+        meanwhile();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn next(rx: &mut mpsc::Receiver<Input>, d: Duration) -> Option<Input> {
     tokio::time::timeout(d, rx.recv()).await.ok().flatten()
 }
@@ -260,20 +280,7 @@ async fn listing_sas_does_not_wait_behind_a_command_charon_has_not_answered() {
         let keying = keying.clone();
         async move { keying.terminate_sa(7).await }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !seen
-        .lock()
-        .unwrap()
-        .commands
-        .iter()
-        .any(|c| c == "terminate")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "terminate never sent"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_command(&seen, "terminate", Duration::from_secs(10), || {}).await;
     // An operator's `vipsec sas` meanwhile answers at once.
     let listed = tokio::time::timeout(Duration::from_secs(2), keying.list_sas()).await;
     assert!(
@@ -361,25 +368,14 @@ async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
                 .await
         }
     });
-    let deadline = started + Duration::from_secs(15);
-    while !seen
-        .lock()
-        .unwrap()
-        .commands
-        .iter()
-        .any(|c| c == "terminate")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the unanswered initiate's IKE_SA was never ended: {:?}",
-            seen.lock().unwrap().commands
-        );
+    // The unanswered initiate's IKE_SA is ended, and not after the initiate returned.
+    wait_for_command(&seen, "terminate", Duration::from_secs(15), || {
         assert!(
             !initiate.is_finished(),
             "initiate returned without ending its IKE_SA"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     // Not before the initiate's own wait: its timeout and the second charon has to answer.
     let sent = started.elapsed();
     assert!(sent >= Duration::from_millis(1200), "{sent:?}");
