@@ -30,9 +30,15 @@ use crate::model::Vip;
 const MAX_BACKOFF_SHIFT: u32 = 4;
 
 impl FailoverCore {
+    /// With a cluster store the probe stands in only while the store is known to be
+    /// unreachable. While its health is still unknown (the agent starting) the store's
+    /// answer is a round trip away, and probing then would send one IKE_SA_INIT for every
+    /// peer VIP at once: a responder counts each as half-open while it answers, and from
+    /// `charon.cookie_threshold_ip` (3) of them asks that address for COOKIEs for its
+    /// calm-down of 10 s, through the next takeover.
     pub(super) fn probes_ike(&self) -> bool {
         self.settings.ike_probe.is_some()
-            && !(self.settings.cluster_store && self.store_healthy == Some(true))
+            && (!self.settings.cluster_store || self.store_healthy == Some(false))
     }
 
     /// An attempt toward `vip` started: probe beside it, unless a probe already runs.

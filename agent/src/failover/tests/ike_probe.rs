@@ -223,3 +223,29 @@ async fn the_probation_ends_after_one_idle_timeout() {
     let a = probed(&mut fe, true);
     assert!(!has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_starting_front_end_waits_for_its_cluster_store_before_probing() {
+    let mut fe = Node::front_end(true, Mode::Fast);
+    fe.core.settings.ike_probe = Some(PROBE);
+    fe.start();
+    // Charon is up with no SA toward the VIP before the store has said anything.
+    let a = fe.feed(Input::KeyingUp {
+        established: vec![],
+    });
+    assert_eq!(initiates(&a), [1], "{a:#?}");
+    assert!(probes(&a).is_empty(), "store health unknown: {a:#?}");
+    // The store turns out to be unreachable: from then on the probe is the only news.
+    fe.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "connect timed out".into(),
+    });
+    let a = fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Err("timeout".into()),
+    });
+    let a = [a, fe.advance(Duration::from_secs(1)).await].concat();
+    assert_eq!(initiates(&a), [2], "{a:#?}");
+    assert_eq!(probes(&a), [Duration::ZERO], "{a:#?}");
+}
