@@ -48,6 +48,17 @@ impl Charon {
         Self::start_with(ns, name, swanctl_conf, strongswan_conf)
     }
 
+    /// Like [`Charon::start`], without the `openssl` plugin: MODP groups from `gmp` and no
+    /// ECP or Curve25519, as Debian's strongSwan is without its recommended
+    /// libstrongswan-standard-plugins. For tests of a group charon lacks.
+    pub fn start_without_openssl(
+        ns: &Netns,
+        name: &str,
+        swanctl_conf: &str,
+    ) -> anyhow::Result<Charon> {
+        Self::start_with(ns, name, swanctl_conf, strongswan_conf_without_openssl)
+    }
+
     /// Like [`Charon::start`], but with the kernel's own ESP: charon's normal
     /// `kernel-netlink` backend without `kernel-libipsec`, so SAs and policies are the
     /// kernel's (no TUN device, no fwmark, no forced encapsulation needed). Only for a
@@ -225,6 +236,10 @@ impl Drop for Charon {
 
 fn strongswan_conf(socket: &Path, log: &Path) -> String {
     render_strongswan_conf(true, socket, log)
+}
+
+fn strongswan_conf_without_openssl(socket: &Path, log: &Path) -> String {
+    strongswan_conf(socket, log).replacen(" openssl ", " ", 1)
 }
 
 fn strongswan_conf_kernel_esp(socket: &Path, log: &Path) -> String {

@@ -164,7 +164,9 @@ pub fn swanctl_frontend(
         if style.mobike_off() {
             s += "mobike = no\n";
         }
-        s += "proposals = aes256-sha256-modp2048\n";
+        // No `proposals` or `esp_proposals`: strongSwan's defaults, as in a file written by
+        // hand. With the OpenSSL plugin (Debian installs it with strongSwan unless told not
+        // to) they negotiate AES-CBC/SHA-256/Curve25519 for IKE and AES-GCM for ESP.
         if style.retries_forever() {
             s += "keyingtries = 0\n";
         }
@@ -183,7 +185,6 @@ pub fn swanctl_frontend(
         let _ = writeln!(s, "{name} {{");
         let _ = writeln!(s, "local_ts = {}[tcp]", host_cidr(local));
         let _ = writeln!(s, "remote_ts = {}", protected_ts(vip));
-        s += "esp_proposals = aes256-sha256\n";
         s += "mode = tunnel\n";
         // kernel-libipsec sends no acquires (a packet hitting a trap policy without SA is
         // only dropped), so the trap cannot start the tunnel: `start` (or the agent) does,
@@ -222,7 +223,7 @@ pub fn swanctl_backend(vips: &[IpAddr], liveness: Liveness, mobike: bool) -> Str
         if !mobike {
             s += "mobike = no\n";
         }
-        s += "proposals = aes256-sha256-modp2048\n";
+        // strongSwan's default proposals, as the front-ends'.
         if liveness.dpd {
             s += "dpd_delay = 1s\n";
         }
@@ -244,7 +245,6 @@ pub fn swanctl_backend(vips: &[IpAddr], liveness: Liveness, mobike: bool) -> Str
         } else {
             let _ = writeln!(s, "remote_ts = {}[tcp]", Family::V6.subnet());
         }
-        s += "esp_proposals = aes256-sha256\n";
         s += "mode = tunnel\n";
         if liveness.dpd {
             s += "dpd_action = clear\n";
