@@ -2,8 +2,8 @@
 //! purpose: an event no agent could decode, a command that never gets its answer.
 //!
 //! A scripted VICI peer sits on the socket: it speaks the wire protocol (length-prefixed
-//! packets, named requests, event registration), answers `list-sas` with an empty
-//! inventory (slowly, on request), leaves `terminate` unanswered, starts an IKE_SA on
+//! packets, named requests, event registration), answers `list-sas` with the inventories
+//! a test scripts, one per listing, then an empty one (slowly, on request), leaves `terminate` unanswered, starts an IKE_SA on
 //! `initiate` and then never answers it, and on cue sends one `ike-updown` event whose
 //! body no agent could decode.
 
@@ -27,6 +27,8 @@ const EVENT_UNREGISTER: u8 = 4;
 const EVENT_CONFIRM: u8 = 5;
 const EVENT: u8 = 7;
 // VICI message elements.
+const SECTION_START: u8 = 1;
+const SECTION_END: u8 = 2;
 const KEY_VALUE: u8 = 3;
 
 #[derive(Default)]
@@ -36,6 +38,8 @@ struct Seen {
     commands: Vec<String>,
     /// How long `list-sas` takes to answer (a charon with many SAs to list).
     list_delay: Duration,
+    /// `list-sa` event bodies for the next listings, one listing each.
+    listings: std::collections::VecDeque<Vec<u8>>,
 }
 
 async fn read_packet(s: &mut UnixStream) -> Option<(u8, String)> {
@@ -106,8 +110,16 @@ async fn serve(
                         } else {
                             Duration::ZERO
                         };
+                        let listed = if name == "list-sas" {
+                            seen.lock().unwrap().listings.pop_front()
+                        } else {
+                            None
+                        };
                         seen.lock().unwrap().commands.push(name);
                         tokio::time::sleep(delay).await;
+                        if let Some(body) = listed {
+                            send(&mut s, EVENT, Some("list-sa"), &body).await;
+                        }
                         if !stall {
                             send(&mut s, CMD_RESPONSE, None, &[]).await;
                         }
@@ -124,6 +136,26 @@ async fn serve(
             }
         }
     }
+}
+
+/// A `list-sa` body: one half-open IKE_SA #`id` this node initiated toward the VIP, its
+/// IKE_SA_INIT answered when the responder's SPI is not zero.
+fn half_open(id: u64, responder_spi: &str) -> Vec<u8> {
+    let mut b = vec![SECTION_START, 3];
+    b.extend_from_slice(b"vip");
+    for (k, v) in [
+        ("uniqueid", id.to_string().as_str()),
+        ("state", "CONNECTING"),
+        ("local-host", "192.0.2.11"),
+        ("remote-host", "192.0.2.100"),
+        ("initiator", "yes"),
+        ("initiator-spi", "8c6f2d5e1a3b4c7d"),
+        ("responder-spi", responder_spi),
+    ] {
+        b.extend(key_value(k, v));
+    }
+    b.push(SECTION_END);
+    b
 }
 
 type Scripted = (
@@ -401,6 +433,48 @@ async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
         matches!(result, Err(vipsec::keying::KeyingError::Timeout { .. })),
         "{result:?}"
     );
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// The drop's listing shows an attempt still waiting for its IKE_SA_INIT's answer; by the
+/// time the drop comes to it, the answer is in and its IKE_AUTH on the way. It is asked
+/// again and spared, not destroyed under the responder (which would keep the CHILD_SA).
+#[tokio::test]
+async fn a_drop_asks_again_about_an_attempt_listed_before_its_answer() {
+    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+    let keying = keying_for(&socket);
+    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
+    seen.lock().unwrap().listings = [
+        half_open(7, "0000000000000000"),
+        half_open(7, "b3d9808fa91fbcc1"),
+    ]
+    .into();
+    let answered = |c: vipsec::keying::DropCandidate| c.answered;
+    let dropped = keying.drop_sas(vip, &answered).await.unwrap();
+    assert_eq!(dropped, 0);
+    let commands = seen.lock().unwrap().commands.clone();
+    assert_eq!(
+        commands.iter().filter(|c| *c == "list-sas").count(),
+        2,
+        "{commands:?}"
+    );
+    assert!(!commands.iter().any(|c| c == "terminate"), "{commands:?}");
+
+    // Still unanswered when asked again: destroyed (the scripted charon never answers the
+    // terminate, so the drop is left waiting for it).
+    seen.lock().unwrap().listings = [
+        half_open(8, "0000000000000000"),
+        half_open(8, "0000000000000000"),
+    ]
+    .into();
+    let keying = std::sync::Arc::new(keying);
+    let drop = tokio::spawn({
+        let keying = keying.clone();
+        async move { keying.drop_sas(vip, &answered).await }
+    });
+    wait_for_command(&seen, "terminate", Duration::from_secs(10), || {}).await;
+    drop.abort();
     stop.cancel();
     server.await.unwrap();
 }

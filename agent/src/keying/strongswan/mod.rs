@@ -430,19 +430,39 @@ impl Keying for StrongswanKeying {
     async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError> {
         let started = Instant::now();
         // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
-        let targets: Vec<DropCandidate> = self
+        let targets: Vec<(DropCandidate, bool)> = self
             .list_sas()
             .await?
             .iter()
             .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
-            .map(|sa| DropCandidate {
-                ike_id: sa.unique_id,
-                answered: init_answered(sa),
+            .map(|sa| {
+                let c = DropCandidate {
+                    ike_id: sa.unique_id,
+                    answered: init_answered(sa),
+                };
+                (c, !c.answered && sa.initiator && sa.state == "CONNECTING")
             })
             .collect();
         let mut dropped = 0;
         let mut spared = Vec::new();
-        for c in targets {
+        for (mut c, awaiting_answer) in targets {
+            if awaiting_answer {
+                // Listed before its IKE_SA_INIT was answered, that attempt may have had its
+                // answer since (the listing waits for IKE_SAs busy in other threads: tens
+                // of ms under load) and sent its IKE_AUTH: destroyed now, the responder
+                // completes it alone and keeps a CHILD_SA this node never learns of, which
+                // can carry the answers to this node's traffic (the 20-front-end crash bench
+                // lost 1.5 s to it). Asked again just before the decision.
+                match self
+                    .list_sas()
+                    .await?
+                    .iter()
+                    .find(|s| s.unique_id == c.ike_id)
+                {
+                    Some(sa) => c.answered = init_answered(sa),
+                    None => continue,
+                }
+            }
             if spare(c) {
                 spared.push(c.ike_id);
                 continue;
