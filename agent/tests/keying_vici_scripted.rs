@@ -40,6 +40,11 @@ struct Seen {
     list_delay: Duration,
     /// `list-sa` event bodies for the next listings, one listing each.
     listings: std::collections::VecDeque<Vec<u8>>,
+    /// The `list-sa` body of every listing once `listings` is used up.
+    standing: Option<Vec<u8>>,
+    /// `initiate`: these control-log lines after the "initiating" one, then, after this
+    /// long, charon's own timeout ("not established after"); without it, no answer ever.
+    initiate_times_out: Option<(Vec<&'static str>, Duration)>,
 }
 
 async fn read_packet(s: &mut UnixStream) -> Option<(u8, String)> {
@@ -102,6 +107,16 @@ async fn serve(
                         seen.lock().unwrap().commands.push(name);
                         let body = key_value("msg", "initiating IKE_SA vip[7] to 192.0.2.100");
                         send(&mut s, EVENT, Some("control-log"), &body).await;
+                        let times_out = seen.lock().unwrap().initiate_times_out.clone();
+                        if let Some((lines, after)) = times_out {
+                            for line in lines {
+                                send(&mut s, EVENT, Some("control-log"), &key_value("msg", line)).await;
+                            }
+                            tokio::time::sleep(after).await;
+                            let mut body = key_value("success", "no");
+                            body.extend(key_value("errmsg", "CHILD_SA 'vip' not established after 200ms"));
+                            send(&mut s, CMD_RESPONSE, None, &body).await;
+                        }
                     }
                     CMD_REQUEST => {
                         let stall = name == "terminate";
@@ -111,7 +126,8 @@ async fn serve(
                             Duration::ZERO
                         };
                         let listed = if name == "list-sas" {
-                            seen.lock().unwrap().listings.pop_front()
+                            let mut seen = seen.lock().unwrap();
+                            seen.listings.pop_front().or_else(|| seen.standing.clone())
                         } else {
                             None
                         };
@@ -477,4 +493,56 @@ async fn a_drop_asks_again_about_an_attempt_listed_before_its_answer() {
     drop.abort();
     stop.cancel();
     server.await.unwrap();
+}
+
+/// charon reports its own timeout on an initiate whose IKE_SA_INIT the responder answered
+/// with a COOKIE (the retry's answer then lost, as charon 5.9.8 does): the IKE_SA is
+/// followed through charon's first retransmission, 4 s after the retry, before it is
+/// ended, and so completes instead of staying half-open on the responder. One nobody
+/// answered is ended after one more timeout, as before.
+#[tokio::test]
+async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmission() {
+    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
+    let conn = vipsec::model::PeerConnection {
+        connection: "vip".into(),
+        child: "vip".into(),
+    };
+    let cookie = vec![
+        "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+        "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
+    ];
+    for (lines, at_least, below) in [
+        (cookie, Duration::from_millis(4400), Duration::from_secs(8)),
+        (
+            vec![],
+            Duration::from_millis(300),
+            Duration::from_millis(2500),
+        ),
+    ] {
+        let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+        let keying = std::sync::Arc::new(keying_for(&socket));
+        {
+            let mut seen = seen.lock().unwrap();
+            seen.standing = Some(half_open(7, "0000000000000000"));
+            seen.initiate_times_out = Some((lines.clone(), Duration::from_millis(200)));
+        }
+        let started = tokio::time::Instant::now();
+        let initiate = tokio::spawn({
+            let (keying, conn) = (keying.clone(), conn.clone());
+            async move {
+                keying
+                    .initiate(vip, &conn, Duration::from_millis(200))
+                    .await
+            }
+        });
+        wait_for_command(&seen, "terminate", Duration::from_secs(15), || {}).await;
+        let ended = started.elapsed();
+        assert!(
+            ended >= at_least && ended < below,
+            "{lines:?}: ended after {ended:?}"
+        );
+        initiate.abort();
+        stop.cancel();
+        server.await.unwrap();
+    }
 }

@@ -58,6 +58,10 @@ const INITIATE_MARGIN: Duration = Duration::from_secs(1);
 /// How long an initiate charon never answered waits for the end of its IKE_SA: charon is
 /// too busy to be waited for, and the initiation's pacer slot is held meanwhile.
 const UNANSWERED_TERMINATE: Duration = Duration::from_secs(1);
+/// charon's first retransmission of a request (`charon.retransmit_timeout`, 4 s by
+/// default) and a margin for its answer: how long an attempt the responder answered is
+/// followed after its initiate timed out.
+const FIRST_RETRANSMIT_ANSWERED: Duration = Duration::from_millis(4500);
 /// Events charon raises that change which SAs are up.
 const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"];
 
@@ -563,8 +567,21 @@ impl Keying for StrongswanKeying {
                 // build a second IKE_SA beside it (the storm lab counted 1240 for 60
                 // flows). Follow this one for up to one more timeout first.
                 let ike_sa = initiated_ike_sa(&log);
+                // A responder that answered holds the IKE_SA half-open until it completes
+                // or for `charon.half_open_timeout` (30 s), and from
+                // `charon.block_threshold` (5) half-open ones from this node's address on it
+                // ignores every IKE_SA_INIT from here. charon 5.9.8 loses the answer to its
+                // retry after a COOKIE when it comes back at once (as it does from a quick
+                // responder) and only retransmits 4 s later: ended before that, each such
+                // attempt left one more half-open IKE_SA, and the 1x100 bench lost 30 s to
+                // the responder's block. Followed through the retransmission, it completes.
+                let grace = if responder_answered(&log) {
+                    timeout.max(FIRST_RETRANSMIT_ANSWERED.saturating_sub(took))
+                } else {
+                    timeout
+                };
                 if let Some(id) = ike_sa
-                    && self.completes_late(id, conn, timeout).await
+                    && self.completes_late(id, conn, grace).await
                 {
                     tracing::info!(%vip, connection = %conn.connection, ike_sa = id, took = ?started.elapsed(), "CHILD_SA up after the initiate timed out");
                     return Ok(());
@@ -620,6 +637,16 @@ fn init_answered(sa: &IkeSaInfo) -> bool {
         && sa.state == "CONNECTING"
         && !sa.responder_spi.is_empty()
         && sa.responder_spi.bytes().any(|b| b != b'0')
+}
+
+/// Whether the responder answered the initiate's IKE_SA_INIT (with its own or with a
+/// COOKIE, after which the retry carrying it left): it holds state for the IKE_SA now.
+fn responder_answered(log: &[ControlLog]) -> bool {
+    log.iter().any(|l| {
+        l.msg
+            .trim_start()
+            .starts_with("parsed IKE_SA_INIT response")
+    })
 }
 
 /// The unique id of the IKE_SA an initiate started, from charon's "initiating IKE_SA
