@@ -3,7 +3,7 @@
 //!
 //! A scripted VICI peer sits on the socket: it speaks the wire protocol (length-prefixed
 //! packets, named requests, event registration), answers `list-sas` with the inventories
-//! a test scripts, one per listing, then an empty one (slowly, on request), leaves `terminate` unanswered, starts an IKE_SA on
+//! a test scripts (one per listing, then a standing one or none; slowly, on request), leaves `terminate` unanswered, starts an IKE_SA on
 //! `initiate` and then never answers it, and on cue sends one `ike-updown` event whose
 //! body no agent could decode.
 
@@ -42,6 +42,8 @@ struct Seen {
     listings: std::collections::VecDeque<Vec<u8>>,
     /// The `list-sa` body of every listing once `listings` is used up.
     standing: Option<Vec<u8>>,
+    /// Whether `terminate` gets its answer (by default charon sits on it).
+    answer_terminate: bool,
     /// `initiate`: these control-log lines after the "initiating" one, then, after this
     /// long, charon's own timeout ("not established after"); without it, no answer ever.
     initiate_times_out: Option<(Vec<&'static str>, Duration)>,
@@ -119,7 +121,7 @@ async fn serve(
                         }
                     }
                     CMD_REQUEST => {
-                        let stall = name == "terminate";
+                        let stall = name == "terminate" && !seen.lock().unwrap().answer_terminate;
                         let delay = if name == "list-sas" {
                             seen.lock().unwrap().list_delay
                         } else {
@@ -453,44 +455,74 @@ async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
     server.await.unwrap();
 }
 
-/// The drop's listing shows an attempt still waiting for its IKE_SA_INIT's answer; by the
-/// time the drop comes to it, the answer is in and its IKE_AUTH on the way. It is asked
-/// again and spared, not destroyed under the responder (which would keep the CHILD_SA).
+/// An initiate under way whose IKE_SA_INIT the responder answered with a COOKIE: the
+/// listing shows no responder SPI (charon 5.9.8 may have lost the answer to the retry),
+/// but the initiate's control log said so, and a drop meanwhile sees the attempt as
+/// answered (to be spared). Once the initiate has returned, it no longer does.
 #[tokio::test]
-async fn a_drop_asks_again_about_an_attempt_listed_before_its_answer() {
+async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
     let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
-    let keying = keying_for(&socket);
+    let keying = std::sync::Arc::new(keying_for(&socket));
     let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
-    seen.lock().unwrap().listings = [
-        half_open(7, "0000000000000000"),
-        half_open(7, "b3d9808fa91fbcc1"),
-    ]
-    .into();
-    let answered = |c: vipsec::keying::DropCandidate| c.answered;
-    let dropped = keying.drop_sas(vip, &answered).await.unwrap();
-    assert_eq!(dropped, 0);
-    let commands = seen.lock().unwrap().commands.clone();
-    assert_eq!(
-        commands.iter().filter(|c| *c == "list-sas").count(),
-        2,
-        "{commands:?}"
-    );
-    assert!(!commands.iter().any(|c| c == "terminate"), "{commands:?}");
-
-    // Still unanswered when asked again: destroyed (the scripted charon never answers the
-    // terminate, so the drop is left waiting for it).
-    seen.lock().unwrap().listings = [
-        half_open(8, "0000000000000000"),
-        half_open(8, "0000000000000000"),
-    ]
-    .into();
-    let keying = std::sync::Arc::new(keying);
-    let drop = tokio::spawn({
+    let conn = vipsec::model::PeerConnection {
+        connection: "vip".into(),
+        child: "vip".into(),
+    };
+    {
+        let mut seen = seen.lock().unwrap();
+        seen.standing = Some(half_open(7, "0000000000000000"));
+        seen.answer_terminate = true;
+        seen.initiate_times_out = Some((
+            vec![
+                "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+                "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No ]",
+            ],
+            Duration::from_millis(200),
+        ));
+    }
+    let initiate = tokio::spawn({
         let keying = keying.clone();
-        async move { keying.drop_sas(vip, &answered).await }
+        async move {
+            keying
+                .initiate(vip, &conn, Duration::from_millis(200))
+                .await
+        }
     });
-    wait_for_command(&seen, "terminate", Duration::from_secs(10), || {}).await;
-    drop.abort();
+    let answered = || {
+        let keying = keying.clone();
+        async move {
+            let seen = Mutex::new(Vec::new());
+            let spare_all = |c: vipsec::keying::DropCandidate| {
+                seen.lock().unwrap().push(c);
+                true
+            };
+            assert_eq!(keying.drop_sas(vip, &spare_all).await.unwrap(), 0);
+            let seen = seen.into_inner().unwrap();
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            seen[0].answered
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !answered().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drop never saw the answered attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!initiate.is_finished());
+    let result = tokio::time::timeout(Duration::from_secs(15), initiate)
+        .await
+        .expect("initiate returned")
+        .unwrap();
+    assert!(
+        matches!(result, Err(vipsec::keying::KeyingError::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(
+        !answered().await,
+        "still counted as under way after it returned"
+    );
     stop.cancel();
     server.await.unwrap();
 }

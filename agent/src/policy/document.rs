@@ -130,8 +130,9 @@ pub enum AuthMethod {
 }
 
 pub fn default_ike_proposals() -> Vec<String> {
-    // charon 5.9.8 on Debian 12 has no openssl plugin, so no ECP groups and no GCM:
-    // MODP from gmp and CBC/HMAC from aes/sha2/hmac are what negotiate everywhere.
+    // charon 5.9.8 on Debian 12 without its openssl plugin (installed without
+    // recommends) has no ECP groups, no Curve25519 and no GCM: MODP from gmp and CBC/HMAC
+    // from aes/sha2/hmac are what negotiate everywhere.
     vec!["aes256-sha256-modp3072".into()]
 }
 

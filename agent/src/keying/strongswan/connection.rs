@@ -133,6 +133,7 @@ impl ViciConn {
         event: &str,
         message: T,
         timeout: Duration,
+        mut on_item: impl FnMut(&U),
     ) -> (Vec<U>, Result<(), KeyingError>)
     where
         T: Serialize,
@@ -145,7 +146,9 @@ impl ViciConn {
             let fut = async move {
                 futures::pin_mut!(stream);
                 while let Some(item) = stream.next().await {
-                    items.push(item?);
+                    let item = item?;
+                    on_item(&item);
+                    items.push(item);
                 }
                 Ok::<(), rsvici::Error>(())
             };

@@ -81,6 +81,11 @@ pub struct StrongswanKeying {
     queries: tokio::sync::Mutex<Option<ViciConn>>,
     /// The last listing on `queries` and when it started.
     last_listing: std::sync::Mutex<Option<(Instant, Vec<IkeSaInfo>)>>,
+    /// IKE_SAs of initiates under way whose IKE_SA_INIT the responder answered (with its
+    /// own or with a COOKIE), as their control logs say: the responder holds state for
+    /// them even when charon lost its answer (listed, such an IKE_SA shows no responder
+    /// SPI). Kept until the initiate returns.
+    answered: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl StrongswanKeying {
@@ -96,6 +101,7 @@ impl StrongswanKeying {
             commands: tokio::sync::Mutex::new(None),
             queries: tokio::sync::Mutex::new(None),
             last_listing: std::sync::Mutex::new(None),
+            answered: Default::default(),
         }
     }
 
@@ -434,39 +440,26 @@ impl Keying for StrongswanKeying {
     async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError> {
         let started = Instant::now();
         // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
-        let targets: Vec<(DropCandidate, bool)> = self
+        let targets: Vec<DropCandidate> = self
             .list_sas()
             .await?
             .iter()
             .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
-            .map(|sa| {
-                let c = DropCandidate {
-                    ike_id: sa.unique_id,
-                    answered: init_answered(sa),
-                };
-                (c, !c.answered && sa.initiator && sa.state == "CONNECTING")
+            .map(|sa| DropCandidate {
+                ike_id: sa.unique_id,
+                answered: init_answered(sa),
             })
             .collect();
         let mut dropped = 0;
         let mut spared = Vec::new();
-        for (mut c, awaiting_answer) in targets {
-            if awaiting_answer {
-                // Listed before its IKE_SA_INIT was answered, that attempt may have had its
-                // answer since (the listing waits for IKE_SAs busy in other threads: tens
-                // of ms under load) and sent its IKE_AUTH: destroyed now, the responder
-                // completes it alone and keeps a CHILD_SA this node never learns of, which
-                // can carry the answers to this node's traffic (the 20-front-end crash bench
-                // lost 1.5 s to it). Asked again just before the decision.
-                match self
-                    .list_sas()
-                    .await?
-                    .iter()
-                    .find(|s| s.unique_id == c.ike_id)
-                {
-                    Some(sa) => c.answered = init_answered(sa),
-                    None => continue,
-                }
-            }
+        for mut c in targets {
+            // Asked again at the decision, not from the listing: an attempt listed before
+            // its answer may have had it since (the listing waits for IKE_SAs busy in other
+            // threads: tens of ms under load) and sent its IKE_AUTH. Destroyed, it stays
+            // half-open on the responder, or the responder completes it alone and keeps a
+            // CHILD_SA this node never learns of (the 20-front-end crash bench lost 1.5 s
+            // to one); an answer to a COOKIE retry that charon lost shows in no listing.
+            c.answered |= self.answered_now(c.ike_id);
             if spare(c) {
                 spared.push(c.ike_id);
                 continue;
@@ -545,14 +538,31 @@ impl Keying for StrongswanKeying {
             init_limits: false,
             loglevel: 1,
         };
+        let mut ike_sa = None;
         let (log, res) = vici
             .stream_request_keep::<_, ControlLog>(
                 "initiate",
                 "control-log",
                 req,
                 left + INITIATE_MARGIN,
+                |line| {
+                    let line = std::slice::from_ref(line);
+                    if ike_sa.is_none() {
+                        ike_sa = initiated_ike_sa(line);
+                    }
+                    if let Some(id) = ike_sa
+                        && responder_answered(line)
+                    {
+                        self.answered_set().insert(id);
+                    }
+                },
             )
             .await;
+        // Whatever the outcome, the attempt is over for the drops once this returns.
+        let _answered = ForgetAnswered {
+            set: &self.answered,
+            id: ike_sa,
+        };
         let took = started.elapsed();
         match res {
             Ok(()) => {
@@ -659,11 +669,41 @@ fn initiated_ike_sa(log: &[ControlLog]) -> Option<u64> {
     })
 }
 
+/// Takes an initiate's IKE_SA out of `StrongswanKeying::answered` when dropped.
+struct ForgetAnswered<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<u64>>,
+    id: Option<u64>,
+}
+
+impl Drop for ForgetAnswered<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.set
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+}
+
 impl StrongswanKeying {
+    fn answered_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.answered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an initiate under way says the responder answered IKE_SA `id`.
+    fn answered_now(&self, id: u64) -> bool {
+        self.answered_set().contains(&id)
+    }
+
     /// Whether IKE_SA `id` brings the connection's CHILD_SA up within `grace`; false as
-    /// soon as the IKE_SA is gone (charon gave up on it) or charon cannot be asked.
+    /// soon as the IKE_SA is gone (charon gave up on it) or charon cannot be asked. One in
+    /// its IKE_AUTH at the deadline gets `INITIATE_MARGIN` more, once: destroyed there, the
+    /// responder would complete it alone.
     async fn completes_late(&self, id: u64, conn: &PeerConnection, grace: Duration) -> bool {
-        let deadline = Instant::now() + grace;
+        let mut deadline = Instant::now() + grace;
+        let mut extended = false;
+        let mut poll = LATE_POLL;
         loop {
             let Ok(sas) = self.list_sas().await else {
                 return false;
@@ -680,15 +720,23 @@ impl StrongswanKeying {
                 return true;
             }
             if Instant::now() >= deadline {
-                return false;
+                if extended || !init_answered(sa) {
+                    return false;
+                }
+                extended = true;
+                deadline += INITIATE_MARGIN;
             }
-            tokio::time::sleep(LATE_POLL).await;
+            // Each poll lists every SA: from 50 ms, doubling to 400 ms.
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(poll.min(left)).await;
+            poll = (poll * 2).min(LATE_POLL_MAX);
         }
     }
 }
 
 /// How often a timed-out initiation is looked at while it may still complete.
 const LATE_POLL: Duration = Duration::from_millis(50);
+const LATE_POLL_MAX: Duration = Duration::from_millis(400);
 
 /// The last `n` control-log lines, for an error message.
 fn last_log_lines(log: &[ControlLog], n: usize) -> String {
