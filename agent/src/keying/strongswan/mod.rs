@@ -82,9 +82,10 @@ pub struct StrongswanKeying {
     /// The last listing on `queries` and when it started.
     last_listing: std::sync::Mutex<Option<(Instant, Vec<IkeSaInfo>)>>,
     /// IKE_SAs of initiates under way whose IKE_SA_INIT the responder answered (with its
-    /// own or with a COOKIE), as their control logs say: the responder holds state for
-    /// them even when charon lost its answer (listed, such an IKE_SA shows no responder
-    /// SPI). Kept until the initiate returns.
+    /// own or with a COOKIE), as their control logs say: the responder probably holds state
+    /// for them (after a COOKIE, once the retry reached it) even when charon lost its
+    /// answer (listed, such an IKE_SA shows no responder SPI). Kept until the initiate
+    /// returns.
     answered: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
@@ -440,26 +441,29 @@ impl Keying for StrongswanKeying {
     async fn drop_sas(&self, vip: Vip, spare: &SpareSa<'_>) -> Result<u32, KeyingError> {
         let started = Instant::now();
         // Any state: a half-open IKE_SA still retrying toward a dead peer goes too.
-        let targets: Vec<DropCandidate> = self
+        let targets: Vec<(DropCandidate, bool)> = self
             .list_sas()
             .await?
             .iter()
             .filter(|sa| sa.vip_role(&[], &[vip]).is_some())
-            .map(|sa| DropCandidate {
-                ike_id: sa.unique_id,
-                answered: init_answered(sa),
+            .map(|sa| {
+                let c = DropCandidate {
+                    ike_id: sa.unique_id,
+                    answered: init_answered(sa),
+                };
+                (c, sa.initiator && sa.state == "CONNECTING")
             })
             .collect();
         let mut dropped = 0;
         let mut spared = Vec::new();
-        for mut c in targets {
+        for (mut c, half_open) in targets {
             // Asked again at the decision, not from the listing: an attempt listed before
             // its answer may have had it since (the listing waits for IKE_SAs busy in other
             // threads: tens of ms under load) and sent its IKE_AUTH. Destroyed, it stays
             // half-open on the responder, or the responder completes it alone and keeps a
             // CHILD_SA this node never learns of (the 20-front-end crash bench lost 1.5 s
             // to one); an answer to a COOKIE retry that charon lost shows in no listing.
-            c.answered |= self.answered_now(c.ike_id);
+            c.answered |= half_open && self.answered_now(c.ike_id);
             if spare(c) {
                 spared.push(c.ike_id);
                 continue;
@@ -538,7 +542,12 @@ impl Keying for StrongswanKeying {
             init_limits: false,
             loglevel: 1,
         };
-        let mut ike_sa = None;
+        // Whatever the outcome, and also when this future is dropped, the attempt is over
+        // for the drops once this returns.
+        let mut forget = ForgetAnswered {
+            set: &self.answered,
+            id: None,
+        };
         let (log, res) = vici
             .stream_request_keep::<_, ControlLog>(
                 "initiate",
@@ -547,22 +556,23 @@ impl Keying for StrongswanKeying {
                 left + INITIATE_MARGIN,
                 |line| {
                     let line = std::slice::from_ref(line);
-                    if ike_sa.is_none() {
-                        ike_sa = initiated_ike_sa(line);
+                    if let Some(id) = initiated_ike_sa(line)
+                        && forget.id.is_none()
+                    {
+                        forget.id = Some(id);
                     }
-                    if let Some(id) = ike_sa
+                    if let Some(id) = forget.id
                         && responder_answered(line)
                     {
-                        self.answered_set().insert(id);
+                        forget
+                            .set
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id);
                     }
                 },
             )
             .await;
-        // Whatever the outcome, the attempt is over for the drops once this returns.
-        let _answered = ForgetAnswered {
-            set: &self.answered,
-            id: ike_sa,
-        };
         let took = started.elapsed();
         match res {
             Ok(()) => {
