@@ -227,6 +227,23 @@ fn keying_for(socket: &std::path::Path) -> StrongswanKeying {
     StrongswanKeying::new(&config)
 }
 
+/// Starts an initiate of the scripted connection toward 192.0.2.100, 200 ms of timeout.
+fn spawn_initiate(
+    keying: &Arc<StrongswanKeying>,
+) -> tokio::task::JoinHandle<Result<(), vipsec::keying::KeyingError>> {
+    let keying = keying.clone();
+    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
+    let conn = vipsec::model::PeerConnection {
+        connection: "vip".into(),
+        child: "vip".into(),
+    };
+    tokio::spawn(async move {
+        keying
+            .initiate(vip, &conn, Duration::from_millis(200))
+            .await
+    })
+}
+
 /// Polls until the scripted charon has been sent `command`, at most `within`; `meanwhile`
 /// checks what must hold while it waits.
 async fn wait_for_command(
@@ -404,20 +421,8 @@ async fn concurrent_listings_share_the_next_one_and_a_later_caller_gets_a_fresh_
 async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
     let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
     let keying = Arc::new(keying_for(&socket));
-    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
-    let conn = vipsec::model::PeerConnection {
-        connection: "vip".into(),
-        child: "vip".into(),
-    };
     let started = tokio::time::Instant::now();
-    let initiate = tokio::spawn({
-        let keying = keying.clone();
-        async move {
-            keying
-                .initiate(vip, &conn, Duration::from_millis(200))
-                .await
-        }
-    });
+    let initiate = spawn_initiate(&keying);
     // The unanswered initiate's IKE_SA is ended, and not after the initiate returned.
     wait_for_command(&seen, "terminate", Duration::from_secs(15), || {
         assert!(
@@ -464,10 +469,6 @@ async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
     let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
     let keying = std::sync::Arc::new(keying_for(&socket));
     let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
-    let conn = vipsec::model::PeerConnection {
-        connection: "vip".into(),
-        child: "vip".into(),
-    };
     {
         let mut seen = seen.lock().unwrap();
         seen.standing = Some(half_open(7, "0000000000000000"));
@@ -480,14 +481,7 @@ async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
             Duration::from_millis(200),
         ));
     }
-    let initiate = tokio::spawn({
-        let keying = keying.clone();
-        async move {
-            keying
-                .initiate(vip, &conn, Duration::from_millis(200))
-                .await
-        }
-    });
+    let initiate = spawn_initiate(&keying);
     let answered = || {
         let keying = keying.clone();
         async move {
@@ -534,11 +528,6 @@ async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
 /// answered is ended after one more timeout, as before.
 #[tokio::test]
 async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmission() {
-    let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
-    let conn = vipsec::model::PeerConnection {
-        connection: "vip".into(),
-        child: "vip".into(),
-    };
     let cookie = vec![
         "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
         "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
@@ -559,14 +548,7 @@ async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmi
             seen.initiate_times_out = Some((lines.clone(), Duration::from_millis(200)));
         }
         let started = tokio::time::Instant::now();
-        let initiate = tokio::spawn({
-            let (keying, conn) = (keying.clone(), conn.clone());
-            async move {
-                keying
-                    .initiate(vip, &conn, Duration::from_millis(200))
-                    .await
-            }
-        });
+        let initiate = spawn_initiate(&keying);
         wait_for_command(&seen, "terminate", Duration::from_secs(15), || {}).await;
         let ended = started.elapsed();
         assert!(

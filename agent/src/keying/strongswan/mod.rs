@@ -697,13 +697,12 @@ impl Drop for ForgetAnswered<'_> {
 }
 
 impl StrongswanKeying {
-    fn answered_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
-        self.answered.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Whether an initiate under way says the responder answered IKE_SA `id`.
     fn answered_now(&self, id: u64) -> bool {
-        self.answered_set().contains(&id)
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
     }
 
     /// Whether IKE_SA `id` brings the connection's CHILD_SA up within `grace`; false as
