@@ -161,6 +161,8 @@ impl FailoverCore {
             Some(o) if p.owner.as_ref() == Some(&o) => {}
             Some(o) => {
                 p.epoch = o.epoch;
+                // A new owner has not refused anything yet.
+                p.refused = 0;
                 let node = o.node.clone();
                 out.push(Action::Notify(
                     Notice::new(NoticeKind::OwnerChanged, Some(vip)).owner(Some(&o)),

@@ -69,13 +69,36 @@ impl FailoverCore {
         });
         let epoch = p.epoch;
         let owner = p.owner.clone();
+        let refused = p.refused;
+        let mut detail = reason;
+        if refused > 0 {
+            // The peer deleted the last SA(s) right after they came up: it refuses them
+            // for now. Wait as after as many failed attempts; news of a new owner, a
+            // probe's answer or the daemon coming back still start the next attempt at
+            // once (each calls `advance`, which moves the generation past this timer).
+            let after = self.settings.retry.delay_after(refused);
+            p.generation += 1;
+            out.push(Action::StartTimer {
+                timer: Timer::Retry {
+                    vip,
+                    generation: p.generation,
+                },
+                after,
+            });
+            detail = format!(
+                "{detail}; the peer refused {refused} SA(s) in a row, next attempt in {}",
+                humantime::format_duration(after)
+            );
+        }
         out.push(Action::Notify(
             Notice::new(NoticeKind::RenegotiationStarted, Some(vip))
                 .owner(owner.as_ref())
                 .epoch(epoch)
-                .detail(reason),
+                .detail(detail),
         ));
-        self.advance(out, vip);
+        if refused == 0 {
+            self.advance(out, vip);
+        }
     }
 
     /// Decides the next step of a renegotiation: wait for the daemon, wait for an owner,
@@ -171,7 +194,9 @@ impl FailoverCore {
         let Some(r) = p.renegotiation.as_mut() else {
             return;
         };
-        if attempt != r.attempts {
+        // Not this renegotiation's attempt under way: one of an ended renegotiation (whose
+        // number this one continues from until its own first attempt), or one aborted.
+        if attempt != r.attempts || !r.in_flight {
             return;
         }
         r.in_flight = false;

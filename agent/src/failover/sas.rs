@@ -1,10 +1,16 @@
 //! What the keying daemon reports: it going down and coming back, SAs up and down, and
 //! the traffic counters the idle detector reads.
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::{Action, FailoverCore, Notice, NoticeKind, Out, PeerSa, SaRef};
 use crate::model::{IkeId, TrafficCounters, Vip, VipRole};
+
+/// A peer that deletes an SA this soon after it came up refused it (a back-end's guard
+/// deletes a refused SA within milliseconds); rekeying, DPD and drains come much later.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
 
 impl FailoverCore {
     pub(super) fn keying_went_down(&mut self, out: &mut Out, detail: String) {
@@ -66,6 +72,7 @@ impl FailoverCore {
                             PeerSa {
                                 since: now,
                                 epoch: tag,
+                                seen_up: false,
                             },
                         );
                     }
@@ -137,6 +144,7 @@ impl FailoverCore {
                     PeerSa {
                         since: now,
                         epoch: tag,
+                        seen_up: true,
                     },
                 );
                 p.idle.reset();
@@ -170,8 +178,13 @@ impl FailoverCore {
                     return;
                 };
                 // Unknown SAs are ones we dropped ourselves: already handled.
-                if p.sas.remove(&sa.ike_id).is_none() {
+                let Some(gone) = p.sas.remove(&sa.ike_id) else {
                     return;
+                };
+                if gone.seen_up && now.saturating_duration_since(gone.since) < REFUSAL_WINDOW {
+                    p.refused = p.refused.saturating_add(1);
+                } else {
+                    p.refused = 0;
                 }
                 out.push(Action::Notify(
                     Notice::new(NoticeKind::SaDeleted, Some(sa.vip))

@@ -48,6 +48,9 @@ pub struct PeerSa {
     pub since: Instant,
     /// Owner epoch when the SA came up; 0 when the owner was unknown then.
     pub epoch: u64,
+    /// Seen coming up (not found established when the daemon connected): `since` is its
+    /// real age.
+    pub(super) seen_up: bool,
 }
 
 /// A running attempt to bring protection toward a peer VIP back.
@@ -139,6 +142,11 @@ pub struct PeerVip {
     /// reported yet: the next renegotiation numbers its attempts after it, so that late
     /// result cannot pass for one of its own.
     pub(super) late_attempt: Option<u32>,
+    /// SAs in a row that the peer deleted right after they came up (a responder refusing
+    /// them: a draining or not-yet-recorded owner). The next renegotiation waits the retry
+    /// backoff for this many failures first, so a refusing responder is not sent a fresh
+    /// IKE_SA every few milliseconds.
+    pub(super) refused: u32,
 }
 
 impl PeerVip {
@@ -157,6 +165,7 @@ impl PeerVip {
             probing: IkeProbing::default(),
             probation_until: None,
             late_attempt: None,
+            refused: 0,
         }
     }
 

@@ -110,22 +110,112 @@ async fn a_late_result_of_an_ended_renegotiation_is_not_taken_for_the_next_ones(
         sa: peer_sa(2),
         reason: "deleted by peer".into(),
     });
-    assert_eq!(initiates(&a), [2], "numbered after the one still out");
-    // Attempt 1 returns: it is the ended renegotiation's, not this one's.
-    let a = fe.feed(Input::InitiateFinished {
-        vip: vip(),
-        attempt: 1,
-        result: Ok(()),
-    });
-    assert!(
-        !notices(&a).contains(&NoticeKind::RenegotiationFinished),
-        "{a:#?}"
-    );
-    assert!(fe.core.peers()[&vip()].renegotiation.is_some());
+    // A refusal: the next attempt waits the first backoff step.
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    // Attempt 1 returns, before and after the new renegotiation's first attempt: it is
+    // the ended renegotiation's, not this one's.
+    for wait in [false, true] {
+        if wait {
+            let (_, a) = fe.next_timer().await;
+            assert_eq!(initiates(&a), [2], "numbered after the one still out");
+        }
+        let a = fe.feed(Input::InitiateFinished {
+            vip: vip(),
+            attempt: 1,
+            result: Ok(()),
+        });
+        assert!(
+            !notices(&a).contains(&NoticeKind::RenegotiationFinished),
+            "{a:#?}"
+        );
+        assert!(fe.core.peers()[&vip()].renegotiation.is_some());
+    }
     let a = fe.feed(Input::InitiateFinished {
         vip: vip(),
         attempt: 2,
         result: Err("timeout".into()),
     });
     assert!(fe.core.peers()[&vip()].renegotiation.is_some(), "{a:#?}");
+}
+
+/// Feeds one SA that comes up for the renegotiation's attempt 1 and is deleted by the peer
+/// `lived` later; returns what the deletion asked for.
+async fn sa_refused_after(fe: &mut Node, id: u64, lived: Duration) -> Vec<Action> {
+    fe.feed(Input::SaUp(peer_sa(id)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    time::advance(lived).await;
+    fe.feed(Input::SaDown {
+        sa: peer_sa(id),
+        reason: "deleted by peer".into(),
+    })
+}
+
+/// A responder that deletes each new SA right after it comes up (a drained back-end, or
+/// one not yet recorded as owner) is sent the next one after the retry backoff, not every
+/// few milliseconds; an SA that lived is followed at once again.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_refuses_each_new_sa_is_retried_on_the_backoff() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    // Found established when the daemon connected: its age is unknown, not a refusal.
+    assert_eq!(initiates(&a), [1]);
+    let mut waits = Vec::new();
+    for id in 2..8 {
+        let a = sa_refused_after(&mut fe, id, Duration::from_millis(5)).await;
+        assert!(initiates(&a).is_empty(), "{a:#?}");
+        let started = notice(&a, NoticeKind::RenegotiationStarted);
+        assert!(started.detail.contains("refused"), "{}", started.detail);
+        let (waited, a) = fe.next_timer().await;
+        assert_eq!(initiates(&a), [1], "{a:#?}");
+        waits.push(waited.as_millis());
+    }
+    assert_eq!(waits, [50, 100, 200, 400, 800, 1000]);
+    let a = sa_refused_after(&mut fe, 8, Duration::from_secs(2)).await;
+    assert_eq!(initiates(&a), [1], "an SA that lived is no refusal: {a:#?}");
+    // ... and the count starts over after it.
+    let a = sa_refused_after(&mut fe, 9, Duration::from_millis(5)).await;
+    assert!(initiates(&a).is_empty());
+    assert_eq!(fe.next_timer().await.0, Duration::from_millis(50));
+}
+
+/// News of a new owner ends the wait after refusals at once: the refusals were the old
+/// holder's.
+#[tokio::test(start_paused = true)]
+async fn a_new_owner_ends_the_wait_after_refusals() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(initiates(&a), [1]);
+    for id in 2..5 {
+        let a = sa_refused_after(&mut fe, id, Duration::from_millis(5)).await;
+        assert!(initiates(&a).is_empty(), "{a:#?}");
+        fe.next_timer().await;
+    }
+    let a = sa_refused_after(&mut fe, 5, Duration::from_millis(5)).await;
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    time::advance(Duration::from_millis(100)).await;
+    let a = fe.feed(Input::OwnerChanged {
+        vip: vip(),
+        owner: owner("be2", 2),
+    });
+    assert_eq!(initiates(&a), [1], "{a:#?}");
+    // The backoff's timer of the refusals is stale now.
+    let a = fe.advance(Duration::from_secs(2)).await;
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    let a = sa_refused_after(&mut fe, 6, Duration::from_millis(5)).await;
+    assert!(initiates(&a).is_empty());
+    assert_eq!(
+        fe.next_timer().await.0,
+        Duration::from_millis(50),
+        "the new owner's first refusal waits the first step"
+    );
 }
