@@ -199,7 +199,34 @@ struct Window {
     clear: ClearText,
     ike: BTreeMap<String, Option<u64>>,
     logs: BTreeMap<String, usize>,
+    charon_logs: BTreeMap<String, usize>,
 }
+
+/// A node's charon log, as far as it is written.
+fn charon_log(lab: &Lab, node: &str) -> String {
+    std::fs::read_to_string(vipsec_testbed::charon::log_in(&lab.node_dir_of(node)))
+        .unwrap_or_default()
+}
+
+/// Agent log lines that say how a renegotiation went.
+const RECOVERY_AGENT: &[&str] = &[
+    "failover event",
+    "initiation started",
+    "CHILD_SA up",
+    "dropped SAs",
+    "initiate",
+];
+/// charon log lines that say how an IKE_SA_INIT exchange went: cookies, answers lost to
+/// charon's own race, retransmissions, half-open limits.
+const RECOVERY_CHARON: &[&str] = &[
+    "COOKIE",
+    "already processing",
+    "retransmit",
+    "initiating IKE_SA",
+    "established between",
+    "half-open",
+    "deleting IKE_SA",
+];
 
 impl Window {
     fn open(lab: &mut Lab) -> Window {
@@ -218,6 +245,13 @@ impl Window {
                 (n, len)
             })
             .collect();
+        let charon_logs = agent_nodes(lab)
+            .into_iter()
+            .map(|n| {
+                let len = charon_log(lab, &n).len();
+                (n, len)
+            })
+            .collect();
         let _ = lab.poll_probes();
         Window {
             t0: now_ns(),
@@ -225,6 +259,28 @@ impl Window {
             clear: lab.cleartext().expect("clear-text counters"),
             ike,
             logs,
+            charon_logs,
+        }
+    }
+
+    /// Prints what every agent and charon logged since the window opened about its
+    /// renegotiations and IKE exchanges: where a slow recovery spent its time.
+    fn explain_recovery(&self, lab: &Lab, scenario: &str) {
+        for (node, from) in &self.logs {
+            let log = lab.agent_log(node).unwrap_or_default();
+            for l in log.get(*from..).unwrap_or("").lines() {
+                if RECOVERY_AGENT.iter().any(|k| l.contains(k)) {
+                    eprintln!("[recovery] {scenario} {node} agent: {l}");
+                }
+            }
+        }
+        for (node, from) in &self.charon_logs {
+            let log = charon_log(lab, node);
+            for l in log.get(*from..).unwrap_or("").lines() {
+                if RECOVERY_CHARON.iter().any(|k| l.contains(k)) {
+                    eprintln!("[recovery] {scenario} {node} charon: {l}");
+                }
+            }
         }
     }
 
@@ -592,6 +648,7 @@ fn leader_killed_at(lab: &mut Lab, fault: Fault) -> Vec<Report> {
                 secs(SERVE_SLACK),
                 secs(e)
             ));
+            w.explain_recovery(lab, &r.scenario);
         }
         let nodes: Vec<String> = agent_nodes(lab)
             .into_iter()

@@ -105,14 +105,15 @@ impl FailoverCore {
         }
     }
 
-    /// The epoch an SA coming up now belongs to. With a synced, healthy store that is the
-    /// latest epoch, even while no record exists: an SA made in that gap leads to whoever
-    /// still answers on the VIP (the old owner, not yet gone), so the next owner's record
-    /// must find it stale. Only without store knowledge is the owner unknown (0).
+    /// The epoch an SA coming up now belongs to: the latest epoch this node has seen, even
+    /// while no record exists or the store is unreachable. An SA made in such a gap leads
+    /// to whoever answers on the VIP then (often the old owner, draining or about to go),
+    /// so the next owner's record must find it stale; adopting it instead left a front-end
+    /// with an SA to a node that no longer held the VIP until its idle detector noticed.
+    /// Only a node that never learnt an epoch for the VIP tags it unknown (0).
     fn sa_epoch_tag(&self, vip: Vip) -> u64 {
-        let store_ok = self.store_healthy == Some(true);
         match self.peers.get(&vip) {
-            Some(p) if store_ok && p.synced && (p.owner.is_some() || p.epoch > 0) => p.epoch,
+            Some(p) if p.synced && (p.owner.is_some() || p.epoch > 0) => p.epoch,
             _ => 0,
         }
     }

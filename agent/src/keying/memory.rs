@@ -158,6 +158,12 @@ impl MemoryKeying {
         }
     }
 
+    /// An IKE_SA a peer brought up on its own (a front-end initiating toward this node).
+    pub async fn bring_up(&self, sa: SaRef) {
+        self.state().sas.push(sa);
+        self.tell(Input::SaUp(sa)).await;
+    }
+
     async fn tell(&self, input: Input) {
         let sink = self.state().sink.clone();
         if let Some(sink) = sink {

@@ -58,10 +58,6 @@ enum JobKind {
         /// The drain this delete answers.
         reply: Option<DrainReply>,
     },
-    /// One hosted IKE_SA refused (see `Action::RefuseSa`).
-    RefuseSa {
-        ike_id: crate::model::IkeId,
-    },
     DropStale,
     Initiate {
         attempt: u32,
@@ -188,7 +184,26 @@ impl Lanes {
             Action::DeleteSas { vip, role } => {
                 self.lane(vip, epoch, JobKind::DeleteSas { role, reply: None })
             }
-            Action::RefuseSa { vip, ike_id } => self.lane(vip, epoch, JobKind::RefuseSa { ike_id }),
+            Action::RefuseSa { vip, ike_id } => {
+                // Off the VIP's lane: the front-end takes a refused SA for its recovery
+                // until the DELETE comes, and the lane may be waiting out a store call
+                // (a withdraw in an etcd leader election held one for 500 ms, until the
+                // VIP had left and the DELETE no longer reached the front-end). A DELETE
+                // for that IKE_SA alone, not waited for: the peer's answer changes nothing.
+                let (keying, sink) = (self.ctx.keying.clone(), self.ctx.sink.clone());
+                self.ctx.tracker.spawn(
+                    async move {
+                        match keying.terminate_sa(ike_id).await {
+                            Ok(()) => info!(%vip, ike_sa = ike_id, "refused IKE_SA deleted"),
+                            Err(e) => sink.emit(
+                                Notice::new(NoticeKind::ActionFailed, Some(vip))
+                                    .detail(format!("delete refused IKE_SA #{ike_id}: {e}")),
+                            ),
+                        }
+                    }
+                    .instrument(info_span!("refuse-sa", %vip)),
+                );
+            }
             Action::DropStaleSas { vip } => self.lane(vip, epoch, JobKind::DropStale),
             Action::Initiate {
                 vip,
@@ -480,14 +495,6 @@ impl VipLane {
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(result.map_err(CommandError::Keying));
-                }
-            }
-            JobKind::RefuseSa { ike_id } => {
-                // A DELETE for that IKE_SA alone, not waited for: the peer's answer
-                // changes nothing here, and the lane has others to serve.
-                match self.ctx.keying.terminate_sa(ike_id).await {
-                    Ok(()) => info!(%vip, ike_sa = ike_id, "refused IKE_SA deleted"),
-                    Err(e) => self.failed(&format!("delete refused IKE_SA #{ike_id}"), e),
                 }
             }
             JobKind::DropStale => {

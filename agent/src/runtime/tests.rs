@@ -187,6 +187,52 @@ async fn a_drain_is_answered_by_the_delete_its_own_decision_named() {
     be1.stop().await;
 }
 
+/// A refused SA is deleted at once, even while its VIP's lane waits for something else (a
+/// drain's delete hanging in the daemon here; a store call in an etcd leader election in
+/// the lab, where the DELETE came after the VIP had left and never reached the front-end).
+#[tokio::test(start_paused = true)]
+async fn a_refused_sa_is_deleted_while_its_vips_lane_is_busy() {
+    let store = EmbeddedStore::new("be1".into());
+    let be1 = start(
+        BACKEND,
+        store.for_node("be1"),
+        MemoryKeying::new(hosted_sas(1)),
+    )
+    .await;
+    be1.addrs.add(vip());
+    be1.status("be1 owning the VIP", |s| hosted_owner(s, "be1"))
+        .await;
+    be1.keying.hold(Hold::DeleteSas);
+    let drain = tokio::spawn({
+        let h = be1.handle.clone();
+        async move { h.drain(vip()).await }
+    });
+    be1.keying
+        .wait_call(DEADLINE, |c| matches!(c, KeyingCall::DeleteSas { .. }))
+        .await
+        .expect("the drain's delete reached the daemon");
+    // A front-end comes straight back; the draining VIP refuses its SA.
+    be1.keying
+        .bring_up(SaRef {
+            vip: vip(),
+            role: VipRole::Hosted,
+            ike_id: 7,
+        })
+        .await;
+    be1.keying
+        .wait_call(DEADLINE, |c| *c == KeyingCall::Terminate(7))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the refused SA waited behind the drain's delete: {:?}",
+                be1.keying.calls()
+            )
+        });
+    be1.keying.release(Hold::DeleteSas);
+    drain.await.unwrap().expect("drained");
+    be1.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_delete_decided_before_the_vip_moved_on_is_fenced_and_the_drain_told_so() {
     let store = EmbeddedStore::new("be1".into());

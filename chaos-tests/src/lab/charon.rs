@@ -105,6 +105,11 @@ pub fn strongswan_conf(dir: &Path, liveness: Liveness) -> String {
         vipsec_testbed::charon::log_in(dir).display()
     );
     s += "time_format = %H:%M:%S\n";
+    // Whole lines on disk as they happen: the tests quote a scenario's lines from the
+    // offset the log had when it started.
+    s += "flush_line = yes\n";
+    // charon 5.9's name for milliseconds after the seconds.
+    s += "time_add_ms = yes\n";
     s += "default = 1\n";
     s += "ike = 1\n";
     s += "}\n";

@@ -156,6 +156,37 @@ async fn an_sa_made_while_no_owner_is_recorded_is_stale_for_the_next_owner() {
     assert_eq!(initiates(&a), [1]);
 }
 
+/// The same with the store unreachable through the move (an etcd leader election during a
+/// planned move): the SA made in the outage leads to the draining old owner, and the new
+/// owner's record, once the store is back, must find it stale instead of adopting it.
+#[tokio::test(start_paused = true)]
+async fn an_sa_made_while_the_store_is_down_is_stale_for_the_next_owner() {
+    let mut fe = Node::established(true, Mode::Fast, owner("be1", 1));
+    fe.feed(Input::StoreHealth {
+        healthy: false,
+        detail: "leader lost".into(),
+    });
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    assert_eq!(initiates(&a), [1], "no record to wait for: {a:#?}");
+    fe.feed(Input::SaUp(peer_sa(2)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    time::advance(Duration::from_millis(600)).await;
+    fe.feed(Input::StoreHealth {
+        healthy: true,
+        detail: String::new(),
+    });
+    let a = fe.feed(Input::OwnerSnapshot(vec![(vip(), owner("be2", 2))]));
+    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    assert_eq!(initiates(&a), [1], "{a:#?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn crash_of_the_owner_seen_as_a_takeover_drops_the_stale_sa_without_any_delete() {
     let mut fe = Node::established(true, Mode::Normal, owner("be1", 1));
