@@ -17,7 +17,9 @@
 //!
 //! An answer without silence before it says nothing new (the old holder still answering,
 //! or the attempt under way reaching a live one), so while a renegotiation lasts the
-//! probes then slow down, doubling up to 16 intervals, until the next silence.
+//! probes then slow down, doubling up to 16 intervals, until the next silence; not while
+//! the peer refuses the SAs it brings (a drained holder that still has the address): the
+//! attempts then wait the retry backoff, and the probe is what notices the address move.
 
 use std::time::Duration;
 
@@ -90,8 +92,9 @@ impl FailoverCore {
             return;
         }
         // A renegotiation may last; a probation is one idle timeout and must not miss the
-        // silence it is there for.
-        let shift = if renegotiating {
+        // silence it is there for, and neither may a renegotiation whose peer refuses its
+        // SAs: that holder is draining, and its going is the news.
+        let shift = if renegotiating && p.refused == 0 {
             p.probing.answers.min(MAX_BACKOFF_SHIFT)
         } else {
             0

@@ -98,6 +98,9 @@ impl FailoverCore {
         ));
         if refused == 0 {
             self.advance(out, vip);
+        } else {
+            // Without a record, the probe is what says the refusing holder left.
+            self.start_ike_probe(out, vip);
         }
     }
 

@@ -249,3 +249,46 @@ async fn a_starting_front_end_waits_for_its_cluster_store_before_probing() {
     assert_eq!(initiates(&a), [2], "{a:#?}");
     assert_eq!(probes(&a), [Duration::ZERO], "{a:#?}");
 }
+
+/// A drained holder that still has the address refuses each SA: the attempts wait the
+/// retry backoff, but the probe keeps its pace, and the moment the address answers again
+/// after silence (the next holder) the next attempt goes, without waiting out the backoff.
+#[tokio::test(start_paused = true)]
+async fn a_refusing_holder_is_probed_at_full_pace_and_its_successor_tried_at_once() {
+    let (mut fe, a) = renegotiating();
+    assert_eq!(initiates(&a), [1]);
+    // Each renegotiation's first attempt is its attempt 1.
+    for ike in 2..6 {
+        came_up(&mut fe, ike, 1);
+        time::advance(Duration::from_millis(5)).await;
+        let a = fe.feed(Input::SaDown {
+            sa: peer_sa(ike),
+            reason: "deleted by peer".into(),
+        });
+        assert!(
+            initiates(&a).is_empty(),
+            "refused: the backoff first: {a:#?}"
+        );
+        // The holder answers the probe all along: no slowing down.
+        let a = probed(&mut fe, true);
+        assert_eq!(probes(&a), [PROBE], "{a:#?}");
+        let a = fe
+            .advance(Duration::from_millis(50) * (1 << (ike - 2)))
+            .await;
+        assert_eq!(initiates(&a), [1], "{a:#?}");
+    }
+    // Refused once more; the backoff is now 800 ms.
+    came_up(&mut fe, 6, 1);
+    let a = fe.feed(Input::SaDown {
+        sa: peer_sa(6),
+        reason: "deleted by peer".into(),
+    });
+    assert!(initiates(&a).is_empty());
+    // The drained holder lets the address go: silence, then the next holder answers.
+    time::advance(PROBE).await;
+    probed(&mut fe, false);
+    time::advance(PROBE).await;
+    let a = probed(&mut fe, true);
+    assert_eq!(initiates(&a), [1], "{a:#?}");
+    assert!(notices(&a).contains(&NoticeKind::PeerAnswers), "{a:#?}");
+}
