@@ -522,15 +522,15 @@ async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
 }
 
 /// charon reports its own timeout on an initiate whose IKE_SA_INIT the responder answered
-/// with a COOKIE (the retry's answer then lost, as charon 5.9.8 does): the IKE_SA is
-/// followed through charon's first retransmission, 4 s after the retry, before it is
-/// ended, and so completes instead of staying half-open on the responder. One nobody
-/// answered is ended after one more timeout, as before.
+/// after a COOKIE: the IKE_SA is followed through charon's first retransmission, 4 s after
+/// the retry, before it is ended, and so completes instead of staying half-open on the
+/// responder. One nobody answered is ended after one more timeout, as before.
 #[tokio::test]
 async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmission() {
     let cookie = vec![
         "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
         "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
+        "parsed IKE_SA_INIT response 0 [ SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
     ];
     for (lines, at_least, below) in [
         (cookie, Duration::from_millis(4400), Duration::from_secs(8)),
@@ -559,4 +559,41 @@ async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmi
         stop.cancel();
         server.await.unwrap();
     }
+}
+
+/// charon 5.9.8 loses the answer to a COOKIE retry that comes back at once and only
+/// retransmits 4 s later: the first such attempt is given up at the initiate's timeout for
+/// a fresh one (it may leave one half-open IKE_SA on the responder), the next within the
+/// responder's half-open timeout is followed through the retransmission (more would fill
+/// the responder's per-address thresholds).
+#[tokio::test]
+async fn one_attempt_whose_cookie_retry_went_unanswered_is_given_up_per_half_open_timeout() {
+    let lost = vec![
+        "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+        "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
+    ];
+    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
+    let keying = std::sync::Arc::new(keying_for(&socket));
+    {
+        let mut seen = seen.lock().unwrap();
+        seen.standing = Some(half_open(7, "0000000000000000"));
+        seen.initiate_times_out = Some((lost, Duration::from_millis(200)));
+    }
+    for (at_least, below) in [
+        (Duration::from_millis(150), Duration::from_millis(1500)),
+        (Duration::from_millis(4400), Duration::from_secs(8)),
+    ] {
+        seen.lock().unwrap().commands.clear();
+        let started = tokio::time::Instant::now();
+        let initiate = spawn_initiate(&keying);
+        wait_for_command(&seen, "terminate", Duration::from_secs(15), || {}).await;
+        let ended = started.elapsed();
+        assert!(
+            ended >= at_least && ended < below,
+            "ended after {ended:?}, expected {at_least:?}..{below:?}"
+        );
+        initiate.abort();
+    }
+    stop.cancel();
+    server.await.unwrap();
 }

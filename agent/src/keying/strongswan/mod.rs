@@ -62,6 +62,13 @@ const UNANSWERED_TERMINATE: Duration = Duration::from_secs(1);
 /// default) and a margin for its answer: how long an attempt the responder answered is
 /// followed after its initiate timed out.
 const FIRST_RETRANSMIT_ANSWERED: Duration = Duration::from_millis(4500);
+/// How many attempts whose COOKIE retry went unanswered this node gives up for a fresh one
+/// per `RESPONDER_HALF_OPEN` (see `lost_cookie_answer`): each may leave one half-open
+/// IKE_SA on the responder for that long, and from `charon.cookie_threshold_ip` (3) of
+/// them the responder asks for COOKIEs, from `block_threshold` (5) ignores this node.
+const LOST_ANSWERS_GIVEN_UP: usize = 1;
+/// charon's `half_open_timeout` default.
+const RESPONDER_HALF_OPEN: Duration = Duration::from_secs(30);
 /// Events charon raises that change which SAs are up.
 const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "ike-rekey", "child-rekey"];
 
@@ -87,6 +94,8 @@ pub struct StrongswanKeying {
     /// answer (listed, such an IKE_SA shows no responder SPI). Kept until the initiate
     /// returns.
     answered: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// When attempts with a lost answer were given up (`LOST_ANSWERS_GIVEN_UP`).
+    lost_given_up: std::sync::Mutex<std::collections::VecDeque<Instant>>,
 }
 
 impl StrongswanKeying {
@@ -103,6 +112,7 @@ impl StrongswanKeying {
             queries: tokio::sync::Mutex::new(None),
             last_listing: std::sync::Mutex::new(None),
             answered: Default::default(),
+            lost_given_up: Default::default(),
         }
     }
 
@@ -595,7 +605,15 @@ impl Keying for StrongswanKeying {
                 // responder) and only retransmits 4 s later: ended before that, each such
                 // attempt left one more half-open IKE_SA, and the 1x100 bench lost 30 s to
                 // the responder's block. Followed through the retransmission, it completes.
-                let grace = if responder_answered(&log) {
+                // Only the retry's answer lost is worth less: charon sits on it until its
+                // retransmission while a fresh attempt takes one more exchange, so one
+                // such attempt per half-open timeout is given up (what it may leave
+                // half-open on the responder stays below the thresholds).
+                let lost = lost_cookie_answer(&log) && self.may_give_up_lost_answer();
+                let grace = if lost {
+                    tracing::info!(%vip, connection = %conn.connection, ike_sa = ?ike_sa, ?took, "no answer to the COOKIE retry (charon 5.9.8 drops one that comes back at once): a fresh attempt instead of charon's retransmission");
+                    Duration::ZERO
+                } else if responder_answered(&log) {
                     timeout.max(FIRST_RETRANSMIT_ANSWERED.saturating_sub(took))
                 } else {
                     timeout
@@ -669,6 +687,26 @@ fn responder_answered(log: &[ControlLog]) -> bool {
     })
 }
 
+/// Whether the initiate's last IKE_SA_INIT was the retry after a COOKIE and nothing
+/// answered it: a responder answers within milliseconds, so after the initiate's timeout
+/// the answer was most likely lost to charon 5.9.8's race ("ignoring request with ID 0,
+/// already processing" in its MGR log, when the answer beats the initiator's thread
+/// checking the IKE_SA back in), and charon only retransmits after
+/// `charon.retransmit_timeout` (4 s).
+fn lost_cookie_answer(log: &[ControlLog]) -> bool {
+    let Some(retry) = log.iter().rposition(|l| {
+        let m = l.msg.trim_start();
+        m.starts_with("generating IKE_SA_INIT request") && m.contains("N(COOKIE)")
+    }) else {
+        return false;
+    };
+    !log[retry + 1..].iter().any(|l| {
+        l.msg
+            .trim_start()
+            .starts_with("parsed IKE_SA_INIT response")
+    })
+}
+
 /// The unique id of the IKE_SA an initiate started, from charon's "initiating IKE_SA
 /// name[id] to host" control-log line.
 fn initiated_ike_sa(log: &[ControlLog]) -> Option<u64> {
@@ -697,6 +735,24 @@ impl Drop for ForgetAnswered<'_> {
 }
 
 impl StrongswanKeying {
+    /// Takes one of the `LOST_ANSWERS_GIVEN_UP` per `RESPONDER_HALF_OPEN`, if one is left.
+    fn may_give_up_lost_answer(&self) -> bool {
+        let now = Instant::now();
+        let mut given_up = self.lost_given_up.lock().unwrap_or_else(|e| e.into_inner());
+        while given_up
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= RESPONDER_HALF_OPEN)
+        {
+            given_up.pop_front();
+        }
+        if given_up.len() < LOST_ANSWERS_GIVEN_UP {
+            given_up.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Whether an initiate under way says the responder answered IKE_SA `id`.
     fn answered_now(&self, id: u64) -> bool {
         self.answered
@@ -941,5 +997,28 @@ mod tests {
         .collect();
         assert_eq!(initiated_ike_sa(&log), Some(17));
         assert_eq!(initiated_ike_sa(&log[..1]), None);
+    }
+
+    #[test]
+    fn a_cookie_retry_left_unanswered_is_told_from_one_answered() {
+        let log: Vec<ControlLog> = [
+            "initiating IKE_SA vip100[4] to 192.0.2.100",
+            "generating IKE_SA_INIT request 0 [ SA KE No N(NATD_S_IP) ]",
+            "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+            "initiating IKE_SA vip100[4] to 192.0.2.100",
+            "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) ]",
+            "sending packet: from 192.0.2.11[500] to 192.0.2.100[500] (924 bytes)",
+            "parsed IKE_SA_INIT response 0 [ SA KE No N(NATD_S_IP) ]",
+        ]
+        .iter()
+        .map(|m| ControlLog {
+            msg: m.to_string(),
+            ..Default::default()
+        })
+        .collect();
+        assert!(lost_cookie_answer(&log[..6]), "retry sent, no answer");
+        assert!(!lost_cookie_answer(&log), "the retry answered");
+        assert!(!lost_cookie_answer(&log[..3]), "no retry sent yet");
+        assert!(!lost_cookie_answer(&log[..2]), "no COOKIE at all");
     }
 }
