@@ -128,20 +128,29 @@ fn drain_deletes_with_a_delete_the_peer_sees_and_the_front_end_recovers() {
 
     // The VIP stayed: the back-end accepts again and the front-end's SA comes back, one that
     // outlives the refusals (older than a second).
-    let s = fe.wait_status(
+    let s = wait_for(
         "the front-end to keep an SA after the drain hold",
         Duration::from_secs(10),
-        |s| {
-            let p = &s["peer_vips"][0];
-            p["last_failover"]["outcome"] == "recovered"
-                && p["ike_state"] == "established"
-                && p["established_since"]
-                    .as_str()
-                    .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(1))
+        || {
+            fe.status().filter(|s| {
+                let p = &s["peer_vips"][0];
+                p["last_failover"]["outcome"] == "recovered"
+                    && p["ike_state"] == "established"
+                    && p["established_since"]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(1))
+            })
         },
-    );
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n--- be1 ---\n{}\n--- fe1 ---\n{}",
+            be.log_text(),
+            fe.log_text()
+        )
+    });
     eprintln!(
         "drain -> front-end kept an SA after {:?} (drain hold 3 s)",
         t.elapsed()

@@ -17,9 +17,10 @@
 //!
 //! An answer without silence before it says nothing new (the old holder still answering,
 //! or the attempt under way reaching a live one), so while a renegotiation lasts the
-//! probes then slow down, doubling up to 16 intervals, until the next silence; not while
-//! the peer refuses the SAs it brings (a drained holder that still has the address): the
-//! attempts then wait the retry backoff, and the probe is what notices the address move.
+//! probes then slow down, doubling up to 16 intervals, until the next silence; to two
+//! intervals only while the peer refuses the SAs it brings (a drained holder that still
+//! has the address): the attempts then wait the retry backoff, and the probe is what
+//! notices the address move.
 
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ use crate::model::Vip;
 
 /// After this many answers in a row the interval between probes stops doubling.
 const MAX_BACKOFF_SHIFT: u32 = 4;
+/// ... and while the peer refuses the renegotiation's SAs.
+const REFUSED_BACKOFF_SHIFT: u32 = 1;
 
 impl FailoverCore {
     /// With a cluster store the probe stands in only while the store is known to be
@@ -92,12 +95,13 @@ impl FailoverCore {
             return;
         }
         // A renegotiation may last; a probation is one idle timeout and must not miss the
-        // silence it is there for, and neither may a renegotiation whose peer refuses its
-        // SAs: that holder is draining, and its going is the news.
-        let shift = if renegotiating && p.refused == 0 {
-            p.probing.answers.min(MAX_BACKOFF_SHIFT)
-        } else {
-            0
+        // silence it is there for. Nor may a renegotiation whose peer refuses its SAs (a
+        // draining holder, whose going is the news): its probes slow down to twice the
+        // interval only, enough to catch a hand-over's gap of a few hundred ms.
+        let shift = match (renegotiating, p.refused) {
+            (false, _) => 0,
+            (true, 0) => p.probing.answers.min(MAX_BACKOFF_SHIFT),
+            (true, _) => p.probing.answers.min(REFUSED_BACKOFF_SHIFT),
         };
         p.probing.answers += 1;
         out.push(Action::ProbeIke {
@@ -108,6 +112,8 @@ impl FailoverCore {
         let Some(silent_at) = p.probing.silent_at.take() else {
             return;
         };
+        // Somebody new holds the VIP: whatever the one before refused says nothing of it.
+        p.refused = 0;
         let epoch = p.epoch;
         let Some(r) = p.renegotiation.as_mut() else {
             // On probation: an SA that came up before the silence is with the old holder.

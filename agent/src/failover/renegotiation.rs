@@ -20,8 +20,33 @@ impl FailoverCore {
                 .is_some_and(|p| p.synced && p.owner.as_ref().is_none_or(|o| o.draining))
     }
 
-    /// Starts bringing protection toward `vip` back, or hurries a running attempt.
+    /// Starts bringing protection toward `vip` back, or hurries a running attempt. Whatever
+    /// prompted it is news that ends a streak of refusals.
     pub(super) fn renegotiate(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        reason: String,
+        drop_stale: bool,
+    ) {
+        self.peers.get_mut(&vip).expect("known peer").refused = 0;
+        self.start_renegotiation(out, now, vip, reason, drop_stale);
+    }
+
+    /// Renegotiates after the peer deleted the last SA right after it came up (`refused`
+    /// counts the streak): the first attempt waits the retry backoff for that many.
+    pub(super) fn renegotiate_refused(
+        &mut self,
+        out: &mut Out,
+        now: Instant,
+        vip: Vip,
+        reason: String,
+    ) {
+        self.start_renegotiation(out, now, vip, reason, false);
+    }
+
+    fn start_renegotiation(
         &mut self,
         out: &mut Out,
         now: Instant,
@@ -73,9 +98,9 @@ impl FailoverCore {
         let mut detail = reason;
         if refused > 0 {
             // The peer deleted the last SA(s) right after they came up: it refuses them
-            // for now. Wait as after as many failed attempts; news of a new owner, a
-            // probe's answer or the daemon coming back still start the next attempt at
-            // once (each calls `advance`, which moves the generation past this timer).
+            // for now. Wait as after as many failed attempts; news of a new owner or the
+            // VIP answering after silence still starts the next attempt at once (through
+            // `advance`, whose attempt moves the generation past this timer).
             let after = self.settings.retry.delay_after(refused);
             p.generation += 1;
             out.push(Action::StartTimer {

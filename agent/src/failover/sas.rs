@@ -182,17 +182,29 @@ impl FailoverCore {
                 let Some(gone) = p.sas.remove(&sa.ike_id) else {
                     return;
                 };
-                if gone.seen_up && now.saturating_duration_since(gone.since) < REFUSAL_WINDOW {
-                    p.refused = p.refused.saturating_add(1);
-                } else {
-                    p.refused = 0;
-                }
+                let refused =
+                    gone.seen_up && now.saturating_duration_since(gone.since) < REFUSAL_WINDOW;
                 out.push(Action::Notify(
                     Notice::new(NoticeKind::SaDeleted, Some(sa.vip))
                         .detail(format!("{}: {reason}", ike(sa.ike_id))),
                 ));
                 if p.sas.is_empty() && keying_up {
-                    self.renegotiate(out, now, sa.vip, format!("SA deleted ({reason})"), false);
+                    let reason = format!("SA deleted ({reason})");
+                    if refused {
+                        // A streak: each refusal follows the last within the longest
+                        // backoff and an exchange. One long after starts over.
+                        let streak = self.settings.retry.max + REFUSAL_WINDOW * 2;
+                        if p.refused_at
+                            .is_some_and(|t| now.saturating_duration_since(t) > streak)
+                        {
+                            p.refused = 0;
+                        }
+                        p.refused = p.refused.saturating_add(1);
+                        p.refused_at = Some(now);
+                        self.renegotiate_refused(out, now, sa.vip, reason);
+                    } else {
+                        self.renegotiate(out, now, sa.vip, reason, false);
+                    }
                 }
             }
         }

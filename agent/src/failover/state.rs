@@ -147,6 +147,8 @@ pub struct PeerVip {
     /// backoff for this many failures first, so a refusing responder is not sent a fresh
     /// IKE_SA every few milliseconds.
     pub(super) refused: u32,
+    /// When the last of them was.
+    pub(super) refused_at: Option<Instant>,
 }
 
 impl PeerVip {
@@ -166,6 +168,7 @@ impl PeerVip {
             probation_until: None,
             late_attempt: None,
             refused: 0,
+            refused_at: None,
         }
     }
 

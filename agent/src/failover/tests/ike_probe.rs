@@ -251,10 +251,10 @@ async fn a_starting_front_end_waits_for_its_cluster_store_before_probing() {
 }
 
 /// A drained holder that still has the address refuses each SA: the attempts wait the
-/// retry backoff, but the probe keeps its pace, and the moment the address answers again
+/// retry backoff, but the probe hardly slows down, and the moment the address answers again
 /// after silence (the next holder) the next attempt goes, without waiting out the backoff.
 #[tokio::test(start_paused = true)]
-async fn a_refusing_holder_is_probed_at_full_pace_and_its_successor_tried_at_once() {
+async fn a_refusing_holder_is_kept_probed_and_its_successor_tried_at_once() {
     let (mut fe, a) = renegotiating();
     assert_eq!(initiates(&a), [1]);
     // Each renegotiation's first attempt is its attempt 1.
@@ -269,9 +269,10 @@ async fn a_refusing_holder_is_probed_at_full_pace_and_its_successor_tried_at_onc
             initiates(&a).is_empty(),
             "refused: the backoff first: {a:#?}"
         );
-        // The holder answers the probe all along: no slowing down.
+        // The holder answers the probe all along: it slows down to two intervals only.
         let a = probed(&mut fe, true);
-        assert_eq!(probes(&a), [PROBE], "{a:#?}");
+        let next = probes(&a);
+        assert!(next.len() == 1 && next[0] <= PROBE * 2, "{a:#?}");
         let a = fe
             .advance(Duration::from_millis(50) * (1 << (ike - 2)))
             .await;

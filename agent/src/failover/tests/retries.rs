@@ -219,3 +219,62 @@ async fn a_new_owner_ends_the_wait_after_refusals() {
         "the new owner's first refusal waits the first step"
     );
 }
+
+/// Refusals say nothing about what comes after the SA that was accepted: the idle detector
+/// firing later renegotiates at once, and a refusal long after starts the count over.
+#[tokio::test(start_paused = true)]
+async fn refusals_are_forgotten_once_an_sa_is_accepted() {
+    let mut fe = Node::established(false, Mode::Fast, None);
+    fe.feed(Input::SaDown {
+        sa: peer_sa(1),
+        reason: "deleted by peer".into(),
+    });
+    for id in 2..6 {
+        sa_refused_after(&mut fe, id, Duration::from_millis(5)).await;
+        fe.next_timer().await;
+    }
+    // Accepted: it stays up, with traffic both ways, for a while.
+    fe.feed(Input::SaUp(peer_sa(6)));
+    fe.feed(Input::InitiateFinished {
+        vip: vip(),
+        attempt: 1,
+        result: Ok(()),
+    });
+    let counters = |n: u64| Input::CountersSampled {
+        vip: vip(),
+        counters: crate::model::TrafficCounters {
+            bytes_in: n * 60,
+            bytes_out: n * 60,
+            packets_in: n,
+            packets_out: n,
+        },
+    };
+    for n in 1..=40 {
+        time::advance(Duration::from_millis(250)).await;
+        fe.feed(counters(n));
+    }
+    // Then the peer goes silent: the idle detector's renegotiation starts at once.
+    let mut idle = None;
+    for k in 1..=20 {
+        time::advance(Duration::from_millis(250)).await;
+        let a = fe.feed(Input::CountersSampled {
+            vip: vip(),
+            counters: crate::model::TrafficCounters {
+                bytes_in: 40 * 60,
+                bytes_out: (40 + k) * 60,
+                packets_in: 40,
+                packets_out: 40 + k,
+            },
+        });
+        if notices(&a).contains(&NoticeKind::IdlePeerDetected) {
+            idle = Some(a);
+            break;
+        }
+    }
+    let a = idle.expect("the idle detector fired");
+    assert_eq!(initiates(&a), [1], "{a:#?}");
+    // A refusal now is the first of a new streak.
+    let a = sa_refused_after(&mut fe, 7, Duration::from_millis(5)).await;
+    assert!(initiates(&a).is_empty(), "{a:#?}");
+    assert_eq!(fe.next_timer().await.0, Duration::from_millis(50));
+}
