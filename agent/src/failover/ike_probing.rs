@@ -147,7 +147,7 @@ impl FailoverCore {
         if sent_into_silence {
             r.in_flight = false;
             r.retry_now = false;
-            out.push(Action::DropStaleSas { vip });
+            out.push(Action::DropSilencedSas { vip });
         }
         r.news = true;
         let attempts = r.attempts;

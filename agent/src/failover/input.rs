@@ -158,6 +158,13 @@ pub enum Action {
     DropStaleSas {
         vip: Vip,
     },
+    /// The same after the VIP went silent and answers again (a new holder): also the
+    /// attempts the former holder answered, which a `DropStaleSas` spares. Their IKE_AUTH
+    /// goes to an address that holder no longer has, so they can never complete, and
+    /// followed through charon's retransmission they held up the next attempt for 4.5 s.
+    DropSilencedSas {
+        vip: Vip,
+    },
     /// Start a fresh IKE_SA (IKE_SA_INIT) and its CHILD_SA toward the VIP. `crowd`: how
     /// many initiations are expected to reach the VIP's owner at the same time: the
     /// front-ends moving with it, each with as many at once as its pacer allows (the
@@ -204,6 +211,11 @@ pub enum Action {
 }
 
 impl Action {
+    /// Whether this drops `vip`'s IKE_SAs, either way.
+    pub fn drops(&self, vip: Vip) -> bool {
+        matches!(self, Action::DropStaleSas { vip: v } | Action::DropSilencedSas { vip: v } if *v == vip)
+    }
+
     /// The VIP an action is about (none for node-wide notices).
     pub fn vip(&self) -> Option<Vip> {
         match self {
@@ -213,6 +225,7 @@ impl Action {
             | Action::DeleteSas { vip, .. }
             | Action::RefuseSa { vip, .. }
             | Action::DropStaleSas { vip }
+            | Action::DropSilencedSas { vip }
             | Action::Initiate { vip, .. }
             | Action::AcceptSas { vip, .. }
             | Action::ProbeHolder { vip, .. }

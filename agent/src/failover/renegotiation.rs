@@ -67,7 +67,7 @@ impl FailoverCore {
                 // timeout, and start over toward the VIP's new owner.
                 r.in_flight = false;
                 r.retry_now = false;
-                if !out.contains(&Action::DropStaleSas { vip }) {
+                if !out.iter().any(|a| a.drops(vip)) {
                     out.push(Action::DropStaleSas { vip });
                 }
             }
@@ -168,7 +168,7 @@ impl FailoverCore {
                 _ => {}
             }
         }
-        if r.attempts > 0 && !out.contains(&Action::DropStaleSas { vip }) {
+        if r.attempts > 0 && !out.iter().any(|a| a.drops(vip)) {
             // A timed-out attempt leaves a half-open IKE_SA that charon keeps
             // retransmitting in the background; clear it so attempts never pile up.
             out.push(Action::DropStaleSas { vip });

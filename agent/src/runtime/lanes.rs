@@ -58,7 +58,10 @@ enum JobKind {
         /// The drain this delete answers.
         reply: Option<DrainReply>,
     },
-    DropStale,
+    DropStale {
+        /// Spare attempts whose IKE_SA_INIT was answered (see `Action::DropSilencedSas`).
+        spare_answered: bool,
+    },
     Initiate {
         attempt: u32,
         crowd: u32,
@@ -204,7 +207,20 @@ impl Lanes {
                     .instrument(info_span!("refuse-sa", %vip)),
                 );
             }
-            Action::DropStaleSas { vip } => self.lane(vip, epoch, JobKind::DropStale),
+            Action::DropStaleSas { vip } => self.lane(
+                vip,
+                epoch,
+                JobKind::DropStale {
+                    spare_answered: true,
+                },
+            ),
+            Action::DropSilencedSas { vip } => self.lane(
+                vip,
+                epoch,
+                JobKind::DropStale {
+                    spare_answered: false,
+                },
+            ),
             Action::Initiate {
                 vip,
                 attempt,
@@ -497,7 +513,7 @@ impl VipLane {
                     let _ = reply.send(result.map_err(CommandError::Keying));
                 }
             }
-            JobKind::DropStale => {
+            JobKind::DropStale { spare_answered } => {
                 // An attempt still queued was aimed at the SAs being dropped.
                 self.ctx.pacer.cancel(vip);
                 let started = std::time::Instant::now();
@@ -507,10 +523,11 @@ impl VipLane {
                 // up), or be in its IKE_AUTH with it: destroyed there, it stays half-open on
                 // the new owner, whose cookie threshold per address it fills (and charon
                 // 5.9.8 can lose the answer to a cookie retry for 4 s). An attempt that
-                // timed out was ended by the keying daemon itself.
+                // timed out was ended by the keying daemon itself. After silence the
+                // answered ones go too: their holder no longer has the address.
                 let knowledge = self.ctx.knowledge.clone();
                 let spare = move |c: crate::keying::DropCandidate| {
-                    c.answered || knowledge.holds_sa(vip, c.ike_id)
+                    (spare_answered && c.answered) || knowledge.holds_sa(vip, c.ike_id)
                 };
                 match self.ctx.keying.drop_sas(vip, &spare).await {
                     Ok(n) => {

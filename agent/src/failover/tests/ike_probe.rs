@@ -76,7 +76,12 @@ async fn an_answer_after_silence_replaces_the_attempt_sent_into_it() {
     // A new holder answers while attempt 1, sent into the silence, still waits.
     time::advance(PROBE / 2).await;
     let a = probed(&mut fe, true);
-    assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
+    // ... also if the holder before the silence answered it: it cannot complete.
+    assert!(has(&a, &Action::DropSilencedSas { vip: vip() }), "{a:#?}");
+    assert!(
+        !has(&a, &Action::DropStaleSas { vip: vip() }),
+        "one drop: {a:#?}"
+    );
     assert_eq!(initiates(&a), [2]);
     assert!(a.iter().any(|x| matches!(
         x,
