@@ -15,9 +15,12 @@
 //!   core expects to reach the same new owner at once ([`PacingSettings::window`]): none
 //!   for a few, so a small cluster (or one node with many VIPs, which this pacer already
 //!   spaces) pays nothing, up to `jitter` for a large one.
-//!   Attempts queued while one jitter window is open share it, so that this node's VIPs
-//!   still go in priority order. Later attempts get no jitter: the core's backoff already
-//!   spaces them.
+//!   Each first attempt queued while a window is open draws its own point in it, and the
+//!   points are dealt out again by priority, so this node's VIPs still go in priority
+//!   order while the owner sees the crowd's pairs arrive evenly over the window (one
+//!   shared point per node sent a node's VIPs back to back, and the last of them waited
+//!   for the others' exchanges after the window). Later attempts get no jitter: the
+//!   core's backoff already spaces them.
 //!
 //! There is no per-peer backoff here on purpose: the failover core keeps one retry schedule
 //! per peer VIP (`failover.retry_*`, exponential up to `retry_max` and bounded by
@@ -125,8 +128,10 @@ pub struct QueuedInitiation {
     pub priority: u8,
     /// When the core asked for it.
     pub queued_at: Instant,
-    /// Not before this (the jitter window's end, or `queued_at`).
+    /// Not before this (its point in the jitter window, or `queued_at`).
     pub not_before: Instant,
+    /// The jitter window it drew its point in.
+    window: Option<u64>,
     seq: u64,
 }
 
@@ -152,8 +157,8 @@ pub struct InitiationQueue {
     /// Initiations allowed in flight now (see the module's notes).
     limit: usize,
     next_seq: u64,
-    /// The end of the jitter window first attempts join, while it is open.
-    window_end: Option<Instant>,
+    /// The jitter window first attempts join while it is open: its id, opening and length.
+    window: Option<(u64, Instant, Duration)>,
     /// Below one initiation in flight: after answers that keep coming back slow or not at
     /// all with only one in flight, the next start waits up to this long (doubling, to
     /// [`MAX_PAUSE`]), so that many front-ends back off together as TCP does.
@@ -188,7 +193,7 @@ impl InitiationQueue {
             in_flight: 0,
             limit: settings.concurrency.max(1),
             next_seq: 0,
-            window_end: None,
+            window: None,
             pause: Duration::ZERO,
             resume_at: None,
             failures: 0,
@@ -222,18 +227,27 @@ impl InitiationQueue {
         {
             self.limit = self.settings.concurrency.max(1);
         }
-        let window = self.settings.window(crowd);
-        let not_before = if attempt == 1 && !window.is_zero() {
-            match self.window_end {
-                Some(end) if end > now => end,
-                _ => {
-                    let end = now + window.mul_f64(unit_random.clamp(0.0, 1.0));
-                    self.window_end = Some(end);
-                    end
+        let length = self.settings.window(crowd);
+        let (not_before, window) = if attempt == 1 && !length.is_zero() {
+            let (id, opened, length) = match self.window {
+                // The crowd grows as the records of the VIPs moving together come in: the
+                // window grows with it.
+                Some((id, opened, open)) if opened + open > now => {
+                    let grown = (id, opened, open.max(length));
+                    self.window = Some(grown);
+                    grown
                 }
-            }
+                _ => {
+                    let open = (self.next_seq, now, length);
+                    self.window = Some(open);
+                    open
+                }
+            };
+            // One that joins late draws in what is left, so the window keeps its end.
+            let left = (opened + length).saturating_duration_since(now);
+            (now + left.mul_f64(unit_random.clamp(0.0, 1.0)), Some(id))
         } else {
-            now
+            (now, None)
         };
         self.queue.push(QueuedInitiation {
             vip,
@@ -241,10 +255,31 @@ impl InitiationQueue {
             priority,
             queued_at: now,
             not_before,
+            window,
             seq: self.next_seq,
         });
+        if window.is_some() {
+            self.deal_points_by_priority(window);
+        }
         self.next_seq += 1;
         replaced
+    }
+
+    /// Gives the earliest points of a window to the highest priorities (first come first
+    /// served among equals), keeping the set of points as drawn.
+    fn deal_points_by_priority(&mut self, window: Option<u64>) {
+        let mut members: Vec<usize> = (0..self.queue.len())
+            .filter(|i| self.queue[*i].window == window)
+            .collect();
+        let mut points: Vec<Instant> = members.iter().map(|i| self.queue[*i].not_before).collect();
+        points.sort();
+        members.sort_by(|a, b| {
+            let (a, b) = (&self.queue[*a], &self.queue[*b]);
+            b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq))
+        });
+        for (i, point) in members.into_iter().zip(points) {
+            self.queue[i].not_before = point;
+        }
     }
 
     /// Removes the VIP's queued initiation (its SAs were dropped: the core has moved on).
@@ -823,7 +858,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn first_attempts_share_one_jitter_window_then_go_by_priority() {
+    async fn first_attempts_draw_their_own_points_in_one_window_dealt_by_priority() {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(
             PacingSettings {
@@ -833,12 +868,51 @@ mod tests {
             t0,
         );
         q.enqueue(t0, vip(1), 1, 50, CROWD, 0.5);
-        // Later draws do not move the open window.
+        // A late one draws in what is left of the window (t0 + 10 to t0 + 200).
         q.enqueue(t0 + ms(10), vip(2), 1, 90, CROWD, 0.0);
-        q.enqueue(t0 + ms(20), vip(3), 1, 10, CROWD, 0.99);
+        q.enqueue(t0 + ms(20), vip(3), 1, 10, CROWD, 0.5);
+        // Points t0 + 10, + 100, + 110: the highest priority takes the earliest.
+        assert_eq!(drain(&mut q, t0 + ms(20)), [2]);
         assert_eq!(q.next(t0 + ms(20)), Next::At(t0 + ms(100)));
         tokio::time::advance(ms(100)).await;
-        assert_eq!(drain(&mut q, Instant::now()), [2, 1, 3]);
+        assert_eq!(drain(&mut q, Instant::now()), [1]);
+        assert_eq!(q.next(Instant::now()), Next::At(t0 + ms(110)));
+        tokio::time::advance(ms(10)).await;
+        assert_eq!(drain(&mut q, Instant::now()), [3]);
+    }
+
+    #[test]
+    fn the_window_grows_with_the_crowd_as_records_come_in() {
+        let t0 = Instant::now();
+        let mut q = unpaced(t0, 3, 3);
+        // 100/s: a crowd of 10 opens 100 ms, one of 20 (another VIP's record, 10 ms later)
+        // stretches it to 200 ms; the late one draws in what is left.
+        q.enqueue(t0, vip(1), 1, 50, 10, 0.0);
+        q.enqueue(t0 + ms(10), vip(2), 1, 50, 20, 0.5);
+        assert_eq!(drain(&mut q, t0), [1]);
+        assert_eq!(q.next(t0 + ms(10)), Next::At(t0 + ms(105)));
+    }
+
+    #[test]
+    fn a_crowds_first_attempts_are_spread_over_the_window_not_sent_together() {
+        // One node with three VIPs in a large crowd: three points, not one shared point
+        // after which they would go back to back.
+        let t0 = Instant::now();
+        let mut q = unpaced(t0, 3, 3);
+        for (n, u) in [(1, 0.1), (2, 0.5), (3, 0.9)] {
+            q.enqueue(t0, vip(n), 1, 50, CROWD, u);
+        }
+        let mut starts = Vec::new();
+        let mut now = t0;
+        while starts.len() < 3 {
+            match q.next(now) {
+                Next::Start(s) => starts.push((s.vip, now - t0)),
+                Next::At(t) => now = t,
+                Next::Idle => panic!("all three should start"),
+            }
+        }
+        let at: Vec<Duration> = starts.iter().map(|(_, d)| *d).collect();
+        assert_eq!(at, [ms(20), ms(100), ms(180)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -881,7 +955,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = InitiationQueue::new(settings(), t0);
         q.enqueue(t0, vip(1), 1, 50, CROWD, 0.5);
-        tokio::time::advance(ms(150)).await;
+        tokio::time::advance(ms(200)).await;
         let t1 = Instant::now();
         assert_eq!(drain(&mut q, t1), [1]);
         q.enqueue(t1, vip(2), 1, 50, CROWD, 0.25);
