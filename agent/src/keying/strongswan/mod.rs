@@ -558,31 +558,65 @@ impl Keying for StrongswanKeying {
             set: &self.answered,
             id: None,
         };
-        let (log, res) = vici
-            .stream_request_keep::<_, ControlLog>(
-                "initiate",
-                "control-log",
-                req,
-                left + INITIATE_MARGIN,
-                |line| {
-                    let line = std::slice::from_ref(line);
-                    if let Some(id) = initiated_ike_sa(line)
-                        && forget.id.is_none()
-                    {
-                        forget.id = Some(id);
+        // When the answer to a COOKIE retry counts as lost (see `CookieRetry`).
+        let (lost_at_tx, mut lost_at) = tokio::sync::watch::channel(None::<Instant>);
+        let mut cookie = CookieRetry::default();
+        let mut initiate = Box::pin(vici.stream_request_keep::<_, ControlLog>(
+            "initiate",
+            "control-log",
+            req,
+            left + INITIATE_MARGIN,
+            |line| {
+                let _ = lost_at_tx.send(cookie.saw(&line.msg, Instant::now()));
+                let line = std::slice::from_ref(line);
+                if let Some(id) = initiated_ike_sa(line)
+                    && forget.id.is_none()
+                {
+                    forget.id = Some(id);
+                }
+                if let Some(id) = forget.id
+                    && responder_answered(line)
+                {
+                    forget
+                        .set
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id);
+                }
+            },
+        ));
+        // Once the budget said no, the attempt is followed to its end as before.
+        let mut followed = false;
+        let outcome = loop {
+            let at = (*lost_at.borrow_and_update()).filter(|_| !followed);
+            let never = Instant::now() + left + INITIATE_MARGIN;
+            tokio::select! {
+                done = &mut initiate => break Some(done),
+                // The sender lives as long as the initiate: this only wakes on news.
+                _ = lost_at.changed() => {}
+                _ = tokio::time::sleep_until(at.unwrap_or(never).into()), if at.is_some() => {
+                    if self.may_give_up_lost_answer() {
+                        break None;
                     }
-                    if let Some(id) = forget.id
-                        && responder_answered(line)
-                    {
-                        forget
-                            .set
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(id);
-                    }
-                },
-            )
-            .await;
+                    followed = true;
+                }
+            }
+        };
+        drop(initiate);
+        let Some((log, res)) = outcome else {
+            // Given up before charon's own timeout: the retry's answer is long overdue.
+            let ike_sa = forget.id;
+            tracing::info!(%vip, connection = %conn.connection, ike_sa = ?ike_sa, took = ?started.elapsed(), "no answer to the COOKIE retry (charon 5.9.8 drops one that comes back at once): a fresh attempt instead of charon's retransmission");
+            if let Some(id) = ike_sa
+                && let Err(e) = self.terminate(id, true).await
+            {
+                tracing::debug!(%vip, ike_sa = id, error = %e, "cannot end the IKE_SA whose COOKIE retry went unanswered");
+            }
+            return Err(KeyingError::Timeout {
+                command,
+                after: started.elapsed(),
+            });
+        };
         let took = started.elapsed();
         match res {
             Ok(()) => {
@@ -705,6 +739,49 @@ fn lost_cookie_answer(log: &[ControlLog]) -> bool {
             .trim_start()
             .starts_with("parsed IKE_SA_INIT response")
     })
+}
+
+/// The shortest wait for the answer to a COOKIE retry before it counts as lost.
+const LOST_RETRY_MIN: Duration = Duration::from_millis(300);
+/// The answer to the retry is waited for this many times as long as the COOKIE took.
+const LOST_RETRY_FACTOR: u32 = 4;
+
+/// Follows an initiate's control log, line by line as charon sends it, for a COOKIE retry
+/// whose answer is overdue: the responder answered the first IKE_SA_INIT (with the
+/// COOKIE) within some time, and answers the retry within about as long (it is as busy as
+/// a moment before). Waiting for charon's own timeout (`keying.initiate_timeout`, 2 s in
+/// large set-ups) held the pacer's slot and the VIP's flows that long for nothing: charon
+/// 5.9.8 does not retransmit before `retransmit_timeout` (4 s) anyway.
+#[derive(Debug, Default)]
+struct CookieRetry {
+    /// When the last IKE_SA_INIT request left (without a COOKIE).
+    sent: Option<Instant>,
+    /// How long the responder took to ask for a COOKIE.
+    asked_within: Option<Duration>,
+    /// When the answer to the retry counts as lost.
+    lost_at: Option<Instant>,
+}
+
+impl CookieRetry {
+    /// Takes one control-log line seen at `now`; returns when the retry's answer counts
+    /// as lost, if one is awaited.
+    fn saw(&mut self, msg: &str, now: Instant) -> Option<Instant> {
+        let m = msg.trim_start();
+        if m.starts_with("generating IKE_SA_INIT request") {
+            if m.contains("N(COOKIE)") {
+                let asked_within = self.asked_within.unwrap_or_default();
+                self.lost_at = Some(now + LOST_RETRY_MIN.max(asked_within * LOST_RETRY_FACTOR));
+            } else {
+                self.sent = Some(now);
+            }
+        } else if m.starts_with("parsed IKE_SA_INIT response") {
+            if m.contains("N(COOKIE)") {
+                self.asked_within = self.sent.map(|s| now.saturating_duration_since(s));
+            }
+            self.lost_at = None;
+        }
+        self.lost_at
+    }
 }
 
 /// The unique id of the IKE_SA an initiate started, from charon's "initiating IKE_SA
@@ -1020,5 +1097,34 @@ mod tests {
         assert!(!lost_cookie_answer(&log), "the retry answered");
         assert!(!lost_cookie_answer(&log[..3]), "no retry sent yet");
         assert!(!lost_cookie_answer(&log[..2]), "no COOKIE at all");
+    }
+
+    #[test]
+    fn a_cookie_retrys_answer_is_overdue_after_four_times_the_cookies_round_trip() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let first = "generating IKE_SA_INIT request 0 [ SA KE No N(NATD_S_IP) ]";
+        let asked = "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]";
+        let retry = "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) ]";
+        let answer = "parsed IKE_SA_INIT response 0 [ SA KE No N(NATD_S_IP) ]";
+        // A busy responder (the COOKIE came after 200 ms): 800 ms for the retry's answer.
+        let mut c = CookieRetry::default();
+        assert_eq!(c.saw(first, t0), None);
+        assert_eq!(c.saw(asked, t0 + ms(200)), None);
+        assert_eq!(c.saw(retry, t0 + ms(201)), Some(t0 + ms(1001)));
+        assert_eq!(
+            c.saw("sending packet: from 192.0.2.11[500]", t0 + ms(202)),
+            Some(t0 + ms(1001))
+        );
+        assert_eq!(c.saw(answer, t0 + ms(230)), None, "answered");
+        // A quick one: never less than 300 ms.
+        let mut c = CookieRetry::default();
+        c.saw(first, t0);
+        c.saw(asked, t0 + ms(2));
+        assert_eq!(c.saw(retry, t0 + ms(3)), Some(t0 + ms(303)));
+        // No COOKIE, no wait.
+        let mut c = CookieRetry::default();
+        c.saw(first, t0);
+        assert_eq!(c.saw(answer, t0 + ms(5)), None);
     }
 }
