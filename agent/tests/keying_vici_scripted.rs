@@ -227,6 +227,23 @@ fn keying_for(socket: &std::path::Path) -> StrongswanKeying {
     StrongswanKeying::new(&config)
 }
 
+/// A scripted charon whose one IKE_SA stands half-open (no responder SPI yet) and whose
+/// initiates send `lines` after the "initiating" one and report charon's own timeout
+/// `after` later, and a keying on it.
+fn half_open_initiates(
+    lines: Vec<&'static str>,
+    after: Duration,
+) -> (Scripted, Arc<StrongswanKeying>) {
+    let scripted = scripted_charon();
+    let keying = Arc::new(keying_for(&scripted.1));
+    {
+        let mut seen = scripted.2.lock().unwrap();
+        seen.standing = Some(half_open(7, "0000000000000000"));
+        seen.initiate_times_out = Some((lines, after));
+    }
+    (scripted, keying)
+}
+
 /// Starts an initiate of the scripted connection toward 192.0.2.100, 200 ms of timeout.
 fn spawn_initiate(
     keying: &Arc<StrongswanKeying>,
@@ -469,21 +486,15 @@ async fn an_initiate_charon_never_answers_ends_the_ike_sa_it_started() {
 /// answered (to be spared). Once the initiate has returned, it no longer does.
 #[tokio::test]
 async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
-    let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
-    let keying = std::sync::Arc::new(keying_for(&socket));
+    let ((_dir, _socket, seen, _bad, stop, server), keying) = half_open_initiates(
+        vec![
+            "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+            "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No ]",
+        ],
+        Duration::from_millis(200),
+    );
+    seen.lock().unwrap().answer_terminate = true;
     let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
-    {
-        let mut seen = seen.lock().unwrap();
-        seen.standing = Some(half_open(7, "0000000000000000"));
-        seen.answer_terminate = true;
-        seen.initiate_times_out = Some((
-            vec![
-                "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
-                "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No ]",
-            ],
-            Duration::from_millis(200),
-        ));
-    }
     let initiate = spawn_initiate(&keying);
     let answered = || {
         let keying = keying.clone();
@@ -543,13 +554,8 @@ async fn an_attempt_the_responder_answered_is_followed_through_charons_retransmi
             Duration::from_millis(2500),
         ),
     ] {
-        let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
-        let keying = std::sync::Arc::new(keying_for(&socket));
-        {
-            let mut seen = seen.lock().unwrap();
-            seen.standing = Some(half_open(7, "0000000000000000"));
-            seen.initiate_times_out = Some((lines.clone(), Duration::from_millis(200)));
-        }
+        let ((_dir, _socket, seen, _bad, stop, server), keying) =
+            half_open_initiates(lines.clone(), Duration::from_millis(200));
         let started = tokio::time::Instant::now();
         let initiate = spawn_initiate(&keying);
         wait_for_command(&seen, "terminate", Duration::from_secs(15), || {}).await;
@@ -583,13 +589,8 @@ async fn one_attempt_whose_cookie_retry_went_unanswered_is_given_up_per_half_ope
         (ms(200), (ms(150), ms(1500)), (ms(4400), ms(8000))),
         (ms(3000), (ms(250), ms(1500)), (ms(4400), ms(8000))),
     ] {
-        let (_dir, socket, seen, _bad, stop, server) = scripted_charon();
-        let keying = std::sync::Arc::new(keying_for(&socket));
-        {
-            let mut seen = seen.lock().unwrap();
-            seen.standing = Some(half_open(7, "0000000000000000"));
-            seen.initiate_times_out = Some((lost.clone(), timeout));
-        }
+        let ((_dir, _socket, seen, _bad, stop, server), keying) =
+            half_open_initiates(lost.clone(), timeout);
         for (at_least, below) in [first, second] {
             seen.lock().unwrap().commands.clear();
             let started = tokio::time::Instant::now();

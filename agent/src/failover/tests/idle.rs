@@ -2,18 +2,6 @@
 
 use super::*;
 
-fn sample(out: u64, inn: u64) -> Input {
-    Input::CountersSampled {
-        vip: vip(),
-        counters: TrafficCounters {
-            bytes_in: inn * 60,
-            bytes_out: out * 60,
-            packets_in: inn,
-            packets_out: out,
-        },
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn fast_mode_idle_peer_is_dropped_and_renegotiated() {
     let mut fe = Node::established(false, Mode::Fast, None);

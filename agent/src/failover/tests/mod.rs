@@ -58,6 +58,19 @@ fn settings(cluster_store: bool, mode: Mode) -> CoreSettings {
     }
 }
 
+/// A traffic sample of the peer VIP's SAs: `out` packets sent and `inn` received so far.
+fn sample(out: u64, inn: u64) -> Input {
+    Input::CountersSampled {
+        vip: vip(),
+        counters: TrafficCounters {
+            bytes_in: inn * 60,
+            bytes_out: out * 60,
+            packets_in: inn,
+            packets_out: out,
+        },
+    }
+}
+
 fn peer_sa(id: u64) -> SaRef {
     SaRef {
         vip: vip(),

@@ -240,32 +240,15 @@ async fn refusals_are_forgotten_once_an_sa_is_accepted() {
         attempt: 1,
         result: Ok(()),
     });
-    let counters = |n: u64| Input::CountersSampled {
-        vip: vip(),
-        counters: crate::model::TrafficCounters {
-            bytes_in: n * 60,
-            bytes_out: n * 60,
-            packets_in: n,
-            packets_out: n,
-        },
-    };
     for n in 1..=40 {
         time::advance(Duration::from_millis(250)).await;
-        fe.feed(counters(n));
+        fe.feed(sample(n, n));
     }
     // Then the peer goes silent: the idle detector's renegotiation starts at once.
     let mut idle = None;
     for k in 1..=20 {
         time::advance(Duration::from_millis(250)).await;
-        let a = fe.feed(Input::CountersSampled {
-            vip: vip(),
-            counters: crate::model::TrafficCounters {
-                bytes_in: 40 * 60,
-                bytes_out: (40 + k) * 60,
-                packets_in: 40,
-                packets_out: 40 + k,
-            },
-        });
+        let a = fe.feed(sample(40 + k, 40));
         if notices(&a).contains(&NoticeKind::IdlePeerDetected) {
             idle = Some(a);
             break;
