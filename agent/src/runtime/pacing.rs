@@ -209,8 +209,8 @@ impl InitiationQueue {
         self.in_flight
     }
 
-    /// Queues an initiation. `unit_random` (in [0, 1)) picks the jitter, within the
-    /// window `crowd` calls for, when this first attempt opens a new window. A newer
+    /// Queues an initiation. `unit_random` (in [0, 1)) picks a first attempt's point in
+    /// what is left of the jitter window `crowd` calls for (opened or grown by it). A newer
     /// initiation for a VIP replaces one still queued (the core only asks again once it
     /// stopped waiting for the old one); the replaced one is returned.
     pub fn enqueue(
@@ -259,17 +259,19 @@ impl InitiationQueue {
             seq: self.next_seq,
         });
         if window.is_some() {
-            self.deal_points_by_priority(window);
+            self.deal_points_by_priority(now, window);
         }
         self.next_seq += 1;
         replaced
     }
 
     /// Gives the earliest points of a window to the highest priorities (first come first
-    /// served among equals), keeping the set of points as drawn.
-    fn deal_points_by_priority(&mut self, window: Option<u64>) {
+    /// served among equals), keeping the set of points as drawn. Those already due keep
+    /// theirs (`next` takes due ones by priority): moved to a later point, one held back
+    /// only by the limit in flight would wait on with the slot free.
+    fn deal_points_by_priority(&mut self, now: Instant, window: Option<u64>) {
         let mut members: Vec<usize> = (0..self.queue.len())
-            .filter(|i| self.queue[*i].window == window)
+            .filter(|i| self.queue[*i].window == window && self.queue[*i].not_before > now)
             .collect();
         let mut points: Vec<Instant> = members.iter().map(|i| self.queue[*i].not_before).collect();
         points.sort();
@@ -879,6 +881,28 @@ mod tests {
         assert_eq!(q.next(Instant::now()), Next::At(t0 + ms(110)));
         tokio::time::advance(ms(10)).await;
         assert_eq!(drain(&mut q, Instant::now()), [3]);
+    }
+
+    #[test]
+    fn a_higher_priority_drawing_late_takes_the_earliest_point_but_not_one_already_due() {
+        let t0 = Instant::now();
+        let mut q = unpaced(t0, 1, 1);
+        q.enqueue(t0, vip(1), 1, 50, CROWD, 0.1);
+        q.enqueue(t0, vip(2), 1, 90, CROWD, 0.9);
+        // Points t0 + 20 and + 180: the priority 90 one goes first.
+        assert_eq!(q.next(t0), Next::At(t0 + ms(20)));
+        assert_eq!(drain(&mut q, t0 + ms(20)), [2]);
+        // vip(1) is due at + 180 now. vip(3) joins at + 20, due at once but held by the
+        // limit; a higher priority joining at + 50 draws + 125 and does not take its point.
+        q.enqueue(t0 + ms(20), vip(3), 1, 50, CROWD, 0.0);
+        assert_eq!(drain(&mut q, t0 + ms(40)), Vec::<u8>::new());
+        q.enqueue(t0 + ms(50), vip(4), 1, 99, CROWD, 0.5);
+        q.finished(t0 + ms(60), Answer::NotAsked, 0.0);
+        assert_eq!(drain(&mut q, t0 + ms(60)), [3]);
+        q.finished(t0 + ms(70), Answer::NotAsked, 0.0);
+        // vip(4) took the earlier of the points not yet due (+ 125, + 180).
+        assert_eq!(q.next(t0 + ms(70)), Next::At(t0 + ms(125)));
+        assert_eq!(drain(&mut q, t0 + ms(125)), [4]);
     }
 
     #[test]
