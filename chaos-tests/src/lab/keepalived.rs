@@ -96,13 +96,23 @@ impl Keepalived {
             .open(dir.join("keepalived.log"))?;
         // Own /run (keepalived keeps state there) and pid files in the run directory, so
         // two lab nodes, or a lab and the host, never see each other's instance.
+        let (pid, vrrp_pid) = (dir.join("keepalived.pid"), dir.join("keepalived-vrrp.pid"));
+        // Only called once the last instance is gone; its pid files outlive it when it was
+        // killed (a crash), as a real machine's /run does not outlive its reboot. Left in
+        // place, keepalived takes a pid in them that is still taken (the killed VRRP
+        // child not yet reaped, or the pid reused) for a running instance and exits
+        // ("daemon is already running"): the node then never took the VIP in the next
+        // run, which crashed the other back-end soon after (100 ms adverts).
+        for stale in [&pid, &vrrp_pid] {
+            let _ = std::fs::remove_file(stale);
+        }
         let command = format!(
             "{} --dont-fork --log-console --log-detail --vrrp \
              --use-file {} --pid {} --vrrp_pid {}",
             program.display(),
             conf.display(),
-            dir.join("keepalived.pid").display(),
-            dir.join("keepalived-vrrp.pid").display(),
+            pid.display(),
+            vrrp_pid.display(),
         );
         let guard = crate::nsexec::spawn_with_private_run(ns, "keepalived", &command, log)?;
         Ok(Keepalived {
