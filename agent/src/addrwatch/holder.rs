@@ -54,14 +54,22 @@ pub struct ArpProbe;
 #[async_trait]
 impl HolderProbe for ArpProbe {
     async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer {
-        let probe = move || match vip {
-            IpAddr::V4(v4) => arp_probe(v4, window),
-            IpAddr::V6(v6) => ndp_probe(v6, window),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply = move |answer| {
+            let _ = tx.send(answer);
         };
-        match tokio::task::spawn_blocking(probe).await {
+        let probe = move || match vip {
+            IpAddr::V4(v4) => arp_probe(v4, window, reply),
+            IpAddr::V6(v6) => reply(ndp_probe(v6, window)),
+        };
+        let task = tokio::task::spawn_blocking(probe);
+        match rx.await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => HolderAnswer::Unknown(e),
-            Err(e) => HolderAnswer::Unknown(format!("probe task: {e}")),
+            Err(_) => HolderAnswer::Unknown(match task.await {
+                Err(e) => format!("probe task: {e}"),
+                Ok(()) => "probe task ended without an answer".into(),
+            }),
         }
     }
 
@@ -236,16 +244,23 @@ fn link_error(link: &Link, what: &str) -> String {
     )
 }
 
-/// An ARP socket bound to the VIP's link, and the link's broadcast address to send to.
-fn arp_socket(link: &Link) -> Result<(Fd, libc::sockaddr_ll), String> {
+/// Whether an ARP socket receives the link's ARP traffic or only sends.
+#[derive(Clone, Copy, PartialEq)]
+enum Arp {
+    Listen,
+    SendOnly,
+}
+
+/// An ARP socket on the VIP's link, and the link's broadcast address to send to.
+///
+/// Opened with protocol 0, which receives nothing, and given ARP by `bind` when it is to
+/// listen: a packet socket opened for a protocol already listens, and binding it then
+/// stops and restarts that, which waits for an RCU grace period (10–30 ms measured in the
+/// lab, on the takeover's critical path). A socket that only sends is never bound: the
+/// destination names the link.
+fn arp_socket(link: &Link, mode: Arp) -> Result<(Fd, libc::sockaddr_ll), String> {
     // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(link_error(link, "ARP socket"));
     }
@@ -255,7 +270,7 @@ fn arp_socket(link: &Link) -> Result<(Fd, libc::sockaddr_ll), String> {
     addr.sll_family = libc::AF_PACKET as u16;
     addr.sll_protocol = ETH_P_ARP.to_be();
     addr.sll_ifindex = link.index;
-    if !bind_to(&fd, &addr) {
+    if mode == Arp::Listen && !bind_to(&fd, &addr) {
         return Err(link_error(link, "bind ARP socket"));
     }
     let mut broadcast = addr;
@@ -264,12 +279,18 @@ fn arp_socket(link: &Link) -> Result<(Fd, libc::sockaddr_ll), String> {
     Ok((fd, broadcast))
 }
 
-fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
+/// Hands the answer to `reply` before the socket closes: closing a packet socket that
+/// listens waits for an RCU grace period too (5 ms and more), and nobody needs to wait
+/// for that.
+fn arp_probe(vip: Ipv4Addr, window: Duration, reply: impl FnOnce(Result<HolderAnswer, String>)) {
     let link = match link_of(IpAddr::V4(vip)) {
         Ok(l) => l,
-        Err(why) => return Ok(HolderAnswer::Unknown(why)),
+        Err(why) => return reply(Ok(HolderAnswer::Unknown(why))),
     };
-    let (fd, to) = arp_socket(&link)?;
+    let (fd, to) = match arp_socket(&link, Arp::Listen) {
+        Ok(s) => s,
+        Err(e) => return reply(Err(e)),
+    };
     let packet = probe_packet(link.mac, vip);
     let send = || {
         if send_to(&fd, &packet, &to) {
@@ -278,17 +299,19 @@ fn arp_probe(vip: Ipv4Addr, window: Duration) -> Result<HolderAnswer, String> {
             Err(link_error(&link, "send ARP probe"))
         }
     };
-    ask(&fd, window, send, |p| {
-        answer_in(p, vip, link.mac).map(|mac| format_mac(&mac))
-    })
-    .map_err(|what| link_error(&link, what))
+    reply(
+        ask(&fd, window, send, |p| {
+            answer_in(p, vip, link.mac).map(|mac| format_mac(&mac))
+        })
+        .map_err(|what| link_error(&link, what)),
+    );
 }
 
 /// Two gratuitous ARPs for `vip` on its link (two, as RFC 5227 announces, in case one is
 /// lost; back to back, since the point is to beat the peers' next packet).
 fn arp_announce(vip: Ipv4Addr) -> Result<(), String> {
     let link = link_of(IpAddr::V4(vip))?;
-    let (fd, to) = arp_socket(&link)?;
+    let (fd, to) = arp_socket(&link, Arp::SendOnly)?;
     let packet = announcement_packet(link.mac, vip);
     for _ in 0..2 {
         if !send_to(&fd, &packet, &to) {
