@@ -65,7 +65,7 @@ const UNANSWERED_TERMINATE: Duration = Duration::from_secs(1);
 /// followed after its initiate timed out.
 const FIRST_RETRANSMIT_ANSWERED: Duration = Duration::from_millis(4500);
 /// How many attempts whose COOKIE retry went unanswered this node gives up for a fresh one
-/// per `RESPONDER_HALF_OPEN` (see `lost_cookie_answer`): each may leave one half-open
+/// per `RESPONDER_HALF_OPEN` (see `CookieRetry::awaits_retry_answer`): each may leave one half-open
 /// IKE_SA on the responder for that long, and from `charon.cookie_threshold_ip` (3) of
 /// them the responder asks for COOKIEs, from `block_threshold` (5) ignores this node.
 const LOST_ANSWERS_GIVEN_UP: usize = 1;
@@ -655,7 +655,7 @@ impl Keying for StrongswanKeying {
                 // retransmission while a fresh attempt takes one more exchange, so one
                 // such attempt per half-open timeout is given up (what it may leave
                 // half-open on the responder stays below the thresholds).
-                let lost = lost_cookie_answer(&log) && self.may_give_up_lost_answer();
+                let lost = cookie.awaits_retry_answer() && self.may_give_up_lost_answer();
                 let grace = if lost {
                     tracing::info!(%vip, connection = %conn.connection, ike_sa = ?ike_sa, ?took, "no answer to the COOKIE retry (charon 5.9.8 drops one that comes back at once): a fresh attempt instead of charon's retransmission");
                     Duration::ZERO
@@ -733,26 +733,6 @@ fn responder_answered(log: &[ControlLog]) -> bool {
     })
 }
 
-/// Whether the initiate's last IKE_SA_INIT was the retry after a COOKIE and nothing
-/// answered it: a responder answers within milliseconds, so after the initiate's timeout
-/// the answer was most likely lost to charon 5.9.8's race ("ignoring request with ID 0,
-/// already processing" in its MGR log, when the answer beats the initiator's thread
-/// checking the IKE_SA back in), and charon only retransmits after
-/// `charon.retransmit_timeout` (4 s).
-fn lost_cookie_answer(log: &[ControlLog]) -> bool {
-    let Some(retry) = log.iter().rposition(|l| {
-        let m = l.msg.trim_start();
-        m.starts_with("generating IKE_SA_INIT request") && m.contains("N(COOKIE)")
-    }) else {
-        return false;
-    };
-    !log[retry + 1..].iter().any(|l| {
-        l.msg
-            .trim_start()
-            .starts_with("parsed IKE_SA_INIT response")
-    })
-}
-
 /// The shortest wait for the answer to a COOKIE retry before it counts as lost: the
 /// COOKIE costs the responder nothing, the real answer a Diffie-Hellman and a worker
 /// thread under the very load that made it ask for COOKIEs (the lab's storms: 15-50 ms).
@@ -794,6 +774,16 @@ impl CookieRetry {
             self.lost_at = None;
         }
         self.lost_at
+    }
+
+    /// Whether the last IKE_SA_INIT was the retry after a COOKIE and nothing answered it.
+    /// After charon's own timeout the answer was most likely lost to charon 5.9.8's race
+    /// ("ignoring request with ID 0, already processing" in its MGR log, when the answer
+    /// beats the initiator's thread checking the IKE_SA back in): a responder answers
+    /// within milliseconds, and charon only retransmits after
+    /// `charon.retransmit_timeout` (4 s).
+    fn awaits_retry_answer(&self) -> bool {
+        self.lost_at.is_some()
     }
 }
 
@@ -1106,10 +1096,17 @@ mod tests {
             ..Default::default()
         })
         .collect();
-        assert!(lost_cookie_answer(&log[..6]), "retry sent, no answer");
-        assert!(!lost_cookie_answer(&log), "the retry answered");
-        assert!(!lost_cookie_answer(&log[..3]), "no retry sent yet");
-        assert!(!lost_cookie_answer(&log[..2]), "no COOKIE at all");
+        let after = |n: usize| {
+            let mut c = CookieRetry::default();
+            for l in &log[..n] {
+                c.saw(&l.msg, TokioInstant::now());
+            }
+            c.awaits_retry_answer()
+        };
+        assert!(after(6), "retry sent, no answer");
+        assert!(!after(log.len()), "the retry answered");
+        assert!(!after(3), "no retry sent yet");
+        assert!(!after(2), "no COOKIE at all");
     }
 
     #[test]
