@@ -9,10 +9,10 @@ use serde::Serialize;
 use vipsec_testbed::process::wait_for;
 
 use crate::clock::{now_ns, secs, since};
+use crate::lab::addr_events::AddrEvents;
 use crate::lab::cleartext::ClearText;
 use crate::lab::faults::Fault;
 use crate::lab::probe::ProbeRecord;
-use crate::lab::topology::{has_addr, has_usable_addr};
 use crate::lab::{Lab, Role};
 
 /// How long the probe keeps watching after recovery for answers from the old owner.
@@ -128,6 +128,12 @@ pub fn run_with(
         .expect("two back-ends");
     lab.poll_probes()?;
     let clear_before = lab.cleartext()?;
+    // Listening before the fault: the takeover is the kernel's announcement of the VIPs
+    // on the node the cluster manager moves them to.
+    let mut arrivals = match fault {
+        Fault::AgentKilled => None,
+        _ => Some(AddrEvents::open(&lab.topo.node(&to).ns)?),
+    };
     let fault_at = now_ns();
     let fault_wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -140,7 +146,11 @@ pub fn run_with(
     // Answers that count for recovery: from the new owner, after the fault; when the
     // cluster manager may put the VIP back where it was, after it came back.
     let mut answers_from = fault_at;
-    let takeover = if fault == Fault::AgentKilled {
+    let takeover = if let Some(arrivals) = arrivals.as_mut() {
+        arrivals
+            .wait_all(&lab.vips, false, fault_at + cap.as_nanos() as u64)?
+            .map(|t| since(fault_at, t))
+    } else {
         // Pacemaker recovers the failed agent's resource in place by default (the VIP's
         // group restarts on the same node, or moves when the node may not run the agent):
         // the new owner is whoever holds the VIP once it is back.
@@ -158,30 +168,15 @@ pub fn run_with(
             answers_from = t;
             since(fault_at, t)
         })
-    } else {
-        let node = lab.topo.node(&to);
-        let vips = lab.vips.clone();
-        wait_for("the VIPs on the new owner", cap, || {
-            vips.iter().all(|&v| has_addr(&node.ns, v)).then(now_ns)
-        })
-        .ok()
-        .map(|t| since(fault_at, t))
     };
     let to = to;
-    let takeover_usable = match takeover {
-        Some(_) if lab.vips.iter().any(|v| v.is_ipv6()) => {
-            let node = lab.topo.node(&to);
-            let vips = lab.vips.clone();
-            wait_for("the VIPs usable on the new owner", cap, || {
-                vips.iter()
-                    .all(|&v| has_usable_addr(&node.ns, v))
-                    .then(now_ns)
-            })
-            .ok()
-            .map(|t| since(fault_at, t))
-        }
-        t => t,
+    let takeover_usable = match (takeover, arrivals.as_mut()) {
+        (Some(_), Some(arrivals)) if lab.vips.iter().any(|v| v.is_ipv6()) => arrivals
+            .wait_all(&lab.vips, true, fault_at + cap.as_nanos() as u64)?
+            .map(|t| since(fault_at, t)),
+        (t, _) => t,
     };
+    drop(arrivals);
     lab.progress.step(&match takeover {
         Some(d) => format!("VIP on {to} after {}", secs(d)),
         None => format!("VIP never reached {to}"),

@@ -173,3 +173,49 @@ fn a_killed_run_is_cleaned_up_by_the_next() {
         "{run_dir} left behind"
     );
 }
+
+/// The takeover instrument: an address added in a namespace is announced at once, an
+/// IPv6 one first tentative and then usable after duplicate address detection, and
+/// nothing announced means no takeover by the deadline.
+#[test]
+fn address_announcements_time_the_takeover() {
+    use std::net::IpAddr;
+    use vipsec_chaos::lab::addr_events::AddrEvents;
+    use vipsec_testbed::netns::Netns;
+
+    let ns = Netns::new("ae").expect("netns");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])
+    .unwrap();
+    ns.link_set("eth0", true).unwrap();
+    ns.link_set("eth1", true).unwrap();
+    let mut events = AddrEvents::open(&ns).unwrap();
+    let (v4, v6): (IpAddr, IpAddr) = (
+        "192.0.2.100".parse().unwrap(),
+        "2001:db8:1::100".parse().unwrap(),
+    );
+    let soon = || now_ns() + 200_000_000;
+    assert_eq!(events.wait_all(&[v4], false, soon()).unwrap(), None);
+
+    let before = now_ns();
+    ns.ip(&["addr", "add", "192.0.2.100/32", "dev", "eth0"])
+        .unwrap();
+    ns.ip(&["addr", "add", "2001:db8:1::100/64", "dev", "eth0"])
+        .unwrap();
+    let added = now_ns();
+    let present = events
+        .wait_all(&[v4, v6], false, now_ns() + 5_000_000_000)
+        .unwrap()
+        .expect("both announced");
+    assert!(
+        (before..=now_ns()).contains(&present),
+        "announced at {present}, added between {before} and {added}"
+    );
+    // DAD runs on the veth: the IPv6 address is tentative first, usable a moment later.
+    let usable = events
+        .wait_all(&[v6], true, now_ns() + 10_000_000_000)
+        .unwrap()
+        .expect("DAD done");
+    assert!(usable > added, "usable at {usable}, added by {added}");
+}

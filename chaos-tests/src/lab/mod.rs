@@ -3,6 +3,7 @@
 //! front-ends. A [`Setup`] chooses what runs; the lab can switch set-ups without rebuilding
 //! the network. Everything is torn down by Drop, also when a test panics.
 
+pub mod addr_events;
 pub mod agent;
 pub mod charon;
 pub mod cleartext;
