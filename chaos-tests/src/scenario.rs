@@ -130,7 +130,7 @@ pub fn run_with(
     let clear_before = lab.cleartext()?;
     // Listening before the fault: the takeover is the kernel's announcement of the VIPs
     // on the node the cluster manager moves them to.
-    let mut arrivals = match fault {
+    let arrivals = match fault {
         Fault::AgentKilled => None,
         _ => Some(AddrEvents::open(&lab.topo.node(&to).ns)?),
     };
@@ -146,7 +146,7 @@ pub fn run_with(
     // Answers that count for recovery: from the new owner, after the fault; when the
     // cluster manager may put the VIP back where it was, after it came back.
     let mut answers_from = fault_at;
-    let takeover = if let Some(arrivals) = arrivals.as_mut() {
+    let takeover = if let Some(arrivals) = arrivals.as_ref() {
         arrivals
             .wait_all(&lab.vips, false, fault_at + cap.as_nanos() as u64)?
             .map(|t| since(fault_at, t))
@@ -170,7 +170,7 @@ pub fn run_with(
         })
     };
     let to = to;
-    let takeover_usable = match (takeover, arrivals.as_mut()) {
+    let takeover_usable = match (takeover, arrivals.as_ref()) {
         (Some(_), Some(arrivals)) if lab.vips.iter().any(|v| v.is_ipv6()) => arrivals
             .wait_all(&lab.vips, true, fault_at + cap.as_nanos() as u64)?
             .map(|t| since(fault_at, t)),

@@ -190,7 +190,7 @@ fn address_announcements_time_the_takeover() {
     .unwrap();
     ns.link_set("eth0", true).unwrap();
     ns.link_set("eth1", true).unwrap();
-    let mut events = AddrEvents::open(&ns).unwrap();
+    let events = AddrEvents::open(&ns).unwrap();
     let (v4, v6): (IpAddr, IpAddr) = (
         "192.0.2.100".parse().unwrap(),
         "2001:db8:1::100".parse().unwrap(),

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vipsec_testbed::netns::Netns;
 
@@ -29,126 +31,187 @@ pub struct NewAddr {
     pub usable: bool,
 }
 
-/// Address announcements in one namespace, from when it was opened.
+/// Address announcements in one namespace, from when it was opened, read on a thread of
+/// their own so that each is timed as it arrives, also while the caller is busy (a fault
+/// being injected takes a while, and a planned move's takeover can come meanwhile).
 pub struct AddrEvents {
-    fd: OwnedFd,
+    seen: Arc<(Mutex<Seen>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Seen {
     /// CLOCK_MONOTONIC ns when each address was first announced, and first usable.
     present: HashMap<IpAddr, u64>,
     usable: HashMap<IpAddr, u64>,
+    /// Why reading stopped, if it did.
+    failed: Option<String>,
 }
+
+/// How often the reader looks whether it is to stop.
+const STOP_CHECK_MS: i32 = 50;
 
 impl AddrEvents {
     /// Subscribes to `ns`'s IPv4 and IPv6 address announcements.
     pub fn open(ns: &Netns) -> anyhow::Result<AddrEvents> {
-        let fd = ns.run_in(|| -> std::io::Result<OwnedFd> {
-            // SAFETY: plain socket(2); the descriptor is owned at once.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_ROUTE,
-                )
-            };
-            if raw < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: `raw` is a descriptor this process just opened and nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: an all-zero sockaddr_nl is valid; fields are set below.
-            let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            addr.nl_family = libc::AF_NETLINK as u16;
-            addr.nl_groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
-            // SAFETY: binding a valid descriptor to a sockaddr_nl of its stated size.
-            let ok = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            } == 0;
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(fd)
-        })??;
+        let fd = ns.run_in(subscribe)??;
+        let seen = Arc::new((Mutex::new(Seen::default()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = std::thread::Builder::new()
+            .name("addr-events".into())
+            .spawn({
+                let (seen, stop) = (seen.clone(), stop.clone());
+                move || read_until_stopped(&fd, &seen, &stop)
+            })?;
         Ok(AddrEvents {
-            fd,
-            present: HashMap::new(),
-            usable: HashMap::new(),
+            seen,
+            stop,
+            reader: Some(reader),
         })
     }
 
-    /// When every one of `addrs` had been announced (`usable`: and usable), reading
-    /// announcements until then or until `deadline_ns` (CLOCK_MONOTONIC); the moment of
-    /// the last one to arrive.
+    /// When every one of `addrs` had been announced (`usable`: and usable), waiting until
+    /// then or until `deadline_ns` (CLOCK_MONOTONIC); the moment of the last one to arrive.
     pub fn wait_all(
-        &mut self,
+        &self,
         addrs: &[IpAddr],
         usable: bool,
         deadline_ns: u64,
     ) -> anyhow::Result<Option<u64>> {
+        let (lock, cv) = &*self.seen;
+        let mut seen = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let seen = if usable { &self.usable } else { &self.present };
+            let times = if usable { &seen.usable } else { &seen.present };
             if let Some(times) = addrs
                 .iter()
-                .map(|a| seen.get(a).copied())
+                .map(|a| times.get(a).copied())
                 .collect::<Option<Vec<u64>>>()
             {
                 return Ok(times.into_iter().max());
+            }
+            if let Some(why) = &seen.failed {
+                anyhow::bail!("address announcements: {why}");
             }
             let now = now_ns();
             if now >= deadline_ns {
                 return Ok(None);
             }
-            let wait_ms = ((deadline_ns - now) / 1_000_000).clamp(1, 1000) as i32;
-            self.read(wait_ms)?;
+            let wait = std::time::Duration::from_nanos(deadline_ns - now);
+            seen = cv
+                .wait_timeout(seen, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
+}
 
-    /// Reads what arrives within `wait_ms`, if anything.
-    fn read(&mut self, wait_ms: i32) -> anyhow::Result<()> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one valid descriptor.
-        let ready = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
-        if ready <= 0 {
-            let e = std::io::Error::last_os_error();
-            if ready == 0 || e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(());
-            }
-            anyhow::bail!("poll rtnetlink: {e}");
+impl Drop for AddrEvents {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
         }
-        let mut buf = vec![0u8; 64 * 1024];
-        // SAFETY: reading into a buffer of its stated length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        let at = now_ns();
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            // Announcements lost to a full buffer cannot be timed: say so, do not guess.
-            anyhow::ensure!(
-                e.kind() == std::io::ErrorKind::WouldBlock,
-                "read rtnetlink: {e}"
-            );
-            return Ok(());
-        }
-        for a in parse(&buf[..n as usize]) {
-            self.present.entry(a.addr).or_insert(at);
-            if a.usable {
-                self.usable.entry(a.addr).or_insert(at);
-            }
-        }
-        Ok(())
     }
+}
+
+/// A route netlink socket in the calling thread's namespace, in the address groups.
+fn subscribe() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor this process just opened and nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero sockaddr_nl is valid; fields are set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+    // SAFETY: binding a valid descriptor to a sockaddr_nl of its stated size.
+    let ok = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    } == 0;
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn read_until_stopped(fd: &OwnedFd, seen: &(Mutex<Seen>, Condvar), stop: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let failed = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match read_once(fd, &mut buf, STOP_CHECK_MS) {
+            Ok(None) => continue,
+            Ok(Some((at, arrived))) => {
+                let mut s = seen.0.lock().unwrap_or_else(|e| e.into_inner());
+                for a in arrived {
+                    s.present.entry(a.addr).or_insert(at);
+                    if a.usable {
+                        s.usable.entry(a.addr).or_insert(at);
+                    }
+                }
+                seen.1.notify_all();
+            }
+            Err(why) => break why,
+        }
+    };
+    seen.0.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(failed);
+    seen.1.notify_all();
+}
+
+/// One datagram, if one arrives within `wait_ms`, with the moment it was read.
+fn read_once(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    wait_ms: i32,
+) -> Result<Option<(u64, Vec<NewAddr>)>, String> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one valid descriptor.
+    let ready = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+    if ready <= 0 {
+        let e = std::io::Error::last_os_error();
+        if ready == 0 || e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(format!("poll rtnetlink: {e}"));
+    }
+    // SAFETY: reading into a buffer of its stated length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let at = now_ns();
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        // Announcements lost to a full buffer cannot be timed: say so, do not guess.
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(format!("read rtnetlink: {e}")),
+        };
+    }
+    Ok(Some((at, parse(&buf[..n as usize]))))
 }
 
 /// The RTM_NEWADDR announcements in one datagram.
