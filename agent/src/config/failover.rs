@@ -221,7 +221,13 @@ fn default_retry_cooldown() -> Duration {
     Duration::from_secs(5)
 }
 fn default_takeover_probe() -> Duration {
-    Duration::from_millis(30)
+    // What answers is the holder's kernel (ARP and neighbour discovery are handled in its
+    // receive path, not by a process): 0.3 ms on a bare veth pair, 1.1 ms in the chaos lab
+    // including opening the socket. Three probes at 0, 7 and 13 ms leave a live holder
+    // twenty times that, and the window is the largest part of a crash's recovery after
+    // the takeover with 100 ms VRRP adverts: +0.057 s with 30 ms, +0.051 s with 20 ms
+    // (docs/bench/grid-2026-12-07f).
+    Duration::from_millis(20)
 }
 /// Below this a silent VIP is asked more often than an answer could come back across a
 /// loaded network.
