@@ -114,3 +114,65 @@ fn the_announcement_moves_the_peers_neighbour_entry_to_this_station() {
     );
     assert!(entry.is_ok(), "{entry:?}");
 }
+
+/// What an attempt sent while nobody held the VIP leaves behind: its packet waits in the
+/// neighbour queue and reaches the next holder once that announces itself, unless the
+/// entry is forgotten first (the pacer forgets it when an attempt ends unanswered).
+#[test]
+fn a_packet_queued_for_an_unheld_vip_reaches_the_next_holder_unless_forgotten() {
+    for forget in [false, true] {
+        let here = Netns::new("hq-a").expect("netns");
+        let there = Netns::new("hq-b").expect("netns");
+        here.veth_to("eth0", "192.0.2.1/24", &there, "eth0", "192.0.2.2/24")
+            .expect("veth");
+        let listener = there
+            .run_in(|| std::net::UdpSocket::bind("0.0.0.0:5000"))
+            .unwrap()
+            .expect("bind");
+        let sender = here
+            .run_in(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .expect("bind");
+        // Nobody holds the VIP: the packet waits for the address to resolve.
+        sender.send_to(b"stale", "192.0.2.100:5000").unwrap();
+        let vip: IpAddr = "192.0.2.100".parse().unwrap();
+        let in_ns = |ns: &Netns, announce: bool| {
+            ns.run_in(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                if announce {
+                    rt.block_on(ArpProbe.announce(vip)).map(|()| 0)
+                } else {
+                    rt.block_on(ArpProbe.forget_holder(vip))
+                }
+            })
+            .unwrap()
+        };
+        if forget {
+            let n = in_ns(&here, false).expect("forgotten");
+            assert_eq!(n, 1, "the unresolved entry");
+        }
+        // The next holder takes the address and announces it; then a fresh packet.
+        there
+            .ip(&["addr", "add", "192.0.2.100/32", "dev", "eth0"])
+            .unwrap();
+        in_ns(&there, true).expect("announced");
+        sender.send_to(b"fresh", "192.0.2.100:5000").unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        while !got.contains(&"fresh".to_string()) {
+            let n = listener.recv(&mut buf).expect("the fresh packet arrives");
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let stale_arrived = got.contains(&"stale".to_string());
+        assert_eq!(
+            stale_arrived, !forget,
+            "forgotten first: {forget}; received {got:?}"
+        );
+    }
+}

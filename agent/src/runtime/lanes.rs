@@ -133,6 +133,7 @@ impl Lanes {
             knowledge: knowledge.clone(),
             policies: policies.clone(),
             sink: sink.clone(),
+            holder: backends.holder.clone(),
         });
         Lanes {
             ctx: LaneContext {

@@ -47,6 +47,7 @@ use super::fence;
 use super::knowledge::KnowledgeReader;
 use super::policies::Policies;
 use crate::InputSink;
+use crate::addrwatch::holder::HolderProbe;
 use crate::config::{Config, ReconnectConfig};
 use crate::failover::{Input, Notice, NoticeKind};
 use crate::keying::Keying;
@@ -414,6 +415,8 @@ pub(super) struct PacerParts {
     /// The policy runtime, for VIPs whose connection comes from their policy.
     pub policies: Option<Policies>,
     pub sink: EventSink,
+    /// The link: an attempt that ended unanswered has its packets forgotten.
+    pub holder: Arc<dyn HolderProbe>,
 }
 
 impl Pacer {
@@ -533,6 +536,7 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
     );
     let timeout = parts.config.keying.initiate_timeout;
     let quick = parts.config.failover.reconnect.quick;
+    let holder = parts.holder.clone();
     info!(%vip, attempt, priority = q.priority, ?waited, "initiation started");
     parts.tracker.spawn(
         async move {
@@ -588,6 +592,20 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
             };
             let _ = done.send(answer);
             debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
+            if answer == Answer::Failed {
+                // An IKE_SA_INIT sent while nobody held the VIP waits in this node's
+                // neighbour queue for the address to resolve (up to about 3 s), and the
+                // next holder's gratuitous ARP lets it go: the new owner then holds one
+                // half-open IKE_SA for each attempt this node already ended, for its 30 s
+                // half-open timeout, and from 5 of them ignores every IKE_SA_INIT from here
+                // (`charon.block_threshold`; a 10-VIP crash run lost 36 s to it). Deleting
+                // the entry drops them; the next attempt asks the link again.
+                match holder.forget_holder(vip).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(%vip, entries = n, "an unanswered attempt's queued packets dropped"),
+                    Err(e) => debug!(%vip, error = %e, "an unanswered attempt's queued packets not dropped"),
+                }
+            }
             let _ = inputs
                 .send(Input::InitiateFinished {
                     vip,
@@ -718,11 +736,35 @@ mod tests {
             &self,
             vip: Vip,
             _conn: &crate::model::PeerConnection,
-            _timeout: Duration,
+            timeout: Duration,
         ) -> Result<(), crate::keying::KeyingError> {
             let _ = self.started.send(vip);
             self.gate.acquire().await.expect("open").forget();
+            if vip == UNANSWERED {
+                return Err(crate::keying::KeyingError::Timeout {
+                    command: "initiate".into(),
+                    after: timeout,
+                });
+            }
             Ok(())
+        }
+    }
+
+    /// The VIP whose attempts the gated keying daemon reports as timed out.
+    const UNANSWERED: Vip = Vip::V4(std::net::Ipv4Addr::new(192, 0, 2, 104));
+
+    /// A link that records which VIPs' neighbour entries were forgotten.
+    #[derive(Default)]
+    struct RecordingHolder(std::sync::Mutex<Vec<Vip>>);
+
+    #[async_trait::async_trait]
+    impl HolderProbe for RecordingHolder {
+        async fn probe(&self, _vip: Vip, _window: Duration) -> crate::failover::HolderAnswer {
+            crate::failover::HolderAnswer::Silent
+        }
+        async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
+            self.0.lock().unwrap().push(vip);
+            Ok(1)
         }
     }
 
@@ -746,6 +788,7 @@ mod tests {
     struct Harness {
         pacer: Pacer,
         keying: Arc<GatedKeying>,
+        holder: Arc<RecordingHolder>,
         started: mpsc::UnboundedReceiver<Vip>,
         rx: mpsc::Receiver<Input>,
         notices: tokio::sync::broadcast::Receiver<crate::runtime::events::EventRecord>,
@@ -764,6 +807,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let cancel = CancellationToken::new();
         let (events, notices) = tokio::sync::broadcast::channel(16);
+        let holder = Arc::new(RecordingHolder::default());
         let pacer = Pacer::start(PacerParts {
             keying: keying.clone(),
             config: Arc::new(config),
@@ -774,10 +818,12 @@ mod tests {
             knowledge: KnowledgeReader::fixed(knowledge),
             policies: None,
             sink: EventSink::new(events, metrics.clone(), "fe"),
+            holder: holder.clone(),
         });
         Harness {
             pacer,
             keying,
+            holder,
             started,
             rx,
             notices,
@@ -1170,5 +1216,36 @@ mod tests {
         assert_eq!(drain(&mut q, t0), [2]);
         tokio::time::advance(ms(100)).await;
         assert_eq!(drain(&mut q, Instant::now()), [1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_ended_unanswered_has_its_queued_packets_forgotten() {
+        let Harness {
+            pacer,
+            keying,
+            holder,
+            mut started,
+            mut rx,
+            ..
+        } = harness(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.104\"\nconnection = \"b\"\n",
+            Default::default(),
+        );
+        pacer.initiate(vip(100), 1, 0, 1, false);
+        assert_eq!(started.recv().await, Some(vip(100)));
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(100), 1, Ok(())));
+        assert!(holder.0.lock().unwrap().is_empty(), "an answered attempt");
+        pacer.initiate(UNANSWERED, 1, 0, 1, false);
+        assert_eq!(started.recv().await, Some(UNANSWERED));
+        keying.gate.add_permits(1);
+        let (v, _, result) = finished(&mut rx).await;
+        assert_eq!(v, UNANSWERED);
+        assert!(result.is_err());
+        // Before the core hears of it, so before a next attempt could be decided.
+        assert_eq!(*holder.0.lock().unwrap(), vec![UNANSWERED]);
     }
 }
