@@ -13,6 +13,7 @@ use crate::lab::addr_events::AddrEvents;
 use crate::lab::cleartext::ClearText;
 use crate::lab::faults::Fault;
 use crate::lab::probe::ProbeRecord;
+use crate::lab::topology::held_addrs;
 use crate::lab::{Lab, Role};
 
 /// How long the probe keeps watching after recovery for answers from the old owner.
@@ -26,7 +27,8 @@ pub struct Outcome {
     pub to: String,
     /// CLOCK_MONOTONIC ns when the fault was injected.
     pub fault_at: u64,
-    /// Fault to VIP present on the new owner.
+    /// Fault to every VIP present on the new owner: the kernel's announcement of the last
+    /// one (for a killed agent under Pacemaker, the VIP seen back on a node).
     pub takeover: Option<Duration>,
     /// Fault to VIP usable on the new owner: for IPv6, duplicate address detection done
     /// (the address no longer `tentative`); for IPv4 the same as `takeover`.
@@ -134,7 +136,15 @@ pub fn run_with(
         Fault::AgentKilled => None,
         _ => Some(AddrEvents::open(&lab.topo.node(&to).ns)?),
     };
+    // A VIP the node holds already (two holders at the fault) is taken over at once.
+    let held = match &arrivals {
+        Some(_) => held_addrs(&lab.topo.node(&to).ns, &lab.vips),
+        None => Vec::new(),
+    };
     let fault_at = now_ns();
+    if let Some(a) = &arrivals {
+        a.already_held(&held, fault_at);
+    }
     let fault_wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();

@@ -218,4 +218,12 @@ fn address_announcements_time_the_takeover() {
         .unwrap()
         .expect("DAD done");
     assert!(usable > added, "usable at {usable}, added by {added}");
+    // An address held before the fault gets no announcement: it counts from then.
+    let held: IpAddr = "192.0.2.101".parse().unwrap();
+    let at = now_ns();
+    events.already_held(&[(held, true)], at);
+    assert_eq!(
+        events.wait_all(&[v4, held], true, soon()).unwrap(),
+        Some(at)
+    );
 }

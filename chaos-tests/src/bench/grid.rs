@@ -515,7 +515,7 @@ pub fn write_reports(grid: &Grid, plan: &GridPlan, out: &Path) -> anyhow::Result
     md += "# vipsec chaos bench\n\n";
     let _ = writeln!(
         md,
-        "Recovery = fault to the first answer from the new owner on every front-end for every VIP (probe: a new TCP connection to each VIP:143 every probe interval). Takeover = fault to the VIP present on the new owner (keepalived with advert {:?}, or Pacemaker's IPaddr2 with corosync's 1 s token). Recovery − takeover is taken per run. Reaction = a front-end agent's first IKE_SA_INIT handed to charon minus the new owner's record in the store (`epoch-recorded`), per front-end and VIP, from the agents' move timelines (wall clock, shared by every node of the lab); n/a without a store. Pacemaker's planned move is `crm_resource --move`. Cap {} s, {} runs per cell, set-up and fault.\n",
+        "Recovery = fault to the first answer from the new owner on every front-end for every VIP (probe: a new TCP connection to each VIP:143 every probe interval). Takeover = fault to the kernel's announcement of the last VIP on the new owner (rtnetlink; keepalived with advert {:?}, or Pacemaker's IPaddr2 with corosync's 1 s token). Recovery − takeover is taken per run. Reaction = a front-end agent's first IKE_SA_INIT handed to charon minus the new owner's record in the store (`epoch-recorded`), per front-end and VIP, from the agents' move timelines (wall clock, shared by every node of the lab); n/a without a store. Pacemaker's planned move is `crm_resource --move`. Cap {} s, {} runs per cell, set-up and fault.\n",
         plan.vrrp_advert,
         plan.cap.as_secs(),
         plan.runs

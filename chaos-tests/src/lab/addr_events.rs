@@ -71,6 +71,18 @@ impl AddrEvents {
         })
     }
 
+    /// Counts addresses the namespace already holds as announced at `at` (no announcement
+    /// will come for them); `usable` says which of them are past DAD.
+    pub fn already_held(&self, held: &[(IpAddr, bool)], at: u64) {
+        let mut seen = self.seen.0.lock().unwrap_or_else(|e| e.into_inner());
+        for &(addr, usable) in held {
+            seen.present.entry(addr).or_insert(at);
+            if usable {
+                seen.usable.entry(addr).or_insert(at);
+            }
+        }
+    }
+
     /// When every one of `addrs` had been announced (`usable`: and usable), waiting until
     /// then or until `deadline_ns` (CLOCK_MONOTONIC); the moment of the last one to arrive.
     pub fn wait_all(

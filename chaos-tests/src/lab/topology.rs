@@ -386,6 +386,24 @@ pub fn has_usable_addr(ns: &Netns, addr: IpAddr) -> bool {
         .unwrap_or(false)
 }
 
+/// Which of `addrs` sit on eth0, each with whether it is usable (see [`has_usable_addr`]);
+/// one listing for all of them.
+pub fn held_addrs(ns: &Netns, addrs: &[IpAddr]) -> Vec<(IpAddr, bool)> {
+    let Ok(out) = ns.ip(&["-o", "addr", "show", "dev", NODE_IF]) else {
+        return Vec::new();
+    };
+    addrs
+        .iter()
+        .filter_map(|&addr| {
+            let line = out.lines().find(|l| l.contains(&format!(" {addr}/")))?;
+            Some((
+                addr,
+                !line.contains("tentative") && !line.contains("dadfailed"),
+            ))
+        })
+        .collect()
+}
+
 /// Writes the kernel's default DAD settings into a namespace explicitly, for all and for
 /// interfaces created later, so the lab does not depend on the host's defaults; and keeps
 /// IPv6 addresses on a link that goes down (`keep_addr_on_down`): a crash takes the
