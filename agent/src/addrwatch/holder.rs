@@ -48,28 +48,35 @@ pub trait HolderProbe: Send + Sync + 'static {
     }
 }
 
+/// Most a forgotten neighbour entry is waited for: it saves one resolution at most, and
+/// the caller is on an initiation's path.
+const FORGET_WITHIN: Duration = Duration::from_millis(500);
+
+/// [`HolderProbe::forget_holder`] for `vip`, waited for at most `FORGET_WITHIN`, the
+/// outcome logged with `why` it was asked for. Best effort, like the call itself.
+pub async fn forget_holder_for(holder: &dyn HolderProbe, vip: Vip, why: &'static str) {
+    match tokio::time::timeout(FORGET_WITHIN, holder.forget_holder(vip)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(%vip, entries = n, why, "neighbour entries deleted"),
+        Ok(Err(e)) => tracing::debug!(%vip, error = %e, why, "neighbour entries not deleted"),
+        Err(_) => tracing::debug!(%vip, why, "neighbour entries not deleted in time"),
+    }
+}
+
 /// ARP probes on the interface that holds the VIP.
 pub struct ArpProbe;
 
 #[async_trait]
 impl HolderProbe for ArpProbe {
     async fn probe(&self, vip: Vip, window: Duration) -> HolderAnswer {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let reply = move |answer| {
-            let _ = tx.send(answer);
-        };
-        let probe = move || match vip {
+        let asked = answered_early(move |reply| match vip {
             IpAddr::V4(v4) => arp_probe(v4, window, reply),
             IpAddr::V6(v6) => reply(ndp_probe(v6, window)),
-        };
-        let task = tokio::task::spawn_blocking(probe);
-        match rx.await {
+        })
+        .await;
+        match asked {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => HolderAnswer::Unknown(e),
-            Err(_) => HolderAnswer::Unknown(match task.await {
-                Err(e) => format!("probe task: {e}"),
-                Ok(()) => "probe task ended without an answer".into(),
-            }),
+            Ok(Err(e)) | Err(e) => HolderAnswer::Unknown(e),
         }
     }
 
@@ -78,14 +85,36 @@ impl HolderProbe for ArpProbe {
             // IPv6 peers learn the new holder from the kernel's own neighbour
             // advertisement after DAD, or by solicitation when they find it unreachable.
             IpAddr::V6(_) => Ok(()),
-            IpAddr::V4(v4) => tokio::task::spawn_blocking(move || arp_announce(v4))
-                .await
-                .map_err(|e| format!("announce task: {e}"))?,
+            IpAddr::V4(v4) => answered_early(move |reply| arp_announce(v4, reply)).await?,
         }
     }
 
     async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
         super::neighbour::forget(vip).await
+    }
+}
+
+/// A reply handed over from a blocking thread.
+type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
+/// Runs `work` on a blocking thread and returns what it hands to its reply as soon as it
+/// does, not when `work` returns: closing a packet socket waits for an RCU grace period
+/// (`synchronize_net` on every release, 5 ms and more under load), and neither the
+/// takeover nor the record it announces needs to wait for that.
+async fn answered_early<T: Send + 'static>(
+    work: impl FnOnce(Reply<T>) + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reply: Reply<T> = Box::new(move |answer| {
+        let _ = tx.send(answer);
+    });
+    let task = tokio::task::spawn_blocking(move || work(reply));
+    match rx.await {
+        Ok(answer) => Ok(answer),
+        Err(_) => Err(match task.await {
+            Err(e) => format!("link task: {e}"),
+            Ok(()) => "link task ended without an answer".into(),
+        }),
     }
 }
 
@@ -257,7 +286,8 @@ enum Arp {
 /// listen: a packet socket opened for a protocol already listens, and binding it then
 /// stops and restarts that, which waits for an RCU grace period (10–30 ms measured in the
 /// lab, on the takeover's critical path). A socket that only sends is never bound: the
-/// destination names the link.
+/// destination names the link. Closing any of them waits for a grace period too, so
+/// callers hand their result over first (`answered_early`).
 fn arp_socket(link: &Link, mode: Arp) -> Result<(Fd, libc::sockaddr_ll), String> {
     // SAFETY: plain socket(2); the descriptor is owned by `Fd`.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -279,9 +309,7 @@ fn arp_socket(link: &Link, mode: Arp) -> Result<(Fd, libc::sockaddr_ll), String>
     Ok((fd, broadcast))
 }
 
-/// Hands the answer to `reply` before the socket closes: closing a packet socket that
-/// listens waits for an RCU grace period too (5 ms and more), and nobody needs to wait
-/// for that.
+/// Hands the answer to `reply` before the socket closes (see `answered_early`).
 fn arp_probe(vip: Ipv4Addr, window: Duration, reply: impl FnOnce(Result<HolderAnswer, String>)) {
     let link = match link_of(IpAddr::V4(vip)) {
         Ok(l) => l,
@@ -309,16 +337,23 @@ fn arp_probe(vip: Ipv4Addr, window: Duration, reply: impl FnOnce(Result<HolderAn
 
 /// Two gratuitous ARPs for `vip` on its link (two, as RFC 5227 announces, in case one is
 /// lost; back to back, since the point is to beat the peers' next packet).
-fn arp_announce(vip: Ipv4Addr) -> Result<(), String> {
-    let link = link_of(IpAddr::V4(vip))?;
-    let (fd, to) = arp_socket(&link, Arp::SendOnly)?;
+/// Hands the outcome to `reply` before the socket closes (see `answered_early`).
+fn arp_announce(vip: Ipv4Addr, reply: impl FnOnce(Result<(), String>)) {
+    let link = match link_of(IpAddr::V4(vip)) {
+        Ok(l) => l,
+        Err(e) => return reply(Err(e)),
+    };
+    let (fd, to) = match arp_socket(&link, Arp::SendOnly) {
+        Ok(s) => s,
+        Err(e) => return reply(Err(e)),
+    };
     let packet = announcement_packet(link.mac, vip);
-    for _ in 0..2 {
-        if !send_to(&fd, &packet, &to) {
-            return Err(link_error(&link, "send gratuitous ARP"));
-        }
-    }
-    Ok(())
+    let sent = (0..2).all(|_| send_to(&fd, &packet, &to));
+    reply(if sent {
+        Ok(())
+    } else {
+        Err(link_error(&link, "send gratuitous ARP"))
+    });
 }
 
 /// A neighbour solicitation for `vip` from `mac` (ICMPv6 type 135; the kernel fills in the

@@ -57,8 +57,12 @@ pub struct FailoverConfig {
     /// node, ask the link for this long whether that node still holds the address (ARP
     /// probes, IPv6 neighbour solicitations); if nobody answers, take the record over at
     /// once instead of waiting for its lease to run out. "0s" turns it off (wait for the
-    /// lease, as with VIPs on a loopback, where the link cannot tell). Events `takeover` and, when a live owner
-    /// answers, `takeover-refused`; docs/ownership.md.
+    /// lease, as with VIPs on a loopback, where the link cannot tell). A live holder must
+    /// answer within it (three probes, the last at two thirds of it); its kernel answers
+    /// within a millisecond on a healthy LAN, but raise it where a holder may be slow to
+    /// (virtual machines with CPU steal, a congested link): a holder that answers too late
+    /// loses the record to this node. Events `takeover` and, when a live owner answers,
+    /// `takeover-refused`; docs/ownership.md.
     #[serde(default = "default_takeover_probe", with = "humantime_serde")]
     pub takeover_probe: Duration,
     /// While a front-end renegotiates without an owner record to go by (no cluster store,

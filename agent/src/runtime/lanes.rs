@@ -27,7 +27,7 @@ use super::knowledge::KnowledgeReader;
 use super::pacing::{Pacer, PacerParts};
 use super::policies::Policies;
 use crate::InputSink;
-use crate::addrwatch::holder::HolderProbe;
+use crate::addrwatch::holder::{HolderProbe, forget_holder_for};
 use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
@@ -566,13 +566,7 @@ impl VipLane {
                 }
                 // The VIP has (or had) another holder: its IKE_SA_INIT must not go to the
                 // MAC of the one before (addrwatch::neighbour).
-                match self.ctx.holder.forget_holder(vip).await {
-                    Ok(0) => {}
-                    Ok(n) => debug!(%vip, entries = n, "the VIP's link-layer address forgotten"),
-                    Err(e) => {
-                        debug!(%vip, error = %e, "the VIP's link-layer address not forgotten")
-                    }
-                }
+                forget_holder_for(self.ctx.holder.as_ref(), vip, "a new attempt").await;
                 // The epoch is checked again, and the policy's connection prepared, when
                 // the pacer starts it: that may be a while after this decision.
                 self.ctx.pacer.initiate(vip, attempt, epoch, crowd, news);

@@ -47,7 +47,7 @@ use super::fence;
 use super::knowledge::KnowledgeReader;
 use super::policies::Policies;
 use crate::InputSink;
-use crate::addrwatch::holder::HolderProbe;
+use crate::addrwatch::holder::{HolderProbe, forget_holder_for};
 use crate::config::{Config, ReconnectConfig};
 use crate::failover::{Input, Notice, NoticeKind};
 use crate::keying::Keying;
@@ -600,11 +600,7 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
                 // half-open timeout, and from 5 of them ignores every IKE_SA_INIT from here
                 // (`charon.block_threshold`; a 10-VIP crash run lost 36 s to it). Deleting
                 // the entry drops them; the next attempt asks the link again.
-                match holder.forget_holder(vip).await {
-                    Ok(0) => {}
-                    Ok(n) => debug!(%vip, entries = n, "an unanswered attempt's queued packets dropped"),
-                    Err(e) => debug!(%vip, error = %e, "an unanswered attempt's queued packets not dropped"),
-                }
+                forget_holder_for(holder.as_ref(), vip, "an attempt ended unanswered").await;
             }
             let _ = inputs
                 .send(Input::InitiateFinished {
