@@ -13,7 +13,7 @@ use crate::lab::addr_events::AddrEvents;
 use crate::lab::cleartext::ClearText;
 use crate::lab::faults::Fault;
 use crate::lab::probe::ProbeRecord;
-use crate::lab::topology::held_addrs;
+use crate::lab::topology::{has_usable_addr, held_addrs};
 use crate::lab::{Lab, Role};
 
 /// How long the probe keeps watching after recovery for answers from the old owner.
@@ -138,7 +138,7 @@ pub fn run_with(
     };
     // A VIP the node holds already (two holders at the fault) is taken over at once.
     let held = match &arrivals {
-        Some(_) => held_addrs(&lab.topo.node(&to).ns, &lab.vips),
+        Some(_) => held_addrs(&lab.topo.node(&to).ns, &lab.vips)?,
         None => Vec::new(),
     };
     let fault_at = now_ns();
@@ -156,10 +156,19 @@ pub fn run_with(
     // Answers that count for recovery: from the new owner, after the fault; when the
     // cluster manager may put the VIP back where it was, after it came back.
     let mut answers_from = fault_at;
-    let takeover = if let Some(arrivals) = arrivals.as_ref() {
-        arrivals
-            .wait_all(&lab.vips, false, fault_at + cap.as_nanos() as u64)?
-            .map(|t| since(fault_at, t))
+    // A failed instrument costs this run its takeover, not the whole grid.
+    let arrival = |usable: bool| {
+        let arrivals = arrivals.as_ref()?;
+        match arrivals.wait_all(&lab.vips, usable, fault_at + cap.as_nanos() as u64) {
+            Ok(t) => t.map(|t| since(fault_at, t)),
+            Err(e) => {
+                lab.progress.step(&format!("takeover not timed: {e:#}"));
+                None
+            }
+        }
+    };
+    let takeover = if arrivals.is_some() {
+        arrival(false)
     } else {
         // Pacemaker recovers the failed agent's resource in place by default (the VIP's
         // group restarts on the same node, or moves when the node may not run the agent):
@@ -180,11 +189,24 @@ pub fn run_with(
         })
     };
     let to = to;
-    let takeover_usable = match (takeover, arrivals.as_ref()) {
-        (Some(_), Some(arrivals)) if lab.vips.iter().any(|v| v.is_ipv6()) => arrivals
-            .wait_all(&lab.vips, true, fault_at + cap.as_nanos() as u64)?
-            .map(|t| since(fault_at, t)),
-        (t, _) => t,
+    let takeover_usable = match takeover {
+        Some(_) if lab.vips.iter().any(|v| v.is_ipv6()) => {
+            if arrivals.is_some() {
+                arrival(true)
+            } else {
+                // A killed agent's VIP came back on a node found only now: poll it.
+                let node = lab.topo.node(&to);
+                let vips = lab.vips.clone();
+                wait_for("the VIPs usable on the new owner", cap, || {
+                    vips.iter()
+                        .all(|&v| has_usable_addr(&node.ns, v))
+                        .then(now_ns)
+                })
+                .ok()
+                .map(|t| since(fault_at, t))
+            }
+        }
+        t => t,
     };
     drop(arrivals);
     lab.progress.step(&match takeover {

@@ -217,7 +217,34 @@ fn address_announcements_time_the_takeover() {
         .wait_all(&[v6], true, now_ns() + 10_000_000_000)
         .unwrap()
         .expect("DAD done");
-    assert!(usable > added, "usable at {usable}, added by {added}");
+    let tentative = events.wait_all(&[v6], false, soon()).unwrap().unwrap();
+    assert!(
+        tentative < usable && usable > added,
+        "announced at {tentative}, usable at {usable}, added by {added}"
+    );
+    // An address that goes counts again from its next arrival.
+    ns.ip(&["addr", "del", "192.0.2.100/32", "dev", "eth0"])
+        .unwrap();
+    let gone = wait_for(
+        "the address gone",
+        std::time::Duration::from_secs(5),
+        || {
+            events
+                .wait_all(&[v4], false, now_ns())
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    );
+    assert!(gone.is_ok(), "still counted after its removal");
+    let readded = now_ns();
+    ns.ip(&["addr", "add", "192.0.2.100/32", "dev", "eth0"])
+        .unwrap();
+    let back = events.wait_all(&[v4], false, soon()).unwrap().unwrap();
+    assert!(
+        back >= readded,
+        "counted from {back}, re-added at {readded}"
+    );
     // An address held before the fault gets no announcement: it counts from then.
     let held: IpAddr = "192.0.2.101".parse().unwrap();
     let at = now_ns();

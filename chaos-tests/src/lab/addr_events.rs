@@ -14,6 +14,7 @@ use vipsec_testbed::netns::Netns;
 use crate::clock::now_ns;
 
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const NLMSG_HDRLEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 const IFA_ADDRESS: u16 = 1;
@@ -24,11 +25,13 @@ const IFA_F_TENTATIVE: u32 = 0x40;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
-/// An address the kernel announced: where, and whether it is usable yet (IPv6 DAD done).
+/// An address the kernel announced: which, whether it is usable yet (IPv6 DAD done), or
+/// that it went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewAddr {
+pub struct AddrChange {
     pub addr: IpAddr,
     pub usable: bool,
+    pub gone: bool,
 }
 
 /// Address announcements in one namespace, from when it was opened, read on a thread of
@@ -171,6 +174,13 @@ fn read_until_stopped(fd: &OwnedFd, seen: &(Mutex<Seen>, Condvar), stop: &Atomic
             Ok(Some((at, arrived))) => {
                 let mut s = seen.0.lock().unwrap_or_else(|e| e.into_inner());
                 for a in arrived {
+                    // An address that went counts from its next arrival: the takeover is
+                    // when every VIP is there at once.
+                    if a.gone {
+                        s.present.remove(&a.addr);
+                        s.usable.remove(&a.addr);
+                        continue;
+                    }
                     s.present.entry(a.addr).or_insert(at);
                     if a.usable {
                         s.usable.entry(a.addr).or_insert(at);
@@ -190,7 +200,7 @@ fn read_once(
     fd: &OwnedFd,
     buf: &mut [u8],
     wait_ms: i32,
-) -> Result<Option<(u64, Vec<NewAddr>)>, String> {
+) -> Result<Option<(u64, Vec<AddrChange>)>, String> {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -226,8 +236,8 @@ fn read_once(
     Ok(Some((at, parse(&buf[..n as usize]))))
 }
 
-/// The RTM_NEWADDR announcements in one datagram.
-pub fn parse(mut buf: &[u8]) -> Vec<NewAddr> {
+/// The RTM_NEWADDR and RTM_DELADDR announcements in one datagram.
+pub fn parse(mut buf: &[u8]) -> Vec<AddrChange> {
     let mut out = Vec::new();
     while buf.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
@@ -235,9 +245,10 @@ pub fn parse(mut buf: &[u8]) -> Vec<NewAddr> {
         if len < NLMSG_HDRLEN || len > buf.len() {
             break;
         }
-        if kind == RTM_NEWADDR
-            && let Some(a) = new_addr(&buf[NLMSG_HDRLEN..len])
+        if (kind == RTM_NEWADDR || kind == RTM_DELADDR)
+            && let Some(mut a) = addr_change(&buf[NLMSG_HDRLEN..len])
         {
+            a.gone = kind == RTM_DELADDR;
             out.push(a);
         }
         buf = &buf[align(len).min(buf.len())..];
@@ -250,7 +261,7 @@ fn align(n: usize) -> usize {
 }
 
 /// An ifaddrmsg and its attributes.
-fn new_addr(msg: &[u8]) -> Option<NewAddr> {
+fn addr_change(msg: &[u8]) -> Option<AddrChange> {
     if msg.len() < IFADDRMSG_LEN {
         return None;
     }
@@ -278,9 +289,10 @@ fn new_addr(msg: &[u8]) -> Option<NewAddr> {
     // IPv4 names the node's own address in IFA_LOCAL (IFA_ADDRESS is the peer's on a
     // point-to-point link); IPv6 has only IFA_ADDRESS.
     let addr = local.or(address)?;
-    Some(NewAddr {
+    Some(AddrChange {
         addr,
         usable: flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED) == 0,
+        gone: false,
     })
 }
 
@@ -352,30 +364,28 @@ mod tests {
             ],
         );
         let deleted = message(
-            21,
+            RTM_DELADDR,
             libc::AF_INET as u8,
             0,
             &[attr(IFA_LOCAL, &[192, 0, 2, 7])],
         );
-        let datagram = [v4, tentative, deleted, done].concat();
+        let route = message(24, libc::AF_INET as u8, 0, &[attr(1, &[192, 0, 2, 9])]);
+        let datagram = [v4, tentative, deleted, route, done].concat();
+        let change = |addr: &str, usable, gone| AddrChange {
+            addr: addr.parse().unwrap(),
+            usable,
+            gone,
+        };
         assert_eq!(
             parse(&datagram),
             vec![
-                NewAddr {
-                    addr: "192.0.2.100".parse().unwrap(),
-                    usable: true
-                },
-                NewAddr {
-                    addr: IpAddr::V6(v6),
-                    usable: false
-                },
-                NewAddr {
-                    addr: IpAddr::V6(v6),
-                    usable: true
-                },
+                change("192.0.2.100", true, false),
+                change("2001:db8:1::100", false, false),
+                change("192.0.2.7", true, true),
+                change("2001:db8:1::100", true, false),
             ]
         );
         // A truncated message ends the datagram instead of reading past it.
-        assert_eq!(parse(&datagram[..datagram.len() - 3]).len(), 2);
+        assert_eq!(parse(&datagram[..datagram.len() - 3]).len(), 3);
     }
 }

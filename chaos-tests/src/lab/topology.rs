@@ -388,11 +388,9 @@ pub fn has_usable_addr(ns: &Netns, addr: IpAddr) -> bool {
 
 /// Which of `addrs` sit on eth0, each with whether it is usable (see [`has_usable_addr`]);
 /// one listing for all of them.
-pub fn held_addrs(ns: &Netns, addrs: &[IpAddr]) -> Vec<(IpAddr, bool)> {
-    let Ok(out) = ns.ip(&["-o", "addr", "show", "dev", NODE_IF]) else {
-        return Vec::new();
-    };
-    addrs
+pub fn held_addrs(ns: &Netns, addrs: &[IpAddr]) -> anyhow::Result<Vec<(IpAddr, bool)>> {
+    let out = ns.ip(&["-o", "addr", "show", "dev", NODE_IF])?;
+    Ok(addrs
         .iter()
         .filter_map(|&addr| {
             let line = out.lines().find(|l| l.contains(&format!(" {addr}/")))?;
@@ -401,7 +399,7 @@ pub fn held_addrs(ns: &Netns, addrs: &[IpAddr]) -> Vec<(IpAddr, bool)> {
                 !line.contains("tentative") && !line.contains("dadfailed"),
             ))
         })
-        .collect()
+        .collect())
 }
 
 /// Writes the kernel's default DAD settings into a namespace explicitly, for all and for
