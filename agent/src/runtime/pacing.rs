@@ -598,8 +598,9 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
                 // next holder's gratuitous ARP lets it go: the new owner then holds one
                 // half-open IKE_SA for each attempt this node already ended, for its 30 s
                 // half-open timeout, and from 5 of them ignores every IKE_SA_INIT from here
-                // (`charon.block_threshold`; a 10-VIP crash run lost 36 s to it). Deleting
-                // the entry drops them; the next attempt asks the link again.
+                // (`charon.block_threshold`; most likely what cost a 10-VIP crash run 36 s,
+                // its lab not kept). Deleting the entry drops them; the next attempt asks
+                // the link again.
                 forget_holder_for(holder.as_ref(), vip, "an attempt ended unanswered").await;
             }
             let _ = inputs
