@@ -86,3 +86,26 @@ impl HolderProbe for FixedHolder {
         self.0.clone()
     }
 }
+
+/// A link where nobody answers for any VIP, and which records every VIP whose cached
+/// holder this node forgot (the packets queued for it dropped), in order.
+#[derive(Default)]
+pub struct ForgettingHolder(std::sync::Mutex<Vec<Vip>>);
+
+impl ForgettingHolder {
+    /// The VIPs forgotten so far, oldest first.
+    pub fn forgotten(&self) -> Vec<Vip> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[async_trait]
+impl HolderProbe for ForgettingHolder {
+    async fn probe(&self, _vip: Vip, _window: std::time::Duration) -> HolderAnswer {
+        HolderAnswer::Silent
+    }
+    async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(vip);
+        Ok(1)
+    }
+}

@@ -31,7 +31,7 @@ use crate::addrwatch::holder::{HolderProbe, forget_holder_for};
 use crate::config::Config;
 use crate::failover::{Action, Input, Notice, NoticeKind};
 use crate::kernel::Kernel;
-use crate::keying::ike_probe::IkeProbe;
+use crate::keying::ike_probe::{IkeProbe, ProbeAnswer};
 use crate::keying::{Keying, KeyingError};
 use crate::model::{Vip, VipOwner, VipRole};
 use crate::store::{OwnershipStore, StoreError};
@@ -265,8 +265,9 @@ impl Lanes {
             Action::ProbeIke { vip, after, window } => {
                 // Off the VIP's lane, like the holder probe: the drop and the attempt it
                 // may trigger must not queue behind a probe waiting out its window.
-                let (probe, inputs, cancel) = (
+                let (probe, holder, inputs, cancel) = (
                     self.ctx.ike_probe.clone(),
+                    self.ctx.holder.clone(),
                     self.ctx.inputs.clone(),
                     self.cancel.clone(),
                 );
@@ -276,10 +277,9 @@ impl Lanes {
                             _ = cancel.cancelled() => return,
                             a = async {
                                 tokio::time::sleep(after).await;
-                                probe.answers(vip, window).await
+                                probe_ike(probe.as_ref(), holder.as_ref(), vip, window).await
                             } => a,
                         };
-                        debug!(%vip, ?answer, "IKE port probed");
                         let answered = answer.answered();
                         let _ = inputs.send(Input::IkeProbed { vip, answered }).await;
                     }
@@ -572,5 +572,51 @@ impl VipLane {
                 self.ctx.pacer.initiate(vip, attempt, epoch, crowd, news);
             }
         }
+    }
+}
+
+/// Asks `vip`'s IKE port once. A probe nobody answered waits in this node's neighbour
+/// queue while nobody holds the VIP, and the next holder's gratuitous ARP lets every such
+/// probe go at once: a silent VIP is probed every window, so the new holder got about ten
+/// IKE_SA_INITs from this address in the same millisecond, asked it for COOKIEs for its
+/// calm-down of 10 s, and charon 5.9.8 lost the answer to the real attempt's COOKIE retry
+/// until its retransmission 4 s later (a planned move during an etcd election recovered
+/// 5 s after the takeover). Forgetting the VIP's neighbour entry after silence drops them.
+pub(super) async fn probe_ike(
+    probe: &dyn IkeProbe,
+    holder: &dyn HolderProbe,
+    vip: Vip,
+    window: std::time::Duration,
+) -> ProbeAnswer {
+    let answer = probe.answers(vip, window).await;
+    debug!(%vip, ?answer, "IKE port probed");
+    if !answer.answered() {
+        forget_holder_for(holder, vip, "an IKE probe went unanswered").await;
+    }
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::addrwatch::memory::ForgettingHolder;
+    use crate::keying::memory::MemoryIkeProbe;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_ike_probe_leaves_nothing_queued_for_the_next_holder() {
+        let (silent, held): (Vip, Vip) = (
+            "192.0.2.100".parse().unwrap(),
+            "192.0.2.104".parse().unwrap(),
+        );
+        let probe = MemoryIkeProbe::default();
+        probe.set_answering(held, true);
+        let holder = ForgettingHolder::default();
+        let window = Duration::from_millis(100);
+        assert!(probe_ike(&probe, &holder, held, window).await.answered());
+        assert!(holder.forgotten().is_empty(), "an answered probe");
+        assert!(!probe_ike(&probe, &holder, silent, window).await.answered());
+        assert_eq!(holder.forgotten(), vec![silent]);
     }
 }

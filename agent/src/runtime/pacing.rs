@@ -618,6 +618,7 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addrwatch::memory::ForgettingHolder;
 
     fn vip(n: u8) -> Vip {
         Vip::from([192, 0, 2, n])
@@ -750,21 +751,6 @@ mod tests {
     /// The VIP whose attempts the gated keying daemon reports as timed out.
     const UNANSWERED: Vip = Vip::V4(std::net::Ipv4Addr::new(192, 0, 2, 104));
 
-    /// A link that records which VIPs' neighbour entries were forgotten.
-    #[derive(Default)]
-    struct RecordingHolder(std::sync::Mutex<Vec<Vip>>);
-
-    #[async_trait::async_trait]
-    impl HolderProbe for RecordingHolder {
-        async fn probe(&self, _vip: Vip, _window: Duration) -> crate::failover::HolderAnswer {
-            crate::failover::HolderAnswer::Silent
-        }
-        async fn forget_holder(&self, vip: Vip) -> Result<u32, String> {
-            self.0.lock().unwrap().push(vip);
-            Ok(1)
-        }
-    }
-
     /// The next initiation result; an initiation handed to the keying daemon is announced
     /// first (`InitiateStarted`, for the move's timeline).
     async fn finished(rx: &mut mpsc::Receiver<Input>) -> (Vip, u32, Result<(), String>) {
@@ -785,7 +771,7 @@ mod tests {
     struct Harness {
         pacer: Pacer,
         keying: Arc<GatedKeying>,
-        holder: Arc<RecordingHolder>,
+        holder: Arc<ForgettingHolder>,
         started: mpsc::UnboundedReceiver<Vip>,
         rx: mpsc::Receiver<Input>,
         notices: tokio::sync::broadcast::Receiver<crate::runtime::events::EventRecord>,
@@ -804,7 +790,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let cancel = CancellationToken::new();
         let (events, notices) = tokio::sync::broadcast::channel(16);
-        let holder = Arc::new(RecordingHolder::default());
+        let holder = Arc::new(ForgettingHolder::default());
         let pacer = Pacer::start(PacerParts {
             keying: keying.clone(),
             config: Arc::new(config),
@@ -1235,7 +1221,7 @@ mod tests {
         assert_eq!(started.recv().await, Some(vip(100)));
         keying.gate.add_permits(1);
         assert_eq!(finished(&mut rx).await, (vip(100), 1, Ok(())));
-        assert!(holder.0.lock().unwrap().is_empty(), "an answered attempt");
+        assert!(holder.forgotten().is_empty(), "an answered attempt");
         pacer.initiate(UNANSWERED, 1, 0, 1, false);
         assert_eq!(started.recv().await, Some(UNANSWERED));
         keying.gate.add_permits(1);
@@ -1243,6 +1229,6 @@ mod tests {
         assert_eq!(v, UNANSWERED);
         assert!(result.is_err());
         // Before the core hears of it, so before a next attempt could be decided.
-        assert_eq!(*holder.0.lock().unwrap(), vec![UNANSWERED]);
+        assert_eq!(holder.forgotten(), vec![UNANSWERED]);
     }
 }
