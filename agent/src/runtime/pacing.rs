@@ -36,6 +36,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -77,7 +78,8 @@ pub enum Answer {
     /// Failed or timed out: half as many at once, and with one in flight already, a pause
     /// before the next.
     Failed,
-    /// Never reached the responder (fenced, no connection): says nothing about it.
+    /// Never reached the responder (fenced, no connection), or ended for a newer attempt
+    /// at the same VIP: says nothing about the responder.
     NotAsked,
 }
 
@@ -448,15 +450,20 @@ impl Pacer {
 async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) {
     let settings = PacingSettings::from(&parts.config.failover.reconnect);
     let mut queue = InitiationQueue::new(settings, Instant::now());
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Answer>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Vip, u32, Answer)>();
     // The epoch each VIP's queued initiation was decided under (the queue keeps one per VIP).
     let mut decided: HashMap<Vip, u64> = HashMap::new();
+    // The initiation handed to the keying daemon last for each VIP, until it returns, and
+    // how to tell it a newer one was asked for.
+    let mut out: HashMap<Vip, (u32, Arc<Notify>)> = HashMap::new();
     loop {
         let wake = loop {
             match queue.next(Instant::now()) {
                 Next::Start(q) => {
                     let epoch = decided.get(&q.vip).copied().unwrap_or(0);
-                    start(&parts, q, epoch, done_tx.clone())
+                    let superseded = Arc::new(Notify::new());
+                    out.insert(q.vip, (q.attempt, superseded.clone()));
+                    start(&parts, q, epoch, superseded, done_tx.clone())
                 }
                 Next::At(t) => break Some(t),
                 Next::Idle => break None,
@@ -470,6 +477,13 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
                 Some(Request::Enqueue { vip, attempt, epoch, crowd, news }) => {
                     if decided.insert(vip, epoch).is_some_and(|before| epoch > before) || news {
                         queue.owner_changed();
+                    }
+                    if let Some((earlier, superseded)) = out.get(&vip)
+                        && *earlier < attempt
+                    {
+                        // The core has given the attempt under way up (news of a new
+                        // holder): see `SUPERSEDED_GRACE`.
+                        superseded.notify_one();
                     }
                     let priority = parts.config.peer(vip).map_or(
                         crate::config::DEFAULT_PEER_PRIORITY,
@@ -487,11 +501,39 @@ async fn run(parts: PacerParts, mut requests: mpsc::UnboundedReceiver<Request>) 
                     }
                 }
             },
-            Some(answer) = done_rx.recv() => {
+            Some((vip, attempt, answer)) = done_rx.recv() => {
+                if out.get(&vip).is_some_and(|(a, _)| *a == attempt) {
+                    out.remove(&vip);
+                }
                 queue.finished(Instant::now(), answer, rand::random());
                 debug!(?answer, limit = queue.limit(), pause = ?queue.pause(), "initiation returned");
             }
             _ = sleep_until(wake), if wake.is_some() => {}
+        }
+    }
+}
+
+/// How long an initiation still under way when the core asks for a newer one at the same
+/// VIP (news of a new holder) may go on. charon joins a new initiation to an IKE_SA of the
+/// same connection that is still connecting, so a newer attempt cannot start afresh while
+/// this one stands. One about to complete with the new holder does within this (a
+/// responder that keeps up answers in tens of ms); one answered by the holder before, or
+/// whose COOKIE retry's answer charon 5.9.8 lost, would only complete at charon's
+/// retransmission 4 s later, holding the newer attempt and its pacer slot that long (a
+/// planned move during an etcd election recovered 5 s after the takeover).
+const SUPERSEDED_GRACE: Duration = Duration::from_millis(150);
+
+/// Ends what is left of an initiation the core gave up for a newer one: every IKE_SA
+/// toward `vip` the core does not hold (it holds the SAs that came up), answered or not.
+async fn end_superseded(keying: &dyn Keying, knowledge: &KnowledgeReader, vip: Vip, attempt: u32) {
+    let knowledge = knowledge.clone();
+    let spare = move |c: crate::keying::DropCandidate| knowledge.holds_sa(vip, c.ike_id);
+    match keying.drop_sas(vip, &spare).await {
+        Ok(n) => {
+            info!(%vip, attempt, dropped = n, grace = ?SUPERSEDED_GRACE, "initiation ended for a newer attempt")
+        }
+        Err(e) => {
+            warn!(%vip, attempt, error = %e, "initiation given up for a newer attempt, its IKE_SA not ended")
         }
     }
 }
@@ -519,7 +561,13 @@ fn report_unstarted(parts: &PacerParts, q: &QueuedInitiation, why: &str) {
     });
 }
 
-fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::UnboundedSender<Answer>) {
+fn start(
+    parts: &PacerParts,
+    q: QueuedInitiation,
+    epoch: u64,
+    superseded: Arc<Notify>,
+    done: mpsc::UnboundedSender<(Vip, u32, Answer)>,
+) {
     let now = Instant::now();
     let waited = now.saturating_duration_since(q.queued_at);
     parts
@@ -570,15 +618,28 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
                 }
             };
             let asked = conn.is_ok();
+            let mut ended_for_newer = false;
             let result = match conn {
                 Ok(conn) => {
                     // The move's timeline marks the IKE_SA_INIT here, after the pacer's
                     // wait, not when the core asked for it.
                     let _ = inputs.send(Input::InitiateStarted { vip, attempt }).await;
-                    keying
-                        .initiate(vip, &conn, timeout)
-                        .await
-                        .map_err(|e| e.to_string())
+                    let mut initiate = Box::pin(keying.initiate(vip, &conn, timeout));
+                    let outcome = tokio::select! {
+                        r = &mut initiate => Some(r),
+                        _ = superseded.notified() => {
+                            tokio::time::timeout(SUPERSEDED_GRACE, &mut initiate).await.ok()
+                        }
+                    };
+                    drop(initiate);
+                    match outcome {
+                        Some(r) => r.map_err(|e| e.to_string()),
+                        None => {
+                            ended_for_newer = true;
+                            end_superseded(keying.as_ref(), &knowledge, vip, attempt).await;
+                            Err("ended for a newer attempt".to_string())
+                        }
+                    }
                 }
                 Err(e) => Err(e),
             };
@@ -587,10 +648,10 @@ fn start(parts: &PacerParts, q: QueuedInitiation, epoch: u64, done: mpsc::Unboun
             let answer = match &result {
                 Ok(()) if started.elapsed() <= quick => Answer::Quick,
                 Ok(()) => Answer::Slow,
-                Err(_) if !asked => Answer::NotAsked,
+                Err(_) if !asked || ended_for_newer => Answer::NotAsked,
                 Err(_) => Answer::Failed,
             };
-            let _ = done.send(answer);
+            let _ = done.send((vip, attempt, answer));
             debug!(%vip, attempt, took = ?started.elapsed(), ok = result.is_ok(), "initiate returned");
             if answer == Answer::Failed {
                 // An IKE_SA_INIT sent while nobody held the VIP waits in this node's
@@ -701,6 +762,8 @@ mod tests {
     struct GatedKeying {
         started: mpsc::UnboundedSender<Vip>,
         gate: tokio::sync::Semaphore,
+        /// The VIPs whose SAs were dropped, in order.
+        drops: std::sync::Mutex<Vec<Vip>>,
     }
 
     #[async_trait::async_trait]
@@ -725,10 +788,11 @@ mod tests {
         }
         async fn drop_sas(
             &self,
-            _vip: Vip,
+            vip: Vip,
             _spare: &crate::keying::SpareSa<'_>,
         ) -> Result<u32, crate::keying::KeyingError> {
-            Ok(0)
+            self.drops.lock().unwrap().push(vip);
+            Ok(1)
         }
         async fn initiate(
             &self,
@@ -785,6 +849,7 @@ mod tests {
         let keying = Arc::new(GatedKeying {
             started: started_tx,
             gate: tokio::sync::Semaphore::new(0),
+            drops: Default::default(),
         });
         let (inputs, rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
@@ -1230,5 +1295,48 @@ mod tests {
         assert!(result.is_err());
         // Before the core hears of it, so before a next attempt could be decided.
         assert_eq!(holder.forgotten(), vec![UNANSWERED]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_the_core_gave_up_for_a_newer_one_ends_unless_it_completes_at_once() {
+        let Harness {
+            pacer,
+            keying,
+            mut started,
+            mut rx,
+            ..
+        } = harness(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\nconcurrency = 1\n\
+             [[peer_vip]]\naddress = \"192.0.2.100\"\nconnection = \"a\"\n",
+            Default::default(),
+        );
+        // Attempt 1 hangs (its answer lost); news of a new holder asks for attempt 2.
+        pacer.initiate(vip(100), 1, 0, 1, false);
+        assert_eq!(started.recv().await, Some(vip(100)));
+        let asked = Instant::now();
+        pacer.initiate(vip(100), 2, 0, 1, false);
+        // Without the end, attempt 1 would wait for an answer that never comes.
+        let (v, attempt, result) = tokio::time::timeout(Duration::from_secs(10), finished(&mut rx))
+            .await
+            .expect("attempt 1 ended");
+        assert_eq!((v, attempt), (vip(100), 1));
+        assert_eq!(result, Err("ended for a newer attempt".to_string()));
+        assert_eq!(asked.elapsed(), SUPERSEDED_GRACE);
+        assert_eq!(*keying.drops.lock().unwrap(), vec![vip(100)]);
+        // Its slot is free for attempt 2, which starts at once.
+        assert_eq!(started.recv().await, Some(vip(100)));
+        assert_eq!(asked.elapsed(), SUPERSEDED_GRACE);
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(100), 2, Ok(())));
+
+        // One that completes within the grace is not ended.
+        pacer.initiate(vip(100), 3, 0, 1, false);
+        assert_eq!(started.recv().await, Some(vip(100)));
+        pacer.initiate(vip(100), 4, 0, 1, false);
+        tokio::time::sleep(SUPERSEDED_GRACE / 2).await;
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (vip(100), 3, Ok(())));
+        assert_eq!(keying.drops.lock().unwrap().len(), 1, "no second drop");
     }
 }
