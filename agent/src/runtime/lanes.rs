@@ -197,7 +197,7 @@ impl Lanes {
                 let (keying, sink) = (self.ctx.keying.clone(), self.ctx.sink.clone());
                 self.ctx.tracker.spawn(
                     async move {
-                        match keying.terminate_sa(ike_id).await {
+                        match refuse_sa(keying.as_ref(), ike_id).await {
                             Ok(()) => info!(%vip, ike_sa = ike_id, "refused IKE_SA deleted"),
                             Err(e) => sink.emit(
                                 Notice::new(NoticeKind::ActionFailed, Some(vip))
@@ -575,6 +575,24 @@ impl VipLane {
     }
 }
 
+/// How long a refused IKE_SA stays before its DELETE goes. charon reports the IKE_SA up
+/// (VICI `ike-updown`) while its IKE_AUTH answer is still on the way out, and a DELETE
+/// sent at once can reach the front-end first: in the etcd-cluster chaos lab under load,
+/// 6 of 35 refusals' DELETEs arrived before the answer they followed by 2 ms on the
+/// back-end's log. The front-end's charon then ignores it ("ignoring INFORMATIONAL in
+/// IKE_SA state CONNECTING"), takes the IKE_SA up on the answer and keeps it, dead,
+/// until the DELETE is retransmitted 4 s later; a connection in those 4 s failed.
+pub(super) const REFUSED_SA_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Deletes a refused IKE_SA once its IKE_AUTH answer has had [`REFUSED_SA_GRACE`] to land.
+pub(super) async fn refuse_sa(
+    keying: &dyn Keying,
+    ike_id: crate::model::IkeId,
+) -> Result<(), KeyingError> {
+    tokio::time::sleep(REFUSED_SA_GRACE).await;
+    keying.terminate_sa(ike_id).await
+}
+
 /// Asks `vip`'s IKE port once. A probe nobody answered waits in this node's neighbour
 /// queue while nobody holds the VIP, and the next holder's gratuitous ARP lets every such
 /// probe go at once: a silent VIP is probed every window, so the new holder got about ten
@@ -602,7 +620,8 @@ mod tests {
 
     use super::*;
     use crate::addrwatch::memory::ForgettingHolder;
-    use crate::keying::memory::MemoryIkeProbe;
+    use crate::keying::memory::{KeyingCall, MemoryIkeProbe, MemoryKeying};
+    use crate::model::VipRole;
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_ike_probe_leaves_nothing_queued_for_the_next_holder() {
@@ -618,5 +637,28 @@ mod tests {
         assert!(holder.forgotten().is_empty(), "an answered probe");
         assert!(!probe_ike(&probe, &holder, silent, window).await.answered());
         assert_eq!(holder.forgotten(), vec![silent]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_sa_is_deleted_only_after_its_answer_had_time_to_land() {
+        let vip: Vip = "192.0.2.100".parse().unwrap();
+        let keying = Arc::new(MemoryKeying::new(vec![crate::failover::SaRef {
+            ike_id: 7,
+            vip,
+            role: VipRole::Hosted,
+        }]));
+        let refusing = tokio::spawn({
+            let keying = keying.clone();
+            async move { refuse_sa(keying.as_ref(), 7).await }
+        });
+        tokio::time::sleep(REFUSED_SA_GRACE - Duration::from_millis(1)).await;
+        assert!(
+            keying.calls().is_empty(),
+            "the DELETE went before the answer could land: {:?}",
+            keying.calls()
+        );
+        refusing.await.unwrap().unwrap();
+        assert_eq!(keying.calls(), vec![KeyingCall::Terminate(7)]);
+        assert!(keying.sas().is_empty());
     }
 }
