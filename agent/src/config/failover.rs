@@ -103,7 +103,12 @@ pub struct ReconnectConfig {
     /// a round trip and, with charon 5.9.8 as initiator, can lose the real answer until its
     /// next retransmission (`charon.retransmit_timeout`, 4 s). Above
     /// `charon.block_threshold` (default 5) the owner drops IKE_SA_INITs outright. Raise
-    /// these on the back-ends before raising this.
+    /// these on the back-ends before raising this, and `charon.threads` (default 16) on
+    /// this node: each initiation in flight holds worker threads of this node's charon
+    /// until its CHILD_SA is up, and with 8 in flight on 16 threads none was left for the
+    /// answers (100 VIPs recovered 4.9-11.4 s after the takeover instead of 1.0 s). More in flight did not make
+    /// 100 VIPs faster in the lab either: 8 on 32 threads took as long as 3
+    /// (docs/bench/ab-2026-12-07-in-flight/).
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
     /// An initiation whose CHILD_SA is up within this counts as quick: the responders keep
