@@ -66,9 +66,10 @@ pub struct FailoverConfig {
     #[serde(default = "default_takeover_probe", with = "humantime_serde")]
     pub takeover_probe: Duration,
     /// While a front-end renegotiates without an owner record to go by (no cluster store,
-    /// or the store unreachable), send the peer VIP's IKE port an IKE_SA_INIT probe this
-    /// often (one no responder accepts, so it costs the responder no key exchange) and
-    /// start the next attempt the moment the port answers after silence, instead of
+    /// or the store unreachable), send the peer VIP's IKE port a probe this often (an
+    /// IKE_SA_INIT header of major version 3, which a responder answers with
+    /// INVALID_MAJOR_VERSION without building an IKE_SA or counting it toward its COOKIE
+    /// thresholds) and start the next attempt the moment the port answers after silence, instead of
     /// waiting out an attempt sent while the VIP was in transit. "0s" turns it off. Event
     /// `peer-answers`; docs/embedded-store.md.
     #[serde(default = "default_ike_probe_interval", with = "humantime_serde")]

@@ -8,13 +8,18 @@
 //! asks the VIP's IKE port, every `failover.ike_probe_interval`, and starts its next
 //! attempt the moment an answer comes back after silence.
 //!
-//! The question is an IKE_SA_INIT request (RFC 7296) whose only proposal uses an
-//! encryption transform from the private-use range, which no responder has configured: a
-//! live IKE daemon answers at once with NO_PROPOSAL_CHOSEN (or asks for a COOKIE, or
-//! whatever else it says to a stranger) without building any state or computing a
-//! Diffie-Hellman share, and a VIP nobody holds stays silent. Any IKE response carrying our
-//! SPI counts as an answer; an ICMP error (a host holds the address but no daemon listens)
-//! does not.
+//! The question is an IKE_SA_INIT header of a major version nobody speaks (3.0), with our
+//! SPI and no payloads. RFC 7296 §2.5 has a responder drop it and answer with an
+//! unauthenticated INVALID_MAJOR_VERSION notify carrying the SPI; charon does so from its
+//! receiver thread, before it looks up or creates any IKE_SA. So a probe never counts as a
+//! half-open IKE_SA on the responder. An IKE_SA_INIT it had to refuse (the earlier probe,
+//! with a proposal nobody has configured) did, for as long as a worker thread took to say
+//! NO_PROPOSAL_CHOSEN: with ten VIPs probed every 50 ms a new owner could see three at once from
+//! the front-end's address, asked that address for COOKIEs for its calm-down of 10 s, and
+//! kept asking, so every real attempt paid a COOKIE round trip and some lost their answer
+//! to charon 5.9.8 until its retransmission 4 s later (7 of 20 moves of ten VIPs without
+//! a cluster store). Any IKE response carrying our SPI counts as an answer; an ICMP error
+//! (a host holds the address but no daemon listens) does not.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -125,9 +130,8 @@ async fn ask(vip: Vip, port: u16, mark: Option<u32>) -> Result<(), String> {
         .await
         .map_err(|e| format!("connect {vip}:{port}: {e}"))?;
     let spi: [u8; 8] = rand::random();
-    let filler: [u8; 64] = rand::random();
     socket
-        .send(&request(spi, &filler))
+        .send(&request(spi))
         .await
         .map_err(|e| format!("send to {vip}:{port}: {e}"))?;
     let mut buf = [0u8; 2048];
@@ -143,64 +147,23 @@ async fn ask(vip: Vip, port: u16, mark: Option<u32>) -> Result<(), String> {
 }
 
 const HEADER_LEN: usize = 28;
-const PAYLOAD_SA: u8 = 33;
-const PAYLOAD_KE: u8 = 34;
-const PAYLOAD_NONCE: u8 = 40;
 const EXCHANGE_IKE_SA_INIT: u8 = 34;
 const VERSION_2: u8 = 0x20;
+/// A major version after IKEv2's (RFC 7296 §2.5): the header says 3.0.
+const VERSION_UNSPOKEN: u8 = 0x30;
 const FLAG_INITIATOR: u8 = 0x08;
 const FLAG_RESPONSE: u8 = 0x20;
-/// An encryption transform from the private-use range (RFC 7296 §3.3.2): nobody has it
-/// configured, so the proposal is refused before any key exchange.
-const ENCR_PRIVATE_USE: u16 = 1024;
-const PRF_HMAC_SHA2_256: u16 = 5;
-const AUTH_HMAC_SHA2_256_128: u16 = 12;
-const DH_CURVE25519: u16 = 31;
 
-/// An IKE_SA_INIT request with initiator SPI `spi`: one IKE proposal (SA payload), a key
-/// exchange payload of the proposal's group and a nonce, both filled from `filler` (32
-/// bytes each), since a responder checks that they are there before it looks at the
-/// proposal.
-pub fn request(spi: [u8; 8], filler: &[u8; 64]) -> Vec<u8> {
-    let transforms: [(u8, u16); 4] = [
-        (1, ENCR_PRIVATE_USE),
-        (2, PRF_HMAC_SHA2_256),
-        (3, AUTH_HMAC_SHA2_256_128),
-        (4, DH_CURVE25519),
-    ];
-    let mut proposal = vec![0, 0, 0, 0, 1, 1, 0, transforms.len() as u8];
-    for (i, (kind, id)) in transforms.iter().enumerate() {
-        let more = if i + 1 < transforms.len() { 3 } else { 0 };
-        proposal.extend_from_slice(&[more, 0, 0, 8, *kind, 0]);
-        proposal.extend_from_slice(&id.to_be_bytes());
-    }
-    let len = proposal.len() as u16;
-    proposal[2..4].copy_from_slice(&len.to_be_bytes());
-
-    let mut body = Vec::new();
-    push_payload(&mut body, PAYLOAD_KE, &proposal);
-    let mut ke = Vec::with_capacity(36);
-    ke.extend_from_slice(&DH_CURVE25519.to_be_bytes());
-    ke.extend_from_slice(&[0, 0]);
-    ke.extend_from_slice(&filler[..32]);
-    push_payload(&mut body, PAYLOAD_NONCE, &ke);
-    push_payload(&mut body, 0, &filler[32..]);
-
-    let mut msg = Vec::with_capacity(HEADER_LEN + body.len());
+/// The probe with initiator SPI `spi`: an IKE_SA_INIT header of major version 3 and
+/// nothing after it (next payload none, length 28).
+pub fn request(spi: [u8; 8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(HEADER_LEN);
     msg.extend_from_slice(&spi);
     msg.extend_from_slice(&[0; 8]);
-    msg.extend_from_slice(&[PAYLOAD_SA, VERSION_2, EXCHANGE_IKE_SA_INIT, FLAG_INITIATOR]);
+    msg.extend_from_slice(&[0, VERSION_UNSPOKEN, EXCHANGE_IKE_SA_INIT, FLAG_INITIATOR]);
     msg.extend_from_slice(&0u32.to_be_bytes());
-    msg.extend_from_slice(&((HEADER_LEN + body.len()) as u32).to_be_bytes());
-    msg.extend_from_slice(&body);
+    msg.extend_from_slice(&(HEADER_LEN as u32).to_be_bytes());
     msg
-}
-
-fn push_payload(out: &mut Vec<u8>, next: u8, data: &[u8]) {
-    out.push(next);
-    out.push(0);
-    out.extend_from_slice(&((4 + data.len()) as u16).to_be_bytes());
-    out.extend_from_slice(data);
 }
 
 /// Whether a datagram is an IKEv2 response to the probe with initiator SPI `spi`.
@@ -215,48 +178,21 @@ pub fn is_answer(spi: [u8; 8], datagram: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn walk(msg: &[u8]) -> Vec<(u8, usize)> {
-        let mut next = msg[16];
-        let mut at = HEADER_LEN;
-        let mut seen = Vec::new();
-        while next != 0 {
-            let len = u16::from_be_bytes([msg[at + 2], msg[at + 3]]) as usize;
-            seen.push((next, len));
-            next = msg[at];
-            at += len;
-        }
-        assert_eq!(at, msg.len(), "payload lengths add up to the message");
-        seen
-    }
-
     #[test]
-    fn the_request_is_a_well_formed_ike_sa_init() {
-        let msg = request([7; 8], &[9; 64]);
+    fn the_request_is_an_ike_sa_init_header_of_an_unspoken_major_version() {
+        let msg = request([7; 8]);
+        assert_eq!(msg.len(), HEADER_LEN, "the header and nothing else");
         assert_eq!(&msg[..8], &[7; 8]);
         assert_eq!(&msg[8..16], &[0; 8], "no responder SPI yet");
-        assert_eq!(msg[17], 0x20);
+        assert_eq!(msg[16], 0, "no payload follows");
+        assert_eq!(msg[17] >> 4, 3, "major version 3");
         assert_eq!(msg[18], EXCHANGE_IKE_SA_INIT);
         assert_eq!(msg[19], FLAG_INITIATOR);
+        assert_eq!(&msg[20..24], &[0; 4], "message ID 0");
         assert_eq!(
             u32::from_be_bytes(msg[24..28].try_into().unwrap()) as usize,
             msg.len()
         );
-        let payloads = walk(&msg);
-        assert_eq!(
-            payloads,
-            [
-                (PAYLOAD_SA, 4 + 8 + 4 * 8),
-                (PAYLOAD_KE, 40),
-                (PAYLOAD_NONCE, 36)
-            ]
-        );
-        // The proposal: last, #1, IKE, no SPI, four transforms, the first private-use ENCR.
-        let p = &msg[HEADER_LEN + 4..];
-        assert_eq!(&p[..2], &[0, 0]);
-        assert_eq!(u16::from_be_bytes([p[2], p[3]]), 8 + 4 * 8);
-        assert_eq!(&p[4..8], &[1, 1, 0, 4]);
-        assert_eq!(&p[8..16], &[3, 0, 0, 8, 1, 0, 4, 0]);
-        assert_eq!(p[8 + 3 * 8], 0, "the last transform says so");
     }
 
     #[test]
@@ -312,7 +248,9 @@ mod tests {
         let echo = tokio::spawn(async move {
             let mut buf = [0u8; 512];
             let (n, from) = responder.recv_from(&mut buf).await.unwrap();
+            // As RFC 7296 §2.5 has it: IKEv2's version, our SPI, a response.
             let mut reply = buf[..HEADER_LEN].to_vec();
+            reply[17] = VERSION_2;
             reply[19] = FLAG_RESPONSE;
             responder.send_to(&reply, from).await.unwrap();
             n
@@ -321,6 +259,6 @@ mod tests {
             .answers("127.0.0.1".parse().unwrap(), Duration::from_secs(5))
             .await;
         assert!(answer.answered(), "{answer:?}");
-        assert_eq!(echo.await.unwrap(), request([0; 8], &[0; 64]).len());
+        assert_eq!(echo.await.unwrap(), HEADER_LEN);
     }
 }
