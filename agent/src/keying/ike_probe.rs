@@ -11,15 +11,15 @@
 //! The question is an IKE_SA_INIT header of a major version nobody speaks (3.0), with our
 //! SPI and no payloads. RFC 7296 §2.5 has a responder drop it and answer with an
 //! unauthenticated INVALID_MAJOR_VERSION notify carrying the SPI; charon does so from its
-//! receiver thread, before it looks up or creates any IKE_SA. So a probe never counts as a
-//! half-open IKE_SA on the responder. An IKE_SA_INIT it had to refuse (the earlier probe,
-//! with a proposal nobody has configured) did, for as long as a worker thread took to say
-//! NO_PROPOSAL_CHOSEN: with ten VIPs probed every 50 ms a new owner could see three at once from
-//! the front-end's address, asked that address for COOKIEs for its calm-down of 10 s, and
-//! kept asking, so every real attempt paid a COOKIE round trip and some lost their answer
-//! to charon 5.9.8 until its retransmission 4 s later (7 of 20 moves of ten VIPs without
-//! a cluster store). Any IKE response carrying our SPI counts as an answer; an ICMP error
-//! (a host holds the address but no daemon listens) does not.
+//! receiver thread, before it looks up or creates any IKE_SA, so a probe never counts as
+//! a half-open IKE_SA on the responder. The earlier probe, an IKE_SA_INIT with a proposal
+//! nobody has configured, did, until a worker thread refused it: with ten VIPs probed
+//! every 50 ms a new owner could see three at once from the front-end's address, asked
+//! that address for COOKIEs for its calm-down of 10 s and kept asking, so every real
+//! attempt paid a COOKIE round trip and some lost their answer to charon 5.9.8 until its
+//! retransmission 4 s later (7 of 20 moves of ten VIPs without a cluster store). Any IKE
+//! response carrying our SPI counts as an answer; an ICMP error (a host holds the address
+//! but no daemon listens) does not.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
