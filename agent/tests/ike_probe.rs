@@ -9,19 +9,30 @@ use vipsec::keying::ike_probe::{IkeProbe, UdpIkeProbe};
 use vipsec::model::Vip;
 use vipsec_testbed::charon::TwoNodeLab;
 
-fn probe_from_fe(lab: &TwoNodeLab, vip: &str, window: Duration) -> (bool, Duration) {
-    let vip: Vip = vip.parse().unwrap();
+/// Runs `work` on a runtime of its own inside the front-end's network namespace.
+fn on_fe<T, F>(lab: &TwoNodeLab, work: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
     lab.fe
         .run_in(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .unwrap();
-            let started = std::time::Instant::now();
-            let answer = rt.block_on(UdpIkeProbe::default().answers(vip, window));
-            (answer.answered(), started.elapsed())
+                .unwrap()
+                .block_on(work())
         })
         .unwrap()
+}
+
+fn probe_from_fe(lab: &TwoNodeLab, vip: &str, window: Duration) -> (bool, Duration) {
+    let vip: Vip = vip.parse().unwrap();
+    on_fe(lab, move || async move {
+        let started = std::time::Instant::now();
+        let answer = UdpIkeProbe::default().answers(vip, window).await;
+        (answer.answered(), started.elapsed())
+    })
 }
 
 #[test]
@@ -60,28 +71,20 @@ fn a_live_charon_answers_and_an_empty_address_does_not() {
 /// Probes `count` times at once from the front-end; how many were answered.
 fn burst_from_fe(lab: &TwoNodeLab, vip: &str, count: usize, window: Duration) -> usize {
     let vip: Vip = vip.parse().unwrap();
-    lab.fe
-        .run_in(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let probe = std::sync::Arc::new(UdpIkeProbe::default());
-                let asks: Vec<_> = (0..count)
-                    .map(|_| {
-                        let probe = probe.clone();
-                        tokio::spawn(async move { probe.answers(vip, window).await })
-                    })
-                    .collect();
-                let mut answered = 0;
-                for ask in asks {
-                    answered += usize::from(ask.await.unwrap().answered());
-                }
-                answered
+    on_fe(lab, move || async move {
+        let probe = std::sync::Arc::new(UdpIkeProbe::default());
+        let asks: Vec<_> = (0..count)
+            .map(|_| {
+                let probe = probe.clone();
+                tokio::spawn(async move { probe.answers(vip, window).await })
             })
-        })
-        .unwrap()
+            .collect();
+        let mut answered = 0;
+        for ask in asks {
+            answered += usize::from(ask.await.unwrap().answered());
+        }
+        answered
+    })
 }
 
 #[test]
