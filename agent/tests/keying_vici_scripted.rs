@@ -176,6 +176,34 @@ fn half_open(id: u64, responder_spi: &str) -> Vec<u8> {
     b
 }
 
+/// A `list-sa` body: IKE_SA #`id` established, with its CHILD_SA `vip` installed.
+fn established(id: u64) -> Vec<u8> {
+    let mut b = vec![SECTION_START, 3];
+    b.extend_from_slice(b"vip");
+    for (k, v) in [
+        ("uniqueid", id.to_string().as_str()),
+        ("state", "ESTABLISHED"),
+        ("local-host", "192.0.2.11"),
+        ("remote-host", "192.0.2.100"),
+        ("initiator", "yes"),
+        ("initiator-spi", "8c6f2d5e1a3b4c7d"),
+        ("responder-spi", "5d84750c7b949363"),
+    ] {
+        b.extend(key_value(k, v));
+    }
+    b.push(SECTION_START);
+    b.push(9);
+    b.extend_from_slice(b"child-sas");
+    b.push(SECTION_START);
+    b.push(5);
+    b.extend_from_slice(b"vip-3");
+    for (k, v) in [("name", "vip"), ("uniqueid", "3"), ("state", "INSTALLED")] {
+        b.extend(key_value(k, v));
+    }
+    b.extend([SECTION_END, SECTION_END, SECTION_END]);
+    b
+}
+
 type Scripted = (
     tempfile::TempDir,
     std::path::PathBuf,
@@ -244,17 +272,19 @@ fn half_open_initiates(
     (scripted, keying)
 }
 
-/// Waits up to `within` for an initiate's result, which must be a timeout.
-async fn assert_timed_out(
-    initiate: tokio::task::JoinHandle<Result<(), vipsec::keying::KeyingError>>,
-    within: Duration,
-) {
+/// An initiate running on its own task.
+type Initiate =
+    tokio::task::JoinHandle<Result<vipsec::keying::Initiated, vipsec::keying::KeyingError>>;
+
+/// Waits up to `within` for an initiate's result, which must be an attempt given up
+/// because charon lost the responder's answer.
+async fn assert_answer_lost(initiate: Initiate, within: Duration) {
     let result = tokio::time::timeout(within, initiate)
         .await
         .expect("initiate returned")
         .unwrap();
     assert!(
-        matches!(result, Err(vipsec::keying::KeyingError::Timeout { .. })),
+        matches!(result, Err(vipsec::keying::KeyingError::AnswerLost { .. })),
         "{result:?}"
     );
 }
@@ -265,10 +295,7 @@ async fn initiate_until_terminated(
     keying: &Arc<StrongswanKeying>,
     seen: &Arc<Mutex<Seen>>,
     timeout: Duration,
-) -> (
-    Duration,
-    tokio::task::JoinHandle<Result<(), vipsec::keying::KeyingError>>,
-) {
+) -> (Duration, Initiate) {
     let started = tokio::time::Instant::now();
     let initiate = spawn_initiate_within(keying, timeout);
     wait_for_command(seen, "terminate", Duration::from_secs(15), || {}).await;
@@ -276,16 +303,11 @@ async fn initiate_until_terminated(
 }
 
 /// Starts an initiate of the scripted connection toward 192.0.2.100, 200 ms of timeout.
-fn spawn_initiate(
-    keying: &Arc<StrongswanKeying>,
-) -> tokio::task::JoinHandle<Result<(), vipsec::keying::KeyingError>> {
+fn spawn_initiate(keying: &Arc<StrongswanKeying>) -> Initiate {
     spawn_initiate_within(keying, Duration::from_millis(200))
 }
 
-fn spawn_initiate_within(
-    keying: &Arc<StrongswanKeying>,
-    timeout: Duration,
-) -> tokio::task::JoinHandle<Result<(), vipsec::keying::KeyingError>> {
+fn spawn_initiate_within(keying: &Arc<StrongswanKeying>, timeout: Duration) -> Initiate {
     let keying = keying.clone();
     let vip: vipsec::model::Vip = "192.0.2.100".parse().unwrap();
     let conn = vipsec::model::PeerConnection {
@@ -550,7 +572,7 @@ async fn a_drop_knows_an_attempt_the_responder_answered_from_its_control_log() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!initiate.is_finished());
-    assert_timed_out(initiate, Duration::from_secs(15)).await;
+    assert_answer_lost(initiate, Duration::from_secs(15)).await;
     assert!(
         !answered().await,
         "still counted as under way after it returned"
@@ -611,16 +633,17 @@ async fn one_attempt_whose_cookie_retry_went_unanswered_is_given_up_per_half_ope
     ] {
         let ((_dir, _socket, seen, _bad, stop, server), keying) =
             half_open_initiates(lost.clone(), timeout);
-        for (at_least, below) in [first, second] {
+        for (given_up, (at_least, below)) in [(true, first), (false, second)] {
             seen.lock().unwrap().commands.clear();
             let (ended, initiate) = initiate_until_terminated(&keying, &seen, timeout).await;
             assert!(
                 ended >= at_least && ended < below,
                 "timeout {timeout:?}: ended after {ended:?}, expected {at_least:?}..{below:?}"
             );
-            if ended < timeout {
-                // Given up before charon's own timeout: reported as a timeout all the same.
-                assert_timed_out(initiate, Duration::from_secs(5)).await;
+            if given_up {
+                // Before or at charon's own timeout: reported as an answer charon lost,
+                // which tells the pacer nothing about the responder.
+                assert_answer_lost(initiate, Duration::from_secs(5)).await;
                 continue;
             }
             initiate.abort();
@@ -628,4 +651,38 @@ async fn one_attempt_whose_cookie_retry_went_unanswered_is_given_up_per_half_ope
         stop.cancel();
         server.await.unwrap();
     }
+}
+
+/// An attempt followed through charon's retransmission after its COOKIE retry's answer
+/// was lost, and brought up by it, is reported as such: its seconds say nothing about the
+/// responder, and the pacer must not take them for a slow one (two at once cut its limit to
+/// the one slot they held, and nothing else started for 4 s).
+#[tokio::test]
+async fn an_attempt_brought_up_by_charons_retransmission_after_a_lost_answer_says_so() {
+    let lost = vec![
+        "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]",
+        "generating IKE_SA_INIT request 0 [ N(COOKIE) SA KE No N(NATD_S_IP) N(NATD_D_IP) ]",
+    ];
+    let timeout = Duration::from_millis(200);
+    let ((_dir, _socket, seen, _bad, stop, server), keying) = half_open_initiates(lost, timeout);
+    // The first such attempt within the responder's half-open timeout is given up.
+    let (_, first) = initiate_until_terminated(&keying, &seen, timeout).await;
+    assert_answer_lost(first, Duration::from_secs(5)).await;
+    // The next is followed past charon's own timeout; its IKE_SA then comes up.
+    seen.lock().unwrap().commands.clear();
+    let second = spawn_initiate_within(&keying, timeout);
+    wait_for_command(&seen, "initiate", Duration::from_secs(5), || {}).await;
+    tokio::time::sleep(timeout * 3).await;
+    assert!(!second.is_finished(), "the second attempt was not followed");
+    seen.lock().unwrap().standing = Some(established(7));
+    let result = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("initiate returned")
+        .unwrap();
+    assert!(
+        matches!(result, Ok(vipsec::keying::Initiated::AfterLostAnswer)),
+        "{result:?}"
+    );
+    stop.cancel();
+    server.await.unwrap();
 }

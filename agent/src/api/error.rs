@@ -37,9 +37,9 @@ impl From<ApiError> for Status {
 impl From<KeyingError> for ApiError {
     fn from(e: KeyingError) -> ApiError {
         match e {
-            KeyingError::Unreachable(_) | KeyingError::Timeout { .. } => {
-                ApiError::Unavailable(e.to_string())
-            }
+            KeyingError::Unreachable(_)
+            | KeyingError::Timeout { .. }
+            | KeyingError::AnswerLost { .. } => ApiError::Unavailable(e.to_string()),
             KeyingError::Refused { .. } => ApiError::Internal(e.to_string()),
         }
     }

@@ -96,6 +96,8 @@ pub struct ReconnectConfig {
     /// Initiations waiting in the keying daemon at once (per node) to begin with. The limit
     /// then follows the answers: one more after each initiation that came back within
     /// `quick`, half as many after one that failed or was slow, up to `max_concurrency`.
+    /// One that waited for charon's retransmission of an answer charon itself lost (or
+    /// was given up for it) leaves the limit as it was: it says nothing about the responder.
     #[serde(default = "default_reconnect_concurrency")]
     pub concurrency: u32,
     /// The most initiations in flight at once the limit grows to. Keep it at or below the

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Keying, KeyingError};
+use super::{Initiated, Keying, KeyingError};
 use crate::InputSink;
 use crate::failover::{Input, SaRef};
 use crate::model::{IkeId, IkeSaInfo, PeerConnection, Vip, VipRole};
@@ -241,7 +241,7 @@ impl Keying for MemoryKeying {
         vip: Vip,
         conn: &PeerConnection,
         timeout: Duration,
-    ) -> Result<(), KeyingError> {
+    ) -> Result<Initiated, KeyingError> {
         let call = KeyingCall::Initiate {
             vip,
             connection: conn.connection.clone(),
@@ -274,7 +274,7 @@ impl Keying for MemoryKeying {
             sa
         };
         self.tell(Input::SaUp(sa)).await;
-        Ok(())
+        Ok(Initiated::Answered)
     }
 
     async fn terminate_sa(&self, ike_id: IkeId) -> Result<(), KeyingError> {

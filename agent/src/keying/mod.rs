@@ -27,6 +27,21 @@ pub enum KeyingError {
     Refused { command: String, reason: String },
     #[error("{command} timed out after {after:?}")]
     Timeout { command: String, after: Duration },
+    /// Given up because the daemon lost an answer the responder had sent and would only
+    /// retransmit seconds later (see [`Initiated::AfterLostAnswer`]).
+    #[error("{command} given up: the keying daemon lost the responder's answer")]
+    AnswerLost { command: String },
+}
+
+/// How an initiation that brought its CHILD_SA up got there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiated {
+    /// Within the exchanges the responder answered.
+    Answered,
+    /// Only through the daemon's own retransmission, after it lost an answer the responder
+    /// had sent (charon 5.9.8 drops the answer to a COOKIE retry that comes back at once):
+    /// the seconds it took say nothing about how busy the responder is.
+    AfterLostAnswer,
 }
 
 /// An IKE_SA a drop is about to remove.
@@ -69,7 +84,7 @@ pub trait Keying: Send + Sync + 'static {
         vip: Vip,
         conn: &PeerConnection,
         timeout: Duration,
-    ) -> Result<(), KeyingError>;
+    ) -> Result<Initiated, KeyingError>;
 
     /// Deletes one IKE_SA gracefully (an IKE DELETE to its peer).
     async fn terminate_sa(&self, ike_id: crate::model::IkeId) -> Result<(), KeyingError> {

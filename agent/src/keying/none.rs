@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{Keying, KeyingError};
+use super::{Initiated, Keying, KeyingError};
 use crate::InputSink;
 use crate::failover::Input;
 use crate::model::{IkeSaInfo, PeerConnection, Vip, VipRole};
@@ -45,7 +45,7 @@ impl Keying for NoKeying {
         _vip: Vip,
         conn: &PeerConnection,
         _timeout: Duration,
-    ) -> Result<(), KeyingError> {
+    ) -> Result<Initiated, KeyingError> {
         Err(KeyingError::Refused {
             command: format!("initiate {}", conn.child),
             reason: "no keying daemon is configured ([keying] backend = \"none\")".into(),

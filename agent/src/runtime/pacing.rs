@@ -51,7 +51,7 @@ use crate::InputSink;
 use crate::addrwatch::holder::{HolderProbe, forget_holder_for};
 use crate::config::{Config, ReconnectConfig};
 use crate::failover::{Input, Notice, NoticeKind};
-use crate::keying::Keying;
+use crate::keying::{Initiated, Keying, KeyingError};
 use crate::metrics::Metrics;
 use crate::model::Vip;
 
@@ -81,6 +81,12 @@ pub enum Answer {
     /// Never reached the responder (fenced, no connection), or ended for a newer attempt
     /// at the same VIP: says nothing about the responder.
     NotAsked,
+    /// The responder answered, but this node's keying daemon lost the answer and came up
+    /// only through its own retransmission seconds later, or the attempt was given up for
+    /// that (see [`Initiated::AfterLostAnswer`]): says nothing about the responder either.
+    /// Taken for slowness, two such attempts at once cut the limit to one that they both
+    /// held, and no other VIP started for 4 s (a 1x100 crash run recovered 9 s late).
+    LostHere,
 }
 
 /// The longest pause after answers that keep timing out at one initiation in flight: long
@@ -310,7 +316,7 @@ impl InitiationQueue {
                 self.failures = 0;
                 self.shrink_pause();
             }
-            Answer::NotAsked => {}
+            Answer::NotAsked | Answer::LostHere => {}
             Answer::Failed if self.limit > 1 => self.limit /= 2,
             Answer::Failed if self.failures + 1 < FAILURES_BEFORE_PAUSE => self.failures += 1,
             Answer::Failed => {
@@ -619,6 +625,7 @@ fn start(
             };
             let asked = conn.is_ok();
             let mut ended_for_newer = false;
+            let mut lost_answer = false;
             let result = match conn {
                 Ok(conn) => {
                     // The move's timeline marks the IKE_SA_INIT here, after the pacer's
@@ -633,7 +640,14 @@ fn start(
                     };
                     drop(initiate);
                     match outcome {
-                        Some(r) => r.map_err(|e| e.to_string()),
+                        Some(Ok(how)) => {
+                            lost_answer = how == Initiated::AfterLostAnswer;
+                            Ok(())
+                        }
+                        Some(Err(e)) => {
+                            lost_answer = matches!(e, KeyingError::AnswerLost { .. });
+                            Err(e.to_string())
+                        }
                         None => {
                             ended_for_newer = true;
                             end_superseded(keying.as_ref(), &knowledge, vip, attempt).await;
@@ -646,6 +660,7 @@ fn start(
             // The slot frees before the core hears of the result: its next attempt must
             // find the slot free.
             let answer = match &result {
+                _ if lost_answer => Answer::LostHere,
                 Ok(()) if started.elapsed() <= quick => Answer::Quick,
                 Ok(()) => Answer::Slow,
                 Err(_) if !asked || ended_for_newer => Answer::NotAsked,
@@ -799,7 +814,7 @@ mod tests {
             vip: Vip,
             _conn: &crate::model::PeerConnection,
             timeout: Duration,
-        ) -> Result<(), crate::keying::KeyingError> {
+        ) -> Result<Initiated, crate::keying::KeyingError> {
             let _ = self.started.send(vip);
             self.gate.acquire().await.expect("open").forget();
             if vip == UNANSWERED {
@@ -808,12 +823,19 @@ mod tests {
                     after: timeout,
                 });
             }
-            Ok(())
+            if vip == LOST_HERE {
+                return Ok(Initiated::AfterLostAnswer);
+            }
+            Ok(Initiated::Answered)
         }
     }
 
     /// The VIP whose attempts the gated keying daemon reports as timed out.
     const UNANSWERED: Vip = Vip::V4(std::net::Ipv4Addr::new(192, 0, 2, 104));
+
+    /// The VIP whose attempts the gated keying daemon brings up only through its own
+    /// retransmission, after it lost the responder's answer.
+    const LOST_HERE: Vip = Vip::V4(std::net::Ipv4Addr::new(192, 0, 2, 105));
 
     /// The next initiation result; an initiation handed to the keying daemon is announced
     /// first (`InitiateStarted`, for the move's timeline).
@@ -1176,6 +1198,29 @@ mod tests {
         assert_eq!(drain(&mut q, t0), [8]);
     }
 
+    /// The 1x100 crash run that recovered 9 s late: two attempts waited for charon's
+    /// retransmission of a COOKIE retry whose answer it lost, one given up for it, and
+    /// each was taken for a slow responder; the limit fell to one while both still held
+    /// a slot, and no other VIP started for 4 s.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_lost_by_this_nodes_daemon_leaves_the_limit_as_it_was() {
+        let t0 = Instant::now();
+        let mut q = unpaced(t0, 3, 3);
+        for n in 1..=6 {
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2, 3]);
+        // One given up for its lost answer; two more still wait for charon's retransmission.
+        q.finished(t0, Answer::LostHere, 0.0);
+        assert_eq!(q.limit(), 3);
+        assert_eq!(drain(&mut q, t0), [4], "the freed slot is used at once");
+        q.finished(t0, Answer::LostHere, 0.0);
+        q.finished(t0, Answer::LostHere, 0.0);
+        assert_eq!(q.limit(), 3);
+        assert_eq!(q.pause(), Duration::ZERO);
+        assert_eq!(drain(&mut q, t0), [5, 6]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn answers_that_keep_failing_at_one_in_flight_pause_starts_until_news_or_quick_answers() {
         let t0 = Instant::now();
@@ -1338,5 +1383,35 @@ mod tests {
         keying.gate.add_permits(1);
         assert_eq!(finished(&mut rx).await, (vip(100), 3, Ok(())));
         assert_eq!(keying.drops.lock().unwrap().len(), 1, "no second drop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_up_only_after_its_daemon_lost_an_answer_does_not_cut_the_limit() {
+        let Harness {
+            pacer,
+            keying,
+            mut started,
+            mut rx,
+            ..
+        } = harness(
+            "node = \"fe\"\n\
+             [failover.reconnect]\njitter = \"0s\"\nconcurrency = 2\nmax_concurrency = 2\n\
+             [[peer_vip]]\naddress = \"192.0.2.105\"\nconnection = \"a\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.101\"\nconnection = \"b\"\n\
+             [[peer_vip]]\naddress = \"192.0.2.102\"\nconnection = \"c\"\n",
+            Default::default(),
+        );
+        pacer.initiate(LOST_HERE, 1, 0, 1, false);
+        pacer.initiate(vip(101), 1, 0, 1, false);
+        pacer.initiate(vip(102), 1, 0, 1, false);
+        assert_eq!(started.recv().await, Some(LOST_HERE));
+        assert_eq!(started.recv().await, Some(vip(101)));
+        // charon's retransmission, 4 s on: far slower than `quick`, but not the responder's.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        keying.gate.add_permits(1);
+        assert_eq!(finished(&mut rx).await, (LOST_HERE, 1, Ok(())));
+        // Taken for a slow answer, the limit would fall to the one slot 101 still holds.
+        let next = tokio::time::timeout(Duration::from_secs(1), started.recv()).await;
+        assert_eq!(next, Ok(Some(vip(102))), "102 waited behind 101");
     }
 }

@@ -36,7 +36,7 @@ use self::messages::{
     SaEventMsg, TerminateRequest,
 };
 use self::sa_set::{SaEvent, SaSet};
-use super::{DropCandidate, Keying, KeyingError, SpareSa};
+use super::{DropCandidate, Initiated, Keying, KeyingError, SpareSa};
 use crate::InputSink;
 use crate::config::Config;
 use crate::failover::Input;
@@ -539,7 +539,7 @@ impl Keying for StrongswanKeying {
         vip: Vip,
         conn: &PeerConnection,
         timeout: Duration,
-    ) -> Result<(), KeyingError> {
+    ) -> Result<Initiated, KeyingError> {
         let command = format!("initiate {}/{}", conn.connection, conn.child);
         let started = Instant::now();
         // How many initiations charon gets at once is the reconnect pacer's decision
@@ -615,7 +615,7 @@ impl Keying for StrongswanKeying {
                 // followed (ended now, the responder would complete it alone).
                 if self.completes_late(id, conn, Duration::ZERO).await {
                     tracing::info!(%vip, connection = %conn.connection, ike_sa = id, took = ?started.elapsed(), "CHILD_SA up after its COOKIE retry's answer was overdue");
-                    return Ok(());
+                    return Ok(Initiated::AfterLostAnswer);
                 }
             }
             tracing::info!(%vip, connection = %conn.connection, ike_sa = ?ike_sa, took = ?started.elapsed(), "no answer to the COOKIE retry (charon 5.9.8 drops one that comes back at once): a fresh attempt instead of charon's retransmission");
@@ -624,16 +624,19 @@ impl Keying for StrongswanKeying {
             {
                 tracing::debug!(%vip, ike_sa = id, error = %e, "cannot end the IKE_SA whose COOKIE retry went unanswered");
             }
-            return Err(KeyingError::Timeout {
-                command,
-                after: timeout,
-            });
+            return Err(KeyingError::AnswerLost { command });
         };
         let took = started.elapsed();
         match res {
+            // Followed past the point where the retry's answer counted as lost: charon's
+            // retransmission brought it up.
+            Ok(()) if followed => {
+                tracing::info!(%vip, connection = %conn.connection, ?took, "CHILD_SA up through charon's retransmission of a COOKIE retry");
+                Ok(Initiated::AfterLostAnswer)
+            }
             Ok(()) => {
                 tracing::info!(%vip, connection = %conn.connection, ?took, "CHILD_SA up");
-                Ok(())
+                Ok(Initiated::Answered)
             }
             Err(KeyingError::Refused { reason, .. })
                 if reason.contains("not established after") =>
@@ -668,7 +671,11 @@ impl Keying for StrongswanKeying {
                     && self.completes_late(id, conn, grace).await
                 {
                     tracing::info!(%vip, connection = %conn.connection, ike_sa = id, took = ?started.elapsed(), "CHILD_SA up after the initiate timed out");
-                    return Ok(());
+                    return Ok(if cookie.awaits_retry_answer() {
+                        Initiated::AfterLostAnswer
+                    } else {
+                        Initiated::Answered
+                    });
                 }
                 if let Some(id) = ike_sa {
                     // Given up: left alone, charon would go on retransmitting it and might
@@ -679,9 +686,13 @@ impl Keying for StrongswanKeying {
                     }
                 }
                 tracing::info!(%vip, connection = %conn.connection, ?took, "initiate timed out");
-                Err(KeyingError::Timeout {
-                    command,
-                    after: timeout,
+                Err(if lost {
+                    KeyingError::AnswerLost { command }
+                } else {
+                    KeyingError::Timeout {
+                        command,
+                        after: timeout,
+                    }
                 })
             }
             Err(KeyingError::Refused { reason, .. }) => {
@@ -709,7 +720,7 @@ impl Keying for StrongswanKeying {
                     after: timeout,
                 })
             }
-            Err(KeyingError::Unreachable(why)) => Err(KeyingError::Unreachable(why)),
+            Err(e @ (KeyingError::Unreachable(_) | KeyingError::AnswerLost { .. })) => Err(e),
         }
     }
 }
