@@ -116,12 +116,32 @@ impl KnowledgeReader {
         self.0.borrow().vip(vip).is_some_and(|k| k.covered)
     }
 
+    /// Returns once the core holds an SA toward the peer VIP and runs no renegotiation
+    /// for it (at once when it does now); never, once the core is gone.
+    pub async fn until_covered(&self, vip: Vip) {
+        let mut rx = self.0.clone();
+        if rx
+            .wait_for(|k| k.vip(vip).is_some_and(|k| k.covered))
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// The core holds this SA toward the peer VIP now.
     pub fn holds_sa(&self, vip: Vip, ike_id: IkeId) -> bool {
         self.0
             .borrow()
             .vip(vip)
             .is_some_and(|k| k.sas.contains(&ike_id))
+    }
+
+    /// A reader a test changes by hand through the sender.
+    #[cfg(test)]
+    pub(super) fn settable(knowledge: Knowledge) -> (watch::Sender<Knowledge>, KnowledgeReader) {
+        let (tx, rx) = watch::channel(knowledge);
+        (tx, KnowledgeReader(rx))
     }
 
     /// A reader that never changes, for tests of one task on its own.
