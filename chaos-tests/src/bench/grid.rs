@@ -197,6 +197,13 @@ fn run_setup(
     for fault in fault_list {
         for i in 0..plan.runs {
             lab.reset()?;
+            if setup.agent().is_some() {
+                // Traffic flows before the agents are done starting (charon brings the
+                // tunnels up by itself): a fault then meets a front-end that has not yet
+                // read the owners, and measures a restart, not a move (one 1x100 crash
+                // run, its fault 50 ms after the front-end's agent came up, took 39 s).
+                wait_agents_settled(lab, setup.agent() == Some(AgentStore::Etcd))?;
+            }
             lab.progress.step(&format!(
                 "cell {cell} {setup} {} run {}/{}",
                 fault.name(),
@@ -325,6 +332,29 @@ pub fn count_sas(sas: &serde_json::Value) -> (usize, usize) {
 /// How long the front-ends' agents may take to report every peer VIP up after a reset.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
+/// Waits until every front-end's agent reports each peer VIP's CHILD_SA up with no
+/// renegotiation running and, with `owners`, each VIP's owner of record known; returns
+/// how long that took.
+fn wait_agents_settled(lab: &mut Lab, owners: bool) -> anyhow::Result<Duration> {
+    let from = now_ns();
+    for fe in lab.names(Role::FrontEnd) {
+        let mut last = serde_json::Value::Null;
+        let settled = wait_for(&format!("{fe}'s peer VIPs up"), SETTLE_LIMIT, || {
+            last = lab.agent_json(&fe, &["status"]).ok()?;
+            (peers_settled(&last) && (!owners || owners_known(&last))).then_some(())
+        });
+        settled.map_err(|e| anyhow::anyhow!("{e}: {last:#}"))?;
+    }
+    Ok(Duration::from_nanos(now_ns() - from))
+}
+
+/// Whether an agent's `status --json` names an owner of record for every peer VIP.
+fn owners_known(status: &serde_json::Value) -> bool {
+    status["peer_vips"]
+        .as_array()
+        .is_some_and(|peers| peers.iter().all(|p| !p["owner"].is_null()))
+}
+
 /// Whether an agent's `status --json` shows every peer VIP with its CHILD_SA up and no
 /// renegotiation running.
 fn peers_settled(status: &serde_json::Value) -> bool {
@@ -345,18 +375,10 @@ fn idle_footprint(
     warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<Vec<IdleFootprint>> {
-    let settle_from = now_ns();
-    for fe in lab.names(Role::FrontEnd) {
-        let mut last = serde_json::Value::Null;
-        let settled = wait_for(&format!("{fe}'s peer VIPs up"), SETTLE_LIMIT, || {
-            last = lab.agent_json(&fe, &["status"]).ok()?;
-            peers_settled(&last).then_some(())
-        });
-        settled.map_err(|e| anyhow::anyhow!("{e}: {last:#}"))?;
-    }
+    let took = wait_agents_settled(lab, false)?;
     lab.progress.step(&format!(
         "idle footprint: every front-end's tunnels up after {:.1} s; {} s of warm-up left out",
-        (now_ns() - settle_from) as f64 / 1e9,
+        took.as_secs_f64(),
         warmup.as_secs_f64()
     ));
     // Left out of the measurement on purpose; the probes keep the SAs busy meanwhile.
@@ -643,6 +665,22 @@ mod tests {
         assert!(!peers_settled(&status(serde_json::json!([down, up]))));
         assert!(!peers_settled(&serde_json::json!({"error": "no agent"})));
         assert!(!peers_settled(&status(serde_json::json!([]))));
+    }
+
+    #[test]
+    fn owners_are_known_when_every_peer_vip_names_one() {
+        let status = |peers: serde_json::Value| serde_json::json!({ "peer_vips": peers });
+        let owned = serde_json::json!({"owner": {"node": "be1", "epoch": 3}});
+        let unknown = serde_json::json!({"owner": null});
+        assert!(super::owners_known(&status(serde_json::json!([
+            owned, owned
+        ]))));
+        assert!(!super::owners_known(&status(serde_json::json!([
+            owned, unknown
+        ]))));
+        assert!(!super::owners_known(
+            &serde_json::json!({"error": "no agent"})
+        ));
     }
 
     use super::*;
