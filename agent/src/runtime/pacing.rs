@@ -82,12 +82,23 @@ pub enum Answer {
     /// at the same VIP: says nothing about the responder.
     NotAsked,
     /// The responder answered, but this node's keying daemon lost the answer and came up
-    /// only through its own retransmission seconds later, or the attempt was given up for
-    /// that (see [`Initiated::AfterLostAnswer`]): says nothing about the responder either.
-    /// Taken for slowness, two such attempts at once cut the limit to one that they both
-    /// held, and no other VIP started for 4 s (a 1x100 crash run recovered 9 s late).
+    /// only through its own retransmission seconds later (see
+    /// [`Initiated::AfterLostAnswer`]): says nothing about the responder either. Taken for
+    /// slowness, two such attempts at once cut the limit to one that they both held, and
+    /// no other VIP started for 4 s (a 1x100 crash run recovered 9 s late).
     LostHere,
+    /// Given up for an answer this node's daemon lost: as [`Answer::LostHere`] for the
+    /// limit, but the responder holds the attempt half-open for its `half_open_timeout`
+    /// (30 s), so one slot fewer until then. From 5 half-open from one address
+    /// (`charon.block_threshold`) a responder ignores every IKE_SA_INIT from there, even
+    /// the retransmissions that would complete them: three attempts in flight stuck on
+    /// lost answers and one given up before blocked a front-end for 30 s.
+    GivenUp,
 }
+
+/// charon's `half_open_timeout` default: how long a responder keeps an IKE_SA whose
+/// IKE_AUTH never came.
+const RESPONDER_HALF_OPEN: Duration = Duration::from_secs(30);
 
 /// The longest pause after answers that keep timing out at one initiation in flight: long
 /// enough that a thousand front-ends spread over it stay within what one responder builds
@@ -178,6 +189,9 @@ pub struct InitiationQueue {
     failures: u32,
     /// When an initiation last started or returned.
     busy_at: Instant,
+    /// Until when each attempt given up for an answer this node's daemon lost stays
+    /// half-open on its responder (see [`Answer::GivenUp`]).
+    left_half_open: Vec<Instant>,
 }
 
 /// After this long with nothing in flight the limit starts again from `concurrency`: what
@@ -207,6 +221,7 @@ impl InitiationQueue {
             resume_at: None,
             failures: 0,
             busy_at: now,
+            left_half_open: Vec::new(),
         }
     }
 
@@ -317,6 +332,7 @@ impl InitiationQueue {
                 self.shrink_pause();
             }
             Answer::NotAsked | Answer::LostHere => {}
+            Answer::GivenUp => self.left_half_open.push(now + RESPONDER_HALF_OPEN),
             Answer::Failed if self.limit > 1 => self.limit /= 2,
             Answer::Failed if self.failures + 1 < FAILURES_BEFORE_PAUSE => self.failures += 1,
             Answer::Failed => {
@@ -357,6 +373,17 @@ impl InitiationQueue {
         self.refill(now);
         if self.queue.is_empty() || self.in_flight >= self.limit {
             return Next::Idle;
+        }
+        self.left_half_open.retain(|until| *until > now);
+        // Never below one: with one in flight and one left half-open, this node stays
+        // two below the responder's block.
+        let room = self.limit.saturating_sub(self.left_half_open.len()).max(1);
+        if self.in_flight >= room {
+            return self
+                .left_half_open
+                .iter()
+                .min()
+                .map_or(Next::Idle, |until| Next::At(*until));
         }
         if let Some(at) = self.resume_at.filter(|at| *at > now) {
             return Next::At(at);
@@ -679,6 +706,7 @@ fn start(
             // The slot frees before the core hears of the result: its next attempt must
             // find the slot free.
             let answer = match &result {
+                Err(_) if lost_answer => Answer::GivenUp,
                 _ if lost_answer => Answer::LostHere,
                 Ok(()) if started.elapsed() <= quick => Answer::Quick,
                 Ok(()) => Answer::Slow,
@@ -1235,7 +1263,6 @@ mod tests {
             q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
         }
         assert_eq!(drain(&mut q, t0), [1, 2, 3]);
-        // One given up for its lost answer; two more still wait for charon's retransmission.
         q.finished(t0, Answer::LostHere, 0.0);
         assert_eq!(q.limit(), 3);
         assert_eq!(drain(&mut q, t0), [4], "the freed slot is used at once");
@@ -1244,6 +1271,32 @@ mod tests {
         assert_eq!(q.limit(), 3);
         assert_eq!(q.pause(), Duration::ZERO);
         assert_eq!(drain(&mut q, t0), [5, 6]);
+    }
+
+    /// Three attempts in flight stuck on lost answers and one given up before: five
+    /// half-open on the responder with another, which then ignored this node for 30 s.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_given_up_for_a_lost_answer_holds_a_slot_while_it_is_half_open() {
+        let t0 = Instant::now();
+        let mut q = unpaced(t0, 3, 3);
+        for n in 1..=8 {
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1, 2, 3]);
+        q.finished(t0, Answer::GivenUp, 0.0);
+        assert_eq!(q.limit(), 3, "says nothing about the responder's load");
+        assert_eq!(q.next(t0), Next::At(t0 + RESPONDER_HALF_OPEN));
+        // Its half-open IKE_SA ends on the responder: the slot is back.
+        let later = t0 + RESPONDER_HALF_OPEN;
+        assert_eq!(drain(&mut q, later), [4]);
+        // With one in flight allowed, one still goes: never a stall for the whole timeout.
+        let mut q = unpaced(t0, 1, 1);
+        for n in 1..=3 {
+            q.enqueue(t0, vip(n), 2, 50, CROWD, 0.0);
+        }
+        assert_eq!(drain(&mut q, t0), [1]);
+        q.finished(t0, Answer::GivenUp, 0.0);
+        assert_eq!(drain(&mut q, t0), [2]);
     }
 
     #[tokio::test(start_paused = true)]
