@@ -29,15 +29,6 @@ use tokio::time::Instant;
 use super::{Action, FailoverCore, Notice, NoticeKind, Out};
 use crate::model::Vip;
 
-/// Silent probes in a row that make a gap in the VIP's holding. One alone is most often a
-/// late answer: a new owner taking a storm of 100 VIPs answered probes after their 50 ms
-/// window, each such silence followed by an answer read as a change of holder, and 22
-/// good SAs and the attempts under way were dropped in half a second; the attempts' IKE_SAs
-/// left half-open on the owner made it ignore the front-end (`charon.block_threshold`), and
-/// two VIPs never recovered. A holder's change leaves the VIP unheld for longer than two
-/// probes (a takeover is hundreds of ms).
-const SILENCES_FOR_A_GAP: u32 = 2;
-
 /// After this many answers in a row the interval between probes stops doubling.
 const MAX_BACKOFF_SHIFT: u32 = 4;
 /// ... and while the peer refuses the renegotiation's SAs.
@@ -93,11 +84,7 @@ impl FailoverCore {
         }
         p.probing.asked = true;
         if !answered {
-            p.probing.silences += 1;
-            let since = *p.probing.silent_since.get_or_insert(now);
-            if p.probing.silences >= SILENCES_FOR_A_GAP {
-                p.probing.silent_at = Some(since);
-            }
+            p.probing.silent_at = Some(now);
             p.probing.answers = 0;
             // A silent probe has already waited its window.
             out.push(Action::ProbeIke {
@@ -107,8 +94,6 @@ impl FailoverCore {
             });
             return;
         }
-        p.probing.silences = 0;
-        p.probing.silent_since = None;
         // A renegotiation may last; a probation is one idle timeout and must not miss the
         // silence it is there for. Nor may a renegotiation whose peer refuses its SAs (a
         // draining holder, whose going is the news): its probes slow down to twice the

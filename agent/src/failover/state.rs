@@ -76,12 +76,8 @@ pub struct Renegotiation {
 pub struct IkeProbing {
     /// A probe was asked for and has not reported yet.
     pub(super) asked: bool,
-    /// When the VIP went silent (the first of `SILENCES_FOR_A_GAP` probes in a row);
-    /// None once it answered.
+    /// When the VIP last stayed silent; None once it answered.
     pub(super) silent_at: Option<Instant>,
-    /// Silent probes in a row, and when the first of them reported.
-    pub(super) silences: u32,
-    pub(super) silent_since: Option<Instant>,
     /// Answers in a row. The next probe waits longer after each: a live responder is not
     /// asked ten times a second by every front-end while their attempts run.
     pub(super) answers: u32,

@@ -54,13 +54,6 @@ fn came_up(fe: &mut Node, ike: u64, attempt: u32) -> Vec<Action> {
     a
 }
 
-/// Two silent probes in a row, `PROBE` apart: the VIP unheld (one alone is a late answer).
-async fn silence(fe: &mut Node) -> Vec<Action> {
-    probed(fe, false);
-    time::advance(PROBE).await;
-    probed(fe, false)
-}
-
 fn probed(fe: &mut Node, answered: bool) -> Vec<Action> {
     fe.feed(Input::IkeProbed {
         vip: vip(),
@@ -76,7 +69,7 @@ async fn an_answer_after_silence_replaces_the_attempt_sent_into_it() {
 
     // The VIP is in transit: the probe waits out its window, and the next goes at once.
     time::advance(PROBE).await;
-    let a = silence(&mut fe).await;
+    let a = probed(&mut fe, false);
     assert_eq!(probes(&a), [Duration::ZERO]);
     assert!(initiates(&a).is_empty(), "{a:#?}");
 
@@ -130,7 +123,7 @@ async fn answers_without_silence_change_nothing_and_slow_down() {
     let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
     assert_eq!(ms, [100, 200, 400, 800, 1600, 1600, 1600]);
     // Silence starts over from the short interval.
-    let a = silence(&mut fe).await;
+    let a = probed(&mut fe, false);
     assert_eq!(probes(&a), [Duration::ZERO]);
     let a = probed(&mut fe, true);
     assert_eq!(probes(&a), [PROBE]);
@@ -146,7 +139,7 @@ async fn an_answer_while_waiting_to_retry_retries_at_once() {
         result: Err("timeout".into()),
     });
     assert!(initiates(&a).is_empty(), "the backoff first: {a:#?}");
-    silence(&mut fe).await;
+    probed(&mut fe, false);
     let a = probed(&mut fe, true);
     assert_eq!(initiates(&a), [2], "{a:#?}");
     // The retry timer that was pending no longer fires an attempt of its own.
@@ -157,7 +150,7 @@ async fn an_answer_while_waiting_to_retry_retries_at_once() {
 #[tokio::test(start_paused = true)]
 async fn an_attempt_started_after_the_silence_is_left_to_finish() {
     let (mut fe, _) = renegotiating();
-    silence(&mut fe).await;
+    probed(&mut fe, false);
     // Attempt 1 failed, and attempt 2 went out after the last silent probe.
     time::advance(Duration::from_millis(10)).await;
     fe.feed(Input::InitiateFinished {
@@ -207,7 +200,7 @@ async fn an_sa_made_with_a_holder_that_leaves_right_after_is_replaced_on_the_nex
     let a = probed(&mut fe, true);
     assert_eq!(probes(&a), [PROBE]);
     time::advance(PROBE).await;
-    silence(&mut fe).await;
+    probed(&mut fe, false);
     time::advance(PROBE).await;
     let a = probed(&mut fe, true);
     assert!(has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
@@ -228,7 +221,7 @@ async fn the_probation_ends_after_one_idle_timeout() {
     assert!(a.is_empty(), "{a:#?}");
     // An SA that came up after the silence is the new holder's: nothing to replace.
     let (mut fe, _) = renegotiating();
-    silence(&mut fe).await;
+    probed(&mut fe, false);
     time::advance(PROBE).await;
     probed(&mut fe, true);
     fe.feed(Input::SaUp(peer_sa(2)));
@@ -299,27 +292,9 @@ async fn a_refusing_holder_is_kept_probed_and_its_successor_tried_at_once() {
     assert!(initiates(&a).is_empty());
     // The drained holder lets the address go: silence, then the next holder answers.
     time::advance(PROBE).await;
-    silence(&mut fe).await;
+    probed(&mut fe, false);
     time::advance(PROBE).await;
     let a = probed(&mut fe, true);
     assert_eq!(initiates(&a), [1], "{a:#?}");
     assert!(notices(&a).contains(&NoticeKind::PeerAnswers), "{a:#?}");
-}
-
-/// A storm's new owner answers a probe after its window now and then: one silent probe
-/// between answers is no change of holder, and the SA that came up stays.
-#[tokio::test(start_paused = true)]
-async fn one_late_probe_between_answers_is_no_change_of_holder() {
-    let (mut fe, _) = renegotiating();
-    time::advance(Duration::from_millis(30)).await;
-    came_up(&mut fe, 2, 1);
-    let a = probed(&mut fe, true);
-    assert_eq!(probes(&a), [PROBE]);
-    time::advance(PROBE).await;
-    probed(&mut fe, false);
-    time::advance(PROBE).await;
-    let a = probed(&mut fe, true);
-    assert!(!has(&a, &Action::DropStaleSas { vip: vip() }), "{a:#?}");
-    assert!(initiates(&a).is_empty(), "{a:#?}");
-    assert!(!notices(&a).contains(&NoticeKind::PeerAnswers), "{a:#?}");
 }
