@@ -228,14 +228,22 @@ fn an_old_owner_paused_through_a_move_deletes_and_creates_nothing_when_it_wakes(
     assert_eq!(h["ownership"], "owner", "{h}");
     let epoch = h["epoch"].as_u64().unwrap();
     assert!(epoch > epoch_before);
+    // What each front-end holds once it has settled with the new owner (its first answer
+    // can come while a second IKE_SA of the move is still completing): the old owner's
+    // waking must change none of it.
     let fe_sas: Vec<(String, Value)> = fes
         .iter()
         .map(|fe| {
-            let s = status(&lab, fe);
-            (
-                fe.clone(),
-                vip_entry(&s, "peer_vips")["established_since"].clone(),
-            )
+            let mut last = Value::Null;
+            wait_for(&format!("{fe} settled with {new}"), CAP, || {
+                let s = status(&lab, fe);
+                let p = vip_entry(&s, "peer_vips");
+                let since = p["established_since"].clone();
+                let settled = p["renegotiating"] == false && !since.is_null() && since == last;
+                last = since.clone();
+                settled.then_some((fe.clone(), since))
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
     let old_sas_before = ike_sas(&lab, &old);
